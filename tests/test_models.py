@@ -60,3 +60,32 @@ def test_embedded_model_answers_an_extractive_question(embedded_model):
                                   return_dict=True)["input_ids"]
     out = embedded_model.model.generate(ids, max_new_tokens=12, do_sample=False)
     assert "1889" in tok.decode(out[0, ids.shape[1]:])
+
+
+def test_kv_snapshot_roundtrip_continues_decoding_exactly(tiny_model):
+    from ray_scout.core.kv import KVSnapshot
+
+    ids = torch.arange(1, 20).unsqueeze(0)
+    snapshot = KVSnapshot.from_cache(tiny_model.model(ids, use_cache=True).past_key_values)
+    assert snapshot.num_tokens == 19 and snapshot.next_position == 19
+    snapshot.check_matches(tiny_model.facts)
+    nxt = torch.tensor([[5]])
+    full = tiny_model.model(torch.cat([ids, nxt], 1)).logits[0, -1]
+    step = tiny_model.model(nxt, past_key_values=snapshot.to_cache(tiny_model.model.config),
+                            position_ids=torch.tensor([[19]])).logits[0, -1]
+    torch.testing.assert_close(step, full, rtol=1e-4, atol=1e-4)
+
+
+def test_kv_snapshot_rejects_bad_shapes_and_indices(tiny_model):
+    from ray_scout.core.kv import KVShapeError, KVSnapshot
+
+    k = torch.zeros(2, 5, 16)
+    with pytest.raises(KVShapeError, match="positions"):
+        KVSnapshot((k,), (k,), torch.arange(4))
+    with pytest.raises(KVShapeError, match="increasing"):
+        KVSnapshot((k,), (k,), torch.tensor([0, 2, 1, 3, 4]))
+    snap = KVSnapshot((k,), (k,), torch.arange(5))
+    with pytest.raises(IndexError):
+        snap.select(torch.tensor([7]))
+    with pytest.raises(KVShapeError, match="needs"):
+        snap.check_matches(tiny_model.facts)
