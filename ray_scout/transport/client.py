@@ -257,12 +257,21 @@ class Connection:
         left = deadline - time.time()
         if left <= 0:
             raise DeadlineExceeded(f"deadline of {deadline_s:.3f} s passed before request {request_id} was sent")
-        tx_start = time.time()
-        sock.settimeout(left)
+        tx_starts: list[float] = []
+
+        def sendall(data: bytes | bytearray | memoryview) -> None:
+            # The body checksum is computed before the first call (about 1 ms per MB), so
+            # the timeout is taken afresh here and tx_start is the first byte's hand-off.
+            remaining = deadline - time.time()
+            if remaining <= 0:
+                raise socket.timeout
+            if not tx_starts:
+                tx_starts.append(time.time())
+            sock.settimeout(remaining)
+            sock.sendall(data)
+
         try:
-            sent = write_frame(
-                sock.sendall, MessageType.REQUEST, request_id, body, deadline_ms=deadline_ms_from_budget(left)
-            )
+            sent = write_frame(sendall, MessageType.REQUEST, request_id, body, deadline_ms=deadline_ms_from_budget(left))
         except socket.timeout:
             # Part of the frame is in flight: the stream cannot carry another frame.
             self.close()
@@ -272,7 +281,7 @@ class Connection:
             ) from None
         except OSError as exc:
             raise self._rejected_or_lost(request_id, deadline, exc) from None
-        tx_end = time.time()
+        tx_start, tx_end = tx_starts[0], time.time()
         self.bytes_sent += sent
         tx_acked = self._wait_acked(sock, deadline)
         while True:
