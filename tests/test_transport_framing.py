@@ -14,6 +14,7 @@ from ray_scout.transport.framing import (
     HEADER,
     HEADER_SIZE,
     MAGIC,
+    NO_BODY_CRC,
     BadMagic,
     BodyChecksumMismatch,
     ErrorCode,
@@ -131,7 +132,19 @@ def test_unknown_message_type_is_rejected():
 
 def test_reserved_flags_are_rejected():
     with pytest.raises(UnknownFlags):
-        read(raw_header(flags=1))
+        read(raw_header(flags=2))
+
+
+@given(st.binary(min_size=1, max_size=512), st.data())
+def test_no_body_crc_frames_skip_the_body_check_but_keep_the_header_check(body, data):
+    frame = bytearray(encode_frame(MessageType.REQUEST, 4, body, body_crc=False))
+    assert read(bytes(frame)).frame.header.flags == NO_BODY_CRC
+    pos = data.draw(st.integers(HEADER_SIZE, len(frame) - 1))
+    frame[pos] ^= 0xFF
+    assert read(bytes(frame)).frame.body != body  # the documented trade: body damage passes
+    frame[len(MAGIC) + 4] ^= 0xFF  # a header byte
+    with pytest.raises(HeaderChecksumMismatch):
+        read(bytes(frame))
 
 
 def test_empty_stream_is_a_clean_end_not_an_error():

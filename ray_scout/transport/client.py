@@ -155,6 +155,8 @@ class Connection:
     `source_netns` creates the socket inside that network namespace (an agent's edge side).
     `congestion_control` sets TCP_CONGESTION ("cubic", "bbr", "reno"); None keeps the
     kernel default. The algorithm in use is read back into `.congestion_control`.
+    `body_checksum=False` sends request bodies without a CRC (framing.NO_BODY_CRC: saves
+    about 1 ms per MB on each side; the header CRC stays).
     """
 
     def __init__(
@@ -165,7 +167,9 @@ class Connection:
         connect_timeout_s: float = 5.0,
         congestion_control: str | None = None,
         max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+        body_checksum: bool = True,
     ):
+        self.body_checksum = body_checksum
         self.address = (address[0], int(address[1]))
         self.source_netns = source_netns
         self.connect_timeout_s = connect_timeout_s
@@ -271,7 +275,10 @@ class Connection:
             sock.sendall(data)
 
         try:
-            sent = write_frame(sendall, MessageType.REQUEST, request_id, body, deadline_ms=deadline_ms_from_budget(left))
+            sent = write_frame(
+                sendall, MessageType.REQUEST, request_id, body,
+                deadline_ms=deadline_ms_from_budget(left), body_crc=self.body_checksum,
+            )
         except socket.timeout:
             # Part of the frame is in flight: the stream cannot carry another frame.
             self.close()

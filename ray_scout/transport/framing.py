@@ -12,11 +12,12 @@ Header (big-endian, 36 bytes)::
     magic        4s  b"RSCT"
     version      B   1
     msg_type     B   REQUEST=1 RESPONSE=2 ERROR=3 CANCEL=4
-    flags        H   0 in version 1; any set bit is rejected, so a later version can use them
+    flags        H   bit 0 NO_BODY_CRC (body_crc32 is 0 and not checked); any other set bit
+                     is rejected, so a later version can use them
     request_id   Q   chosen by the client, echoed by the server
     deadline_ms  I   time budget left when the sender started the frame; 0 = no deadline
     body_length  Q
-    body_crc32   I   zlib.crc32 of the body
+    body_crc32   I   zlib.crc32 of the body, unless NO_BODY_CRC
     header_crc32 I   zlib.crc32 of the 32 bytes before it
 
 Why the deadline is a *relative* budget in milliseconds and not an absolute unix time: the
@@ -27,6 +28,12 @@ arrival of the frame's first byte, so transmission time of the body counts again
 the one-way propagation before that byte goes unaccounted (sub-millisecond to tens of ms, in
 the receiver's favour). Milliseconds in a u32 cover 49 days; a budget that is positive but
 below 1 ms is sent as 1 ms so it never reads as "no deadline".
+
+Why NO_BODY_CRC exists: zlib.crc32 runs at about 1 GB/s on the dev box, paid once by each
+side, which is most of the transport's cost on a 100 MB payload (docs/TRANSPORT.md). TCP
+already checksums every segment; the body CRC catches our own bugs (a desynchronised stream)
+and corruption TCP's 16-bit sum misses. The header CRC is always on, so a lost frame boundary
+is still caught at the next header. Checksums stay on by default.
 """
 
 from __future__ import annotations
@@ -46,6 +53,8 @@ HEADER_CRC = struct.Struct(">I")
 HEADER_SIZE = HEADER.size + HEADER_CRC.size
 MAX_DEADLINE_MS = 2**32 - 1
 DEFAULT_MAX_BODY_BYTES = 256 * 1024 * 1024
+NO_BODY_CRC = 0x0001
+KNOWN_FLAGS = NO_BODY_CRC
 # Reading the body in slices keeps each recv bounded and lets the crc run on warm cache.
 _RECV_SLICE_BYTES = 1 << 20
 
@@ -147,24 +156,28 @@ def deadline_ms_from_budget(budget_s: float | None) -> int:
 
 
 def encode_header(
-    msg_type: MessageType, request_id: int, body: bytes | bytearray | memoryview, *, deadline_ms: int = 0
+    msg_type: MessageType,
+    request_id: int,
+    body: bytes | bytearray | memoryview,
+    *,
+    deadline_ms: int = 0,
+    body_crc: bool = True,
 ) -> bytes:
     """The 36 header bytes for `body`; send them, then the body itself (no copy of the body)."""
     if not 0 <= request_id < 2**64:
         raise ValueError(f"request_id must fit in 64 bits unsigned, got {request_id}")
     if not 0 <= deadline_ms <= MAX_DEADLINE_MS:
         raise ValueError(f"deadline_ms must be in [0, {MAX_DEADLINE_MS}], got {deadline_ms}")
-    head = HEADER.pack(
-        MAGIC, VERSION, MessageType(msg_type), 0, request_id, deadline_ms, len(body), zlib.crc32(body)
-    )
+    flags, crc = (0, zlib.crc32(body)) if body_crc else (NO_BODY_CRC, 0)
+    head = HEADER.pack(MAGIC, VERSION, MessageType(msg_type), flags, request_id, deadline_ms, len(body), crc)
     return head + HEADER_CRC.pack(zlib.crc32(head))
 
 
 def encode_frame(
-    msg_type: MessageType, request_id: int, body: bytes = b"", *, deadline_ms: int = 0
+    msg_type: MessageType, request_id: int, body: bytes = b"", *, deadline_ms: int = 0, body_crc: bool = True
 ) -> bytes:
     """Header and body in one bytes object (convenient for small frames and tests)."""
-    return encode_header(msg_type, request_id, body, deadline_ms=deadline_ms) + bytes(body)
+    return encode_header(msg_type, request_id, body, deadline_ms=deadline_ms, body_crc=body_crc) + bytes(body)
 
 
 def decode_header(data: bytes | bytearray | memoryview, *, max_body_bytes: int) -> Header:
@@ -188,8 +201,8 @@ def decode_header(data: bytes | bytearray | memoryview, *, max_body_bytes: int) 
         kind = MessageType(msg_type)
     except ValueError:
         raise UnknownMessageType(f"unknown message type {msg_type} (known: 1-4)") from None
-    if flags:
-        raise UnknownFlags(f"flags {flags:#06x} set; version {VERSION} defines none")
+    if flags & ~KNOWN_FLAGS:
+        raise UnknownFlags(f"flags {flags:#06x} set; version {VERSION} defines only {KNOWN_FLAGS:#06x}")
     header = Header(kind, request_id, deadline_ms, body_length, body_crc, flags, version)
     if body_length > max_body_bytes:
         raise FrameTooLarge(
@@ -238,6 +251,7 @@ def read_frame(
         on_header(header)
     body = bytearray(header.body_length)
     body_view = memoryview(body)
+    check = not header.flags & NO_BODY_CRC
     crc = 0
     got = 0
     while got < header.body_length:
@@ -245,10 +259,11 @@ def read_frame(
         k = recv_into(chunk)
         if k == 0:
             raise TruncatedFrame(f"stream ended after {got} of {header.body_length} body bytes")
-        crc = zlib.crc32(chunk[:k], crc)
+        if check:
+            crc = zlib.crc32(chunk[:k], crc)
         got += k
     last_byte = clock() if header.body_length else first_byte
-    if crc != header.body_crc32:
+    if check and crc != header.body_crc32:
         raise BodyChecksumMismatch(
             f"body checksum mismatch on request {header.request_id}: the body was corrupted in transit"
         )
@@ -266,9 +281,10 @@ def write_frame(
     body: bytes | bytearray | memoryview = b"",
     *,
     deadline_ms: int = 0,
+    body_crc: bool = True,
 ) -> int:
     """Send one frame through `sendall` (a socket's); returns the bytes written."""
-    head = encode_header(msg_type, request_id, body, deadline_ms=deadline_ms)
+    head = encode_header(msg_type, request_id, body, deadline_ms=deadline_ms, body_crc=body_crc)
     if len(body) <= _COALESCE_BYTES:
         sendall(head + bytes(body))
     else:
