@@ -108,20 +108,34 @@ def test_garbage_gets_bad_frame_error_and_close():
         assert sock.recv(1) == b""
 
 
-def test_request_past_its_deadline_gets_deadline_error_without_running_the_handler():
-    release = threading.Event()
-    seen: list[bytes] = []
+class BlockOnFirst:
+    """A handler that holds its worker on a b"block" request until `release` is set."""
 
-    def handler(request: Request) -> bytes:
-        seen.append(bytes(request.body))
+    def __init__(self):
+        self.release = threading.Event()
+        self.seen: list[bytes] = []
+
+    def __call__(self, request: Request) -> bytes:
+        self.seen.append(bytes(request.body))
         if request.body == b"block":
-            release.wait(5)
+            self.release.wait(5)
         return b"ok"
 
+
+def occupy_the_only_worker(sock: socket.socket, handler: BlockOnFirst) -> None:
+    sock.sendall(encode_frame(MessageType.REQUEST, 1, b"block"))
+    for _ in range(1000):
+        if handler.seen:
+            return
+        time.sleep(0.005)
+    raise AssertionError("the blocking request never reached the handler")
+
+
+def test_request_past_its_deadline_gets_deadline_error_without_running_the_handler():
+    handler = BlockOnFirst()
+    release, seen = handler.release, handler.seen
     with Server(handler, workers=1) as server, raw_connect(server) as a, raw_connect(server) as b:
-        a.sendall(encode_frame(MessageType.REQUEST, 1, b"block"))
-        while not seen:
-            time.sleep(0.005)
+        occupy_the_only_worker(a, handler)
         b.sendall(encode_frame(MessageType.REQUEST, 2, b"late", deadline_ms=50))
         time.sleep(0.2)  # the only worker is busy well past the 50 ms budget
         release.set()
@@ -149,19 +163,10 @@ def test_request_deadline_is_anchored_at_its_first_byte_and_zero_means_none():
 
 
 def test_cancel_drops_a_request_that_has_not_started():
-    release = threading.Event()
-    seen: list[bytes] = []
-
-    def handler(request: Request) -> bytes:
-        seen.append(bytes(request.body))
-        if request.body == b"block":
-            release.wait(5)
-        return b"ok"
-
+    handler = BlockOnFirst()
+    release, seen = handler.release, handler.seen
     with Server(handler, workers=1) as server, raw_connect(server) as a, raw_connect(server) as b:
-        a.sendall(encode_frame(MessageType.REQUEST, 1, b"block"))
-        while not seen:
-            time.sleep(0.005)
+        occupy_the_only_worker(a, handler)
         b.sendall(encode_frame(MessageType.REQUEST, 5, b"doomed", deadline_ms=60_000))
         b.sendall(encode_frame(MessageType.CANCEL, 5))
         b.sendall(encode_frame(MessageType.REQUEST, 6, b"after"))
@@ -174,19 +179,10 @@ def test_cancel_drops_a_request_that_has_not_started():
 
 
 def test_client_deadline_cancels_the_queued_request_on_the_server():
-    release = threading.Event()
-    seen: list[bytes] = []
-
-    def handler(request: Request) -> bytes:
-        seen.append(bytes(request.body))
-        if request.body == b"block":
-            release.wait(5)
-        return b"ok"
-
+    handler = BlockOnFirst()
+    release, seen = handler.release, handler.seen
     with Server(handler, workers=1) as server, raw_connect(server) as a, Connection(server.address) as conn:
-        a.sendall(encode_frame(MessageType.REQUEST, 1, b"block"))
-        while not seen:
-            time.sleep(0.005)
+        occupy_the_only_worker(a, handler)
         started = time.monotonic()
         with pytest.raises(DeadlineExceeded) as info:
             conn.request(b"queued", deadline_s=0.2)

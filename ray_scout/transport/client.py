@@ -296,9 +296,9 @@ class Connection:
             try:
                 received = read_frame(receiver, max_body_bytes=self.max_body_bytes)
             except _Deadline:
-                self._give_up(request_id, receiver.consumed)
+                outcome = self._give_up(request_id, receiver.consumed)
                 raise DeadlineExceeded(
-                    f"no answer to request {request_id} within {deadline_s:.3f} s; sent CANCEL"
+                    f"no answer to request {request_id} within {deadline_s:.3f} s; {outcome}"
                 ) from None
             except FrameError as exc:
                 self.close()
@@ -345,15 +345,18 @@ class Connection:
             return self._remote_error(received.frame.body)
         return self._lost(f"while sending request {request_id}", exc)
 
-    def _give_up(self, request_id: int, consumed: int) -> None:
+    def _give_up(self, request_id: int, consumed: int) -> str:
+        """Tell the server to drop the request; returns what was done, for the error message."""
         if consumed:
-            self.close()  # half a frame read: the stream is out of step
-            return
+            self.close()
+            return "connection closed (an answer was half read, so the stream is out of step)"
         try:
             self._sock.settimeout(0.1)
             self.bytes_sent += write_frame(self._sock.sendall, MessageType.CANCEL, request_id)
         except OSError:
             self.close()
+            return "connection closed (the CANCEL could not be sent)"
+        return "sent CANCEL"
 
     @staticmethod
     def _wait_acked(sock: socket.socket, deadline: float) -> float | None:
