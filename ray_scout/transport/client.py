@@ -202,7 +202,7 @@ class Connection:
 
     def _new_socket(self) -> socket.socket:
         family = socket.AF_INET6 if ":" in self.address[0] else socket.AF_INET
-        sock = socket_in_netns(self.source_netns, family) if self.source_netns else socket.socket(family)
+        sock = socket_in_netns(self.source_netns, family) if self.source_netns is not None else socket.socket(family)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if self.requested_congestion_control is not None:
             try:

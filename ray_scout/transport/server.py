@@ -121,7 +121,7 @@ class Server:
         self._max_body_bytes = max_body_bytes
         self._send_stall_timeout_s = send_stall_timeout_s
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        listener = socket_in_netns(netns, family) if netns else socket.socket(family, socket.SOCK_STREAM)
+        listener = socket_in_netns(netns, family) if netns is not None else socket.socket(family, socket.SOCK_STREAM)
         try:
             listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             listener.bind((host, port))
