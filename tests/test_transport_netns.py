@@ -12,7 +12,7 @@ import pytest
 
 from ray_scout.transport.client import Connection, ConnectionLost
 from ray_scout.transport.netns import NetnsError, socket_in_netns
-from ray_scout.transport.server import Request, Server
+from ray_scout.transport.server import Server
 
 REPO = Path(__file__).resolve().parents[1]
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="creating and entering network namespaces needs root")
