@@ -40,6 +40,7 @@ def test_server_killed_mid_request_raises_connection_lost_quickly():
                 conn.request(b"payload", deadline_s=30)
             assert time.monotonic() - started < 2.0
             assert not conn.connected
+            proc.wait(5)  # the listener closes only once the process has fully exited
             with pytest.raises(ConnectionLost, match="is the server running"):
                 conn.request(b"again", deadline_s=5)  # reconnect is tried, and refused
     finally:
