@@ -43,7 +43,7 @@ def test_u32_keys_for_address_and_port():
 @root
 def test_live_rate_change_is_what_the_kernel_holds(veth):
     ipr, ns = veth
-    shaper = HtbShaper(ipr, "rs-a", 50_000_000, 100_000, netns=ns)
+    shaper = HtbShaper(ipr, "rs-a", 50_000_000, 100_000, netns=ns, per_class=True)
     shaper.install()
     leaf = shaper.add_class("agent", 35_000_000, Match(src="10.77.1.2"))
     assert shaper.read_rates_bps()[classid(0x10)] == 35_000_000
@@ -84,3 +84,14 @@ def test_pluggable_backend_is_called_and_recorded(veth):
     shaper.impair(default, Impairment(delay_s=0.02), FakeEmulator(), "10.77.1.2", "10.77.1.1")
     assert calls == [("rs-a", classid(2), "10.77.1.1", 0.02)]
     assert shaper.record(default, "e0.up").mechanisms == ("htb", "tun-emulator")
+
+
+@root
+def test_single_class_link_changes_rate_in_one_call_and_refuses_extra_classes(veth):
+    ipr, ns = veth
+    shaper = HtbShaper(ipr, "rs-a", 10_000_000, 100_000, netns=ns)
+    shaper.install()
+    shaper.set_rate(50_000_000)
+    assert shaper.read_rates_bps() == {classid(2): 50_000_000}
+    with pytest.raises(NetError, match="per_class=True"):
+        shaper.add_class("agent", 1_000_000, Match(src="10.77.1.2"))

@@ -27,10 +27,11 @@ def test_tcp_goodput_matches_the_layer2_ideal_and_teardown_leaves_nothing():
     with LabTopology([LAB.with_rate(10_000_000)], LAB, run_id=run) as topo:
         with BulkFlow(topo, "e0") as flow:
             t0 = time.monotonic()
-            time.sleep(1.5)
-        ratio = flow.goodput_bps(t0 + 0.5, t0 + 1.5) / 10_000_000
+            time.sleep(2.5)
+        ratio = flow.goodput_bps(t0 + 0.5, t0 + 2.5) / 10_000_000
         records = {r.link: r for r in topo.shaping()}
-    assert ratio == pytest.approx(1448 / 1514, rel=0.03)
+    # 3%: this host runs other jobs; bench/links_figures.py measures the 2% figure over 4 s.
+    assert ratio == pytest.approx(1448 / 1514, rel=0.03), ratio
     assert records["e0.up"].mechanisms == ("htb",) and records["e0.up"].offloads_off
     assert records["e0.up"].congestion_control == "cubic"
     assert find_leftovers(f"rs-{run}-").empty

@@ -5,10 +5,13 @@ the impairment backend that adds delay, jitter and loss under a leaf.
 Layout on an interface (``M`` = 0x7273, "rs", so cleanup can recognise our qdiscs)::
 
     M:   htb root, default -> M:2
-    M:1  parent class, rate = ceil = link rate
+    M:1  parent class, rate = ceil = link rate            (only with per_class=True)
     M:2  default class (ARP and anything unmatched), ceil = link rate
     M:N  one leaf per ``add_class`` (N >= 0x10), guaranteed rate, ceil = link rate
     leaf qdisc under each leaf: bfifo sized in bytes, or the impairment backend's (netem)
+
+A link with one class (an access link) hangs the default class straight off the root, so a
+live rate change is one netlink call; classes that share and borrow need the parent.
 
 pyroute2 0.9.7 pitfalls handled here: rates go in as integer bytes/s (no unit strings),
 ``change-class`` replaces the whole class so every change re-sends rate, ceil, burst, cburst
@@ -199,30 +202,37 @@ class HtbShaper:
     link_rate_bps: int
     queue_bytes: int
     netns: str | None = None
-    ifindex: int = 0
+    per_class: bool = False  # True: a parent class under which add_class leaves share the link
+    ifindex: int = 0  # 0: looked up by ifname at install
     classes: dict[str, LeafClass] = field(default_factory=dict)
 
+    @property
+    def _leaf_parent(self) -> int:
+        return classid(PARENT_MINOR) if self.per_class else classid(0)
+
     def install(self) -> LeafClass:
-        """Create root qdisc, parent class and the default class; returns the default class."""
+        """Create the root qdisc (and parent class if per_class) and the default class; returns it."""
         check_rate_bps(self.link_rate_bps)
-        found = self.ipr.link_lookup(ifname=self.ifname)
-        if not found:
-            raise NetError(f"interface {self.ifname!r} not found{' in ' + self.netns if self.netns else ''}; "
-                           "check the name with `ip link`")
-        self.ifindex = found[0]
+        if not self.ifindex:
+            found = self.ipr.link_lookup(ifname=self.ifname)
+            if not found:
+                raise NetError(f"interface {self.ifname!r} not found{' in ' + self.netns if self.netns else ''}; "
+                               "check the name with `ip link`")
+            self.ifindex = found[0]
         try:
             self.ipr.tc("add", "htb", index=self.ifindex, handle=classid(0), default=DEFAULT_MINOR)
         except NetlinkError as error:
             raise NetError(f"cannot install HTB on {self.ifname}: {error}; if a root qdisc is already "
                            "there, remove it (`scout net cleanup` removes ours)") from error
-        self.ipr.tc("add-class", "htb", index=self.ifindex, handle=classid(PARENT_MINOR), parent=classid(0),
-                    **htb_class_params(self.link_rate_bps, self.link_rate_bps))
+        if self.per_class:
+            self.ipr.tc("add-class", "htb", index=self.ifindex, handle=classid(PARENT_MINOR), parent=classid(0),
+                        **htb_class_params(self.link_rate_bps, self.link_rate_bps))
         default = LeafClass(self, "default", DEFAULT_MINOR, self.link_rate_bps, self.link_rate_bps, self.queue_bytes)
         self._add_leaf(default)
         return default
 
     def _add_leaf(self, leaf: LeafClass) -> None:
-        self.ipr.tc("add-class", "htb", index=self.ifindex, handle=leaf.classid, parent=classid(PARENT_MINOR),
+        self.ipr.tc("add-class", "htb", index=self.ifindex, handle=leaf.classid, parent=self._leaf_parent,
                     **htb_class_params(leaf.rate_bps, leaf.ceil_bps))
         port = leaf.port()
         # "replace": HTB already hung a default pfifo under the new class.
@@ -233,6 +243,9 @@ class HtbShaper:
     def add_class(self, name: str, rate_bps: int, match: Match, ceil_bps: int | None = None,
                   queue_bytes: int | None = None) -> LeafClass:
         """A leaf with a guaranteed ``rate_bps`` that may borrow up to ``ceil_bps`` (the link rate)."""
+        if not self.per_class:
+            raise NetError(f"{self.ifname} was shaped as one class; build HtbShaper(..., per_class=True) "
+                           "to give destinations or agents their own classes")
         if name in self.classes:
             raise NetError(f"class {name!r} already exists on {self.ifname}; pick another name")
         minor = FIRST_LEAF_MINOR + len(self.classes) - 1
@@ -248,19 +261,26 @@ class HtbShaper:
         params = htb_class_params(rate_bps, max(ceil_bps, rate_bps))
         start = time.perf_counter()
         self.ipr.tc("change-class", "htb", index=self.ifindex, handle=leaf.classid,
-                    parent=classid(PARENT_MINOR), **params)
+                    parent=self._leaf_parent, **params)
         elapsed = time.perf_counter() - start
         leaf.rate_bps, leaf.ceil_bps = int(rate_bps), int(max(ceil_bps, rate_bps))
         return elapsed
 
-    def set_link_rate(self, rate_bps: float) -> float:
-        """Change the whole link's rate (parent class and every ceil); returns call seconds."""
+    def set_rate(self, rate_bps: float) -> float:
+        """Change the whole link's rate live; returns call seconds.
+
+        The parent class (if any) and every ceil follow; the default class's guarantee is the link rate,
+        the other leaves keep theirs (capped at the new rate). Trace replay drives this.
+        """
+        check_rate_bps(rate_bps)
         start = time.perf_counter()
-        self.ipr.tc("change-class", "htb", index=self.ifindex, handle=classid(PARENT_MINOR), parent=classid(0),
-                    **htb_class_params(rate_bps, rate_bps))
+        if self.per_class:
+            self.ipr.tc("change-class", "htb", index=self.ifindex, handle=classid(PARENT_MINOR),
+                        parent=classid(0), **htb_class_params(rate_bps, rate_bps))
         self.link_rate_bps = int(rate_bps)
         for leaf in self.classes.values():
-            self.set_class_rate(leaf, min(leaf.rate_bps, rate_bps), rate_bps)
+            guarantee = rate_bps if leaf.minor == DEFAULT_MINOR else min(leaf.rate_bps, rate_bps)
+            self.set_class_rate(leaf, guarantee, rate_bps)
         return time.perf_counter() - start
 
     def impair(self, leaf: LeafClass, impairment: Impairment, backend: ImpairmentBackend | None,

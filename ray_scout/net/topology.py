@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import ctypes
 import os
 import secrets
 import socket
@@ -42,6 +43,9 @@ from ray_scout.net.shaping import HtbShaper, ImpairmentBackend, LeafClass, LinkS
 MAX_EDGES = 250
 OFFLOADS = ("tcp-segmentation-offload", "generic-segmentation-offload", "generic-receive-offload")
 BOTTLENECK_NET = "10.77.0"
+LOOPBACK_INDEX = 1
+PEER_INDEX = 2  # ifindex of the one veth in a cloud/edge namespace (lo is 1), and of bs's uplink
+FIRST_ACCESS_INDEX = 10  # ifindex of the base station's end of access link i: 10 + i
 
 
 def edge_address(index: int) -> str:
@@ -51,14 +55,43 @@ def edge_address(index: int) -> str:
 CLOUD_ADDRESS = f"{BOTTLENECK_NET}.2"
 
 
+_LIBC = ctypes.CDLL(None, use_errno=True)
+CLONE_NEWNET = 0x40000000
+
+
 @contextlib.contextmanager
 def in_netns(name: str) -> Iterator[None]:
-    """Run the body with the calling thread inside namespace ``name`` (sockets made here stay there)."""
-    netns.pushns(name)
+    """Run the body with the calling thread inside namespace ``name`` (sockets made here stay there).
+
+    Thread-safe, unlike pyroute2's pushns/popns (one global stack, and it saves the process
+    leader's namespace rather than the calling thread's).
+    """
+    home = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
     try:
+        netns.setns(name, flags=0)
         yield
     finally:
-        netns.popns()
+        netns.setns(home)
+        os.close(home)
+
+
+def create_netns(name: str) -> IPRoute:
+    """Create namespace ``name`` and return a netlink socket inside it.
+
+    Done from the calling thread (unshare, then bind-mount /proc/thread-self/ns/net):
+    pyroute2's ``netns.create`` forks a helper process per namespace, ~20 ms each.
+    """
+    home = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
+    try:
+        if _LIBC.unshare(CLONE_NEWNET) != 0:
+            raise NetError(f"cannot create namespace {name}: {os.strerror(ctypes.get_errno())}; run as root")
+        netns.attach(name, "thread-self")
+        ipr = IPRoute()
+        ipr.link("set", index=LOOPBACK_INDEX, state="up")  # also binds the socket here
+        return ipr
+    finally:
+        netns.setns(home)
+        os.close(home)
 
 
 def _sysctl(key: str, value: str) -> None:
@@ -143,9 +176,11 @@ class LabTopology:
         self._shares = shares
         self.cc_scope: dict[str, str] = {}
         self._iprs: dict[str, IPRoute] = {}
+        self._ifindex: dict[str, int] = {}
+        self._ns_ifnames: dict[str, list[str]] = {}
         self._records: list[LinkShaping] = []
-        self.uplinks: dict[str, LeafClass] = {}
-        self.downlinks: dict[str, LeafClass] = {}
+        self.uplinks: dict[str, HtbShaper] = {}  # edge -> its access link's uplink (set_rate)
+        self.downlinks: dict[str, HtbShaper] = {}
         self.shares: dict[str, LeafClass] = {}
         self.bottleneck_up: HtbShaper | None = None
         self.bottleneck_down: LeafClass | None = None
@@ -180,8 +215,7 @@ class LabTopology:
         atexit.register(self.teardown)
         try:
             for name in self.namespaces:
-                netns.create(name)
-                self._iprs[name] = IPRoute(netns=name, flags=0)
+                self._iprs[name] = create_netns(name)
             self._wire()
             self._configure_namespaces()
             self._shape()
@@ -191,24 +225,24 @@ class LabTopology:
         self.build_s = time.perf_counter() - start
         return self
 
-    def _veth(self, here: str, name: str, there: str, peer: str, address: str, peer_address: str) -> None:
-        ipr = self._iprs[here]
-        ipr.link("add", ifname=name, kind="veth", peer={"ifname": peer, "net_ns_fd": there})
-        for ns, ifname, addr in ((here, name, address), (there, peer, peer_address)):
-            other = self._iprs[ns]
-            index = other.link_lookup(ifname=ifname)[0]
-            other.addr("add", index=index, address=addr, prefixlen=24)
-            other.link("set", index=index, state="up")
+    def _veth(self, here: str, name: str, index: int, there: str, peer: str, address: str,
+              peer_address: str) -> None:
+        # Indices are chosen, not looked up: each namespace is new, and a lookup is a dump.
+        self._iprs[here].link("add", ifname=name, index=index, kind="veth",
+                              peer={"ifname": peer, "net_ns_fd": there, "index": PEER_INDEX})
+        for ns, ifname, ifindex, addr in ((here, name, index, address), (there, peer, PEER_INDEX, peer_address)):
+            self._ifindex[ifname] = ifindex
+            self._ns_ifnames.setdefault(ns, []).append(ifname)
+            self._iprs[ns].addr("add", index=ifindex, address=addr, prefixlen=24)
+            self._iprs[ns].link("set", index=ifindex, state="up")
 
     def _wire(self) -> None:
-        for name in self.namespaces:
-            ipr = self._iprs[name]
-            ipr.link("set", index=ipr.link_lookup(ifname="lo")[0], state="up")
-        self._veth(self.bs_netns, f"{self.prefix}bc", self.cloud_netns, f"{self.prefix}c",
+        self._veth(self.bs_netns, f"{self.prefix}bc", PEER_INDEX, self.cloud_netns, f"{self.prefix}c",
                    f"{BOTTLENECK_NET}.1", CLOUD_ADDRESS)
         self._iprs[self.cloud_netns].route("add", dst="10.77.0.0/16", gateway=f"{BOTTLENECK_NET}.1")
         for edge in self.edges:
-            self._veth(self.bs_netns, f"{self.prefix}b{edge.index}", edge.netns, f"{self.prefix}e{edge.index}",
+            self._veth(self.bs_netns, f"{self.prefix}b{edge.index}", FIRST_ACCESS_INDEX + edge.index,
+                       edge.netns, f"{self.prefix}e{edge.index}",
                        f"10.77.{edge.index + 1}.1", edge.address)
             self._iprs[edge.netns].route("add", dst="10.77.0.0/16", gateway=f"10.77.{edge.index + 1}.1")
 
@@ -226,17 +260,17 @@ class LabTopology:
             if cc not in available:
                 raise NetError(f"congestion control {cc!r} is not available (have {available}); "
                                f"`modprobe tcp_{cc}` or pick one of those")
-            ifnames = [link.get_attr("IFLA_IFNAME") for link in self._iprs[name].get_links()
-                       if link.get_attr("IFLA_IFNAME").startswith(PREFIX)]
             with in_netns(name):
                 self.cc_scope[name] = _pin_namespace_cc(cc)
                 if name == self.bs_netns:
                     _sysctl("net.ipv4.ip_forward", "1")
                 if self.disable_offloads:
-                    _offloads_off(ifnames)
+                    _offloads_off(self._ns_ifnames[name])
 
-    def _shaper(self, ns: str, ifname: str, direction: Direction) -> tuple[HtbShaper, LeafClass]:
-        shaper = HtbShaper(self._iprs[ns], ifname, direction.rate_bps, direction.queue_bytes, netns=ns)
+    def _shaper(self, ns: str, ifname: str, direction: Direction,
+                per_class: bool = False) -> tuple[HtbShaper, LeafClass]:
+        shaper = HtbShaper(self._iprs[ns], ifname, direction.rate_bps, direction.queue_bytes, netns=ns,
+                           per_class=per_class, ifindex=self._ifindex[ifname])
         return shaper, shaper.install()
 
     def _shape(self) -> None:
@@ -247,10 +281,10 @@ class LabTopology:
             gateway = f"10.77.{edge.index + 1}.1"
             up.shaper.impair(up, edge.access.up.impairment, self.impairment, edge.address, gateway)
             down.shaper.impair(down, edge.access.down.impairment, self.impairment, gateway, edge.address)
-            self.uplinks[edge.name], self.downlinks[edge.name] = up, down
+            self.uplinks[edge.name], self.downlinks[edge.name] = up.shaper, down.shaper
             self._record(up, f"{edge.name}.up", edge.netns)
             self._record(down, f"{edge.name}.down", edge.netns)
-        self.bottleneck_up, default = self._shaper(self.bs_netns, f"{self.prefix}bc", b.up)
+        self.bottleneck_up, default = self._shaper(self.bs_netns, f"{self.prefix}bc", b.up, per_class=True)
         for edge, share in zip(self.edges, self._shares):
             leaf = self.bottleneck_up.add_class(edge.name, share, Match(src=edge.address))
             self.bottleneck_up.impair(leaf, b.up.impairment, self.impairment, f"{BOTTLENECK_NET}.1", CLOUD_ADDRESS)
