@@ -121,9 +121,12 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("figure", nargs="?", default="all", choices=["goodput", "ratechange", "share", "topology", "all"])
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--rates-mbit", type=int, nargs="+", default=None,
+                        help="goodput only: the rates to test (default 5 10 25 50 100 200)")
     args = parser.parse_args()
     chosen = ["goodput", "ratechange", "share", "topology"] if args.figure == "all" else [args.figure]
-    results = {name: globals()[name]() for name in chosen}
+    results = {name: (goodput(tuple(args.rates_mbit)) if name == "goodput" and args.rates_mbit else globals()[name]())
+               for name in chosen}
     print(json.dumps(results, indent=1))
     if args.out:
         args.out.write_text(json.dumps(results, indent=1))

@@ -74,3 +74,12 @@ def test_every_shipped_profile_loads():
 def test_missing_profile_error_lists_the_known_ones(tmp_path: Path):
     with pytest.raises(NetError, match="lte"):
         load_profile("no-such-profile")
+
+
+def test_non_root_gets_told_to_run_as_root(monkeypatch):
+    from ray_scout.net.errors import CapabilityError
+    from ray_scout.net.probe import probe
+
+    monkeypatch.setattr("os.geteuid", lambda: 1000)
+    with pytest.raises(CapabilityError, match="root"):
+        probe()

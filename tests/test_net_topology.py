@@ -78,3 +78,12 @@ def test_cleanup_removes_only_its_prefix():
         for name in (mine, other):
             if name in netns.listnetns():
                 netns.remove(name)
+
+
+def test_cli_probe_and_dry_run_cleanup(capsys):
+    from ray_scout.cli import main
+
+    assert main(["net", "probe"]) == 0
+    assert "htb" in capsys.readouterr().out
+    assert main(["net", "cleanup", "--dry-run", "--prefix", f"rs-{pid_run_id()}-"]) == 0
+    assert capsys.readouterr().out.startswith("found: 0 namespaces")

@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import argparse
 import signal
+import sys
 
 from ray_scout.net import PREFIX
 from ray_scout.net.cleanup import cleanup, find_leftovers
+from ray_scout.net.errors import NetError
 from ray_scout.net.probe import probe
 from ray_scout.net.profiles import list_profiles, load_profile
 from ray_scout.net.shaping import NetemBackend
@@ -48,6 +50,14 @@ def _up(args: argparse.Namespace) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
+    try:
+        return _run(args)
+    except NetError as error:  # the message already says what to do; no traceback needed
+        print(f"scout net {args.net_command}: {error}", file=sys.stderr)
+        return 2
+
+
+def _run(args: argparse.Namespace) -> int:
     if args.net_command == "probe":
         print(probe().summary())
     elif args.net_command == "profiles":
