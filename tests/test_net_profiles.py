@@ -1,4 +1,3 @@
-from pathlib import Path
 
 import pytest
 from hypothesis import given, strategies as st
@@ -71,7 +70,7 @@ def test_every_shipped_profile_loads():
         assert load_profile(name).up.rate_bps > 0
 
 
-def test_missing_profile_error_lists_the_known_ones(tmp_path: Path):
+def test_missing_profile_error_lists_the_known_ones():
     with pytest.raises(NetError, match="lte"):
         load_profile("no-such-profile")
 

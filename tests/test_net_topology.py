@@ -87,3 +87,30 @@ def test_cli_probe_and_dry_run_cleanup(capsys):
     assert "htb" in capsys.readouterr().out
     assert main(["net", "cleanup", "--dry-run", "--prefix", f"rs-{pid_run_id()}-"]) == 0
     assert capsys.readouterr().out.startswith("found: 0 namespaces")
+
+
+def test_trace_replay_drives_the_kernel_rate_and_logs_it():
+    from dataclasses import dataclass
+
+    from ray_scout.net.replay import TraceReplay
+
+    @dataclass
+    class Trace:
+        segments: list
+
+    run = pid_run_id()
+    with LabTopology([LAB], LAB, run_id=run) as topo:
+        link = topo.uplinks["e0"]
+        replay = TraceReplay(link, Trace([(0.0, 5e6), (0.05, 25e6)])).start()
+        replay.join(2)
+        assert [c.applied_bps for c in replay.log] == [5e6, 25e6]
+        assert set(link.read_rates_bps().values()) == {25_000_000}
+
+
+def test_allocation_above_capacity_is_refused():
+    run = pid_run_id()
+    with LabTopology([LAB] * 2, LAB, run_id=run) as topo:
+        with pytest.raises(NetError, match="scale them down"):
+            topo.set_shares({"e0": 40_000_000, "e1": 20_000_000})
+        topo.set_shares({"e0": 30_000_000, "e1": 20_000_000})
+        assert topo.shares["e0"].rate_bps == 30_000_000

@@ -22,6 +22,7 @@ What this module leaves to others: which rates to set (allocator, trace replay),
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import time
 from dataclasses import dataclass, field
@@ -32,6 +33,7 @@ from pyroute2.netlink.exceptions import NetlinkError
 from pyroute2.netlink.rtnl.tcmsg import plugins as tc_plugins, sched_pfifo
 
 from ray_scout.net.errors import NETEM_MISSING, CapabilityError, NetError
+from ray_scout.net.namespaces import in_netns
 from ray_scout.net.profiles import FRAME_BYTES, Impairment, check_rate_bps
 
 # pyroute2 0.9.7 has no bfifo plugin and silently sends unknown kinds to the root (replacing
@@ -66,6 +68,21 @@ def htb_class_params(rate_bps: float, ceil_bps: float) -> dict:
     return {"rate": rate_Bps, "ceil": ceil_Bps, "quantum": quantum,
             "burst": max(int(rate_Bps * BURST_S), 2 * FRAME_BYTES),
             "cburst": max(int(ceil_Bps * BURST_S), 2 * FRAME_BYTES)}
+
+
+def _in_own_netns(method):
+    """Run a netlink method inside the shaper's namespace: pyroute2 opens one socket per
+    thread, in that thread's namespace, so a call from another thread (trace replay, the
+    allocator) would otherwise reach the host's interfaces."""
+
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        if self.netns is None:
+            return method(self, *args, **kwargs)
+        with in_netns(self.netns):
+            return method(self, *args, **kwargs)
+
+    return wrapper
 
 
 @dataclass(frozen=True)
@@ -210,6 +227,7 @@ class HtbShaper:
     def _leaf_parent(self) -> int:
         return classid(PARENT_MINOR) if self.per_class else classid(0)
 
+    @_in_own_netns
     def install(self) -> LeafClass:
         """Create the root qdisc (and parent class if per_class) and the default class; returns it."""
         check_rate_bps(self.link_rate_bps)
@@ -240,6 +258,7 @@ class HtbShaper:
                     limit=leaf.queue_bytes)
         self.classes[leaf.name] = leaf
 
+    @_in_own_netns
     def add_class(self, name: str, rate_bps: int, match: Match, ceil_bps: int | None = None,
                   queue_bytes: int | None = None) -> LeafClass:
         """A leaf with a guaranteed ``rate_bps`` that may borrow up to ``ceil_bps`` (the link rate)."""
@@ -256,6 +275,7 @@ class HtbShaper:
                     protocol=ETH_P_IP, target=leaf.classid, keys=match.u32_keys())
         return leaf
 
+    @_in_own_netns
     def set_class_rate(self, leaf: LeafClass, rate_bps: float, ceil_bps: float | None = None) -> float:
         ceil_bps = self.link_rate_bps if ceil_bps is None else ceil_bps
         params = htb_class_params(rate_bps, max(ceil_bps, rate_bps))
@@ -266,6 +286,7 @@ class HtbShaper:
         leaf.rate_bps, leaf.ceil_bps = int(rate_bps), int(max(ceil_bps, rate_bps))
         return elapsed
 
+    @_in_own_netns
     def set_rate(self, rate_bps: float) -> float:
         """Change the whole link's rate live; returns call seconds.
 
@@ -283,6 +304,7 @@ class HtbShaper:
             self.set_class_rate(leaf, guarantee, rate_bps)
         return time.perf_counter() - start
 
+    @_in_own_netns
     def impair(self, leaf: LeafClass, impairment: Impairment, backend: ImpairmentBackend | None,
                local: str | None = None, peer: str | None = None) -> None:
         """Hand delay/jitter/loss of this leaf to ``backend``; none needed when the impairment is none."""
@@ -303,6 +325,7 @@ class HtbShaper:
                            leaf.impairment.jitter_s, leaf.impairment.loss, congestion_control, cc_scope,
                            offloads_off)
 
+    @_in_own_netns
     def read_rates_bps(self) -> dict[int, int]:
         """Rates the kernel actually holds, by classid (read back with ``get_classes``)."""
         rates = {}
@@ -312,6 +335,7 @@ class HtbShaper:
                 rates[msg["handle"]] = params["rate"] * 8
         return rates
 
+    @_in_own_netns
     def remove(self) -> None:
         """Delete the root qdisc (and with it every class, filter and leaf qdisc)."""
         self.ipr.tc("del", index=self.ifindex, handle=classid(0), kind="htb")

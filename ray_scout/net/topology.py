@@ -23,27 +23,25 @@ What this module leaves to others: traffic (transport), rates over time (allocat
 from __future__ import annotations
 
 import atexit
-import contextlib
-import ctypes
 import os
 import secrets
 import socket
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from pyroute2 import IPRoute, netns
-from pyroute2.ethtool import Ethtool
+from pyroute2.ethtool.ioctl import IoctlEthtool
 
 from ray_scout.net import PREFIX
 from ray_scout.net.errors import NetError, require_root
+from ray_scout.net.namespaces import create_netns, in_netns
 from ray_scout.net.profiles import Direction, LinkProfile, check_rate_bps
 from ray_scout.net.shaping import HtbShaper, ImpairmentBackend, LeafClass, LinkShaping, Match
 
 MAX_EDGES = 250
 OFFLOADS = ("tcp-segmentation-offload", "generic-segmentation-offload", "generic-receive-offload")
 BOTTLENECK_NET = "10.77.0"
-LOOPBACK_INDEX = 1
 PEER_INDEX = 2  # ifindex of the one veth in a cloud/edge namespace (lo is 1), and of bs's uplink
 FIRST_ACCESS_INDEX = 10  # ifindex of the base station's end of access link i: 10 + i
 
@@ -53,45 +51,6 @@ def edge_address(index: int) -> str:
 
 
 CLOUD_ADDRESS = f"{BOTTLENECK_NET}.2"
-
-
-_LIBC = ctypes.CDLL(None, use_errno=True)
-CLONE_NEWNET = 0x40000000
-
-
-@contextlib.contextmanager
-def in_netns(name: str) -> Iterator[None]:
-    """Run the body with the calling thread inside namespace ``name`` (sockets made here stay there).
-
-    Thread-safe, unlike pyroute2's pushns/popns (one global stack, and it saves the process
-    leader's namespace rather than the calling thread's).
-    """
-    home = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
-    try:
-        netns.setns(name, flags=0)
-        yield
-    finally:
-        netns.setns(home)
-        os.close(home)
-
-
-def create_netns(name: str) -> IPRoute:
-    """Create namespace ``name`` and return a netlink socket inside it.
-
-    Done from the calling thread (unshare, then bind-mount /proc/thread-self/ns/net):
-    pyroute2's ``netns.create`` forks a helper process per namespace, ~20 ms each.
-    """
-    home = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
-    try:
-        if _LIBC.unshare(CLONE_NEWNET) != 0:
-            raise NetError(f"cannot create namespace {name}: {os.strerror(ctypes.get_errno())}; run as root")
-        netns.attach(name, "thread-self")
-        ipr = IPRoute()
-        ipr.link("set", index=LOOPBACK_INDEX, state="up")  # also binds the socket here
-        return ipr
-    finally:
-        netns.setns(home)
-        os.close(home)
 
 
 def _sysctl(key: str, value: str) -> None:
@@ -124,13 +83,14 @@ def pin_congestion_control(sock: socket.socket, cc: str) -> None:
 
 
 def _offloads_off(ifnames: Sequence[str]) -> None:
-    tool = Ethtool()
+    # pyroute2's ioctl ethtool, one legacy set-call per flag: the feature-list route
+    # (Ethtool.get/set_features) reads every string set and costs ~4 ms per interface.
+    tool = IoctlEthtool()
     try:
         for ifname in ifnames:
-            features = tool.get_features(ifname)
-            for key in ("tx-tcp-segmentation", "tx-generic-segmentation", "rx-gro", "tx-tcp6-segmentation"):
-                features.features[key].enable = False
-            tool.set_features(ifname, features)
+            tool.change_ifname(ifname)
+            for flag in OFFLOADS:
+                tool.set_offload_flag(flag, 0)
     finally:
         tool.close()
 
@@ -308,6 +268,14 @@ class LabTopology:
         if edge not in self.shares:
             raise NetError(f"no edge {edge!r}; edges are {list(self.shares)}")
         return self.shares[edge].set_rate(rate_bps, ceil_bps)
+
+    def set_shares(self, shares_bps: dict[str, float]) -> float:
+        """Apply a whole allocation (edge -> guaranteed rate); returns total call seconds."""
+        total = sum(shares_bps.values())
+        if total > self.bottleneck_up.link_rate_bps:
+            raise NetError(f"shares sum to {total:.0f} bit/s, above the bottleneck's "
+                           f"{self.bottleneck_up.link_rate_bps} bit/s; scale them down")
+        return sum(self.set_share(edge, rate) for edge, rate in shares_bps.items())
 
     def netns_of(self, node: str) -> str:
         """Namespace of ``'cloud'`` or of an edge by name."""
