@@ -114,3 +114,11 @@ def test_allocation_above_capacity_is_refused():
             topo.set_shares({"e0": 40_000_000, "e1": 20_000_000})
         topo.set_shares({"e0": 30_000_000, "e1": 20_000_000})
         assert topo.shares["e0"].rate_bps == 30_000_000
+
+
+def test_ctrl_c_inside_the_topology_still_tears_it_down():
+    run = pid_run_id()
+    with pytest.raises(KeyboardInterrupt):
+        with LabTopology([LAB], LAB, run_id=run):
+            raise KeyboardInterrupt
+    assert find_leftovers(f"rs-{run}-").empty

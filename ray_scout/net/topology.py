@@ -121,6 +121,9 @@ class LabTopology:
             raise NetError(f"shares_bps has {len(shares)} entries for {len(access)} edges; give one per edge")
         for share in shares:
             check_rate_bps(share)
+        if sum(shares) > capacity:
+            raise NetError(f"shares_bps sum to {sum(shares)} bit/s, above the bottleneck's {capacity}; "
+                           "scale them down (guarantees must fit the link)")
         self.run_id = run_id or secrets.token_hex(2)
         self.prefix = f"{PREFIX}{self.run_id}-"
         if len(self.prefix) + 4 > 15:
