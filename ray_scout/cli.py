@@ -13,6 +13,7 @@ import sys
 # name -> (module, help); each module defines add_arguments(parser) and run(args) -> int.
 COMMANDS: dict[str, tuple[str, str]] = {
     "setup": ("ray_scout.setup_check", "convert the embedded model once and check the machine"),
+    "net": ("ray_scout.net.cli", "links: probe the kernel, list profiles, clean up leftovers, hold a topology up"),
 }
 
 

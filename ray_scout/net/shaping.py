@@ -1,0 +1,342 @@
+"""HTB shaping on one interface: a root class at the link rate, one leaf class per destination
+or per agent (u32 filters by IP, and port where needed), live rate changes, and the boundary to
+the impairment backend that adds delay, jitter and loss under a leaf.
+
+Layout on an interface (``M`` = 0x7273, "rs", so cleanup can recognise our qdiscs)::
+
+    M:   htb root, default -> M:2
+    M:1  parent class, rate = ceil = link rate            (only with per_class=True)
+    M:2  default class (ARP and anything unmatched), ceil = link rate
+    M:N  one leaf per ``add_class`` (N >= 0x10), guaranteed rate, ceil = link rate
+    leaf qdisc under each leaf: bfifo sized in bytes, or the impairment backend's (netem)
+
+A link with one class (an access link) hangs the default class straight off the root, so a
+live rate change is one netlink call; classes that share and borrow need the parent.
+
+pyroute2 0.9.7 pitfalls handled here: rates go in as integer bytes/s (no unit strings),
+``change-class`` replaces the whole class so every change re-sends rate, ceil, burst, cburst
+and quantum, and quantum is passed explicitly (the kernel clamps r2q's guess at high rates).
+What this module leaves to others: which rates to set (allocator, trace replay), namespaces
+(``topology``), and the impairment itself (a backend object).
+"""
+
+from __future__ import annotations
+
+import functools
+import ipaddress
+import time
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from pyroute2 import IPRoute
+from pyroute2.netlink.exceptions import NetlinkError
+from pyroute2.netlink.rtnl.tcmsg import plugins as tc_plugins, sched_pfifo
+
+from ray_scout.net.errors import NETEM_MISSING, CapabilityError, NetError
+from ray_scout.net.namespaces import in_netns
+from ray_scout.net.profiles import FRAME_BYTES, Impairment, check_rate_bps
+
+# pyroute2 0.9.7 has no bfifo plugin and silently sends unknown kinds to the root (replacing
+# HTB). bfifo's options are pfifo's struct (tc_fifo_qopt.limit), only counted in bytes.
+tc_plugins.setdefault("bfifo", sched_pfifo)
+
+HTB_MAJOR = 0x7273
+PARENT_MINOR = 1
+DEFAULT_MINOR = 2
+FIRST_LEAF_MINOR = 0x10
+LEAF_QDISC_MAJOR_BASE = 0x7300  # leaf qdisc of class M:N gets handle (BASE+N):
+ETH_P_IP = 0x0800
+MIN_QUANTUM_BYTES = FRAME_BYTES
+MAX_QUANTUM_BYTES = 200_000
+BURST_S = 0.002  # 2 ms of the rate: enough that softirq latency on a busy host does not cost rate
+
+
+def classid(minor: int) -> int:
+    return (HTB_MAJOR << 16) | minor
+
+
+def htb_class_params(rate_bps: float, ceil_bps: float) -> dict:
+    """Everything HTB needs for one class, in pyroute2's units (bytes/s, bytes)."""
+    check_rate_bps(rate_bps)
+    check_rate_bps(ceil_bps)
+    if ceil_bps < rate_bps:
+        raise NetError(f"ceil {ceil_bps:.0f} bit/s is below rate {rate_bps:.0f} bit/s; give ceil >= rate")
+    rate_Bps, ceil_Bps = int(rate_bps // 8), int(ceil_bps // 8)
+    # Quantum = 10 ms of the guaranteed rate: excess bandwidth is lent in proportion to it,
+    # so classes borrow in proportion to their guarantees.
+    quantum = min(max(rate_Bps // 100, MIN_QUANTUM_BYTES), MAX_QUANTUM_BYTES)
+    return {"rate": rate_Bps, "ceil": ceil_Bps, "quantum": quantum,
+            "burst": max(int(rate_Bps * BURST_S), 2 * FRAME_BYTES),
+            "cburst": max(int(ceil_Bps * BURST_S), 2 * FRAME_BYTES)}
+
+
+def _in_own_netns(method):
+    """Run a netlink method inside the shaper's namespace: pyroute2 opens one socket per
+    thread, in that thread's namespace, so a call from another thread (trace replay, the
+    allocator) would otherwise reach the host's interfaces."""
+
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        if self.netns is None:
+            return method(self, *args, **kwargs)
+        with in_netns(self.netns):
+            return method(self, *args, **kwargs)
+
+    return wrapper
+
+
+@dataclass(frozen=True)
+class Match:
+    """Which packets a leaf class takes: IPv4 source/destination (address or CIDR), ports."""
+
+    src: str | None = None
+    dst: str | None = None
+    sport: int | None = None
+    dport: int | None = None
+
+    def u32_keys(self) -> list[str]:
+        keys = []
+        for address, offset in ((self.src, 12), (self.dst, 16)):
+            if address is not None:
+                net = ipaddress.IPv4Network(address, strict=False)
+                keys.append(f"0x{int(net.network_address):08x}/0x{int(net.netmask):08x}+{offset}")
+        # Ports assume a 20-byte IP header (no options), as tc's "match ip dport" does.
+        if self.sport is not None:
+            keys.append(f"0x{self.sport << 16:08x}/0xffff0000+20")
+        if self.dport is not None:
+            keys.append(f"0x{self.dport:08x}/0x0000ffff+20")
+        if not keys:
+            raise NetError("a Match needs at least one of src, dst, sport, dport")
+        return keys
+
+
+@dataclass(frozen=True)
+class Port:
+    """Where an impairment backend acts: egress of ``ifname`` in ``netns``, under class ``classid``.
+
+    ``local``/``peer`` are the addresses at the two ends of this hop, for backends (the TUN
+    emulator) that steer packets by policy routing rather than by qdisc.
+    """
+
+    netns: str | None
+    ifname: str
+    ifindex: int
+    classid: int
+    leaf_handle: int
+    queue_bytes: int
+    local: str | None = None
+    peer: str | None = None
+
+
+class ImpairmentBackend(Protocol):
+    """Adds delay/jitter/loss to one direction of a link. Rate is never its job (HTB's)."""
+
+    mechanism: str  # recorded per link: 'netem', 'tun-emulator' or 'bpf'
+
+    def apply(self, ipr: IPRoute, port: Port, impairment: Impairment) -> None: ...
+
+    def change(self, ipr: IPRoute, port: Port, impairment: Impairment) -> None: ...
+
+    def remove(self, ipr: IPRoute, port: Port) -> None: ...
+
+
+class NetemBackend:
+    """netem as the leaf qdisc under the HTB class (kernels with sch_netem)."""
+
+    mechanism = "netem"
+
+    def _params(self, port: Port, impairment: Impairment) -> dict:
+        if impairment.jitter_s and impairment.jitter_distribution != "uniform":
+            raise CapabilityError(
+                f"netem via pyroute2 cannot load the {impairment.jitter_distribution!r} distribution "
+                "table; use jitter_distribution: uniform, or the TUN emulator backend")
+        return {"delay": int(impairment.delay_s * 1e6), "jitter": int(impairment.jitter_s * 1e6),
+                "loss": impairment.loss * 100, "limit": max(port.queue_bytes // FRAME_BYTES, 10)}
+
+    def apply(self, ipr: IPRoute, port: Port, impairment: Impairment) -> None:
+        ipr.tc("replace", "netem", index=port.ifindex, parent=port.classid, handle=port.leaf_handle,
+               **self._params(port, impairment))
+
+    def change(self, ipr: IPRoute, port: Port, impairment: Impairment) -> None:
+        self.apply(ipr, port, impairment)
+
+    def remove(self, ipr: IPRoute, port: Port) -> None:
+        ipr.tc("replace", "bfifo", index=port.ifindex, parent=port.classid, handle=port.leaf_handle,
+               limit=port.queue_bytes)
+
+
+@dataclass(frozen=True)
+class LinkShaping:
+    """How one direction of one link was shaped; results carry one row of this per link."""
+
+    link: str
+    rate_bps: int
+    queue_bytes: int
+    mechanisms: tuple[str, ...]  # ('htb',) or ('htb', 'netem' | 'tun-emulator' | 'bpf')
+    delay_s: float = 0.0
+    jitter_s: float = 0.0
+    loss: float = 0.0
+    congestion_control: str = ""
+    congestion_control_scope: str = ""  # 'netns' (namespace default) or 'socket' (pinned per socket)
+    offloads_off: bool = False
+
+    def as_row(self) -> dict:
+        return {**self.__dict__, "mechanisms": "+".join(self.mechanisms)}
+
+
+@dataclass
+class LeafClass:
+    """A handle on one leaf: ``set_rate`` is what the allocator and trace replay call."""
+
+    shaper: HtbShaper
+    name: str
+    minor: int
+    rate_bps: int
+    ceil_bps: int
+    queue_bytes: int
+    impairment: Impairment = Impairment()
+    impaired_by: str | None = None
+
+    @property
+    def classid(self) -> int:
+        return classid(self.minor)
+
+    def set_rate(self, rate_bps: float, ceil_bps: float | None = None) -> float:
+        """Change the guaranteed rate (and ceil; default: the link rate) live; returns call seconds."""
+        return self.shaper.set_class_rate(self, rate_bps, ceil_bps)
+
+    def port(self, local: str | None = None, peer: str | None = None) -> Port:
+        return Port(self.shaper.netns, self.shaper.ifname, self.shaper.ifindex, self.classid,
+                    (LEAF_QDISC_MAJOR_BASE + self.minor) << 16, self.queue_bytes, local, peer)
+
+
+@dataclass
+class HtbShaper:
+    """Root HTB on one interface (a NIC of a lab node, or a veth end inside a namespace)."""
+
+    ipr: IPRoute
+    ifname: str
+    link_rate_bps: int
+    queue_bytes: int
+    netns: str | None = None
+    per_class: bool = False  # True: a parent class under which add_class leaves share the link
+    ifindex: int = 0  # 0: looked up by ifname at install
+    classes: dict[str, LeafClass] = field(default_factory=dict)
+
+    @property
+    def _leaf_parent(self) -> int:
+        return classid(PARENT_MINOR) if self.per_class else classid(0)
+
+    @_in_own_netns
+    def install(self) -> LeafClass:
+        """Create the root qdisc (and parent class if per_class) and the default class; returns it."""
+        check_rate_bps(self.link_rate_bps)
+        if not self.ifindex:
+            found = self.ipr.link_lookup(ifname=self.ifname)
+            if not found:
+                raise NetError(f"interface {self.ifname!r} not found{' in ' + self.netns if self.netns else ''}; "
+                               "check the name with `ip link`")
+            self.ifindex = found[0]
+        try:
+            self.ipr.tc("add", "htb", index=self.ifindex, handle=classid(0), default=DEFAULT_MINOR)
+        except NetlinkError as error:
+            raise NetError(f"cannot install HTB on {self.ifname}: {error}; if a root qdisc is already "
+                           "there, remove it (`scout net cleanup` removes ours)") from error
+        if self.per_class:
+            self.ipr.tc("add-class", "htb", index=self.ifindex, handle=classid(PARENT_MINOR), parent=classid(0),
+                        **htb_class_params(self.link_rate_bps, self.link_rate_bps))
+        default = LeafClass(self, "default", DEFAULT_MINOR, self.link_rate_bps, self.link_rate_bps, self.queue_bytes)
+        self._add_leaf(default)
+        return default
+
+    def _add_leaf(self, leaf: LeafClass) -> None:
+        self.ipr.tc("add-class", "htb", index=self.ifindex, handle=leaf.classid, parent=self._leaf_parent,
+                    **htb_class_params(leaf.rate_bps, leaf.ceil_bps))
+        port = leaf.port()
+        # "replace": HTB already hung a default pfifo under the new class.
+        self.ipr.tc("replace", "bfifo", index=self.ifindex, parent=leaf.classid, handle=port.leaf_handle,
+                    limit=leaf.queue_bytes)
+        self.classes[leaf.name] = leaf
+
+    @_in_own_netns
+    def add_class(self, name: str, rate_bps: int, match: Match, ceil_bps: int | None = None,
+                  queue_bytes: int | None = None) -> LeafClass:
+        """A leaf with a guaranteed ``rate_bps`` that may borrow up to ``ceil_bps`` (the link rate)."""
+        if not self.per_class:
+            raise NetError(f"{self.ifname} was shaped as one class; build HtbShaper(..., per_class=True) "
+                           "to give destinations or agents their own classes")
+        if name in self.classes:
+            raise NetError(f"class {name!r} already exists on {self.ifname}; pick another name")
+        minor = FIRST_LEAF_MINOR + len(self.classes) - 1
+        leaf = LeafClass(self, name, minor, int(rate_bps), int(ceil_bps or self.link_rate_bps),
+                         queue_bytes or self.queue_bytes)
+        self._add_leaf(leaf)
+        self.ipr.tc("add-filter", "u32", index=self.ifindex, parent=classid(0), prio=10 + minor,
+                    protocol=ETH_P_IP, target=leaf.classid, keys=match.u32_keys())
+        return leaf
+
+    @_in_own_netns
+    def set_class_rate(self, leaf: LeafClass, rate_bps: float, ceil_bps: float | None = None) -> float:
+        ceil_bps = self.link_rate_bps if ceil_bps is None else ceil_bps
+        params = htb_class_params(rate_bps, max(ceil_bps, rate_bps))
+        start = time.perf_counter()
+        self.ipr.tc("change-class", "htb", index=self.ifindex, handle=leaf.classid,
+                    parent=self._leaf_parent, **params)
+        elapsed = time.perf_counter() - start
+        leaf.rate_bps, leaf.ceil_bps = int(rate_bps), int(max(ceil_bps, rate_bps))
+        return elapsed
+
+    @_in_own_netns
+    def set_rate(self, rate_bps: float) -> float:
+        """Change the whole link's rate live; returns call seconds.
+
+        The parent class (if any) and every ceil follow; the default class's guarantee is the link rate,
+        the other leaves keep theirs (capped at the new rate). Trace replay drives this.
+        """
+        check_rate_bps(rate_bps)
+        start = time.perf_counter()
+        if self.per_class:
+            self.ipr.tc("change-class", "htb", index=self.ifindex, handle=classid(PARENT_MINOR),
+                        parent=classid(0), **htb_class_params(rate_bps, rate_bps))
+        self.link_rate_bps = int(rate_bps)
+        for leaf in self.classes.values():
+            guarantee = rate_bps if leaf.minor == DEFAULT_MINOR else min(leaf.rate_bps, rate_bps)
+            self.set_class_rate(leaf, guarantee, rate_bps)
+        return time.perf_counter() - start
+
+    @_in_own_netns
+    def impair(self, leaf: LeafClass, impairment: Impairment, backend: ImpairmentBackend | None,
+               local: str | None = None, peer: str | None = None) -> None:
+        """Hand delay/jitter/loss of this leaf to ``backend``; none needed when the impairment is none."""
+        if impairment.is_none:
+            return
+        if backend is None:
+            raise CapabilityError(
+                f"link {self.ifname}/{leaf.name} asks for delay/jitter/loss but no impairment backend "
+                f"was given. {NETEM_MISSING}. Pass impairment=NetemBackend() where netem exists, or "
+                "the emulator's backend, or use a rate-only profile (netem/lab.yaml)")
+        backend.apply(self.ipr, leaf.port(local, peer), impairment)
+        leaf.impairment, leaf.impaired_by = impairment, backend.mechanism
+
+    def record(self, leaf: LeafClass, link: str, congestion_control: str = "", cc_scope: str = "",
+               offloads_off: bool = False) -> LinkShaping:
+        mechanisms = ("htb",) + ((leaf.impaired_by,) if leaf.impaired_by else ())
+        return LinkShaping(link, leaf.rate_bps, leaf.queue_bytes, mechanisms, leaf.impairment.delay_s,
+                           leaf.impairment.jitter_s, leaf.impairment.loss, congestion_control, cc_scope,
+                           offloads_off)
+
+    @_in_own_netns
+    def read_rates_bps(self) -> dict[int, int]:
+        """Rates the kernel actually holds, by classid (read back with ``get_classes``)."""
+        rates = {}
+        for msg in self.ipr.get_classes(index=self.ifindex):
+            params = msg.get_nested("TCA_OPTIONS", "TCA_HTB_PARMS")
+            if params is not None:
+                rates[msg["handle"]] = params["rate"] * 8
+        return rates
+
+    @_in_own_netns
+    def remove(self) -> None:
+        """Delete the root qdisc (and with it every class, filter and leaf qdisc)."""
+        self.ipr.tc("del", index=self.ifindex, handle=classid(0), kind="htb")
+        self.classes.clear()

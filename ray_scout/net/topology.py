@@ -1,0 +1,318 @@
+"""Lab-in-a-box: one namespace per edge agent, one for the cloud, joined by a base station.
+
+::
+
+    rs-<run>-e0 ──access e0──┐
+    rs-<run>-e1 ──access e1──┤ rs-<run>-bs ══bottleneck══ rs-<run>-cloud
+         ...                 ┘   (router)      (shared)
+
+Each access link is a veth pair with its own profile: HTB at the uplink rate on the edge's
+end, at the downlink rate on the base station's end. The bottleneck's uplink (base station
+toward the cloud) has one HTB class per agent, matched by the agent's source address, with a
+guaranteed share and the bottleneck rate as ceil: this is what the allocator drives. Delay,
+jitter and loss go to the impairment backend (netem where present). Offloads are off on every
+veth (HTB then sees real frames, not 64 KB GSO segments) and each namespace's TCP congestion
+control is pinned from its profile; both are recorded.
+
+Addresses live only inside these namespaces: access link i is 10.77.(i+1).0/24 (base station
+.1, edge .2), the bottleneck 10.77.0.0/24 (base station .1, cloud .2). Namespaces are named
+``rs-<run>-...`` and interfaces ``rs-<run>-...`` so that ``scout net cleanup`` finds leftovers.
+What this module leaves to others: traffic (transport), rates over time (allocator, replay).
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import secrets
+import socket
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from pyroute2 import IPRoute, netns
+from pyroute2.ethtool.ioctl import IoctlEthtool
+
+from ray_scout.net import PREFIX
+from ray_scout.net.errors import NetError, require_root
+from ray_scout.net.namespaces import create_netns, in_netns
+from ray_scout.net.profiles import Direction, LinkProfile, check_rate_bps
+from ray_scout.net.shaping import HtbShaper, ImpairmentBackend, LeafClass, LinkShaping, Match
+
+MAX_EDGES = 250
+OFFLOADS = ("tcp-segmentation-offload", "generic-segmentation-offload", "generic-receive-offload")
+BOTTLENECK_NET = "10.77.0"
+PEER_INDEX = 2  # ifindex of the one veth in a cloud/edge namespace (lo is 1), and of bs's uplink
+FIRST_ACCESS_INDEX = 10  # ifindex of the base station's end of access link i: 10 + i
+
+
+def edge_address(index: int) -> str:
+    return f"10.77.{index + 1}.2"
+
+
+CLOUD_ADDRESS = f"{BOTTLENECK_NET}.2"
+
+
+def _sysctl(key: str, value: str) -> None:
+    # /proc/sys/net resolves to the namespace of the thread that opens it.
+    with open(f"/proc/sys/{key.replace('.', '/')}", "w") as handle:
+        handle.write(value)
+
+
+def _pin_namespace_cc(cc: str) -> str:
+    """Make ``cc`` the namespace default where the kernel lets us; else sockets pin it.
+
+    Outside the initial namespace the kernel accepts only congestion controls listed in the
+    host's ``tcp_allowed_congestion_control`` (EPERM otherwise, even for root), and changing
+    the host's list is not ours to do. ``LabTopology.socket`` pins ``cc`` per socket anyway.
+    """
+    try:
+        _sysctl("net.ipv4.tcp_congestion_control", cc)
+    except PermissionError:
+        return "socket"
+    return "netns"
+
+
+def pin_congestion_control(sock: socket.socket, cc: str) -> None:
+    """Pin a TCP socket's congestion control (needs CAP_NET_ADMIN for non-allowed ones)."""
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_CONGESTION, cc.encode())
+    except OSError as error:
+        raise NetError(f"cannot pin congestion control {cc!r} on a socket ({error}); run as root "
+                       f"or `modprobe tcp_{cc}`") from error
+
+
+def _offloads_off(ifnames: Sequence[str]) -> None:
+    # pyroute2's ioctl ethtool, one legacy set-call per flag: the feature-list route
+    # (Ethtool.get/set_features) reads every string set and costs ~4 ms per interface.
+    tool = IoctlEthtool()
+    try:
+        for ifname in ifnames:
+            tool.change_ifname(ifname)
+            for flag in OFFLOADS:
+                tool.set_offload_flag(flag, 0)
+    finally:
+        tool.close()
+
+
+@dataclass(frozen=True)
+class Edge:
+    """One edge agent's place in the topology."""
+
+    name: str
+    index: int
+    netns: str
+    address: str
+    access: LinkProfile
+
+
+class LabTopology:
+    """Build with ``with LabTopology(...) as topo:``; torn down on exit, on Ctrl-C and at exit."""
+
+    def __init__(self, access: Sequence[LinkProfile], bottleneck: LinkProfile, *,
+                 shares_bps: Sequence[int] | None = None, impairment: ImpairmentBackend | None = None,
+                 run_id: str | None = None, congestion_control: str | None = None,
+                 disable_offloads: bool = True):
+        if not 1 <= len(access) <= MAX_EDGES:
+            raise NetError(f"give 1 to {MAX_EDGES} access profiles (one per edge); got {len(access)}")
+        capacity = bottleneck.up.rate_bps
+        shares = list(shares_bps) if shares_bps is not None else [capacity // len(access)] * len(access)
+        if len(shares) != len(access):
+            raise NetError(f"shares_bps has {len(shares)} entries for {len(access)} edges; give one per edge")
+        for share in shares:
+            check_rate_bps(share)
+        if sum(shares) > capacity:
+            raise NetError(f"shares_bps sum to {sum(shares)} bit/s, above the bottleneck's {capacity}; "
+                           "scale them down (guarantees must fit the link)")
+        self.run_id = run_id or secrets.token_hex(2)
+        self.prefix = f"{PREFIX}{self.run_id}-"
+        if len(self.prefix) + 4 > 15:
+            raise NetError(f"run_id {self.run_id!r} is too long for 15-character interface names; use <= 6 chars")
+        self.bottleneck = bottleneck
+        self.impairment = impairment
+        self.congestion_control = congestion_control
+        self.disable_offloads = disable_offloads
+        self.cloud_netns = f"{self.prefix}cloud"
+        self.bs_netns = f"{self.prefix}bs"
+        self.edges = [Edge(f"e{i}", i, f"{self.prefix}e{i}", edge_address(i), profile)
+                      for i, profile in enumerate(access)]
+        self._shares = shares
+        self.cc_scope: dict[str, str] = {}
+        self._iprs: dict[str, IPRoute] = {}
+        self._ifindex: dict[str, int] = {}
+        self._ns_ifnames: dict[str, list[str]] = {}
+        self._records: list[LinkShaping] = []
+        self.uplinks: dict[str, HtbShaper] = {}  # edge -> its access link's uplink (set_rate)
+        self.downlinks: dict[str, HtbShaper] = {}
+        self.shares: dict[str, LeafClass] = {}
+        self.bottleneck_up: HtbShaper | None = None
+        self.bottleneck_down: LeafClass | None = None
+        self.build_s = 0.0
+        self.teardown_s = 0.0
+
+    @property
+    def namespaces(self) -> list[str]:
+        return [self.cloud_netns, self.bs_netns] + [e.netns for e in self.edges]
+
+    def edge(self, name: str) -> Edge:
+        for edge in self.edges:
+            if edge.name == name:
+                return edge
+        raise NetError(f"no edge {name!r}; edges are {[e.name for e in self.edges]}")
+
+    def __enter__(self) -> LabTopology:
+        self.build()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.teardown()
+
+    def build(self) -> LabTopology:
+        require_root()
+        existing = set(netns.listnetns())
+        clash = [n for n in self.namespaces if n in existing]
+        if clash:
+            raise NetError(f"namespace {clash[0]} exists already: pick another run_id, or remove "
+                           "leftovers with `python3 -m ray_scout.cli net cleanup`")
+        start = time.perf_counter()
+        atexit.register(self.teardown)
+        try:
+            for name in self.namespaces:
+                self._iprs[name] = create_netns(name)
+            self._wire()
+            self._configure_namespaces()
+            self._shape()
+        except BaseException:
+            self.teardown()
+            raise
+        self.build_s = time.perf_counter() - start
+        return self
+
+    def _veth(self, here: str, name: str, index: int, there: str, peer: str, address: str,
+              peer_address: str) -> None:
+        # Indices are chosen, not looked up: each namespace is new, and a lookup is a dump.
+        self._iprs[here].link("add", ifname=name, index=index, kind="veth",
+                              peer={"ifname": peer, "net_ns_fd": there, "index": PEER_INDEX})
+        for ns, ifname, ifindex, addr in ((here, name, index, address), (there, peer, PEER_INDEX, peer_address)):
+            self._ifindex[ifname] = ifindex
+            self._ns_ifnames.setdefault(ns, []).append(ifname)
+            self._iprs[ns].addr("add", index=ifindex, address=addr, prefixlen=24)
+            self._iprs[ns].link("set", index=ifindex, state="up")
+
+    def _wire(self) -> None:
+        self._veth(self.bs_netns, f"{self.prefix}bc", PEER_INDEX, self.cloud_netns, f"{self.prefix}c",
+                   f"{BOTTLENECK_NET}.1", CLOUD_ADDRESS)
+        self._iprs[self.cloud_netns].route("add", dst="10.77.0.0/16", gateway=f"{BOTTLENECK_NET}.1")
+        for edge in self.edges:
+            self._veth(self.bs_netns, f"{self.prefix}b{edge.index}", FIRST_ACCESS_INDEX + edge.index,
+                       edge.netns, f"{self.prefix}e{edge.index}",
+                       f"10.77.{edge.index + 1}.1", edge.address)
+            self._iprs[edge.netns].route("add", dst="10.77.0.0/16", gateway=f"10.77.{edge.index + 1}.1")
+
+    def _cc(self, name: str) -> str:
+        if self.congestion_control:
+            return self.congestion_control
+        if name == self.cloud_netns or name == self.bs_netns:
+            return self.bottleneck.congestion_control
+        return next(e.access.congestion_control for e in self.edges if e.netns == name)
+
+    def _configure_namespaces(self) -> None:
+        available = open("/proc/sys/net/ipv4/tcp_available_congestion_control").read().split()
+        for name in self.namespaces:
+            cc = self._cc(name)
+            if cc not in available:
+                raise NetError(f"congestion control {cc!r} is not available (have {available}); "
+                               f"`modprobe tcp_{cc}` or pick one of those")
+            with in_netns(name):
+                self.cc_scope[name] = _pin_namespace_cc(cc)
+                if name == self.bs_netns:
+                    _sysctl("net.ipv4.ip_forward", "1")
+                if self.disable_offloads:
+                    _offloads_off(self._ns_ifnames[name])
+
+    def _shaper(self, ns: str, ifname: str, direction: Direction,
+                per_class: bool = False) -> tuple[HtbShaper, LeafClass]:
+        shaper = HtbShaper(self._iprs[ns], ifname, direction.rate_bps, direction.queue_bytes, netns=ns,
+                           per_class=per_class, ifindex=self._ifindex[ifname])
+        return shaper, shaper.install()
+
+    def _shape(self) -> None:
+        b = self.bottleneck
+        for edge in self.edges:
+            _, up = self._shaper(edge.netns, f"{self.prefix}e{edge.index}", edge.access.up)
+            _, down = self._shaper(self.bs_netns, f"{self.prefix}b{edge.index}", edge.access.down)
+            gateway = f"10.77.{edge.index + 1}.1"
+            up.shaper.impair(up, edge.access.up.impairment, self.impairment, edge.address, gateway)
+            down.shaper.impair(down, edge.access.down.impairment, self.impairment, gateway, edge.address)
+            self.uplinks[edge.name], self.downlinks[edge.name] = up.shaper, down.shaper
+            self._record(up, f"{edge.name}.up", edge.netns)
+            self._record(down, f"{edge.name}.down", edge.netns)
+        self.bottleneck_up, default = self._shaper(self.bs_netns, f"{self.prefix}bc", b.up, per_class=True)
+        for edge, share in zip(self.edges, self._shares):
+            leaf = self.bottleneck_up.add_class(edge.name, share, Match(src=edge.address))
+            self.bottleneck_up.impair(leaf, b.up.impairment, self.impairment, f"{BOTTLENECK_NET}.1", CLOUD_ADDRESS)
+            self.shares[edge.name] = leaf
+            self._record(leaf, f"bottleneck.up[{edge.name}]", self.bs_netns)
+        self.bottleneck_up.impair(default, b.up.impairment, self.impairment, f"{BOTTLENECK_NET}.1", CLOUD_ADDRESS)
+        _, self.bottleneck_down = self._shaper(self.cloud_netns, f"{self.prefix}c", b.down)
+        self.bottleneck_down.shaper.impair(self.bottleneck_down, b.down.impairment, self.impairment,
+                                           CLOUD_ADDRESS, f"{BOTTLENECK_NET}.1")
+        self._record(self.bottleneck_down, "bottleneck.down", self.cloud_netns)
+
+    def _record(self, leaf: LeafClass, link: str, ns: str) -> None:
+        self._records.append(leaf.shaper.record(leaf, link, self._cc(ns), self.cc_scope[ns], self.disable_offloads))
+
+    def shaping(self) -> list[LinkShaping]:
+        """One record per shaped direction, as built (rates as first set)."""
+        return list(self._records)
+
+    def set_share(self, edge: str, rate_bps: float, ceil_bps: float | None = None) -> float:
+        """The allocator's call: guaranteed bottleneck rate of one agent; returns call seconds."""
+        if edge not in self.shares:
+            raise NetError(f"no edge {edge!r}; edges are {list(self.shares)}")
+        return self.shares[edge].set_rate(rate_bps, ceil_bps)
+
+    def set_shares(self, shares_bps: dict[str, float]) -> float:
+        """Apply a whole allocation (edge -> guaranteed rate); returns total call seconds."""
+        total = sum(shares_bps.values())
+        if total > self.bottleneck_up.link_rate_bps:
+            raise NetError(f"shares sum to {total:.0f} bit/s, above the bottleneck's "
+                           f"{self.bottleneck_up.link_rate_bps} bit/s; scale them down")
+        return sum(self.set_share(edge, rate) for edge, rate in shares_bps.items())
+
+    def netns_of(self, node: str) -> str:
+        """Namespace of ``'cloud'`` or of an edge by name."""
+        return self.cloud_netns if node == "cloud" else self.edge(node).netns
+
+    def socket(self, node: str, kind: int = socket.SOCK_STREAM) -> socket.socket:
+        """An IPv4 socket inside ``node``'s namespace; TCP ones get the node's congestion control."""
+        name = self.netns_of(node)
+        with in_netns(name):
+            sock = socket.socket(socket.AF_INET, kind)
+        if kind == socket.SOCK_STREAM:
+            pin_congestion_control(sock, self._cc(name))
+        return sock
+
+    def teardown(self) -> None:
+        """Remove every namespace of this run (their veths, qdiscs and routes go with them)."""
+        start = time.perf_counter()
+        atexit.unregister(self.teardown)
+        for ipr in self._iprs.values():
+            ipr.close()
+        self._iprs.clear()
+        existing = set(netns.listnetns())
+        errors = []
+        for name in self.namespaces:
+            if name in existing:
+                try:
+                    netns.remove(name)
+                except OSError as error:
+                    errors.append(f"{name}: {error}")
+        self.teardown_s = time.perf_counter() - start
+        if errors:
+            raise NetError(f"could not remove {errors}; run `python3 -m ray_scout.cli net cleanup`")
+
+
+def pid_run_id() -> str:
+    """A run id unique among concurrent processes on this host (tests use it)."""
+    return f"{os.getpid() % 0xFFFFFF:06x}"

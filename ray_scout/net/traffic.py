@@ -1,0 +1,88 @@
+"""A bulk TCP flow between two nodes of a topology, for measuring what the links deliver.
+
+An iperf-like pair in threads: the receiver timestamps every ``recv`` on the monotonic clock,
+so goodput over any window and per-bin rates (for rate-change timing) come from one record.
+Socket calls release the GIL, so two threads reach a few hundred Mbit/s on one core; beyond
+that the CPU, not the shaping, is the limit (the benchmark says where).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+
+from ray_scout.net.errors import NetError
+from ray_scout.net.topology import CLOUD_ADDRESS, LabTopology
+
+CHUNK_BYTES = 128 * 1024
+
+
+@dataclass
+class BulkFlow:
+    """Send as fast as TCP allows from ``src`` to ``dst`` (node names of a ``LabTopology``)."""
+
+    topology: LabTopology
+    src: str
+    dst: str = "cloud"
+    port: int = 5201
+    samples: list[tuple[float, int]] = field(default_factory=list)
+
+    def __enter__(self) -> BulkFlow:
+        address = CLOUD_ADDRESS if self.dst == "cloud" else self.topology.edge(self.dst).address
+        self._stop = threading.Event()
+        server = self.topology.socket(self.dst)
+        server.setsockopt(1, 2, 1)  # SOL_SOCKET, SO_REUSEADDR: reruns on the same port
+        server.bind((address, self.port))
+        server.listen(1)
+        self._client = self.topology.socket(self.src)
+        self._client.settimeout(5)
+        self._client.connect((address, self.port))
+        self._conn, _ = server.accept()
+        server.close()
+        self._threads = [threading.Thread(target=self._send, daemon=True),
+                         threading.Thread(target=self._receive, daemon=True)]
+        for thread in self._threads:
+            thread.start()
+        return self
+
+    def _send(self) -> None:
+        payload = b"\0" * CHUNK_BYTES
+        try:
+            while not self._stop.is_set():
+                self._client.sendall(payload)
+        except OSError:
+            if not self._stop.is_set():
+                raise
+
+    def _receive(self) -> None:
+        self._conn.settimeout(1)
+        buffer = bytearray(CHUNK_BYTES)
+        while not self._stop.is_set():
+            try:
+                n = self._conn.recv_into(buffer)
+            except TimeoutError:
+                continue
+            if n == 0:
+                return
+            self.samples.append((time.monotonic(), n))
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._client.close()
+        for thread in self._threads:
+            thread.join(5)
+        self._conn.close()
+
+    def goodput_bps(self, t_from: float, t_to: float) -> float:
+        """Application goodput (bit/s) in [t_from, t_to] on the monotonic clock.
+
+        Measured between the first and last ``recv`` inside the window, counting the bytes
+        that arrived after the first: each sample's bytes arrived since the previous sample, so
+        window edges cut no chunk in half (a 128 KB chunk is 4% of 4 s at 5 Mbit/s).
+        """
+        inside = [(t, n) for t, n in self.samples if t_from <= t <= t_to]
+        if len(inside) < 2:
+            raise NetError("fewer than two receives in the goodput window; measure longer")
+        (t_first, _), (t_last, _) = inside[0], inside[-1]
+        return sum(n for _, n in inside[1:]) * 8 / (t_last - t_first)
