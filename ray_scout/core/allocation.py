@@ -1,0 +1,356 @@
+"""Bandwidth allocation: how one bottleneck's capacity is split among edge agents.
+
+What lives here: an agent's demand (payload bytes, expected quality and fixed latency per
+mode, deadline, weight), and the strategies that turn demands and a capacity into a rate
+and a planned mode per agent: ``equal``, ``model_aware`` (proportional to KV size, Paper B),
+``greedy`` (Paper B's greedy by marginal quality per bit), ``quality_max`` (that greedy,
+never worse than the equal or model-aware plan) and ``optimal`` (an exact multiple-choice
+knapsack over a discretized capacity). What it knows: numbers. What it
+leaves to others: applying rates to links (``net`` via the LinkManager) and measuring.
+
+The problem every strategy answers: agent i in mode m needs ``rate = bytes*8 / (deadline -
+fixed)`` to meet its deadline; a mode whose fixed latency alone misses the deadline is out.
+Each agent also has a rate-0 option, ``local``: worth its local quality if the profile has
+one and the edge answers in time, else 0 (a deadline miss counts as quality 0). Objective:
+the sum over agents of weight x expected quality of the planned mode.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Callable, Mapping, Sequence
+
+import numpy as np
+
+from ray_scout.core.modes import CLOUD_MODES, Mode
+
+DEFAULT_GRID_CELLS = 2000
+
+
+class AllocationError(ValueError):
+    """Demands or a capacity that an allocator cannot work with."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Demand:
+    """One agent's request for bandwidth in the coming epoch.
+
+    ``fixed_s[mode]``: every latency term but the transfer (edge and cloud compute, RTT,
+    cloud queue); build it from a ``LatencyModel`` with ``fixed_s=lat.fixed_s``-style
+    mappings. ``kv_size_bytes`` is what ``model_aware`` splits by; it defaults to the BF16
+    payload (the model's KV size at this context), else the largest payload.
+    """
+
+    agent_id: str
+    payload_bytes: Mapping[Mode, int]
+    quality: Mapping[Mode, float]
+    deadline_s: float
+    fixed_s: Mapping[Mode, float]
+    weight: float = 1.0
+    kv_size_bytes: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.weight < 0:
+            raise AllocationError(f"agent {self.agent_id}: weight must be >= 0")
+        if any(b < 0 for b in self.payload_bytes.values()):
+            raise AllocationError(f"agent {self.agent_id}: payload bytes must be >= 0")
+
+    @property
+    def model_size_bytes(self) -> int:
+        if self.kv_size_bytes is not None:
+            return self.kv_size_bytes
+        if Mode.BF16 in self.payload_bytes:
+            return self.payload_bytes[Mode.BF16]
+        return max(self.payload_bytes.values(), default=0)
+
+    def required_rate_bps(self, mode: Mode) -> float:
+        """The rate that meets the deadline exactly in ``mode`` (inf if none does)."""
+        if mode not in self.fixed_s or (mode != Mode.LOCAL and mode not in self.payload_bytes):
+            return math.inf
+        budget_s = self.deadline_s - self.fixed_s[mode]
+        size = 0 if mode == Mode.LOCAL else self.payload_bytes[mode]
+        if budget_s < 0 or (budget_s == 0 and size > 0):
+            return math.inf
+        return 0.0 if size == 0 else size * 8 / budget_s
+
+    def local_quality(self) -> float:
+        """What the rate-0 option is worth: local quality if known and in time, else 0."""
+        if Mode.LOCAL in self.quality and math.isfinite(self.required_rate_bps(Mode.LOCAL)):
+            return self.quality[Mode.LOCAL]
+        return 0.0
+
+
+@dataclasses.dataclass(frozen=True)
+class Allocation:
+    """A split of ``capacity_bps``: rate and planned mode per agent, and its objective.
+
+    ``mode[a] == Mode.LOCAL`` means no cloud mode is planned (answer at the edge, or a miss).
+    """
+
+    strategy: str
+    capacity_bps: float
+    rate_bps: Mapping[str, float]
+    mode: Mapping[str, Mode]
+    expected_quality: Mapping[str, float]
+    objective: float
+
+
+class _Problem:
+    """Demands as matrices: column 0 is the rate-0 option, the others the cloud modes."""
+
+    def __init__(self, demands: Sequence[Demand]):
+        ids = [d.agent_id for d in demands]
+        if len(set(ids)) != len(ids):
+            raise AllocationError("agent ids in one allocation must be unique")
+        self.demands = demands
+        self.modes = [Mode.LOCAL] + [m for m in CLOUD_MODES
+                                     if any(m in d.quality for d in demands)]
+        nan = math.nan
+        # Column-wise gathers: one comprehension per mode keeps 1,000 agents near 1 ms.
+        size = np.array([[d.payload_bytes.get(m, nan) for m in self.modes[1:]]
+                         for d in demands], dtype=float).reshape(len(demands), -1)
+        fixed = np.array([[d.fixed_s.get(m, nan) for m in self.modes[1:]]
+                          for d in demands], dtype=float).reshape(len(demands), -1)
+        quality = np.array([[d.quality.get(m, nan) for m in self.modes[1:]]
+                            for d in demands], dtype=float).reshape(len(demands), -1)
+        deadline = np.array([d.deadline_s for d in demands], dtype=float)[:, None]
+        budget = deadline - fixed
+        with np.errstate(divide="ignore", invalid="ignore"):
+            rate = np.where(size == 0, 0.0, size * 8 / budget)
+        usable = ~np.isnan(size) & ~np.isnan(quality) & (budget >= 0) & ~((budget == 0)
+                                                                          & (size > 0))
+        self.rate = np.hstack([np.zeros((len(demands), 1)), np.where(usable, rate, np.inf)])
+        self.quality = np.hstack([np.array([[d.local_quality()] for d in demands]),
+                                  np.where(usable, quality, 0.0)])  # unweighted
+        self.size = np.hstack([np.zeros((len(demands), 1)), np.where(usable, size, 0.0)])
+        self.weight = np.array([d.weight for d in demands], dtype=float)
+        self.value = self.quality * self.weight[:, None]
+
+    def plan_at(self, rate_bps: np.ndarray) -> np.ndarray:
+        """Per agent, the best-quality option its rate carries (ties: the cheaper rate)."""
+        fits = self.rate <= rate_bps[:, None] * (1 + 1e-12)
+        q = np.where(fits, self.quality, -np.inf)
+        best = q.max(axis=1)
+        cheapest = np.where(fits & (q == best[:, None]), self.rate, np.inf)
+        return cheapest.argmin(axis=1)
+
+    def result(self, strategy: str, capacity_bps: float, choice: np.ndarray,
+               rate_bps: np.ndarray | None = None) -> Allocation:
+        rows = np.arange(len(choice))
+        if rate_bps is None:
+            rate_bps = _spread_leftover(self.rate[rows, choice], self.size[rows, choice],
+                                        capacity_bps)
+        ids = [d.agent_id for d in self.demands]
+        quality = self.quality[rows, choice]
+        return Allocation(
+            strategy, capacity_bps, dict(zip(ids, rate_bps.tolist())),
+            {a: self.modes[c] for a, c in zip(ids, choice.tolist())},
+            dict(zip(ids, quality.tolist())), float(self.value[rows, choice].sum()))
+
+
+def _spread_leftover(required: np.ndarray, size: np.ndarray, capacity_bps: float) -> np.ndarray:
+    """Give capacity left after the planned rates in proportion to planned payload bytes.
+
+    Proportional to bytes, every planned transfer finishes early by the same fraction of its
+    budget, which is the slack that protects against an optimistic estimate. With nothing
+    to send, the leftover is split equally (someone may start sending mid-epoch).
+    """
+    leftover = max(capacity_bps - float(required.sum()), 0.0)
+    total = float(size.sum())
+    share = size / total if total > 0 else np.full(len(size), 1 / max(len(size), 1))
+    return required + leftover * share
+
+
+def _equal_rates(p: _Problem, capacity_bps: float) -> np.ndarray:
+    return np.full(len(p.demands), capacity_bps / len(p.demands))
+
+
+def _model_aware_rates(p: _Problem, capacity_bps: float) -> np.ndarray:
+    sizes = np.array([d.model_size_bytes for d in p.demands], dtype=float)
+    share = sizes / sizes.sum() if sizes.sum() > 0 else np.full(len(sizes), 1 / len(sizes))
+    return capacity_bps * share
+
+
+def _equal(p: _Problem, capacity_bps: float) -> Allocation:
+    rate = _equal_rates(p, capacity_bps)
+    return p.result("equal", capacity_bps, p.plan_at(rate), rate)
+
+
+def _model_aware(p: _Problem, capacity_bps: float) -> Allocation:
+    rate = _model_aware_rates(p, capacity_bps)
+    return p.result("model_aware", capacity_bps, p.plan_at(rate), rate)
+
+
+def _hull_segments(rate: np.ndarray, value: np.ndarray):
+    """Upper-concave-hull steps of every agent from its rate-0 option, vectorized.
+
+    Returns (agent, step, d_rate, d_value, slope, to_column) arrays; along one agent the
+    slopes never increase, which is what makes a global sort by slope a valid greedy order.
+    """
+    n, k = rate.shape
+    rows = np.arange(n)
+    cur = np.zeros(n, dtype=int)
+    parts = []
+    for step in range(k - 1):
+        cur_r, cur_v = rate[rows, cur], value[rows, cur]
+        d_r = rate - cur_r[:, None]
+        d_v = value - cur_v[:, None]
+        ok = (d_v > 0) & np.isfinite(rate)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            slope = np.where(ok, np.where(d_r > 0, d_v / d_r, np.inf), -np.inf)
+        nxt = slope.argmax(axis=1)
+        has = ok[rows, nxt]
+        if not has.any():
+            break
+        a = rows[has]
+        to = nxt[has]
+        parts.append((a, np.full(len(a), step), d_r[a, to], d_v[a, to], slope[a, to], to))
+        cur = np.where(has, nxt, cur)
+    if not parts:
+        empty = np.zeros(0)
+        return (empty.astype(int),) * 2 + (empty,) * 3 + (empty.astype(int),)
+    return tuple(np.concatenate(x) for x in zip(*parts))
+
+
+def _greedy(rate: np.ndarray, value: np.ndarray, capacity: float):
+    """Paper B's greedy: upgrade by best marginal value per rate unit while it fits.
+
+    Returns (choice per agent, break slope). The break slope is the efficiency of the first
+    upgrade that did not fit: the LP relaxation's multiplier, which ``optimal`` reuses.
+    """
+    agent, step, d_r, _, slope, to = _hull_segments(rate, value)
+    order = np.lexsort((step, -slope))
+    agent, d_r, slope, to = agent[order], d_r[order], slope[order], to[order]
+    choice = np.zeros(rate.shape[0], dtype=int)
+    used = np.cumsum(d_r)
+    stop = int(np.searchsorted(used, capacity * (1 + 1e-12), side="right"))
+    choice[agent[:stop]] = to[:stop]  # later steps of an agent overwrite earlier ones
+    if stop == len(agent):
+        return choice, 0.0
+    break_slope = float(slope[stop])
+    left = capacity - (used[stop - 1] if stop else 0.0)
+    blocked = {int(agent[stop])}
+    for a, dr, t in zip(agent[stop + 1:].tolist(), d_r[stop + 1:].tolist(),
+                        to[stop + 1:].tolist()):
+        if a in blocked:
+            continue
+        if dr <= left * (1 + 1e-12):
+            choice[a] = t
+            left -= dr
+        else:
+            blocked.add(a)  # its later hull steps assume this one was taken
+    return choice, break_slope
+
+
+def _greedy_only(p: _Problem, capacity_bps: float) -> Allocation:
+    choice, _ = _greedy(p.rate, p.value, capacity_bps)
+    return p.result("greedy", capacity_bps, choice)
+
+
+def _best_plan(p: _Problem, plans: list[np.ndarray]) -> np.ndarray:
+    rows = np.arange(len(p.demands))
+    return max(plans, key=lambda c: float(p.value[rows, c].sum()))
+
+
+def _heuristic_plans(p: _Problem, capacity_bps: float) -> list[np.ndarray]:
+    return [_greedy(p.rate, p.value, capacity_bps)[0],
+            p.plan_at(_equal_rates(p, capacity_bps)),
+            p.plan_at(_model_aware_rates(p, capacity_bps))]
+
+
+def _quality_max(p: _Problem, capacity_bps: float) -> Allocation:
+    # The greedy alone loses to the equal split on ~2% of small random instances (a big
+    # upgrade blocked by earlier small ones); both other plans are feasible and cheap to
+    # score, so quality_max returns the best of the three.
+    return p.result("quality_max", capacity_bps,
+                    _best_plan(p, _heuristic_plans(p, capacity_bps)))
+
+
+def _optimal_choice(p: _Problem, capacity_bps: float, grid_cells: int) -> np.ndarray:
+    """Exact multiple-choice knapsack with rates rounded up to ``capacity / grid_cells``.
+
+    1. The greedy on the integer weights gives a feasible value LB and the LP multiplier
+       lambda. 2. For every option, the Lagrangian bound with that agent fixed to it,
+       sum_k max_j(v_kj - lambda w_kj) + lambda G, is a valid upper bound; options whose
+       bound is below LB cannot be in any optimum and are dropped. 3. Agents left with one
+       option are fixed; a DP over the remaining capacity cells solves the rest exactly.
+    """
+    unit = capacity_bps / grid_cells
+    with np.errstate(invalid="ignore"):
+        w = np.ceil(p.rate / unit - 1e-9)
+    w[~np.isfinite(w) | (w > grid_cells)] = np.inf
+    v = p.value
+    n = len(v)
+    rows = np.arange(n)
+    greedy, lam = _greedy(w, v, float(grid_cells))
+    lower = float(v[rows, greedy].sum())
+    reduced = np.where(np.isfinite(w), v - lam * np.where(np.isfinite(w), w, 0), -np.inf)
+    best = reduced.max(axis=1)
+    bound = best.sum() - best[:, None] + reduced + lam * grid_cells
+    keep = np.isfinite(w) & (bound >= lower - 1e-9 * (1 + abs(lower)))
+    keep[rows, greedy] = True
+    free = np.flatnonzero(keep.sum(axis=1) > 1)
+    choice = greedy.copy()
+    fixed = np.setdiff1d(rows, free)
+    choice[fixed] = keep[fixed].argmax(axis=1)
+    cells = grid_cells - int(w[fixed, choice[fixed]].sum())
+    if len(free) == 0:
+        return choice
+    # dp[g]: best value of the agents so far within g cells; take[a, g]: option used.
+    dp = np.zeros(cells + 1)
+    take = np.zeros((len(free), cells + 1), dtype=np.int8)
+    for idx, a in enumerate(free):
+        new = np.full(cells + 1, -np.inf)
+        for j in np.flatnonzero(keep[a]):
+            wj = int(w[a, j])
+            if wj > cells:
+                continue
+            cand = dp[: cells + 1 - wj] + v[a, j]
+            better = cand > new[wj:]
+            new[wj:][better] = cand[better]
+            take[idx, wj:][better] = j
+        dp = new
+    g = cells
+    for idx in range(len(free) - 1, -1, -1):
+        j = int(take[idx, g])
+        choice[free[idx]] = j
+        g -= int(w[free[idx], j])
+    return choice
+
+
+def _optimal(p: _Problem, capacity_bps: float, grid_cells: int = DEFAULT_GRID_CELLS
+             ) -> Allocation:
+    exact = _optimal_choice(p, capacity_bps, grid_cells)
+    # Rounding rates up can make the DP lose a plan that fits the real capacity; the
+    # heuristics' plans are feasible too, so the best of all is returned.
+    return p.result("optimal", capacity_bps,
+                    _best_plan(p, [exact] + _heuristic_plans(p, capacity_bps)))
+
+
+STRATEGIES: dict[str, Callable[[_Problem, float], Allocation]] = {
+    "equal": _equal, "model_aware": _model_aware, "greedy": _greedy_only,
+    "quality_max": _quality_max, "optimal": _optimal,
+}
+
+
+def allocate(strategy: str, demands: Sequence[Demand], capacity_bps: float,
+             **options) -> Allocation:
+    """Split ``capacity_bps`` among ``demands`` with the named strategy.
+
+    ``optimal`` accepts ``grid_cells`` (default 2000): rates are rounded up to multiples of
+    capacity / grid_cells, so its plan always fits the real capacity and is exact for the
+    rounded problem.
+    """
+    if strategy not in STRATEGIES:
+        raise AllocationError(f"unknown strategy {strategy!r}; known: {', '.join(STRATEGIES)}")
+    if not demands:
+        raise AllocationError("nothing to allocate: no demands")
+    if not (capacity_bps >= 0 and math.isfinite(capacity_bps)):
+        raise AllocationError(f"capacity must be finite and >= 0 bit/s, not {capacity_bps}")
+    problem = _Problem(demands)
+    if capacity_bps == 0:
+        rate = np.zeros(len(demands))
+        return problem.result(strategy, 0.0, problem.plan_at(rate), rate)
+    return STRATEGIES[strategy](problem, capacity_bps, **options)
+
