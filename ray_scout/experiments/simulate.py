@@ -307,7 +307,7 @@ class _Sim:
         for change in self.cfg.capacity.change_times_s:
             if change < self.duration:
                 self.push(change, "epoch")
-        self.push(0.0, "epoch_tick")
+        self.push(0.0, "epoch_tick", 0)
         t = 0.0
         while self.heap:
             rates = self.rates(t)
@@ -332,9 +332,11 @@ class _Sim:
                     self.deadline(t, item)
                 else:
                     self.epoch(t)
-                    if kind == "epoch_tick" and (t + self.cfg.epoch_s < self.duration
-                                                 or self.outstanding):
-                        self.push(t + self.cfg.epoch_s, "epoch_tick")
+                    # Ticks at k * epoch_s, not t + epoch_s, so float error cannot drift.
+                    after = None if kind != "epoch_tick" else (item + 1) * self.cfg.epoch_s
+                    if after is not None and (after < self.duration - 1e-9
+                                              or self.outstanding):
+                        self.push(after, "epoch_tick", item + 1)
         requests = pd.DataFrame(self.rows, columns=_REQUEST_COLUMNS)
         return (requests.sort_values("request_id", ignore_index=True),
                 pd.DataFrame(self.epoch_rows, columns=_EPOCH_COLUMNS))
