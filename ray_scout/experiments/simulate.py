@@ -170,6 +170,9 @@ class _Sim:
         self.estimators = {a: make_estimator(cfg.estimator, min(first_share, s.access_rate_bps))
                            for a, s in self.agents.items()}
         self.grant = {a: math.inf for a in self.agents}
+        # An agent reports its typical request (median context) once: demands do not track
+        # individual requests, so they stay fixed and only the capacity moves the split.
+        self.demands = [_demand(s, int(np.median(s.context_tokens))) for s in cfg.agents]
         self.heap: list = []
         self.seq = 0
         self.active: list[_Request] = []
@@ -210,9 +213,7 @@ class _Sim:
                                             strategy="fair", rate_bps=rate,
                                             planned_mode="", objective=math.nan))
         else:
-            demands = [_demand(s, int(np.median(s.context_tokens)))
-                       for s in self.agents.values()]
-            alloc = allocate(self.cfg.allocator, demands, capacity)
+            alloc = allocate(self.cfg.allocator, self.demands, capacity)
             for a in self.agents:
                 self.grant[a] = alloc.rate_bps[a]
                 self.epoch_rows.append(dict(t_s=t, agent=a, capacity_bps=capacity,
