@@ -36,9 +36,12 @@ PAPER_B_QUALITY = {Mode.BF16: 1.0, Mode.INT8: 0.996, Mode.INT4: 0.962, Mode.MIXE
                    Mode.SCOUT: 0.95}
 
 
-def random_demands(n: int, seed: int) -> list[Demand]:
+def bf16_bytes_per_token() -> list[int]:
+    return [facts_for(f"qwen2.5-{s}").bf16_bytes_per_token() for s in ("3b", "7b", "14b")]
+
+
+def random_demands(n: int, seed: int, per_token: list[int]) -> list[Demand]:
     rng = np.random.default_rng(seed)
-    per_token = [facts_for(f"qwen2.5-{s}").bf16_bytes_per_token() for s in ("3b", "7b", "14b")]
     demands = []
     for i in range(n):
         tokens = int(rng.integers(256, 4097))
@@ -57,8 +60,9 @@ def main() -> None:
     parser.add_argument("--agents", type=int, default=1000)
     parser.add_argument("--repeats", type=int, default=50)
     args = parser.parse_args()
+    per_token = bf16_bytes_per_token()
     t0 = time.perf_counter()
-    demands = random_demands(args.agents, seed=0)
+    demands = random_demands(args.agents, seed=0, per_token=per_token)
     build_ms = (time.perf_counter() - t0) * 1e3
     print(f"# allocator speed: {args.agents} agents x 6 options, {args.repeats} repeats, "
           f"{platform.machine()}, Python {platform.python_version()}, "
