@@ -4,8 +4,9 @@ import math
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from ray_scout.core.allocation import AllocationError, Demand, allocate
+from ray_scout.core.allocation import AllocationError, Demand, allocate, demand_for
 from ray_scout.core.modes import Mode
+from ray_scout.core.policy import PAPER_B_PAYLOAD_BYTES, paper_b_latency, paper_b_profile
 
 MBIT = 1e6
 CLOUD = [Mode.BF16, Mode.INT8, Mode.INT4, Mode.MIXED_INT4, Mode.SCOUT]
@@ -155,3 +156,11 @@ def test_every_plan_fits_its_rates_and_its_rates_fit_the_capacity(demands, capac
         mode = alloc.mode[d.agent_id]
         if mode != Mode.LOCAL:
             assert d.required_rate_bps(mode) <= alloc.rate_bps[d.agent_id] * (1 + 1e-9)
+
+
+def test_demand_for_takes_fixed_latency_from_the_latency_model_and_quality_from_the_profile():
+    d = demand_for("a", PAPER_B_PAYLOAD_BYTES, paper_b_profile("3b-7b"),
+                   paper_b_latency(rtt_s=0.02), deadline_s=1.5)
+    assert d.fixed_s[Mode.SCOUT] == pytest.approx(0.018 + 0.02 + 0.557)
+    assert d.quality[Mode.INT4] == 0.962 and Mode.LOCAL not in d.quality
+    assert d.required_rate_bps(Mode.INT8) == pytest.approx(4.7e6 * 8 / (1.5 - 0.542))

@@ -98,6 +98,17 @@ def test_impossible_deadline_falls_back_to_local():
     assert d.expected_latency_s[Mode.SCOUT] > 0.5
 
 
+def test_local_competes_when_the_profile_knows_it_and_falls_back_to_it_otherwise():
+    modes = dict(paper_b_profile("3b-7b").modes)
+    modes[Mode.LOCAL] = ModeQuality(0.9)
+    profile = QualityProfile("with-local", "a", "b", "relative_f1", modes)
+    lat = paper_b_latency()
+    lat = LatencyModel({**lat.edge_s, Mode.LOCAL: 0.8}, lat.cloud_s)
+    # At 10 Mbit/s only scout (0.81) fits among cloud modes; the edge alone (0.9) is better.
+    d = AdaptivePolicy(profile).decide(request(10, latency=lat))
+    assert d.mode == Mode.LOCAL and Mode.LOCAL in d.feasible and "highest" in d.reason
+
+
 def test_scout_with_highest_quality_wins_even_when_kv_fits():
     assert AdaptivePolicy(paper_b_profile("7b-14b")).decide(request(200)).mode == Mode.SCOUT
 

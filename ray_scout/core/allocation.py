@@ -24,6 +24,7 @@ from typing import Callable, Mapping, Sequence
 import numpy as np
 
 from ray_scout.core.modes import CLOUD_MODES, Mode
+from ray_scout.core.policy import LatencyModel, QualityProfile
 
 DEFAULT_GRID_CELLS = 2000
 # Column order of every allocation matrix: the rate-0 option first, then the cloud modes.
@@ -89,6 +90,22 @@ class Demand:
         if Mode.LOCAL in self.quality and math.isfinite(self.required_rate_bps(Mode.LOCAL)):
             return self.quality[Mode.LOCAL]
         return 0.0
+
+
+def demand_for(agent_id: str, payload_bytes: Mapping[Mode, int], profile: QualityProfile,
+               latency: LatencyModel, deadline_s: float, weight: float = 1.0) -> Demand:
+    """The demand of an agent that knows its payloads, quality profile and latency model.
+
+    Modes enter where all three know them; ``local`` where the profile has its quality and
+    the latency model its edge time.
+    """
+    modes = [m for m in CLOUD_MODES if m in payload_bytes and m in latency.edge_s
+             and m in latency.cloud_s and profile.quality(m) is not None]
+    if Mode.LOCAL in latency.edge_s and profile.quality(Mode.LOCAL) is not None:
+        modes.append(Mode.LOCAL)
+    return Demand(agent_id, {m: payload_bytes[m] for m in modes if m != Mode.LOCAL},
+                  {m: profile.quality(m) for m in modes}, deadline_s,
+                  {m: latency.fixed_s(m) for m in modes}, weight)
 
 
 @dataclasses.dataclass(frozen=True)

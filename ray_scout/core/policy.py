@@ -270,11 +270,12 @@ class AdaptivePolicy:
 
     The rate planned for is ``bandwidth_bps * (1 - safety_margin)``: the margin absorbs
     estimation error on the quantity that varies most. Ties in quality go to the smaller
-    payload. With the link down or nothing feasible the answer is ``local``.
+    payload. ``local`` competes like any mode when the profile knows its quality and the
+    latency model its time; with the link down or nothing feasible it is the answer anyway.
     """
 
     def __init__(self, profile: QualityProfile, safety_margin: float = 0.1,
-                 modes: tuple[Mode, ...] = CLOUD_MODES):
+                 modes: tuple[Mode, ...] = CLOUD_MODES + (Mode.LOCAL,)):
         if not 0 <= safety_margin < 1:
             raise ProfileError(f"safety_margin must lie in [0, 1), not {safety_margin}")
         self.profile = profile
@@ -286,7 +287,7 @@ class AdaptivePolicy:
 
     def decide(self, request: PolicyInput) -> Decision:
         rate = max(request.bandwidth_bps, 0.0) * (1 - self.safety_margin)
-        latency = _expected(request, rate, self.modes + (Mode.LOCAL,))
+        latency = _expected(request, rate, tuple(dict.fromkeys(self.modes + (Mode.LOCAL,))))
         quality = {m: self.profile.quality(m) for m in latency}
         feasible = tuple(m for m in self.modes
                          if m in latency and latency[m] <= request.deadline_s)
@@ -297,9 +298,9 @@ class AdaptivePolicy:
         if request.bandwidth_bps <= 0:
             return fallback("link down (bandwidth 0): answer at the edge")
         if not feasible:
-            return fallback(f"no cloud mode meets the {request.deadline_s:.3f} s deadline at "
+            return fallback(f"no mode meets the {request.deadline_s:.3f} s deadline at "
                             f"{rate / 1e6:.2f} Mbit/s")
-        best = max(feasible, key=lambda m: (quality[m], -request.payload_bytes[m]))
+        best = max(feasible, key=lambda m: (quality[m], -request.payload_bytes.get(m, 0)))
         return Decision(best, f"highest expected quality ({quality[best]:.3f}) of "
                         f"{len(feasible)} feasible at {rate / 1e6:.2f} Mbit/s",
                         latency, quality, feasible, rate)

@@ -30,7 +30,7 @@ from typing import Callable, Mapping
 import numpy as np
 import pandas as pd
 
-from ray_scout.core.allocation import Demand, allocate
+from ray_scout.core.allocation import allocate, demand_for
 from ray_scout.core.capacity import CapacityTrace
 from ray_scout.core.estimators import GrantEstimator, make_estimator
 from ray_scout.core.modes import Mode
@@ -71,7 +71,8 @@ class SimConfig:
     """A simulated experiment. ``policy`` is one object for all agents or one per agent id.
 
     ``allocator``: a strategy name of ``allocation.allocate`` or None for fair sharing.
-    ``estimator``: grant, last, ewma or robust (measured throughput of finished transfers).
+    ``estimator``: grant, last, ewma or robust (measured throughput of finished transfers),
+    with ``estimator_options`` passed on (``alpha`` for ewma, ``window`` for robust).
     """
 
     agents: tuple[AgentSpec, ...]
@@ -79,6 +80,7 @@ class SimConfig:
     policy: Policy | Mapping[str, Policy]
     allocator: str | None = "equal"
     estimator: str = "grant"
+    estimator_options: Mapping[str, float] = dataclasses.field(default_factory=dict)
     epoch_s: float = 0.1
     duration_s: float | None = None
     seed: int = 0
@@ -106,16 +108,6 @@ def paper_b_agent(agent_id: str, arrival_rate_hz: float = 1.0, deadline_s: float
     return AgentSpec(agent_id, arrival_rate_hz, deadline_s,
                      linear_payloads(PAPER_B_PAYLOAD_BYTES, 1), paper_b_profile(pair),
                      paper_b_latency(rtt_s))
-
-
-def _demand(agent: AgentSpec, tokens: int) -> Demand:
-    sizes = agent.payload_bytes(tokens)
-    quality = {m: q.mean for m, q in agent.quality.modes.items()
-               if m in sizes or (m == Mode.LOCAL and m in agent.latency.edge_s)}
-    modes = list(sizes) + ([Mode.LOCAL] if Mode.LOCAL in agent.latency.edge_s else [])
-    fixed = {m: agent.latency.fixed_s(m) for m in modes
-             if m in agent.latency.edge_s and (m == Mode.LOCAL or m in agent.latency.cloud_s)}
-    return Demand(agent.agent_id, sizes, quality, agent.deadline_s, fixed, agent.weight)
 
 
 def _max_min_share(capacity_bps: float, caps: dict[str, float]) -> dict[str, float]:
@@ -167,12 +159,15 @@ class _Sim:
                 raise SimulationError(f"no policy for agents {sorted(missing)}")
         self.rng = np.random.default_rng(cfg.seed)
         first_share = cfg.capacity.rate_at(0.0) / len(cfg.agents)
-        self.estimators = {a: make_estimator(cfg.estimator, min(first_share, s.access_rate_bps))
+        self.estimators = {a: make_estimator(cfg.estimator, min(first_share, s.access_rate_bps),
+                                             **cfg.estimator_options)
                            for a, s in self.agents.items()}
         self.grant = {a: math.inf for a in self.agents}
         # An agent reports its typical request (median context) once: demands do not track
         # individual requests, so they stay fixed and only the capacity moves the split.
-        self.demands = [_demand(s, int(np.median(s.context_tokens))) for s in cfg.agents]
+        self.demands = [
+            demand_for(s.agent_id, s.payload_bytes(int(np.median(s.context_tokens))), s.quality,
+                       s.latency, s.deadline_s, s.weight) for s in cfg.agents]
         self.heap: list = []
         self.seq = 0
         self.active: list[_Request] = []
