@@ -40,8 +40,8 @@ class Demand:
     """One agent's request for bandwidth in the coming epoch.
 
     ``fixed_s[mode]``: every latency term but the transfer (edge and cloud compute, RTT,
-    cloud queue); build it from a ``LatencyModel`` with ``fixed_s=lat.fixed_s``-style
-    mappings. ``kv_size_bytes`` is what ``model_aware`` splits by; it defaults to the BF16
+    cloud queue); ``demand_for`` builds the whole demand from a ``LatencyModel`` and a
+    ``QualityProfile``. ``kv_size_bytes`` is what ``model_aware`` splits by; it defaults to the BF16
     payload (the model's KV size at this context), else the largest payload.
     """
 
