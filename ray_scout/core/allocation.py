@@ -330,14 +330,12 @@ def _optimal_choice(p: _Problem, capacity_bps: float, grid_cells: int) -> np.nda
     take = np.zeros((len(free), cells + 1), dtype=np.int8)
     for idx, a in enumerate(free):
         new = np.full(cells + 1, -np.inf)
-        for j in np.flatnonzero(keep[a]):
+        for j in np.flatnonzero(keep[a] & (w[a] <= cells)).tolist():
             wj = int(w[a, j])
-            if wj > cells:
-                continue
             cand = dp[: cells + 1 - wj] + v[a, j]
             better = cand > new[wj:]
-            new[wj:][better] = cand[better]
-            take[idx, wj:][better] = j
+            np.copyto(new[wj:], cand, where=better)
+            np.copyto(take[idx, wj:], j, where=better)
         dp = new
     g = cells
     for idx in range(len(free) - 1, -1, -1):
