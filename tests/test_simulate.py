@@ -132,3 +132,23 @@ def test_scout_latency_includes_the_cloud_prefill():
                     StaticPolicy(Mode.SCOUT, PROFILE), allocator=None, seed=1)
     requests, _ = simulate(cfg)
     assert requests.cloud_s.to_numpy() == pytest.approx(paper_b_latency().cloud_s[Mode.SCOUT])
+
+
+def test_a_static_mode_the_payloads_do_not_size_is_a_clear_error():
+    spec = AgentSpec("a0", 2.0, 1.5, linear_payloads({Mode.INT8: 1000}, 1), PROFILE,
+                     paper_b_latency())
+    cfg = SimConfig((spec,), CapacityTrace.constant(1e6, 5), StaticPolicy(Mode.SCOUT))
+    with pytest.raises(SimulationError, match="does not size"):
+        simulate(cfg)
+
+
+def test_estimator_options_reach_the_estimator():
+    cfg = SimConfig(agents(n=1), markov_chain(duration_s=20, seed=2), AdaptivePolicy(PROFILE),
+                    allocator=None, estimator="ewma", estimator_options={"alpha": 1.0}, seed=3)
+    requests, _ = simulate(cfg)
+    done = requests[requests.tx_s > 0]
+    observed = set((done.payload_bytes * 8 / done.tx_s).round(3))
+    initial = requests.bandwidth_estimate_bps.iloc[0]
+    # alpha = 1: every estimate is some finished transfer's throughput (or the initial one).
+    estimates = set(requests.bandwidth_estimate_bps.round(3)) - {round(initial, 3)}
+    assert estimates and estimates <= observed

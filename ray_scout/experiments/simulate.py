@@ -228,6 +228,10 @@ class _Sim:
         decision = self.policy_for(spec.agent_id).decide(
             PolicyInput(estimate, spec.deadline_s, sizes, spec.latency, backlog))
         mode = decision.mode
+        if mode != Mode.LOCAL and mode not in sizes:
+            raise SimulationError(f"agent {spec.agent_id}: policy {decision.reason!r} chose "
+                                  f"{mode.value}, which its payload function does not size; "
+                                  "add the mode to payload_bytes or use another policy")
         self.next_rid += 1
         req = _Request(self.next_rid, spec, t, tokens, mode,
                        0 if mode == Mode.LOCAL else sizes[mode], estimate, decision.reason)
