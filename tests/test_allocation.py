@@ -1,10 +1,15 @@
+import dataclasses
 import itertools
 import math
+
+import numpy as np
 
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from ray_scout.core.allocation import AllocationError, Demand, allocate, demand_for
+from ray_scout.core.allocation import (
+    AllocationError, Demand, _optimal_choice, _Problem, allocate, demand_for,
+)
 from ray_scout.core.modes import Mode
 from ray_scout.core.policy import PAPER_B_PAYLOAD_BYTES, paper_b_latency, paper_b_profile
 
@@ -164,3 +169,24 @@ def test_demand_for_takes_fixed_latency_from_the_latency_model_and_quality_from_
     assert d.fixed_s[Mode.SCOUT] == pytest.approx(0.018 + 0.02 + 0.557)
     assert d.quality[Mode.INT4] == 0.962 and Mode.LOCAL not in d.quality
     assert d.required_rate_bps(Mode.INT8) == pytest.approx(4.7e6 * 8 / (1.5 - 0.542))
+
+
+@st.composite
+def instances_with_twins(draw):
+    """Grid-aligned instances where several agents share identical options."""
+    templates = draw(instances(max_agents=3, grid_aligned=True))
+    copies = [draw(st.integers(1, 3)) for _ in templates]
+    return [dataclasses.replace(t, agent_id=f"{t.agent_id}-{k}")
+            for t, c in zip(templates, copies) for k in range(c)]
+
+
+@settings(max_examples=100, deadline=None)
+@given(instances_with_twins())
+def test_the_exact_dp_alone_matches_brute_force_with_interchangeable_agents(demands):
+    # The DP is checked without the heuristic plans that allocate("optimal") also scores.
+    problem = _Problem(demands)
+    choice = _optimal_choice(problem, 10 * MBIT, grid_cells=2000)
+    rows = np.arange(len(demands))
+    assert problem.rate[rows, choice].sum() <= 10 * MBIT * (1 + 1e-9)
+    assert problem.value[rows, choice].sum() == pytest.approx(
+        brute_force(demands, 10 * MBIT), abs=1e-9)

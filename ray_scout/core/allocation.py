@@ -302,7 +302,8 @@ def _optimal_choice(p: _Problem, capacity_bps: float, grid_cells: int) -> np.nda
        lambda. 2. For every option, the Lagrangian bound with that agent fixed to it,
        sum_k max_j(v_kj - lambda w_kj) + lambda G, is a valid upper bound; options whose
        bound is below LB cannot be in any optimum and are dropped. 3. Agents left with one
-       option are fixed; a DP over the remaining capacity cells solves the rest exactly.
+       option are fixed; a DP over the remaining capacity cells solves the rest exactly,
+       taking agents with identical options together (see ``_interchangeable_units``).
     """
     unit = capacity_bps / grid_cells
     with np.errstate(invalid="ignore"):
@@ -325,24 +326,96 @@ def _optimal_choice(p: _Problem, capacity_bps: float, grid_cells: int) -> np.nda
     cells = grid_cells - int(w[fixed, choice[fixed]].sum())
     if len(free) == 0:
         return choice
-    # dp[g]: best value of the agents so far within g cells; take[a, g]: option used.
+    units = _interchangeable_units(free, keep, w, v, cells)
+    # dp[g]: best value of the units so far within g cells; takes[u][g]: the point used.
     dp = np.zeros(cells + 1)
-    take = np.zeros((len(free), cells + 1), dtype=np.int8)
-    for idx, a in enumerate(free):
+    takes = []
+    for members, options, weights, values, counts in units:
         new = np.full(cells + 1, -np.inf)
-        for j in np.flatnonzero(keep[a] & (w[a] <= cells)).tolist():
-            wj = int(w[a, j])
-            cand = dp[: cells + 1 - wj] + v[a, j]
-            better = cand > new[wj:]
-            np.copyto(new[wj:], cand, where=better)
-            np.copyto(take[idx, wj:], j, where=better)
+        take = np.zeros(cells + 1, dtype=np.int64)
+        for point, (u, val) in enumerate(zip(weights.tolist(), values.tolist())):
+            cand = dp[: cells + 1 - u] + val
+            better = cand > new[u:]
+            np.copyto(new[u:], cand, where=better)
+            np.copyto(take[u:], point, where=better)
         dp = new
+        takes.append(take)
     g = cells
-    for idx in range(len(free) - 1, -1, -1):
-        j = int(take[idx, g])
-        choice[free[idx]] = j
-        g -= int(w[free[idx], j])
+    for (members, options, weights, _, counts), take in zip(units[::-1], takes[::-1]):
+        point = int(take[g])
+        # Interchangeable agents: the first counts[0] take option 0, the next counts[1] ...
+        choice[members] = np.repeat(options, counts[point])
+        g -= int(weights[point])
     return choice
+
+
+_MAX_POINTS_PER_GROUP = 5000
+
+
+def _interchangeable_units(free, keep, w, v, cells):
+    """The free agents as DP units: groups of agents with identical kept options.
+
+    A group of c interchangeable agents is one unit whose points are how many of them take
+    each option (the Pareto front of total cells vs total value). That is exact, and it turns
+    1,000 identical agents from 1,000 DP steps into one. A group whose count vectors would
+    exceed ``_MAX_POINTS_PER_GROUP`` is split into single agents instead.
+    """
+    signature = np.hstack([np.where(keep[free], w[free], -1.0),
+                           np.where(keep[free], v[free], -np.inf)])
+    _, group_of = np.unique(signature, axis=0, return_inverse=True)
+    units = []
+    for gi in range(int(group_of.max()) + 1):
+        members = free[group_of.ravel() == gi]
+        a = members[0]
+        opts = np.flatnonzero(keep[a] & (w[a] <= cells))
+        # Pareto-prune the options: by weight, keep each only if it is worth more than all
+        # lighter ones, so every upgrade costs cells and gains value.
+        order = np.lexsort((-v[a, opts], w[a, opts]))
+        opts = opts[order]
+        vals = v[a, opts]
+        ahead = np.maximum.accumulate(np.concatenate([[-np.inf], vals[:-1]]))
+        opts = opts[vals > ahead]
+        ws, vs = w[a, opts].astype(np.int64), v[a, opts]
+        points = _count_points(ws, vs, len(members), cells)
+        if points is None:
+            units += [(np.array([m]), opts) + _count_points(ws, vs, 1, cells) for m in members]
+        else:
+            units.append((members, opts) + points)
+    return units
+
+
+def _count_points(ws, vs, c, budget):
+    """Every split of c interchangeable agents over options (ws, vs) within ``budget`` cells.
+
+    Returns the Pareto front as (total cells, total value, count per option), or None when
+    there would be more than ``_MAX_POINTS_PER_GROUP`` splits to look at.
+    """
+    extra = budget - c * int(ws[0])
+    dw, dv = ws[1:] - ws[0], vs[1:] - vs[0]
+    counts = np.zeros((1, len(dw)), dtype=np.int64)
+    used_w = np.zeros(1, dtype=np.int64)
+    used_n = np.zeros(1, dtype=np.int64)
+    gain = np.zeros(1)
+    for j in range(len(dw)):
+        most = np.minimum(c - used_n, (extra - used_w) // dw[j])
+        reps = np.maximum(most + 1, 0)
+        total = int(reps.sum())
+        if total > _MAX_POINTS_PER_GROUP:
+            return None
+        parent = np.repeat(np.arange(len(reps)), reps)
+        n = np.arange(total) - np.repeat(np.cumsum(reps) - reps, reps)
+        counts = counts[parent]
+        counts[:, j] = n
+        used_w, used_n = used_w[parent] + n * dw[j], used_n[parent] + n
+        gain = gain[parent] + n * dv[j]
+    weight = c * int(ws[0]) + used_w
+    value = c * vs[0] + gain
+    counts = np.hstack([(c - used_n)[:, None], counts])
+    order = np.lexsort((-value, weight))
+    weight, value, counts = weight[order], value[order], counts[order]
+    ahead = np.maximum.accumulate(np.concatenate([[-np.inf], value[:-1]]))
+    front = value > ahead
+    return weight[front], value[front], counts[front]
 
 
 def _optimal(p: _Problem, capacity_bps: float, grid_cells: int = DEFAULT_GRID_CELLS
