@@ -330,7 +330,7 @@ def _optimal_choice(p: _Problem, capacity_bps: float, grid_cells: int) -> np.nda
     # dp[g]: best value of the units so far within g cells; takes[u][g]: the point used.
     dp = np.zeros(cells + 1)
     takes = []
-    for members, options, weights, values, counts in units:
+    for _, _, weights, values, _ in units:
         new = np.full(cells + 1, -np.inf)
         take = np.zeros(cells + 1, dtype=np.int64)
         for point, (u, val) in enumerate(zip(weights.tolist(), values.tolist())):
