@@ -1,0 +1,455 @@
+"""Bandwidth allocation: how one bottleneck's capacity is split among edge agents.
+
+What lives here: an agent's demand (payload bytes, expected quality and fixed latency per
+mode, deadline, weight), and the strategies that turn demands and a capacity into a rate
+and a planned mode per agent: ``equal``, ``model_aware`` (proportional to KV size, Paper B),
+``greedy`` (Paper B's greedy by marginal quality per bit), ``quality_max`` (that greedy,
+never worse than the equal or model-aware plan) and ``optimal`` (an exact multiple-choice
+knapsack over a discretized capacity). What it knows: numbers. What it
+leaves to others: applying rates to links (``net`` via the LinkManager) and measuring.
+
+The problem every strategy answers: agent i in mode m needs ``rate = bytes*8 / (deadline -
+fixed)`` to meet its deadline; a mode whose fixed latency alone misses the deadline is out.
+Each agent also has a rate-0 option, ``local``: worth its local quality if the profile has
+one and the edge answers in time, else 0 (a deadline miss counts as quality 0). Objective:
+the sum over agents of weight x expected quality of the planned mode.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Callable, Mapping, Sequence
+
+import numpy as np
+
+from ray_scout.core.modes import CLOUD_MODES, Mode
+from ray_scout.core.policy import LatencyModel, QualityProfile
+
+DEFAULT_GRID_CELLS = 2000
+# Column order of every allocation matrix: the rate-0 option first, then the cloud modes.
+OPTION_MODES = (Mode.LOCAL,) + CLOUD_MODES
+
+
+class AllocationError(ValueError):
+    """Demands or a capacity that an allocator cannot work with."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Demand:
+    """One agent's request for bandwidth in the coming epoch.
+
+    ``fixed_s[mode]``: every latency term but the transfer (edge and cloud compute, RTT,
+    cloud queue); ``demand_for`` builds the whole demand from a ``LatencyModel`` and a
+    ``QualityProfile``. ``kv_size_bytes`` is what ``model_aware`` splits by; it defaults to the BF16
+    payload (the model's KV size at this context), else the largest payload.
+    """
+
+    agent_id: str
+    payload_bytes: Mapping[Mode, int]
+    quality: Mapping[Mode, float]
+    deadline_s: float
+    fixed_s: Mapping[Mode, float]
+    weight: float = 1.0
+    kv_size_bytes: int | None = None
+    # Sizes, fixed latencies and qualities in ``OPTION_MODES`` order, gathered once here:
+    # Enum-keyed dict lookups cost a Python call each, too slow to repeat per allocation.
+    vector: tuple[float, ...] = dataclasses.field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.weight < 0:
+            raise AllocationError(f"agent {self.agent_id}: weight must be >= 0")
+        if any(b < 0 for b in self.payload_bytes.values()):
+            raise AllocationError(f"agent {self.agent_id}: payload bytes must be >= 0")
+        nan = math.nan
+        object.__setattr__(self, "vector", tuple(
+            [0.0] + [float(self.payload_bytes.get(m, nan)) for m in CLOUD_MODES]
+            + [self.fixed_s.get(m, nan) for m in OPTION_MODES]
+            + [self.quality.get(m, nan) for m in OPTION_MODES] + [self.model_size_bytes]))
+
+    @property
+    def model_size_bytes(self) -> int:
+        if self.kv_size_bytes is not None:
+            return self.kv_size_bytes
+        if Mode.BF16 in self.payload_bytes:
+            return self.payload_bytes[Mode.BF16]
+        return max(self.payload_bytes.values(), default=0)
+
+    def required_rate_bps(self, mode: Mode) -> float:
+        """The rate that meets the deadline exactly in ``mode`` (inf if none does)."""
+        if mode not in self.fixed_s or (mode != Mode.LOCAL and mode not in self.payload_bytes):
+            return math.inf
+        budget_s = self.deadline_s - self.fixed_s[mode]
+        size = 0 if mode == Mode.LOCAL else self.payload_bytes[mode]
+        if budget_s < 0 or (budget_s == 0 and size > 0):
+            return math.inf
+        return 0.0 if size == 0 else size * 8 / budget_s
+
+    def local_quality(self) -> float:
+        """What the rate-0 option is worth: local quality if known and in time, else 0."""
+        if Mode.LOCAL in self.quality and math.isfinite(self.required_rate_bps(Mode.LOCAL)):
+            return self.quality[Mode.LOCAL]
+        return 0.0
+
+
+def demand_for(agent_id: str, payload_bytes: Mapping[Mode, int], profile: QualityProfile,
+               latency: LatencyModel, deadline_s: float, weight: float = 1.0) -> Demand:
+    """The demand of an agent that knows its payloads, quality profile and latency model.
+
+    Modes enter where all three know them; ``local`` where the profile has its quality and
+    the latency model its edge time.
+    """
+    modes = [m for m in CLOUD_MODES if m in payload_bytes and m in latency.edge_s
+             and m in latency.cloud_s and profile.quality(m) is not None]
+    if Mode.LOCAL in latency.edge_s and profile.quality(Mode.LOCAL) is not None:
+        modes.append(Mode.LOCAL)
+    return Demand(agent_id, {m: payload_bytes[m] for m in modes if m != Mode.LOCAL},
+                  {m: profile.quality(m) for m in modes}, deadline_s,
+                  {m: latency.fixed_s(m) for m in modes}, weight)
+
+
+@dataclasses.dataclass(frozen=True)
+class Allocation:
+    """A split of ``capacity_bps``: rate and planned mode per agent, and its objective.
+
+    ``mode[a] == Mode.LOCAL`` means no cloud mode is planned (answer at the edge, or a miss).
+    """
+
+    strategy: str
+    capacity_bps: float
+    rate_bps: Mapping[str, float]
+    mode: Mapping[str, Mode]
+    expected_quality: Mapping[str, float]
+    objective: float
+
+
+class _Problem:
+    """Demands as matrices: column 0 is the rate-0 option, the others the cloud modes."""
+
+    def __init__(self, demands: Sequence[Demand]):
+        ids = [d.agent_id for d in demands]
+        if len(set(ids)) != len(ids):
+            raise AllocationError("agent ids in one allocation must be unique")
+        self.demands = demands
+        self.modes = list(OPTION_MODES)
+        n, k = len(demands), len(OPTION_MODES)
+        table = np.array([d.vector for d in demands]).reshape(n, 3 * k + 1)
+        size, fixed, quality = table[:, :-1].reshape(n, 3, k).transpose(1, 0, 2)
+        self.model_size = table[:, -1]
+        budget = np.array([d.deadline_s for d in demands], dtype=float)[:, None] - fixed
+        with np.errstate(divide="ignore", invalid="ignore"):
+            rate = np.where(size == 0, 0.0, size * 8 / budget)
+        usable = (~np.isnan(size) & ~np.isnan(quality) & (budget >= 0)
+                  & ~((budget == 0) & (size > 0)))
+        # The rate-0 column is always there: local quality where known and in time, else a
+        # miss worth 0.
+        self.rate = np.where(usable, rate, np.inf)
+        self.rate[:, 0] = 0.0
+        self.quality = np.where(usable, quality, 0.0)  # unweighted
+        self.size = np.where(usable, size, 0.0)
+        self.weight = np.array([d.weight for d in demands], dtype=float)
+        self.value = self.quality * self.weight[:, None]
+
+    def plan_at(self, rate_bps: np.ndarray) -> np.ndarray:
+        """Per agent, the best-quality option its rate carries (ties: the cheaper rate)."""
+        fits = self.rate <= rate_bps[:, None] * (1 + 1e-12)
+        q = np.where(fits, self.quality, -np.inf)
+        best = q.max(axis=1)
+        cheapest = np.where(fits & (q == best[:, None]), self.rate, np.inf)
+        return cheapest.argmin(axis=1)
+
+    def result(self, strategy: str, capacity_bps: float, choice: np.ndarray,
+               rate_bps: np.ndarray | None = None) -> Allocation:
+        rows = np.arange(len(choice))
+        if rate_bps is None:
+            rate_bps = _spread_leftover(self.rate[rows, choice], self.size[rows, choice],
+                                        capacity_bps)
+        ids = [d.agent_id for d in self.demands]
+        quality = self.quality[rows, choice]
+        return Allocation(
+            strategy, capacity_bps, dict(zip(ids, rate_bps.tolist())),
+            {a: self.modes[c] for a, c in zip(ids, choice.tolist())},
+            dict(zip(ids, quality.tolist())), float(self.value[rows, choice].sum()))
+
+
+def _spread_leftover(required: np.ndarray, size: np.ndarray, capacity_bps: float) -> np.ndarray:
+    """Give capacity left after the planned rates in proportion to planned payload bytes.
+
+    Proportional to bytes, every planned transfer finishes early by the same fraction of its
+    budget, which is the slack that protects against an optimistic estimate. With nothing
+    to send, the leftover is split equally (someone may start sending mid-epoch).
+    """
+    leftover = max(capacity_bps - float(required.sum()), 0.0)
+    total = float(size.sum())
+    share = size / total if total > 0 else np.full(len(size), 1 / max(len(size), 1))
+    return required + leftover * share
+
+
+def _equal_rates(p: _Problem, capacity_bps: float) -> np.ndarray:
+    return np.full(len(p.demands), capacity_bps / len(p.demands))
+
+
+def _model_aware_rates(p: _Problem, capacity_bps: float) -> np.ndarray:
+    sizes = p.model_size
+    share = sizes / sizes.sum() if sizes.sum() > 0 else np.full(len(sizes), 1 / len(sizes))
+    return capacity_bps * share
+
+
+def _equal(p: _Problem, capacity_bps: float) -> Allocation:
+    rate = _equal_rates(p, capacity_bps)
+    return p.result("equal", capacity_bps, p.plan_at(rate), rate)
+
+
+def _model_aware(p: _Problem, capacity_bps: float) -> Allocation:
+    rate = _model_aware_rates(p, capacity_bps)
+    return p.result("model_aware", capacity_bps, p.plan_at(rate), rate)
+
+
+def _hull_segments(rate: np.ndarray, value: np.ndarray):
+    """Upper-concave-hull steps of every agent from its rate-0 option, vectorized.
+
+    Returns (agent, step, d_rate, d_value, slope, to_column) arrays; along one agent the
+    slopes never increase, which is what makes a global sort by slope a valid greedy order.
+    """
+    n, k = rate.shape
+    rows = np.arange(n)
+    cur = np.zeros(n, dtype=int)
+    parts = []
+    for step in range(k - 1):
+        cur_r, cur_v = rate[rows, cur], value[rows, cur]
+        d_r = rate - cur_r[:, None]
+        d_v = value - cur_v[:, None]
+        ok = (d_v > 0) & np.isfinite(rate)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            slope = np.where(ok, np.where(d_r > 0, d_v / d_r, np.inf), -np.inf)
+        nxt = slope.argmax(axis=1)
+        has = ok[rows, nxt]
+        if not has.any():
+            break
+        a = rows[has]
+        to = nxt[has]
+        parts.append((a, np.full(len(a), step), d_r[a, to], d_v[a, to], slope[a, to], to))
+        cur = np.where(has, nxt, cur)
+    if not parts:
+        empty = np.zeros(0)
+        return (empty.astype(int),) * 2 + (empty,) * 3 + (empty.astype(int),)
+    return tuple(np.concatenate(x) for x in zip(*parts))
+
+
+def _greedy(rate: np.ndarray, value: np.ndarray, capacity: float):
+    """Paper B's greedy: upgrade by best marginal value per rate unit while it fits.
+
+    Returns (choice per agent, break slope). The break slope is the efficiency of the first
+    upgrade that did not fit: the LP relaxation's multiplier, which ``optimal`` reuses.
+    """
+    agent, step, d_r, _, slope, to = _hull_segments(rate, value)
+    order = np.lexsort((step, -slope))
+    agent, d_r, slope, to = agent[order], d_r[order], slope[order], to[order]
+    choice = np.zeros(rate.shape[0], dtype=int)
+    used = np.cumsum(d_r)
+    stop = int(np.searchsorted(used, capacity * (1 + 1e-12), side="right"))
+    choice[agent[:stop]] = to[:stop]  # later steps of an agent overwrite earlier ones
+    if stop == len(agent):
+        return choice, 0.0
+    break_slope = float(slope[stop])
+    left = capacity - (used[stop - 1] if stop else 0.0)
+    blocked = {int(agent[stop])}
+    rest = slice(stop + 1, None)
+    # Once the capacity left is below every remaining step, nothing more can be taken.
+    smallest_after = np.minimum.accumulate(d_r[rest][::-1])[::-1].tolist()
+    for a, dr, t, smallest in zip(agent[rest].tolist(), d_r[rest].tolist(), to[rest].tolist(),
+                                  smallest_after):
+        if left < smallest:
+            break
+        if a in blocked:
+            continue
+        if dr <= left * (1 + 1e-12):
+            choice[a] = t
+            left -= dr
+        else:
+            blocked.add(a)  # its later hull steps assume this one was taken
+    return choice, break_slope
+
+
+def _greedy_only(p: _Problem, capacity_bps: float) -> Allocation:
+    choice, _ = _greedy(p.rate, p.value, capacity_bps)
+    return p.result("greedy", capacity_bps, choice)
+
+
+def _best_plan(p: _Problem, plans: list[np.ndarray]) -> np.ndarray:
+    rows = np.arange(len(p.demands))
+    return max(plans, key=lambda c: float(p.value[rows, c].sum()))
+
+
+def _heuristic_plans(p: _Problem, capacity_bps: float) -> list[np.ndarray]:
+    return [_greedy(p.rate, p.value, capacity_bps)[0],
+            p.plan_at(_equal_rates(p, capacity_bps)),
+            p.plan_at(_model_aware_rates(p, capacity_bps))]
+
+
+def _quality_max(p: _Problem, capacity_bps: float) -> Allocation:
+    # The greedy alone loses to the equal split on ~2% of small random instances (a big
+    # upgrade blocked by earlier small ones); both other plans are feasible and cheap to
+    # score, so quality_max returns the best of the three.
+    return p.result("quality_max", capacity_bps,
+                    _best_plan(p, _heuristic_plans(p, capacity_bps)))
+
+
+def _optimal_choice(p: _Problem, capacity_bps: float, grid_cells: int) -> np.ndarray:
+    """Exact multiple-choice knapsack with rates rounded up to ``capacity / grid_cells``.
+
+    1. The greedy on the integer weights gives a feasible value LB and the LP multiplier
+       lambda. 2. For every option, the Lagrangian bound with that agent fixed to it,
+       sum_k max_j(v_kj - lambda w_kj) + lambda G, is a valid upper bound; options whose
+       bound is below LB cannot be in any optimum and are dropped. 3. Agents left with one
+       option are fixed; a DP over the remaining capacity cells solves the rest exactly,
+       taking agents with identical options together (see ``_interchangeable_units``).
+    """
+    unit = capacity_bps / grid_cells
+    with np.errstate(invalid="ignore"):
+        w = np.ceil(p.rate / unit - 1e-9)
+    w[~np.isfinite(w) | (w > grid_cells)] = np.inf
+    v = p.value
+    n = len(v)
+    rows = np.arange(n)
+    greedy, lam = _greedy(w, v, float(grid_cells))
+    lower = float(v[rows, greedy].sum())
+    reduced = np.where(np.isfinite(w), v - lam * np.where(np.isfinite(w), w, 0), -np.inf)
+    best = reduced.max(axis=1)
+    bound = best.sum() - best[:, None] + reduced + lam * grid_cells
+    keep = np.isfinite(w) & (bound >= lower - 1e-9 * (1 + abs(lower)))
+    keep[rows, greedy] = True
+    free = np.flatnonzero(keep.sum(axis=1) > 1)
+    choice = greedy.copy()
+    fixed = np.setdiff1d(rows, free)
+    choice[fixed] = keep[fixed].argmax(axis=1)
+    cells = grid_cells - int(w[fixed, choice[fixed]].sum())
+    if len(free) == 0:
+        return choice
+    units = _interchangeable_units(free, keep, w, v, cells)
+    # dp[g]: best value of the units so far within g cells; takes[u][g]: the point used.
+    dp = np.zeros(cells + 1)
+    takes = []
+    for _, _, weights, values, _ in units:
+        new = np.full(cells + 1, -np.inf)
+        take = np.zeros(cells + 1, dtype=np.int64)
+        for point, (u, val) in enumerate(zip(weights.tolist(), values.tolist())):
+            cand = dp[: cells + 1 - u] + val
+            better = cand > new[u:]
+            np.copyto(new[u:], cand, where=better)
+            np.copyto(take[u:], point, where=better)
+        dp = new
+        takes.append(take)
+    g = cells
+    for (members, options, weights, _, counts), take in zip(units[::-1], takes[::-1]):
+        point = int(take[g])
+        # Interchangeable agents: the first counts[0] take option 0, the next counts[1] ...
+        choice[members] = np.repeat(options, counts[point])
+        g -= int(weights[point])
+    return choice
+
+
+_MAX_POINTS_PER_GROUP = 5000
+
+
+def _interchangeable_units(free, keep, w, v, cells):
+    """The free agents as DP units: groups of agents with identical kept options.
+
+    A group of c interchangeable agents is one unit whose points are how many of them take
+    each option (the Pareto front of total cells vs total value). That is exact, and it turns
+    1,000 identical agents from 1,000 DP steps into one. A group whose count vectors would
+    exceed ``_MAX_POINTS_PER_GROUP`` is split into single agents instead.
+    """
+    signature = np.hstack([np.where(keep[free], w[free], -1.0),
+                           np.where(keep[free], v[free], -np.inf)])
+    _, group_of = np.unique(signature, axis=0, return_inverse=True)
+    units = []
+    for gi in range(int(group_of.max()) + 1):
+        members = free[group_of.ravel() == gi]
+        a = members[0]
+        opts = np.flatnonzero(keep[a] & (w[a] <= cells))
+        # Pareto-prune the options: by weight, keep each only if it is worth more than all
+        # lighter ones, so every upgrade costs cells and gains value.
+        order = np.lexsort((-v[a, opts], w[a, opts]))
+        opts = opts[order]
+        vals = v[a, opts]
+        ahead = np.maximum.accumulate(np.concatenate([[-np.inf], vals[:-1]]))
+        opts = opts[vals > ahead]
+        ws, vs = w[a, opts].astype(np.int64), v[a, opts]
+        points = _count_points(ws, vs, len(members), cells)
+        if points is None:
+            units += [(np.array([m]), opts) + _count_points(ws, vs, 1, cells) for m in members]
+        else:
+            units.append((members, opts) + points)
+    return units
+
+
+def _count_points(ws, vs, c, budget):
+    """Every split of c interchangeable agents over options (ws, vs) within ``budget`` cells.
+
+    Returns the Pareto front as (total cells, total value, count per option), or None when
+    there would be more than ``_MAX_POINTS_PER_GROUP`` splits to look at.
+    """
+    extra = budget - c * int(ws[0])
+    dw, dv = ws[1:] - ws[0], vs[1:] - vs[0]
+    counts = np.zeros((1, len(dw)), dtype=np.int64)
+    used_w = np.zeros(1, dtype=np.int64)
+    used_n = np.zeros(1, dtype=np.int64)
+    gain = np.zeros(1)
+    for j in range(len(dw)):
+        most = np.minimum(c - used_n, (extra - used_w) // dw[j])
+        reps = np.maximum(most + 1, 0)
+        total = int(reps.sum())
+        if total > _MAX_POINTS_PER_GROUP:
+            return None
+        parent = np.repeat(np.arange(len(reps)), reps)
+        n = np.arange(total) - np.repeat(np.cumsum(reps) - reps, reps)
+        counts = counts[parent]
+        counts[:, j] = n
+        used_w, used_n = used_w[parent] + n * dw[j], used_n[parent] + n
+        gain = gain[parent] + n * dv[j]
+    weight = c * int(ws[0]) + used_w
+    value = c * vs[0] + gain
+    counts = np.hstack([(c - used_n)[:, None], counts])
+    order = np.lexsort((-value, weight))
+    weight, value, counts = weight[order], value[order], counts[order]
+    ahead = np.maximum.accumulate(np.concatenate([[-np.inf], value[:-1]]))
+    front = value > ahead
+    return weight[front], value[front], counts[front]
+
+
+def _optimal(p: _Problem, capacity_bps: float, grid_cells: int = DEFAULT_GRID_CELLS
+             ) -> Allocation:
+    exact = _optimal_choice(p, capacity_bps, grid_cells)
+    # Rounding rates up can make the DP lose a plan that fits the real capacity; the
+    # heuristics' plans are feasible too, so the best of all is returned.
+    return p.result("optimal", capacity_bps,
+                    _best_plan(p, [exact] + _heuristic_plans(p, capacity_bps)))
+
+
+STRATEGIES: dict[str, Callable[[_Problem, float], Allocation]] = {
+    "equal": _equal, "model_aware": _model_aware, "greedy": _greedy_only,
+    "quality_max": _quality_max, "optimal": _optimal,
+}
+
+
+def allocate(strategy: str, demands: Sequence[Demand], capacity_bps: float,
+             **options) -> Allocation:
+    """Split ``capacity_bps`` among ``demands`` with the named strategy.
+
+    ``optimal`` accepts ``grid_cells`` (default 2000): rates are rounded up to multiples of
+    capacity / grid_cells, so its plan always fits the real capacity and is exact for the
+    rounded problem.
+    """
+    if strategy not in STRATEGIES:
+        raise AllocationError(f"unknown strategy {strategy!r}; known: {', '.join(STRATEGIES)}")
+    if not demands:
+        raise AllocationError("nothing to allocate: no demands")
+    if not (capacity_bps >= 0 and math.isfinite(capacity_bps)):
+        raise AllocationError(f"capacity must be finite and >= 0 bit/s, not {capacity_bps}")
+    problem = _Problem(demands)
+    if capacity_bps == 0:
+        rate = np.zeros(len(demands))
+        return problem.result(strategy, 0.0, problem.plan_at(rate), rate)
+    return STRATEGIES[strategy](problem, capacity_bps, **options)
+

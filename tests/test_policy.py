@@ -1,0 +1,124 @@
+import math
+
+import pytest
+
+from ray_scout.core.modes import Mode
+from ray_scout.core.policy import (
+    PAPER_B_PAYLOAD_BYTES, AdaptivePolicy, LatencyModel, ModeQuality, PolicyInput,
+    ProfileError, QualityProfile, StaticPolicy, paper_b_latency, paper_b_profile,
+)
+
+MBIT = 1e6
+
+
+def request(rate_mbit, deadline_s=1.5, latency=None, backlog_bytes=0):
+    return PolicyInput(rate_mbit * MBIT, deadline_s, PAPER_B_PAYLOAD_BYTES,
+                       latency or paper_b_latency(), backlog_bytes)
+
+
+def test_paper_b_profile_carries_the_published_modes_table():
+    p = paper_b_profile("7b-14b")
+    assert p.quality(Mode.INT8) == 0.996 and p.quality(Mode.MIXED_INT4) == 1.07
+    assert p.quality(Mode.SCOUT) == pytest.approx(0.714 / 0.648, abs=1e-3)
+    assert paper_b_profile("3b-7b").quality(Mode.SCOUT) == pytest.approx(0.81, abs=0.01)
+    assert p.quality(Mode.LOCAL) is None
+
+
+@pytest.mark.parametrize("suffix", [".yaml", ".json"])
+def test_profile_roundtrips_through_yaml_and_json(tmp_path, suffix):
+    p = QualityProfile("cal", "embedded", "embedded", "f1",
+                       {Mode.INT8: ModeQuality(0.41, n=200, ci_low=0.37, ci_high=0.45),
+                        Mode.SCOUT: ModeQuality(0.33)}, source="scout calibrate")
+    p.save(tmp_path / f"p{suffix}")
+    assert QualityProfile.load(tmp_path / f"p{suffix}") == p
+
+
+def test_profile_with_unknown_metric_is_refused():
+    with pytest.raises(ProfileError, match="relative_f1"):
+        QualityProfile("x", "a", "b", "bleu", {})
+
+
+def test_transfer_time_is_bytes_over_rate_without_slow_start():
+    lat = LatencyModel({}, {}, rtt_s=0.05)
+    assert lat.transfer_s(4_700_000, 100 * MBIT) == pytest.approx(0.376)
+    assert lat.transfer_s(0, 0.0) == 0.0
+    assert math.isinf(lat.transfer_s(1, 0.0))
+
+
+def test_slow_start_adds_rtt_rounds_until_the_window_fills_the_pipe():
+    lat = LatencyModel({}, {}, rtt_s=0.1, slow_start=True, mss_bytes=1000,
+                       initial_window_segments=10)
+    # BDP at 8 Mbit/s x 100 ms = 100 kB: windows of 10, 20, 40, 80 kB (150 kB) go in 4 RTTs.
+    assert lat.transfer_s(1_000_000, 8 * MBIT) == pytest.approx(0.4 + 850_000 * 8 / 8e6)
+    # A payload inside the first window pays serialization only.
+    assert lat.transfer_s(5_000, 8 * MBIT) == pytest.approx(5_000 * 8 / 8e6)
+
+
+def test_scout_pays_the_cloud_re_prefill():
+    lat = paper_b_latency(rtt_s=0.02)
+    assert lat.fixed_s(Mode.SCOUT) - lat.fixed_s(Mode.INT8) == pytest.approx(0.057 - 0.004)
+    assert lat.breakdown(Mode.INT8, 0, 1.0).rtt_s == 0.02
+
+
+def test_adaptive_picks_the_best_quality_that_fits_at_high_bandwidth():
+    d = AdaptivePolicy(paper_b_profile("3b-7b")).decide(request(200))
+    assert d.mode == Mode.MIXED_INT4  # 107% beats BF16's 100% and fits at 180 Mbit/s
+    assert set(d.feasible) >= {Mode.BF16, Mode.INT8, Mode.INT4, Mode.MIXED_INT4, Mode.SCOUT}
+
+
+def test_adaptive_steps_down_as_bandwidth_falls():
+    policy = AdaptivePolicy(paper_b_profile("3b-7b"), safety_margin=0.0)
+    # Budget for bytes: 1.5 - 0.522 s = 0.978 s; INT4 (2.3 MB) needs 18.8 Mbit/s.
+    assert policy.decide(request(25)).mode == Mode.MIXED_INT4
+    assert policy.decide(request(20)).mode == Mode.INT4
+    assert policy.decide(request(10)).mode == Mode.SCOUT
+
+
+def test_safety_margin_discounts_the_bandwidth_it_plans_for():
+    # 22 Mbit/s carries mixed INT4 (21.3 needed) but not 22 x 0.9 = 19.8.
+    assert AdaptivePolicy(paper_b_profile("3b-7b"), 0.0).decide(request(22)).mode \
+        == Mode.MIXED_INT4
+    d = AdaptivePolicy(paper_b_profile("3b-7b"), 0.1).decide(request(22))
+    assert d.mode == Mode.INT4 and d.planning_rate_bps == pytest.approx(19.8 * MBIT)
+
+
+def test_backlog_on_the_wire_counts_against_the_new_payload():
+    policy = AdaptivePolicy(paper_b_profile("3b-7b"), 0.0)
+    assert policy.decide(request(25, backlog_bytes=2_000_000)).mode == Mode.SCOUT
+
+
+def test_link_down_falls_back_to_local_and_says_why():
+    d = AdaptivePolicy(paper_b_profile()).decide(request(0))
+    assert d.mode == Mode.LOCAL and "link down" in d.reason
+
+
+def test_impossible_deadline_falls_back_to_local():
+    d = AdaptivePolicy(paper_b_profile()).decide(request(200, deadline_s=0.1))
+    assert d.mode == Mode.LOCAL and d.feasible == ()
+    assert d.expected_latency_s[Mode.SCOUT] > 0.5
+
+
+def test_local_competes_when_the_profile_knows_it_and_falls_back_to_it_otherwise():
+    modes = dict(paper_b_profile("3b-7b").modes)
+    modes[Mode.LOCAL] = ModeQuality(0.9)
+    profile = QualityProfile("with-local", "a", "b", "relative_f1", modes)
+    lat = paper_b_latency()
+    lat = LatencyModel({**lat.edge_s, Mode.LOCAL: 0.8}, lat.cloud_s)
+    # At 10 Mbit/s only scout (0.81) fits among cloud modes; the edge alone (0.9) is better.
+    d = AdaptivePolicy(profile).decide(request(10, latency=lat))
+    assert d.mode == Mode.LOCAL and Mode.LOCAL in d.feasible and "highest" in d.reason
+
+
+def test_scout_with_highest_quality_wins_even_when_kv_fits():
+    assert AdaptivePolicy(paper_b_profile("7b-14b")).decide(request(200)).mode == Mode.SCOUT
+
+
+def test_static_policy_sends_its_mode_whatever_the_link():
+    d = StaticPolicy(Mode.BF16).decide(request(5))
+    assert d.mode == Mode.BF16 and d.feasible == ()
+    assert d.expected_latency_s[Mode.BF16] == pytest.approx(0.021 + 9.7e6 * 8 / 5e6 + 0.501)
+
+
+def test_latency_model_without_a_mode_says_what_to_add():
+    with pytest.raises(ProfileError, match="no edge_s for mode local"):
+        paper_b_latency().fixed_s(Mode.LOCAL)

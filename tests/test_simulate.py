@@ -1,0 +1,154 @@
+import pytest
+
+from ray_scout.core.capacity import CapacityTrace, markov_chain
+from ray_scout.core.modes import Mode
+from ray_scout.core.policy import (
+    AdaptivePolicy, LatencyModel, StaticPolicy, paper_b_latency, paper_b_profile,
+)
+from ray_scout.experiments.simulate import (
+    AgentSpec, SimConfig, SimulationError, linear_payloads, paper_b_agent, simulate,
+)
+
+MBIT = 1e6
+PROFILE = paper_b_profile("3b-7b")  # scout at 81%: KV modes are worth sending when they fit
+
+
+def agents(n=2, deadline_s=1.5, rate_hz=0.5):
+    return tuple(paper_b_agent(f"a{i}", rate_hz, deadline_s, pair="3b-7b") for i in range(n))
+
+
+def test_generous_deadline_meets_every_request_with_a_kv_mode():
+    cfg = SimConfig(agents(deadline_s=10.0), CapacityTrace.constant(100 * MBIT, 30),
+                    AdaptivePolicy(PROFILE), allocator="equal", seed=1)
+    requests, _ = simulate(cfg)
+    assert len(requests) > 10
+    assert requests.deadline_met.all()
+    assert set(requests["mode"]) == {"mixed_int4"}  # 107%: the best, and it fits
+    assert requests.quality.to_numpy() == pytest.approx(1.07)
+
+
+def test_impossible_deadline_for_kv_falls_back_to_scout():
+    cfg = SimConfig(agents(deadline_s=0.6), CapacityTrace.constant(5 * MBIT, 30),
+                    AdaptivePolicy(PROFILE), allocator=None, seed=1)
+    requests, _ = simulate(cfg)
+    assert set(requests["mode"]) == {"scout"} and requests.deadline_met.all()
+
+
+def test_deadline_below_any_cloud_latency_falls_back_to_local_and_misses():
+    cfg = SimConfig(agents(deadline_s=0.3), CapacityTrace.constant(200 * MBIT, 20),
+                    AdaptivePolicy(PROFILE), seed=1)
+    requests, _ = simulate(cfg)
+    assert set(requests["mode"]) == {"local"}
+    # The profile knows neither the edge-only quality nor its latency: counted as misses.
+    assert not requests.deadline_met.any() and (requests.quality == 0).all()
+
+
+def test_lone_transfer_takes_exactly_bytes_over_rate():
+    lone = (paper_b_agent("a0", 0.2, 5.0, pair="3b-7b"),)
+    cfg = SimConfig(lone, CapacityTrace.constant(50 * MBIT, 60), StaticPolicy(Mode.INT8),
+                    allocator=None, seed=3)
+    requests, _ = simulate(cfg)
+    gap_before = requests.t_arrival_s.diff().fillna(10)
+    gap_after = -requests.t_arrival_s.diff(-1).fillna(-10)
+    single = requests[(gap_before > 1.0) & (gap_after > 1.0)]  # nothing else in flight
+    assert len(single) > 3
+    assert single.tx_s.to_numpy() == pytest.approx(4_700_000 * 8 / 50e6)
+    assert single.latency_s.to_numpy() == pytest.approx(0.021 + 0.752 + 0.501)
+
+
+@pytest.mark.parametrize("allocator", [None, "equal"])
+def test_adaptive_meets_at_least_as_many_deadlines_as_every_static_baseline(allocator):
+    trace = markov_chain(duration_s=120, seed=3)
+    specs = agents(n=2, deadline_s=1.5, rate_hz=0.5)
+
+    def hit_rate(policy):
+        requests, _ = simulate(SimConfig(specs, trace, policy, allocator=allocator, seed=1))
+        return requests.deadline_met.mean(), requests.quality.mean()
+
+    adaptive_hits, adaptive_quality = hit_rate(AdaptivePolicy(PROFILE))
+    for mode in (Mode.BF16, Mode.INT8, Mode.INT4, Mode.MIXED_INT4):
+        assert adaptive_hits >= hit_rate(StaticPolicy(mode, PROFILE))[0]
+    scout_hits, scout_quality = hit_rate(StaticPolicy(Mode.SCOUT, PROFILE))
+    # Scout's 336 B always fit; adaptive trades a few of those hits for KV quality.
+    assert adaptive_hits >= scout_hits - 0.02 and adaptive_quality > scout_quality
+
+
+def test_link_at_rate_zero_for_two_seconds_produces_misses_not_a_hang():
+    trace = CapacityTrace(((0, 100 * MBIT), (5.0, 0.0), (7.0, 100 * MBIT)), 12.0)
+    cfg = SimConfig(agents(n=1, deadline_s=1.5, rate_hz=1.0), trace,
+                    StaticPolicy(Mode.INT8, PROFILE), seed=2)
+    requests, _ = simulate(cfg)
+    outage = requests[(requests.t_arrival_s > 5.0) & (requests.t_arrival_s < 6.5)]
+    assert len(outage) > 0 and outage.cancelled.all() and not outage.deadline_met.any()
+    assert requests[requests.t_arrival_s < 4.0].deadline_met.all()
+
+
+def test_model_aware_meets_the_deadlines_equal_split_misses():
+    # The allocation example: 4 agents on 50 Mbit/s, two with 3.5x the KV of the others,
+    # all sending INT8 (each fits only at its KV-proportional share, not at 12.5 Mbit/s).
+    def agent(aid, int8_bytes):
+        return AgentSpec(aid, 0.1, 1.5, linear_payloads({Mode.INT8: int8_bytes}, 1),
+                         PROFILE, LatencyModel({Mode.INT8: 0.25}, {Mode.INT8: 0.25}))
+    specs = (agent("small-1", 600_000), agent("small-2", 600_000),
+             agent("large-1", 2_100_000), agent("large-2", 2_100_000))
+    trace = CapacityTrace.constant(50 * MBIT, 120)
+    policy = StaticPolicy(Mode.INT8, PROFILE)
+    by = {}
+    for allocator in ("equal", "model_aware"):
+        requests, epochs = simulate(SimConfig(specs, trace, policy, allocator, seed=4))
+        by[allocator] = requests.groupby(requests.agent.str[:5]).deadline_met.mean()
+        assert set(epochs.strategy) == {allocator}
+    assert by["equal"]["large"] == 0 and by["equal"]["small"] == 1
+    # Two requests of one agent in flight at once share its grant and miss: the rest hit.
+    assert by["model_aware"]["large"] > 0.8 and by["model_aware"]["small"] > 0.8
+
+
+def test_epochs_are_tidy_and_follow_capacity_changes():
+    trace = CapacityTrace(((0, 50 * MBIT), (0.25, 10 * MBIT)), 1.0)
+    _, epochs = simulate(SimConfig(agents(n=2, rate_hz=0.0), trace, AdaptivePolicy(PROFILE),
+                                   allocator="quality_max", epoch_s=0.1))
+    times = sorted(set(epochs.t_s))
+    assert 0.25 in times and len(times) == 11  # 0.0 .. 0.9 and the change
+    assert (epochs.groupby("t_s").rate_bps.sum().to_numpy()
+            == pytest.approx([trace.rate_at(t) for t in times]))
+
+
+def test_same_seed_same_results():
+    cfg = SimConfig(agents(), markov_chain(duration_s=30, seed=1), AdaptivePolicy(PROFILE),
+                    estimator="robust", seed=5)
+    a, _ = simulate(cfg)
+    b, _ = simulate(cfg)
+    assert a.equals(b)
+
+
+def test_per_agent_policy_map_must_cover_every_agent():
+    cfg = SimConfig(agents(n=2), CapacityTrace.constant(1e6, 1), {"a0": StaticPolicy(Mode.INT8)})
+    with pytest.raises(SimulationError, match="a1"):
+        simulate(cfg)
+
+
+def test_scout_latency_includes_the_cloud_prefill():
+    cfg = SimConfig(agents(n=1, deadline_s=2.0), CapacityTrace.constant(100 * MBIT, 20),
+                    StaticPolicy(Mode.SCOUT, PROFILE), allocator=None, seed=1)
+    requests, _ = simulate(cfg)
+    assert requests.cloud_s.to_numpy() == pytest.approx(paper_b_latency().cloud_s[Mode.SCOUT])
+
+
+def test_a_static_mode_the_payloads_do_not_size_is_a_clear_error():
+    spec = AgentSpec("a0", 2.0, 1.5, linear_payloads({Mode.INT8: 1000}, 1), PROFILE,
+                     paper_b_latency())
+    cfg = SimConfig((spec,), CapacityTrace.constant(1e6, 5), StaticPolicy(Mode.SCOUT))
+    with pytest.raises(SimulationError, match="does not size"):
+        simulate(cfg)
+
+
+def test_estimator_options_reach_the_estimator():
+    cfg = SimConfig(agents(n=1), markov_chain(duration_s=20, seed=2), AdaptivePolicy(PROFILE),
+                    allocator=None, estimator="ewma", estimator_options={"alpha": 1.0}, seed=3)
+    requests, _ = simulate(cfg)
+    done = requests[requests.tx_s > 0]
+    observed = set((done.payload_bytes * 8 / done.tx_s).round(3))
+    initial = requests.bandwidth_estimate_bps.iloc[0]
+    # alpha = 1: every estimate is some finished transfer's throughput (or the initial one).
+    estimates = set(requests.bandwidth_estimate_bps.round(3)) - {round(initial, 3)}
+    assert estimates and estimates <= observed
