@@ -1,0 +1,217 @@
+"""What one request costs in compute and bytes, per fidelity; no Ray, no sockets here.
+
+What lives here: compute timings of a model (Paper B's published stage times, or a measured
+``LatencyProfile``), the latency model the policy plans with, the exact payload sizes of
+profiled fidelity, the body a profiled request carries (a descriptor padded to the exact
+payload size) and the cloud's profiled service. What it knows: numbers from profiles and the
+wire format's closed-form sizes. What it leaves to others: sleeping or computing at the right
+time and sending the bytes (the actors), real models (``core.pipeline``, full fidelity).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import struct
+from pathlib import Path
+from typing import TYPE_CHECKING, Mapping, Protocol
+
+from ray_scout.core.modes import CLOUD_MODES, KV_MODES, Mode
+from ray_scout.core.policy import LatencyModel, paper_b_latency
+
+if TYPE_CHECKING:  # torch comes with these; agents import this module and must stay light
+    from ray_scout.core.latency import LatencyProfile
+    from ray_scout.core.models import KVFacts
+
+# Question tokens a request adds on the cloud side (the KV modes prefill only the question).
+QUESTION_TOKENS = 32
+PROFILED_MAGIC = b"RSPF"
+_HEAD = struct.Struct(">4sI")
+
+
+class ComputeError(ValueError):
+    """A timing source, payload size or profiled body that cannot be used."""
+
+
+class Timing(Protocol):
+    """Compute time of one model for the stages of a request, in seconds."""
+
+    model_id: str
+
+    def edge_s(self, mode: Mode, context_tokens: int, new_tokens: int) -> float: ...
+
+    def cloud_s(self, mode: Mode, context_tokens: int, selected_tokens: int,
+                new_tokens: int) -> float: ...
+
+
+@dataclasses.dataclass(frozen=True)
+class PaperBTiming:
+    """Paper A/B's published stage times (Qwen2.5-7B edge, 14B cloud): constants per mode.
+
+    The paper publishes no edge-only answer time, so ``local`` is unknown here and a
+    ``local`` request raises; ``model_id`` is only a label.
+    """
+
+    model_id: str = "paper_b"
+
+    def edge_s(self, mode: Mode, context_tokens: int, new_tokens: int) -> float:
+        return _published(paper_b_latency().edge_s, mode, "edge")
+
+    def cloud_s(self, mode: Mode, context_tokens: int, selected_tokens: int,
+                new_tokens: int) -> float:
+        return _published(paper_b_latency().cloud_s, mode, "cloud")
+
+
+def _published(terms: Mapping[Mode, float], mode: Mode, where: str) -> float:
+    if mode not in terms:
+        raise ComputeError(f"Paper B publishes no {where} time for mode {mode.value}; use a "
+                           "measured latency profile (bench/latency_profiles.py) instead")
+    return terms[mode]
+
+
+@dataclasses.dataclass(frozen=True)
+class ProfileTiming:
+    """Stage times from a measured latency profile (prefill and per-token decode vs tokens).
+
+    Edge, cloud modes: the prefill of the context (selection and encoding are not in the
+    profile, so they count as 0 s). Edge, ``local``: prefill + decode of the answer. Cloud,
+    KV modes: prefill of the question on the rebuilt cache + decode; cloud, scout: re-prefill
+    of the selected positions and the question + decode over them.
+    """
+
+    profile: LatencyProfile
+
+    @property
+    def model_id(self) -> str:
+        return self.profile.model_id
+
+    def edge_s(self, mode: Mode, context_tokens: int, new_tokens: int) -> float:
+        prefill = self.profile.prefill_s(context_tokens + QUESTION_TOKENS)
+        if mode == Mode.LOCAL:
+            return prefill + self.profile.decode_s(context_tokens, new_tokens)
+        return prefill
+
+    def cloud_s(self, mode: Mode, context_tokens: int, selected_tokens: int,
+                new_tokens: int) -> float:
+        if mode == Mode.SCOUT:
+            return (self.profile.prefill_s(selected_tokens + QUESTION_TOKENS)
+                    + self.profile.decode_s(selected_tokens, new_tokens))
+        return (self.profile.prefill_s(QUESTION_TOKENS)
+                + self.profile.decode_s(context_tokens, new_tokens))
+
+
+def load_timing(source: str, base: Path | None = None) -> Timing:
+    """``paper_b`` or the path of a latency profile (relative to ``base``)."""
+    if source == "paper_b":
+        return PaperBTiming()
+    path = Path(source)
+    if not path.is_absolute() and base is not None:
+        path = base / path
+    if not path.exists():
+        raise ComputeError(f"latency profile {path} not found; measure it with "
+                           "`python3 bench/latency_profiles.py --source <model> --lengths ...` "
+                           "or use `paper_b`")
+    from ray_scout.core.latency import LatencyProfile
+
+    return ProfileTiming(LatencyProfile.load(path))
+
+
+def latency_model(edge: Timing, cloud: Timing, context_tokens: int, selected_tokens: int,
+                  new_tokens: int, rtt_s: float, cloud_queue_s: float = 0.0) -> LatencyModel:
+    """The latency model a policy plans one agent's requests with."""
+    edge_s, cloud_s = {}, {}
+    for mode in CLOUD_MODES:
+        edge_s[mode] = edge.edge_s(mode, context_tokens, new_tokens)
+        cloud_s[mode] = cloud.cloud_s(mode, context_tokens, selected_tokens, new_tokens)
+    try:
+        edge_s[Mode.LOCAL] = edge.edge_s(Mode.LOCAL, context_tokens, new_tokens)
+    except ComputeError:
+        pass  # the timing source cannot say how long the edge takes alone: local stays unplanned
+    return LatencyModel(edge_s, cloud_s, rtt_s=rtt_s, cloud_queue_s=cloud_queue_s)
+
+
+def selected_tokens(context_tokens: int, retention: float) -> int:
+    if not 0 < retention <= 1:
+        raise ComputeError(f"scout retention must lie in (0, 1], not {retention}")
+    return max(1, math.ceil(context_tokens * retention))
+
+
+def scout_size_bound_bytes(context_tokens: int) -> int:
+    """Upper bound of a scout payload without the document: the bitmap position code.
+
+    A scout body (``core.scout``) is a flag, a 32-byte document hash, varints, the position
+    code (the smaller of delta-varints and a bitmap of ceil(n/8) + 1 bytes), character spans
+    and the question. Its exact size depends on the text, which profiled fidelity does not
+    have; the bitmap plus 64 bytes of question and 64 of envelope stands in.
+    """
+    return 1 + 32 + 6 + 1 + (context_tokens + 7) // 8 + 64 + 64
+
+
+def profiled_payload_bytes(facts: KVFacts, context_tokens: int, *, group_size: int = 32,
+                           protected_layers: tuple[int, ...] = (0,)) -> dict[Mode, int]:
+    """Exact wire bytes of every KV mode (the codec's closed form) and scout's bound."""
+    from ray_scout.core.wire import payload_size_bytes
+
+    sizes = {}
+    for mode in KV_MODES:
+        protected = protected_layers if mode == Mode.MIXED_INT4 else ()
+        sizes[mode] = payload_size_bytes(mode, facts, context_tokens, group_size=group_size,
+                                         protected_layers=protected)
+    sizes[Mode.SCOUT] = scout_size_bound_bytes(context_tokens)
+    return sizes
+
+
+@dataclasses.dataclass(frozen=True)
+class ProfiledRequest:
+    """What the cloud needs to time a profiled request; padded to the payload's exact size."""
+
+    mode: Mode
+    cloud_model: str
+    context_tokens: int
+    selected_tokens: int
+    new_tokens: int
+
+    def to_body(self, size_bytes: int) -> bytes:
+        doc = json.dumps({"mode": self.mode.value, "cloud_model": self.cloud_model,
+                          "context_tokens": self.context_tokens,
+                          "selected_tokens": self.selected_tokens,
+                          "new_tokens": self.new_tokens}).encode()
+        head = _HEAD.pack(PROFILED_MAGIC, len(doc)) + doc
+        if size_bytes < len(head):
+            raise ComputeError(f"a profiled body needs at least {len(head)} bytes for its "
+                               f"descriptor; the payload is {size_bytes}")
+        return head + bytes(size_bytes - len(head))
+
+    @classmethod
+    def from_body(cls, body: bytes | memoryview) -> "ProfiledRequest":
+        if len(body) < _HEAD.size:
+            raise ComputeError(f"profiled body of {len(body)} bytes is shorter than its header")
+        magic, length = _HEAD.unpack_from(body)
+        if magic != PROFILED_MAGIC or _HEAD.size + length > len(body):
+            raise ComputeError("not a profiled request body (bad magic or descriptor length); "
+                               "is the agent running another fidelity than the cloud?")
+        try:
+            doc = json.loads(bytes(body[_HEAD.size:_HEAD.size + length]))
+            return cls(Mode.parse(doc["mode"]), doc["cloud_model"], int(doc["context_tokens"]),
+                       int(doc["selected_tokens"]), int(doc["new_tokens"]))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ComputeError(f"profiled descriptor is malformed ({exc})") from None
+
+
+class ProfiledCloud:
+    """The cloud's compute in profiled fidelity: the service time of its model's timing."""
+
+    def __init__(self, timings: Mapping[str, Timing]):
+        if not timings:
+            raise ComputeError("a profiled cloud needs at least one model timing")
+        self.timings = dict(timings)
+
+    def service_s(self, request: ProfiledRequest) -> float:
+        try:
+            timing = self.timings[request.cloud_model]
+        except KeyError:
+            raise ComputeError(f"cloud hosts no model {request.cloud_model!r}; it hosts "
+                               f"{sorted(self.timings)}") from None
+        return timing.cloud_s(request.mode, request.context_tokens, request.selected_tokens,
+                              request.new_tokens)

@@ -1,0 +1,240 @@
+"""EdgeAgent: one edge device's workload, estimator and policy, and its requests' timelines.
+
+What lives here: the agent's loop over a seeded arrival schedule (requests wait in the
+agent's own FIFO: one edge model answers one request at a time), the policy decision on the
+time left, the edge compute (profiled: the latency profile's time is slept; full: the
+pipeline's edge stage), the send over a ``Connection`` from the agent's namespace with the
+deadline as the transport's budget, scoring, and one row per request streamed to the
+``Recorder`` as soon as it is final. What it leaves to others: splitting capacity (the
+allocator tells it its grant), the cloud, shaping.
+
+Timeline of a request (unix seconds, all on this host's clock; the columns of ``requests``):
+arrival -> start (after the agent queue) -> edge compute (prefill, select, encode) ->
+tx start -> tx end (last byte to the kernel) -> tx acked -> cloud queue -> cloud compute ->
+answer received -> scored. ``overhead_s`` is what is left of the latency after agent queue,
+edge compute, bytes on the wire (tx start to acked), cloud queue and cloud compute: the
+testbed's own cost plus one propagation RTT.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from typing import Any, Mapping
+
+from ray_scout.actors.compute import ProfiledRequest
+from ray_scout.core.allocation import Demand, demand_for
+from ray_scout.core.estimators import GrantEstimator, make_estimator
+from ray_scout.core.modes import Mode
+from ray_scout.core.policy import (
+    AdaptivePolicy, LatencyModel, Policy, PolicyInput, QualityProfile, StaticPolicy,
+)
+from ray_scout.transport.client import (
+    Connection, ConnectionLost, DeadlineExceeded, RemoteError, TransportError,
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Arrival:
+    """One request of the workload: when (s after the run's start) and how long its context."""
+
+    request_id: int
+    t_s: float
+    context_tokens: int
+    sample_index: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class RequestShape:
+    """What a request of one context length costs, computed by the runner once.
+
+    Precomputed so agents import neither torch nor the codecs: exact payload bytes per mode,
+    the policy's latency model, and the edge compute seconds per mode (``local`` absent when
+    the timing source cannot answer at the edge alone).
+    """
+
+    context_tokens: int
+    selected_tokens: int
+    payload_bytes: Mapping[Mode, int]
+    latency: LatencyModel
+    edge_s: Mapping[Mode, float]
+
+
+@dataclasses.dataclass(frozen=True)
+class AgentConfig:
+    """Everything an agent needs, built by the runner (picklable, no live objects)."""
+
+    name: str
+    netns: str | None
+    cloud_address: tuple[str, int]
+    policy: str  # 'adaptive' or 'static:<mode>'
+    allocator: str
+    quality: QualityProfile
+    shapes: Mapping[int, RequestShape]  # by context tokens
+    cloud_model: str
+    deadline_s: float
+    arrivals: tuple[Arrival, ...]
+    estimator: str = "grant"
+    initial_bps: float = 10e6
+    safety_margin: float = 0.1
+    new_tokens: int = 24
+
+
+def request_shape(context_tokens: int, selected: int, payload_bytes: Mapping[Mode, int],
+                  latency: LatencyModel) -> RequestShape:
+    return RequestShape(context_tokens, selected, dict(payload_bytes), latency,
+                        dict(latency.edge_s))
+
+
+def make_policy(name: str, profile: QualityProfile, safety_margin: float) -> Policy:
+    if name == "adaptive":
+        return AdaptivePolicy(profile, safety_margin)
+    if name.startswith("static:"):
+        return StaticPolicy(Mode.parse(name.split(":", 1)[1]), profile)
+    raise ValueError(f"unknown policy {name!r}; use adaptive or static:<mode>")
+
+
+class EdgeAgent:
+    """Runs ``config.arrivals`` against the cloud; ``set_grant`` comes from the allocator."""
+
+    def __init__(self, config: AgentConfig, recorder: Any):
+        from ray_scout.actors.metrics import AgentMetrics
+
+        self.config = config
+        self.recorder = recorder
+        self.policy = make_policy(config.policy, config.quality, config.safety_margin)
+        self.estimator = make_estimator(config.estimator, config.initial_bps)
+        self.grant_bps = math.nan
+        self.metrics = AgentMetrics(config.name, config.policy, config.allocator)
+        self.connection: Connection | None = None
+
+    # --- what the allocator asks and tells ---------------------------------------------
+    def demand(self) -> Demand:
+        """The agent's typical request (median context), as the simulator reports it."""
+        tokens = sorted(a.context_tokens for a in self.config.arrivals) or \
+            sorted(self.config.shapes)
+        shape = self.config.shapes[tokens[len(tokens) // 2]]
+        return demand_for(self.config.name, shape.payload_bytes, self.config.quality,
+                          shape.latency, self.config.deadline_s)
+
+    def set_grant(self, rate_bps: float) -> None:
+        self.grant_bps = rate_bps
+        if isinstance(self.estimator, GrantEstimator):
+            self.estimator.set_grant(rate_bps)
+        self.metrics.grant(rate_bps)
+
+    # --- the loop ----------------------------------------------------------------------
+    def run(self, t0_unix_s: float) -> int:
+        """Serve every arrival not yet in the past; returns how many rows it recorded.
+
+        Called again after a restart (Ray retries the task on the new process): arrivals
+        whose time has passed are skipped and counted in an ``events`` row, since the state
+        of the request that was in flight died with the old process.
+        """
+        now = time.time()
+        todo = [a for a in self.config.arrivals if t0_unix_s + a.t_s >= now - 1e-3]
+        skipped = len(self.config.arrivals) - len(todo)
+        if skipped and now > t0_unix_s + 0.5:
+            self.recorder.add.remote("events", {
+                "wall_time_s": now, "source": self.config.name, "event": "restarted",
+                "detail": f"{skipped} arrivals already past were skipped"})
+        done = 0
+        for arrival in todo:
+            wait = t0_unix_s + arrival.t_s - time.time()
+            if wait > 0:
+                time.sleep(wait)
+            row = self.serve(arrival, t0_unix_s)
+            self.recorder.add.remote("requests", row)
+            done += 1
+        if self.connection is not None:
+            self.connection.close()
+        return done
+
+    def serve(self, arrival: Arrival, t0_unix_s: float) -> dict:
+        c = self.config
+        arrived = t0_unix_s + arrival.t_s
+        start = time.time()
+        shape = c.shapes[arrival.context_tokens]
+        sizes, latency = shape.payload_bytes, shape.latency
+        estimate = self.estimator.estimate(start - t0_unix_s)
+        budget = c.deadline_s - (start - arrived)
+        decision = self.policy.decide(PolicyInput(estimate, max(budget, 0.0), sizes, latency))
+        mode = decision.mode
+        row = dict(
+            request_id=arrival.request_id, agent=c.name, policy=c.policy, allocator=c.allocator,
+            t_arrival_s=arrival.t_s, context_tokens=arrival.context_tokens, mode=mode.value,
+            reason=decision.reason, bandwidth_estimate_bps=estimate, grant_bps=self.grant_bps,
+            payload_bytes=0 if mode == Mode.LOCAL else sizes[mode],
+            expected_latency_s=decision.expected_latency_s.get(mode, math.nan),
+            agent_queue_s=start - arrived, edge_s=math.nan, tx_s=math.nan, tx_send_s=math.nan,
+            cloud_queue_s=math.nan, cloud_s=math.nan, rx_s=math.nan, latency_s=math.nan,
+            overhead_s=math.nan, deadline_s=c.deadline_s, deadline_met=False, cancelled=False,
+            outcome="miss", error="", quality=0.0, measured_bps=math.nan,
+            arrival_unix_s=arrived, tx_start_unix_s=math.nan, tx_end_unix_s=math.nan,
+            tx_acked_unix_s=math.nan, answer_unix_s=math.nan, cloud_model=c.cloud_model)
+        if budget <= 0:
+            row.update(outcome="expired", error="deadline passed in the agent's queue")
+            return self._finish(row, mode)
+        if mode not in shape.edge_s:  # e.g. Paper B's times have no edge-only answer
+            row.update(error=f"unanswered: no edge time for {mode.value} in this fidelity")
+            return self._finish(row, mode)
+        edge_s = shape.edge_s[mode]
+        time.sleep(edge_s)
+        edge_done = time.time()
+        row["edge_s"] = edge_done - start
+        if mode == Mode.LOCAL:
+            row["latency_s"] = edge_done - arrived
+            row["overhead_s"] = row["latency_s"] - row["agent_queue_s"] - row["edge_s"]
+            return self._score(row, mode)
+        body = ProfiledRequest(mode, c.cloud_model, shape.context_tokens, shape.selected_tokens,
+                               c.new_tokens).to_body(sizes[mode])
+        left = c.deadline_s - (time.time() - arrived)
+        try:
+            if left <= 0:
+                raise DeadlineExceeded("deadline passed during edge compute")
+            if self.connection is None:
+                self.connection = Connection(c.cloud_address, source_netns=c.netns,
+                                             connect_timeout_s=min(left, 5.0))
+            response = self.connection.request(body, deadline_s=left)
+        except DeadlineExceeded as exc:
+            row.update(cancelled=True, error=str(exc))
+            return self._finish(row, mode)
+        except (ConnectionLost, RemoteError, TransportError, OSError) as exc:
+            if isinstance(exc, (ConnectionLost, OSError)) and self.connection is not None:
+                self.connection.close()
+                self.connection = None
+            row.update(outcome="error", error=f"{type(exc).__name__}: {exc}")
+            return self._finish(row, mode)
+        answer = json.loads(response.body)
+        tl = response.timeline
+        acked = tl.tx_acked_unix_s if tl.tx_acked_unix_s is not None else tl.tx_end_unix_s
+        tx_s = acked - tl.tx_start_unix_s
+        measured = sizes[mode] * 8 / tx_s if tx_s > 0 else math.nan
+        if tx_s > 0:
+            self.estimator.observe(sizes[mode], tx_s, acked - t0_unix_s)
+        latency_s = tl.rx_end_unix_s - arrived
+        row.update(
+            tx_s=tx_s, tx_send_s=tl.tx_end_unix_s - tl.tx_start_unix_s,
+            cloud_queue_s=answer["cloud_queue_s"], cloud_s=answer["cloud_compute_s"],
+            rx_s=tl.rx_end_unix_s - tl.rx_first_byte_unix_s, latency_s=latency_s,
+            measured_bps=measured, tx_start_unix_s=tl.tx_start_unix_s,
+            tx_end_unix_s=tl.tx_end_unix_s, tx_acked_unix_s=acked, answer_unix_s=tl.rx_end_unix_s,
+            overhead_s=latency_s - row["agent_queue_s"] - row["edge_s"] - tx_s
+            - answer["cloud_queue_s"] - answer["cloud_compute_s"])
+        return self._score(row, mode)
+
+    def _score(self, row: dict, mode: Mode) -> dict:
+        met = bool(row["latency_s"] <= self.config.deadline_s)
+        q = self.config.quality.quality(mode)
+        row.update(deadline_met=met, outcome="hit" if met else "miss",
+                   quality=(math.nan if q is None else q) if met else 0.0)
+        return self._finish(row, mode)
+
+    def _finish(self, row: dict, mode: Mode) -> dict:
+        row["done_unix_s"] = time.time()
+        self.metrics.request(mode, row["outcome"], row["payload_bytes"], row["latency_s"],
+                             row["quality"], row["bandwidth_estimate_bps"],
+                             None if math.isnan(row["measured_bps"]) else row["measured_bps"])
+        return row

@@ -1,0 +1,360 @@
+"""Run an experiment spec: every policy x allocator combination on the same seeded workload.
+
+What lives here: turning a ``Spec`` into per-agent request shapes (exact payload bytes, the
+policy's latency model, edge times), starting Ray (a local instance with the custom resources
+``edge`` and ``cloud``, or an existing cluster), one trial per combination (LinkManager ->
+CloudActor -> EdgeAgents -> Allocator, run, tear down; also on Ctrl-C), and gathering the
+recorded rows into tidy tables. ``simulated`` fidelity maps the same spec onto
+``experiments.simulate``. What it leaves to others: the actors' work, tables to text and
+plots (``report``).
+
+Output directory: ``requests``, ``epochs``, ``rate_changes`` and ``events`` as Parquet and CSV,
+``links.csv`` (mechanism record per shaped direction), ``spec.yaml``, ``run.json``, and what
+``report.write_report`` adds. Raw JSON-lines per trial stay under ``raw/`` (what a killed run
+leaves behind).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+
+from ray_scout.actors.cloud import profiled_service
+from ray_scout.actors.compute import (
+    latency_model, load_timing, profiled_payload_bytes, selected_tokens,
+)
+from ray_scout.actors.edge import AgentConfig, Arrival, RequestShape
+from ray_scout.actors.recorder import read_table
+from ray_scout.core.allocation import allocate, demand_for
+from ray_scout.core.models import facts_for
+from ray_scout.experiments.spec import (
+    REPO_ROOT, Spec, SpecError, arrivals, capacity_trace, check_allocators, load_spec,
+    quality_profile,
+)
+from ray_scout.net.profiles import load_profile
+from ray_scout.net.topology import CLOUD_ADDRESS
+
+CLOUD_PORT = 7300
+TABLES = ("requests", "epochs", "rate_changes", "events")
+# How long after the last arrival a trial may take before the driver stops waiting: the
+# longest deadline plus this slack (actor start-up, the last answer's way back).
+DRAIN_SLACK_S = 20.0
+
+
+def rtt_s(access: str, bottleneck: str) -> float:
+    """Propagation round trip from the link profiles' delays (0 on rate-only links)."""
+    a, b = load_profile(access), load_profile(bottleneck)
+    return sum(d.impairment.delay_s for d in (a.up, a.down, b.up, b.down))
+
+
+def request_shapes(spec: Spec) -> dict[str, dict[int, RequestShape]]:
+    """Per agent group and context length: payload bytes, latency model and edge times."""
+    out = {}
+    for g in spec.agents:
+        facts = facts_for(g.model)
+        edge = load_timing(g.edge_timing, spec.base)
+        cloud = load_timing(spec.cloud_models[g.cloud_model], spec.base)
+        rtt = rtt_s(g.access, spec.bottleneck)
+        shapes = {}
+        for tokens in g.context_tokens:
+            selected = selected_tokens(tokens, g.scout_retention)
+            lat = latency_model(edge, cloud, tokens, selected, g.new_tokens, rtt)
+            sizes = profiled_payload_bytes(facts, tokens, protected_layers=g.protected_layers)
+            shapes[tokens] = RequestShape(tokens, selected, sizes, lat, dict(lat.edge_s))
+        out[g.name] = shapes
+    return out
+
+
+def workloads(spec: Spec) -> dict[str, tuple[Arrival, ...]]:
+    """Each agent's arrivals, numbered globally so request ids are unique in a trial."""
+    out, next_id = {}, 0
+    for index, (name, g) in enumerate(spec.groups_by_agent().items()):
+        rows = []
+        for t, tokens in arrivals(spec, index, g.context_tokens, g.arrival_rate_hz):
+            rows.append(Arrival(next_id, t, tokens))
+            next_id += 1
+        out[name] = tuple(rows)
+    return out
+
+
+def demands(spec: Spec, shapes: dict, work: dict) -> list:
+    groups = spec.groups_by_agent()
+    out = []
+    for name, g in groups.items():
+        tokens = sorted(a.context_tokens for a in work[name]) or list(g.context_tokens)
+        shape = shapes[g.name][tokens[len(tokens) // 2]]
+        out.append(demand_for(name, shape.payload_bytes, quality_profile(spec, g),
+                              shape.latency, g.deadline_s))
+    return out
+
+
+# --- Ray --------------------------------------------------------------------------------
+def start_ray(spec: Spec, address: str | None, dashboard: bool = True) -> bool:
+    """Connect to ``address`` or start a local Ray with ``edge``/``cloud`` resources.
+
+    Returns whether this call started Ray (and so must shut it down).
+    """
+    import ray
+
+    if ray.is_initialized():
+        return False
+    env = {"env_vars": {"PYTHONPATH": str(REPO_ROOT)}}
+    if address:
+        ray.init(address=address, runtime_env=env, log_to_driver=False)
+        return True
+    ray.init(resources={"edge": len(spec.agent_names), "cloud": 1}, runtime_env=env,
+             include_dashboard=dashboard, log_to_driver=False, configure_logging=False)
+    return True
+
+
+def _gpu_count() -> int:
+    import ray
+
+    return int(ray.cluster_resources().get("GPU", 0))
+
+
+def run_trial(spec: Spec, policy: str, allocator: str, index: int, out: Path,
+              shapes: dict, work: dict, progress=None) -> dict:
+    """One combination end to end; returns its summary (rows, wall time, errors)."""
+    import ray
+
+    from ray_scout.actors.allocator import Allocator
+    from ray_scout.actors.cloud import CloudActor
+    from ray_scout.actors.edge import EdgeAgent
+    from ray_scout.actors.link_manager import LinkManager
+    from ray_scout.actors.recorder import Recorder
+
+    raw = out / "raw" / f"{index:02d}_{policy.replace(':', '-')}_{allocator}"
+    if raw.exists():
+        for stale in raw.glob("*.jsonl"):
+            stale.unlink()
+    trace = capacity_trace(spec)
+    groups = spec.groups_by_agent()
+    names = list(groups)
+    first = allocate(allocator, demands(spec, shapes, work), trace.rate_at(0.0))
+    run_id = f"{os.getpid() % 0xFFFF:04x}{index:02x}"
+    recorder = ray.remote(Recorder).options(num_cpus=0).remote(str(raw))
+    link_manager = ray.remote(LinkManager).options(num_cpus=0, max_restarts=0).remote(
+        [groups[n].access for n in names], spec.bottleneck, trace.rate_at(0.0),
+        run_id=run_id, impairment=spec.impairment, borrow=spec.borrow)
+    started = time.time()
+    actors, cloud = [], None
+    try:
+        addresses = ray.get(link_manager.addresses.remote())
+        cloud_ns = addresses["cloud"][1]
+        service = profiled_service({m: load_timing(t, spec.base)
+                                    for m, t in spec.cloud_models.items()})
+        cloud = ray.remote(CloudActor).options(
+            num_cpus=0, num_gpus=min(1, _gpu_count()), resources={"cloud": 1},
+            max_restarts=2, max_concurrency=4).remote(
+            "cloud0", (CLOUD_ADDRESS, CLOUD_PORT), cloud_ns, service,
+            slots=spec.cloud_slots, connections=len(names) + 4)
+        ray.get(cloud.ready.remote())
+        agents = {}
+        for name in names:
+            g = groups[name]
+            cfg = AgentConfig(
+                name=name, netns=addresses[name][1], cloud_address=(CLOUD_ADDRESS, CLOUD_PORT),
+                policy=policy, allocator=allocator, quality=quality_profile(spec, g),
+                shapes=shapes[g.name], cloud_model=g.cloud_model, deadline_s=g.deadline_s,
+                arrivals=work[name], estimator=g.estimator,
+                initial_bps=max(first.rate_bps[name], 1.0), safety_margin=spec.safety_margin,
+                new_tokens=g.new_tokens)
+            agents[name] = ray.remote(EdgeAgent).options(
+                num_cpus=0, resources={"edge": 1}, max_restarts=2, max_task_retries=2,
+                max_concurrency=4).remote(cfg, recorder)
+        ray.get([a.demand.remote() for a in agents.values()])
+        actors = [recorder, link_manager, cloud, *agents.values()]
+        alloc = ray.remote(Allocator).options(num_cpus=0, max_concurrency=2).remote(
+            allocator, trace, spec.epoch_s, spec.duration_s, agents, link_manager, recorder)
+        actors.append(alloc)
+        t0 = time.time() + 0.5
+        refs = [alloc.run.remote(t0)] + [a.run.remote(t0) for a in agents.values()]
+        limit = t0 + spec.duration_s + max(g.deadline_s for g in spec.agents) + DRAIN_SLACK_S
+        errors, pending = [], list(refs)
+        while pending and time.time() < limit:
+            done, pending = ray.wait(pending, num_returns=len(pending), timeout=0.5)
+            for ref in done:
+                try:
+                    ray.get(ref)
+                except Exception as exc:  # a task that failed for good: noted, others go on
+                    errors.append(f"{type(exc).__name__}: {exc}"[:500])
+            if progress is not None:
+                counts = ray.get(recorder.counts.remote())
+                progress(counts.get("requests", 0))
+        if pending:
+            errors.append(f"{len(pending)} tasks still running at the drain limit; stopped")
+        for message in errors:
+            recorder.add.remote("events", {"wall_time_s": time.time(), "source": "driver",
+                                           "event": "task_failed", "detail": message})
+        links = ray.get(link_manager.shaping.remote())
+        changes = ray.get(link_manager.changes.remote())
+        cloud_stats = ray.get(cloud.stats.remote())
+        ray.get(recorder.add_many.remote("rate_changes", changes))
+    finally:
+        if cloud is not None:
+            try:
+                ray.get(cloud.close.remote(), timeout=10)
+            except Exception:  # noqa: BLE001 - a dead cloud has nothing left to close
+                pass
+        ray.get(link_manager.teardown.remote())
+        ray.get(recorder.close.remote())
+        for actor in actors:
+            ray.kill(actor)
+    return {"policy": policy, "allocator": allocator, "raw": str(raw), "links": links,
+            "cloud": cloud_stats, "errors": errors, "wall_s": time.time() - started}
+
+
+def _collect(out: Path, trials: list[dict]) -> dict[str, pd.DataFrame]:
+    tables = {t: [] for t in TABLES}
+    for trial in trials:
+        for table in TABLES:
+            rows = read_table(trial["raw"], table)
+            for row in rows:
+                row.setdefault("policy", trial["policy"])
+                row.setdefault("allocator", trial["allocator"])
+            tables[table] += rows
+    frames = {t: pd.DataFrame(rows) for t, rows in tables.items()}
+    if not frames["requests"].empty:
+        frames["requests"] = frames["requests"].sort_values(
+            ["policy", "allocator", "request_id"], ignore_index=True)
+    return frames
+
+
+def write_tables(out: Path, frames: dict[str, pd.DataFrame]) -> None:
+    for name, frame in frames.items():
+        frame.to_csv(out / f"{name}.csv", index=False)
+        if not frame.empty:
+            frame.to_parquet(out / f"{name}.parquet", index=False)
+
+
+def run_emulated(spec: Spec, out: Path, address: str | None = None,
+                 show_progress: bool = True, dashboard: bool = True) -> dict[str, pd.DataFrame]:
+    """``full`` or ``profiled``: real links, real TCP, actors under Ray."""
+    import ray
+    from tqdm import tqdm
+
+    from ray_scout.net.errors import require_root
+
+    if spec.fidelity == "full":
+        raise SpecError("fidelity 'full' needs ray_scout.core.pipeline (the edge and cloud "
+                        "stages), which this build does not have yet; run with "
+                        "--fidelity profiled or simulated")
+    require_root()
+    shapes, work = request_shapes(spec), workloads(spec)
+    check_allocators(spec, demands(spec, shapes, work))
+    total = sum(len(w) for w in work.values())
+    started_ray = start_ray(spec, address, dashboard)
+    trials = []
+    try:
+        for index, (policy, allocator) in enumerate(spec.combinations()):
+            bar = tqdm(total=total, desc=f"{policy} / {allocator}", unit="req",
+                       disable=not show_progress)
+
+            def progress(n: int, bar=bar) -> None:
+                bar.update(n - bar.n)
+
+            trials.append(run_trial(spec, policy, allocator, index, out, shapes, work,
+                                    progress))
+            bar.close()
+    finally:
+        if started_ray:
+            ray.shutdown()
+    frames = _collect(out, trials)
+    links = [dict(row, policy=t["policy"], allocator=t["allocator"])
+             for t in trials for row in t["links"]]
+    pd.DataFrame(links).to_csv(out / "links.csv", index=False)
+    (out / "run.json").write_text(json.dumps(
+        {"trials": [{k: v for k, v in t.items() if k != "links"} for t in trials]},
+        indent=2, default=str))
+    return frames
+
+
+def run_simulated(spec: Spec, out: Path) -> dict[str, pd.DataFrame]:
+    """The same spec through the discrete-event simulator (network and compute modelled)."""
+    from ray_scout.actors.edge import make_policy
+    from ray_scout.experiments.simulate import AgentSpec, SimConfig, simulate
+
+    estimators = {g.estimator for g in spec.agents}
+    if len(estimators) != 1:
+        raise SpecError(f"simulated fidelity runs one estimator for all agents; the spec has "
+                        f"{sorted(estimators)}")
+    estimator = next(iter(estimators))
+    shapes = request_shapes(spec)
+    groups = spec.groups_by_agent()
+    trace = capacity_trace(spec)
+    agents = []
+    for name, g in groups.items():
+        table = {t: s.payload_bytes for t, s in shapes[g.name].items()}
+        median = sorted(g.context_tokens)[len(g.context_tokens) // 2]
+        access = load_profile(g.access).up.rate_bps
+        agents.append(AgentSpec(name, g.arrival_rate_hz, g.deadline_s, table.__getitem__,
+                                quality_profile(spec, g), shapes[g.name][median].latency,
+                                g.context_tokens, access_rate_bps=access))
+    requests, epochs = [], []
+    for policy, allocator in spec.combinations():
+        pol = {name: make_policy(policy, quality_profile(spec, g), spec.safety_margin)
+               for name, g in groups.items()}
+        req, ep = simulate(SimConfig(tuple(agents), trace, pol, allocator, estimator,
+                                     epoch_s=spec.epoch_s, duration_s=spec.duration_s,
+                                     seed=spec.seed))
+        requests.append(req.assign(policy=policy, allocator=allocator))
+        epochs.append(ep.assign(policy=policy, allocator=allocator))
+    return {"requests": pd.concat(requests, ignore_index=True),
+            "epochs": pd.concat(epochs, ignore_index=True),
+            "rate_changes": pd.DataFrame(), "events": pd.DataFrame()}
+
+
+def run_experiment(spec: Spec, out: Path, address: str | None = None,
+                   show_progress: bool = True, dashboard: bool = True) -> dict[str, pd.DataFrame]:
+    """Run ``spec`` at its fidelity, write tables, the summary and the plots to ``out``."""
+    from ray_scout.experiments.report import write_report
+
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.time()
+    if spec.fidelity == "simulated":
+        frames = run_simulated(spec, out)
+    else:
+        frames = run_emulated(spec, out, address, show_progress, dashboard)
+    write_tables(out, frames)
+    meta = {"spec": spec.name, "fidelity": spec.fidelity, "wall_s": time.time() - started,
+            "finished_unix_s": time.time()}
+    (out / "meta.json").write_text(json.dumps(meta, indent=2))
+    write_report(spec, out, frames)
+    return frames
+
+
+# --- CLI --------------------------------------------------------------------------------
+def add_arguments(parser) -> None:
+    parser.add_argument("spec", type=Path, help="experiments/<name>.yaml")
+    parser.add_argument("--fidelity", choices=("full", "profiled", "simulated"),
+                        help="override the spec's fidelity")
+    parser.add_argument("--address", help="an existing Ray cluster ('auto'); default: a "
+                        "local Ray started for this run")
+    parser.add_argument("--out", type=Path, help="results directory (default results/<name>)")
+    parser.add_argument("--no-progress", action="store_true")
+
+
+def run(args) -> int:
+    """``scout run``: exit 0 on success, 2 on a bad spec, 130 on Ctrl-C."""
+    try:
+        spec = load_spec(args.spec, args.fidelity)
+    except SpecError as exc:
+        print(f"scout run: {exc}", file=sys.stderr)
+        return 2
+    out = args.out or REPO_ROOT / "results" / spec.name
+    try:
+        run_experiment(spec, out, args.address, not args.no_progress)
+    except SpecError as exc:
+        print(f"scout run: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("scout run: interrupted; links and actors were torn down", file=sys.stderr)
+        return 130
+    print(f"results in {out} (summary.md)")
+    return 0
