@@ -61,37 +61,37 @@ class LinkChange:
     """One applied change: the bottleneck's rate or one agent's guarantee (and ceil)."""
 
     wall_time_s: float
-    target: str  # 'bottleneck' or an edge name
+    target: str  # 'bottleneck' or an agent's name
     rate_bps: int
     ceil_bps: int
     call_s: float
 
 
 class LinkManager:
-    """Owns a ``LabTopology``; built in the constructor, removed by ``teardown``."""
+    """Owns a ``LabTopology``; built in the constructor, removed by ``teardown``.
 
-    def __init__(self, access: list[str], bottleneck: str, capacity_bps: float, *,
+    ``access`` maps each agent's name to its access profile; agent i in that order sits on
+    the topology's edge ``e<i>``.
+    """
+
+    def __init__(self, access: Mapping[str, str], bottleneck: str, capacity_bps: float, *,
                  run_id: str, impairment: str = "auto", borrow: bool = False):
-        profiles = [load_profile(a) for a in access]
+        profiles = [load_profile(a) for a in access.values()]
         neck = load_profile(bottleneck)
         backend = impairment_backend(impairment, profiles + [neck])
         neck = dataclasses.replace(neck, up=dataclasses.replace(neck.up,
                                                                rate_bps=int(capacity_bps)))
         self.borrow = borrow
         self.topology = LabTopology(profiles, neck, impairment=backend, run_id=run_id).build()
+        self.edge_of = {name: e.name for name, e in zip(access, self.topology.edges)}
         self.capacity_bps = int(capacity_bps)
         self.log: list[LinkChange] = []
 
     def addresses(self) -> dict:
         topo = self.topology
         return {"cloud": (CLOUD_ADDRESS, topo.cloud_netns),
-                **{e.name: (e.address, e.netns) for e in topo.edges}}
-
-    def rtt_s(self, edge: str) -> float:
-        """Propagation round trip of an edge to the cloud from the profiles' delays."""
-        e = self.topology.edge(edge)
-        b = self.topology.bottleneck
-        return sum(d.impairment.delay_s for d in (e.access.up, e.access.down, b.up, b.down))
+                **{name: (topo.edge(e).address, topo.edge(e).netns)
+                   for name, e in self.edge_of.items()}}
 
     def apply(self, capacity_bps: float, rates_bps: Mapping[str, float]) -> float:
         """Set the bottleneck to ``capacity_bps`` and each agent's guarantee; returns call s."""
@@ -101,10 +101,10 @@ class LinkManager:
             call = topo.bottleneck_up.set_rate(capacity)
             self.log.append(LinkChange(time.time(), "bottleneck", capacity, capacity, call))
             self.capacity_bps, total = capacity, total + call
-        for edge, rate in split_for_htb(capacity, rates_bps).items():
+        for agent, rate in split_for_htb(capacity, rates_bps).items():
             ceil = capacity if self.borrow else rate
-            call = topo.set_share(edge, rate, ceil)
-            self.log.append(LinkChange(time.time(), edge, rate, ceil, call))
+            call = topo.set_share(self.edge_of[agent], rate, ceil)
+            self.log.append(LinkChange(time.time(), agent, rate, ceil, call))
             total += call
         return total
 

@@ -138,9 +138,11 @@ def run_trial(spec: Spec, policy: str, allocator: str, index: int, out: Path,
     names = list(groups)
     first = allocate(allocator, demands(spec, shapes, work), trace.rate_at(0.0))
     run_id = f"{os.getpid() % 0xFFFF:04x}{index:02x}"
-    recorder = ray.remote(Recorder).options(num_cpus=0).remote(str(raw))
+    prefix = f"{spec.name}/{index}/"  # actor names: tests and operators find them by these
+    recorder = ray.remote(Recorder).options(num_cpus=0, name=prefix + "recorder").remote(
+        str(raw))
     link_manager = ray.remote(LinkManager).options(num_cpus=0, max_restarts=0).remote(
-        [groups[n].access for n in names], spec.bottleneck, trace.rate_at(0.0),
+        {n: groups[n].access for n in names}, spec.bottleneck, trace.rate_at(0.0),
         run_id=run_id, impairment=spec.impairment, borrow=spec.borrow)
     started = time.time()
     actors, cloud = [], None
@@ -151,7 +153,7 @@ def run_trial(spec: Spec, policy: str, allocator: str, index: int, out: Path,
                                     for m, t in spec.cloud_models.items()})
         cloud = ray.remote(CloudActor).options(
             num_cpus=0, num_gpus=min(1, _gpu_count()), resources={"cloud": 1},
-            max_restarts=2, max_concurrency=4).remote(
+            max_restarts=2, max_concurrency=4, name=prefix + "cloud").remote(
             "cloud0", (CLOUD_ADDRESS, CLOUD_PORT), cloud_ns, service,
             slots=spec.cloud_slots, connections=len(names) + 4)
         ray.get(cloud.ready.remote())
@@ -167,7 +169,7 @@ def run_trial(spec: Spec, policy: str, allocator: str, index: int, out: Path,
                 new_tokens=g.new_tokens)
             agents[name] = ray.remote(EdgeAgent).options(
                 num_cpus=0, resources={"edge": 1}, max_restarts=2, max_task_retries=2,
-                max_concurrency=4).remote(cfg, recorder)
+                max_concurrency=4, name=prefix + name).remote(cfg, recorder)
         ray.get([a.demand.remote() for a in agents.values()])
         actors = [recorder, link_manager, cloud, *agents.values()]
         alloc = ray.remote(Allocator).options(num_cpus=0, max_concurrency=2).remote(

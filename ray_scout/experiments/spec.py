@@ -239,6 +239,10 @@ def load_spec(path: str | Path, fidelity: str | None = None) -> Spec:
 
 
 def _rate(value: Any, where: str) -> float:
+    """A rate with a unit; zero (an outage, ``0kbit``) is allowed in a capacity trace."""
+    text = str(value).strip().lower()
+    if text[:1] == "0" and text.rstrip("kmgbit/s").strip(". ") in ("", "0"):
+        return 0.0
     try:
         return float(parse_rate_bps(value))
     except (NetError, ValueError) as exc:

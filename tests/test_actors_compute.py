@@ -1,0 +1,94 @@
+"""The actors' pure parts: profiled bodies, exact sizes, timings, HTB splits, epoch ticks."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from ray_scout.actors.allocator import tick_times
+from ray_scout.actors.compute import (
+    ComputeError, PaperBTiming, ProfiledCloud, ProfiledRequest, ProfileTiming, latency_model,
+    profiled_payload_bytes, scout_size_bound_bytes,
+)
+from ray_scout.actors.link_manager import split_for_htb
+from ray_scout.core.capacity import CapacityTrace
+from ray_scout.core.latency import LatencyProfile
+from ray_scout.core.models import facts_for
+from ray_scout.core.modes import Mode
+from ray_scout.net.errors import NetError
+from ray_scout.net.profiles import MIN_RATE_BPS
+
+PROFILE = LatencyProfile("m", "cpu", ((128, 0.1), (1024, 0.5)), ((128, 0.01), (1024, 0.02)))
+
+
+@given(mode=st.sampled_from(list(Mode)), tokens=st.integers(1, 1 << 20),
+       extra=st.integers(0, 1 << 16))
+def test_profiled_body_roundtrips_at_exactly_the_payload_size(mode, tokens, extra):
+    req = ProfiledRequest(mode, "qwen2.5-7b", tokens, max(1, tokens // 2), 24)
+    size = len(req.to_body(200)) + extra
+    body = req.to_body(size)
+    assert len(body) == size
+    assert ProfiledRequest.from_body(body) == req
+
+
+@given(st.binary(max_size=64))
+def test_arbitrary_bytes_are_not_a_profiled_body(data):
+    with pytest.raises(ComputeError):
+        ProfiledRequest.from_body(b"XXXX" + data)
+
+
+def test_a_payload_smaller_than_its_descriptor_is_refused():
+    with pytest.raises(ComputeError, match="at least"):
+        ProfiledRequest(Mode.SCOUT, "m", 10, 5, 24).to_body(10)
+
+
+def test_kv_sizes_are_the_wire_formats_exact_sizes_and_shrink_with_bits():
+    from ray_scout.core.wire import payload_size_bytes
+
+    facts = facts_for("random:qwen2.5-7b")
+    sizes = profiled_payload_bytes(facts, 1000)
+    assert sizes[Mode.BF16] == payload_size_bytes(Mode.BF16, facts, 1000)
+    assert sizes[Mode.BF16] > sizes[Mode.INT8] > sizes[Mode.MIXED_INT4] > sizes[Mode.INT4]
+    assert sizes[Mode.SCOUT] == scout_size_bound_bytes(1000) < 500
+
+
+def test_scout_pays_the_cloud_reprefill_and_kv_modes_do_not():
+    t = ProfileTiming(PROFILE)
+    kv = t.cloud_s(Mode.INT8, 1024, 512, 24)
+    scout = t.cloud_s(Mode.SCOUT, 1024, 512, 24)
+    assert scout - kv == pytest.approx(PROFILE.prefill_s(512 + 32) - PROFILE.prefill_s(32)
+                                       + PROFILE.decode_s(512, 24) - PROFILE.decode_s(1024, 24))
+    assert t.edge_s(Mode.LOCAL, 1024, 24) > t.edge_s(Mode.INT8, 1024, 24)
+
+
+def test_paper_b_timing_has_no_local_answer_so_the_latency_model_leaves_it_out():
+    lat = latency_model(PaperBTiming(), PaperBTiming(), 100, 50, 24, rtt_s=0.01)
+    assert Mode.LOCAL not in lat.edge_s
+    assert lat.cloud_s[Mode.SCOUT] == pytest.approx(0.557)
+    with pytest.raises(ComputeError, match="latency profile"):
+        PaperBTiming().edge_s(Mode.LOCAL, 100, 24)
+
+
+def test_profiled_cloud_refuses_a_model_it_does_not_host():
+    cloud = ProfiledCloud({"a": PaperBTiming()})
+    with pytest.raises(ComputeError, match="hosts"):
+        cloud.service_s(ProfiledRequest(Mode.INT8, "b", 10, 5, 24))
+
+
+@given(st.lists(st.floats(0, 1e8), min_size=1, max_size=40), st.floats(1e6, 1e9))
+def test_htb_split_keeps_the_minimum_and_fits_the_capacity(rates, capacity):
+    shares = split_for_htb(capacity, {f"a{i}": r for i, r in enumerate(rates)})
+    assert all(v >= MIN_RATE_BPS for v in shares.values())
+    assert sum(shares.values()) <= capacity
+
+
+def test_htb_split_refuses_more_agents_than_the_minimum_allows():
+    with pytest.raises(NetError, match="minimum"):
+        split_for_htb(10_000, {"a": 0, "b": 0})
+
+
+def test_epoch_ticks_include_every_capacity_change():
+    trace = CapacityTrace(((0, 1e6), (0.25, 2e6), (1.5, 3e6)), 3.0)
+    ticks = tick_times(trace, 0.5, 2.0)
+    assert ticks == [0.0, 0.25, 0.5, 1.0, 1.5, 2.0]
