@@ -230,7 +230,11 @@ class EdgeAgent:
             return self._finish(row, mode)
         answer = json.loads(response.body)
         tl = response.timeline
-        acked = tl.tx_acked_unix_s if tl.tx_acked_unix_s is not None else tl.tx_end_unix_s
+        # The kernel's unacked count may not be seen at 0 before the answer arrives; then
+        # the answer's first byte less the cloud's own time stands in (durations only, so
+        # it holds across hosts whose clocks differ).
+        acked = tl.tx_acked_unix_s if tl.tx_acked_unix_s is not None else (
+            tl.rx_first_byte_unix_s - answer["cloud_queue_s"] - answer["cloud_compute_s"])
         tx_s = acked - tl.tx_start_unix_s
         measured = sizes[mode] * 8 / tx_s if tx_s > 0 else math.nan
         if tx_s > 0:

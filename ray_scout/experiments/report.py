@@ -49,6 +49,7 @@ def summary(requests: pd.DataFrame) -> pd.DataFrame:
             policy=policy, allocator=allocator, n=n, hit_rate=hits / n if n else math.nan,
             hit_ci_low=lo, hit_ci_high=hi, quality=q, quality_ci_low=qlo, quality_ci_high=qhi,
             latency_p50_s=g["latency_s"].median(), latency_p95_s=g["latency_s"].quantile(0.95),
+            payload_mb_p50=g["payload_bytes"].median() / 1e6,
             errors=int((g.get("outcome", pd.Series(dtype=str)) == "error").sum()),
             modes=", ".join(f"{m} {p:.0%}" for m, p in modes.items())))
     return pd.DataFrame(rows)
@@ -56,14 +57,14 @@ def summary(requests: pd.DataFrame) -> pd.DataFrame:
 
 def _markdown(table: pd.DataFrame) -> str:
     head = ("| policy | allocator | n | deadline hits (95% CI) | quality (95% CI) | "
-            "p50 / p95 latency (s) | errors | modes |")
-    lines = [head, "|" + "---|" * 8]
+            "p50 / p95 latency (s) | payload p50 (MB) | errors | modes |")
+    lines = [head, "|" + "---|" * 9]
     for r in table.itertuples():
         lines.append(
             f"| {r.policy} | {r.allocator} | {r.n} | {r.hit_rate:.1%} ({r.hit_ci_low:.1%}-"
             f"{r.hit_ci_high:.1%}) | {r.quality:.3f} ({r.quality_ci_low:.3f}-"
             f"{r.quality_ci_high:.3f}) | {r.latency_p50_s:.3f} / {r.latency_p95_s:.3f} | "
-            f"{r.errors} | {r.modes} |")
+            f"{r.payload_mb_p50:.3f} | {r.errors} | {r.modes} |")
     return "\n".join(lines)
 
 

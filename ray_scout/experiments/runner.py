@@ -31,7 +31,6 @@ from ray_scout.actors.compute import (
 from ray_scout.actors.edge import AgentConfig, Arrival, RequestShape
 from ray_scout.actors.recorder import read_table
 from ray_scout.core.allocation import allocate, demand_for
-from ray_scout.core.models import facts_for
 from ray_scout.experiments.spec import (
     REPO_ROOT, Spec, SpecError, arrivals, capacity_trace, check_allocators, load_spec,
     quality_profile,
@@ -54,6 +53,8 @@ def rtt_s(access: str, bottleneck: str) -> float:
 
 def request_shapes(spec: Spec) -> dict[str, dict[int, RequestShape]]:
     """Per agent group and context length: payload bytes, latency model and edge times."""
+    from ray_scout.core.models import facts_for  # torch comes with it: not at CLI start-up
+
     out = {}
     for g in spec.agents:
         facts = facts_for(g.model)

@@ -1,0 +1,145 @@
+"""Testbed figures: payload transfer time on shaped links, per-request overhead, scale.
+
+    python3 bench/testbed_figures.py transfer --out bench/results/testbed_transfer.json
+    python3 bench/testbed_figures.py overhead --results results/modes_table
+    python3 bench/testbed_figures.py scale --agents 32 --out bench/results/testbed_scale.json
+
+``transfer``: one edge, one cloud, the access link at each rate (bottleneck 1 Gbit/s), one
+persistent connection; each payload is sent 5 times; the wire time (first byte handed to the
+kernel until the kernel's unacked count is 0) and the round trip are compared with
+bytes x 8 / rate + RTT, where RTT is the idle ping-pong time of a 1-byte request.
+``overhead``: the ``overhead_s`` column of a run's answered requests (latency minus agent
+queue, edge compute, wire time, cloud queue and cloud compute).
+``scale``: a profiled run of N agents (small payloads, Paper B timings) on this box; reports
+wall time, requests, hit rate and overhead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pandas as pd
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from ray_scout.experiments.runner import run_experiment  # noqa: E402
+from ray_scout.experiments.spec import parse_spec  # noqa: E402
+from ray_scout.net.profiles import load_profile  # noqa: E402
+from ray_scout.net.topology import CLOUD_ADDRESS, LabTopology, pid_run_id  # noqa: E402
+from ray_scout.transport.client import Connection  # noqa: E402
+from ray_scout.transport.server import Server  # noqa: E402
+
+
+def transfer(rates_mbit: list[float], sizes_mb: list[float], repeats: int) -> list[dict]:
+    import dataclasses
+
+    lab = load_profile("lab")
+    rows = []
+    for rate in rates_mbit:
+        access = dataclasses.replace(lab, up=dataclasses.replace(lab.up, rate_bps=int(rate * 1e6)))
+        neck = dataclasses.replace(lab, up=dataclasses.replace(lab.up, rate_bps=1_000_000_000),
+                                   down=dataclasses.replace(lab.down, rate_bps=1_000_000_000))
+        with LabTopology([access], neck, run_id=pid_run_id()) as topo, \
+                Server(lambda r: b"ok", host=CLOUD_ADDRESS, port=7301,
+                       netns=topo.cloud_netns, workers=2) as server, \
+                Connection(server.address, source_netns=topo.edges[0].netns,
+                           body_checksum=False) as conn:
+            idle = [conn.request(b"x", deadline_s=5).timeline.round_trip_s for _ in range(20)]
+            rtt = statistics.median(idle)
+            for size_mb in sizes_mb:
+                body = bytes(int(size_mb * 1e6))
+                for _ in range(repeats):
+                    tl = conn.request(body, deadline_s=120).timeline
+                    ideal = len(body) * 8 / (rate * 1e6)
+                    # The handler answers at once, so the answer may beat the zero-unacked
+                    # poll; its first byte is then the end of the wire time (+ RTT/2).
+                    acked = tl.tx_acked_unix_s or tl.rx_first_byte_unix_s
+                    wire = acked - tl.tx_start_unix_s
+                    rows.append(dict(rate_mbit=rate, size_bytes=len(body), rtt_s=rtt,
+                                     ideal_s=ideal + rtt, wire_s=wire,
+                                     round_trip_s=tl.round_trip_s,
+                                     wire_over_ideal=wire / (ideal + rtt),
+                                     round_trip_over_ideal=tl.round_trip_s / (ideal + rtt)))
+                    print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def overhead(results: Path) -> dict:
+    r = pd.read_parquet(results / "requests.parquet")
+    answered = r[r.overhead_s.notna() & (r["mode"] != "local")]
+    o = answered.overhead_s * 1e3
+    return {"results": str(results), "n": int(len(o)), "median_ms": float(o.median()),
+            "p95_ms": float(o.quantile(0.95)), "max_ms": float(o.max()),
+            "by_mode_median_ms": answered.assign(o=o).groupby("mode").o.median().to_dict()}
+
+
+def scale(agents: int, duration_s: float) -> dict:
+    doc = {"name": f"scale{agents}", "fidelity": "profiled", "duration_s": duration_s,
+           "seed": 0, "capacity": {"kind": "constant", "rate": "200mbit"},
+           "cloud": {"slots": 8, "models": {"qwen2.5-3b": {"timing": "paper_b"}}},
+           "agents": [{"name": "a", "count": agents, "model": "qwen2.5-3b",
+                       "context_tokens": [32], "deadline_s": 2.0, "arrival_rate_hz": 0.5,
+                       "quality": "paper_b:3b-7b"}],
+           "policies": ["adaptive"], "allocators": ["equal"]}
+    spec = parse_spec(doc)
+    with tempfile.TemporaryDirectory() as tmp:
+        start = time.time()
+        load_start = os.getloadavg()[0]
+        frames = run_experiment(spec, Path(tmp), show_progress=False)
+        wall = time.time() - start
+        r = frames["requests"]
+        o = r.overhead_s.dropna() * 1e3
+        return {"agents": agents, "duration_s": duration_s, "wall_s": wall,
+                "requests": int(len(r)),
+                "hit_rate": float(r.deadline_met.mean()),
+                "errors": int((r.outcome == "error").sum()),
+                "overhead_median_ms": float(o.median()), "overhead_p95_ms": float(o.quantile(0.95)),
+                "agent_queue_p95_s": float(r.agent_queue_s.quantile(0.95)),
+                "modes": r["mode"].value_counts().to_dict(),
+                "load_before": load_start, "load_after": os.getloadavg()[0]}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="what", required=True)
+    t = sub.add_parser("transfer")
+    t.add_argument("--rates-mbit", type=float, nargs="+", default=[10, 50, 100])
+    t.add_argument("--sizes-mb", type=float, nargs="+", default=[1, 4, 16])
+    t.add_argument("--repeats", type=int, default=5)
+    o = sub.add_parser("overhead")
+    o.add_argument("--results", type=Path, required=True)
+    s = sub.add_parser("scale")
+    s.add_argument("--agents", type=int, default=32)
+    s.add_argument("--duration-s", type=float, default=30)
+    for p in (t, o, s):
+        p.add_argument("--out", type=Path)
+    args = parser.parse_args()
+    if args.what == "transfer":
+        result = {"rows": transfer(args.rates_mbit, args.sizes_mb, args.repeats)}
+        frame = pd.DataFrame(result["rows"])
+        result["summary"] = frame.groupby(["rate_mbit", "size_bytes"])[
+            ["wire_over_ideal", "round_trip_over_ideal"]].median().reset_index().to_dict("records")
+    elif args.what == "overhead":
+        result = overhead(args.results)
+    else:
+        result = scale(args.agents, args.duration_s)
+    result["machine"] = "dev box: 2-core Intel Xeon (x86-64), 24 GiB, Debian 12, Python 3.11"
+    result["date"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    result["command"] = "python3 bench/testbed_figures.py " + " ".join(sys.argv[1:])
+    text = json.dumps(result, indent=2, default=str)
+    print(text)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
