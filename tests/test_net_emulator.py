@@ -11,12 +11,13 @@ from pyroute2 import NetNS
 
 from ray_scout.net.emulator import (
     GilbertElliott,
-    Impairment,
+    TunImpairmentParams,
     TunImpairment,
     _LossDecider,
     unit_jitter_sampler,
 )
 from ray_scout.net.emulator_line import EmulatorLine
+from ray_scout.net.emulator_ns import run_in_netns, write_sysctl
 from ray_scout.net.emulator_probe import tcp_transfer, udp_round_trips
 
 needs_netns = pytest.mark.skipif(
@@ -68,7 +69,7 @@ def test_gilbert_elliott_loss_matches_stationary_rate_and_comes_in_bursts():
 )
 def test_impairment_rejects_out_of_range_values_with_the_fix(kwargs, words):
     with pytest.raises(ValueError, match=words):
-        Impairment(**kwargs)
+        TunImpairmentParams(**kwargs)
 
 
 def test_gilbert_elliott_rejects_non_probabilities():
@@ -120,6 +121,31 @@ def test_both_directions_add_up_when_each_has_its_own_emulator(line):
         _, rtts = _rtts_ms(line, 7203, count=40)
     assert min(rtts) >= 35.0
     assert statistics.median(rtts) == pytest.approx(35.0, abs=1.5)
+
+
+@needs_netns
+def test_destination_rule_on_the_router_impairs_only_traffic_to_that_prefix(line):
+    with TunImpairment(line.ns_router, None, dst=f"{line.addresses.b}/32", delay_s=0.02) as imp:
+        _, rtts = _rtts_ms(line, 7209, count=30)
+        stats = imp.stats
+    # Only the a→b half is steered; echoes toward a leave untouched, so no loop and no doubling.
+    assert statistics.median(rtts) == pytest.approx(20.0, abs=1.5)
+    assert stats.packets_in == 30
+
+
+@needs_netns
+def test_end_host_can_impair_its_own_outgoing_traffic_when_it_forwards():
+    with EmulatorLine() as own:
+        run_in_netns(own.ns_a, lambda: write_sysctl(("net", "ipv4", "ip_forward"), "1"))
+        with TunImpairment(own.ns_a, None, dst=f"{own.addresses.b}/32", delay_s=0.015):
+            _, rtts = _rtts_ms(own, 7210, count=30)
+    assert min(rtts) >= 15.0
+    assert statistics.median(rtts) == pytest.approx(15.0, abs=1.5)
+
+
+def test_a_selector_is_required():
+    with pytest.raises(ValueError, match="ingress_iface, dst or both"):
+        TunImpairment("rs-x", None, delay_s=0.01)
 
 
 @needs_netns

@@ -60,6 +60,9 @@ TUNSETIFF = 0x400454CA
 IFF_TUN = 0x0001
 IFF_NO_PI = 0x1000
 RULE_PRIORITY = 1000
+# Packets written back into the TUN must never match a steering rule again (a ``to`` rule
+# would loop them): a rule just ahead of it sends the TUN's own packets to the main table.
+GUARD_PRIORITY = RULE_PRIORITY - 1
 TABLE_BASE = 0x72730000  # "rs" in the high half keeps clear of tables people number by hand
 READ_BATCH = 64  # packets read per wake before releasing; bounds how late a release can be
 MAX_PACKET_BYTES = 65535
@@ -114,7 +117,7 @@ LossModel = Union[float, GilbertElliott]
 
 
 @dataclass(frozen=True)
-class Impairment:
+class TunImpairmentParams:
     """What one direction gets: delay, jitter, loss, and how packets may be held."""
 
     delay_s: float
@@ -261,6 +264,9 @@ def _open_tun(name: str) -> int:
         # ingress interface, not the TUN, and even loose mode rejects packets on an interface
         # without an address. The effective value is max(all, device), so "all" must be 0 too.
         write_sysctl(("net", "ipv4", "conf", name, "rp_filter"), "0")
+        # In an end host the re-injected packets carry one of its own addresses as source,
+        # which the kernel drops as martian unless the TUN accepts local sources.
+        write_sysctl(("net", "ipv4", "conf", name, "accept_local"), "1")
         forwarding = read_sysctl(("net", "ipv4", "ip_forward"))
         rp_filter_all = read_sysctl(("net", "ipv4", "conf", "all", "rp_filter"))
     except BaseException:
@@ -282,7 +288,13 @@ def _open_tun(name: str) -> int:
 
 
 class TunImpairment:
-    """Delay, jitter and loss for IPv4 packets arriving on ``ingress_iface`` in ``netns``.
+    """Delay, jitter and loss for IPv4 packets in ``netns`` that arrive on ``ingress_iface``
+    and/or are headed to ``dst`` (a CIDR prefix; at least one of the two).
+
+    ``ingress_iface`` alone suits a router between the two ends (the direction is the
+    interface it arrives on). ``dst`` suits the egress of a port toward a known peer, and
+    also works in an end host for its own traffic (the namespace must forward then, since
+    re-injected packets are forwarded: set net.ipv4.ip_forward=1 there).
 
     ``start`` creates the TUN, route, rule and pump thread; ``change`` alters the parameters
     live; ``stop`` removes everything (idempotent). Also a context manager.
@@ -296,8 +308,9 @@ class TunImpairment:
     def __init__(
         self,
         netns: str,
-        ingress_iface: str,
+        ingress_iface: str | None,
         *,
+        dst: str | None = None,
         delay_s: float,
         jitter_s: float = 0.0,
         jitter_distribution: str = "normal",
@@ -308,8 +321,17 @@ class TunImpairment:
         realtime_priority: int | None = None,
     ) -> None:
         self.netns = netns
+        if ingress_iface is None and dst is None:
+            raise ValueError("give ingress_iface, dst or both: they select the packets to impair")
         self.ingress_iface = ingress_iface
-        self._params = Impairment(
+        self.dst = dst
+        self._selector: dict = {}
+        if ingress_iface is not None:
+            self._selector["iifname"] = ingress_iface
+        if dst is not None:
+            address, _, prefix = dst.partition("/")
+            self._selector.update(dst=address, dst_len=int(prefix or 32))
+        self._params = TunImpairmentParams(
             delay_s, jitter_s, jitter_distribution, loss, reorder, limit_packets
         )
         if realtime_priority is not None and not 1 <= realtime_priority <= 99:
@@ -322,7 +344,7 @@ class TunImpairment:
         self.tun_name = f"rs-t{os.getpid():x}-{k:x}"[:15]
         self.table = TABLE_BASE + (os.getpid() & 0xFFF) * 0x10 + (k & 0xF)
         self._tun_fd: int | None = None
-        self._rule_added = False
+        self._rules: list[dict] = []
         self._thread: threading.Thread | None = None
         self._stop_fd: int | None = None
         self._timer: _TimerFd | None = None
@@ -331,7 +353,7 @@ class TunImpairment:
         self._cpu_s = 0.0
 
     @property
-    def params(self) -> Impairment:
+    def params(self) -> TunImpairmentParams:
         return self._params
 
     def __enter__(self) -> "TunImpairment":
@@ -351,13 +373,15 @@ class TunImpairment:
         netns_path(self.netns)  # NetNS() would silently create a missing namespace
         try:
             with NetNS(self.netns) as ipr:
-                ingress = ipr.link_lookup(ifname=self.ingress_iface)
-                if not ingress:
-                    raise ValueError(
-                        f"interface {self.ingress_iface!r} not found in namespace {self.netns!r}; "
-                        "pass the router-side interface the impaired direction arrives on"
-                    )
-                mtu = ipr.get_links(ingress[0])[0].get_attr("IFLA_MTU")
+                mtu = 1500
+                if self.ingress_iface is not None:
+                    ingress = ipr.link_lookup(ifname=self.ingress_iface)
+                    if not ingress:
+                        raise ValueError(
+                            f"interface {self.ingress_iface!r} not found in namespace "
+                            f"{self.netns!r}; pass the interface the impaired direction arrives on"
+                        )
+                    mtu = ipr.get_links(ingress[0])[0].get_attr("IFLA_MTU")
                 self._tun_fd = run_in_netns(self.netns, lambda: _open_tun(self.tun_name))
                 tun_index = ipr.link_lookup(ifname=self.tun_name)[0]
                 ipr.link("set", index=tun_index, mtu=mtu, state="up")
@@ -367,10 +391,12 @@ class TunImpairment:
                         "run `scout cleanup` or stop the other emulator"
                     )
                 ipr.route("add", dst="0.0.0.0/0", oif=tun_index, table=self.table)
-                ipr.rule(
-                    "add", iifname=self.ingress_iface, table=self.table, priority=RULE_PRIORITY
-                )
-                self._rule_added = True
+                for rule in (
+                    dict(iifname=self.tun_name, table=254, priority=GUARD_PRIORITY),
+                    dict(self._selector, table=self.table, priority=RULE_PRIORITY),
+                ):
+                    ipr.rule("add", **rule)
+                    self._rules.append(rule)
             self._stop_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
             self._timer = _TimerFd()
             self._thread = threading.Thread(target=self._pump_guarded, name=self.tun_name, daemon=True)
@@ -389,7 +415,7 @@ class TunImpairment:
         loss: LossModel | None = None,
         reorder: bool | None = None,
         limit_packets: int | None = None,
-    ) -> Impairment:
+    ) -> TunImpairmentParams:
         """Replace the given parameters for packets arriving from now on; returns the new set."""
         updates = {
             key: value
@@ -445,9 +471,8 @@ class TunImpairment:
         if self._stop_fd is not None:
             os.close(self._stop_fd)
             self._stop_fd = None
-        if self._rule_added:
-            self._delete_rule()
-            self._rule_added = False
+        if self._rules:
+            self._delete_rules()
         if self._tun_fd is not None:
             os.close(self._tun_fd)  # removes the non-persistent TUN and its route
             self._tun_fd = None
@@ -455,15 +480,18 @@ class TunImpairment:
             error, self._error = self._error, None
             raise RuntimeError(f"emulator {self.tun_name} failed while running: {error!r}") from error
 
-    def _delete_rule(self) -> None:
+    def _delete_rules(self) -> None:
         if not os.path.exists(os.path.join(NETNS_DIR, self.netns)):
-            return  # the namespace is gone, and the rule with it; NetNS() would recreate it
-        try:
-            with NetNS(self.netns) as ipr:
-                ipr.rule("del", iifname=self.ingress_iface, table=self.table, priority=RULE_PRIORITY)
-        except NetlinkError as exc:
-            if exc.code != 2:  # ENOENT: someone already removed it
-                raise
+            self._rules.clear()  # the namespace is gone, and its rules; NetNS() would recreate it
+            return
+        with NetNS(self.netns) as ipr:
+            while self._rules:
+                rule = self._rules.pop()
+                try:
+                    ipr.rule("del", **rule)
+                except NetlinkError as exc:
+                    if exc.code != 2:  # ENOENT: someone already removed it
+                        raise
 
     def _pump_guarded(self) -> None:
         try:
