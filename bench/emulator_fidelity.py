@@ -7,15 +7,17 @@ for a→b, and measures from probe processes in a and b:
 - UDP loss over tens of thousands of datagrams,
 - bulk TCP goodput at 50 Mbit/s (HTB on the router's egress toward b) + 20 ms + 1% loss for
   cubic and bbr, against the Mathis et al. loss-limited bound MSS/RTT * sqrt(3/2)/sqrt(p),
-- CPU of the pump thread and of this process (read from /proc/self/stat) per Mbit/s.
+- CPU of the pump thread and of this process (read from /proc/self/stat) per Mbit/s, and
+  the most one pump carries on this host (bulk TCP with no rate limit).
 
 Run as root:  nice python3 bench/emulator_fidelity.py --out bench/results/emulator_fidelity.json
-Prints one markdown table per part; bounded in time (about 3 minutes).
+Prints one markdown table per part; bounded in time (about 5 minutes).
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import os
@@ -76,7 +78,9 @@ def jitter_rows(line: EmulatorLine, count: int) -> list[dict]:
     rows = []
     cases = (
         (50, 5, "normal", True, 0.005),
+        # Order kept: fine when packets are further apart than the jitter, shrinks it when not.
         (20, 2, "normal", False, 0.02),
+        (50, 5, "normal", False, 0.005),
         (100, 10, "normal", True, 0.005),
         (50, 5, "paretonormal", True, 0.005),
     )
@@ -125,20 +129,21 @@ def mathis_bps(rtt_s: float, loss: float) -> float:
     return MSS_BYTES * 8 / rtt_s * math.sqrt(1.5) / math.sqrt(loss)
 
 
-def tcp_rows(line: EmulatorLine, duration_s: float, base_rtt_s: float) -> list[dict]:
+def tcp_rows(line: EmulatorLine, duration_s: float, base_rtt_s: float, repeats: int) -> list[dict]:
     rows = []
     port = 7100
-    for loss in (0.0, 0.01):
-        for congestion in ("cubic", "bbr"):
+    for loss, runs in ((0.0, 1), (0.01, repeats)):
+        for run, congestion in itertools.product(range(runs), ("cubic", "bbr")):
             port += 1
             cpu0 = process_cpu_s()
-            with TunImpairment(line.ns_router, line.router_a, realtime_priority=RT_PRIORITY, delay_s=0.02, loss=loss, seed=4) as imp:
+            with TunImpairment(line.ns_router, line.router_a, realtime_priority=RT_PRIORITY,
+                               delay_s=0.02, loss=loss, seed=4 + run) as imp:
                 sent, got = tcp_transfer(line.ns_a, line.ns_b, line.addresses.b, port,
                                          duration_s=duration_s, congestion=congestion)
                 stats = imp.stats
             goodput = got["bytes"] * 8 / (got["last_s"] - got["first_s"])
             row = {
-                "congestion": sent["congestion"], "rate_mbit": 50, "delay_ms": 20, "loss_pct": 100 * loss,
+                "congestion": sent["congestion"], "run": run, "rate_mbit": 50, "delay_ms": 20, "loss_pct": 100 * loss,
                 "goodput_mbit_s": goodput / 1e6, "goodput_over_rate": goodput / 50e6,
                 "emulator_dropped": stats.packets_dropped, "packets_in": stats.packets_in,
                 "pump_cpu_pct_per_mbit_s": cpu_pct_per_mbit_s(stats.cpu_s, stats.bytes_in),
@@ -150,6 +155,42 @@ def tcp_rows(line: EmulatorLine, duration_s: float, base_rtt_s: float) -> list[d
                 row["goodput_over_mathis"] = goodput / bound
             rows.append(row)
     return rows
+
+
+def tcp_summary(rows: list[dict]) -> list[dict]:
+    """Mean and spread of goodput over the repeated runs of each (congestion, loss)."""
+    out = []
+    keys = sorted({(r["congestion"], r["loss_pct"]) for r in rows})
+    for congestion, loss_pct in keys:
+        runs = [r for r in rows if (r["congestion"], r["loss_pct"]) == (congestion, loss_pct)]
+        goodputs = [r["goodput_mbit_s"] for r in runs]
+        row = {
+            "congestion": congestion, "loss_pct": loss_pct, "runs": len(runs),
+            "goodput_mean_mbit_s": statistics.fmean(goodputs),
+            "goodput_std_mbit_s": statistics.pstdev(goodputs),
+            "goodput_over_rate": statistics.fmean(goodputs) / 50,
+        }
+        if "mathis_mbit_s" in runs[0]:
+            row["mathis_mbit_s"] = runs[0]["mathis_mbit_s"]
+            row["goodput_over_mathis"] = row["goodput_mean_mbit_s"] / runs[0]["mathis_mbit_s"]
+        out.append(row)
+    return out
+
+
+def ceiling_row(line: EmulatorLine, duration_s: float) -> dict:
+    """Bulk TCP with no HTB: how fast the Python pump can carry packets on this host."""
+    cpu0 = process_cpu_s()
+    with TunImpairment(line.ns_router, line.router_a, realtime_priority=RT_PRIORITY, delay_s=0.005) as imp:
+        sent, got = tcp_transfer(line.ns_a, line.ns_b, line.addresses.b, 7099,
+                                 duration_s=duration_s, congestion="cubic")
+        stats = imp.stats
+    goodput = got["bytes"] * 8 / (got["last_s"] - got["first_s"])
+    return {
+        "congestion": sent["congestion"], "delay_ms": 5, "goodput_mbit_s": goodput / 1e6,
+        "packets_in": stats.packets_in, "packets_overflow": stats.packets_overflow,
+        "pump_cpu_pct_per_mbit_s": cpu_pct_per_mbit_s(stats.cpu_s, stats.bytes_in),
+        "process_cpu_pct_per_mbit_s": cpu_pct_per_mbit_s(process_cpu_s() - cpu0, stats.bytes_in),
+    }
 
 
 def table(rows: list[dict]) -> str:
@@ -168,6 +209,7 @@ def main() -> None:
     parser.add_argument("--jitter-probes", type=int, default=1000)
     parser.add_argument("--loss-packets", type=int, default=30000)
     parser.add_argument("--tcp-duration-s", type=float, default=15.0)
+    parser.add_argument("--tcp-repeats", type=int, default=3, help="runs of each lossy TCP case")
     parser.add_argument("--out", help="write all rows as JSON here")
     parser.add_argument("--no-realtime", action="store_true", help="leave every thread SCHED_OTHER")
     args = parser.parse_args()
@@ -185,10 +227,14 @@ def main() -> None:
         print("## Jitter\n" + table(results["jitter"]) + "\n", flush=True)
         results["loss"] = loss_rows(line, args.loss_packets)
         print("## UDP loss\n" + table(results["loss"]) + "\n", flush=True)
+        results["ceiling"] = [ceiling_row(line, args.tcp_duration_s / 2)]
+        print("## Ceiling: bulk TCP with no rate limit\n" + table(results["ceiling"]) + "\n", flush=True)
         line.limit_rate(50_000_000)
         base_rtt_s = results["rtt"][0]["rtt_mean_ms"] / 1e3
-        results["tcp"] = tcp_rows(line, args.tcp_duration_s, base_rtt_s)
+        results["tcp"] = tcp_rows(line, args.tcp_duration_s, base_rtt_s, args.tcp_repeats)
         print("## Bulk TCP, 50 Mbit/s HTB + 20 ms\n" + table(results["tcp"]) + "\n", flush=True)
+        results["tcp_summary"] = tcp_summary(results["tcp"])
+        print("## Bulk TCP summary\n" + table(results["tcp_summary"]) + "\n", flush=True)
     if args.out:
         os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
         with open(args.out, "w") as fh:

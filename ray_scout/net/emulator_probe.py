@@ -167,6 +167,18 @@ def tcp_bulk(dst: str, port: int, duration_s: float, congestion: str) -> dict:
     return {"bytes_sent": sent, "congestion": used}
 
 
+# Each probe's command-line arguments, named as its function's parameters.
+PROBES = {
+    "udp-echo": (udp_echo, {"port": int, "duration_s": float}),
+    "udp-rtt": (
+        udp_rtt,
+        {"dst": str, "port": int, "count": int, "interval_s": float, "size_bytes": int, "wait_s": float},
+    ),
+    "tcp-sink": (tcp_sink, {"port": int, "duration_s": float}),
+    "tcp-bulk": (tcp_bulk, {"dst": str, "port": int, "duration_s": float, "congestion": str}),
+}
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--netns", required=True)
@@ -175,39 +187,18 @@ def main(argv: list[str] | None = None) -> None:
         help="run under SCHED_FIFO at this priority (UDP probes only: they block between packets)",
     )
     sub = parser.add_subparsers(dest="probe", required=True)
-    p = sub.add_parser("udp-echo")
-    p.add_argument("--port", type=int, required=True)
-    p.add_argument("--duration-s", type=float, required=True)
-    p = sub.add_parser("udp-rtt")
-    p.add_argument("--dst", required=True)
-    p.add_argument("--port", type=int, required=True)
-    p.add_argument("--count", type=int, required=True)
-    p.add_argument("--interval-s", type=float, required=True)
-    p.add_argument("--size-bytes", type=int, default=64)
-    p.add_argument("--wait-s", type=float, default=1.0)
-    p = sub.add_parser("tcp-sink")
-    p.add_argument("--port", type=int, required=True)
-    p.add_argument("--duration-s", type=float, required=True)
-    p = sub.add_parser("tcp-bulk")
-    p.add_argument("--dst", required=True)
-    p.add_argument("--port", type=int, required=True)
-    p.add_argument("--duration-s", type=float, required=True)
-    p.add_argument("--congestion", required=True)
+    for name, (_, params) in PROBES.items():
+        probe_parser = sub.add_parser(name)
+        for param, kind in params.items():
+            probe_parser.add_argument("--" + param.replace("_", "-"), type=kind, required=True)
     args = parser.parse_args(argv)
     enter_netns(args.netns)
     if args.realtime_priority is not None:
         if args.probe.startswith("tcp"):
             parser.error("--realtime-priority would let a bulk TCP probe starve the host")
         os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(args.realtime_priority))
-    if args.probe == "udp-echo":
-        result = udp_echo(args.port, args.duration_s)
-    elif args.probe == "udp-rtt":
-        result = udp_rtt(args.dst, args.port, args.count, args.interval_s, args.size_bytes, args.wait_s)
-    elif args.probe == "tcp-sink":
-        result = tcp_sink(args.port, args.duration_s)
-    else:
-        result = tcp_bulk(args.dst, args.port, args.duration_s, args.congestion)
-    json.dump(result, sys.stdout)
+    fn, params = PROBES[args.probe]
+    json.dump(fn(**{param: getattr(args, param) for param in params}), sys.stdout)
 
 
 if __name__ == "__main__":
