@@ -100,6 +100,7 @@ def _rtts_ms(line, port, count=60, interval_s=0.01, **kwargs):
     return result, [x * 1e3 for x in result["rtts_s"]]
 
 
+@pytest.mark.root
 @needs_netns
 def test_round_trip_gains_the_configured_delay_and_no_packet_leaves_early(line):
     _, base = _rtts_ms(line, 7201)
@@ -113,6 +114,7 @@ def test_round_trip_gains_the_configured_delay_and_no_packet_leaves_early(line):
     assert stats.packets_dropped == 0 and stats.packets_queued == 0
 
 
+@pytest.mark.root
 @needs_netns
 def test_both_directions_add_up_when_each_has_its_own_emulator(line):
     with TunImpairment(line.ns_router, line.router_a, delay_s=0.01), TunImpairment(
@@ -123,6 +125,7 @@ def test_both_directions_add_up_when_each_has_its_own_emulator(line):
     assert statistics.median(rtts) == pytest.approx(35.0, abs=1.5)
 
 
+@pytest.mark.root
 @needs_netns
 def test_destination_rule_on_the_router_impairs_only_traffic_to_that_prefix(line):
     with TunImpairment(line.ns_router, None, dst=f"{line.addresses.b}/32", delay_s=0.02) as imp:
@@ -133,6 +136,7 @@ def test_destination_rule_on_the_router_impairs_only_traffic_to_that_prefix(line
     assert stats.packets_in == 30
 
 
+@pytest.mark.root
 @needs_netns
 def test_end_host_can_impair_its_own_outgoing_traffic_when_it_forwards():
     with EmulatorLine() as own:
@@ -148,6 +152,7 @@ def test_a_selector_is_required():
         TunImpairment("rs-x", None, delay_s=0.01)
 
 
+@pytest.mark.root
 @needs_netns
 def test_change_takes_effect_for_later_packets_without_restart(line):
     with TunImpairment(line.ns_router, line.router_a, delay_s=0.01) as imp:
@@ -158,6 +163,7 @@ def test_change_takes_effect_for_later_packets_without_restart(line):
     assert statistics.median(after) == pytest.approx(40.0, abs=1.5)
 
 
+@pytest.mark.root
 @needs_netns
 def test_udp_loss_is_exactly_what_the_emulator_dropped_and_near_the_setting(line):
     with TunImpairment(line.ns_router, line.router_a, delay_s=0.005, loss=0.05, seed=11) as imp:
@@ -167,6 +173,7 @@ def test_udp_loss_is_exactly_what_the_emulator_dropped_and_near_the_setting(line
     assert stats.packets_dropped / stats.packets_in == pytest.approx(0.05, abs=0.012)
 
 
+@pytest.mark.root
 @needs_netns
 def test_tcp_delivers_every_byte_through_delay_and_loss(line):
     with TunImpairment(line.ns_router, line.router_a, delay_s=0.01, loss=0.03, seed=5) as imp:
@@ -179,6 +186,7 @@ def test_tcp_delivers_every_byte_through_delay_and_loss(line):
     assert stats.packets_dropped > 0  # TCP had to retransmit what the emulator took
 
 
+@pytest.mark.root
 @needs_netns
 def test_stop_removes_tun_and_rule_and_can_be_called_twice(line):
     imp = TunImpairment(line.ns_router, line.router_a, delay_s=0.01).start()
@@ -189,9 +197,11 @@ def test_stop_removes_tun_and_rule_and_can_be_called_twice(line):
         assert all(rule.get("table") != imp.table and rule.get_attr("FRA_TABLE") != imp.table
                    for rule in ipr.get_rules())
     _, rtts = _rtts_ms(line, 7208, count=10)
-    assert max(rtts) < 5.0  # traffic flows directly again
+    # Traffic flows directly again (the median, because a loaded host adds stray ms outliers).
+    assert statistics.median(rtts) < 2.0
 
 
+@pytest.mark.root
 @needs_netns
 def test_missing_interface_namespace_or_forwarding_give_errors_that_say_what_to_do(line):
     with pytest.raises(ValueError, match="not found in namespace"):
