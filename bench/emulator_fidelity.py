@@ -203,6 +203,13 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def write_json(path: str | None, results: dict) -> None:
+    if path:
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        with open(path, "w") as fh:
+            json.dump(results, fh, indent=1)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rtt-probes", type=int, default=300)
@@ -235,10 +242,7 @@ def main() -> None:
         print("## Bulk TCP, 50 Mbit/s HTB + 20 ms\n" + table(results["tcp"]) + "\n", flush=True)
         results["tcp_summary"] = tcp_summary(results["tcp"])
         print("## Bulk TCP summary\n" + table(results["tcp_summary"]) + "\n", flush=True)
-    if args.out:
-        os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-        with open(args.out, "w") as fh:
-            json.dump(results, fh, indent=1)
+    write_json(args.out, results)
 
 
 if __name__ == "__main__":

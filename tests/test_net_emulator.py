@@ -16,6 +16,7 @@ from ray_scout.net.emulator import (
     _LossDecider,
     unit_jitter_sampler,
 )
+from ray_scout.net.emulator_bpf import BpfLoss, loss_threshold, random_drop_program
 from ray_scout.net.emulator_line import EmulatorLine
 from ray_scout.net.emulator_ns import run_in_netns, write_sysctl
 from ray_scout.net.emulator_probe import tcp_transfer, udp_round_trips
@@ -214,3 +215,30 @@ def test_missing_interface_namespace_or_forwarding_give_errors_that_say_what_to_
         imp.start()
     with NetNS(line.ns_a) as ipr:
         assert not ipr.link_lookup(ifname=imp.tun_name)
+
+
+def test_bpf_threshold_maps_probability_onto_the_u32_range():
+    assert loss_threshold(0.0) == 0
+    assert loss_threshold(0.5) == 2**31
+    assert loss_threshold(1.0) == 2**32 - 1
+    assert len(random_drop_program(0.01)) == 6 * 8
+    with pytest.raises(ValueError, match="probability"):
+        loss_threshold(1.01)
+
+
+@pytest.mark.root
+@needs_netns
+def test_bpf_loss_drops_the_set_fraction_changes_live_and_leaves_nothing(line):
+    with BpfLoss(line.ns_router, line.router_b, loss=0.05) as bpf:
+        first, _ = _rtts_ms(line, 7211, count=3000, interval_s=0.0005)
+        dropped_first = bpf.stats.packets_dropped
+        bpf.change(loss=0.25)
+        second, _ = _rtts_ms(line, 7212, count=2000, interval_s=0.0005)
+        assert bpf.mechanism == "bpf"
+    bpf.stop()
+    assert first["sent"] - first["received"] == dropped_first
+    assert dropped_first / first["sent"] == pytest.approx(0.05, abs=0.012)
+    assert 1 - second["received"] / second["sent"] == pytest.approx(0.25, abs=0.03)
+    with NetNS(line.ns_router) as ipr:
+        index = ipr.link_lookup(ifname=line.router_b)[0]
+        assert all(q.get_attr("TCA_KIND") != "clsact" for q in ipr.get_qdiscs(index=index))

@@ -13,11 +13,33 @@ import itertools
 import os
 from dataclasses import dataclass
 
-from pyroute2 import NetNS, netns
+from pyroute2 import Ethtool, NetNS, netns
 
 from ray_scout.net.emulator_ns import run_in_netns, write_sysctl
 
 _lines = itertools.count()
+
+# Without these a TCP sender hands the path 64 KB skbs, and a per-packet loss hook such as
+# the eBPF one drops whole aggregates (the TUN path is unaffected: the kernel segments
+# before handing packets to a TUN).
+SEGMENTATION_FEATURES = (
+    "tx-tcp-segmentation", "tx-tcp6-segmentation", "tx-tcp-ecn-segmentation",
+    "tx-tcp-mangleid-segmentation", "tx-tcp-accecn-segmentation", "tx-generic-segmentation",
+)
+
+
+def disable_segmentation_offload(netns_name: str, ifname: str) -> None:
+    """Turn TSO/GSO off on ``ifname`` so that every skb leaving it is one MTU-sized packet."""
+
+    def apply() -> None:
+        with Ethtool() as ethtool:
+            features = ethtool.get_features(ifname)
+            for name in SEGMENTATION_FEATURES:
+                if name in features.features:
+                    features.features[name].enable = False
+            ethtool.set_features(ifname, features)
+
+    run_in_netns(netns_name, apply)
 
 
 @dataclass(frozen=True)
@@ -34,6 +56,7 @@ class EmulatorLine:
 
     Packets from a to b arrive on the router at ``router_a`` and leave through ``router_b``.
     Use as a context manager; ``close`` removes the namespaces and everything in them.
+    ``segmentation_offload=False`` turns TSO/GSO off on all four veth ends.
     """
 
     iface_a = "rs-a0"
@@ -41,7 +64,8 @@ class EmulatorLine:
     router_b = "rs-rb"
     iface_b = "rs-b0"
 
-    def __init__(self) -> None:
+    def __init__(self, *, segmentation_offload: bool = True) -> None:
+        self.segmentation_offload = segmentation_offload
         tag = f"{os.getpid():x}-{next(_lines)}"
         self.ns_a = f"rs-la-{tag}"
         self.ns_router = f"rs-lr-{tag}"
@@ -90,6 +114,12 @@ class EmulatorLine:
                 h.link("set", index=h.link_lookup(ifname="lo")[0], state="up")
                 h.route("add", dst="0.0.0.0/0", gateway=gateway)
         run_in_netns(self.ns_router, lambda: write_sysctl(("net", "ipv4", "ip_forward"), "1"))
+        if not self.segmentation_offload:
+            for ns_name, ifname in (
+                (self.ns_a, self.iface_a), (self.ns_router, self.router_a),
+                (self.ns_router, self.router_b), (self.ns_b, self.iface_b),
+            ):
+                disable_segmentation_offload(ns_name, ifname)
 
     def limit_rate(self, rate_bps: int, iface: str | None = None) -> None:
         """Root HTB with one default class at ``rate_bps`` on a router interface (default: toward b).
