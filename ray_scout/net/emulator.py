@@ -335,7 +335,9 @@ class TunImpairment:
             delay_s, jitter_s, jitter_distribution, loss, reorder, limit_packets
         )
         if realtime_priority is not None and not 1 <= realtime_priority <= 99:
-            raise ValueError(f"realtime_priority={realtime_priority} must be a SCHED_FIFO priority in 1..99")
+            raise ValueError(
+                f"realtime_priority={realtime_priority} must be a SCHED_FIFO priority in 1..99"
+            )
         self.realtime_priority = realtime_priority
         self._rng = random.Random(seed)
         self._unit_jitter = unit_jitter_sampler(jitter_distribution, self._rng)
@@ -399,7 +401,9 @@ class TunImpairment:
                     self._rules.append(rule)
             self._stop_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
             self._timer = _TimerFd()
-            self._thread = threading.Thread(target=self._pump_guarded, name=self.tun_name, daemon=True)
+            self._thread = threading.Thread(
+                target=self._pump_guarded, name=self.tun_name, daemon=True
+            )
             self._thread.start()
         except BaseException:
             self.stop()

@@ -18,6 +18,7 @@ from __future__ import annotations
 import ctypes
 import itertools
 import os
+import platform
 import struct
 from dataclasses import dataclass
 
@@ -28,7 +29,7 @@ from ray_scout.net.emulator_ns import NETNS_DIR, netns_path
 
 MECHANISM = "bpf"
 
-SYS_BPF = 321  # x86-64
+SYS_BPF_BY_MACHINE = {"x86_64": 321, "aarch64": 280}
 BPF_PROG_LOAD = 5
 BPF_PROG_TYPE_SCHED_CLS = 3
 BPF_FUNC_GET_PRANDOM_U32 = 7
@@ -79,7 +80,10 @@ def load_program(code: bytes, name: str) -> int:
         ),
         128,
     )
-    fd = _libc.syscall(SYS_BPF, BPF_PROG_LOAD, attr, 128)
+    machine = platform.machine()
+    if machine not in SYS_BPF_BY_MACHINE:
+        raise OSError(f"no bpf() syscall number known for {machine}; use the TUN emulator for loss")
+    fd = _libc.syscall(SYS_BPF_BY_MACHINE[machine], BPF_PROG_LOAD, attr, 128)
     if fd < 0:
         err = ctypes.get_errno()
         raise OSError(
@@ -100,7 +104,8 @@ class BpfLossStats:
 
 
 class BpfLoss:
-    """Bernoulli loss on the ``hook`` of ``iface`` in ``netns``; start/change/stop, a context manager."""
+    """Bernoulli loss on the ``hook`` of ``iface`` in ``netns``; start/change/stop; a context
+    manager."""
 
     mechanism = MECHANISM
 

@@ -68,10 +68,12 @@ def udp_round_trips(
 
 
 def tcp_transfer(
-    sender_netns: str, receiver_netns: str, dst: str, port: int, *, duration_s: float, congestion: str,
+    sender_netns: str, receiver_netns: str, dst: str, port: int, *,
+    duration_s: float, congestion: str,
 ) -> tuple[dict, dict]:
     """One bulk TCP flow for ``duration_s``; the sender's and the sink's results."""
-    sink = spawn(receiver_netns, "tcp-sink", "--port", str(port), "--duration-s", str(duration_s + 10))
+    sink = spawn(receiver_netns, "tcp-sink", "--port", str(port),
+                 "--duration-s", str(duration_s + 10))
     try:
         bulk = spawn(sender_netns, "tcp-bulk", "--dst", dst, "--port", str(port),
                      "--duration-s", str(duration_s), "--congestion", congestion)
@@ -96,7 +98,9 @@ def udp_echo(port: int, duration_s: float) -> dict:
     return {"echoed": echoed}
 
 
-def udp_rtt(dst: str, port: int, count: int, interval_s: float, size_bytes: int, wait_s: float) -> dict:
+def udp_rtt(
+    dst: str, port: int, count: int, interval_s: float, size_bytes: int, wait_s: float
+) -> dict:
     """Send ``count`` datagrams every ``interval_s``; return per-sequence round-trip times.
 
     One thread: sending on schedule and receiving between sends, so the timestamps never wait
@@ -172,7 +176,8 @@ PROBES = {
     "udp-echo": (udp_echo, {"port": int, "duration_s": float}),
     "udp-rtt": (
         udp_rtt,
-        {"dst": str, "port": int, "count": int, "interval_s": float, "size_bytes": int, "wait_s": float},
+        {"dst": str, "port": int, "count": int, "interval_s": float,
+         "size_bytes": int, "wait_s": float},
     ),
     "tcp-sink": (tcp_sink, {"port": int, "duration_s": float}),
     "tcp-bulk": (tcp_bulk, {"dst": str, "port": int, "duration_s": float, "congestion": str}),
