@@ -1,8 +1,8 @@
 """Delay, jitter and loss for real IP packets where the kernel has no ``sch_netem``.
 
 ``TunImpairment`` steers one direction of traffic through a TUN device inside a router
-namespace: a policy rule (``iif <ingress>``) sends every IPv4 packet that arrives on the
-ingress interface to a private routing table whose only route points into the TUN. A pump
+namespace: a policy rule (by ingress interface, destination prefix, or both) sends every
+IPv4 packet it selects to a private routing table whose only route points into the TUN. A pump
 thread reads those packets, drops some (Bernoulli or Gilbert-Elliott), stamps the survivors
 with a release time ``arrival + delay + jitter`` and writes them back into the TUN on a
 timerfd schedule; the kernel then routes them on as if they had just arrived. TCP therefore
@@ -445,6 +445,12 @@ class TunImpairment:
 
     @property
     def stats(self) -> ImpairmentStats:
+        """A snapshot of the counters; raises if the pump has died (its direction is a blackhole
+        until ``stop``)."""
+        if self._error is not None:
+            raise RuntimeError(
+                f"emulator {self.tun_name} failed while running: {self._error!r}; call stop()"
+            )
         c = self._counts
         return ImpairmentStats(
             packets_in=c[0],
