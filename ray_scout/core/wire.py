@@ -76,11 +76,17 @@ class Payload:
     sections: dict[str, bytes]
     wire_size_bytes: int
     compressed: bool
+    stored_body_bytes: int
 
     @property
     def body_size_bytes(self) -> int:
         """Uncompressed body bytes (sections concatenated)."""
         return sum(len(s) for s in self.sections.values())
+
+    @property
+    def compression_ratio(self) -> float:
+        """Uncompressed over stored body bytes (1.0 without zstd)."""
+        return self.body_size_bytes / self.stored_body_bytes if self.stored_body_bytes else 1.0
 
 
 def header_size_bytes(model_id: str, protected_layers: tuple[int, ...],
@@ -215,7 +221,8 @@ def decode_payload(data: bytes, *, max_bytes: int = DEFAULT_MAX_BYTES,
         layout = _kv_layout(mode, layers, heads, tokens, head_dim, group, protected, dtype_code)
         if expected_model is not None:
             _check_model(layout, model_id, expected_model)
-    return Payload(mode, model_id, layout, sections, len(data), bool(flags & FLAG_ZSTD))
+    return Payload(mode, model_id, layout, sections, len(data), bool(flags & FLAG_ZSTD),
+                   body_len)
 
 
 def _decompress(body: memoryview, raw_total: int) -> bytes:
@@ -258,7 +265,7 @@ def _check_model(layout: KVLayout, model_id: str, facts: KVFacts) -> None:
 
 
 def _tensor_bytes(t: torch.Tensor) -> bytes:
-    return t.detach().contiguous().cpu().view(torch.uint8).numpy().tobytes()
+    return t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
 
 
 def encode_kv(encoded: EncodedKV, model_id: str, *, compress: bool = False,
@@ -283,12 +290,11 @@ def decode_kv(data: bytes, *, facts: KVFacts, max_bytes: int = DEFAULT_MAX_BYTES
     got = sum(len(s) for s in payload.sections.values())
     if got != data_bytes:
         raise WireError(f"KV sections hold {got} bytes; the header's shapes need {data_bytes}")
-    positions = torch.frombuffer(bytearray(payload.sections["positions"]), dtype=POSITION_DTYPE)
+    positions = _from_bytes(payload.sections["positions"], POSITION_DTYPE)
     if positions.numel() and (int(positions[0]) < 0 or
                               (positions.numel() > 1 and not bool((positions.diff() > 0).all()))):
         raise WireError("positions must be non-negative and strictly increasing")
-    blob = torch.frombuffer(bytearray(payload.sections["kv"]), dtype=torch.uint8) \
-        if payload.sections["kv"] else torch.empty(0, dtype=torch.uint8)
+    blob = _from_bytes(payload.sections["kv"], torch.uint8)
     keys, values, at = [], [], 0
     for bits in layout.layer_bits():
         for dim, out in ((_KEY_GROUP_DIM, keys), (_VALUE_GROUP_DIM, values)):
@@ -306,6 +312,12 @@ def decode_kv(data: bytes, *, facts: KVFacts, max_bytes: int = DEFAULT_MAX_BYTES
             out.append(EncodedTensor(bits, data_part, scales.reshape(grouped),
                                      zeros.reshape(grouped)))
     return EncodedKV(layout, positions, tuple(keys), tuple(values))
+
+
+def _from_bytes(data: bytes, dtype: torch.dtype) -> torch.Tensor:
+    if not data:  # torch.frombuffer refuses an empty buffer
+        return torch.empty(0, dtype=dtype)
+    return torch.frombuffer(bytearray(data), dtype=dtype)
 
 
 def _view(blob: torch.Tensor, start: int, length: int, dtype: torch.dtype) -> torch.Tensor:
