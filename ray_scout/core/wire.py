@@ -34,14 +34,15 @@ import torch
 
 from ray_scout.core.kvcodec import EncodedKV, KVLayout, encoded_size_bytes
 from ray_scout.core.kvcodec.base import (
-    _KEY_GROUP_DIM,
-    _VALUE_GROUP_DIM,
+    KEY_GROUP_DIM,
     POSITION_DTYPE,
     RAW_BITS,
     RAW_DTYPE,
+    VALUE_GROUP_DIM,
     EncodedTensor,
     tensor_sizes_bytes,
 )
+from ray_scout.core.kvcodec.quant import num_groups
 from ray_scout.core.models import KVFacts
 from ray_scout.core.modes import Mode
 
@@ -297,7 +298,7 @@ def decode_kv(data: bytes, *, facts: KVFacts, max_bytes: int = DEFAULT_MAX_BYTES
     blob = _from_bytes(payload.sections["kv"], torch.uint8)
     keys, values, at = [], [], 0
     for bits in layout.layer_bits():
-        for dim, out in ((_KEY_GROUP_DIM, keys), (_VALUE_GROUP_DIM, values)):
+        for dim, out in ((KEY_GROUP_DIM, keys), (VALUE_GROUP_DIM, values)):
             data_len, scale_len, zero_len = tensor_sizes_bytes(layout, bits, dim)
             data_part = blob[at:at + data_len]
             at += data_len
@@ -327,9 +328,7 @@ def _view(blob: torch.Tensor, start: int, length: int, dtype: torch.dtype) -> to
 
 
 def _grouped_shape(layout: KVLayout, dim: int) -> tuple[int, int, int]:
-    from ray_scout.core.kvcodec.quant import num_groups
-
     heads, tokens, head_dim = layout.tensor_shape
-    if dim == _KEY_GROUP_DIM:
+    if dim == KEY_GROUP_DIM:
         return (heads, head_dim, num_groups(tokens, layout.group_size))
     return (heads, tokens, num_groups(head_dim, layout.group_size))

@@ -10,6 +10,8 @@ encoded form, the layer-wise codec and the registry), ``bf16``, ``uniform`` (INT
 
 from __future__ import annotations
 
+import torch
+
 from ray_scout.core.kvcodec import bf16, mixed, uniform  # noqa: F401  (registration)
 from ray_scout.core.kvcodec.base import (
     EncodedKV,
@@ -33,8 +35,6 @@ def codec_for(mode: Mode, *, group_size: int = 32,
 
 def relative_error(reference, decoded) -> float:
     """||x̂ - x|| / ||x|| over all keys and values of two snapshots."""
-    import torch
-
     num = torch.zeros((), dtype=torch.float64)
     den = torch.zeros((), dtype=torch.float64)
     for ref, got in zip(reference.keys + reference.values, decoded.keys + decoded.values):

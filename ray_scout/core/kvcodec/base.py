@@ -21,8 +21,8 @@ from ray_scout.core.modes import Mode
 RAW_BITS = 16
 RAW_DTYPE = torch.bfloat16
 POSITION_DTYPE = torch.int32  # positions travel as 4-byte integers
-_KEY_GROUP_DIM = 1  # keys [heads, tokens, head_dim]: groups along tokens, per channel
-_VALUE_GROUP_DIM = 2  # values: groups along channels, per token
+KEY_GROUP_DIM = 1  # keys [heads, tokens, head_dim]: groups along tokens, per channel
+VALUE_GROUP_DIM = 2  # values: groups along channels, per token
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,7 +60,7 @@ def encoded_size_bytes(layout: KVLayout) -> int:
     """Closed form of ``EncodedKV.size_bytes``: data + fp16 scales/zeros + int32 positions."""
     total = POSITION_DTYPE.itemsize * layout.num_tokens
     for bits in layout.layer_bits():
-        for dim in (_KEY_GROUP_DIM, _VALUE_GROUP_DIM):
+        for dim in (KEY_GROUP_DIM, VALUE_GROUP_DIM):
             total += sum(tensor_sizes_bytes(layout, bits, dim))
     return total
 
@@ -156,9 +156,9 @@ class KVCodec:
     def encode(self, snapshot: KVSnapshot) -> EncodedKV:
         layout = self.layout_for(snapshot)
         bits = layout.layer_bits()
-        keys = tuple(encode_tensor(k, b, self.group_size, _KEY_GROUP_DIM)
+        keys = tuple(encode_tensor(k, b, self.group_size, KEY_GROUP_DIM)
                      for k, b in zip(snapshot.keys, bits))
-        values = tuple(encode_tensor(v, b, self.group_size, _VALUE_GROUP_DIM)
+        values = tuple(encode_tensor(v, b, self.group_size, VALUE_GROUP_DIM)
                        for v, b in zip(snapshot.values, bits))
         positions = snapshot.positions.to(device="cpu", dtype=POSITION_DTYPE)
         return EncodedKV(layout, positions, keys, values)
@@ -170,9 +170,9 @@ class KVCodec:
             raise ValueError(f"{type(self).__name__} decodes {self.mode.value}, "
                              f"got {layout.mode.value}; use codec_for(encoded.mode)")
         shape = layout.tensor_shape
-        keys = tuple(decode_tensor(k, shape, layout.group_size, _KEY_GROUP_DIM, dtype, device)
+        keys = tuple(decode_tensor(k, shape, layout.group_size, KEY_GROUP_DIM, dtype, device)
                      for k in encoded.keys)
-        values = tuple(decode_tensor(v, shape, layout.group_size, _VALUE_GROUP_DIM, dtype,
+        values = tuple(decode_tensor(v, shape, layout.group_size, VALUE_GROUP_DIM, dtype,
                                      device) for v in encoded.values)
         return KVSnapshot(keys, values, encoded.positions.to(device=device, dtype=torch.long))
 
