@@ -223,3 +223,20 @@ def test_int8_decoded_cache_continues_with_the_same_greedy_answer(embedded_model
     decoded = codec.decode(codec.encode(snap))
     reference = greedy(embedded_model.model, snap, ids[0, -1], 12)
     assert greedy(embedded_model.model, decoded, ids[0, -1], 12) == reference
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("mode, protected", ALL)
+def test_gpu_encoding_matches_cpu(mode, protected):
+    snap = snapshot(tokens=333)
+    gpu = KVSnapshot(tuple(k.cuda() for k in snap.keys), tuple(v.cuda() for v in snap.values),
+                     snap.positions.cuda())
+    codec = codec_for(mode, protected_layers=protected)
+    on_cpu, on_gpu = codec.encode(snap), codec.encode(gpu)
+    assert on_gpu.keys[0].data.is_cuda
+    for a, b in zip(on_cpu.keys + on_cpu.values, on_gpu.keys + on_gpu.values):
+        for x, y in zip(a.parts()[1:], b.parts()[1:]):
+            assert torch.equal(x, y.cpu())  # identical fp16 scales and zeros
+    decoded = codec.decode(on_gpu, device="cuda")
+    assert decoded.keys[0].is_cuda
+    assert relative_error(codec.decode(on_cpu), decoded) < 1e-3
