@@ -328,7 +328,6 @@ def _view(blob: torch.Tensor, start: int, length: int, dtype: torch.dtype) -> to
 
 
 def _grouped_shape(layout: KVLayout, dim: int) -> tuple[int, int, int]:
-    heads, tokens, head_dim = layout.tensor_shape
-    if dim == KEY_GROUP_DIM:
-        return (heads, head_dim, num_groups(tokens, layout.group_size))
-    return (heads, tokens, num_groups(head_dim, layout.group_size))
+    shape = list(layout.tensor_shape)
+    shape[dim] = num_groups(shape[dim], layout.group_size)
+    return tuple(shape)

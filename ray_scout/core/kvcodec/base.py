@@ -70,7 +70,8 @@ class EncodedTensor:
     """One layer's keys or values: raw bf16 data, or packed uint8 codes + fp16 scales/zeros.
 
     Codes are in the ``[heads, tokens, head_dim]`` element order, flattened when 4-bit (two
-    per byte, low nibble first). Scales and zeros have the grouped axis last.
+    per byte, low nibble first). Scales and zeros have that shape with the grouped axis
+    (tokens for keys, channels for values) shrunk to its number of groups.
     """
 
     bits: int

@@ -25,40 +25,61 @@ def num_groups(length: int, group_size: int) -> int:
     return -(-length // group_size)
 
 
-def quantize(x: torch.Tensor, bits: int, group_size: int, dim: int):
-    """Codes (uint8, same shape as ``x``), scales and zeros (fp16, ``dim`` moved last and
-    reduced to its groups). Dequantized value = code * scale + zero."""
-    qmax = (1 << bits) - 1
-    moved = x.movedim(dim, -1).float()
-    length = moved.shape[-1]
+def _split_groups(x: torch.Tensor, dim: int, group_size: int, pad_value=None) -> torch.Tensor:
+    """View ``x`` with axis ``dim`` split into ``(groups, group_size)``, padding the last
+    group with copies of the last element (or ``pad_value``) when the length is ragged."""
+    length = x.shape[dim]
     groups = num_groups(length, group_size)
     pad = groups * group_size - length
     if pad:
-        moved = torch.cat([moved, moved[..., -1:].expand(*moved.shape[:-1], pad)], dim=-1)
-    grouped = moved.reshape(*moved.shape[:-1], groups, group_size)
-    lo = grouped.amin(dim=-1)
-    hi = grouped.amax(dim=-1)
+        shape = list(x.shape)
+        shape[dim] = pad
+        filler = (x.narrow(dim, length - 1, 1).expand(shape) if pad_value is None
+                  else x.new_full(shape, pad_value))
+        x = torch.cat([x, filler], dim=dim)
+    return x.reshape(x.shape[:dim] + (groups, group_size) + x.shape[dim + 1:])
+
+
+def _merge_groups(x: torch.Tensor, dim: int, length: int) -> torch.Tensor:
+    merged = x.reshape(x.shape[:dim] + (x.shape[dim] * x.shape[dim + 1],) + x.shape[dim + 2:])
+    return merged.narrow(dim, 0, length) if merged.shape[dim] != length else merged
+
+
+def quantize(x: torch.Tensor, bits: int, group_size: int, dim: int):
+    """Codes (uint8, same shape as ``x``), scales and zeros (fp16, the shape of ``x`` with
+    axis ``dim`` shrunk to its number of groups). Dequantized value = code * scale + zero.
+
+    Groups are formed by a reshape along ``dim`` (no transposes), so keys [heads, tokens,
+    head_dim] grouped along tokens and values grouped along channels both stay contiguous.
+    """
+    if dim < 0:
+        raise ValueError("give the group axis as a non-negative dimension")
+    qmax = (1 << bits) - 1
+    length = x.shape[dim]
+    grouped = _split_groups(x.float(), dim, group_size)
+    lo, hi = torch.aminmax(grouped, dim=dim + 1)
     scales = ((hi - lo) * (_SCALE_SLACK / qmax)).to(torch.float16)
     zeros = lo.to(torch.float16)
     if not bool(torch.isfinite(scales).all() & torch.isfinite(zeros).all()):
         raise ValueError("KV values are not finite or exceed the fp16 range of scales and "
                          "zero-points; send this request in BF16 mode instead")
     step = scales.float()
-    step = torch.where(step > 0, step, torch.ones_like(step))  # constant group: all codes 0
-    codes = (grouped - zeros.float().unsqueeze(-1)).div_(step.unsqueeze(-1))
-    codes = codes.round_().clamp_(0, qmax).to(torch.uint8)
-    codes = codes.reshape(*moved.shape[:-1], groups * group_size)[..., :length]
-    return codes.movedim(-1, dim).contiguous(), scales, zeros
+    # A constant group has scale 0: all its codes are 0 and it decodes exactly.
+    inverse = torch.where(step > 0, step.reciprocal(), torch.zeros_like(step))
+    # (x - zero) / scale + 0.5 in one fused pass; truncation to uint8 then rounds half up.
+    bias = 0.5 - zeros.float() * inverse
+    codes = torch.addcmul(bias.unsqueeze(dim + 1), grouped, inverse.unsqueeze(dim + 1))
+    codes = codes.clamp_(0, qmax).to(torch.uint8)
+    return _merge_groups(codes, dim, length).contiguous(), scales, zeros
 
 
 def dequantize(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
                group_size: int, dim: int, dtype: torch.dtype) -> torch.Tensor:
     """Inverse of ``quantize`` (up to rounding), in ``dtype`` on the codes' device."""
-    moved = codes.movedim(dim, -1).float()
-    length = moved.shape[-1]
-    step = scales.float().repeat_interleave(group_size, dim=-1)[..., :length]
-    offset = zeros.float().repeat_interleave(group_size, dim=-1)[..., :length]
-    return moved.mul_(step).add_(offset).to(dtype).movedim(-1, dim).contiguous()
+    length = codes.shape[dim]
+    grouped = _split_groups(codes, dim, group_size, pad_value=0).float()
+    out = torch.addcmul(zeros.float().unsqueeze(dim + 1), grouped, scales.float().unsqueeze(dim + 1))
+    return _merge_groups(out, dim, length).to(dtype).contiguous()
 
 
 def pack_int4(codes: torch.Tensor) -> torch.Tensor:
