@@ -222,6 +222,8 @@ def test_int8_decoded_cache_continues_with_the_same_greedy_answer(embedded_model
     codec = codec_for(Mode.INT8)
     decoded = codec.decode(codec.encode(snap))
     reference = greedy(embedded_model.model, snap, ids[0, -1], 12)
+    with torch.no_grad():  # the cache path itself agrees with a plain full forward
+        assert reference[0] == int(embedded_model.model(ids).logits[0, -1].argmax())
     assert greedy(embedded_model.model, decoded, ids[0, -1], 12) == reference
 
 
