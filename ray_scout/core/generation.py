@@ -126,7 +126,8 @@ def prefill(lm: LoadedModel, layout: PromptLayout, *, capture: str = "last") -> 
     ids = layout.input_ids.unsqueeze(0).to(lm.device)
     start = time.perf_counter()
     with _query_hooks(lm, _query_layers(capture, num_layers), queries):
-        out = lm.model(input_ids=ids, use_cache=True)
+        # Only the last row's logits are needed: skips a [T, vocab] projection.
+        out = lm.model(input_ids=ids, use_cache=True, logits_to_keep=1)
     elapsed = time.perf_counter() - start
     snapshot = KVSnapshot.from_cache(out.past_key_values)
     scaling = attention_modules(lm)[-1].scaling

@@ -194,7 +194,8 @@ def q2c_eager_reference(lm: LoadedModel, layout: PromptLayout, *, all_layers: bo
     context, which is why ``q2c`` recomputes only the rows it needs.
     """
     with _eager_attention(lm):
-        out = lm.model(input_ids=layout.input_ids.unsqueeze(0).to(lm.device), output_attentions=True)
+        out = lm.model(input_ids=layout.input_ids.unsqueeze(0).to(lm.device), output_attentions=True,
+                       logits_to_keep=1)
     q = slice(layout.question_span.start, layout.question_span.stop)
     c = slice(layout.context_span.start, layout.context_span.stop)
     layers = out.attentions if all_layers else out.attentions[-1:]
