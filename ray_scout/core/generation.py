@@ -11,6 +11,7 @@ how KV travels (``kvcodec``), and where the two halves run (the actors).
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Sequence
 import dataclasses
 import time
 
@@ -197,6 +198,43 @@ def kept_prompt_positions(layout: PromptLayout, context_positions: torch.Tensor)
 
 
 @torch.inference_mode()
+def continue_after(
+    lm: LoadedModel,
+    snapshot: KVSnapshot,
+    tail_ids: Sequence[int],
+    *,
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+) -> Answer:
+    """Run the prompt's last token(s) against a (possibly pruned) cache, then decode.
+
+    The tail takes the positions right after ``snapshot.next_position``, so the first answer
+    token is conditioned only on what the cache holds.
+    """
+    if not tail_ids:
+        raise GenerationError("need at least one tail token to produce the first logits")
+    start = time.perf_counter()
+    tail_positions = torch.arange(snapshot.next_position, snapshot.next_position + len(tail_ids))
+    out = lm.model(
+        input_ids=torch.tensor([list(tail_ids)], device=lm.device),
+        position_ids=tail_positions.unsqueeze(0).to(lm.device),
+        attention_mask=torch.ones(1, snapshot.num_tokens + len(tail_ids), dtype=torch.long,
+                                  device=lm.device),
+        past_key_values=snapshot.to_cache(lm.model.config),
+        use_cache=True,
+    )
+    step_s = time.perf_counter() - start
+    grown = KVSnapshot.from_cache(out.past_key_values,
+                                  torch.cat([snapshot.positions.cpu(), tail_positions]))
+    answer = greedy_answer(lm, grown, out.logits[0, -1], max_new_tokens=max_new_tokens)
+    return dataclasses.replace(answer, decode_s=answer.decode_s + step_s)
+
+
+def pruned_snapshot(pre: Prefill, context_positions: torch.Tensor) -> KVSnapshot:
+    """The prompt's KV with only the selected context kept, and without the last token."""
+    kept = kept_prompt_positions(pre.layout, context_positions)
+    return pre.snapshot.select(kept[kept != pre.layout.num_tokens - 1])
+
+
 def answer_pruned(
     lm: LoadedModel,
     pre: Prefill,
@@ -209,23 +247,10 @@ def answer_pruned(
     The last prompt token is re-run against the pruned cache, so the first answer token is
     also conditioned only on what was kept (the prefill's logits saw the whole context).
     """
-    layout = pre.layout
-    kept = kept_prompt_positions(layout, context_positions)
-    last = layout.num_tokens - 1
-    snapshot = pre.snapshot.select(kept[kept != last])
-    start = time.perf_counter()
-    cache = snapshot.to_cache(lm.model.config)
-    out = lm.model(
-        input_ids=layout.input_ids[last:].unsqueeze(0).to(lm.device),
-        position_ids=torch.tensor([[last]], device=lm.device),
-        attention_mask=torch.ones(1, snapshot.num_tokens + 1, dtype=torch.long, device=lm.device),
-        past_key_values=cache,
-        use_cache=True,
-    )
-    step_s = time.perf_counter() - start
-    grown = KVSnapshot.from_cache(out.past_key_values, torch.cat([snapshot.positions, torch.tensor([last])]))
-    answer = greedy_answer(lm, grown, out.logits[0, -1], max_new_tokens=max_new_tokens)
-    return dataclasses.replace(answer, decode_s=answer.decode_s + step_s, prefill_s=pre.prefill_s)
+    tail = pre.layout.input_ids[-1:].tolist()
+    answer = continue_after(lm, pruned_snapshot(pre, context_positions), tail,
+                            max_new_tokens=max_new_tokens)
+    return dataclasses.replace(answer, prefill_s=pre.prefill_s)
 
 
 def answer_full(
