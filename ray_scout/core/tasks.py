@@ -373,9 +373,11 @@ def _make_sample(task: str, index: int, *, context_tokens: int, seed: int,
             sentence = _filler_sentence(rng)
             if not any(_mentions(sentence, term) for term in terms):
                 break
+        separator = "\n\n" if rng.random() < _PARAGRAPH_BREAK else " "
         filler.append(sentence)
-        filler_tokens.append(count(" " + sentence))
-        breaks.append("\n\n" if rng.random() < _PARAGRAPH_BREAK else " ")
+        # Counted with its separator: a paragraph break costs tokens a space does not.
+        filler_tokens.append(count(separator + sentence))
+        breaks.append(separator)
 
     while fact_tokens + sum(filler_tokens) < context_tokens:
         draw()
