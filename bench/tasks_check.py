@@ -4,7 +4,7 @@
    embedded SmolLM2 tokenizer, as relative error to the target (max and mean |error|), and
    the generation time per sample.
 2. Extractability: the embedded SmolLM2-135M-Instruct answers each variant at short context
-   lengths with a plain extractive prompt and greedy decoding; EM and F1 with 95% bootstrap
+   lengths with a plain extractive prompt and greedy decoding; EM, F1 and contains-answer with 95% bootstrap
    CIs. A sanity check that the tasks are neither trivial nor impossible for the edge model,
    not the quality harness's numbers (that harness owns prompting and the grid).
 
@@ -26,7 +26,8 @@ from ray_scout.core.models import load_model
 
 VARIANTS = [("single_needle", {}), ("multi_needle", {}), ("multi_hop", {"hops": 2}),
             ("multi_hop", {"hops": 3})]
-PROMPT = "Context: {context}\nQuestion: {question}\nAnswer with a few words from the context."
+PROMPT = ("Context: {context}\nQuestion: {question}\n"
+          "Reply with only the answer, a word or number copied from the context.")
 
 
 def _label(task: str, options: dict) -> str:
@@ -58,7 +59,7 @@ def answer(model, sample: tasks.Sample) -> str:
     encoded = tokenizer.apply_chat_template(messages, add_generation_prompt=True,
                                             return_tensors="pt", return_dict=True)
     with torch.no_grad():
-        out = model.model.generate(**encoded, max_new_tokens=12, do_sample=False)
+        out = model.model.generate(**encoded, max_new_tokens=16, do_sample=False)
     return tokenizer.decode(out[0, encoded["input_ids"].shape[1]:],
                             skip_special_tokens=True).strip()
 
@@ -72,10 +73,14 @@ def answer_check(model, n: int, lengths: list[int]) -> list[dict]:
             predictions = [answer(model, sample) for sample in samples]
             em = [metrics.exact_match(p, s.answers) for p, s in zip(predictions, samples)]
             f1 = [metrics.f1(p, s.answers) for p, s in zip(predictions, samples)]
+            found = [metrics.contains_answer(p, s.answers) for p, s in zip(predictions, samples)]
             em_ci, f1_ci = metrics.bootstrap_ci(em), metrics.bootstrap_ci(f1)
+            found_ci = metrics.bootstrap_ci(found)
             rows.append(dict(variant=_label(task, options), target_tokens=target, n=n,
                              em=em_ci.mean, em_low=em_ci.low, em_high=em_ci.high,
                              f1=f1_ci.mean, f1_low=f1_ci.low, f1_high=f1_ci.high,
+                             contains=found_ci.mean, contains_low=found_ci.low,
+                             contains_high=found_ci.high,
                              examples=[[p, s.answers[0]] for p, s in
                                        zip(predictions[:3], samples[:3])]))
             print(rows[-1], flush=True)

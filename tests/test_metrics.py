@@ -6,7 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ray_scout.core.metrics import (
-    bootstrap_ci, exact_match, f1, normalize_answer, paired_test,
+    bootstrap_ci, contains_answer, exact_match, f1, normalize_answer, paired_test,
 )
 
 # ------------------------------------------------------------------ normalization and scores
@@ -65,6 +65,23 @@ def test_answers_given_as_a_bare_string_are_rejected():
         f1("Denver", "Denver")
     with pytest.raises(TypeError, match="prediction must be a string"):
         exact_match(None, ["Denver"])
+
+
+@pytest.mark.parametrize("prediction, answers, score", [
+    ("Kofi Castell was born in the city of Lisbon.", ["Lisbon"], 1.0),
+    ("Lisbonia", ["Lisbon"], 0.0),  # whole tokens only
+    ("The code is New York City", ["new york"], 1.0),
+    ("", [], 1.0),
+    ("Lisbon", [], 0.0),
+])
+def test_contains_answer_credits_a_verbose_reply_holding_the_gold(prediction, answers, score):
+    assert contains_answer(prediction, answers) == score
+
+
+@given(st.text(max_size=30), st.lists(st.text(max_size=30), max_size=4))
+def test_exact_match_implies_contains_answer(prediction, answers):
+    if exact_match(prediction, answers):
+        assert contains_answer(prediction, answers) == 1.0
 
 
 @given(st.text())

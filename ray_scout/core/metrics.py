@@ -93,6 +93,21 @@ def f1(prediction: str, answers: Sequence[str]) -> float:
     return max(_f1_one(predicted, _tokens(gold)) for gold in _gold_answers(answers))
 
 
+def contains_answer(prediction: str, answers: Sequence[str]) -> float:
+    """1.0 if some normalized gold answer occurs as a run of whole tokens in the normalized
+    prediction (RULER's string-match score), else 0.0.
+
+    It credits a verbose but correct reply ("Kofi was born in Lisbon.") that EM and F1
+    punish; unanswerable questions score as in ``exact_match``.
+    """
+    _check_prediction(prediction)
+    golds = _gold_answers(answers)
+    if golds == [""]:
+        return exact_match(prediction, answers)
+    predicted = f" {normalize_answer(prediction)} "
+    return float(any(f" {normalize_answer(gold)} " in predicted for gold in golds))
+
+
 class Interval(NamedTuple):
     """A point estimate with the bounds of its confidence interval."""
 
