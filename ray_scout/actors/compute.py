@@ -150,14 +150,21 @@ def scout_size_bound_bytes(context_tokens: int) -> int:
 
 def profiled_payload_bytes(facts: KVFacts, context_tokens: int, *, group_size: int = 32,
                            protected_layers: tuple[int, ...] = (0,)) -> dict[Mode, int]:
-    """Exact wire bytes of every KV mode (the codec's closed form) and scout's bound."""
+    """Exact wire bytes of every KV mode (the codec's closed form) and scout's bound.
+
+    ``context_tokens`` counts the whole prompt the edge prefilled (context and question).
+    """
+    if context_tokens < 2:
+        raise ComputeError(f"a prompt of {context_tokens} tokens leaves no KV besides its tail")
     from ray_scout.core.wire import payload_size_bytes
 
     sizes = {}
     for mode in KV_MODES:
         protected = protected_layers if mode == Mode.MIXED_INT4 else ()
-        sizes[mode] = payload_size_bytes(mode, facts, context_tokens, group_size=group_size,
-                                         protected_layers=protected)
+        # The KV holds every prompt token but the last, which travels as the tail
+        # (core.generation continues from it), so the cloud's first logits see the KV.
+        sizes[mode] = payload_size_bytes(mode, facts, context_tokens - 1, group_size=group_size,
+                                         protected_layers=protected, tail_tokens=1)
     sizes[Mode.SCOUT] = scout_size_bound_bytes(context_tokens)
     return sizes
 

@@ -1,7 +1,7 @@
 """Results to text and pictures: the summary table and the plots of one run directory.
 
 What lives here: per (policy, allocator) the request count, deadline-hit rate with a Wilson
-95% interval, mean quality with a normal-approximation 95% interval, latency percentiles and
+95% interval, mean quality with a bootstrap 95% interval, latency percentiles and
 the mix of modes (``summary.md``); PNGs of hit rate and quality per combination, the median
 timeline breakdown, and granted rate vs time. What it knows: the tables' columns (runner and
 simulator share them). What it leaves to others: producing the tables.
@@ -13,6 +13,8 @@ import math
 from pathlib import Path
 
 import pandas as pd
+
+from ray_scout.core.metrics import bootstrap_ci
 
 STAGES = ("agent_queue_s", "edge_s", "tx_s", "cloud_queue_s", "cloud_s", "overhead_s")
 
@@ -27,13 +29,12 @@ def wilson_ci(hits: int, n: int, z: float = 1.96) -> tuple[float, float]:
     return (max(0.0, centre - half), min(1.0, centre + half))
 
 
-def mean_ci(values: pd.Series, z: float = 1.96) -> tuple[float, float, float]:
+def mean_ci(values: pd.Series) -> tuple[float, float, float]:
+    """Mean with a 95% percentile-bootstrap interval (``core.metrics``); NaNs dropped."""
     v = values.dropna()
     if v.empty:
         return (math.nan, math.nan, math.nan)
-    m = float(v.mean())
-    half = z * float(v.std(ddof=1)) / math.sqrt(len(v)) if len(v) > 1 else math.nan
-    return (m, m - half, m + half)
+    return tuple(bootstrap_ci(v.to_numpy()))
 
 
 def summary(requests: pd.DataFrame) -> pd.DataFrame:
