@@ -31,16 +31,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from pyroute2 import IPRoute, netns
-from pyroute2.ethtool.ioctl import IoctlEthtool
 
 from ray_scout.net import PREFIX
 from ray_scout.net.errors import NetError, require_root
-from ray_scout.net.namespaces import create_netns, in_netns
+from ray_scout.net.namespaces import add_veth, address_up, create_netns, in_netns, offloads_off, write_sysctl
 from ray_scout.net.profiles import Direction, LinkProfile, check_rate_bps
 from ray_scout.net.shaping import HtbShaper, ImpairmentBackend, LeafClass, LinkShaping, Match
 
 MAX_EDGES = 250
-OFFLOADS = ("tcp-segmentation-offload", "generic-segmentation-offload", "generic-receive-offload")
 BOTTLENECK_NET = "10.77.0"
 PEER_INDEX = 2  # ifindex of the one veth in a cloud/edge namespace (lo is 1), and of bs's uplink
 FIRST_ACCESS_INDEX = 10  # ifindex of the base station's end of access link i: 10 + i
@@ -53,12 +51,6 @@ def edge_address(index: int) -> str:
 CLOUD_ADDRESS = f"{BOTTLENECK_NET}.2"
 
 
-def _sysctl(key: str, value: str) -> None:
-    # /proc/sys/net resolves to the namespace of the thread that opens it.
-    with open(f"/proc/sys/{key.replace('.', '/')}", "w") as handle:
-        handle.write(value)
-
-
 def _pin_namespace_cc(cc: str) -> str:
     """Make ``cc`` the namespace default where the kernel lets us; else sockets pin it.
 
@@ -67,7 +59,7 @@ def _pin_namespace_cc(cc: str) -> str:
     the host's list is not ours to do. ``LabTopology.socket`` pins ``cc`` per socket anyway.
     """
     try:
-        _sysctl("net.ipv4.tcp_congestion_control", cc)
+        write_sysctl("net/ipv4/tcp_congestion_control", cc)
     except PermissionError:
         return "socket"
     return "netns"
@@ -80,19 +72,6 @@ def pin_congestion_control(sock: socket.socket, cc: str) -> None:
     except OSError as error:
         raise NetError(f"cannot pin congestion control {cc!r} on a socket ({error}); run as root "
                        f"or `modprobe tcp_{cc}`") from error
-
-
-def _offloads_off(ifnames: Sequence[str]) -> None:
-    # pyroute2's ioctl ethtool, one legacy set-call per flag: the feature-list route
-    # (Ethtool.get/set_features) reads every string set and costs ~4 ms per interface.
-    tool = IoctlEthtool()
-    try:
-        for ifname in ifnames:
-            tool.change_ifname(ifname)
-            for flag in OFFLOADS:
-                tool.set_offload_flag(flag, 0)
-    finally:
-        tool.close()
 
 
 @dataclass(frozen=True)
@@ -190,14 +169,11 @@ class LabTopology:
 
     def _veth(self, here: str, name: str, index: int, there: str, peer: str, address: str,
               peer_address: str) -> None:
-        # Indices are chosen, not looked up: each namespace is new, and a lookup is a dump.
-        self._iprs[here].link("add", ifname=name, index=index, kind="veth",
-                              peer={"ifname": peer, "net_ns_fd": there, "index": PEER_INDEX})
+        add_veth(self._iprs[here], name, index, there, peer, PEER_INDEX)
         for ns, ifname, ifindex, addr in ((here, name, index, address), (there, peer, PEER_INDEX, peer_address)):
             self._ifindex[ifname] = ifindex
             self._ns_ifnames.setdefault(ns, []).append(ifname)
-            self._iprs[ns].addr("add", index=ifindex, address=addr, prefixlen=24)
-            self._iprs[ns].link("set", index=ifindex, state="up")
+            address_up(self._iprs[ns], ifindex, addr)
 
     def _wire(self) -> None:
         self._veth(self.bs_netns, f"{self.prefix}bc", PEER_INDEX, self.cloud_netns, f"{self.prefix}c",
@@ -226,9 +202,9 @@ class LabTopology:
             with in_netns(name):
                 self.cc_scope[name] = _pin_namespace_cc(cc)
                 if name == self.bs_netns:
-                    _sysctl("net.ipv4.ip_forward", "1")
+                    write_sysctl("net/ipv4/ip_forward", "1")
                 if self.disable_offloads:
-                    _offloads_off(self._ns_ifnames[name])
+                    offloads_off(self._ns_ifnames[name])
 
     def _shaper(self, ns: str, ifname: str, direction: Direction,
                 per_class: bool = False) -> tuple[HtbShaper, LeafClass]:
