@@ -114,8 +114,10 @@ class Match:
 class Port:
     """Where an impairment backend acts: egress of ``ifname`` in ``netns``, under class ``classid``.
 
-    ``local``/``peer`` are the addresses at the two ends of this hop, for backends (the TUN
-    emulator) that steer packets by policy routing rather than by qdisc.
+    ``local``/``peer`` are the addresses at the two ends of this hop; ``steer_dst`` is the
+    destination prefix of everything routing sends out of this port (the whole far side, not
+    only the peer). Backends that steer packets by policy routing rather than by qdisc (the TUN
+    emulator) select with it.
     """
 
     netns: str | None
@@ -126,6 +128,7 @@ class Port:
     queue_bytes: int
     local: str | None = None
     peer: str | None = None
+    steer_dst: str | None = None
 
 
 class ImpairmentBackend(Protocol):
@@ -205,9 +208,9 @@ class LeafClass:
         """Change the guaranteed rate (and ceil; default: the link rate) live; returns call seconds."""
         return self.shaper.set_class_rate(self, rate_bps, ceil_bps)
 
-    def port(self, local: str | None = None, peer: str | None = None) -> Port:
+    def port(self, local: str | None = None, peer: str | None = None, steer_dst: str | None = None) -> Port:
         return Port(self.shaper.netns, self.shaper.ifname, self.shaper.ifindex, self.classid,
-                    (LEAF_QDISC_MAJOR_BASE + self.minor) << 16, self.queue_bytes, local, peer)
+                    (LEAF_QDISC_MAJOR_BASE + self.minor) << 16, self.queue_bytes, local, peer, steer_dst)
 
 
 @dataclass
@@ -306,17 +309,28 @@ class HtbShaper:
 
     @_in_own_netns
     def impair(self, leaf: LeafClass, impairment: Impairment, backend: ImpairmentBackend | None,
-               local: str | None = None, peer: str | None = None) -> None:
-        """Hand delay/jitter/loss of this leaf to ``backend``; none needed when the impairment is none."""
+               local: str | None = None, peer: str | None = None, steer_dst: str | None = None) -> Port | None:
+        """Hand delay/jitter/loss of this leaf to ``backend``; none needed when the impairment is none.
+
+        Returns the port the backend acts on (``unimpair`` takes it back), or None.
+        """
         if impairment.is_none:
-            return
+            return None
         if backend is None:
             raise CapabilityError(
                 f"link {self.ifname}/{leaf.name} asks for delay/jitter/loss but no impairment backend "
                 f"was given. {NETEM_MISSING}. Pass impairment=NetemBackend() where netem exists, or "
                 "the emulator's backend, or use a rate-only profile (netem/lab.yaml)")
-        backend.apply(self.ipr, leaf.port(local, peer), impairment)
+        port = leaf.port(local, peer, steer_dst)
+        backend.apply(self.ipr, port, impairment)
         leaf.impairment, leaf.impaired_by = impairment, backend.mechanism
+        return port
+
+    @_in_own_netns
+    def unimpair(self, leaf: LeafClass, port: Port, backend: ImpairmentBackend) -> None:
+        """Take the impairment of ``leaf`` away again (``backend.remove``)."""
+        backend.remove(self.ipr, port)
+        leaf.impairment, leaf.impaired_by = Impairment(), None
 
     def record(self, leaf: LeafClass, link: str, congestion_control: str = "", cc_scope: str = "",
                offloads_off: bool = False) -> LinkShaping:
