@@ -55,6 +55,7 @@ MECHANISM = "tun-emulator"
 JITTER_DISTRIBUTIONS = ("uniform", "normal", "pareto", "paretonormal")
 
 TUN_DEVICE = "/dev/net/tun"
+TUN_PREFIX = "rs-t"  # TUN names rs-t<pid>-<n>; cleanup recognises the guard rules by it
 TUNSETIFF = 0x400454CA
 IFF_TUN = 0x0001
 IFF_NO_PI = 0x1000
@@ -355,7 +356,7 @@ class TunImpairment:
         self._unit_jitter = unit_jitter_sampler(jitter_distribution, self._rng)
         self._loss = _LossDecider(loss, self._rng)
         k = next(_names)
-        self.tun_name = f"rs-t{os.getpid():x}-{k:x}"[:15]
+        self.tun_name = f"{TUN_PREFIX}{os.getpid():x}-{k:x}"[:15]
         self.table = TABLE_BASE + ((os.getpid() & 0xFF) << 8) + (k & 0xFF)  # first try; see _free_table
         self._tun_fd: int | None = None
         self._rules: list[dict] = []

@@ -43,6 +43,9 @@ from ray_scout.net.shaping import HtbShaper, ImpairmentBackend, LeafClass, LinkS
 MAX_EDGES = 250
 AUTO = "auto"  # impairment backend chosen from the probe when a profile needs one
 LAB_NET = "10.77.0.0/16"
+# SCHED_FIFO for the TUN emulator's pump threads when the topology picks it: on a loaded host
+# this is what keeps releases on time (docs/EMULATOR.md); they block between packets.
+EMULATOR_REALTIME_PRIORITY = 10
 BOTTLENECK_NET = "10.77.0"
 PEER_INDEX = 2  # ifindex of the one veth in a cloud/edge namespace (lo is 1), and of bs's uplink
 FIRST_ACCESS_INDEX = 10  # ifindex of the base station's end of access link i: 10 + i
@@ -226,7 +229,7 @@ class LabTopology:
         directions += [self.bottleneck.up, self.bottleneck.down]
         if all(d.impairment.is_none for d in directions):
             return None
-        return default_impairment_backend(probe())
+        return default_impairment_backend(probe(), realtime_priority=EMULATOR_REALTIME_PRIORITY)
 
     def _impair(self, leaf: LeafClass, direction: Direction, local: str, peer: str, steer_dst: str) -> None:
         # Each direction is impaired in the namespace that sends it, selected by where it goes:
