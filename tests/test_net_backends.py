@@ -137,7 +137,8 @@ def test_loss_only_profile_through_the_bpf_backend_records_bpf_and_drops():
         records = {r.link: r for r in topo.shaping()}
         with BulkFlow(topo, "e0") as flow:
             time.sleep(1.0)
-        stats = topo.impairment.emulators()[(topo.edge("e0").netns, f"rs-{run}-e0")].stats
+        # e0's uplink loses on the base station's ingress (far end), not on e0's own egress.
+        stats = topo.impairment.emulators()[(topo.bs_netns, f"rs-{run}-b0")].stats
     assert records["e0.up"].mechanisms == ("htb", "bpf") and records["e0.down"].mechanisms == ("htb", "bpf")
     assert sum(n for _, n in flow.samples) > 0
     # Offloads are off, so each skb is one segment: 2% of ~thousands of frames.

@@ -49,7 +49,13 @@ def tun_jitter_std_s(impairment: Impairment) -> float:
     return impairment.jitter_s
 
 
-def _key(port: Port) -> tuple[str, str]:
+def _far_end_first(port: Port) -> tuple[str, str]:
+    if port.peer_netns is not None and port.peer_ifname is not None:
+        return port.peer_netns, port.peer_ifname
+    return _own_end(port)
+
+
+def _own_end(port: Port) -> tuple[str, str]:
     if port.netns is None:
         raise CapabilityError(
             f"the emulator backends act in a named namespace, and {port.ifname} is in this host's: "
@@ -73,6 +79,11 @@ class _PerInterface(ABC):
 
     mechanism: str
 
+    @staticmethod
+    def _place(port: Port) -> tuple[str, str]:
+        """(namespace, interface) the emulator for this port acts on; the port's own end."""
+        return _own_end(port)
+
     def __init__(self) -> None:
         self._shared: dict[tuple[str, str], _Shared] = {}
 
@@ -85,7 +96,7 @@ class _PerInterface(ABC):
         """Give a running emulator new parameters."""
 
     def apply(self, ipr: IPRoute, port: Port, impairment: Impairment) -> None:
-        key = _key(port)
+        key = self._place(port)
         shared = self._shared.get(key)
         if shared is None:
             shared = self._shared[key] = _Shared(self._start(port, impairment), impairment)
@@ -98,14 +109,14 @@ class _PerInterface(ABC):
 
     def change(self, ipr: IPRoute, port: Port, impairment: Impairment) -> None:
         """New parameters for every class of the port's interface (they share the emulator)."""
-        shared = self._shared.get(_key(port))
+        shared = self._shared.get(self._place(port))
         if shared is None:
             raise CapabilityError(f"{port.ifname} in {port.netns} has no {self.mechanism} impairment; apply first")
         self._change(shared.emulator, impairment)
         shared.impairment = impairment
 
     def remove(self, ipr: IPRoute, port: Port) -> None:
-        key = _key(port)
+        key = self._place(port)
         shared = self._shared.get(key)
         if shared is None:
             return
@@ -162,17 +173,24 @@ class TunEmulatorBackend(_PerInterface):
 
 
 class BpfLossBackend(_PerInterface):
-    """Loss alone, in the kernel: ``BpfLoss`` on the egress ``clsact`` hook of the port's interface.
+    """Loss alone, in the kernel: ``BpfLoss`` on the ``clsact`` ingress hook of the hop's far end
+    (``port.peer_netns``/``peer_ifname``), else on the egress hook of the port's interface.
 
-    Runs before the root qdisc, per skb: the interface needs segmentation offloads off (a
-    LabTopology turns them off) or a TCP aggregate of 64 KB is one draw. Refuses delay or jitter.
+    The far end is preferred because a drop on the egress of a namespace whose own TCP socket
+    sent the packet is reported back to the socket (NET_XMIT_DROP): TCP enters CWR and resends
+    at once, which is local congestion, not loss in the network. Per skb: segmentation offloads
+    must be off (a LabTopology turns them off) or a 64 KB aggregate is one draw. Refuses delay
+    or jitter.
     """
 
     mechanism = "bpf"
+    _place = staticmethod(_far_end_first)
 
     def _start(self, port: Port, impairment: Impairment) -> BpfLoss:
         self._loss_only(impairment)
-        return BpfLoss(port.netns, port.ifname, loss=impairment.loss, hook="egress").start()
+        netns, ifname = self._place(port)
+        hook = "ingress" if (port.peer_netns, port.peer_ifname) == (netns, ifname) else "egress"
+        return BpfLoss(netns, ifname, loss=impairment.loss, hook=hook).start()
 
     def _change(self, emulator: BpfLoss, impairment: Impairment) -> None:
         self._loss_only(impairment)

@@ -117,7 +117,9 @@ class Port:
     ``local``/``peer`` are the addresses at the two ends of this hop; ``steer_dst`` is the
     destination prefix of everything routing sends out of this port (the whole far side, not
     only the peer). Backends that steer packets by policy routing rather than by qdisc (the TUN
-    emulator) select with it.
+    emulator) select with it. ``peer_netns``/``peer_ifname`` name the far end of the hop: a
+    drop on its ingress is loss in the network, while a drop on this end's egress is reported
+    to a local sender, whose TCP resends at once instead of seeing a loss.
     """
 
     netns: str | None
@@ -129,6 +131,8 @@ class Port:
     local: str | None = None
     peer: str | None = None
     steer_dst: str | None = None
+    peer_netns: str | None = None
+    peer_ifname: str | None = None
 
 
 class ImpairmentBackend(Protocol):
@@ -208,9 +212,10 @@ class LeafClass:
         """Change the guaranteed rate (and ceil; default: the link rate) live; returns call seconds."""
         return self.shaper.set_class_rate(self, rate_bps, ceil_bps)
 
-    def port(self, local: str | None = None, peer: str | None = None, steer_dst: str | None = None) -> Port:
+    def port(self, local: str | None = None, peer: str | None = None, **far: str | None) -> Port:
+        """Where a backend acts; ``far``: ``steer_dst``, ``peer_netns``, ``peer_ifname`` (see Port)."""
         return Port(self.shaper.netns, self.shaper.ifname, self.shaper.ifindex, self.classid,
-                    (LEAF_QDISC_MAJOR_BASE + self.minor) << 16, self.queue_bytes, local, peer, steer_dst)
+                    (LEAF_QDISC_MAJOR_BASE + self.minor) << 16, self.queue_bytes, local, peer, **far)
 
 
 @dataclass
@@ -309,7 +314,7 @@ class HtbShaper:
 
     @_in_own_netns
     def impair(self, leaf: LeafClass, impairment: Impairment, backend: ImpairmentBackend | None,
-               local: str | None = None, peer: str | None = None, steer_dst: str | None = None) -> Port | None:
+               local: str | None = None, peer: str | None = None, **far: str | None) -> Port | None:
         """Hand delay/jitter/loss of this leaf to ``backend``; none needed when the impairment is none.
 
         Returns the port the backend acts on (``unimpair`` takes it back), or None.
@@ -321,7 +326,7 @@ class HtbShaper:
                 f"link {self.ifname}/{leaf.name} asks for delay/jitter/loss but no impairment backend "
                 f"was given. {NETEM_MISSING}. Pass impairment=NetemBackend() where netem exists, or "
                 "the emulator's backend, or use a rate-only profile (netem/lab.yaml)")
-        port = leaf.port(local, peer, steer_dst)
+        port = leaf.port(local, peer, **far)
         backend.apply(self.ipr, port, impairment)
         leaf.impairment, leaf.impaired_by = impairment, backend.mechanism
         return port

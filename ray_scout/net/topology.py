@@ -231,10 +231,12 @@ class LabTopology:
             return None
         return default_impairment_backend(probe(), realtime_priority=EMULATOR_REALTIME_PRIORITY)
 
-    def _impair(self, leaf: LeafClass, direction: Direction, local: str, peer: str, steer_dst: str) -> None:
+    def _impair(self, leaf: LeafClass, direction: Direction, local: str, peer: str, steer_dst: str,
+                peer_netns: str, peer_ifname: str) -> None:
         # Each direction is impaired in the namespace that sends it, selected by where it goes:
         # every packet then meets each impaired link it crosses exactly once (see _shape).
-        port = leaf.shaper.impair(leaf, direction.impairment, self.impairment, local, peer, steer_dst)
+        port = leaf.shaper.impair(leaf, direction.impairment, self.impairment, local, peer, steer_dst=steer_dst,
+                                  peer_netns=peer_netns, peer_ifname=peer_ifname)
         if port is not None:
             self._impaired.append((leaf, port))
 
@@ -255,21 +257,25 @@ class LabTopology:
             _, up = self._shaper(edge.netns, f"{self.prefix}e{edge.index}", edge.access.up)
             _, down = self._shaper(self.bs_netns, f"{self.prefix}b{edge.index}", edge.access.down)
             gateway = f"10.77.{edge.index + 1}.1"
-            self._impair(up, edge.access.up, edge.address, gateway, LAB_NET)
-            self._impair(down, edge.access.down, gateway, edge.address, f"10.77.{edge.index + 1}.0/24")
+            edge_end, bs_end = f"{self.prefix}e{edge.index}", f"{self.prefix}b{edge.index}"
+            self._impair(up, edge.access.up, edge.address, gateway, LAB_NET, self.bs_netns, bs_end)
+            self._impair(down, edge.access.down, gateway, edge.address, f"10.77.{edge.index + 1}.0/24",
+                         edge.netns, edge_end)
             self.uplinks[edge.name], self.downlinks[edge.name] = up.shaper, down.shaper
             self._record(up, f"{edge.name}.up", edge.netns)
             self._record(down, f"{edge.name}.down", edge.netns)
         self.bottleneck_up, default = self._shaper(self.bs_netns, f"{self.prefix}bc", b.up, per_class=True)
         bs_address, bottleneck_net = f"{BOTTLENECK_NET}.1", f"{BOTTLENECK_NET}.0/24"
+        cloud_end = f"{self.prefix}c"
         for edge, share in zip(self.edges, self._shares):
             leaf = self.bottleneck_up.add_class(edge.name, share, Match(src=edge.address))
-            self._impair(leaf, b.up, bs_address, CLOUD_ADDRESS, bottleneck_net)
+            self._impair(leaf, b.up, bs_address, CLOUD_ADDRESS, bottleneck_net, self.cloud_netns, cloud_end)
             self.shares[edge.name] = leaf
             self._record(leaf, f"bottleneck.up[{edge.name}]", self.bs_netns)
-        self._impair(default, b.up, bs_address, CLOUD_ADDRESS, bottleneck_net)
+        self._impair(default, b.up, bs_address, CLOUD_ADDRESS, bottleneck_net, self.cloud_netns, cloud_end)
         _, self.bottleneck_down = self._shaper(self.cloud_netns, f"{self.prefix}c", b.down)
-        self._impair(self.bottleneck_down, b.down, CLOUD_ADDRESS, bs_address, LAB_NET)
+        self._impair(self.bottleneck_down, b.down, CLOUD_ADDRESS, bs_address, LAB_NET,
+                     self.bs_netns, f"{self.prefix}bc")
         self._record(self.bottleneck_down, "bottleneck.down", self.cloud_netns)
 
     def _record(self, leaf: LeafClass, link: str, ns: str) -> None:
