@@ -6,7 +6,6 @@ from __future__ import annotations
 import math
 import os
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -25,8 +24,8 @@ from ray_scout.net.namespaces import create_netns, in_netns, write_sysctl
 from ray_scout.net.probe import Capabilities, probe
 from ray_scout.net.profiles import Impairment, load_profile, profile_from_dict
 from ray_scout.net.shaping import NetemBackend, Port
-from ray_scout.net.topology import CLOUD_ADDRESS, LabTopology, pid_run_id
-from ray_scout.net.traffic import BulkFlow
+from ray_scout.net.topology import LabTopology, pid_run_id
+from ray_scout.net.traffic import BulkFlow, tcp_round_trips_s
 
 root = pytest.mark.skipif(os.geteuid() != 0 or not os.path.exists("/dev/net/tun"),
                           reason="needs root (CAP_NET_ADMIN) and /dev/net/tun for namespaces and TUN devices")
@@ -60,32 +59,6 @@ def test_emulator_backends_refuse_the_host_namespace_and_bpf_refuses_delay():
         BpfLossBackend().apply(None, ns_port, Impairment(delay_s=0.01, loss=0.01))
 
 
-def _tcp_round_trips_ms(topo, count=30):
-    server = topo.socket("cloud")
-    server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    server.bind((CLOUD_ADDRESS, 5301))
-    server.listen(1)
-    client = topo.socket("e0")
-    client.settimeout(10)
-    client.connect((CLOUD_ADDRESS, 5301))
-    conn, _ = server.accept()
-    for sock in (client, conn):
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    rtts = []
-    try:
-        for _ in range(count):
-            start = time.perf_counter()
-            client.sendall(b"p")
-            conn.recv(1)
-            conn.sendall(b"q")
-            client.recv(1)
-            rtts.append((time.perf_counter() - start) * 1e3)
-    finally:
-        for sock in (client, conn, server):
-            sock.close()
-    return rtts
-
-
 def _emulator_threads():
     return [t.name for t in threading.enumerate() if t.name.startswith(TUN_PREFIX)]
 
@@ -100,7 +73,7 @@ def test_two_edges_through_htb_and_the_tun_emulator_see_the_delay_and_loss_and_l
     with LabTopology([access] * 2, LAB, run_id=run) as topo:
         assert isinstance(topo.impairment, TunEmulatorBackend)  # chosen by the probe, not passed
         records = {r.link: r for r in topo.shaping()}
-        rtts = _tcp_round_trips_ms(topo)
+        rtts = [rtt * 1e3 for rtt in tcp_round_trips_s(topo, "e0")]
         with BulkFlow(topo, "e0") as flow:
             t0 = time.monotonic()
             time.sleep(5.0)
