@@ -19,6 +19,7 @@ from ray_scout.net.backends import (BpfLossBackend, TunEmulatorBackend, default_
                                     tun_jitter_std_s)
 from ray_scout.net.cleanup import emulator_rules, find_leftovers, remove_emulator_rules
 from ray_scout.net.emulator import TUN_PREFIX
+from ray_scout.net.emulator_line import EmulatorLine
 from ray_scout.net.errors import CapabilityError
 from ray_scout.net.namespaces import create_netns, in_netns, write_sysctl
 from ray_scout.net.probe import Capabilities, probe
@@ -42,6 +43,11 @@ def test_default_backend_is_netem_where_the_probe_finds_it_and_the_tun_emulator_
     backend = default_impairment_backend(_caps({"htb"}), realtime_priority=10)
     assert isinstance(backend, TunEmulatorBackend) and backend.mechanism == "tun-emulator"
     assert backend.realtime_priority == 10
+    # netem through pyroute2 has no distribution tables: normal jitter goes to the emulator.
+    normal = Impairment(0.02, 0.005, "normal")
+    assert isinstance(default_impairment_backend(_caps({"htb", "netem"}), [normal]), TunEmulatorBackend)
+    uniform = Impairment(0.02, 0.005, "uniform")
+    assert isinstance(default_impairment_backend(_caps({"htb", "netem"}), [uniform]), NetemBackend)
 
 
 def test_uniform_jitter_becomes_the_emulators_standard_deviation_as_netem_means_it():
@@ -57,6 +63,28 @@ def test_emulator_backends_refuse_the_host_namespace_and_bpf_refuses_delay():
     ns_port = Port("rs-nowhere", "rs-x", 2, 0x72730002, 0x73020000, 100_000)
     with pytest.raises(CapabilityError, match="loss only"):
         BpfLossBackend().apply(None, ns_port, Impairment(delay_s=0.01, loss=0.01))
+
+
+@root
+def test_classes_of_one_interface_share_one_emulator_which_stops_with_the_last():
+    with EmulatorLine() as line:
+        backend = TunEmulatorBackend()
+        port_a = Port(line.ns_router, line.router_b, 3, 0x72730010, 0x73100000, 100_000,
+                      steer_dst="10.78.2.0/24")
+        port_b = Port(line.ns_router, line.router_b, 3, 0x72730011, 0x73110000, 100_000,
+                      steer_dst="10.78.2.0/24")
+        backend.apply(None, port_a, Impairment(delay_s=0.01))
+        backend.apply(None, port_b, Impairment(delay_s=0.01))
+        assert len(backend.emulators()) == 1 and len(_emulator_threads()) == 1
+        with pytest.raises(CapabilityError, match="share one impairment"):
+            backend.apply(None, port_b, Impairment(delay_s=0.03))
+        backend.change(None, port_a, Impairment(delay_s=0.03))
+        (emulator,) = backend.emulators().values()
+        assert emulator.params.delay_s == 0.03
+        backend.remove(None, port_a)
+        assert len(_emulator_threads()) == 1
+        backend.remove(None, port_b)
+        assert backend.emulators() == {} and _emulator_threads() == []
 
 
 def _emulator_threads():

@@ -5,7 +5,7 @@
 emulators: ``TunEmulatorBackend`` (delay, jitter and loss through a TUN device, mechanism
 ``tun-emulator``) and ``BpfLossBackend`` (loss alone, an eBPF program on the interface's
 ``clsact`` egress hook, mechanism ``bpf``). ``default_impairment_backend`` picks netem where
-the probe finds it and the TUN emulator otherwise.
+the probe finds it and the links' jitter is uniform, the TUN emulator otherwise.
 
 What they act on: the egress of a ``Port`` (an interface in a named namespace). The TUN
 emulator steers by policy routing in the port's namespace: packets headed to
@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from pyroute2 import IPRoute
@@ -204,9 +205,14 @@ class BpfLossBackend(_PerInterface):
                 f"jitter {impairment.jitter_s} s; use TunEmulatorBackend (or netem where the kernel has it)")
 
 
-def default_impairment_backend(capabilities: Capabilities, *, realtime_priority: int | None = None,
+def default_impairment_backend(capabilities: Capabilities, impairments: Iterable[Impairment] = (), *,
+                               realtime_priority: int | None = None,
                                seed: int | None = None) -> ImpairmentBackend:
-    """netem where the probe found it, the TUN emulator otherwise (``capabilities = probe()``)."""
-    if capabilities.netem:
+    """netem where the probe found it, the TUN emulator otherwise (``capabilities = probe()``).
+
+    Give the ``impairments`` the links will ask for: netem through pyroute2 cannot load its
+    distribution tables, so jitter other than uniform goes to the TUN emulator on any kernel.
+    """
+    if capabilities.netem and all(NetemBackend.can(impairment) for impairment in impairments):
         return NetemBackend()
     return TunEmulatorBackend(realtime_priority=realtime_priority, seed=seed)

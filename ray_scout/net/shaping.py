@@ -152,8 +152,13 @@ class NetemBackend:
 
     mechanism = "netem"
 
+    @staticmethod
+    def can(impairment: Impairment) -> bool:
+        """Whether netem through pyroute2 can give this (no distribution tables: uniform jitter only)."""
+        return not impairment.jitter_s or impairment.jitter_distribution == "uniform"
+
     def _params(self, port: Port, impairment: Impairment) -> dict:
-        if impairment.jitter_s and impairment.jitter_distribution != "uniform":
+        if not self.can(impairment):
             raise CapabilityError(
                 f"netem via pyroute2 cannot load the {impairment.jitter_distribution!r} distribution "
                 "table; use jitter_distribution: uniform, or the TUN emulator backend")

@@ -227,9 +227,10 @@ class LabTopology:
             return choice
         directions = [d for e in self.edges for d in (e.access.up, e.access.down)]
         directions += [self.bottleneck.up, self.bottleneck.down]
-        if all(d.impairment.is_none for d in directions):
+        impairments = [d.impairment for d in directions if not d.impairment.is_none]
+        if not impairments:
             return None
-        return default_impairment_backend(probe(), realtime_priority=EMULATOR_REALTIME_PRIORITY)
+        return default_impairment_backend(probe(), impairments, realtime_priority=EMULATOR_REALTIME_PRIORITY)
 
     def _impair(self, leaf: LeafClass, direction: Direction, local: str, peer: str, steer_dst: str,
                 peer_netns: str, peer_ifname: str) -> None:
