@@ -186,3 +186,23 @@ def test_a_killed_emulator_leaves_only_its_two_rules_and_cleanup_finds_and_remov
         ipr.close()
         netns.remove(name)
     assert name not in netns.listnetns()
+
+
+@root
+def test_full_cleanup_scan_finds_emulator_rules_outside_rs_namespaces():
+    # Read-only: find_leftovers() with the plain prefix lists; it is cleanup() that removes,
+    # and a test must not remove other runs' objects, so the rules are removed here by hand.
+    name = f"netint-{os.getpid():x}"  # not rs-: the namespace stays when cleanup removes rs- ones
+    ipr = create_netns(name)
+    try:
+        ipr.rule("add", iifname=f"{TUN_PREFIX}dead-0", table=254, priority=999)
+        ipr.rule("add", dst="10.99.0.0", dst_len=16, table=0x7273FFFE, priority=1000)
+        ipr.rule("add", dst="10.98.0.0", dst_len=16, table=100, priority=1000)  # not ours
+        found = [r for r in find_leftovers().rules if r.netns == name]
+        assert sorted((r.priority, r.table) for r in found) == [(999, 254), (1000, 0x7273FFFE)]
+        assert find_leftovers(f"rs-{pid_run_id()}-").rules == ()  # a run prefix never takes rules
+        remove_emulator_rules(ipr, found)
+        assert emulator_rules(ipr, name) == []
+    finally:
+        ipr.close()
+        netns.remove(name)

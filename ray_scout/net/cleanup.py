@@ -17,6 +17,7 @@ qdisc are interface state: in an ``rs-`` namespace they also go with it.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 
 from pyroute2 import IPRoute, netns
@@ -24,7 +25,7 @@ from pyroute2 import IPRoute, netns
 from ray_scout.net import PREFIX
 from ray_scout.net.emulator import GUARD_PRIORITY, RULE_PRIORITY, TABLE_BASE, TABLE_SPAN, TUN_PREFIX
 from ray_scout.net.errors import NetError, require_root
-from ray_scout.net.namespaces import netlink
+from ray_scout.net.namespaces import NETNS_DIR, netlink
 from ray_scout.net.shaping import HTB_MAJOR
 
 MAIN_TABLE = 254
@@ -103,6 +104,8 @@ def find_leftovers(prefix: str = PREFIX) -> Leftovers:
     rules: list[EmulatorRule] = []
     if prefix == PREFIX:  # rules name no run: only a full cleanup may take them
         for place in _rule_places():
+            if place is not None and not os.path.exists(os.path.join(NETNS_DIR, place)):
+                continue  # removed since it was listed (another run's teardown)
             with netlink(place) as ipr:
                 rules += emulator_rules(ipr, place or HOST)
     return Leftovers(namespaces, links, qdiscs, tuple(rules))
