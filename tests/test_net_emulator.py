@@ -7,7 +7,6 @@ import random
 import statistics
 
 import pytest
-from pyroute2 import NetNS
 
 from ray_scout.net.emulator import (
     GilbertElliott,
@@ -18,7 +17,8 @@ from ray_scout.net.emulator import (
 )
 from ray_scout.net.emulator_bpf import BpfLoss, loss_threshold, random_drop_program
 from ray_scout.net.emulator_line import EmulatorLine
-from ray_scout.net.emulator_ns import run_in_netns, write_sysctl
+from ray_scout.net.errors import NetError
+from ray_scout.net.namespaces import in_netns, netlink, write_sysctl
 from ray_scout.net.emulator_probe import tcp_transfer, udp_round_trips
 
 needs_netns = pytest.mark.skipif(
@@ -141,7 +141,8 @@ def test_destination_rule_on_the_router_impairs_only_traffic_to_that_prefix(line
 @needs_netns
 def test_end_host_can_impair_its_own_outgoing_traffic_when_it_forwards():
     with EmulatorLine() as own:
-        run_in_netns(own.ns_a, lambda: write_sysctl(("net", "ipv4", "ip_forward"), "1"))
+        with in_netns(own.ns_a):
+            write_sysctl("net/ipv4/ip_forward", "1")
         with TunImpairment(own.ns_a, None, dst=f"{own.addresses.b}/32", delay_s=0.015):
             _, rtts = _rtts_ms(own, 7210, count=30)
     assert min(rtts) >= 15.0
@@ -193,7 +194,7 @@ def test_stop_removes_tun_and_rule_and_can_be_called_twice(line):
     imp = TunImpairment(line.ns_router, line.router_a, delay_s=0.01).start()
     imp.stop()
     imp.stop()
-    with NetNS(line.ns_router) as ipr:
+    with netlink(line.ns_router) as ipr:
         assert not ipr.link_lookup(ifname=imp.tun_name)
         assert all(rule.get("table") != imp.table and rule.get_attr("FRA_TABLE") != imp.table
                    for rule in ipr.get_rules())
@@ -207,13 +208,13 @@ def test_stop_removes_tun_and_rule_and_can_be_called_twice(line):
 def test_missing_interface_namespace_or_forwarding_give_errors_that_say_what_to_do(line):
     with pytest.raises(ValueError, match="not found in namespace"):
         TunImpairment(line.ns_router, "rs-nope", delay_s=0.01).start()
-    with pytest.raises(FileNotFoundError, match="does not exist"):
+    with pytest.raises(NetError, match="does not exist"):
         TunImpairment("rs-no-such-ns", "rs-ra", delay_s=0.01).start()
     # Host a does not forward: the emulator refuses rather than blackholing traffic.
     imp = TunImpairment(line.ns_a, line.iface_a, delay_s=0.01)
     with pytest.raises(RuntimeError, match="ip_forward=1"):
         imp.start()
-    with NetNS(line.ns_a) as ipr:
+    with netlink(line.ns_a) as ipr:
         assert not ipr.link_lookup(ifname=imp.tun_name)
 
 
@@ -239,6 +240,6 @@ def test_bpf_loss_drops_the_set_fraction_changes_live_and_leaves_nothing(line):
     assert first["sent"] - first["received"] == dropped_first
     assert dropped_first / first["sent"] == pytest.approx(0.05, abs=0.012)
     assert 1 - second["received"] / second["sent"] == pytest.approx(0.25, abs=0.03)
-    with NetNS(line.ns_router) as ipr:
+    with netlink(line.ns_router) as ipr:
         index = ipr.link_lookup(ifname=line.router_b)[0]
         assert all(q.get_attr("TCA_KIND") != "clsact" for q in ipr.get_qdiscs(index=index))

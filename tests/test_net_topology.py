@@ -61,7 +61,7 @@ def test_impaired_profile_without_netem_or_backend_fails_clearly():
         pytest.skip("this kernel has netem; the no-backend error is for kernels without it")
     run = pid_run_id()
     with pytest.raises(NetError, match="impairment backend"):
-        LabTopology([load_profile("lte")], LAB, run_id=run).build()
+        LabTopology([load_profile("lte")], LAB, impairment=None, run_id=run).build()
     assert find_leftovers(f"rs-{run}-").empty
 
 

@@ -14,7 +14,6 @@ from ray_scout.net.cleanup import cleanup, find_leftovers
 from ray_scout.net.errors import NetError
 from ray_scout.net.probe import probe
 from ray_scout.net.profiles import list_profiles, load_profile
-from ray_scout.net.shaping import NetemBackend
 from ray_scout.net.topology import LabTopology
 
 
@@ -32,10 +31,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _up(args: argparse.Namespace) -> int:
-    caps = probe()
-    backend = NetemBackend() if caps.netem else None
     access = load_profile(args.access)
-    with LabTopology([access] * args.edges, load_profile(args.bottleneck), impairment=backend) as topo:
+    # The topology probes and picks netem or the TUN emulator if a profile has delay/jitter/loss.
+    with LabTopology([access] * args.edges, load_profile(args.bottleneck)) as topo:
         print(f"built {len(topo.namespaces)} namespaces in {topo.build_s * 1e3:.0f} ms: {' '.join(topo.namespaces)}")
         for record in topo.shaping():
             print(record.as_row())
@@ -67,7 +65,8 @@ def _run(args: argparse.Namespace) -> int:
         found = find_leftovers(args.prefix) if args.dry_run else cleanup(args.prefix)
         verb = "found" if args.dry_run else "removed"
         print(f"{verb}: {len(found.namespaces)} namespaces {list(found.namespaces)}, "
-              f"{len(found.links)} links {list(found.links)}, {len(found.qdiscs)} qdiscs {list(found.qdiscs)}")
+              f"{len(found.links)} links {list(found.links)}, {len(found.qdiscs)} qdiscs {list(found.qdiscs)}, "
+              f"{len(found.rules)} emulator rules {[str(rule) for rule in found.rules]}")
     elif args.net_command == "up":
         return _up(args)
     return 0

@@ -47,15 +47,15 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Union
 
-from pyroute2 import NetNS
 from pyroute2.netlink.exceptions import NetlinkError
 
-from ray_scout.net.emulator_ns import NETNS_DIR, netns_path, read_sysctl, run_in_netns, write_sysctl
+from ray_scout.net.namespaces import NETNS_DIR, netlink, netns_path, read_sysctl, write_sysctl
 
 MECHANISM = "tun-emulator"
 JITTER_DISTRIBUTIONS = ("uniform", "normal", "pareto", "paretonormal")
 
 TUN_DEVICE = "/dev/net/tun"
+TUN_PREFIX = "rs-t"  # TUN names rs-t<pid>-<n>; cleanup recognises the guard rules by it
 TUNSETIFF = 0x400454CA
 IFF_TUN = 0x0001
 IFF_NO_PI = 0x1000
@@ -64,6 +64,7 @@ RULE_PRIORITY = 1000
 # would loop them): a rule just ahead of it sends the TUN's own packets to the main table.
 GUARD_PRIORITY = RULE_PRIORITY - 1
 TABLE_BASE = 0x72730000  # "rs" in the high half keeps clear of tables people number by hand
+TABLE_SPAN = 0x10000  # tables TABLE_BASE .. TABLE_BASE + 0xFFFF are the emulator's (cleanup knows)
 READ_BATCH = 64  # packets read per wake before releasing; bounds how late a release can be
 MAX_PACKET_BYTES = 65535
 
@@ -259,16 +260,16 @@ def _open_tun(name: str) -> int:
         fcntl.ioctl(fd, TUNSETIFF, struct.pack("16sH22x", name.encode(), IFF_TUN | IFF_NO_PI))
         os.set_blocking(fd, False)
         # Kernel-made IPv6 chatter (router solicitations) would come out of the TUN too.
-        write_sysctl(("net", "ipv6", "conf", name, "disable_ipv6"), "1")
+        write_sysctl(f"net/ipv6/conf/{name}/disable_ipv6", "1")
         # Reverse-path filtering drops what we write back: the source is reached through the
         # ingress interface, not the TUN, and even loose mode rejects packets on an interface
         # without an address. The effective value is max(all, device), so "all" must be 0 too.
-        write_sysctl(("net", "ipv4", "conf", name, "rp_filter"), "0")
+        write_sysctl(f"net/ipv4/conf/{name}/rp_filter", "0")
         # In an end host the re-injected packets carry one of its own addresses as source,
         # which the kernel drops as martian unless the TUN accepts local sources.
-        write_sysctl(("net", "ipv4", "conf", name, "accept_local"), "1")
-        forwarding = read_sysctl(("net", "ipv4", "ip_forward"))
-        rp_filter_all = read_sysctl(("net", "ipv4", "conf", "all", "rp_filter"))
+        write_sysctl(f"net/ipv4/conf/{name}/accept_local", "1")
+        forwarding = read_sysctl("net/ipv4/ip_forward")
+        rp_filter_all = read_sysctl("net/ipv4/conf/all/rp_filter")
     except BaseException:
         os.close(fd)
         raise
@@ -285,6 +286,18 @@ def _open_tun(name: str) -> int:
             "the emulator re-injects; set it to 0 in the router namespace (the TUN's own is set)"
         )
     return fd
+
+
+def _free_table(ipr, first: int) -> int:
+    """The first routing table from ``first`` on (within the 0x7273xxxx range) that holds no
+    route in this namespace: a router namespace of a large topology carries one emulator per
+    link, more than a fixed pid/counter split would number apart."""
+    for step in range(TABLE_SPAN):
+        table = TABLE_BASE + (first - TABLE_BASE + step) % TABLE_SPAN
+        if not ipr.get_routes(table=table):
+            return table
+    raise RuntimeError(f"all {TABLE_SPAN} emulator routing tables are in use in this namespace; "
+                       "stop other emulators or run `scout net cleanup`")
 
 
 class TunImpairment:
@@ -343,8 +356,8 @@ class TunImpairment:
         self._unit_jitter = unit_jitter_sampler(jitter_distribution, self._rng)
         self._loss = _LossDecider(loss, self._rng)
         k = next(_names)
-        self.tun_name = f"rs-t{os.getpid():x}-{k:x}"[:15]
-        self.table = TABLE_BASE + (os.getpid() & 0xFFF) * 0x10 + (k & 0xF)
+        self.tun_name = f"{TUN_PREFIX}{os.getpid():x}-{k:x}"[:15]
+        self.table = TABLE_BASE + ((os.getpid() & 0xFF) << 8) + (k & 0xFF)  # first try; see _free_table
         self._tun_fd: int | None = None
         self._rules: list[dict] = []
         self._thread: threading.Thread | None = None
@@ -372,9 +385,9 @@ class TunImpairment:
             raise PermissionError(
                 "the TUN emulator needs root (CAP_NET_ADMIN) to create devices, routes and rules"
             )
-        netns_path(self.netns)  # NetNS() would silently create a missing namespace
+        netns_path(self.netns)
         try:
-            with NetNS(self.netns) as ipr:
+            with netlink(self.netns) as ipr:
                 mtu = 1500
                 if self.ingress_iface is not None:
                     ingress = ipr.link_lookup(ifname=self.ingress_iface)
@@ -384,14 +397,10 @@ class TunImpairment:
                             f"{self.netns!r}; pass the interface the impaired direction arrives on"
                         )
                     mtu = ipr.get_links(ingress[0])[0].get_attr("IFLA_MTU")
-                self._tun_fd = run_in_netns(self.netns, lambda: _open_tun(self.tun_name))
+                self._tun_fd = _open_tun(self.tun_name)  # this thread is in the namespace here
                 tun_index = ipr.link_lookup(ifname=self.tun_name)[0]
                 ipr.link("set", index=tun_index, mtu=mtu, state="up")
-                if ipr.get_routes(table=self.table):
-                    raise RuntimeError(
-                        f"routing table {self.table} in {self.netns!r} is already in use; "
-                        "run `scout cleanup` or stop the other emulator"
-                    )
+                self.table = _free_table(ipr, self.table)
                 ipr.route("add", dst="0.0.0.0/0", oif=tun_index, table=self.table)
                 for rule in (
                     dict(iifname=self.tun_name, table=254, priority=GUARD_PRIORITY),
@@ -492,9 +501,9 @@ class TunImpairment:
 
     def _delete_rules(self) -> None:
         if not os.path.exists(os.path.join(NETNS_DIR, self.netns)):
-            self._rules.clear()  # the namespace is gone, and its rules; NetNS() would recreate it
+            self._rules.clear()  # the namespace is gone, and its rules with it
             return
-        with NetNS(self.netns) as ipr:
+        with netlink(self.netns) as ipr:
             while self._rules:
                 rule = self._rules.pop()
                 try:

@@ -22,10 +22,10 @@ import platform
 import struct
 from dataclasses import dataclass
 
-from pyroute2 import NetNS
+from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
-from ray_scout.net.emulator_ns import NETNS_DIR, netns_path
+from ray_scout.net.namespaces import NETNS_DIR, netlink, netns_path
 
 MECHANISM = "bpf"
 
@@ -127,7 +127,7 @@ class BpfLoss:
     def __exit__(self, *exc: object) -> None:
         self.stop()
 
-    def _filter(self, ipr: NetNS, command: str, fd: int) -> None:
+    def _filter(self, ipr: IPRoute, command: str, fd: int) -> None:
         ipr.tc(
             command, "bpf", index=self._index, handle=1, fd=fd, name=f"rs-loss-{self.prio:x}",
             parent=CLSACT_PARENT[self.hook], prio=self.prio, protocol=ETH_P_ALL, direct_action=True,
@@ -136,7 +136,7 @@ class BpfLoss:
     def _install(self, command: str) -> None:
         fd = load_program(random_drop_program(self.loss), "rs_loss")
         try:
-            with NetNS(self.netns) as ipr:
+            with netlink(self.netns) as ipr:
                 self._filter(ipr, command, fd)
         finally:
             os.close(fd)  # the attached filter holds its own reference
@@ -144,8 +144,8 @@ class BpfLoss:
     def start(self) -> "BpfLoss":
         if self._index is not None:
             raise RuntimeError("already started; call stop() first")
-        netns_path(self.netns)  # NetNS() would silently create a missing namespace
-        with NetNS(self.netns) as ipr:
+        netns_path(self.netns)
+        with netlink(self.netns) as ipr:
             found = ipr.link_lookup(ifname=self.iface)
             if not found:
                 raise ValueError(f"interface {self.iface!r} not found in namespace {self.netns!r}")
@@ -169,7 +169,7 @@ class BpfLoss:
 
     @property
     def stats(self) -> BpfLossStats:
-        with NetNS(self.netns) as ipr:
+        with netlink(self.netns) as ipr:
             for qdisc in ipr.get_qdiscs(index=self._index):
                 if qdisc.get_attr("TCA_KIND") == "clsact":
                     basic = qdisc.get_attr("TCA_STATS2").get_attr("TCA_STATS_BASIC")
@@ -184,7 +184,7 @@ class BpfLoss:
         index, self._index = self._index, None
         if not os.path.exists(os.path.join(NETNS_DIR, self.netns)):
             return  # the namespace went, and the filter with it
-        with NetNS(self.netns) as ipr:
+        with netlink(self.netns) as ipr:
             try:
                 if self._created_clsact:
                     ipr.tc("del", "clsact", index=index)

@@ -13,33 +13,19 @@ import itertools
 import os
 from dataclasses import dataclass
 
-from pyroute2 import Ethtool, NetNS, netns
+from pyroute2 import IPRoute, netns
 
-from ray_scout.net.emulator_ns import run_in_netns, write_sysctl
+from ray_scout.net.errors import require_root
+from ray_scout.net.namespaces import (add_veth, address_up, create_netns, in_netns,
+                                      offloads_off, write_sysctl)
+from ray_scout.net.profiles import FRAME_BYTES
+from ray_scout.net.shaping import HtbShaper
 
 _lines = itertools.count()
-
-# Without these a TCP sender hands the path 64 KB skbs, and a per-packet loss hook such as
-# the eBPF one drops whole aggregates (the TUN path is unaffected: the kernel segments
-# before handing packets to a TUN).
-SEGMENTATION_FEATURES = (
-    "tx-tcp-segmentation", "tx-tcp6-segmentation", "tx-tcp-ecn-segmentation",
-    "tx-tcp-mangleid-segmentation", "tx-tcp-accecn-segmentation", "tx-generic-segmentation",
-)
-
-
-def disable_segmentation_offload(netns_name: str, ifname: str) -> None:
-    """Turn TSO/GSO off on ``ifname`` so that every skb leaving it is one MTU-sized packet."""
-
-    def apply() -> None:
-        with Ethtool() as ethtool:
-            features = ethtool.get_features(ifname)
-            for name in SEGMENTATION_FEATURES:
-                if name in features.features:
-                    features.features[name].enable = False
-            ethtool.set_features(ifname, features)
-
-    run_in_netns(netns_name, apply)
+HOST_INDEX = 2  # ifindex of the one veth in a or b (lo is 1)
+ROUTER_A_INDEX, ROUTER_B_INDEX = 2, 3
+# What the pfifo under an HTB class held before (the veth's txqueuelen): 1000 frames.
+DEFAULT_QUEUE_BYTES = 1000 * FRAME_BYTES
 
 
 @dataclass(frozen=True)
@@ -56,7 +42,7 @@ class EmulatorLine:
 
     Packets from a to b arrive on the router at ``router_a`` and leave through ``router_b``.
     Use as a context manager; ``close`` removes the namespaces and everything in them.
-    ``segmentation_offload=False`` turns TSO/GSO off on all four veth ends.
+    ``segmentation_offload=False`` turns TSO/GSO (and GRO) off on all four veth ends.
     """
 
     iface_a = "rs-a0"
@@ -71,7 +57,7 @@ class EmulatorLine:
         self.ns_router = f"rs-lr-{tag}"
         self.ns_b = f"rs-lb-{tag}"
         self.addresses = LineAddresses()
-        self._created: list[str] = []
+        self._iprs: dict[str, IPRoute] = {}
 
     def __enter__(self) -> "EmulatorLine":
         try:
@@ -85,61 +71,43 @@ class EmulatorLine:
         self.close()
 
     def _build(self) -> None:
-        if os.geteuid() != 0:
-            raise PermissionError("building namespaces needs root (CAP_NET_ADMIN and CAP_SYS_ADMIN)")
+        require_root()
         for name in (self.ns_a, self.ns_router, self.ns_b):
-            netns.create(name)
-            self._created.append(name)
-        ad = self.addresses
-        with NetNS(self.ns_router) as r:
-            for local, peer, peer_ns in (
-                (self.router_a, self.iface_a, self.ns_a),
-                (self.router_b, self.iface_b, self.ns_b),
-            ):
-                r.link("add", ifname=local, kind="veth", peer=peer)
-                r.link("set", index=r.link_lookup(ifname=peer)[0], net_ns_fd=peer_ns)
-            for ifname, address in ((self.router_a, ad.router_a), (self.router_b, ad.router_b)):
-                index = r.link_lookup(ifname=ifname)[0]
-                r.addr("add", index=index, address=address, prefixlen=ad.prefixlen)
-                r.link("set", index=index, state="up")
-            r.link("set", index=r.link_lookup(ifname="lo")[0], state="up")
-        for ns_name, ifname, address, gateway in (
-            (self.ns_a, self.iface_a, ad.a, ad.router_a),
-            (self.ns_b, self.iface_b, ad.b, ad.router_b),
+            self._iprs[name] = create_netns(name)
+        ad, r = self.addresses, self._iprs[self.ns_router]
+        for local, index, address, peer, peer_ns, peer_address, gateway in (
+            (self.router_a, ROUTER_A_INDEX, ad.router_a, self.iface_a, self.ns_a, ad.a, ad.router_a),
+            (self.router_b, ROUTER_B_INDEX, ad.router_b, self.iface_b, self.ns_b, ad.b, ad.router_b),
         ):
-            with NetNS(ns_name) as h:
-                index = h.link_lookup(ifname=ifname)[0]
-                h.addr("add", index=index, address=address, prefixlen=ad.prefixlen)
-                h.link("set", index=index, state="up")
-                h.link("set", index=h.link_lookup(ifname="lo")[0], state="up")
-                h.route("add", dst="0.0.0.0/0", gateway=gateway)
-        run_in_netns(self.ns_router, lambda: write_sysctl(("net", "ipv4", "ip_forward"), "1"))
+            add_veth(r, local, index, peer_ns, peer, HOST_INDEX)
+            address_up(r, index, address, ad.prefixlen)
+            host = self._iprs[peer_ns]
+            address_up(host, HOST_INDEX, peer_address, ad.prefixlen)
+            host.route("add", dst="0.0.0.0/0", gateway=gateway)
+        with in_netns(self.ns_router):
+            write_sysctl("net/ipv4/ip_forward", "1")
         if not self.segmentation_offload:
-            for ns_name, ifname in (
-                (self.ns_a, self.iface_a), (self.ns_router, self.router_a),
-                (self.ns_router, self.router_b), (self.ns_b, self.iface_b),
-            ):
-                disable_segmentation_offload(ns_name, ifname)
+            for ns_name, ifnames in ((self.ns_a, [self.iface_a]), (self.ns_router, [self.router_a, self.router_b]),
+                                     (self.ns_b, [self.iface_b])):
+                with in_netns(ns_name):
+                    offloads_off(ifnames)
 
-    def limit_rate(self, rate_bps: int, iface: str | None = None) -> None:
-        """Root HTB with one default class at ``rate_bps`` on a router interface (default: toward b).
-
-        Just enough shaping for the emulator bench; the project's shaping API is elsewhere.
-        """
+    def limit_rate(self, rate_bps: int, iface: str | None = None,
+                   queue_bytes: int = DEFAULT_QUEUE_BYTES) -> HtbShaper:
+        """HTB at ``rate_bps`` (one class) on a router interface (default: toward b)."""
         ifname = iface or self.router_b
-        rate = f"{int(rate_bps)}bit"
-        # One MTU of quantum; HTB would otherwise derive it from the rate and clamp it.
-        with NetNS(self.ns_router) as r:
-            index = r.link_lookup(ifname=ifname)[0]
-            r.tc("add", "htb", index=index, handle="1:", default=0x10)
-            r.tc(
-                "add-class", "htb", index=index, handle="1:10", parent="1:",
-                rate=rate, ceil=rate, burst=max(1600, rate_bps // 8 // 1000), quantum=1514,
-            )
+        if ifname not in (self.router_a, self.router_b):
+            raise ValueError(f"limit_rate shapes a router interface: {self.router_a!r} or {self.router_b!r}")
+        shaper = HtbShaper(self._iprs[self.ns_router], ifname, int(rate_bps), queue_bytes, netns=self.ns_router,
+                           ifindex=ROUTER_A_INDEX if ifname == self.router_a else ROUTER_B_INDEX)
+        shaper.install()
+        return shaper
 
     def close(self) -> None:
         """Remove the namespaces this line created (veths and qdiscs go with them)."""
-        while self._created:
-            name = self._created.pop()
-            if name in netns.listnetns():
+        existing = set(netns.listnetns())
+        while self._iprs:
+            name, ipr = self._iprs.popitem()
+            ipr.close()
+            if name in existing:
                 netns.remove(name)

@@ -18,7 +18,7 @@ import subprocess
 import sys
 import time
 
-from ray_scout.net.emulator_ns import enter_netns
+from ray_scout.net.namespaces import enter_netns
 
 _HEADER = struct.Struct("!Qd")  # sequence number, send time (monotonic seconds)
 _REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

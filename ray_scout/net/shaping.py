@@ -114,8 +114,12 @@ class Match:
 class Port:
     """Where an impairment backend acts: egress of ``ifname`` in ``netns``, under class ``classid``.
 
-    ``local``/``peer`` are the addresses at the two ends of this hop, for backends (the TUN
-    emulator) that steer packets by policy routing rather than by qdisc.
+    ``local``/``peer`` are the addresses at the two ends of this hop; ``steer_dst`` is the
+    destination prefix of everything routing sends out of this port (the whole far side, not
+    only the peer). Backends that steer packets by policy routing rather than by qdisc (the TUN
+    emulator) select with it. ``peer_netns``/``peer_ifname`` name the far end of the hop: a
+    drop on its ingress is loss in the network, while a drop on this end's egress is reported
+    to a local sender, whose TCP resends at once instead of seeing a loss.
     """
 
     netns: str | None
@@ -126,6 +130,9 @@ class Port:
     queue_bytes: int
     local: str | None = None
     peer: str | None = None
+    steer_dst: str | None = None
+    peer_netns: str | None = None
+    peer_ifname: str | None = None
 
 
 class ImpairmentBackend(Protocol):
@@ -145,8 +152,13 @@ class NetemBackend:
 
     mechanism = "netem"
 
+    @staticmethod
+    def can(impairment: Impairment) -> bool:
+        """Whether netem through pyroute2 can give this (no distribution tables: uniform jitter only)."""
+        return not impairment.jitter_s or impairment.jitter_distribution == "uniform"
+
     def _params(self, port: Port, impairment: Impairment) -> dict:
-        if impairment.jitter_s and impairment.jitter_distribution != "uniform":
+        if not self.can(impairment):
             raise CapabilityError(
                 f"netem via pyroute2 cannot load the {impairment.jitter_distribution!r} distribution "
                 "table; use jitter_distribution: uniform, or the TUN emulator backend")
@@ -205,9 +217,10 @@ class LeafClass:
         """Change the guaranteed rate (and ceil; default: the link rate) live; returns call seconds."""
         return self.shaper.set_class_rate(self, rate_bps, ceil_bps)
 
-    def port(self, local: str | None = None, peer: str | None = None) -> Port:
+    def port(self, local: str | None = None, peer: str | None = None, **far: str | None) -> Port:
+        """Where a backend acts; ``far``: ``steer_dst``, ``peer_netns``, ``peer_ifname`` (see Port)."""
         return Port(self.shaper.netns, self.shaper.ifname, self.shaper.ifindex, self.classid,
-                    (LEAF_QDISC_MAJOR_BASE + self.minor) << 16, self.queue_bytes, local, peer)
+                    (LEAF_QDISC_MAJOR_BASE + self.minor) << 16, self.queue_bytes, local, peer, **far)
 
 
 @dataclass
@@ -306,17 +319,28 @@ class HtbShaper:
 
     @_in_own_netns
     def impair(self, leaf: LeafClass, impairment: Impairment, backend: ImpairmentBackend | None,
-               local: str | None = None, peer: str | None = None) -> None:
-        """Hand delay/jitter/loss of this leaf to ``backend``; none needed when the impairment is none."""
+               local: str | None = None, peer: str | None = None, **far: str | None) -> Port | None:
+        """Hand delay/jitter/loss of this leaf to ``backend``; none needed when the impairment is none.
+
+        Returns the port the backend acts on (``unimpair`` takes it back), or None.
+        """
         if impairment.is_none:
-            return
+            return None
         if backend is None:
             raise CapabilityError(
                 f"link {self.ifname}/{leaf.name} asks for delay/jitter/loss but no impairment backend "
                 f"was given. {NETEM_MISSING}. Pass impairment=NetemBackend() where netem exists, or "
                 "the emulator's backend, or use a rate-only profile (netem/lab.yaml)")
-        backend.apply(self.ipr, leaf.port(local, peer), impairment)
+        port = leaf.port(local, peer, **far)
+        backend.apply(self.ipr, port, impairment)
         leaf.impairment, leaf.impaired_by = impairment, backend.mechanism
+        return port
+
+    @_in_own_netns
+    def unimpair(self, leaf: LeafClass, port: Port, backend: ImpairmentBackend) -> None:
+        """Take the impairment of ``leaf`` away again (``backend.remove``)."""
+        backend.remove(self.ipr, port)
+        leaf.impairment, leaf.impaired_by = Impairment(), None
 
     def record(self, leaf: LeafClass, link: str, congestion_control: str = "", cc_scope: str = "",
                offloads_off: bool = False) -> LinkShaping:

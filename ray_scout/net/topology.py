@@ -31,16 +31,21 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from pyroute2 import IPRoute, netns
-from pyroute2.ethtool.ioctl import IoctlEthtool
 
 from ray_scout.net import PREFIX
+from ray_scout.net.backends import default_impairment_backend
 from ray_scout.net.errors import NetError, require_root
-from ray_scout.net.namespaces import create_netns, in_netns
+from ray_scout.net.namespaces import add_veth, address_up, create_netns, in_netns, offloads_off, write_sysctl
 from ray_scout.net.profiles import Direction, LinkProfile, check_rate_bps
-from ray_scout.net.shaping import HtbShaper, ImpairmentBackend, LeafClass, LinkShaping, Match
+from ray_scout.net.probe import probe
+from ray_scout.net.shaping import HtbShaper, ImpairmentBackend, LeafClass, LinkShaping, Match, Port
 
 MAX_EDGES = 250
-OFFLOADS = ("tcp-segmentation-offload", "generic-segmentation-offload", "generic-receive-offload")
+AUTO = "auto"  # impairment backend chosen from the probe when a profile needs one
+LAB_NET = "10.77.0.0/16"
+# SCHED_FIFO for the TUN emulator's pump threads when the topology picks it: on a loaded host
+# this is what keeps releases on time (docs/EMULATOR.md); they block between packets.
+EMULATOR_REALTIME_PRIORITY = 10
 BOTTLENECK_NET = "10.77.0"
 PEER_INDEX = 2  # ifindex of the one veth in a cloud/edge namespace (lo is 1), and of bs's uplink
 FIRST_ACCESS_INDEX = 10  # ifindex of the base station's end of access link i: 10 + i
@@ -53,12 +58,6 @@ def edge_address(index: int) -> str:
 CLOUD_ADDRESS = f"{BOTTLENECK_NET}.2"
 
 
-def _sysctl(key: str, value: str) -> None:
-    # /proc/sys/net resolves to the namespace of the thread that opens it.
-    with open(f"/proc/sys/{key.replace('.', '/')}", "w") as handle:
-        handle.write(value)
-
-
 def _pin_namespace_cc(cc: str) -> str:
     """Make ``cc`` the namespace default where the kernel lets us; else sockets pin it.
 
@@ -67,7 +66,7 @@ def _pin_namespace_cc(cc: str) -> str:
     the host's list is not ours to do. ``LabTopology.socket`` pins ``cc`` per socket anyway.
     """
     try:
-        _sysctl("net.ipv4.tcp_congestion_control", cc)
+        write_sysctl("net/ipv4/tcp_congestion_control", cc)
     except PermissionError:
         return "socket"
     return "netns"
@@ -80,19 +79,6 @@ def pin_congestion_control(sock: socket.socket, cc: str) -> None:
     except OSError as error:
         raise NetError(f"cannot pin congestion control {cc!r} on a socket ({error}); run as root "
                        f"or `modprobe tcp_{cc}`") from error
-
-
-def _offloads_off(ifnames: Sequence[str]) -> None:
-    # pyroute2's ioctl ethtool, one legacy set-call per flag: the feature-list route
-    # (Ethtool.get/set_features) reads every string set and costs ~4 ms per interface.
-    tool = IoctlEthtool()
-    try:
-        for ifname in ifnames:
-            tool.change_ifname(ifname)
-            for flag in OFFLOADS:
-                tool.set_offload_flag(flag, 0)
-    finally:
-        tool.close()
 
 
 @dataclass(frozen=True)
@@ -110,7 +96,7 @@ class LabTopology:
     """Build with ``with LabTopology(...) as topo:``; torn down on exit, on Ctrl-C and at exit."""
 
     def __init__(self, access: Sequence[LinkProfile], bottleneck: LinkProfile, *,
-                 shares_bps: Sequence[int] | None = None, impairment: ImpairmentBackend | None = None,
+                 shares_bps: Sequence[int] | None = None, impairment: ImpairmentBackend | str | None = AUTO,
                  run_id: str | None = None, congestion_control: str | None = None,
                  disable_offloads: bool = True):
         if not 1 <= len(access) <= MAX_EDGES:
@@ -142,6 +128,7 @@ class LabTopology:
         self._ifindex: dict[str, int] = {}
         self._ns_ifnames: dict[str, list[str]] = {}
         self._records: list[LinkShaping] = []
+        self._impaired: list[tuple[LeafClass, Port]] = []
         self.uplinks: dict[str, HtbShaper] = {}  # edge -> its access link's uplink (set_rate)
         self.downlinks: dict[str, HtbShaper] = {}
         self.shares: dict[str, LeafClass] = {}
@@ -181,6 +168,7 @@ class LabTopology:
                 self._iprs[name] = create_netns(name)
             self._wire()
             self._configure_namespaces()
+            self.impairment = self._backend(self.impairment)
             self._shape()
         except BaseException:
             self.teardown()
@@ -190,14 +178,11 @@ class LabTopology:
 
     def _veth(self, here: str, name: str, index: int, there: str, peer: str, address: str,
               peer_address: str) -> None:
-        # Indices are chosen, not looked up: each namespace is new, and a lookup is a dump.
-        self._iprs[here].link("add", ifname=name, index=index, kind="veth",
-                              peer={"ifname": peer, "net_ns_fd": there, "index": PEER_INDEX})
+        add_veth(self._iprs[here], name, index, there, peer, PEER_INDEX)
         for ns, ifname, ifindex, addr in ((here, name, index, address), (there, peer, PEER_INDEX, peer_address)):
             self._ifindex[ifname] = ifindex
             self._ns_ifnames.setdefault(ns, []).append(ifname)
-            self._iprs[ns].addr("add", index=ifindex, address=addr, prefixlen=24)
-            self._iprs[ns].link("set", index=ifindex, state="up")
+            address_up(self._iprs[ns], ifindex, addr)
 
     def _wire(self) -> None:
         self._veth(self.bs_netns, f"{self.prefix}bc", PEER_INDEX, self.cloud_netns, f"{self.prefix}c",
@@ -226,9 +211,9 @@ class LabTopology:
             with in_netns(name):
                 self.cc_scope[name] = _pin_namespace_cc(cc)
                 if name == self.bs_netns:
-                    _sysctl("net.ipv4.ip_forward", "1")
+                    write_sysctl("net/ipv4/ip_forward", "1")
                 if self.disable_offloads:
-                    _offloads_off(self._ns_ifnames[name])
+                    offloads_off(self._ns_ifnames[name])
 
     def _shaper(self, ns: str, ifname: str, direction: Direction,
                 per_class: bool = False) -> tuple[HtbShaper, LeafClass]:
@@ -236,27 +221,62 @@ class LabTopology:
                            per_class=per_class, ifindex=self._ifindex[ifname])
         return shaper, shaper.install()
 
+    def _backend(self, choice: ImpairmentBackend | str | None) -> ImpairmentBackend | None:
+        """``AUTO``: the probe's pick (netem, else the TUN emulator), only if a profile needs one."""
+        if choice != AUTO:
+            return choice
+        directions = [d for e in self.edges for d in (e.access.up, e.access.down)]
+        directions += [self.bottleneck.up, self.bottleneck.down]
+        impairments = [d.impairment for d in directions if not d.impairment.is_none]
+        if not impairments:
+            return None
+        return default_impairment_backend(probe(), impairments, realtime_priority=EMULATOR_REALTIME_PRIORITY)
+
+    def _impair(self, leaf: LeafClass, direction: Direction, local: str, peer: str, steer_dst: str,
+                peer_netns: str, peer_ifname: str) -> None:
+        # Each direction is impaired in the namespace that sends it, selected by where it goes:
+        # every packet then meets each impaired link it crosses exactly once (see _shape).
+        port = leaf.shaper.impair(leaf, direction.impairment, self.impairment, local, peer, steer_dst=steer_dst,
+                                  peer_netns=peer_netns, peer_ifname=peer_ifname)
+        if port is not None:
+            self._impaired.append((leaf, port))
+
     def _shape(self) -> None:
+        """HTB on every veth end, impairments per direction.
+
+        The base station routes (one /24 per link, ip_forward=1), it does not bridge, so every
+        namespace on the path consults policy routing. The TUN emulator works there by
+        destination: edge i steers everything toward the lab (10.77.0.0/16) through its
+        access-up emulator; the base station steers traffic to 10.77.(i+1).0/24 through access i's
+        down emulator and traffic to 10.77.0.0/24 through the bottleneck-up one; the cloud
+        steers everything toward the lab through the bottleneck-down one. These selectors are
+        disjoint within each namespace, so an uplink packet crosses access-up then
+        bottleneck-up, a downlink packet bottleneck-down then access-down, each once.
+        """
         b = self.bottleneck
         for edge in self.edges:
             _, up = self._shaper(edge.netns, f"{self.prefix}e{edge.index}", edge.access.up)
             _, down = self._shaper(self.bs_netns, f"{self.prefix}b{edge.index}", edge.access.down)
             gateway = f"10.77.{edge.index + 1}.1"
-            up.shaper.impair(up, edge.access.up.impairment, self.impairment, edge.address, gateway)
-            down.shaper.impair(down, edge.access.down.impairment, self.impairment, gateway, edge.address)
+            edge_end, bs_end = f"{self.prefix}e{edge.index}", f"{self.prefix}b{edge.index}"
+            self._impair(up, edge.access.up, edge.address, gateway, LAB_NET, self.bs_netns, bs_end)
+            self._impair(down, edge.access.down, gateway, edge.address, f"10.77.{edge.index + 1}.0/24",
+                         edge.netns, edge_end)
             self.uplinks[edge.name], self.downlinks[edge.name] = up.shaper, down.shaper
             self._record(up, f"{edge.name}.up", edge.netns)
             self._record(down, f"{edge.name}.down", edge.netns)
         self.bottleneck_up, default = self._shaper(self.bs_netns, f"{self.prefix}bc", b.up, per_class=True)
+        bs_address, bottleneck_net = f"{BOTTLENECK_NET}.1", f"{BOTTLENECK_NET}.0/24"
+        cloud_end = f"{self.prefix}c"
         for edge, share in zip(self.edges, self._shares):
             leaf = self.bottleneck_up.add_class(edge.name, share, Match(src=edge.address))
-            self.bottleneck_up.impair(leaf, b.up.impairment, self.impairment, f"{BOTTLENECK_NET}.1", CLOUD_ADDRESS)
+            self._impair(leaf, b.up, bs_address, CLOUD_ADDRESS, bottleneck_net, self.cloud_netns, cloud_end)
             self.shares[edge.name] = leaf
             self._record(leaf, f"bottleneck.up[{edge.name}]", self.bs_netns)
-        self.bottleneck_up.impair(default, b.up.impairment, self.impairment, f"{BOTTLENECK_NET}.1", CLOUD_ADDRESS)
+        self._impair(default, b.up, bs_address, CLOUD_ADDRESS, bottleneck_net, self.cloud_netns, cloud_end)
         _, self.bottleneck_down = self._shaper(self.cloud_netns, f"{self.prefix}c", b.down)
-        self.bottleneck_down.shaper.impair(self.bottleneck_down, b.down.impairment, self.impairment,
-                                           CLOUD_ADDRESS, f"{BOTTLENECK_NET}.1")
+        self._impair(self.bottleneck_down, b.down, CLOUD_ADDRESS, bs_address, LAB_NET,
+                     self.bs_netns, f"{self.prefix}bc")
         self._record(self.bottleneck_down, "bottleneck.down", self.cloud_netns)
 
     def _record(self, leaf: LeafClass, link: str, ns: str) -> None:
@@ -297,11 +317,19 @@ class LabTopology:
         """Remove every namespace of this run (their veths, qdiscs and routes go with them)."""
         start = time.perf_counter()
         atexit.unregister(self.teardown)
+        errors = []
+        # Emulators first: their pump threads and TUN fds live in this process, not in the
+        # namespaces, so removing a namespace alone would leave them running.
+        while self._impaired:
+            leaf, port = self._impaired.pop()
+            try:
+                leaf.shaper.unimpair(leaf, port, self.impairment)
+            except Exception as error:  # keep tearing down; reported below
+                errors.append(f"{port.netns}/{port.ifname}: {error}")
         for ipr in self._iprs.values():
             ipr.close()
         self._iprs.clear()
         existing = set(netns.listnetns())
-        errors = []
         for name in self.namespaces:
             if name in existing:
                 try:

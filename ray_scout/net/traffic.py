@@ -1,4 +1,5 @@
-"""A bulk TCP flow between two nodes of a topology, for measuring what the links deliver.
+"""A bulk TCP flow and a TCP ping-pong between two nodes of a topology, for measuring what the
+links deliver.
 
 An iperf-like pair in threads: the receiver timestamps every ``recv`` on the monotonic clock,
 so goodput over any window and per-bin rates (for rate-change timing) come from one record.
@@ -8,6 +9,7 @@ that the CPU, not the shaping, is the limit (the benchmark says where).
 
 from __future__ import annotations
 
+import socket
 import threading
 import time
 from dataclasses import dataclass, field
@@ -16,6 +18,43 @@ from ray_scout.net.errors import NetError
 from ray_scout.net.topology import CLOUD_ADDRESS, LabTopology
 
 CHUNK_BYTES = 128 * 1024
+
+
+def _address(topology: LabTopology, node: str) -> str:
+    return CLOUD_ADDRESS if node == "cloud" else topology.edge(node).address
+
+
+def tcp_round_trips_s(topology: LabTopology, src: str, dst: str = "cloud", port: int = 5301,
+                      count: int = 30) -> list[float]:
+    """``count`` one-byte request/response exchanges on one TCP connection (Nagle off); seconds each.
+
+    What an RPC sees: the path's round trip both ways, plus a retransmission timeout for any
+    exchange whose packet was lost (take the median for the path's delay).
+    """
+    server = topology.socket(dst)
+    server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    server.bind((_address(topology, dst), port))
+    server.listen(1)
+    client = topology.socket(src)
+    client.settimeout(10)
+    rtts = []
+    try:
+        client.connect((_address(topology, dst), port))
+        conn, _ = server.accept()
+        with conn:
+            for sock in (client, conn):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            for _ in range(count):
+                start = time.perf_counter()
+                client.sendall(b"p")
+                conn.recv(1)
+                conn.sendall(b"q")
+                client.recv(1)
+                rtts.append(time.perf_counter() - start)
+    finally:
+        client.close()
+        server.close()
+    return rtts
 
 
 @dataclass
@@ -29,7 +68,7 @@ class BulkFlow:
     samples: list[tuple[float, int]] = field(default_factory=list)
 
     def __enter__(self) -> BulkFlow:
-        address = CLOUD_ADDRESS if self.dst == "cloud" else self.topology.edge(self.dst).address
+        address = _address(self.topology, self.dst)
         self._stop = threading.Event()
         server = self.topology.socket(self.dst)
         server.setsockopt(1, 2, 1)  # SOL_SOCKET, SO_REUSEADDR: reruns on the same port
