@@ -21,23 +21,36 @@ from typing import Mapping
 from ray_scout.net.errors import NetError
 from ray_scout.net.profiles import MIN_RATE_BPS, LinkProfile, load_profile
 from ray_scout.net.shaping import NetemBackend
-from ray_scout.net.topology import CLOUD_ADDRESS, LabTopology
+from ray_scout.net.topology import (
+    AUTO, CLOUD_ADDRESS, EMULATOR_REALTIME_PRIORITY, LabTopology,
+)
 
 
-def impairment_backend(name: str, profiles: list[LinkProfile]):
-    """The impairment backend ``name`` (auto, netem, none) for links shaped by ``profiles``."""
-    needs = any(not d.impairment.is_none for p in profiles for d in (p.up, p.down))
-    if name == "none" or (name == "auto" and not needs):
+def impairment_backend(name: str):
+    """The topology's impairment backend for a spec's choice (auto, netem, tun, none).
+
+    ``auto`` leaves the pick to the topology: netem where the probe finds it, the TUN
+    emulator otherwise, and none at all when no profile asks for delay, jitter or loss.
+    """
+    if name == "auto":
+        return AUTO
+    if name == "none":
         return None
-    if name not in ("auto", "netem"):
-        raise NetError(f"unknown impairment backend {name!r}; use auto, netem or none")
-    from ray_scout.net.probe import probe
-
-    if probe().netem:
+    if name == "netem":
         return NetemBackend()
-    raise NetError("these link profiles ask for delay/jitter/loss but this kernel has no netem, "
-                   "and the TUN emulator backend has not landed as an ImpairmentBackend yet; use "
-                   "rate-only profiles (netem/lab.yaml) or run on a kernel with sch_netem")
+    if name == "tun":
+        from ray_scout.net.backends import TunEmulatorBackend
+
+        return TunEmulatorBackend(realtime_priority=EMULATOR_REALTIME_PRIORITY)
+    raise NetError(f"unknown impairment backend {name!r}; use auto, netem, tun or none")
+
+
+def with_rate(profile: LinkProfile, rate_bps: float | None) -> LinkProfile:
+    """``profile`` with both directions at ``rate_bps`` (None: as it is)."""
+    if rate_bps is None:
+        return profile
+    return dataclasses.replace(profile, up=dataclasses.replace(profile.up, rate_bps=int(rate_bps)),
+                               down=dataclasses.replace(profile.down, rate_bps=int(rate_bps)))
 
 
 def split_for_htb(capacity_bps: float, rates_bps: Mapping[str, float]) -> dict[str, int]:
@@ -75,14 +88,15 @@ class LinkManager:
     """
 
     def __init__(self, access: Mapping[str, str], bottleneck: str, capacity_bps: float, *,
-                 run_id: str, impairment: str = "auto", borrow: bool = False):
-        profiles = [load_profile(a) for a in access.values()]
+                 run_id: str, impairment: str = "auto", borrow: bool = False,
+                 access_rate_bps: float | None = None):
+        profiles = [with_rate(load_profile(a), access_rate_bps) for a in access.values()]
         neck = load_profile(bottleneck)
-        backend = impairment_backend(impairment, profiles + [neck])
         neck = dataclasses.replace(neck, up=dataclasses.replace(neck.up,
                                                                rate_bps=int(capacity_bps)))
         self.borrow = borrow
-        self.topology = LabTopology(profiles, neck, impairment=backend, run_id=run_id).build()
+        self.topology = LabTopology(profiles, neck, impairment=impairment_backend(impairment),
+                                    run_id=run_id).build()
         self.edge_of = {name: e.name for name, e in zip(access, self.topology.edges)}
         self.capacity_bps = int(capacity_bps)
         self.log: list[LinkChange] = []

@@ -144,7 +144,8 @@ def run_trial(spec: Spec, policy: str, allocator: str, index: int, out: Path,
         str(raw))
     link_manager = ray.remote(LinkManager).options(num_cpus=0, max_restarts=0).remote(
         {n: groups[n].access for n in names}, spec.bottleneck, trace.rate_at(0.0),
-        run_id=run_id, impairment=spec.impairment, borrow=spec.borrow)
+        run_id=run_id, impairment=spec.impairment, borrow=spec.borrow,
+        access_rate_bps=spec.access_rate_bps)
     started = time.time()
     actors, cloud = [], None
     try:
@@ -295,7 +296,7 @@ def run_simulated(spec: Spec, out: Path) -> dict[str, pd.DataFrame]:
     for name, g in groups.items():
         table = {t: s.payload_bytes for t, s in shapes[g.name].items()}
         median = sorted(g.context_tokens)[len(g.context_tokens) // 2]
-        access = load_profile(g.access).up.rate_bps
+        access = spec.access_rate_bps or load_profile(g.access).up.rate_bps
         agents.append(AgentSpec(name, g.arrival_rate_hz, g.deadline_s, table.__getitem__,
                                 quality_profile(spec, g), shapes[g.name][median].latency,
                                 g.context_tokens, access_rate_bps=access))

@@ -13,7 +13,8 @@ Schema (units in the values: ``50mbit``; times in seconds)::
     duration_s: 60                # arrivals stop here; requests in flight drain
     seed: 0
     epoch_s: 0.1                  # allocator epoch (it also runs at every capacity change)
-    network: {bottleneck: lab, access: lab, impairment: auto | netem | none, borrow: false}
+    network: {bottleneck: lab, impairment: auto | netem | tun | none, borrow: false,
+              access_rate: 1gbit}      # optional: every access link at this rate
     capacity:                     # the bottleneck's uplink over time
       kind: constant | markov | segments | mahimahi | throughput_log | file
       rate: 50mbit                # constant
@@ -91,6 +92,7 @@ class Spec:
     impairment: str
     borrow: bool
     capacity: dict
+    access_rate_bps: float | None
     policies: tuple[str, ...]
     allocators: tuple[str, ...]
     safety_margin: float = 0.1
@@ -193,6 +195,10 @@ def parse_spec(doc: Any, *, base: Path = REPO_ROOT, fidelity: str | None = None)
     if len(set(names)) != len(names):
         raise SpecError(f"agents: group names must be unique, got {names}")
     network = doc.get("network", {}) or {}
+    unknown = set(network) - {"bottleneck", "impairment", "borrow", "access_rate"}
+    if unknown:
+        raise SpecError(f"network: unknown keys {sorted(unknown)}; known: access_rate, "
+                        "borrow, bottleneck, impairment (access profiles are per agent group)")
     cloud = doc.get("cloud", {}) or {}
     models = cloud.get("models") or {g.cloud_model: {"timing": "paper_b"} for g in agents}
     cloud_models = {str(m): str((v or {}).get("timing", "paper_b")) for m, v in models.items()}
@@ -216,10 +222,12 @@ def parse_spec(doc: Any, *, base: Path = REPO_ROOT, fidelity: str | None = None)
         agents=agents, cloud_models=cloud_models,
         cloud_slots=int(_positive(cloud.get("slots", 1), "cloud.slots", True)),
         bottleneck=str(network.get("bottleneck", "lab")),
-        impairment=_known(str(network.get("impairment", "auto")), ("auto", "netem", "none"),
-                          "network.impairment"),
+        impairment=_known(str(network.get("impairment", "auto")),
+                          ("auto", "netem", "tun", "none"), "network.impairment"),
         borrow=bool(network.get("borrow", False)),
-        capacity=dict(_need(doc, "capacity", "spec")), policies=policies,
+        capacity=dict(_need(doc, "capacity", "spec")),
+        access_rate_bps=(_rate(network["access_rate"], "network.access_rate")
+                         if "access_rate" in network else None), policies=policies,
         allocators=allocators, safety_margin=float(doc.get("safety_margin", 0.1)), base=base)
     capacity_trace(spec)  # validates the capacity section now, not mid-run
     for g in agents:
