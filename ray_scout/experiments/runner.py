@@ -150,6 +150,9 @@ def run_trial(spec: Spec, policy: str, allocator: str, index: int, out: Path,
     actors, cloud = [], None
     try:
         addresses = ray.get(link_manager.addresses.remote())
+        # The topology starts with equal guarantees that may borrow up to the link rate; the
+        # first split is in force before the first arrival, not from the allocator's first tick.
+        ray.get(link_manager.apply.remote(trace.rate_at(0.0), dict(first.rate_bps)))
         cloud_ns = addresses["cloud"][1]
         service = profiled_service({m: load_timing(t, spec.base)
                                     for m, t in spec.cloud_models.items()})
