@@ -57,6 +57,39 @@ def profiled_service(timings: dict) -> Service:
     return serve
 
 
+class FullService:
+    """Full fidelity: the pipeline's ``CloudStage`` over real models, loaded in the actor.
+
+    ``sources`` maps a model id as payloads name it to a ``load_model`` source;
+    ``documents`` are the contexts the cloud already holds (scout payloads name them by hash).
+    """
+
+    def __init__(self, sources: dict[str, str], documents: list[str], max_new_tokens: int):
+        self.sources = dict(sources)
+        self.documents = list(documents)
+        self.max_new_tokens = max_new_tokens
+        self.stage = None
+
+    def prepare(self) -> None:
+        from ray_scout.core.models import load_model
+        from ray_scout.core.pipeline import CloudStage
+        from ray_scout.core.scout import DocumentStore
+
+        store = DocumentStore()
+        for text in self.documents:
+            store.put(text)
+        models = {}
+        for model_id, source in self.sources.items():
+            lm = load_model(source)
+            models[model_id] = models[lm.model_id] = lm
+        self.stage = CloudStage(models, documents=store, max_new_tokens=self.max_new_tokens)
+
+    def __call__(self, body: bytes) -> dict:
+        answer = self.stage.answer(body)
+        return {"text": answer.text, "mode": answer.mode.value, "model_id": answer.model_id,
+                "prefill_s": answer.prefill_s, "decode_s": answer.decode_s}
+
+
 class CloudActor:
     """Serves on ``address`` inside ``netns``; ``stats()`` and ``close()`` for the driver."""
 
@@ -66,6 +99,9 @@ class CloudActor:
 
         self.name = name
         self.service = service
+        prepare = getattr(service, "prepare", None)
+        if prepare is not None:  # full fidelity: load the models before serving anyone
+            prepare()
         self.metrics = CloudMetrics(name)
         self.jobs: queue.Queue[_Job | None] = queue.Queue()
         self.served = 0

@@ -3,13 +3,13 @@
 What lives here: the agent's loop over a seeded arrival schedule (requests wait in the
 agent's own FIFO: one edge model answers one request at a time), the policy decision on the
 time left, the edge compute (profiled: the latency profile's time is slept; full: the
-pipeline's edge stage), the send over a ``Connection`` from the agent's namespace with the
+pipeline's edge stage, with real F1/EM scoring), the send over a ``Connection`` from the agent's namespace with the
 deadline as the transport's budget, scoring, and one row per request streamed to the
 ``Recorder`` as soon as it is final. What it leaves to others: splitting capacity (the
 allocator tells it its grant), the cloud, shaping.
 
 Timeline of a request (unix seconds, all on this host's clock; the columns of ``requests``):
-arrival -> start (after the agent queue) -> edge compute (prefill, select, encode) ->
+arrival -> start (after the agent queue) -> edge compute (prefill, select, decide, encode) ->
 tx start -> tx end (last byte to the kernel) -> tx acked -> cloud queue -> cloud compute ->
 answer received -> scored. ``overhead_s`` is what is left of the latency after agent queue,
 edge compute, bytes on the wire (tx start to acked), cloud queue and cloud compute: the
@@ -82,6 +82,15 @@ class AgentConfig:
     initial_bps: float = 10e6
     safety_margin: float = 0.1
     new_tokens: int = 24
+    # Full fidelity: the edge model, its options and one (context, question, answers) per
+    # sample index; empty in profiled fidelity.
+    model: str = ""
+    edge_options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    samples: tuple[tuple[str, str, tuple[str, ...]], ...] = ()
+
+    @property
+    def fidelity(self) -> str:
+        return "full" if self.samples else "profiled"
 
 
 def request_shape(context_tokens: int, selected: int, payload_bytes: Mapping[Mode, int],
@@ -126,6 +135,13 @@ class EdgeAgent:
         self.grant_bps = config.initial_bps
         self.metrics = AgentMetrics(config.name, config.policy, config.allocator)
         self.connection: Connection | None = None
+        self.stage = None
+        if config.fidelity == "full":
+            from ray_scout.core.models import load_model
+            from ray_scout.core.pipeline import EdgeOptions, EdgeStage
+
+            self.stage = EdgeStage(load_model(config.model), EdgeOptions(**config.edge_options),
+                                   cloud_model_id=config.cloud_model)
 
     # --- what the allocator asks and tells ---------------------------------------------
     def demand(self) -> Demand:
@@ -175,8 +191,18 @@ class EdgeAgent:
         start = time.time()
         shape = c.shapes[arrival.context_tokens]
         sizes, latency = shape.payload_bytes, shape.latency
-        estimate = self.estimator.estimate(start - t0_unix_s)
-        budget = c.deadline_s - (start - arrived)
+        analysis = None
+        if self.stage is not None:
+            # Full fidelity: prefill and score first (ARCHITECTURE steps 2-3), then decide on
+            # the exact sizes with the edge time already spent taken out of the plan.
+            context, question, _ = c.samples[arrival.sample_index]
+            analysis = self.stage.analyze(context, question)
+            sizes = self.stage.payload_sizes(analysis)
+            latency = dataclasses.replace(latency, edge_s={
+                m: (0.0 if m != Mode.LOCAL else s) for m, s in latency.edge_s.items()})
+        decided = time.time()
+        estimate = self.estimator.estimate(decided - t0_unix_s)
+        budget = c.deadline_s - (decided - arrived)
         decision = self.policy.decide(PolicyInput(estimate, max(budget, 0.0), sizes, latency))
         mode = decision.mode
         row = dict(
@@ -185,28 +211,42 @@ class EdgeAgent:
             reason=decision.reason, bandwidth_estimate_bps=estimate, grant_bps=self.grant_bps,
             payload_bytes=0 if mode == Mode.LOCAL else sizes[mode],
             expected_latency_s=decision.expected_latency_s.get(mode, math.nan),
-            agent_queue_s=start - arrived, edge_s=math.nan, tx_s=math.nan, tx_send_s=math.nan,
+            agent_queue_s=start - arrived, edge_s=math.nan, prefill_s=math.nan,
+            select_s=math.nan, encode_s=math.nan, tx_s=math.nan, tx_send_s=math.nan,
             cloud_queue_s=math.nan, cloud_s=math.nan, rx_s=math.nan, latency_s=math.nan,
             overhead_s=math.nan, deadline_s=c.deadline_s, deadline_met=False, cancelled=False,
-            outcome="miss", error="", quality=0.0, measured_bps=math.nan,
-            arrival_unix_s=arrived, tx_start_unix_s=math.nan, tx_end_unix_s=math.nan,
-            tx_acked_unix_s=math.nan, answer_unix_s=math.nan, cloud_model=c.cloud_model)
+            outcome="miss", error="", quality=0.0, f1=math.nan, em=math.nan, answer="",
+            measured_bps=math.nan, arrival_unix_s=arrived, tx_start_unix_s=math.nan,
+            tx_end_unix_s=math.nan, tx_acked_unix_s=math.nan, answer_unix_s=math.nan,
+            cloud_model=c.cloud_model)
+        if analysis is not None:
+            row.update(prefill_s=analysis.timings["prefill_s"],
+                       select_s=analysis.timings["select_s"])
         if budget <= 0:
-            row.update(outcome="expired", error="deadline passed in the agent's queue")
+            row.update(outcome="expired", error="deadline passed before the decision")
             return self._finish(row, mode)
-        if mode not in shape.edge_s:  # e.g. Paper B's times have no edge-only answer
+        if mode not in latency.edge_s and analysis is None:  # Paper B: no edge-only time
             row.update(error=f"unanswered: no edge time for {mode.value} in this fidelity")
             return self._finish(row, mode)
-        edge_s = shape.edge_s[mode]
-        time.sleep(edge_s)
-        edge_done = time.time()
-        row["edge_s"] = edge_done - start
         if mode == Mode.LOCAL:
+            if analysis is not None:
+                row["answer"] = self.stage.answer_locally(analysis).text
+            else:
+                time.sleep(shape.edge_s[mode])
+            edge_done = time.time()
+            row["edge_s"] = edge_done - start
             row["latency_s"] = edge_done - arrived
             row["overhead_s"] = row["latency_s"] - row["agent_queue_s"] - row["edge_s"]
-            return self._score(row, mode)
-        body = ProfiledRequest(mode, c.cloud_model, shape.context_tokens, shape.selected_tokens,
-                               c.new_tokens).to_body(sizes[mode])
+            return self._score(row, mode, arrival)
+        if analysis is not None:
+            encoded = self.stage.encode(analysis, mode)
+            body = encoded.data
+            row["encode_s"] = encoded.encode_s
+        else:
+            time.sleep(shape.edge_s[mode])
+            body = ProfiledRequest(mode, c.cloud_model, shape.context_tokens,
+                                   shape.selected_tokens, c.new_tokens).to_body(sizes[mode])
+        row["edge_s"] = time.time() - start
         left = c.deadline_s - (time.time() - arrived)
         try:
             if left <= 0:
@@ -236,23 +276,31 @@ class EdgeAgent:
         acked = tl.tx_acked_unix_s if tl.tx_acked_unix_s is not None else (
             tl.rx_first_byte_unix_s - answer["cloud_queue_s"] - answer["cloud_compute_s"])
         tx_s = acked - tl.tx_start_unix_s
-        measured = sizes[mode] * 8 / tx_s if tx_s > 0 else math.nan
+        measured = len(body) * 8 / tx_s if tx_s > 0 else math.nan
         if tx_s > 0:
-            self.estimator.observe(sizes[mode], tx_s, acked - t0_unix_s)
+            self.estimator.observe(len(body), tx_s, acked - t0_unix_s)
         latency_s = tl.rx_end_unix_s - arrived
         row.update(
-            tx_s=tx_s, tx_send_s=tl.tx_end_unix_s - tl.tx_start_unix_s,
+            payload_bytes=len(body), tx_s=tx_s, tx_send_s=tl.tx_end_unix_s - tl.tx_start_unix_s,
             cloud_queue_s=answer["cloud_queue_s"], cloud_s=answer["cloud_compute_s"],
             rx_s=tl.rx_end_unix_s - tl.rx_first_byte_unix_s, latency_s=latency_s,
-            measured_bps=measured, tx_start_unix_s=tl.tx_start_unix_s,
+            measured_bps=measured, tx_start_unix_s=tl.tx_start_unix_s, answer=answer["text"],
             tx_end_unix_s=tl.tx_end_unix_s, tx_acked_unix_s=acked, answer_unix_s=tl.rx_end_unix_s,
             overhead_s=latency_s - row["agent_queue_s"] - row["edge_s"] - tx_s
             - answer["cloud_queue_s"] - answer["cloud_compute_s"])
-        return self._score(row, mode)
+        return self._score(row, mode, arrival)
 
-    def _score(self, row: dict, mode: Mode) -> dict:
+    def _score(self, row: dict, mode: Mode, arrival: Arrival) -> dict:
+        """Profiled: the profile's quality for the mode; full: F1 of the answer (0 on a miss)."""
         met = bool(row["latency_s"] <= self.config.deadline_s)
-        q = self.config.quality.quality(mode)
+        if self.stage is not None:
+            from ray_scout.core.metrics import exact_match, f1
+
+            gold = self.config.samples[arrival.sample_index][2]
+            row.update(f1=f1(row["answer"], gold), em=exact_match(row["answer"], gold))
+            q = row["f1"]
+        else:
+            q = self.config.quality.quality(mode)
         row.update(deadline_met=met, outcome="hit" if met else "miss",
                    quality=(math.nan if q is None else q) if met else 0.0)
         return self._finish(row, mode)

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from ray_scout.actors.cloud import profiled_service
+from ray_scout.actors.cloud import FullService, profiled_service
 from ray_scout.actors.compute import (
     latency_model, load_timing, profiled_payload_bytes, selected_tokens,
 )
@@ -72,13 +72,43 @@ def request_shapes(spec: Spec) -> dict[str, dict[int, RequestShape]]:
 
 
 def workloads(spec: Spec) -> dict[str, tuple[Arrival, ...]]:
-    """Each agent's arrivals, numbered globally so request ids are unique in a trial."""
+    """Each agent's arrivals, numbered globally so request ids are unique in a trial.
+
+    ``sample_index`` is the arrival's place in the agent's schedule (its sample in full
+    fidelity).
+    """
     out, next_id = {}, 0
     for index, (name, g) in enumerate(spec.groups_by_agent().items()):
         rows = []
-        for t, tokens in arrivals(spec, index, g.context_tokens, g.arrival_rate_hz):
-            rows.append(Arrival(next_id, t, tokens))
+        for i, (t, tokens) in enumerate(arrivals(spec, index, g.context_tokens,
+                                                 g.arrival_rate_hz)):
+            rows.append(Arrival(next_id, t, tokens, i))
             next_id += 1
+        out[name] = tuple(rows)
+    return out
+
+
+def samples(spec: Spec, work: dict) -> dict[str, tuple]:
+    """Full fidelity: one synthetic sample per arrival, at the arrival's context length.
+
+    Seeded per agent, so every combination answers the same questions. Lengths follow the
+    task generator's approximate token count (no tokenizer in the driver).
+    """
+    from ray_scout.core.tasks import generate
+
+    out = {}
+    groups = spec.groups_by_agent()
+    for index, (name, arrivals_) in enumerate(work.items()):
+        g = groups[name]
+        by_length: dict[int, list] = {}
+        for tokens in sorted({a.context_tokens for a in arrivals_}):
+            count = sum(a.context_tokens == tokens for a in arrivals_)
+            by_length[tokens] = generate(g.task, count, context_tokens=tokens,
+                                         seed=spec.seed * 1000 + index)
+        rows = []
+        for a in arrivals_:
+            sample = by_length[a.context_tokens].pop(0)
+            rows.append((sample.context, sample.question, tuple(sample.answers)))
         out[name] = tuple(rows)
     return out
 
@@ -120,7 +150,7 @@ def _gpu_count() -> int:
 
 
 def run_trial(spec: Spec, policy: str, allocator: str, index: int, out: Path,
-              shapes: dict, work: dict, progress=None) -> dict:
+              shapes: dict, work: dict, progress=None, texts: dict | None = None) -> dict:
     """One combination end to end; returns its summary (rows, wall time, errors)."""
     import ray
 
@@ -130,6 +160,7 @@ def run_trial(spec: Spec, policy: str, allocator: str, index: int, out: Path,
     from ray_scout.actors.link_manager import LinkManager
     from ray_scout.actors.recorder import Recorder
 
+    texts = texts or {}
     raw = out / "raw" / f"{index:02d}_{policy.replace(':', '-')}_{allocator}"
     if raw.exists():
         for stale in raw.glob("*.jsonl"):
@@ -154,8 +185,13 @@ def run_trial(spec: Spec, policy: str, allocator: str, index: int, out: Path,
         # first split is in force before the first arrival, not from the allocator's first tick.
         ray.get(link_manager.apply.remote(trace.rate_at(0.0), dict(first.rate_bps)))
         cloud_ns = addresses["cloud"][1]
-        service = profiled_service({m: load_timing(t, spec.base)
-                                    for m, t in spec.cloud_models.items()})
+        if spec.fidelity == "full":
+            documents = sorted({text for rows in texts.values() for text, _, _ in rows})
+            service = FullService({m: m for m in spec.cloud_models}, documents,
+                                  max(g.new_tokens for g in spec.agents))
+        else:
+            service = profiled_service({m: load_timing(t, spec.base)
+                                        for m, t in spec.cloud_models.items()})
         cloud = ray.remote(CloudActor).options(
             num_cpus=0, num_gpus=min(1, _gpu_count()), resources={"cloud": 1},
             max_restarts=2, max_concurrency=4, name=prefix + "cloud").remote(
@@ -171,7 +207,11 @@ def run_trial(spec: Spec, policy: str, allocator: str, index: int, out: Path,
                 shapes=shapes[g.name], cloud_model=g.cloud_model, deadline_s=g.deadline_s,
                 arrivals=work[name], estimator=g.estimator,
                 initial_bps=max(first.rate_bps[name], 1.0), safety_margin=spec.safety_margin,
-                new_tokens=g.new_tokens)
+                new_tokens=g.new_tokens, model=g.model,
+                edge_options=dict(scout_retention=g.scout_retention,
+                                  protected_layers=tuple(g.protected_layers),
+                                  max_new_tokens=g.new_tokens),
+                samples=texts.get(name, ()))
             agents[name] = ray.remote(EdgeAgent).options(
                 num_cpus=0, resources={"edge": 1}, max_restarts=2, max_task_retries=2,
                 max_concurrency=4, name=prefix + name).remote(cfg, recorder)
@@ -248,12 +288,9 @@ def run_emulated(spec: Spec, out: Path, address: str | None = None,
 
     from ray_scout.net.errors import require_root
 
-    if spec.fidelity == "full":
-        raise SpecError("fidelity 'full' needs ray_scout.core.pipeline (the edge and cloud "
-                        "stages), which this build does not have yet; run with "
-                        "--fidelity profiled or simulated")
     require_root()
     shapes, work = request_shapes(spec), workloads(spec)
+    texts = samples(spec, work) if spec.fidelity == "full" else {}
     check_allocators(spec, demands(spec, shapes, work))
     total = sum(len(w) for w in work.values())
     started_ray = start_ray(spec, address, dashboard)
@@ -267,7 +304,7 @@ def run_emulated(spec: Spec, out: Path, address: str | None = None,
                 bar.update(n - bar.n)
 
             trials.append(run_trial(spec, policy, allocator, index, out, shapes, work,
-                                    progress))
+                                    progress, texts))
             bar.close()
     finally:
         if started_ray:

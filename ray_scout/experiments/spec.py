@@ -27,7 +27,8 @@ Schema (units in the values: ``50mbit``; times in seconds)::
          edge_timing: paper_b | <profile>, context_tokens: [1024], deadline_s: 1.0,
          arrival_rate_hz: 1.0, quality: paper_b:7b-14b | <profile path>,
          estimator: grant | last | ewma | robust, access: lab, new_tokens: 24,
-         scout_retention: 0.5, protected_layers: [0], task: <tasks name, full fidelity>}
+         scout_retention: 0.5, protected_layers: [0],
+         task: single_needle | multi_needle | multi_hop}   # full fidelity's samples
     policies: [adaptive, static:bf16, static:int8, static:int4, static:scout]
     allocators: [equal, model_aware, greedy, quality_max, optimal]
     safety_margin: 0.1
@@ -75,7 +76,7 @@ class AgentGroup:
     new_tokens: int = 24
     scout_retention: float = 0.5
     protected_layers: tuple[int, ...] = (0,)
-    task: str = "needle"
+    task: str = "single_needle"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -163,7 +164,7 @@ def _agent(doc: dict, i: int) -> AgentGroup:
         new_tokens=int(_positive(doc.get("new_tokens", 24), f"{where}.new_tokens", True)),
         scout_retention=retention,
         protected_layers=tuple(int(x) for x in doc.get("protected_layers", [0])),
-        task=str(doc.get("task", "needle")))
+        task=str(doc.get("task", "single_needle")))
 
 
 def _policy(name: str, where: str) -> str:
@@ -230,6 +231,11 @@ def parse_spec(doc: Any, *, base: Path = REPO_ROOT, fidelity: str | None = None)
                          if "access_rate" in network else None), policies=policies,
         allocators=allocators, safety_margin=float(doc.get("safety_margin", 0.1)), base=base)
     capacity_trace(spec)  # validates the capacity section now, not mid-run
+    if spec.fidelity == "full":
+        from ray_scout.core.tasks import TASKS
+
+        for g in agents:
+            _known(g.task, tuple(sorted(TASKS)), f"agents[{g.name}].task")
     for g in agents:
         quality_profile(spec, g)
     return spec
