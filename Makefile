@@ -6,7 +6,7 @@ setup:
 	PYTHON=$(PYTHON) bash scripts/setup.sh
 
 demo: setup
-	$(PYTHON) -m ray_scout.cli quality --grid demo
+	$(PYTHON) -m ray_scout.cli run experiments/demo.yaml --out results/demo
 
 test: setup
 	$(PYTHON) -m pytest -q
