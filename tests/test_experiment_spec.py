@@ -99,3 +99,19 @@ def test_simulated_fidelity_runs_every_combination_and_writes_results(tmp_path: 
         table.loc[("static:int4", "equal"), "hit_rate"]
     text = (tmp_path / "summary.md").read_text()
     assert "static:int4 | equal" in text and "95% CI" in text
+
+
+def test_report_rewrites_the_summary_of_a_results_directory(tmp_path: Path):
+    import argparse
+    import json
+
+    from ray_scout.experiments import report
+
+    spec_path = tmp_path / "spec.yaml"
+    spec_path.write_text(yaml.safe_dump(BASE))
+    run_experiment(parse_spec(BASE), tmp_path)
+    (tmp_path / "summary.md").unlink()
+    assert json.loads((tmp_path / "meta.json").read_text())["fidelity"] == "simulated"
+    assert report.run(argparse.Namespace(results=tmp_path)) == 0
+    assert "static:int4 | model_aware" in (tmp_path / "summary.md").read_text()
+    assert report.run(argparse.Namespace(results=tmp_path / "missing")) == 2

@@ -159,3 +159,29 @@ def _plots(out: Path, requests: pd.DataFrame, epochs: pd.DataFrame, table: pd.Da
         fig.tight_layout()
         fig.savefig(out / "rates.png", dpi=120)
         plt.close(fig)
+
+
+# --- CLI: re-render a results directory -------------------------------------------------
+def add_arguments(parser) -> None:
+    parser.add_argument("results", type=Path, help="a directory `scout run` wrote")
+
+
+def run(args) -> int:
+    """``scout report``: rewrite summary.md and the plots from a run's tables."""
+    import json
+    import sys
+
+    from ray_scout.experiments.spec import SpecError, load_spec
+
+    out = args.results
+    try:
+        meta = json.loads((out / "meta.json").read_text())
+        spec = load_spec(out / "spec.yaml", meta["fidelity"])
+        frames = {t: pd.read_csv(out / f"{t}.csv") if (out / f"{t}.csv").stat().st_size > 1
+                  else pd.DataFrame() for t in ("requests", "epochs")}
+    except (OSError, KeyError, ValueError, SpecError) as exc:
+        print(f"scout report: {out} is not a complete results directory ({exc}); "
+              "run `scout run <spec>` first", file=sys.stderr)
+        return 2
+    print(write_report(spec, out, frames))
+    return 0

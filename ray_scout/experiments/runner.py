@@ -392,6 +392,8 @@ def run(args) -> int:
         print(f"scout run: {exc}", file=sys.stderr)
         return 2
     out = args.out or REPO_ROOT / "results" / spec.name
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "spec.yaml").write_text(args.spec.read_text())  # what `scout report` re-reads
     try:
         run_experiment(spec, out, args.address, not args.no_progress)
     except SpecError as exc:
