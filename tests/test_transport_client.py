@@ -152,3 +152,13 @@ def test_request_refuses_a_meaningless_deadline(deadline_s):
     with Server(lambda r: b"") as server, Connection(server.address) as conn:
         with pytest.raises(ValueError, match="deadline_s"):
             conn.request(b"", deadline_s=deadline_s)
+
+
+def test_abort_on_close_sets_a_zero_linger():
+    import struct as _struct
+
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        conn = Connection(listener.getsockname(), abort_on_close=True)
+        linger = conn._sock.getsockopt(socket.SOL_SOCKET, socket.SO_LINGER, 8)
+        assert _struct.unpack("ii", linger) == (1, 0)
+        conn.close()

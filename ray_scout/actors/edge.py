@@ -21,8 +21,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import socket
-import struct
 import time
 from typing import Any, Mapping
 
@@ -97,21 +95,6 @@ def request_shape(context_tokens: int, selected: int, payload_bytes: Mapping[Mod
                   latency: LatencyModel) -> RequestShape:
     return RequestShape(context_tokens, selected, dict(payload_bytes), latency,
                         dict(latency.edge_s))
-
-
-class AbortingConnection(Connection):
-    """A ``Connection`` whose close discards unsent bytes (RST) instead of draining them.
-
-    A payload cancelled at its deadline mid-send is closed by the transport; a plain close
-    lets the kernel keep sending what is buffered (megabytes at a low grant), so the dead
-    payload holds the agent's HTB class and the next request's handshake queues behind it.
-    SO_LINGER with a zero timeout makes the cancellation real.
-    """
-
-    def _new_socket(self) -> socket.socket:
-        sock = super()._new_socket()
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-        return sock
 
 
 def make_policy(name: str, profile: QualityProfile, safety_margin: float) -> Policy:
@@ -255,7 +238,7 @@ class EdgeAgent:
                 # No transport body CRC: a full-fidelity payload carries the wire format's
                 # own crc32, and the body CRC costs ~1 ms/MB per side (docs/TRANSPORT.md),
                 # which would count as testbed overhead; the frame header stays checked.
-                self.connection = AbortingConnection(c.cloud_address, source_netns=c.netns,
+                self.connection = Connection(c.cloud_address, source_netns=c.netns, abort_on_close=True,
                                                      connect_timeout_s=min(left, 5.0),
                                                      body_checksum=False)
             response = self.connection.request(body, deadline_s=left)

@@ -168,8 +168,10 @@ class Connection:
         congestion_control: str | None = None,
         max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
         body_checksum: bool = True,
+        abort_on_close: bool = False,
     ):
         self.body_checksum = body_checksum
+        self.abort_on_close = abort_on_close
         self.address = (address[0], int(address[1]))
         self.source_netns = source_netns
         self.connect_timeout_s = connect_timeout_s
@@ -204,6 +206,10 @@ class Connection:
         family = socket.AF_INET6 if ":" in self.address[0] else socket.AF_INET
         sock = socket_in_netns(self.source_netns, family) if self.source_netns is not None else socket.socket(family)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if self.abort_on_close:
+            # Close with RST, discarding unsent bytes: a payload cancelled at its deadline
+            # must not keep draining through a shaped link ahead of the next request.
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         if self.requested_congestion_control is not None:
             try:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_CONGESTION, self.requested_congestion_control.encode())
