@@ -14,6 +14,7 @@ import sys
 COMMANDS: dict[str, tuple[str, str]] = {
     "setup": ("ray_scout.setup_check", "convert the embedded model once and check the machine"),
     "net": ("ray_scout.net.cli", "links: probe the kernel, list profiles, clean up leftovers, hold a topology up"),
+    "cluster": ("ray_scout.cluster", "the lab cluster: check a `ray up` YAML before any ssh"),
 }
 
 
