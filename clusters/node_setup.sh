@@ -8,7 +8,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${RAY_SCOUT_VENV:-$HOME/.ray-scout-venv}
 [ -x "$VENV/bin/python" ] || python3 -m venv --system-site-packages "$VENV"
-PYTHON="$VENV/bin/python" bash scripts/setup.sh
+PYTHON="$VENV/bin/python" RAY_SCOUT_TEST_TOOLS=0 bash scripts/setup.sh
 if [ ! -x "$VENV/bin/ray" ]; then
     # ray came from the system's site-packages, so pip left no `ray` in the venv; Ray's
     # workers run with the interpreter that ran `ray start`, which must be the venv's.
