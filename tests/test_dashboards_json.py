@@ -60,10 +60,11 @@ def test_dashboard_covers_what_the_lab_guide_explains(dashboard):
 
 
 def test_metric_names_are_the_testbeds_with_rays_prefix(dashboard):
-    metrics_module = Path(__file__).resolve().parents[1] / "ray_scout" / "actors" / "metrics.py"
-    if not metrics_module.exists():
+    actors = Path(__file__).resolve().parents[1] / "ray_scout" / "actors"
+    if not (actors / "metrics.py").exists():
         pytest.skip("the testbed's ray_scout/actors/metrics.py is not on this branch yet")
-    declared = set(re.findall(r'"(ray_scout_\w+)"', metrics_module.read_text()))
+    declared = {name for module in actors.glob("*.py")
+                for name in re.findall(r'"(ray_scout_\w+)"', module.read_text())}
     exprs = " ".join(t["expr"] for p in dashboard["panels"] for t in p["targets"])
     used = set(re.findall(r"\bray_(ray_scout_\w+?)(?:_bucket|_sum|_count)?\b", exprs))
     assert used and used <= declared, f"not declared by the testbed: {used - declared}"

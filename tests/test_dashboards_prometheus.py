@@ -15,7 +15,6 @@ import shutil
 import signal
 import socket
 import subprocess
-import tempfile
 import time
 import urllib.parse
 import urllib.request
@@ -30,6 +29,7 @@ REPO = Path(__file__).resolve().parents[1]
 STEPS = 23  # the last step uses scout (mode code 4), not bf16 (code 0)
 STEP_S = 0.5
 GRANT_BPS = 25e6
+CAPACITY_BPS = 50e6
 
 
 def _free_port() -> int:
@@ -83,9 +83,15 @@ def _emitter_class():
         """Two agents and one cloud reporting through the testbed's metric emitters."""
 
         def __init__(self):
+            from ray.util import metrics
+
             from ray_scout.actors.metrics import AgentMetrics, CloudMetrics
             self.agents = [AgentMetrics(f"agent{i}", "adaptive", "equal") for i in range(2)]
             self.cloud = CloudMetrics("cloud0")
+            # The Allocator actor declares this gauge itself; test_dashboards_json checks
+            # that the name is still the one it declares.
+            self.capacity = metrics.Gauge("ray_scout_allocator_capacity_bps", "capacity",
+                                          tag_keys=("strategy",))
 
         def step(self, i: int, mode: str, outcome: str, payload_bytes: int, latency_s: float):
             from ray_scout.core.modes import Mode
@@ -94,13 +100,14 @@ def _emitter_class():
                 agent.request(Mode(mode), outcome, payload_bytes, latency_s,
                               quality=0.8 if outcome == "hit" else 0.0,
                               estimate_bps=20e6, measured_bps=18e6)
+            self.capacity.set(CAPACITY_BPS, tags={"strategy": "equal"})
             self.cloud.depth(i % 3)
             self.cloud.served(2, [0.01, 0.02], 0.05)
 
     return Emitter
 
 
-def test_every_panel_query_returns_the_values_the_actors_emitted():
+def test_every_panel_query_returns_the_values_the_actors_emitted(ray_temp_dir):
     prometheus = shutil.which("prometheus")
     if prometheus is None:
         pytest.skip("prometheus missing: scripts/setup.sh installs Debian's prometheus")
@@ -110,7 +117,7 @@ def test_every_panel_query_returns_the_values_the_actors_emitted():
 
     if ray.is_initialized():
         pytest.skip("a Ray instance is already up in this process")
-    tmp = Path(tempfile.mkdtemp(prefix="rs-prom-"))  # short: Ray's socket paths live here
+    tmp = ray_temp_dir
     prom_port = _free_port()
     prom = None
     try:
@@ -177,6 +184,8 @@ def test_every_panel_query_returns_the_values_the_actors_emitted():
             == [requests]
         assert _values(prom_port, f"sum(ray_ray_scout_cloud_batch_size_count{{{scoped}}})") \
             == [STEPS]
+        assert _values(prom_port, f"max(ray_ray_scout_allocator_capacity_bps{{{scoped}}})") \
+            == [CAPACITY_BPS]
         from ray_scout.actors.metrics import MODE_CODES
         from ray_scout.core.modes import Mode
         last_mode = Mode(emitted[-1][0])
@@ -187,4 +196,3 @@ def test_every_panel_query_returns_the_values_the_actors_emitted():
             os.killpg(prom.pid, signal.SIGTERM)
             prom.wait(20)
         ray.shutdown()
-        shutil.rmtree(tmp, ignore_errors=True)

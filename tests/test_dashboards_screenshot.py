@@ -14,7 +14,6 @@ import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -34,13 +33,15 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _alive_classes() -> set[str]:
+def _alive_classes(dashboard_url: str) -> set[str]:
     from ray.util.state import list_actors
 
-    return {a.class_name for a in list_actors(filters=[("state", "=", "ALIVE")], limit=1000)}
+    # The dashboard's address, named: other Rays may run on this machine.
+    return {a.class_name for a in list_actors(address=f"http://{dashboard_url}",
+                                              filters=[("state", "=", "ALIVE")], limit=1000)}
 
 
-def test_dashboard_actors_page_shows_agents_cloud_and_allocator(monkeypatch):
+def test_dashboard_actors_page_shows_agents_cloud_and_allocator(monkeypatch, ray_temp_dir):
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     if chromium is None:
         pytest.skip("chromium missing: scripts/setup.sh installs Debian's chromium")
@@ -54,7 +55,7 @@ def test_dashboard_actors_page_shows_agents_cloud_and_allocator(monkeypatch):
     # A private, loopback-only dashboard: without token auth the headless browser needs no
     # login (a lab's dashboard keeps it on: docs/LAB_GUIDE.md says how to log in).
     monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
-    tmp = Path(tempfile.mkdtemp(prefix="rs-shot-"))
+    tmp = ray_temp_dir
     spec = yaml.safe_load((REPO / "experiments" / "allocation_congestion.yaml").read_text())
     spec.update(name="dashboard_screenshot", duration_s=40, policies=["adaptive"],
                 allocators=["model_aware"])
@@ -72,9 +73,9 @@ def test_dashboard_actors_page_shows_agents_cloud_and_allocator(monkeypatch):
              "--no-progress"], cwd=REPO, stdout=open(tmp / "run.log", "wb"),
             stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.monotonic() + 120
-        while not WANTED <= _alive_classes():
+        while not WANTED <= (alive := _alive_classes(info.dashboard_url)):
             assert run.poll() is None, (tmp / "run.log").read_text()[-4000:]
-            assert time.monotonic() < deadline, f"alive after 120 s: {_alive_classes()}"
+            assert time.monotonic() < deadline, f"alive after 120 s: {alive}"
             time.sleep(1)
         time.sleep(3)  # a few requests in, so the agents' rows show work
         picture = tmp / "actors.png"
@@ -84,7 +85,7 @@ def test_dashboard_actors_page_shows_agents_cloud_and_allocator(monkeypatch):
              f"--screenshot={picture}", f"http://{info.dashboard_url}/#/actors"],
             capture_output=True, text=True, timeout=120)
         assert shot.returncode == 0 and picture.exists(), shot.stderr[-2000:]
-        assert WANTED <= _alive_classes(), "the run ended before the screenshot was taken"
+        assert WANTED <= _alive_classes(info.dashboard_url), "the run ended before the picture"
         from matplotlib.image import imread
         pixels = imread(picture)
         assert pixels.shape[:2] == (1000, 1600) and pixels.std() > 0.05, "a blank page"
@@ -100,4 +101,3 @@ def test_dashboard_actors_page_shows_agents_cloud_and_allocator(monkeypatch):
                 os.killpg(run.pid, signal.SIGKILL)
                 run.wait()
         ray.shutdown()
-        shutil.rmtree(tmp, ignore_errors=True)
