@@ -103,11 +103,10 @@ def ray_start_flags(command: str) -> dict[str, str] | None:
                 if word.startswith("--") and "=" in word:
                     key, value = word.split("=", 1)
                     flags[key] = value
-                elif word.startswith("--") and i + 1 < len(rest) and not rest[i + 1].startswith("--"):
-                    flags[word] = rest[i + 1]
-                    i += 1
                 elif word.startswith("--"):
-                    flags[word] = "true"
+                    takes_value = i + 1 < len(rest) and not rest[i + 1].startswith("--")
+                    flags[word] = rest[i + 1] if takes_value else "true"
+                    i += takes_value
                 i += 1
             return flags
     return None
@@ -160,18 +159,18 @@ def check_lab(config: dict) -> LabPlan:
     head = _start_flags(config, "head_start_ray_commands", problems)
     worker = _start_flags(config, "worker_start_ray_commands", problems)
     worker_ips = tuple(provider.get("worker_ips") or ())
+    on_head = "head_start_ray_commands"
     plan = LabPlan(
         cluster_name=str(config.get("cluster_name", "default")),
         head_ip=str(provider.get("head_ip")),
         worker_ips=worker_ips,
-        cloud_per_head=_resources(head, "head_start_ray_commands", "cloud", problems) if head else 0.0,
+        cloud_per_head=_resources(head, on_head, "cloud", problems) if head else 0.0,
         edge_per_worker=(_resources(worker, "worker_start_ray_commands", "edge", problems)
                          if worker else 0.0),
-        gcs_port=_port(head, "--port", "head_start_ray_commands", problems) if head else 0,
-        dashboard_port=(_port(head, "--dashboard-port", "head_start_ray_commands", problems)
-                        if head else 0),
-        metrics_export_port=(_port(head, "--metrics-export-port", "head_start_ray_commands",
-                                   problems) if head else 0),
+        gcs_port=_port(head, "--port", on_head, problems) if head else 0,
+        dashboard_port=_port(head, "--dashboard-port", on_head, problems) if head else 0,
+        metrics_export_port=(_port(head, "--metrics-export-port", on_head, problems)
+                             if head else 0),
     )
     if head:
         if "--head" not in head:
@@ -207,11 +206,14 @@ def _set_ports(command: str, ports: dict[str, int]) -> str:
 
 def retarget(config: dict, *, head_ip: str, worker_ips: list[str], ssh_user: str,
              ssh_private_key: str, head_ports: dict[str, int] | None = None,
-             worker_ports: dict[str, int] | None = None) -> dict:
+             worker_ports: dict[str, int] | None = None,
+             worker_node_ip: str | None = None) -> dict:
     """The same lab at other addresses, with another key and other ports.
 
     ``head_ports`` / ``worker_ports`` map a flag of PORT_FLAGS to its new value on the head's
     / workers' ``ray start`` line; a new head ``--port`` also moves the workers' --address.
+    ``worker_node_ip`` pins the address a worker advertises (--node-ip-address): needed only
+    where "nodes" share one machine, whose route to the head would make every node 127.0.0.1.
     Everything else (setup, resources, dashboard, usage stats) stays as the lab has it.
     """
     out = copy.deepcopy(config)
@@ -226,6 +228,9 @@ def retarget(config: dict, *, head_ip: str, worker_ips: list[str], ssh_user: str
     if "--port" in head_ports:
         workers = [re.sub(rf"{re.escape(HEAD_ADDRESS)}:\d+",
                           f"{HEAD_ADDRESS}:{head_ports['--port']}", c) for c in workers]
+    if worker_node_ip is not None:
+        workers = [re.sub(r"\bray start ", f"ray start --node-ip-address={worker_node_ip} ", c)
+                   for c in workers]
     out["worker_start_ray_commands"] = workers
     return out
 

@@ -34,7 +34,8 @@ def test_panels_have_unique_ids_and_tile_the_24_column_grid_without_overlap(dash
         g = panel["gridPos"]
         assert all(isinstance(g[k], int) for k in ("h", "w", "x", "y"))
         assert 0 <= g["x"] and g["x"] + g["w"] <= 24, panel["title"]
-        mine = {(x, y) for x in range(g["x"], g["x"] + g["w"]) for y in range(g["y"], g["y"] + g["h"])}
+        mine = {(x, y) for x in range(g["x"], g["x"] + g["w"])
+                for y in range(g["y"], g["y"] + g["h"])}
         assert not cells & mine, f"{panel['title']} overlaps another panel"
         cells |= mine
 

@@ -131,7 +131,8 @@ def test_every_panel_query_returns_the_values_the_actors_emitted(ray_temp_dir):
         config = yaml.safe_load((REPO / "dashboards" / "prometheus.yml").read_text())
         config["global"]["scrape_interval"] = "1s"
         job = config["scrape_configs"][0]
-        job["file_sd_configs"][0]["files"] = [str(tmp / "ray" / "prom_metrics_service_discovery.json")]
+        discovery = tmp / "ray" / "prom_metrics_service_discovery.json"
+        job["file_sd_configs"][0]["files"] = [str(discovery)]
         job["file_sd_configs"][0]["refresh_interval"] = "1s"
         # The file names the node by its interface address and also lists Ray's fixed-port
         # autoscaler/dashboard exporters, which another Ray on this machine may own: scrape
