@@ -206,14 +206,11 @@ def _set_ports(command: str, ports: dict[str, int]) -> str:
 
 def retarget(config: dict, *, head_ip: str, worker_ips: list[str], ssh_user: str,
              ssh_private_key: str, head_ports: dict[str, int] | None = None,
-             worker_ports: dict[str, int] | None = None,
-             worker_node_ip: str | None = None) -> dict:
+             worker_ports: dict[str, int] | None = None) -> dict:
     """The same lab at other addresses, with another key and other ports.
 
     ``head_ports`` / ``worker_ports`` map a flag of PORT_FLAGS to its new value on the head's
     / workers' ``ray start`` line; a new head ``--port`` also moves the workers' --address.
-    ``worker_node_ip`` pins the address a worker advertises (--node-ip-address): needed only
-    where "nodes" share one machine, whose route to the head would make every node 127.0.0.1.
     Everything else (setup, resources, dashboard, usage stats) stays as the lab has it.
     """
     out = copy.deepcopy(config)
@@ -228,9 +225,6 @@ def retarget(config: dict, *, head_ip: str, worker_ips: list[str], ssh_user: str
     if "--port" in head_ports:
         workers = [re.sub(rf"{re.escape(HEAD_ADDRESS)}:\d+",
                           f"{HEAD_ADDRESS}:{head_ports['--port']}", c) for c in workers]
-    if worker_node_ip is not None:
-        workers = [re.sub(r"\bray start ", f"ray start --node-ip-address={worker_node_ip} ", c)
-                   for c in workers]
     out["worker_start_ray_commands"] = workers
     return out
 
