@@ -16,6 +16,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "net": ("ray_scout.net.cli", "links: probe the kernel, list profiles, clean up leftovers, hold a topology up"),
     "run": ("ray_scout.experiments.runner", "run an experiment spec (experiments/<name>.yaml) and report it"),
     "report": ("ray_scout.experiments.report", "rewrite summary.md and plots of a results directory"),
+    "cluster": ("ray_scout.cluster", "the lab cluster: check a `ray up` YAML before any ssh"),
 }
 
 

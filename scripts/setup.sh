@@ -9,6 +9,19 @@ PY=${PYTHON:-python3}
 TORCH_VERSION=2.13.0
 pip_install() { "$PY" -m pip install -q "$@"; }
 
+# Tools of the cluster and dashboard tests: sshd + rsync (`ray up` against a private sshd),
+# Prometheus (dashboard queries), Chromium (dashboard screenshot). Lab nodes skip them
+# (clusters/node_setup.sh sets RAY_SCOUT_TEST_TOOLS=0).
+if [[ "${RAY_SCOUT_TEST_TOOLS:-1}" == 1 && $(id -u) == 0 ]] && command -v apt-get >/dev/null; then
+    missing=$(for p in openssh-server rsync prometheus chromium; do
+                  dpkg -s "$p" >/dev/null 2>&1 || echo "$p"; done)
+    if [[ -n "$missing" ]]; then
+        apt-get update -qq
+        # shellcheck disable=SC2086 # one package name per word
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $missing
+    fi
+fi
+
 have_torch=$("$PY" -c "import torch; print(torch.__version__)" 2>/dev/null || true)
 if [[ "$have_torch" != "$TORCH_VERSION"* ]]; then
     if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then

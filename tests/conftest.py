@@ -21,3 +21,23 @@ def embedded_model():
     from ray_scout.core.models import load_model
 
     return load_model("embedded")
+
+
+@pytest.fixture()
+def ray_temp_dir():
+    """A short temp dir for a test's own Ray (socket paths are length-limited), removed once
+    every process naming it has exited: ray.shutdown() returns before the dashboard's last
+    write there."""
+    import shutil
+    import tempfile
+    import time
+    from pathlib import Path
+
+    path = Path(tempfile.mkdtemp(prefix="rs-"))
+    yield path
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and any(
+            str(path).encode() in p.read_bytes() for p in Path("/proc").glob("[0-9]*/cmdline")
+            if p.exists()):
+        time.sleep(0.5)
+    shutil.rmtree(path, ignore_errors=True)
