@@ -38,7 +38,7 @@ def test_kv_roundtrip_through_bytes_is_bit_exact(mode, protected, compress):
     snap = snapshot()
     encoded = codec.encode(snap)
     data = wire.encode_kv(encoded, FACTS.model_id, compress=compress)
-    back = wire.decode_kv(data, facts=FACTS, max_bytes=1 << 20)
+    back = wire.decode_kv(data, facts=FACTS, max_bytes=1 << 20).encoded
     direct, via_wire = codec.decode(encoded), codec.decode(back)
     for a, b in zip(direct.keys + direct.values, via_wire.keys + via_wire.values):
         assert torch.equal(a, b)
@@ -66,7 +66,7 @@ def test_wire_length_equals_size_formula_for_any_shape(layers, heads, head_dim, 
     encoded = kv_bytes(mode, protected, facts=facts, tokens=tokens, group=group)
     assert len(encoded) == wire.payload_size_bytes(mode, facts, tokens, group_size=group,
                                                    protected_layers=protected)
-    assert wire.decode_kv(encoded, facts=facts).layout.protected_layers == protected
+    assert wire.decode_kv(encoded, facts=facts).encoded.layout.protected_layers == protected
 
 
 def test_header_overhead_is_stated_and_small():
@@ -74,7 +74,15 @@ def test_header_overhead_is_stated_and_small():
     per_mode = wire.payload_size_bytes(Mode.BF16, facts, 170)
     data = 170 * facts.bf16_bytes_per_token() + 4 * 170
     assert per_mode - data == wire.header_size_bytes(facts.model_id, (), wire.KV_SECTIONS)
-    assert per_mode - data == 37 + len("qwen2.5-7b") + 2 * 9 + len("positions") + len("kv")
+    assert per_mode - data == 37 + len("qwen2.5-7b") + 3 * 9 + len("positions") + len("kv") + len("tail")
+
+
+def test_tail_token_ids_travel_with_the_kv_and_count_in_the_size():
+    facts = FACTS
+    encoded = codec_for(Mode.INT8).encode(snapshot(facts, tokens=9))
+    data = wire.encode_kv(encoded, facts.model_id, tail_ids=(7, 49_000))
+    assert len(data) == wire.payload_size_bytes(Mode.INT8, facts, 9, tail_tokens=2)
+    assert wire.decode_kv(data, facts=facts).tail_ids == (7, 49_000)
 
 
 def test_zstd_stage_reports_its_ratio():

@@ -19,9 +19,10 @@ Layout (little-endian)::
     crc32 u32 over every byte before it
 
 Uncompressed size = 37 + len(model_id) + 2 * protected + sum(9 + len(name)) + data; a KV
-payload has the two sections ``positions`` (int32 per token) and ``kv`` (per layer: key
-data, key scales, key zeros, value data, value scales, value zeros; raw bf16 layers only
-their data).
+payload has three sections: ``positions`` (int32 per token), ``kv`` (per layer: key data, key
+scales, key zeros, value data, value scales, value zeros; raw bf16 layers only their data)
+and ``tail`` (int32 ids of the prompt tokens that follow the KV: the cloud runs them before
+decoding, so its first answer token is conditioned on exactly the KV it received).
 """
 
 from __future__ import annotations
@@ -50,7 +51,8 @@ MAGIC = b"RSWP"
 VERSION = 1
 DEFAULT_MAX_BYTES = 1 << 30
 FLAG_ZSTD = 0x01
-KV_SECTIONS = ("positions", "kv")
+KV_SECTIONS = ("positions", "kv", "tail")
+TAIL_DTYPE = torch.int32
 
 _MODE_CODES = {Mode.BF16: 1, Mode.INT8: 2, Mode.INT4: 3, Mode.MIXED_INT4: 4, Mode.SCOUT: 5}
 _MODES_BY_CODE = {code: mode for mode, code in _MODE_CODES.items()}
@@ -98,11 +100,11 @@ def header_size_bytes(model_id: str, protected_layers: tuple[int, ...],
 
 
 def payload_size_bytes(mode: Mode, facts: KVFacts, num_tokens: int, *, group_size: int = 32,
-                       protected_layers: tuple[int, ...] = ()) -> int:
+                       protected_layers: tuple[int, ...] = (), tail_tokens: int = 0) -> int:
     """Exact length of ``encode_kv`` without zstd, from the model's KV facts alone."""
     layout = KVLayout(Mode(mode), facts.num_layers, facts.num_kv_heads, num_tokens,
                       facts.head_dim, group_size, tuple(sorted(protected_layers)))
-    return (encoded_size_bytes(layout)
+    return (encoded_size_bytes(layout) + tail_tokens * TAIL_DTYPE.itemsize
             + header_size_bytes(facts.model_id, layout.protected_layers, KV_SECTIONS))
 
 
@@ -269,17 +271,26 @@ def _tensor_bytes(t: torch.Tensor) -> bytes:
     return t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
 
 
-def encode_kv(encoded: EncodedKV, model_id: str, *, compress: bool = False,
-              zstd_level: int = 3) -> bytes:
-    """One KV payload: positions and all layers' encoded tensors."""
+@dataclasses.dataclass(frozen=True)
+class KVPayload:
+    """A decoded KV payload: the encoded KV and the prompt tokens that follow it."""
+
+    encoded: EncodedKV
+    tail_ids: tuple[int, ...]
+
+
+def encode_kv(encoded: EncodedKV, model_id: str, *, tail_ids: tuple[int, ...] = (),
+              compress: bool = False, zstd_level: int = 3) -> bytes:
+    """One KV payload: positions, all layers' encoded tensors, and the tail token ids."""
     kv = b"".join(_tensor_bytes(part) for key, value in zip(encoded.keys, encoded.values)
                   for part in key.parts() + value.parts())
-    sections = {"positions": _tensor_bytes(encoded.positions), "kv": kv}
+    sections = {"positions": _tensor_bytes(encoded.positions), "kv": kv,
+                "tail": _tensor_bytes(torch.tensor(tail_ids, dtype=TAIL_DTYPE))}
     return encode_payload(encoded.mode, model_id, sections, layout=encoded.layout,
                           compress=compress, zstd_level=zstd_level)
 
 
-def decode_kv(data: bytes, *, facts: KVFacts, max_bytes: int = DEFAULT_MAX_BYTES) -> EncodedKV:
+def decode_kv(data: bytes, *, facts: KVFacts, max_bytes: int = DEFAULT_MAX_BYTES) -> KVPayload:
     """Parse and validate a KV payload for the model of ``facts``."""
     payload = decode_payload(data, max_bytes=max_bytes, expected_model=facts)
     layout = payload.layout
@@ -288,9 +299,12 @@ def decode_kv(data: bytes, *, facts: KVFacts, max_bytes: int = DEFAULT_MAX_BYTES
     if tuple(payload.sections) != KV_SECTIONS:
         raise WireError(f"KV payload sections {tuple(payload.sections)}, expected {KV_SECTIONS}")
     data_bytes = encoded_size_bytes(layout)
-    got = sum(len(s) for s in payload.sections.values())
+    got = len(payload.sections["positions"]) + len(payload.sections["kv"])
     if got != data_bytes:
         raise WireError(f"KV sections hold {got} bytes; the header's shapes need {data_bytes}")
+    if len(payload.sections["tail"]) % TAIL_DTYPE.itemsize:
+        raise WireError("tail section is not a whole number of int32 token ids")
+    tail_ids = tuple(int(t) for t in _from_bytes(payload.sections["tail"], TAIL_DTYPE))
     positions = _from_bytes(payload.sections["positions"], POSITION_DTYPE)
     if positions.numel() and (int(positions[0]) < 0 or
                               (positions.numel() > 1 and not bool((positions.diff() > 0).all()))):
@@ -312,7 +326,7 @@ def decode_kv(data: bytes, *, facts: KVFacts, max_bytes: int = DEFAULT_MAX_BYTES
             grouped = _grouped_shape(layout, dim)
             out.append(EncodedTensor(bits, data_part, scales.reshape(grouped),
                                      zeros.reshape(grouped)))
-    return EncodedKV(layout, positions, tuple(keys), tuple(values))
+    return KVPayload(EncodedKV(layout, positions, tuple(keys), tuple(values)), tail_ids)
 
 
 def _from_bytes(data: bytes, dtype: torch.dtype) -> torch.Tensor:

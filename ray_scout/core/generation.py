@@ -1,0 +1,262 @@
+"""Generation: one prefill pass, then greedy decoding from a whole or pruned KV cache.
+
+What lives here: the prefill (SDPA, batch one) that yields the prompt's ``KVSnapshot``, its
+next-token logits and, through forward pre-hooks, the post-RoPE query states of chosen
+layers (so Q2C never needs eager attention); greedy decoding that continues at a snapshot's
+original positions; and the pruned path (keep selected context positions plus every
+non-context token). What it leaves to others: which positions to keep (``selection``),
+how KV travels (``kvcodec``), and where the two halves run (the actors).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Sequence
+import dataclasses
+import time
+
+import torch
+
+from ray_scout.core.kv import KVSnapshot
+from ray_scout.core.models import LoadedModel
+from ray_scout.core.prompt import PromptLayout
+
+DEFAULT_MAX_NEW_TOKENS = 24
+
+
+class GenerationError(ValueError):
+    """A model or cache that generation cannot work with."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Prefill:
+    """The result of prefilling a prompt.
+
+    ``queries[layer]`` is ``[heads, tokens, head_dim]`` (after RoPE, before the softmax
+    scaling ``scaling``) for every layer asked for; empty when none was.
+    """
+
+    layout: PromptLayout
+    snapshot: KVSnapshot
+    logits: torch.Tensor
+    queries: dict[int, torch.Tensor]
+    scaling: float
+    prefill_s: float
+
+    @property
+    def last_layer(self) -> int:
+        return self.snapshot.num_layers - 1
+
+
+@dataclasses.dataclass(frozen=True)
+class Answer:
+    """A decoded answer; ``prefill_s`` is None where the caller did the prefill."""
+
+    text: str
+    token_ids: tuple[int, ...]
+    decode_s: float
+    prefill_s: float | None = None
+    kept_tokens: int | None = None
+
+
+def attention_modules(lm: LoadedModel) -> list:
+    """The self-attention module of every decoder layer, in order."""
+    try:
+        layers = lm.model.model.layers
+    except AttributeError:
+        raise GenerationError(
+            f"{lm.model_id}: expected a decoder-only model with model.model.layers "
+            "(Llama/Qwen/Mistral style); other layouts need their own query hook"
+        ) from None
+    return [layer.self_attn for layer in layers]
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def _recompute_query(module, hidden: torch.Tensor, position_embeddings) -> torch.Tensor:
+    """q = rope(q_proj(hidden)) as the attention module computes it, ``[heads, T, d]``."""
+    cos, sin = position_embeddings
+    q = module.q_proj(hidden).view(*hidden.shape[:-1], -1, module.head_dim)
+    if hasattr(module, "q_norm"):  # Qwen3-style per-head norm before RoPE
+        q = module.q_norm(q)
+    q = q.transpose(1, 2)
+    if cos.shape[-1] != q.shape[-1]:
+        raise GenerationError("partial rotary embeddings are not supported by the query hook")
+    q = q * cos.unsqueeze(1) + _rotate_half(q) * sin.unsqueeze(1)
+    return q[0]
+
+
+@contextlib.contextmanager
+def _query_hooks(lm: LoadedModel, layers: list[int], sink: dict[int, torch.Tensor]):
+    modules = attention_modules(lm)
+    handles = []
+    for layer in layers:
+        def hook(module, args, kwargs, layer=layer):
+            hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+            sink[layer] = _recompute_query(module, hidden, kwargs["position_embeddings"])
+        handles.append(modules[layer].register_forward_pre_hook(hook, with_kwargs=True))
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _query_layers(capture: str, num_layers: int) -> list[int]:
+    if capture == "none":
+        return []
+    if capture == "last":
+        return [num_layers - 1]
+    if capture == "all":
+        return list(range(num_layers))
+    raise GenerationError(f"capture must be 'none', 'last' or 'all', not {capture!r}")
+
+
+@torch.inference_mode()
+def prefill(lm: LoadedModel, layout: PromptLayout, *, capture: str = "last") -> Prefill:
+    """Run the prompt once with the model's own (SDPA) attention.
+
+    ``capture`` picks the layers whose query states are recorded: ``"last"`` (Q2C, SnapKV,
+    H2O), ``"all"`` (the all-layer Q2C average), or ``"none"``.
+    """
+    num_layers = lm.facts.num_layers
+    queries: dict[int, torch.Tensor] = {}
+    ids = layout.input_ids.unsqueeze(0).to(lm.device)
+    start = time.perf_counter()
+    with _query_hooks(lm, _query_layers(capture, num_layers), queries):
+        # Only the last row's logits are needed: skips a [T, vocab] projection.
+        out = lm.model(input_ids=ids, use_cache=True, logits_to_keep=1)
+    elapsed = time.perf_counter() - start
+    snapshot = KVSnapshot.from_cache(out.past_key_values)
+    scaling = attention_modules(lm)[-1].scaling
+    return Prefill(layout, snapshot, out.logits[0, -1].float(), queries, float(scaling), elapsed)
+
+
+def _is_stop(lm: LoadedModel, token: int, text: str) -> bool:
+    eos = lm.model.generation_config.eos_token_id
+    eos_ids = set(eos if isinstance(eos, (list, tuple)) else [eos]) | {lm.tokenizer.eos_token_id}
+    return token in eos_ids or "\n" in text
+
+
+@torch.inference_mode()
+def greedy_answer(
+    lm: LoadedModel,
+    snapshot: KVSnapshot,
+    first_logits: torch.Tensor,
+    *,
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+) -> Answer:
+    """Greedy decoding after ``snapshot`` (possibly pruned), starting from ``first_logits``.
+
+    New tokens take original positions from ``snapshot.next_position`` on, so RoPE phases
+    stay those of the unpruned prompt. Stops at EOS or at a newline (answers are one line).
+    """
+    if max_new_tokens < 1:
+        raise GenerationError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+    snapshot.check_matches(lm.facts)
+    start = time.perf_counter()
+    cache = snapshot.to_cache(lm.model.config)
+    position = snapshot.next_position
+    kv_length = snapshot.num_tokens
+    token = int(first_logits.argmax())
+    tokens: list[int] = []
+    while True:
+        piece = lm.tokenizer.decode([token])
+        if _is_stop(lm, token, piece):
+            break
+        tokens.append(token)
+        if len(tokens) >= max_new_tokens:
+            break
+        kv_length += 1
+        out = lm.model(
+            input_ids=torch.tensor([[token]], device=lm.device),
+            position_ids=torch.tensor([[position]], device=lm.device),
+            attention_mask=torch.ones(1, kv_length, dtype=torch.long, device=lm.device),
+            past_key_values=cache,
+            use_cache=True,
+        )
+        cache = out.past_key_values
+        position += 1
+        token = int(out.logits[0, -1].argmax())
+    elapsed = time.perf_counter() - start
+    text = lm.tokenizer.decode(tokens, skip_special_tokens=True).strip()
+    return Answer(text, tuple(tokens), elapsed, kept_tokens=snapshot.num_tokens)
+
+
+def kept_prompt_positions(layout: PromptLayout, context_positions: torch.Tensor) -> torch.Tensor:
+    """Prompt positions of the pruned path: the selected context plus all non-context tokens."""
+    context_positions = torch.as_tensor(context_positions, dtype=torch.long)
+    if context_positions.numel() and (
+        int(context_positions.min()) < 0 or int(context_positions.max()) >= layout.num_context
+    ):
+        raise IndexError(f"context positions must lie in [0, {layout.num_context})")
+    kept = torch.cat([layout.non_context_positions(), context_positions + layout.context_span.start])
+    return torch.unique(kept)  # sorted, and a repeated position is kept once
+
+
+@torch.inference_mode()
+def continue_after(
+    lm: LoadedModel,
+    snapshot: KVSnapshot,
+    tail_ids: Sequence[int],
+    *,
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+) -> Answer:
+    """Run the prompt's last token(s) against a (possibly pruned) cache, then decode.
+
+    The tail takes the positions right after ``snapshot.next_position``, so the first answer
+    token is conditioned only on what the cache holds.
+    """
+    if not tail_ids:
+        raise GenerationError("need at least one tail token to produce the first logits")
+    start = time.perf_counter()
+    tail_positions = torch.arange(snapshot.next_position, snapshot.next_position + len(tail_ids))
+    out = lm.model(
+        input_ids=torch.tensor([list(tail_ids)], device=lm.device),
+        position_ids=tail_positions.unsqueeze(0).to(lm.device),
+        attention_mask=torch.ones(1, snapshot.num_tokens + len(tail_ids), dtype=torch.long,
+                                  device=lm.device),
+        past_key_values=snapshot.to_cache(lm.model.config),
+        use_cache=True,
+    )
+    step_s = time.perf_counter() - start
+    grown = KVSnapshot.from_cache(out.past_key_values,
+                                  torch.cat([snapshot.positions.cpu(), tail_positions]))
+    answer = greedy_answer(lm, grown, out.logits[0, -1], max_new_tokens=max_new_tokens)
+    return dataclasses.replace(answer, decode_s=answer.decode_s + step_s)
+
+
+def pruned_snapshot(pre: Prefill, context_positions: torch.Tensor) -> KVSnapshot:
+    """The prompt's KV with only the selected context kept, and without the last token."""
+    kept = kept_prompt_positions(pre.layout, context_positions)
+    return pre.snapshot.select(kept[kept != pre.layout.num_tokens - 1])
+
+
+def answer_pruned(
+    lm: LoadedModel,
+    pre: Prefill,
+    context_positions: torch.Tensor,
+    *,
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+) -> Answer:
+    """Answer with only the selected context positions (plus template and question) in KV.
+
+    The last prompt token is re-run against the pruned cache, so the first answer token is
+    also conditioned only on what was kept (the prefill's logits saw the whole context).
+    """
+    tail = pre.layout.input_ids[-1:].tolist()
+    answer = continue_after(lm, pruned_snapshot(pre, context_positions), tail,
+                            max_new_tokens=max_new_tokens)
+    return dataclasses.replace(answer, prefill_s=pre.prefill_s)
+
+
+def answer_full(
+    lm: LoadedModel, layout: PromptLayout, *, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
+) -> Answer:
+    """Prefill and answer with the whole prompt in KV (the full-context reference)."""
+    pre = prefill(lm, layout, capture="none")
+    answer = greedy_answer(lm, pre.snapshot, pre.logits, max_new_tokens=max_new_tokens)
+    return dataclasses.replace(answer, prefill_s=pre.prefill_s)

@@ -1,0 +1,228 @@
+"""One request's compute: the edge stage and the cloud stage, as plain objects.
+
+What lives here: the edge side (prefill, score, select, and the payload bytes of each
+transport mode, or a local answer) and the cloud side (validate a payload, rebuild the cache
+or re-prefill for scout, decode). The quality harness and the actors call the same two
+objects, so what is measured offline is what runs on the testbed. What it leaves to others:
+when a mode is chosen (``policy``), how bytes travel (``transport``), and where it runs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+
+import torch
+
+from ray_scout.core import generation, scout, selection, wire
+from ray_scout.core.generation import Answer, Prefill
+from ray_scout.core.kvcodec import codec_for
+from ray_scout.core.models import LoadedModel
+from ray_scout.core.modes import CLOUD_MODES, KV_MODES, Mode
+from ray_scout.core.prompt import PromptLayout, build_prompt
+
+
+class PipelineError(ValueError):
+    """A request the pipeline cannot serve; the message says what is missing."""
+
+
+@dataclasses.dataclass(frozen=True)
+class EdgeOptions:
+    """How the edge selects and encodes.
+
+    ``kv_retention`` below 1 prunes the context of KV payloads to the top-scored share
+    (Paper A); ``scout_retention`` is the share of context positions a scout payload names.
+    ``protected_layers`` are the layers mixed INT4 keeps in 16 bits (the bottleneck layers).
+    """
+
+    scorer: str = "q2c"
+    scout_retention: float = 0.5
+    kv_retention: float = 1.0
+    group_size: int = 32
+    protected_layers: tuple[int, ...] = ()
+    compress: bool = False
+    max_new_tokens: int = generation.DEFAULT_MAX_NEW_TOKENS
+
+    def __post_init__(self) -> None:
+        if self.scorer not in selection.SCORERS:
+            raise PipelineError(f"unknown scorer {self.scorer!r}; known: "
+                                f"{', '.join(sorted(selection.SCORERS))}")
+        for name in ("scout_retention", "kv_retention"):
+            if not 0.0 < getattr(self, name) <= 1.0:
+                raise PipelineError(f"{name} must be in (0, 1], got {getattr(self, name)}")
+
+
+@dataclasses.dataclass(frozen=True)
+class EdgeAnalysis:
+    """What the edge knows about one request after prefill and scoring."""
+
+    prefill: Prefill
+    scores: torch.Tensor
+    scout_positions: torch.Tensor  # context positions a scout payload names
+    kv_positions: torch.Tensor  # context positions KV payloads keep
+    timings: dict[str, float]
+
+    @property
+    def layout(self) -> PromptLayout:
+        return self.prefill.layout
+
+
+@dataclasses.dataclass(frozen=True)
+class EncodedRequest:
+    """The payload of one mode, ready for the wire."""
+
+    mode: Mode
+    data: bytes
+    encode_s: float
+
+
+@dataclasses.dataclass(frozen=True)
+class CloudAnswer:
+    """The cloud's answer and what it cost."""
+
+    text: str
+    mode: Mode
+    model_id: str
+    decode_payload_s: float  # validate, parse and dequantize
+    prefill_s: float  # scout's re-prefill; 0 for KV modes
+    decode_s: float  # tail step and greedy decoding
+
+
+class EdgeStage:
+    """The edge model's side of a request."""
+
+    def __init__(self, lm: LoadedModel, options: EdgeOptions = EdgeOptions(),
+                 cloud_model_id: str | None = None):
+        self.lm = lm
+        self.options = options
+        # Scout names the cloud model it asks for; KV modes name the edge model, whose KV it is.
+        self.cloud_model_id = cloud_model_id or lm.model_id
+
+    def analyze(self, context: str, question: str) -> EdgeAnalysis:
+        layout = build_prompt(self.lm.tokenizer, context, question)
+        pre = generation.prefill(self.lm, layout,
+                                 capture=selection.CAPTURE.get(self.options.scorer, "last"))
+        start = time.perf_counter()
+        scores = selection.score(self.options.scorer, pre)
+        scout_positions = selection.select_positions(scores, self.options.scout_retention)
+        kv_positions = (selection.select_positions(scores, self.options.kv_retention)
+                        if self.options.kv_retention < 1.0 else torch.arange(layout.num_context))
+        select_s = time.perf_counter() - start
+        return EdgeAnalysis(pre, scores, scout_positions, kv_positions,
+                            {"prefill_s": pre.prefill_s, "select_s": select_s})
+
+    def _kv_tokens(self, analysis: EdgeAnalysis) -> int:
+        kept = generation.kept_prompt_positions(analysis.layout, analysis.kv_positions)
+        return int(kept.numel()) - 1  # the last prompt token travels as the tail
+
+    def _scout_payload(self, analysis: EdgeAnalysis, cloud_has_document: bool) -> bytes:
+        layout = analysis.layout
+        body = scout.build_payload(layout.context, layout.question, layout.context_offsets,
+                                   analysis.scout_positions,
+                                   include_document=not cloud_has_document).to_bytes()
+        return wire.encode_payload(Mode.SCOUT, self.cloud_model_id, {"scout": body})
+
+    def payload_sizes(self, analysis: EdgeAnalysis, *,
+                      cloud_has_document: bool = True) -> dict[Mode, int]:
+        """Exact wire bytes of every cloud mode (KV from the formula, scout built)."""
+        options = self.options
+        tokens = self._kv_tokens(analysis)
+        sizes = {
+            mode: wire.payload_size_bytes(mode, self.lm.facts, tokens,
+                                          group_size=options.group_size,
+                                          protected_layers=self._protected(mode),
+                                          tail_tokens=1)
+            for mode in KV_MODES if mode != Mode.MIXED_INT4 or options.protected_layers
+        }
+        sizes[Mode.SCOUT] = len(self._scout_payload(analysis, cloud_has_document))
+        return sizes
+
+    def _protected(self, mode: Mode) -> tuple[int, ...]:
+        if mode != Mode.MIXED_INT4:
+            return ()
+        if not self.options.protected_layers:
+            raise PipelineError("mixed_int4 needs protected_layers (the bottleneck layers): "
+                                "run the bottleneck diagnosis and pass its top layers")
+        return self.options.protected_layers
+
+    def encode(self, analysis: EdgeAnalysis, mode: Mode, *,
+               cloud_has_document: bool = True) -> EncodedRequest:
+        """The wire bytes of ``mode`` for this request."""
+        mode = Mode(mode)
+        start = time.perf_counter()
+        if mode == Mode.SCOUT:
+            data = self._scout_payload(analysis, cloud_has_document)
+        elif mode in KV_MODES:
+            snapshot = generation.pruned_snapshot(analysis.prefill, analysis.kv_positions)
+            codec = codec_for(mode, group_size=self.options.group_size,
+                              protected_layers=self._protected(mode))
+            tail = analysis.layout.input_ids[-1:].tolist()
+            data = wire.encode_kv(codec.encode(snapshot), self.lm.model_id, tail_ids=tail,
+                                  compress=self.options.compress)
+        else:
+            raise PipelineError(f"mode {mode.value} sends nothing; use answer_locally")
+        return EncodedRequest(mode, data, time.perf_counter() - start)
+
+    def answer_locally(self, analysis: EdgeAnalysis) -> Answer:
+        """The edge model answers alone, from its full prefill."""
+        pre = analysis.prefill
+        answer = generation.greedy_answer(self.lm, pre.snapshot, pre.logits,
+                                          max_new_tokens=self.options.max_new_tokens)
+        return dataclasses.replace(answer, prefill_s=pre.prefill_s)
+
+
+class CloudStage:
+    """The cloud's side: any hosted model, any payload mode."""
+
+    def __init__(self, models: dict[str, LoadedModel], *,
+                 documents: scout.DocumentStore | None = None,
+                 max_payload_bytes: int = wire.DEFAULT_MAX_BYTES,
+                 max_new_tokens: int = generation.DEFAULT_MAX_NEW_TOKENS):
+        if not models:
+            raise PipelineError("the cloud needs at least one model")
+        self.models = models
+        self.documents = documents if documents is not None else scout.DocumentStore()
+        self.max_payload_bytes = max_payload_bytes
+        self.max_new_tokens = max_new_tokens
+
+    def _model(self, model_id: str) -> LoadedModel:
+        try:
+            return self.models[model_id]
+        except KeyError:
+            raise PipelineError(f"this cloud does not host model {model_id!r}; it hosts "
+                                f"{', '.join(sorted(self.models))}") from None
+
+    def answer(self, data: bytes) -> CloudAnswer:
+        """Validate ``data`` (raises ``wire.WireError`` or ``PipelineError``) and answer it."""
+        start = time.perf_counter()
+        payload = wire.decode_payload(data, max_bytes=self.max_payload_bytes)
+        if payload.mode not in CLOUD_MODES:
+            raise PipelineError(f"mode {payload.mode.value} is not served by the cloud")
+        lm = self._model(payload.model_id)
+        if payload.mode == Mode.SCOUT:
+            return self._answer_scout(lm, payload, start)
+        request = wire.decode_kv(data, facts=lm.facts, max_bytes=self.max_payload_bytes)
+        codec = codec_for(payload.mode, group_size=payload.layout.group_size,
+                          protected_layers=payload.layout.protected_layers)
+        snapshot = codec.decode(request.encoded, dtype=lm.model.dtype, device=lm.device)
+        decoded_s = time.perf_counter() - start
+        answer = generation.continue_after(lm, snapshot, request.tail_ids,
+                                           max_new_tokens=self.max_new_tokens)
+        return CloudAnswer(answer.text, payload.mode, lm.model_id, decoded_s, 0.0,
+                           answer.decode_s)
+
+    def _answer_scout(self, lm: LoadedModel, payload: wire.Payload, start: float) -> CloudAnswer:
+        if tuple(payload.sections) != ("scout",):
+            raise PipelineError(f"scout payload sections {tuple(payload.sections)}, "
+                                "expected ('scout',)")
+        body = scout.ScoutPayload.from_bytes(payload.sections["scout"])
+        if body.document_zstd is not None:
+            context = body.document()
+            self.documents.put(context)
+        else:
+            context = self.documents.get(body.doc_hash)  # DocumentMissing names the hash
+        decoded_s = time.perf_counter() - start
+        answer = scout.scout_answer(lm, context, body.question, body,
+                                    max_new_tokens=self.max_new_tokens)
+        return CloudAnswer(answer.text, Mode.SCOUT, lm.model_id, decoded_s,
+                           answer.prefill_s or 0.0, answer.decode_s)

@@ -1,0 +1,104 @@
+"""Prompt layout: where the context and the question sit among a prompt's tokens.
+
+What lives here: the one prompt wording every mode shares (chat template when the tokenizer
+has one, plain text otherwise), tokenized piece by piece so the context and question token
+ranges are exact, plus the character offsets of every context token inside the context
+string (the common ground for mapping positions between tokenizers). What it leaves to
+others: running the model (``generation``) and choosing positions (``selection``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+SYSTEM = "You answer questions about a text. Reply with the shortest exact phrase from the text."
+_CONTEXT_MARK = "\x00CONTEXT\x00"
+_QUESTION_MARK = "\x00QUESTION\x00"
+USER = f"Text: {_CONTEXT_MARK}\n\nQuestion: {_QUESTION_MARK}\nAnswer in a few words."
+PLAIN = f"{SYSTEM}\n\nText: {_CONTEXT_MARK}\n\nQuestion: {_QUESTION_MARK}\nAnswer:"
+
+
+class PromptError(ValueError):
+    """A context or question the prompt cannot be built from."""
+
+
+@dataclasses.dataclass(frozen=True)
+class PromptLayout:
+    """A tokenized prompt; spans are ``range`` objects over token indices.
+
+    ``context_offsets[i]`` is the ``(start, end)`` character range of context token ``i``
+    inside ``context`` (the string, not the rendered prompt).
+    """
+
+    input_ids: torch.Tensor
+    context_span: range
+    question_span: range
+    context_offsets: torch.Tensor
+    context: str
+    question: str
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.input_ids.numel())
+
+    @property
+    def num_context(self) -> int:
+        return len(self.context_span)
+
+    def non_context_positions(self) -> torch.Tensor:
+        """Every prompt position outside the context (template and question)."""
+        all_positions = torch.arange(self.num_tokens)
+        inside = (all_positions >= self.context_span.start) & (all_positions < self.context_span.stop)
+        return all_positions[~inside]
+
+
+def _render(tokenizer) -> str:
+    """The prompt text with marks where the context and question go."""
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template(
+            [{"role": "system", "content": SYSTEM}, {"role": "user", "content": USER}],
+            tokenize=False,
+            add_generation_prompt=True,
+        )
+    return PLAIN
+
+
+def _ids(tokenizer, text: str) -> list[int]:
+    return tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
+
+
+def build_prompt(tokenizer, context: str, question: str) -> PromptLayout:
+    """Tokenize the shared prompt around ``context`` and ``question``.
+
+    The pieces between the marks are tokenized separately so that no token straddles the
+    context boundary; the context's own tokenization (with offsets) is therefore the same in
+    every prompt, which the scout payload and cross-tokenizer mapping rely on.
+    """
+    if not context.strip():
+        raise PromptError("empty context: selection and scout need a document to select from")
+    if not question.strip():
+        raise PromptError("empty question: Q2C scores the context against the question")
+    for name, text in (("context", context), ("question", question)):
+        if "\x00" in text:
+            raise PromptError(f"{name} contains a NUL character; strip it before prompting")
+    rendered = _render(tokenizer)
+    head, rest = rendered.split(_CONTEXT_MARK)
+    middle, tail = rest.split(_QUESTION_MARK)
+    encoded = tokenizer(context, add_special_tokens=False, return_offsets_mapping=True)
+    context_ids = encoded["input_ids"]
+    offsets = torch.tensor(encoded["offset_mapping"], dtype=torch.long).reshape(-1, 2)
+    head_ids, middle_ids = _ids(tokenizer, head), _ids(tokenizer, middle)
+    question_ids, tail_ids = _ids(tokenizer, question), _ids(tokenizer, tail)
+    c0 = len(head_ids)
+    q0 = c0 + len(context_ids) + len(middle_ids)
+    ids = head_ids + context_ids + middle_ids + question_ids + tail_ids
+    return PromptLayout(
+        input_ids=torch.tensor(ids, dtype=torch.long),
+        context_span=range(c0, c0 + len(context_ids)),
+        question_span=range(q0, q0 + len(question_ids)),
+        context_offsets=offsets,
+        context=context,
+        question=question,
+    )

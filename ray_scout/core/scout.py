@@ -1,0 +1,336 @@
+"""Scout: send which context positions matter instead of their KV, and answer from them.
+
+What lives here: the compact position code (delta + varint or bitmap, whichever is
+smaller), the content-addressed ``DocumentStore``, the ``ScoutPayload`` body (document
+identity, the document itself zstd-compressed when the cloud lacks it, the question, the
+selected edge-tokenizer positions and the character spans they cover), the mapping of
+positions between tokenizers through character offsets, and both ends of scout mode: the
+edge picks positions (``edge_scout``), the cloud prefills the whole prompt and decodes with
+only the selected context positions plus every non-context token in KV (``scout_answer``).
+What it leaves to others: the versioned container around the body (``wire``), transport,
+and the choice of retention (the policy).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+from typing import Sequence
+
+import torch
+import zstandard
+
+from ray_scout.core import selection
+from ray_scout.core.generation import DEFAULT_MAX_NEW_TOKENS, Answer, answer_pruned, prefill
+from ray_scout.core.models import LoadedModel
+from ray_scout.core.prompt import build_prompt
+
+DELTA_VARINT = 0
+BITMAP = 1
+HAS_DOCUMENT = 0x01
+HASH_BYTES = 32
+ZSTD_LEVEL = 19
+# A bound on what one payload may make the cloud decompress: a document of a few thousand
+# tokens is tens of KB; anything near this limit is malformed or hostile.
+MAX_DOCUMENT_BYTES = 16 * 1024 * 1024
+
+
+class ScoutFormatError(ValueError):
+    """Bytes that are not a valid position code or scout payload body."""
+
+
+class DocumentMissing(KeyError):
+    """The cloud does not hold the document a payload refers to."""
+
+
+def _put_varint(out: bytearray, value: int) -> None:
+    if value < 0:
+        raise ValueError(f"varints are unsigned, got {value}")
+    while value >= 0x80:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+
+
+class _Reader:
+    """A cursor over bytes that raises ``ScoutFormatError`` instead of running off the end."""
+
+    def __init__(self, data: bytes, what: str):
+        self.data, self.pos, self.what = memoryview(data), 0, what
+
+    def take(self, n: int) -> bytes:
+        if n < 0 or self.pos + n > len(self.data):
+            raise ScoutFormatError(f"{self.what} truncated: wanted {n} bytes at offset {self.pos}, "
+                                   f"have {len(self.data) - self.pos}")
+        chunk = bytes(self.data[self.pos:self.pos + n])
+        self.pos += n
+        return chunk
+
+    def varint(self) -> int:
+        value, shift = 0, 0
+        while True:
+            byte = self.take(1)[0]
+            value |= (byte & 0x7F) << shift
+            if not byte & 0x80:
+                return value
+            shift += 7
+            if shift > 63:
+                raise ScoutFormatError(f"{self.what}: varint longer than 64 bits at offset {self.pos}")
+
+    def finish(self) -> None:
+        if self.pos != len(self.data):
+            raise ScoutFormatError(f"{self.what}: {len(self.data) - self.pos} trailing bytes")
+
+
+def _check_positions(positions: Sequence[int], num_context: int) -> list[int]:
+    positions = [int(p) for p in positions]
+    if num_context < 0:
+        raise ValueError(f"num_context must be non-negative, got {num_context}")
+    for a, b in zip(positions, positions[1:]):
+        if b <= a:
+            raise ValueError(f"positions must be strictly increasing, got {a} then {b}")
+    if positions and (positions[0] < 0 or positions[-1] >= num_context):
+        raise IndexError(f"positions must lie in [0, {num_context}), got {positions[0]}..{positions[-1]}")
+    return positions
+
+
+def encode_indices(positions: Sequence[int] | torch.Tensor, num_context: int) -> bytes:
+    """One flag byte, then delta-varints (count, first, gaps-1) or a bitmap; the smaller."""
+    if isinstance(positions, torch.Tensor):
+        positions = positions.tolist()
+    positions = _check_positions(positions, num_context)
+    delta = bytearray([DELTA_VARINT])
+    _put_varint(delta, len(positions))
+    previous = -1
+    for p in positions:
+        _put_varint(delta, p - previous - 1)
+        previous = p
+    bitmap = bytearray((num_context + 7) // 8)
+    for p in positions:
+        bitmap[p >> 3] |= 1 << (p & 7)
+    bitmap = bytes([BITMAP]) + bitmap
+    return bytes(delta) if len(delta) <= len(bitmap) else bitmap
+
+
+def _decode_indices(reader: _Reader, num_context: int) -> list[int]:
+    flag = reader.take(1)[0]
+    if flag == DELTA_VARINT:
+        count = reader.varint()
+        if count > num_context:
+            raise ScoutFormatError(f"{count} positions for a context of {num_context} tokens")
+        positions, previous = [], -1
+        for _ in range(count):
+            previous += reader.varint() + 1
+            if previous >= num_context:
+                raise ScoutFormatError(f"position {previous} outside the context [0, {num_context})")
+            positions.append(previous)
+        return positions
+    if flag == BITMAP:
+        bitmap = reader.take((num_context + 7) // 8)
+        positions = [i for i in range(len(bitmap) * 8) if bitmap[i >> 3] >> (i & 7) & 1]
+        if positions and positions[-1] >= num_context:
+            raise ScoutFormatError(f"bitmap sets bit {positions[-1]} past the context of {num_context} tokens")
+        return positions
+    raise ScoutFormatError(f"unknown position-code flag {flag}; expected {DELTA_VARINT} or {BITMAP}")
+
+
+def decode_indices(data: bytes, num_context: int) -> torch.Tensor:
+    """Inverse of ``encode_indices``; raises ``ScoutFormatError`` on malformed input."""
+    reader = _Reader(data, "position code")
+    positions = _decode_indices(reader, num_context)
+    reader.finish()
+    return torch.tensor(positions, dtype=torch.long)
+
+
+def document_hash(text: str) -> bytes:
+    """The document identity both sides agree on: sha256 of the UTF-8 text."""
+    return hashlib.sha256(text.encode("utf-8")).digest()
+
+
+class DocumentStore:
+    """Documents by content hash; the cloud's copy decides whether a payload carries text."""
+
+    def __init__(self) -> None:
+        self._documents: dict[bytes, str] = {}
+
+    def put(self, text: str) -> bytes:
+        digest = document_hash(text)
+        self._documents[digest] = text
+        return digest
+
+    def get(self, digest: bytes) -> str:
+        try:
+            return self._documents[digest]
+        except KeyError:
+            raise DocumentMissing(
+                f"document {digest.hex()[:16]}… is not in the store; "
+                "resend the scout payload with the document included"
+            ) from None
+
+    def __contains__(self, digest: bytes) -> bool:
+        return digest in self._documents
+
+    def __len__(self) -> int:
+        return len(self._documents)
+
+
+def char_spans(offsets: torch.Tensor, positions: Sequence[int] | torch.Tensor) -> tuple[tuple[int, int], ...]:
+    """Character spans covered by the tokens at ``positions``, touching spans merged."""
+    spans: list[list[int]] = []
+    for p in torch.as_tensor(positions, dtype=torch.long).tolist():
+        start, end = (int(x) for x in offsets[p])
+        if spans and start <= spans[-1][1]:
+            spans[-1][1] = max(spans[-1][1], end)
+        else:
+            spans.append([start, end])
+    return tuple((s, e) for s, e in spans)
+
+
+def positions_in_spans(offsets: torch.Tensor, spans: Sequence[tuple[int, int]]) -> torch.Tensor:
+    """Token positions whose character range overlaps any span (spans sorted, disjoint)."""
+    if not spans:
+        return torch.zeros(0, dtype=torch.long)
+    starts = torch.tensor([s for s, _ in spans])
+    ends = torch.tensor([e for _, e in spans])
+    if bool((ends < starts).any()) or bool((starts[1:] < ends[:-1]).any()):
+        raise ValueError("character spans must be sorted, non-overlapping and have end >= start")
+    token_start, token_end = offsets[:, 0].contiguous(), offsets[:, 1]
+    # A zero-width token (part of a multi-token character) counts as one character wide.
+    token_end = torch.maximum(token_end, token_start + 1)
+    first = torch.searchsorted(ends, token_start, right=True)  # first span ending after the token starts
+    candidate = first.clamp(max=len(spans) - 1)
+    hit = (first < len(spans)) & (starts[candidate] < token_end)
+    return torch.nonzero(hit).view(-1)
+
+
+def map_positions(edge_offsets: torch.Tensor, cloud_offsets: torch.Tensor,
+                  positions: Sequence[int] | torch.Tensor) -> torch.Tensor:
+    """Edge-tokenizer positions to cloud-tokenizer positions through character offsets."""
+    return positions_in_spans(cloud_offsets, char_spans(edge_offsets, positions))
+
+
+@dataclasses.dataclass(frozen=True)
+class ScoutPayload:
+    """The scout body the edge sends; ``document_zstd`` is None when the cloud has the text."""
+
+    doc_hash: bytes
+    question: str
+    num_context: int
+    positions: tuple[int, ...]
+    char_spans: tuple[tuple[int, int], ...]
+    document_zstd: bytes | None = None
+
+    def __post_init__(self) -> None:
+        if len(self.doc_hash) != HASH_BYTES:
+            raise ScoutFormatError(f"doc_hash must be {HASH_BYTES} bytes (sha256), got {len(self.doc_hash)}")
+        _check_positions(self.positions, self.num_context)
+
+    @property
+    def size_bytes(self) -> int:
+        return len(self.to_bytes())
+
+    def document(self) -> str:
+        """The carried document, decompressed and checked against ``doc_hash``."""
+        if self.document_zstd is None:
+            raise DocumentMissing("this payload carries no document; look it up by doc_hash")
+        try:
+            raw = zstandard.ZstdDecompressor().decompress(self.document_zstd, max_output_size=MAX_DOCUMENT_BYTES)
+        except zstandard.ZstdError as error:
+            raise ScoutFormatError(f"carried document does not decompress: {error}") from None
+        text = raw.decode("utf-8")
+        if document_hash(text) != self.doc_hash:
+            raise ScoutFormatError("carried document does not match doc_hash; the payload is corrupt")
+        return text
+
+    def to_bytes(self) -> bytes:
+        out = bytearray([HAS_DOCUMENT if self.document_zstd is not None else 0])
+        out += self.doc_hash
+        _put_varint(out, self.num_context)
+        code = encode_indices(self.positions, self.num_context)
+        _put_varint(out, len(code))
+        out += code
+        _put_varint(out, len(self.char_spans))
+        previous_end = 0
+        for start, end in self.char_spans:
+            _put_varint(out, start - previous_end)
+            _put_varint(out, end - start)
+            previous_end = end
+        question = self.question.encode("utf-8")
+        _put_varint(out, len(question))
+        out += question
+        if self.document_zstd is not None:
+            _put_varint(out, len(self.document_zstd))
+            out += self.document_zstd
+        return bytes(out)
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> "ScoutPayload":
+        reader = _Reader(data, "scout payload")
+        flags = reader.take(1)[0]
+        if flags & ~HAS_DOCUMENT:
+            raise ScoutFormatError(f"unknown scout payload flags {flags:#04x}")
+        doc_hash = reader.take(HASH_BYTES)
+        num_context = reader.varint()
+        code = _Reader(reader.take(reader.varint()), "position code")
+        positions = _decode_indices(code, num_context)
+        code.finish()
+        spans, previous_end = [], 0
+        for _ in range(reader.varint()):
+            start = previous_end + reader.varint()
+            previous_end = start + reader.varint()
+            spans.append((start, previous_end))
+        try:
+            question = reader.take(reader.varint()).decode("utf-8")
+        except UnicodeDecodeError:
+            raise ScoutFormatError("question is not valid UTF-8") from None
+        document = None
+        if flags & HAS_DOCUMENT:
+            length = reader.varint()
+            if length > MAX_DOCUMENT_BYTES:
+                raise ScoutFormatError(f"carried document of {length} bytes exceeds {MAX_DOCUMENT_BYTES}")
+            document = reader.take(length)
+        reader.finish()
+        return cls(doc_hash, question, num_context, tuple(positions), tuple(spans), document)
+
+
+def build_payload(context: str, question: str, offsets: torch.Tensor, positions: torch.Tensor,
+                  *, include_document: bool) -> ScoutPayload:
+    """The payload for edge-tokenizer ``positions`` of ``context`` (``offsets`` per token)."""
+    document = zstandard.ZstdCompressor(level=ZSTD_LEVEL).compress(context.encode("utf-8")) if include_document else None
+    return ScoutPayload(
+        doc_hash=document_hash(context),
+        question=question,
+        num_context=int(offsets.shape[0]),
+        positions=tuple(int(p) for p in positions),
+        char_spans=char_spans(offsets, positions),
+        document_zstd=document,
+    )
+
+
+def edge_scout(edge_lm: LoadedModel, context: str, question: str, *, retention: float,
+               method: str = "q2c", include_document: bool = False, **params) -> ScoutPayload:
+    """Edge side: prefill, score with ``method``, keep ``retention`` of the context."""
+    layout = build_prompt(edge_lm.tokenizer, context, question)
+    pre = prefill(edge_lm, layout, capture=selection.CAPTURE.get(method, "last"))
+    positions = selection.select_positions(selection.score(method, pre, **params), retention)
+    return build_payload(context, question, layout.context_offsets, positions, include_document=include_document)
+
+
+def scout_answer(cloud_lm: LoadedModel, context: str, question: str,
+                 selected: ScoutPayload | Sequence[tuple[int, int]], *,
+                 max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS) -> Answer:
+    """Cloud side: prefill the whole prompt, decode with only the selected context in KV.
+
+    ``selected`` is a payload (its character spans are used, so any edge tokenizer works)
+    or the character spans themselves.
+    """
+    if isinstance(selected, ScoutPayload):
+        if document_hash(context) != selected.doc_hash:
+            raise ValueError("context does not match the payload's doc_hash; fetch the right document")
+        spans = selected.char_spans
+    else:
+        spans = tuple(selected)
+    layout = build_prompt(cloud_lm.tokenizer, context, question)
+    pre = prefill(cloud_lm, layout, capture="none")
+    positions = positions_in_spans(layout.context_offsets, spans)
+    return answer_pruned(cloud_lm, pre, positions, max_new_tokens=max_new_tokens)

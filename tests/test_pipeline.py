@@ -1,0 +1,84 @@
+import pytest
+
+from ray_scout.core import scout, wire
+from ray_scout.core.modes import CLOUD_MODES, Mode
+from ray_scout.core.pipeline import CloudStage, EdgeOptions, EdgeStage, PipelineError
+
+CONTEXT = ("The harbour of Velmora was rebuilt in 1911. Its lighthouse keeper, Ana Brist, "
+           "kept a log of every ship. The code word for the vault is amberline. ") * 3
+QUESTION = "What is the code word for the vault?"
+
+
+@pytest.fixture(scope="module")
+def edge(tiny_model):
+    stage = EdgeStage(tiny_model, EdgeOptions(protected_layers=(0,), max_new_tokens=4))
+    return stage, stage.analyze(CONTEXT, QUESTION)
+
+
+@pytest.mark.parametrize("mode", CLOUD_MODES)
+def test_payload_sizes_equal_the_encoded_bytes(edge, mode):
+    stage, analysis = edge
+    assert stage.payload_sizes(analysis)[mode] == len(stage.encode(analysis, mode).data)
+
+
+@pytest.mark.parametrize("mode", CLOUD_MODES)
+def test_every_mode_reaches_an_answer_through_the_cloud(edge, tiny_model, mode):
+    stage, analysis = edge
+    cloud = CloudStage({tiny_model.model_id: tiny_model}, max_new_tokens=4)
+    cloud.documents.put(CONTEXT)
+    answer = cloud.answer(stage.encode(analysis, mode).data)
+    assert answer.mode == mode and answer.model_id == tiny_model.model_id
+    assert answer.decode_s > 0
+
+
+def test_scout_carries_the_document_only_when_the_cloud_lacks_it(edge, tiny_model):
+    stage, analysis = edge
+    without = stage.payload_sizes(analysis, cloud_has_document=True)[Mode.SCOUT]
+    with_doc = stage.payload_sizes(analysis, cloud_has_document=False)[Mode.SCOUT]
+    carried = len(scout.build_payload(CONTEXT, QUESTION, analysis.layout.context_offsets,
+                                      analysis.scout_positions, include_document=True).document_zstd)
+    assert without < 300
+    assert carried < with_doc - without <= carried + 4  # the compressed text and its length
+    cloud = CloudStage({tiny_model.model_id: tiny_model}, max_new_tokens=2)
+    with pytest.raises(scout.DocumentMissing):
+        cloud.answer(stage.encode(analysis, Mode.SCOUT, cloud_has_document=True).data)
+    cloud.answer(stage.encode(analysis, Mode.SCOUT, cloud_has_document=False).data)
+    cloud.answer(stage.encode(analysis, Mode.SCOUT, cloud_has_document=True).data)
+
+
+def test_cloud_refuses_models_it_does_not_host_and_corrupt_payloads(edge, tiny_model):
+    stage, analysis = edge
+    data = stage.encode(analysis, Mode.INT8).data
+    with pytest.raises(PipelineError, match="does not host"):
+        CloudStage({"other": tiny_model}).answer(data)
+    corrupt = data[:100] + bytes([data[100] ^ 0xFF]) + data[101:]
+    with pytest.raises(wire.WireError, match="checksum"):
+        CloudStage({tiny_model.model_id: tiny_model}).answer(corrupt)
+
+
+def test_mixed_int4_without_protected_layers_is_a_clear_error(tiny_model):
+    stage = EdgeStage(tiny_model)
+    analysis = stage.analyze(CONTEXT, QUESTION)
+    assert Mode.MIXED_INT4 not in stage.payload_sizes(analysis)
+    with pytest.raises(PipelineError, match="bottleneck"):
+        stage.encode(analysis, Mode.MIXED_INT4)
+
+
+def test_pruned_kv_payload_shrinks_with_retention(tiny_model):
+    full = EdgeStage(tiny_model)
+    half = EdgeStage(tiny_model, EdgeOptions(kv_retention=0.25))
+    size_full = full.payload_sizes(full.analyze(CONTEXT, QUESTION))[Mode.INT8]
+    size_half = half.payload_sizes(half.analyze(CONTEXT, QUESTION))[Mode.INT8]
+    assert size_half < 0.6 * size_full
+
+
+@pytest.mark.model
+@pytest.mark.parametrize("mode", [Mode.BF16, Mode.INT8])
+def test_embedded_kv_modes_answer_like_the_edge_alone(embedded_model, mode):
+    stage = EdgeStage(embedded_model)
+    analysis = stage.analyze("The Eiffel Tower was completed in 1889 in Paris.",
+                             "In which year was the Eiffel Tower completed?")
+    cloud = CloudStage({embedded_model.model_id: embedded_model})
+    remote = cloud.answer(stage.encode(analysis, mode).data)
+    assert "1889" in remote.text
+    assert remote.text == stage.answer_locally(analysis).text
