@@ -160,15 +160,14 @@ def encode_layers(tensors, bits, group_size: int, dim: int) -> tuple[EncodedTens
     if not groups:
         return tuple(encode_tensor(t, b, group_size, dim) for t, b in zip(tensors, bits))
     encoded: list[EncodedTensor | None] = [None] * len(tensors)
-    finite = []
+    flag = torch.zeros(1, dtype=torch.int32, device=tensors[0].device)
     for width, layers in groups.items():
         codes, scales, zeros = triton_kernels.quantize_layers(
             [tensors[i] for i in layers], width, group_size, dim,
-            quant.SCALE_SLACK / ((1 << width) - 1))
-        finite.append(torch.isfinite(scales).all() & torch.isfinite(zeros).all())
+            quant.SCALE_SLACK / ((1 << width) - 1), flag)
         for row, layer in enumerate(layers):
             encoded[layer] = EncodedTensor(width, codes[row], scales[row], zeros[row])
-    if not bool(torch.stack(finite).all()):
+    if flag.item():
         raise ValueError(quant.NOT_FINITE)
     return tuple(e if e is not None else encode_tensor(t, RAW_BITS, group_size, dim)
                  for e, t in zip(encoded, tensors))

@@ -28,7 +28,9 @@ import triton.language as tl
 
 KEY_DIM = 1
 VALUE_DIM = 2
-TOKENS_PER_VALUE_PROGRAM = 32  # tokens of one head per program when grouping channels
+# (tokens per program, warps) of each kernel; bench/gpu_codec.py --sweep measures others.
+LAUNCH = {"encode_keys": (64, 4), "encode_values": (32, 4),
+          "decode_keys": (32, 4), "decode_values": (32, 4)}
 
 
 # Triton's CPU interpreter (TRITON_INTERPRET=1) runs these kernels on CPU tensors: slow,
@@ -69,45 +71,63 @@ def _table(tensors) -> torch.Tensor:
 
 
 @triton.jit
-def _encode_keys(src_table, codes_ptr, scales_ptr, zeros_ptr, H, T, G, scale_factor,
-                 D: tl.constexpr, GS: tl.constexpr, QMAX: tl.constexpr, PACK: tl.constexpr):
-    # One program: one group of GS tokens of one head of one layer, all D channels.
+def _flag_non_finite(flag_ptr, step, zero, valid):
+    # One atomic per program that met a NaN/inf scale or zero: the caller reads one flag
+    # for the whole call instead of reducing every scale tensor on the host's behalf.
+    finite = (tl.abs(step) < float("inf")) & (tl.abs(zero) < float("inf"))
+    bad = tl.max(tl.where(valid & (finite == 0), 1, 0))
+    if bad > 0:
+        tl.atomic_or(flag_ptr, 1)
+
+
+@triton.jit
+def _encode_keys(src_table, codes_ptr, scales_ptr, zeros_ptr, flag_ptr, H, T, G, scale_factor,
+                 D: tl.constexpr, GS: tl.constexpr, QMAX: tl.constexpr, PACK: tl.constexpr,
+                 BT: tl.constexpr):
+    # One program: BT tokens (BT // GS token groups) of one head of one layer, all D channels.
+    NGT: tl.constexpr = BT // GS
     lh = tl.program_id(0)
-    g = tl.program_id(1)
+    tb = tl.program_id(1)
     layer = (lh // H).to(tl.int64)
     head = lh % H
     src = tl.load(src_table + layer).to(tl.pointer_type(tl.bfloat16))
-    t = g * GS + tl.arange(0, GS)
+    t = tb * BT + tl.arange(0, BT)
     d = tl.arange(0, D)
     mask = (t < T)[:, None] & (d < D)[None, :]
     offs = (head * T + t)[:, None].to(tl.int64) * D + d[None, :]
     x = tl.load(src + offs, mask=mask, other=0.0).to(tl.float32)
-    lo = tl.min(tl.where(mask, x, float("inf")), axis=0)
-    hi = tl.max(tl.where(mask, x, float("-inf")), axis=0)
+    lo = tl.min(tl.reshape(tl.where(mask, x, float("inf")), (NGT, GS, D)), axis=1)
+    hi = tl.max(tl.reshape(tl.where(mask, x, float("-inf")), (NGT, GS, D)), axis=1)
+    g = tb * NGT + tl.arange(0, NGT)
+    valid = (g < G)[:, None] & (d < D)[None, :]
     scale = ((hi - lo) * scale_factor).to(tl.float16)
     zero = lo.to(tl.float16)
-    soffs = ((layer * H + head) * G + g) * D + d
-    tl.store(scales_ptr + soffs, scale)
-    tl.store(zeros_ptr + soffs, zero)
+    soffs = ((layer * H + head) * G + g)[:, None] * D + d[None, :]
+    tl.store(scales_ptr + soffs, scale, mask=valid)
+    tl.store(zeros_ptr + soffs, zero, mask=valid)
     step = scale.to(tl.float32)
+    _flag_non_finite(flag_ptr, step, zero.to(tl.float32), valid)
     inverse = tl.where(step > 0, tl.math.div_rn(1.0, step), 0.0)
     bias = 0.5 - zero.to(tl.float32) * inverse
-    q = tl.math.fma(x, inverse[None, :], bias[None, :])
+    q = tl.math.fma(tl.reshape(x, (NGT, GS, D)), inverse[:, None, :], bias[:, None, :])
     codes = tl.minimum(tl.maximum(q, 0.0), QMAX).to(tl.uint8)
-    layer_size = H * T * D
+    # Which shape to store from was chosen by timing (bench/gpu_codec.py --sweep, 14B):
+    # int8 codes stored as the [groups, GS, D] tile they were computed in ran 3x faster than
+    # after a reshape to [BT, D]; 4-bit packing after that reshape was the fast variant.
     if PACK:
-        even, odd = tl.split(tl.reshape(codes, (GS, D // 2, 2)))
-        packed = even | (odd << 4)
-        d2 = tl.arange(0, D // 2)
-        poffs = layer * (layer_size // 2) + (head * T + t)[:, None].to(tl.int64) * (D // 2) \
-            + d2[None, :]
-        tl.store(codes_ptr + poffs, packed, mask=(t < T)[:, None])
+        even, odd = tl.split(tl.reshape(codes, (BT, D // 2, 2)))
+        poffs = layer * (H * T * D // 2) + (head * T + t)[:, None].to(tl.int64) * (D // 2) \
+            + tl.arange(0, D // 2)[None, :]
+        tl.store(codes_ptr + poffs, even | (odd << 4), mask=(t < T)[:, None])
     else:
-        tl.store(codes_ptr + layer * layer_size + offs, codes, mask=mask)
+        t3 = (tb * BT + tl.arange(0, NGT)[:, None] * GS + tl.arange(0, GS)[None, :])[:, :, None]
+        offs3 = layer * (H * T * D) + (head * T + t3).to(tl.int64) * D \
+            + tl.arange(0, D)[None, None, :]
+        tl.store(codes_ptr + offs3, codes, mask=t3 < T)
 
 
 @triton.jit
-def _encode_values(src_table, codes_ptr, scales_ptr, zeros_ptr, H, T, scale_factor,
+def _encode_values(src_table, codes_ptr, scales_ptr, zeros_ptr, flag_ptr, H, T, scale_factor,
                    D: tl.constexpr, GS: tl.constexpr, QMAX: tl.constexpr, PACK: tl.constexpr,
                    BT: tl.constexpr):
     # One program: BT tokens of one head of one layer; groups of GS channels per token.
@@ -119,31 +139,42 @@ def _encode_values(src_table, codes_ptr, scales_ptr, zeros_ptr, H, T, scale_fact
     src = tl.load(src_table + layer).to(tl.pointer_type(tl.bfloat16))
     t = tb * BT + tl.arange(0, BT)
     rows = t < T
-    d = tl.arange(0, D)
-    offs = (head * T + t)[:, None].to(tl.int64) * D + d[None, :]
-    x = tl.load(src + offs, mask=rows[:, None], other=0.0).to(tl.float32)
-    xg = tl.reshape(x, (BT, NG, GS))
-    lo = tl.min(xg, axis=2)
-    hi = tl.max(xg, axis=2)
+    if PACK:
+        # Each 4-byte word holds channels 2i (low half) and 2i+1: a bf16 is the top half of
+        # its fp32, so shifts give both as fp32 tiles [BT, NG, GS/2] whose codes pack into
+        # one byte in place (reshape+split variants ran 3x slower in the sweep).
+        src32 = tl.load(src_table + layer).to(tl.pointer_type(tl.int32))
+        woffs = (head * T + t)[:, None].to(tl.int64) * (D // 2) + tl.arange(0, D // 2)[None, :]
+        words = tl.load(src32 + woffs, mask=rows[:, None], other=0)
+        xe = tl.reshape((words << 16).to(tl.float32, bitcast=True), (BT, NG, GS // 2))
+        xo = tl.reshape((words & -65536).to(tl.float32, bitcast=True), (BT, NG, GS // 2))
+        lo = tl.minimum(tl.min(xe, axis=2), tl.min(xo, axis=2))
+        hi = tl.maximum(tl.max(xe, axis=2), tl.max(xo, axis=2))
+    else:
+        offs = (head * T + t)[:, None].to(tl.int64) * D + tl.arange(0, D)[None, :]
+        x = tl.reshape(tl.load(src + offs, mask=rows[:, None], other=0.0).to(tl.float32),
+                       (BT, NG, GS))
+        lo = tl.min(x, axis=2)
+        hi = tl.max(x, axis=2)
     scale = ((hi - lo) * scale_factor).to(tl.float16)
     zero = lo.to(tl.float16)
     soffs = ((layer * H + head) * T + t)[:, None] * NG + tl.arange(0, NG)[None, :]
     tl.store(scales_ptr + soffs, scale, mask=rows[:, None])
     tl.store(zeros_ptr + soffs, zero, mask=rows[:, None])
     step = scale.to(tl.float32)
+    _flag_non_finite(flag_ptr, step, zero.to(tl.float32), rows[:, None])
     inverse = tl.where(step > 0, tl.math.div_rn(1.0, step), 0.0)
-    bias = 0.5 - zero.to(tl.float32) * inverse
-    q = tl.math.fma(xg, inverse[:, :, None], bias[:, :, None])
-    codes = tl.reshape(tl.minimum(tl.maximum(q, 0.0), QMAX).to(tl.uint8), (BT, D))
-    layer_size = H * T * D
+    bias = (0.5 - zero.to(tl.float32) * inverse)[:, :, None]
+    inverse = inverse[:, :, None]
     if PACK:
-        even, odd = tl.split(tl.reshape(codes, (BT, D // 2, 2)))
-        d2 = tl.arange(0, D // 2)
-        poffs = layer * (layer_size // 2) + (head * T + t)[:, None].to(tl.int64) * (D // 2) \
-            + d2[None, :]
-        tl.store(codes_ptr + poffs, even | (odd << 4), mask=rows[:, None])
+        ce = tl.minimum(tl.maximum(tl.math.fma(xe, inverse, bias), 0.0), QMAX).to(tl.uint8)
+        co = tl.minimum(tl.maximum(tl.math.fma(xo, inverse, bias), 0.0), QMAX).to(tl.uint8)
+        tl.store(codes_ptr + layer * (H * T * D // 2) + woffs,
+                 tl.reshape(ce | (co << 4), (BT, D // 2)), mask=rows[:, None])
     else:
-        tl.store(codes_ptr + layer * layer_size + offs, codes, mask=rows[:, None])
+        codes = tl.minimum(tl.maximum(tl.math.fma(x, inverse, bias), 0.0), QMAX).to(tl.uint8)
+        tl.store(codes_ptr + layer * (H * T * D) + offs, tl.reshape(codes, (BT, D)),
+                 mask=rows[:, None])
 
 
 @triton.jit
@@ -161,22 +192,24 @@ def _load_codes(codes, head, t, rows, T, D: tl.constexpr, R: tl.constexpr, PACK:
 
 @triton.jit
 def _decode_keys(codes_table, scales_table, zeros_table, out_ptr, H, T, G,
-                 D: tl.constexpr, GS: tl.constexpr, PACK: tl.constexpr):
+                 D: tl.constexpr, GS: tl.constexpr, PACK: tl.constexpr, BT: tl.constexpr):
+    NGT: tl.constexpr = BT // GS
     lh = tl.program_id(0)
-    g = tl.program_id(1)
+    tb = tl.program_id(1)
     layer = (lh // H).to(tl.int64)
     head = lh % H
     codes = tl.load(codes_table + layer).to(tl.pointer_type(tl.uint8))
     scales = tl.load(scales_table + layer).to(tl.pointer_type(tl.float16))
     zeros = tl.load(zeros_table + layer).to(tl.pointer_type(tl.float16))
-    t = g * GS + tl.arange(0, GS)
+    t = tb * BT + tl.arange(0, BT)
     rows = t < T
     d = tl.arange(0, D)
-    c = _load_codes(codes, head, t, rows, T, D, GS, PACK).to(tl.float32)
-    soffs = (head * G + g) * D + d
-    s = tl.load(scales + soffs).to(tl.float32)
-    z = tl.load(zeros + soffs).to(tl.float32)
-    out = tl.math.fma(c, s[None, :], z[None, :]).to(tl.bfloat16)
+    c = tl.reshape(_load_codes(codes, head, t, rows, T, D, BT, PACK).to(tl.float32), (NGT, GS, D))
+    g = tb * NGT + tl.arange(0, NGT)
+    soffs = (head * G + g)[:, None] * D + d[None, :]
+    s = tl.load(scales + soffs, mask=(g < G)[:, None], other=0.0).to(tl.float32)
+    z = tl.load(zeros + soffs, mask=(g < G)[:, None], other=0.0).to(tl.float32)
+    out = tl.reshape(tl.math.fma(c, s[:, None, :], z[:, None, :]), (BT, D)).to(tl.bfloat16)
     offs = layer * H * T * D + (head * T + t)[:, None].to(tl.int64) * D + d[None, :]
     tl.store(out_ptr + offs, out, mask=rows[:, None])
 
@@ -204,13 +237,14 @@ def _decode_values(codes_table, scales_table, zeros_table, out_ptr, H, T,
     tl.store(out_ptr + offs, out, mask=rows[:, None])
 
 
-def quantize_layers(tensors, bits: int, group_size: int, dim: int, scale_factor: float):
+def quantize_layers(tensors, bits: int, group_size: int, dim: int, scale_factor: float,
+                    flag: torch.Tensor):
     """Codes, scales and zeros of every tensor, stacked on a new leading layer axis.
 
     Codes are ``[layers, heads, tokens, head_dim]`` uint8, or ``[layers, count // 2]`` when
     4-bit; scales and zeros are fp16 with the grouped axis shrunk, as ``quant.quantize``.
-    ``scale_factor`` is the slack over ``qmax`` that ``quant`` uses. The caller checks
-    finiteness (one flag for all layers).
+    ``scale_factor`` is the slack over ``qmax`` that ``quant`` uses. ``flag`` (one int32 on
+    the device, zero) becomes nonzero if any scale or zero is not finite.
     """
     if bits not in (4, 8):
         raise ValueError(f"Triton kernels quantize to 8 or 4 bits, not {bits}")
@@ -231,14 +265,16 @@ def quantize_layers(tensors, bits: int, group_size: int, dim: int, scale_factor:
     qmax = (1 << bits) - 1
     table = _table(tensors)
     if dim == KEY_DIM:
-        _encode_keys[(layers * heads, side[2])](
-            table, codes, scales, zeros, heads, tokens, side[2], scale_factor,
-            D=head_dim, GS=group_size, QMAX=qmax, PACK=pack)
+        block, warps = LAUNCH["encode_keys"]
+        block = max(block, group_size)
+        _encode_keys[(layers * heads, -(-tokens // block))](
+            table, codes, scales, zeros, flag, heads, tokens, side[2], scale_factor,
+            D=head_dim, GS=group_size, QMAX=qmax, PACK=pack, BT=block, num_warps=warps)
     else:
-        block = TOKENS_PER_VALUE_PROGRAM
+        block, warps = LAUNCH["encode_values"]
         _encode_values[(layers * heads, -(-tokens // block))](
-            table, codes, scales, zeros, heads, tokens, scale_factor,
-            D=head_dim, GS=group_size, QMAX=qmax, PACK=pack, BT=block)
+            table, codes, scales, zeros, flag, heads, tokens, scale_factor,
+            D=head_dim, GS=group_size, QMAX=qmax, PACK=pack, BT=block, num_warps=warps)
     return codes, scales, zeros
 
 
@@ -254,10 +290,14 @@ def dequantize_layers(codes, scales, zeros, shape: tuple[int, int, int], bits: i
     pack = bits == 4
     if dim == KEY_DIM:
         groups = -(-tokens // group_size)
-        _decode_keys[(layers * heads, groups)](
-            *tables, out, heads, tokens, groups, D=head_dim, GS=group_size, PACK=pack)
+        block, warps = LAUNCH["decode_keys"]
+        block = max(block, group_size)
+        _decode_keys[(layers * heads, -(-tokens // block))](
+            *tables, out, heads, tokens, groups, D=head_dim, GS=group_size, PACK=pack, BT=block,
+            num_warps=warps)
     else:
-        block = TOKENS_PER_VALUE_PROGRAM
+        block, warps = LAUNCH["decode_values"]
         _decode_values[(layers * heads, -(-tokens // block))](
-            *tables, out, heads, tokens, D=head_dim, GS=group_size, PACK=pack, BT=block)
+            *tables, out, heads, tokens, D=head_dim, GS=group_size, PACK=pack, BT=block,
+            num_warps=warps)
     return out
