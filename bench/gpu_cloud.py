@@ -22,7 +22,8 @@ import argparse
 
 import torch
 
-from gpu_common import device_busy_ms, median_ms, outlier_kv, print_table, provenance, synthetic_layout, write_results
+from gpu_common import (device_busy_ms, median_ms, outlier_kv, print_table, provenance,
+                        shape_arguments, synthetic_layout, write_results)
 from ray_scout.core import generation, models
 from ray_scout.core.kvcodec import EncodedKV, EncodedTensor, codec_for
 from ray_scout.core.modes import Mode
@@ -151,10 +152,7 @@ def bench_preset(preset: str, tokens: int, device: torch.device, repeats: int) -
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--presets", nargs="+", default=["qwen2.5-7b", "qwen2.5-14b"])
-    parser.add_argument("--tokens", type=int, default=4096)
-    parser.add_argument("--device", default="cuda")
-    parser.add_argument("--repeats", type=int, default=5)
+    shape_arguments(parser, presets=["qwen2.5-7b", "qwen2.5-14b"], tokens=4096, repeats=5)
     args = parser.parse_args()
     device = torch.device(args.device)
     rows = []

@@ -20,8 +20,8 @@ import contextlib
 
 import torch
 
-from gpu_common import (copy_bandwidth_gbps, device_busy_ms, median_ms, outlier_kv, print_table, provenance,
-                        write_results)
+from gpu_common import (copy_bandwidth_gbps, device_busy_ms, median_ms, outlier_kv, print_table,
+                        provenance, shape_arguments, write_results)
 from ray_scout.core import models
 from ray_scout.core.kvcodec import base, codec_for
 from ray_scout.core.modes import Mode
@@ -190,10 +190,7 @@ def sweep_launch(preset: str, tokens: int, device: torch.device) -> list[dict]:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--presets", nargs="+", default=["qwen2.5-7b", "qwen2.5-14b"])
-    parser.add_argument("--tokens", type=int, default=4096)
-    parser.add_argument("--device", default="cuda")
-    parser.add_argument("--repeats", type=int, default=20)
+    shape_arguments(parser, presets=["qwen2.5-7b", "qwen2.5-14b"], tokens=4096, repeats=20)
     parser.add_argument("--sweep", action="store_true",
                         help="first time each kernel's launch shapes and keep the fastest")
     args = parser.parse_args()

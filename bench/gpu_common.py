@@ -147,6 +147,14 @@ def write_results(name: str, data: dict) -> Path:
     return path
 
 
+def shape_arguments(parser, *, presets: list[str], tokens: int, repeats: int) -> None:
+    """The options every shape benchmark shares: presets, tokens, device, repeats."""
+    parser.add_argument("--presets", nargs="+", default=presets)
+    parser.add_argument("--tokens", type=int, default=tokens)
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--repeats", type=int, default=repeats)
+
+
 def print_table(rows: list[dict], columns: list[tuple[str, str, str]]) -> None:
     """``columns``: (key, header, format spec); a missing value prints as '-'."""
     print("  ".join(f"{header:>{max(len(header), 8)}}" for _, header, _ in columns))

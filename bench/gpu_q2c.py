@@ -6,9 +6,11 @@
 Per prompt length (random ids, a 32-token question before a 16-token template tail):
 ``sdpa``: ``generation.prefill(capture="none")``; ``edge``: ``prefill(capture="last")``
 (the last layer's query recomputed in a hook) plus ``selection.q2c`` (the whole edge stage);
+sdpa, hooked prefill and edge are timed interleaved; ``hook``: the query recomputation alone;
 ``q2c``: the scoring alone on a captured prefill; ``eager``: the papers' approach,
-``selection.q2c_eager_reference`` (eager attention, ``output_attentions``). Goals: (edge -
-sdpa) <= 3% of sdpa at 4K; eager / edge >= 3 at 4K. Each length also checks Q2C against the
+``selection.q2c_eager_reference`` (eager attention, ``output_attentions``). Goals: Q2C's
+added work (hook + q2c, and the difference edge - sdpa) <= 3% of sdpa at 4K; eager / edge
+>= 3 at 4K. Each length also checks Q2C against the
 eager reference (relative L2 of the scores, overlap of the top 10%). Achieved TFLOP/s of the
 prefill (2 x parameters x tokens + causal attention) is set beside the measured bf16 matmul
 rate. Prints a table last; writes gpu_q2c.json.

@@ -71,6 +71,14 @@ def _table(tensors) -> torch.Tensor:
 
 
 @triton.jit
+def _program_tokens(H, BT: tl.constexpr):
+    """(layer, head, token indices) of this program: grid axis 0 runs over layers x heads,
+    axis 1 over blocks of BT tokens."""
+    lh = tl.program_id(0)
+    return (lh // H).to(tl.int64), lh % H, tl.program_id(1) * BT + tl.arange(0, BT)
+
+
+@triton.jit
 def _flag_non_finite(flag_ptr, step, zero, valid):
     # One atomic per program that met a NaN/inf scale or zero: the caller reads one flag
     # for the whole call instead of reducing every scale tensor on the host's behalf.
@@ -86,12 +94,9 @@ def _encode_keys(src_table, codes_ptr, scales_ptr, zeros_ptr, flag_ptr, H, T, G,
                  BT: tl.constexpr):
     # One program: BT tokens (BT // GS token groups) of one head of one layer, all D channels.
     NGT: tl.constexpr = BT // GS
-    lh = tl.program_id(0)
     tb = tl.program_id(1)
-    layer = (lh // H).to(tl.int64)
-    head = lh % H
+    layer, head, t = _program_tokens(H, BT)
     src = tl.load(src_table + layer).to(tl.pointer_type(tl.bfloat16))
-    t = tb * BT + tl.arange(0, BT)
     d = tl.arange(0, D)
     mask = (t < T)[:, None] & (d < D)[None, :]
     offs = (head * T + t)[:, None].to(tl.int64) * D + d[None, :]
@@ -132,12 +137,8 @@ def _encode_values(src_table, codes_ptr, scales_ptr, zeros_ptr, flag_ptr, H, T, 
                    BT: tl.constexpr):
     # One program: BT tokens of one head of one layer; groups of GS channels per token.
     NG: tl.constexpr = D // GS
-    lh = tl.program_id(0)
-    tb = tl.program_id(1)
-    layer = (lh // H).to(tl.int64)
-    head = lh % H
+    layer, head, t = _program_tokens(H, BT)
     src = tl.load(src_table + layer).to(tl.pointer_type(tl.bfloat16))
-    t = tb * BT + tl.arange(0, BT)
     rows = t < T
     if PACK:
         # Each 4-byte word holds channels 2i (low half) and 2i+1: a bf16 is the top half of
@@ -191,18 +192,22 @@ def _load_codes(codes, head, t, rows, T, D: tl.constexpr, R: tl.constexpr, PACK:
 
 
 @triton.jit
+def _decode_program(codes_table, scales_table, zeros_table, H, T, BT: tl.constexpr):
+    """This program's layer, head, tokens (with their in-range mask) and the layer's parts."""
+    layer, head, t = _program_tokens(H, BT)
+    return (layer, head, t, t < T,
+            tl.load(codes_table + layer).to(tl.pointer_type(tl.uint8)),
+            tl.load(scales_table + layer).to(tl.pointer_type(tl.float16)),
+            tl.load(zeros_table + layer).to(tl.pointer_type(tl.float16)))
+
+
+@triton.jit
 def _decode_keys(codes_table, scales_table, zeros_table, out_ptr, H, T, G,
                  D: tl.constexpr, GS: tl.constexpr, PACK: tl.constexpr, BT: tl.constexpr):
     NGT: tl.constexpr = BT // GS
-    lh = tl.program_id(0)
     tb = tl.program_id(1)
-    layer = (lh // H).to(tl.int64)
-    head = lh % H
-    codes = tl.load(codes_table + layer).to(tl.pointer_type(tl.uint8))
-    scales = tl.load(scales_table + layer).to(tl.pointer_type(tl.float16))
-    zeros = tl.load(zeros_table + layer).to(tl.pointer_type(tl.float16))
-    t = tb * BT + tl.arange(0, BT)
-    rows = t < T
+    layer, head, t, rows, codes, scales, zeros = _decode_program(
+        codes_table, scales_table, zeros_table, H, T, BT)
     d = tl.arange(0, D)
     c = tl.reshape(_load_codes(codes, head, t, rows, T, D, BT, PACK).to(tl.float32), (NGT, GS, D))
     g = tb * NGT + tl.arange(0, NGT)
@@ -218,15 +223,8 @@ def _decode_keys(codes_table, scales_table, zeros_table, out_ptr, H, T, G,
 def _decode_values(codes_table, scales_table, zeros_table, out_ptr, H, T,
                    D: tl.constexpr, GS: tl.constexpr, PACK: tl.constexpr, BT: tl.constexpr):
     NG: tl.constexpr = D // GS
-    lh = tl.program_id(0)
-    tb = tl.program_id(1)
-    layer = (lh // H).to(tl.int64)
-    head = lh % H
-    codes = tl.load(codes_table + layer).to(tl.pointer_type(tl.uint8))
-    scales = tl.load(scales_table + layer).to(tl.pointer_type(tl.float16))
-    zeros = tl.load(zeros_table + layer).to(tl.pointer_type(tl.float16))
-    t = tb * BT + tl.arange(0, BT)
-    rows = t < T
+    layer, head, t, rows, codes, scales, zeros = _decode_program(
+        codes_table, scales_table, zeros_table, H, T, BT)
     c = tl.reshape(_load_codes(codes, head, t, rows, T, D, BT, PACK).to(tl.float32), (BT, NG, GS))
     soffs = (head * T + t)[:, None].to(tl.int64) * NG + tl.arange(0, NG)[None, :]
     s = tl.load(scales + soffs, mask=rows[:, None], other=0.0).to(tl.float32)
