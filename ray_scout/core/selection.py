@@ -60,18 +60,19 @@ def _attention_rows(pre: Prefill, layer: int, rows: torch.Tensor) -> torch.Tenso
     keys = pre.snapshot.keys[layer]
     heads = pre.queries[layer].shape[0]
     keys = keys.repeat_interleave(heads // keys.shape[0], dim=0)  # GQA: each KV head serves a group
+    rows = rows.to(keys.device)
     q = pre.queries[layer][:, rows].float()
     logits = torch.matmul(q, keys.float().transpose(1, 2)) * pre.scaling
-    future = torch.arange(keys.shape[1]).unsqueeze(0) > rows.unsqueeze(1)
+    future = torch.arange(keys.shape[1], device=keys.device).unsqueeze(0) > rows.unsqueeze(1)
     return torch.softmax(logits.masked_fill(future, float("-inf")), dim=-1)
 
 
 def _column_sums(pre: Prefill, layer: int, rows: torch.Tensor) -> torch.Tensor:
     """Attention received by every prompt position from ``rows``, summed over heads."""
-    total = torch.zeros(pre.snapshot.num_tokens)
+    total = torch.zeros(pre.snapshot.num_tokens, device=pre.snapshot.keys[layer].device)
     for chunk in rows.split(ROW_CHUNK):
         total += _attention_rows(pre, layer, chunk).sum(dim=(0, 1))
-    return total
+    return total.cpu()  # scores live on the CPU, beside the positions they rank
 
 
 def _context(pre: Prefill, per_token: torch.Tensor) -> torch.Tensor:

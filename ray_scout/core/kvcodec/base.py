@@ -18,6 +18,11 @@ from ray_scout.core.kv import KVSnapshot
 from ray_scout.core.kvcodec import quant
 from ray_scout.core.modes import Mode
 
+try:  # GPU fast path; without Triton every tensor goes through ``quant``
+    from ray_scout.core.kvcodec import triton_kernels
+except ImportError:
+    triton_kernels = None
+
 RAW_BITS = 16
 RAW_DTYPE = torch.bfloat16
 POSITION_DTYPE = torch.int32  # positions travel as 4-byte integers
@@ -132,6 +137,59 @@ def decode_tensor(encoded: EncodedTensor, shape: tuple[int, int, int], group_siz
                             group_size, dim, dtype)
 
 
+def _fast_groups(tensors, bits, group_size: int, dim: int) -> dict[int, list[int]]:
+    """Layer indices per quantized bit width, when every quantized layer can take the
+    Triton path together (one device, one shape); empty when torch must do the work."""
+    groups: dict[int, list[int]] = {}
+    for layer, width in enumerate(bits):
+        if width != RAW_BITS:
+            groups.setdefault(width, []).append(layer)
+    if triton_kernels is None or not groups or set(groups) - {4, 8}:
+        return {}
+    quantized = [tensors[i] for layers in groups.values() for i in layers]
+    return groups if triton_kernels.supports(quantized, group_size, dim) else {}
+
+
+def encode_layers(tensors, bits, group_size: int, dim: int) -> tuple[EncodedTensor, ...]:
+    """Every layer's keys (``dim`` 1) or values (``dim`` 2) at its bit width.
+
+    On a GPU with Triton, all layers of one width are quantized in one kernel launch and one
+    finiteness check (the torch path syncs once per tensor); elsewhere through ``quant``.
+    """
+    groups = _fast_groups(tensors, bits, group_size, dim)
+    if not groups:
+        return tuple(encode_tensor(t, b, group_size, dim) for t, b in zip(tensors, bits))
+    encoded: list[EncodedTensor | None] = [None] * len(tensors)
+    flag = torch.zeros(1, dtype=torch.int32, device=tensors[0].device)
+    for width, layers in groups.items():
+        codes, scales, zeros = triton_kernels.quantize_layers(
+            [tensors[i] for i in layers], width, group_size, dim,
+            quant.SCALE_SLACK / ((1 << width) - 1), flag)
+        for row, layer in enumerate(layers):
+            encoded[layer] = EncodedTensor(width, codes[row], scales[row], zeros[row])
+    if flag.item():
+        raise ValueError(quant.NOT_FINITE)
+    return tuple(e if e is not None else encode_tensor(t, RAW_BITS, group_size, dim)
+                 for e, t in zip(encoded, tensors))
+
+
+def decode_layers(encoded, shape: tuple[int, int, int], group_size: int, dim: int,
+                  dtype: torch.dtype, device) -> tuple[torch.Tensor, ...]:
+    """Inverse of ``encode_layers`` into ``dtype`` on ``device``: bf16 on a GPU with Triton
+    in one launch per bit width (after moving the parts there), else through ``quant``."""
+    widths = {e.bits for e in encoded} - {RAW_BITS}
+    if (triton_kernels is None or dtype != torch.bfloat16 or len(widths) != 1
+            or widths - {4, 8} or not triton_kernels.device_ok(torch.device(device))
+            or not triton_kernels.shape_ok(shape, group_size, dim)):
+        return tuple(decode_tensor(e, shape, group_size, dim, dtype, device) for e in encoded)
+    quantized = [e for e in encoded if e.bits != RAW_BITS]
+    parts = [[p.to(device).contiguous() for p in e.parts()] for e in quantized]
+    out = triton_kernels.dequantize_layers(*zip(*parts), shape, widths.pop(), group_size, dim)
+    rows = iter(out)
+    return tuple(next(rows) if e.bits != RAW_BITS
+                 else decode_tensor(e, shape, group_size, dim, dtype, device) for e in encoded)
+
+
 class KVCodec:
     """Encode each layer at the width ``bits_per_layer`` gives; subclasses pick the widths."""
 
@@ -157,10 +215,8 @@ class KVCodec:
     def encode(self, snapshot: KVSnapshot) -> EncodedKV:
         layout = self.layout_for(snapshot)
         bits = layout.layer_bits()
-        keys = tuple(encode_tensor(k, b, self.group_size, KEY_GROUP_DIM)
-                     for k, b in zip(snapshot.keys, bits))
-        values = tuple(encode_tensor(v, b, self.group_size, VALUE_GROUP_DIM)
-                       for v, b in zip(snapshot.values, bits))
+        keys = encode_layers(snapshot.keys, bits, self.group_size, KEY_GROUP_DIM)
+        values = encode_layers(snapshot.values, bits, self.group_size, VALUE_GROUP_DIM)
         positions = snapshot.positions.to(device="cpu", dtype=POSITION_DTYPE)
         return EncodedKV(layout, positions, keys, values)
 
@@ -171,10 +227,9 @@ class KVCodec:
             raise ValueError(f"{type(self).__name__} decodes {self.mode.value}, "
                              f"got {layout.mode.value}; use codec_for(encoded.mode)")
         shape = layout.tensor_shape
-        keys = tuple(decode_tensor(k, shape, layout.group_size, KEY_GROUP_DIM, dtype, device)
-                     for k in encoded.keys)
-        values = tuple(decode_tensor(v, shape, layout.group_size, VALUE_GROUP_DIM, dtype,
-                                     device) for v in encoded.values)
+        keys = decode_layers(encoded.keys, shape, layout.group_size, KEY_GROUP_DIM, dtype, device)
+        values = decode_layers(encoded.values, shape, layout.group_size, VALUE_GROUP_DIM, dtype,
+                               device)
         return KVSnapshot(keys, values, encoded.positions.to(device=device, dtype=torch.long))
 
 

@@ -18,7 +18,9 @@ import torch
 
 # fp16 keeps 11 significant bits; widening the scale by 2**-10 before rounding guarantees
 # the stored scale is never below the true one, so the group maximum never overflows qmax.
-_SCALE_SLACK = 1.0 + 2.0**-10
+SCALE_SLACK = 1.0 + 2.0**-10
+NOT_FINITE = ("KV values are not finite or exceed the fp16 range of scales and zero-points; "
+              "send this request in BF16 mode instead")
 
 
 def num_groups(length: int, group_size: int) -> int:
@@ -58,11 +60,10 @@ def quantize(x: torch.Tensor, bits: int, group_size: int, dim: int):
     length = x.shape[dim]
     grouped = _split_groups(x.float(), dim, group_size)
     lo, hi = torch.aminmax(grouped, dim=dim + 1)
-    scales = ((hi - lo) * (_SCALE_SLACK / qmax)).to(torch.float16)
+    scales = ((hi - lo) * (SCALE_SLACK / qmax)).to(torch.float16)
     zeros = lo.to(torch.float16)
     if not bool(torch.isfinite(scales).all() & torch.isfinite(zeros).all()):
-        raise ValueError("KV values are not finite or exceed the fp16 range of scales and "
-                         "zero-points; send this request in BF16 mode instead")
+        raise ValueError(NOT_FINITE)
     step = scales.float()
     # A constant group has scale 0: all its codes are 0 and it decodes exactly.
     inverse = torch.where(step > 0, step.reciprocal(), torch.zeros_like(step))

@@ -1,0 +1,301 @@
+"""Triton kernels for the KIVI group quantization of whole snapshots, one launch per call.
+
+What lives here: fused encode (min/max, fp16 scale and zero, codes, 4-bit packing) and
+decode (unpacking, code * scale + zero, bf16 output) of many layers at once, keys grouped
+along tokens and values along channels, in exactly the layout of ``quant`` (codes
+``[heads, tokens, head_dim]``, 4-bit codes flat with the low nibble first, scales and zeros
+with the grouped axis shrunk). Layers are reached through a table of their addresses, so a
+snapshot whose layers are separate tensors (a transformers cache) needs no stacking copy.
+What it knows: the arithmetic of ``quant.quantize``/``quant.dequantize``, step for step
+(fp32 min/max, the same scale slack, ``fma`` where torch's ``addcmul`` contracts to one),
+so the codes and scales agree with the torch path. What it leaves to others: when to use it
+(``base``, which falls back to ``quant`` where ``supports`` says no) and the finiteness
+check (the caller reads one flag per call instead of one per tensor).
+
+Why: the torch path makes about ten passes over float32 temporaries and one host sync per
+tensor; at 7B shapes it reaches a small fraction of the GPU's copy bandwidth
+(docs/PERFORMANCE.md). Importing this module needs Triton; ``base`` treats ImportError as
+"use torch".
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+KEY_DIM = 1
+VALUE_DIM = 2
+# (tokens per program, warps) of each kernel; bench/gpu_codec.py --sweep measures others.
+LAUNCH = {"encode_keys": (64, 4), "encode_values": (32, 4),
+          "decode_keys": (32, 4), "decode_values": (32, 4)}
+
+
+# Triton's CPU interpreter (TRITON_INTERPRET=1) runs these kernels on CPU tensors: slow,
+# but it lets machines without a GPU check the kernels against the torch path.
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _power_of_two(n: int) -> bool:
+    return n > 0 and n & (n - 1) == 0
+
+
+def device_ok(device: torch.device) -> bool:
+    return device.type == "cuda" or (INTERPRET and device.type == "cpu")
+
+
+def shape_ok(shape, group_size: int, dim: int) -> bool:
+    """Power-of-two head_dim and group size; for values (``dim`` 2) the group size must
+    divide head_dim (channel groups never straddle tokens)."""
+    head_dim = shape[-1]
+    return (len(shape) == 3 and head_dim >= 2 and _power_of_two(head_dim)
+            and _power_of_two(group_size) and (dim == KEY_DIM or head_dim % group_size == 0))
+
+
+def supports(tensors, group_size: int, dim: int) -> bool:
+    """Whether these ``[heads, tokens, head_dim]`` tensors can be encoded together here:
+    contiguous bf16 of one shape on one device that ``device_ok`` accepts."""
+    if not tensors:
+        return False
+    first = tensors[0]
+    return (device_ok(first.device) and shape_ok(first.shape, group_size, dim)
+            and all(t.dtype == torch.bfloat16 and t.is_contiguous() and t.shape == first.shape
+                    and t.device == first.device for t in tensors))
+
+
+def _table(tensors) -> torch.Tensor:
+    return torch.tensor([t.data_ptr() for t in tensors], dtype=torch.int64,
+                        device=tensors[0].device)
+
+
+@triton.jit
+def _program_tokens(H, BT: tl.constexpr):
+    """(layer, head, token indices) of this program: grid axis 0 runs over layers x heads,
+    axis 1 over blocks of BT tokens."""
+    lh = tl.program_id(0)
+    return (lh // H).to(tl.int64), lh % H, tl.program_id(1) * BT + tl.arange(0, BT)
+
+
+@triton.jit
+def _flag_non_finite(flag_ptr, step, zero, valid):
+    # One atomic per program that met a NaN/inf scale or zero: the caller reads one flag
+    # for the whole call instead of reducing every scale tensor on the host's behalf.
+    finite = (tl.abs(step) < float("inf")) & (tl.abs(zero) < float("inf"))
+    bad = tl.max(tl.where(valid & (finite == 0), 1, 0))
+    if bad > 0:
+        tl.atomic_or(flag_ptr, 1)
+
+
+@triton.jit
+def _encode_keys(src_table, codes_ptr, scales_ptr, zeros_ptr, flag_ptr, H, T, G, scale_factor,
+                 D: tl.constexpr, GS: tl.constexpr, QMAX: tl.constexpr, PACK: tl.constexpr,
+                 BT: tl.constexpr):
+    # One program: BT tokens (BT // GS token groups) of one head of one layer, all D channels.
+    NGT: tl.constexpr = BT // GS
+    tb = tl.program_id(1)
+    layer, head, t = _program_tokens(H, BT)
+    src = tl.load(src_table + layer).to(tl.pointer_type(tl.bfloat16))
+    d = tl.arange(0, D)
+    mask = (t < T)[:, None] & (d < D)[None, :]
+    offs = (head * T + t)[:, None].to(tl.int64) * D + d[None, :]
+    x = tl.load(src + offs, mask=mask, other=0.0).to(tl.float32)
+    lo = tl.min(tl.reshape(tl.where(mask, x, float("inf")), (NGT, GS, D)), axis=1)
+    hi = tl.max(tl.reshape(tl.where(mask, x, float("-inf")), (NGT, GS, D)), axis=1)
+    g = tb * NGT + tl.arange(0, NGT)
+    valid = (g < G)[:, None] & (d < D)[None, :]
+    scale = ((hi - lo) * scale_factor).to(tl.float16)
+    zero = lo.to(tl.float16)
+    soffs = ((layer * H + head) * G + g)[:, None] * D + d[None, :]
+    tl.store(scales_ptr + soffs, scale, mask=valid)
+    tl.store(zeros_ptr + soffs, zero, mask=valid)
+    step = scale.to(tl.float32)
+    _flag_non_finite(flag_ptr, step, zero.to(tl.float32), valid)
+    inverse = tl.where(step > 0, tl.math.div_rn(1.0, step), 0.0)
+    bias = 0.5 - zero.to(tl.float32) * inverse
+    q = tl.math.fma(tl.reshape(x, (NGT, GS, D)), inverse[:, None, :], bias[:, None, :])
+    codes = tl.minimum(tl.maximum(q, 0.0), QMAX).to(tl.uint8)
+    # Which shape to store from was chosen by timing (bench/gpu_codec.py --sweep, 14B):
+    # int8 codes stored as the [groups, GS, D] tile they were computed in ran 3x faster than
+    # after a reshape to [BT, D]; 4-bit packing after that reshape was the fast variant.
+    if PACK:
+        even, odd = tl.split(tl.reshape(codes, (BT, D // 2, 2)))
+        poffs = layer * (H * T * D // 2) + (head * T + t)[:, None].to(tl.int64) * (D // 2) \
+            + tl.arange(0, D // 2)[None, :]
+        tl.store(codes_ptr + poffs, even | (odd << 4), mask=(t < T)[:, None])
+    else:
+        t3 = (tb * BT + tl.arange(0, NGT)[:, None] * GS + tl.arange(0, GS)[None, :])[:, :, None]
+        offs3 = layer * (H * T * D) + (head * T + t3).to(tl.int64) * D \
+            + tl.arange(0, D)[None, None, :]
+        tl.store(codes_ptr + offs3, codes, mask=t3 < T)
+
+
+@triton.jit
+def _encode_values(src_table, codes_ptr, scales_ptr, zeros_ptr, flag_ptr, H, T, scale_factor,
+                   D: tl.constexpr, GS: tl.constexpr, QMAX: tl.constexpr, PACK: tl.constexpr,
+                   BT: tl.constexpr):
+    # One program: BT tokens of one head of one layer; groups of GS channels per token.
+    NG: tl.constexpr = D // GS
+    layer, head, t = _program_tokens(H, BT)
+    src = tl.load(src_table + layer).to(tl.pointer_type(tl.bfloat16))
+    rows = t < T
+    if PACK:
+        # Each 4-byte word holds channels 2i (low half) and 2i+1: a bf16 is the top half of
+        # its fp32, so shifts give both as fp32 tiles [BT, NG, GS/2] whose codes pack into
+        # one byte in place (reshape+split variants ran 3x slower in the sweep).
+        src32 = tl.load(src_table + layer).to(tl.pointer_type(tl.int32))
+        woffs = (head * T + t)[:, None].to(tl.int64) * (D // 2) + tl.arange(0, D // 2)[None, :]
+        words = tl.load(src32 + woffs, mask=rows[:, None], other=0)
+        xe = tl.reshape((words << 16).to(tl.float32, bitcast=True), (BT, NG, GS // 2))
+        xo = tl.reshape((words & -65536).to(tl.float32, bitcast=True), (BT, NG, GS // 2))
+        lo = tl.minimum(tl.min(xe, axis=2), tl.min(xo, axis=2))
+        hi = tl.maximum(tl.max(xe, axis=2), tl.max(xo, axis=2))
+    else:
+        offs = (head * T + t)[:, None].to(tl.int64) * D + tl.arange(0, D)[None, :]
+        x = tl.reshape(tl.load(src + offs, mask=rows[:, None], other=0.0).to(tl.float32),
+                       (BT, NG, GS))
+        lo = tl.min(x, axis=2)
+        hi = tl.max(x, axis=2)
+    scale = ((hi - lo) * scale_factor).to(tl.float16)
+    zero = lo.to(tl.float16)
+    soffs = ((layer * H + head) * T + t)[:, None] * NG + tl.arange(0, NG)[None, :]
+    tl.store(scales_ptr + soffs, scale, mask=rows[:, None])
+    tl.store(zeros_ptr + soffs, zero, mask=rows[:, None])
+    step = scale.to(tl.float32)
+    _flag_non_finite(flag_ptr, step, zero.to(tl.float32), rows[:, None])
+    inverse = tl.where(step > 0, tl.math.div_rn(1.0, step), 0.0)
+    bias = (0.5 - zero.to(tl.float32) * inverse)[:, :, None]
+    inverse = inverse[:, :, None]
+    if PACK:
+        ce = tl.minimum(tl.maximum(tl.math.fma(xe, inverse, bias), 0.0), QMAX).to(tl.uint8)
+        co = tl.minimum(tl.maximum(tl.math.fma(xo, inverse, bias), 0.0), QMAX).to(tl.uint8)
+        tl.store(codes_ptr + layer * (H * T * D // 2) + woffs,
+                 tl.reshape(ce | (co << 4), (BT, D // 2)), mask=rows[:, None])
+    else:
+        codes = tl.minimum(tl.maximum(tl.math.fma(x, inverse, bias), 0.0), QMAX).to(tl.uint8)
+        tl.store(codes_ptr + layer * (H * T * D) + offs, tl.reshape(codes, (BT, D)),
+                 mask=rows[:, None])
+
+
+@triton.jit
+def _load_codes(codes, head, t, rows, T, D: tl.constexpr, R: tl.constexpr, PACK: tl.constexpr):
+    """Codes ``[R, D]`` (uint8 values 0..QMAX) of tokens ``t`` of one head."""
+    if PACK:
+        d2 = tl.arange(0, D // 2)
+        packed = tl.load(codes + (head * T + t)[:, None].to(tl.int64) * (D // 2) + d2[None, :],
+                         mask=rows[:, None], other=0)
+        return tl.reshape(tl.join(packed & 0x0F, packed >> 4), (R, D))
+    d = tl.arange(0, D)
+    return tl.load(codes + (head * T + t)[:, None].to(tl.int64) * D + d[None, :],
+                   mask=rows[:, None], other=0)
+
+
+@triton.jit
+def _decode_program(codes_table, scales_table, zeros_table, H, T, BT: tl.constexpr):
+    """This program's layer, head, tokens (with their in-range mask) and the layer's parts."""
+    layer, head, t = _program_tokens(H, BT)
+    return (layer, head, t, t < T,
+            tl.load(codes_table + layer).to(tl.pointer_type(tl.uint8)),
+            tl.load(scales_table + layer).to(tl.pointer_type(tl.float16)),
+            tl.load(zeros_table + layer).to(tl.pointer_type(tl.float16)))
+
+
+@triton.jit
+def _decode_keys(codes_table, scales_table, zeros_table, out_ptr, H, T, G,
+                 D: tl.constexpr, GS: tl.constexpr, PACK: tl.constexpr, BT: tl.constexpr):
+    NGT: tl.constexpr = BT // GS
+    tb = tl.program_id(1)
+    layer, head, t, rows, codes, scales, zeros = _decode_program(
+        codes_table, scales_table, zeros_table, H, T, BT)
+    d = tl.arange(0, D)
+    c = tl.reshape(_load_codes(codes, head, t, rows, T, D, BT, PACK).to(tl.float32), (NGT, GS, D))
+    g = tb * NGT + tl.arange(0, NGT)
+    soffs = (head * G + g)[:, None] * D + d[None, :]
+    s = tl.load(scales + soffs, mask=(g < G)[:, None], other=0.0).to(tl.float32)
+    z = tl.load(zeros + soffs, mask=(g < G)[:, None], other=0.0).to(tl.float32)
+    out = tl.reshape(tl.math.fma(c, s[:, None, :], z[:, None, :]), (BT, D)).to(tl.bfloat16)
+    offs = layer * H * T * D + (head * T + t)[:, None].to(tl.int64) * D + d[None, :]
+    tl.store(out_ptr + offs, out, mask=rows[:, None])
+
+
+@triton.jit
+def _decode_values(codes_table, scales_table, zeros_table, out_ptr, H, T,
+                   D: tl.constexpr, GS: tl.constexpr, PACK: tl.constexpr, BT: tl.constexpr):
+    NG: tl.constexpr = D // GS
+    layer, head, t, rows, codes, scales, zeros = _decode_program(
+        codes_table, scales_table, zeros_table, H, T, BT)
+    c = tl.reshape(_load_codes(codes, head, t, rows, T, D, BT, PACK).to(tl.float32), (BT, NG, GS))
+    soffs = (head * T + t)[:, None].to(tl.int64) * NG + tl.arange(0, NG)[None, :]
+    s = tl.load(scales + soffs, mask=rows[:, None], other=0.0).to(tl.float32)
+    z = tl.load(zeros + soffs, mask=rows[:, None], other=0.0).to(tl.float32)
+    out = tl.reshape(tl.math.fma(c, s[:, :, None], z[:, :, None]), (BT, D)).to(tl.bfloat16)
+    d = tl.arange(0, D)
+    offs = layer * H * T * D + (head * T + t)[:, None].to(tl.int64) * D + d[None, :]
+    tl.store(out_ptr + offs, out, mask=rows[:, None])
+
+
+def quantize_layers(tensors, bits: int, group_size: int, dim: int, scale_factor: float,
+                    flag: torch.Tensor):
+    """Codes, scales and zeros of every tensor, stacked on a new leading layer axis.
+
+    Codes are ``[layers, heads, tokens, head_dim]`` uint8, or ``[layers, count // 2]`` when
+    4-bit; scales and zeros are fp16 with the grouped axis shrunk, as ``quant.quantize``.
+    ``scale_factor`` is the slack over ``qmax`` that ``quant`` uses. ``flag`` (one int32 on
+    the device, zero) becomes nonzero if any scale or zero is not finite.
+    """
+    if bits not in (4, 8):
+        raise ValueError(f"Triton kernels quantize to 8 or 4 bits, not {bits}")
+    layers = len(tensors)
+    heads, tokens, head_dim = tensors[0].shape
+    device = tensors[0].device
+    pack = bits == 4
+    count = heads * tokens * head_dim
+    codes = torch.empty((layers, count // 2) if pack else (layers, heads, tokens, head_dim),
+                        dtype=torch.uint8, device=device)
+    if dim == KEY_DIM:
+        groups = -(-tokens // group_size)
+        side = (layers, heads, groups, head_dim)
+    else:
+        side = (layers, heads, tokens, head_dim // group_size)
+    scales = torch.empty(side, dtype=torch.float16, device=device)
+    zeros = torch.empty(side, dtype=torch.float16, device=device)
+    qmax = (1 << bits) - 1
+    table = _table(tensors)
+    if dim == KEY_DIM:
+        block, warps = LAUNCH["encode_keys"]
+        block = max(block, group_size)
+        _encode_keys[(layers * heads, -(-tokens // block))](
+            table, codes, scales, zeros, flag, heads, tokens, side[2], scale_factor,
+            D=head_dim, GS=group_size, QMAX=qmax, PACK=pack, BT=block, num_warps=warps)
+    else:
+        block, warps = LAUNCH["encode_values"]
+        _encode_values[(layers * heads, -(-tokens // block))](
+            table, codes, scales, zeros, flag, heads, tokens, scale_factor,
+            D=head_dim, GS=group_size, QMAX=qmax, PACK=pack, BT=block, num_warps=warps)
+    return codes, scales, zeros
+
+
+def dequantize_layers(codes, scales, zeros, shape: tuple[int, int, int], bits: int,
+                      group_size: int, dim: int) -> torch.Tensor:
+    """bf16 ``[layers, heads, tokens, head_dim]`` from per-layer codes, scales and zeros
+    (sequences of tensors in ``quant``'s per-layer layout)."""
+    heads, tokens, head_dim = shape
+    layers = len(codes)
+    device = codes[0].device
+    out = torch.empty((layers, heads, tokens, head_dim), dtype=torch.bfloat16, device=device)
+    tables = (_table(codes), _table(scales), _table(zeros))
+    pack = bits == 4
+    if dim == KEY_DIM:
+        groups = -(-tokens // group_size)
+        block, warps = LAUNCH["decode_keys"]
+        block = max(block, group_size)
+        _decode_keys[(layers * heads, -(-tokens // block))](
+            *tables, out, heads, tokens, groups, D=head_dim, GS=group_size, PACK=pack, BT=block,
+            num_warps=warps)
+    else:
+        block, warps = LAUNCH["decode_values"]
+        _decode_values[(layers * heads, -(-tokens // block))](
+            *tables, out, heads, tokens, D=head_dim, GS=group_size, PACK=pack, BT=block,
+            num_warps=warps)
+    return out
