@@ -143,3 +143,26 @@ def test_calibrate_writes_a_loadable_profile_for_the_embedded_model(tmp_path, em
     assert set(profile.modes) == {Mode.BF16, Mode.INT8, Mode.INT4, Mode.MIXED_INT4,
                                   Mode.SCOUT, Mode.LOCAL}
     assert all(q.n == 2 for q in profile.modes.values())
+
+
+def test_mixed_int4_finds_the_shipped_bottleneck_report_without_measuring(tmp_path):
+    from types import SimpleNamespace
+
+    from ray_scout.core import bottleneck
+
+    # A stand-in with no model: measuring would fail, so a result proves the shipped report
+    # (experiments/profiles/) was used with an empty user cache (tmp_path).
+    lm = SimpleNamespace(model_id="smollm2-135m-instruct")
+    assert bottleneck.protected_layers_for(lm, root=tmp_path) == (18,)
+    assert bottleneck.protected_layers_for(lm, top_k=2, root=tmp_path) == (17, 18)
+
+
+def test_merging_results_adds_only_missing_rows(tmp_path):
+    a, b = tmp_path / "a.csv", tmp_path / "b.csv"
+    row = dict.fromkeys(ROW_FIELDS, 0)
+    row.update(edge_model="e", cloud_model="e", task="single_needle", sample_id="s0",
+               method=FULL, retention=1.0, mode="bf16", prediction="x", answers="x")
+    harness.append_rows(a, [row])
+    harness.append_rows(b, [row, dict(row, mode="int8")])
+    assert harness.merge_results(a, [b]) == 1
+    assert [r["mode"] for r in harness.read_rows(a)] == ["bf16", "int8"]

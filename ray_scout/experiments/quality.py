@@ -26,7 +26,8 @@ from ray_scout.core.modes import Mode
 from ray_scout.core.quality import (FULL, REFERENCE, ROW_FIELDS, SCORES, Cell, CellSummary,
                                     Grid, QualityError, paired, row_key, run_grid, summarize)
 
-RESULTS_DIR = Path("experiments/results/quality")
+# Scratch by default (git-ignored); committed results name their file with --results.
+RESULTS_DIR = Path("results/quality")
 RETENTIONS = (0.25, 0.5, 0.75)
 SELECTORS = ("q2c", "snapkv", "h2o", "streaming", "random")
 CODEC_MODES = (Mode.BF16, Mode.INT8, Mode.INT4, Mode.MIXED_INT4)
@@ -246,7 +247,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              f"{RESULTS_DIR}/<edge>-<cloud>.csv); Parquet and .md go beside it")
     parser.add_argument("--summary", type=Path, help="Markdown summary path "
                         "(default: beside the CSV, <grid>.md)")
-    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    parser.add_argument("--merge", type=Path, nargs="*", default=[],
+                        help="results CSVs of other runs (say, run in parallel) whose rows "
+                             "the --results file lacks: appended to it before anything runs")
+    parser.add_argument("--no-run", action="store_true",
+                        help="measure nothing: summarize the rows on file")
+    parser.add_argument("--threads", type=int, default=2,
+                        help="torch CPU threads (1 is faster on a CPU shared with other jobs)")
 
 
 def _load(grid: Grid):
@@ -266,6 +273,18 @@ def _safe(name: str) -> str:
 
 def default_results(grid: Grid) -> Path:
     return RESULTS_DIR / f"{_safe(grid.edge_model)}-{_safe(grid.cloud_model)}.csv"
+
+
+def merge_results(results: Path, others: Sequence[Path]) -> int:
+    """Append the rows of ``others`` that ``results`` lacks; returns how many."""
+    seen = {row_key(r) for r in read_rows(results)}
+    fresh = []
+    for other in others:
+        for row in read_rows(other):
+            if row_key(row) not in seen:
+                seen.add(row_key(row))
+                fresh.append(row)
+    return append_rows(results, fresh)
 
 
 def measure(grid: Grid, results: Path, *, log=print) -> list[dict]:
@@ -292,7 +311,9 @@ def run(args: argparse.Namespace) -> int:
     if args.n is not None:
         grid = dataclasses.replace(grid, n=args.n)
     results = args.results or default_results(grid)
-    rows = measure(grid, results)
+    if args.merge:
+        print(f"merged {merge_results(results, args.merge)} rows into {results}")
+    rows = grid_rows(read_rows(results), grid) if args.no_run else measure(grid, results)
     write_parquet(read_rows(results), results.with_suffix(".parquet"))
     summary = args.summary or results.with_name(f"{_safe(grid.name)}.md")
     summary.write_text(summary_markdown(rows, grid))
