@@ -289,8 +289,6 @@ def merge_results(results: Path, others: Sequence[Path]) -> int:
 
 def measure(grid: Grid, results: Path, *, log=print) -> list[dict]:
     """Run what ``results`` lacks of ``grid`` and return all of the grid's rows."""
-    import torch  # noqa: F401  (loaded here so `scout --help` stays fast)
-
     done = {row_key(r) for r in read_rows(results)}
     edge, cloud, protected = _load(grid)
     log(f"{grid.name}: {grid.edge_model} -> {grid.cloud_model}, {len(grid.cells)} cells x "
