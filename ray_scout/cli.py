@@ -13,6 +13,8 @@ import sys
 # name -> (module, help); each module defines add_arguments(parser) and run(args) -> int.
 COMMANDS: dict[str, tuple[str, str]] = {
     "setup": ("ray_scout.setup_check", "convert the embedded model once and check the machine"),
+    "quality": ("ray_scout.experiments.quality", "run a quality grid (selection x retention x mode) and summarize it"),
+    "calibrate": ("ray_scout.experiments.calibrate", "measure a model pair's quality per mode and write its QualityProfile"),
     "net": ("ray_scout.net.cli", "links: probe the kernel, list profiles, clean up leftovers, hold a topology up"),
     "run": ("ray_scout.experiments.runner", "run an experiment spec (experiments/<name>.yaml) and report it"),
     "report": ("ray_scout.experiments.report", "rewrite summary.md and plots of a results directory"),

@@ -117,9 +117,20 @@ def diagnose_bottleneck_layers(lm: models.LoadedModel, prompts: list[str] | None
                             len(prompts), scores, all_layers / len(prompts), ranking)
 
 
+# Reports measured once and committed, so a fresh machine (CI) need not spend minutes on them.
+SHIPPED_DIR = Path(__file__).resolve().parents[2] / "experiments" / "profiles"
+
+
+def _safe(model_id: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", model_id)
+
+
 def report_path(model_id: str, root: Path | None = None) -> Path:
-    safe = re.sub(r"[^A-Za-z0-9._-]+", "_", model_id)
-    return (root or models.cache_dir()) / "bottleneck" / f"{safe}.json"
+    return (root or models.cache_dir()) / "bottleneck" / f"{_safe(model_id)}.json"
+
+
+def shipped_report_path(model_id: str) -> Path:
+    return SHIPPED_DIR / f"bottleneck-{_safe(model_id)}.json"
 
 
 def save_report(report: BottleneckReport, root: Path | None = None) -> Path:
@@ -131,11 +142,16 @@ def save_report(report: BottleneckReport, root: Path | None = None) -> Path:
     return path
 
 
-def load_report(model_id: str, root: Path | None = None) -> BottleneckReport | None:
-    """The cached report, or None when there is none or it is unreadable."""
-    path = report_path(model_id, root)
+def load_report(model_id: str, root: Path | None = None, *,
+                path: Path | None = None) -> BottleneckReport | None:
+    """The cached (or, with ``path``, that) report; None when there is none.
+
+    A shipped report's ``provenance`` (machine, date, command) is documentation and skipped.
+    """
+    path = path or report_path(model_id, root)
     try:
         raw = json.loads(path.read_text())
+        raw.pop("provenance", None)
         raw["scores"] = tuple(raw["scores"])
         raw["ranking"] = tuple(raw["ranking"])
         return BottleneckReport(**raw)
@@ -149,10 +165,14 @@ def load_report(model_id: str, root: Path | None = None) -> BottleneckReport | N
 def protected_layers_for(lm: models.LoadedModel, prompts: list[str] | None = None, *,
                          top_k: int = 1, group_size: int = 32, refresh: bool = False,
                          root: Path | None = None) -> tuple[int, ...]:
-    """The top-k bottleneck layers of ``lm``: cached when the prompts and group size match,
-    measured (and cached) otherwise."""
+    """The top-k bottleneck layers of ``lm``: from the user's cache or the report shipped in
+    ``experiments/profiles/`` when the prompts and group size match, measured (and cached)
+    otherwise."""
     prompts = list(prompts or CALIBRATION_PROMPTS)
-    cached = None if refresh else load_report(lm.model_id, root)
+    cached = None
+    if not refresh:
+        cached = (load_report(lm.model_id, root)
+                  or load_report(lm.model_id, path=shipped_report_path(lm.model_id)))
     if (cached is None or cached.prompts_digest != prompts_digest(prompts)
             or cached.group_size != group_size):
         cached = diagnose_bottleneck_layers(lm, prompts, top_k=top_k, group_size=group_size)
