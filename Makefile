@@ -9,4 +9,4 @@ demo: setup
 	$(PYTHON) -m ray_scout.cli run experiments/demo.yaml --out results/demo
 
 test: setup
-	$(PYTHON) -m pytest -q
+	$(PYTHON) -m pytest -q -rs
