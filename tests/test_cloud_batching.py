@@ -1,0 +1,102 @@
+"""Batched cloud compute answers exactly as one request at a time does."""
+
+import pytest
+import torch
+
+from ray_scout.core import generation, wire
+from ray_scout.core.modes import Mode
+from ray_scout.core.pipeline import CloudStage, EdgeOptions, EdgeStage, PipelineError
+
+CONTEXTS = [
+    "The harbour of Velmora was rebuilt in 1911. The code word for the vault is amberline. " * 2,
+    "Ana Brist kept the lighthouse log. Ships: Orca, Tern, Kestrel. " * 4,
+    "The vault opens at dawn. " * 3,
+]
+QUESTIONS = ["What is the code word?", "Who kept the log?", "When does the vault open?"]
+
+
+def _payloads(lm, modes, options):
+    stage = EdgeStage(lm, options)
+    out = []
+    for index, mode in enumerate(modes):
+        analysis = stage.analyze(CONTEXTS[index % 3], QUESTIONS[index % 3])
+        out.append(stage.encode(analysis, mode, cloud_has_document=False).data)
+    return out
+
+
+def _cloud(lm, max_new_tokens):
+    return CloudStage({lm.model_id: lm}, max_new_tokens=max_new_tokens)
+
+
+def test_batched_scout_answers_equal_unbatched_token_for_token(tiny_model):
+    payloads = _payloads(tiny_model, [Mode.SCOUT] * 3, EdgeOptions(scout_retention=0.4))
+    single = [_cloud(tiny_model, 8).answer(p) for p in payloads]
+    batched = _cloud(tiny_model, 8).answer_batch(payloads)
+    assert [a.text for a in batched] == [a.text for a in single]
+    assert all(a.mode == Mode.SCOUT and a.prefill_s > 0 for a in batched)
+    assert len({a.prefill_s for a in batched}) == 1  # one pass, shared by its members
+
+
+def test_kv_modes_with_different_pruned_lengths_join_the_scout_decode_batch(tiny_model):
+    modes = [Mode.INT8, Mode.SCOUT, Mode.BF16, Mode.INT4, Mode.SCOUT, Mode.MIXED_INT4]
+    options = EdgeOptions(kv_retention=0.5, protected_layers=(0,))
+    payloads = _payloads(tiny_model, modes, options)
+    single = [_cloud(tiny_model, 6).answer(p) for p in payloads]
+    batched = _cloud(tiny_model, 6).answer_batch(payloads)
+    assert [(a.mode, a.text) for a in batched] == [(a.mode, a.text) for a in single]
+    assert len({a.decode_s for a in batched}) == 1
+
+
+def test_a_bad_payload_fails_only_its_own_slot(tiny_model):
+    good = _payloads(tiny_model, [Mode.SCOUT, Mode.INT8], EdgeOptions())
+    corrupt = good[1][:100] + bytes([good[1][100] ^ 0xFF]) + good[1][101:]
+    foreign = wire.encode_payload(Mode.SCOUT, "not-hosted", {"scout": b""})
+    results = _cloud(tiny_model, 4).answer_batch([good[0], corrupt, foreign, good[1]])
+    assert isinstance(results[1], wire.WireError)
+    assert isinstance(results[2], PipelineError) and "does not host" in str(results[2])
+    assert results[0].mode == Mode.SCOUT and results[3].mode == Mode.INT8
+
+
+def test_rows_that_stop_early_leave_the_batch_without_changing_the_others(tiny_model):
+    stage = EdgeStage(tiny_model)
+    snaps, tails, single = [], [], []
+    for context, question in zip(CONTEXTS, QUESTIONS):
+        pre = stage.analyze(context, question).prefill
+        snap = generation.pruned_snapshot(pre, torch.arange(pre.layout.num_context))
+        tail = pre.layout.input_ids[-1:].tolist()
+        snaps.append(snap)
+        tails.append(tail)
+    limits = [2, 7, 4]  # rows leave at different steps
+    single = [generation.continue_after(tiny_model, s, t, max_new_tokens=n)
+              for s, t, n in zip(snaps, tails, limits)]
+    batched, _ = generation.continue_after_batch(tiny_model, snaps, tails, max_new_tokens=7)
+    for one, many, limit in zip(single, batched, limits):
+        assert many.token_ids[:limit] == one.token_ids
+
+
+def test_batched_prefill_matches_single_prefill(tiny_model):
+    stage = EdgeStage(tiny_model)
+    layouts = [stage.analyze(c, q).layout for c, q in zip(CONTEXTS, QUESTIONS)]
+    snaps, seconds = generation.prefill_batch(tiny_model, layouts)
+    assert seconds > 0
+    for layout, snap in zip(layouts, snaps):
+        ref = generation.prefill(tiny_model, layout, capture="none").snapshot
+        assert torch.equal(snap.positions, ref.positions)
+        for mine, theirs in zip(snap.keys + snap.values, ref.keys + ref.values):
+            torch.testing.assert_close(mine, theirs, rtol=1e-4, atol=1e-4)
+
+
+def test_unequal_tails_are_a_clear_error(tiny_model):
+    pre = EdgeStage(tiny_model).analyze(CONTEXTS[0], QUESTIONS[0]).prefill
+    with pytest.raises(generation.GenerationError, match="same non-zero length"):
+        generation.continue_after_batch(tiny_model, [pre.snapshot] * 2, [[1], [1, 2]])
+
+
+@pytest.mark.model
+def test_embedded_batched_answers_equal_unbatched(embedded_model):
+    modes = [Mode.SCOUT, Mode.SCOUT, Mode.INT8, Mode.SCOUT]
+    payloads = _payloads(embedded_model, modes, EdgeOptions(scout_retention=0.5))
+    single = [_cloud(embedded_model, 12).answer(p) for p in payloads]
+    batched = _cloud(embedded_model, 12).answer_batch(payloads)
+    assert [a.text for a in batched] == [a.text for a in single]
+    assert any(a.text for a in single)
