@@ -100,3 +100,98 @@ def test_embedded_batched_answers_equal_unbatched(embedded_model):
     batched = _cloud(embedded_model, 12).answer_batch(payloads)
     assert [a.text for a in batched] == [a.text for a in single]
     assert any(a.text for a in single)
+
+
+def _actor(service, **batching):
+    from ray_scout.actors.cloud import CloudActor
+
+    return CloudActor("c", ("127.0.0.1", 0), None, service, **batching)
+
+
+def _send(actor, bodies, deadline_unix_s=None):
+    import json
+    import threading
+    import time
+
+    from ray_scout.transport.server import Request
+
+    replies: dict[int, object] = {}
+
+    def one(index, body):
+        now = time.time()
+        try:
+            replies[index] = json.loads(actor._handle(
+                Request(body, index, deadline_unix_s, ("x", 0), now, now, len(body))))
+        except Exception as exc:  # noqa: BLE001 -- the test inspects it
+            replies[index] = exc
+
+    threads = [threading.Thread(target=one, args=(i, b)) for i, b in enumerate(bodies)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=10)
+    return [replies[i] for i in range(len(bodies))]
+
+
+def _echo(seen):
+    def serve(bodies):
+        seen.append(len(bodies))
+        return [ValueError("bad") if b == b"bad" else {"text": b.decode()} for b in bodies]
+    return serve
+
+
+def test_actor_collects_up_to_max_batch_within_the_window():
+    seen = []
+    actor = _actor(_echo(seen), max_batch=4, batch_window_s=0.5)
+    try:
+        replies = _send(actor, [b"a", b"b", b"bad", b"d"])
+    finally:
+        actor.close()
+    assert seen == [4]
+    assert isinstance(replies[2], ValueError)
+    ok = [r for r in replies if isinstance(r, dict)]
+    assert sorted(r["text"] for r in ok) == ["a", "b", "d"]
+    assert all(r["batch_size"] == 4 and r["cloud_compute_s"] >= 0 for r in ok)
+    assert len({r["cloud_compute_s"] for r in ok}) == 1  # the batch's time is each member's
+
+
+def test_actor_defaults_to_one_request_at_a_time():
+    seen = []
+    actor = _actor(_echo(seen))
+    try:
+        replies = _send(actor, [b"a", b"b", b"c"])
+    finally:
+        actor.close()
+    assert seen == [1, 1, 1] and all(r["batch_size"] == 1 for r in replies)
+
+
+def test_actor_does_not_wait_past_the_window_for_a_full_batch():
+    import time
+
+    seen = []
+    actor = _actor(_echo(seen), max_batch=8, batch_window_s=0.05)
+    try:
+        start = time.monotonic()
+        replies = _send(actor, [b"only"])
+        elapsed = time.monotonic() - start
+    finally:
+        actor.close()
+    assert seen == [1] and replies[0]["cloud_queue_s"] >= 0.04 and elapsed < 2
+
+
+def test_profiled_batch_model_sums_prefill_tokens_and_keeps_the_longest_decode():
+    from ray_scout.actors.compute import PaperBTiming, ProfiledCloud, ProfiledRequest, \
+        ProfileTiming
+    from ray_scout.core.latency import LatencyProfile
+
+    profile = LatencyProfile("m", "cpu", ((32, 0.1), (2048, 2.0)), ((32, 0.01), (2048, 0.02)))
+    cloud = ProfiledCloud({"m": ProfileTiming(profile), "p": PaperBTiming()})
+    scout = ProfiledRequest(Mode.SCOUT, "m", 1024, 256, 24)
+    kv = ProfiledRequest(Mode.INT8, "m", 512, 256, 24)
+    batch = cloud.batch_service_s([scout, kv])
+    expected = (profile.prefill_s(256 + 32 + 32)
+                + max(profile.decode_s(256, 24), profile.decode_s(512, 24)))
+    assert batch == pytest.approx(expected)
+    assert batch < cloud.service_s(scout) + cloud.service_s(kv)
+    paper = ProfiledRequest(Mode.INT8, "p", 512, 256, 24)
+    assert cloud.batch_service_s([paper, paper]) == pytest.approx(2 * cloud.service_s(paper))
