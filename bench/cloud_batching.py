@@ -1,7 +1,7 @@
 """Cloud micro-batching on this machine: throughput and latency of scout requests per batch size.
 
-    nice python3 bench/cloud_batching.py --source embedded --context-tokens 256 --requests 8 \
-        --batch-sizes 1 2 4
+    PYTHONPATH=. nice python3 bench/cloud_batching.py --source embedded --context-tokens 256 \
+        --requests 4 --batch-sizes 1 2 4
 
 Builds scout payloads (the cloud holds the documents) from synthetic single-needle samples,
 answers them in chunks of each batch size through ``CloudStage.answer`` (size 1) or
@@ -41,13 +41,13 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--source", default="embedded")
     parser.add_argument("--context-tokens", type=int, default=256)
-    parser.add_argument("--requests", type=int, default=8)
+    parser.add_argument("--requests", type=int, default=4)
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 2, 4])
-    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--scout-retention", type=float, default=0.5)
     parser.add_argument("--max-new-tokens", type=int, default=24)
     args = parser.parse_args()
-    command = "nice python3 bench/cloud_batching.py " + shlex.join(sys.argv[1:])
+    command = "PYTHONPATH=. nice python3 bench/cloud_batching.py " + shlex.join(sys.argv[1:])
     torch.manual_seed(0)
     load_before = os.getloadavg()
     lm = models.load_model(args.source)
@@ -65,11 +65,7 @@ def main() -> int:
                            + int(analysis.scout_positions.numel()))
     cloud = CloudStage({lm.model_id: lm}, documents=store, max_new_tokens=args.max_new_tokens)
     cloud.answer(payloads[0])  # warm-up
-
-    reference = [cloud.answer(p).text for p in payloads]
-    # Forward passes each request really decodes: its answer's tokens plus the tail step.
-    steps = [len(lm.tokenizer.encode(text, add_special_tokens=False)) + 1 for text in reference]
-    rows = []
+    rows, reference = [], []
     for size in args.batch_sizes:
         throughputs, latencies, texts = [], [], []
         for _ in range(args.rounds):
@@ -84,18 +80,22 @@ def main() -> int:
                         raise answer
                     texts.append(answer.text)
             throughputs.append(len(payloads) / (time.perf_counter() - start))
+        reference = reference or texts  # the first batch size (1) is the unbatched reference
+        print(f"batch {size}: {statistics.median(throughputs):.3f} req/s", flush=True)
         rows.append({"batch_size": size, "requests_per_s": statistics.median(throughputs),
                      "latency_median_s": statistics.median(latencies),
                      "latency_max_s": max(latencies),
                      "equal_to_unbatched": sum(a == b for a, b in zip(texts, reference))})
+    # Forward passes each request really decodes: its answer's tokens plus the tail step.
+    steps = [len(lm.tokenizer.encode(text, add_special_tokens=False)) + 1 for text in reference]
     base = rows[0]["requests_per_s"]
     for row in rows:
         row["speedup"] = row["requests_per_s"] / base
 
     # The profiled-fidelity batch model, fed a profile of this model measured now.
     profile = latency.measure(lm, sorted({args.context_tokens, 2 * args.context_tokens,
-                                          4 * args.context_tokens, 8 * args.context_tokens}),
-                              command=command)
+                                          4 * args.context_tokens}),
+                              repeats=1, command=command)
     for row in rows:
         predicted = []
         for chunk in _chunks(list(range(len(payloads))), row["batch_size"]):
