@@ -108,6 +108,8 @@ def main() -> int:
         "prompt_tokens_median": statistics.median(prompt_tokens),
         "loadavg_before": load_before, "loadavg_after": os.getloadavg(),
         "decode_steps": steps,
+        "profile_prefill_points": profile.prefill_points,
+        "profile_decode_points": profile.decode_points,
         "rows": rows,
     }
     OUT.write_text(json.dumps(result, indent=1) + "\n")
