@@ -48,6 +48,8 @@ def spec_with(**changes):
     (spec_with(agents=[{**BASE["agents"][0], "speed": 3}]), "unknown keys"),
     (spec_with(agents=[{**BASE["agents"][0], "cloud_model": "x"}],
                cloud={"models": {"y": {}}}), "not hosted"),
+    (spec_with(cloud={"max_batch": 0}), "cloud.max_batch: must be > 0"),
+    (spec_with(cloud={"batch_window_s": -0.1}), "cloud.batch_window_s: must be >= 0"),
 ])
 def test_a_bad_spec_names_the_key_at_fault(doc, message):
     with pytest.raises(SpecError, match=message):
@@ -59,6 +61,13 @@ def test_every_shipped_spec_is_valid():
     assert specs
     for path in specs:
         load_spec(path)
+
+
+def test_cloud_batching_defaults_to_one_request_at_a_time():
+    spec = parse_spec(BASE)
+    assert (spec.cloud_max_batch, spec.cloud_batch_window_s) == (1, 0.0)
+    spec = parse_spec(spec_with(cloud={"max_batch": 4, "batch_window_s": 0.02}))
+    assert (spec.cloud_max_batch, spec.cloud_batch_window_s) == (4, 0.02)
 
 
 def test_segments_trace_can_drop_the_link_to_zero_and_back():

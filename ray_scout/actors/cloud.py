@@ -8,9 +8,14 @@ is dropped, not computed (it would only delay the next request). What it leaves 
 what computing means (``compute.ProfiledCloud`` sleeps a profile's time; full fidelity calls
 ``core.pipeline.CloudStage``), and the agents' timelines.
 
-Micro-batching: not done. Profiled fidelity has no measured cost of a batch to sleep, and the
-pipeline's cloud stage answers one payload at a time; each compute step is one request
-(``ray_scout_cloud_batch_size`` is therefore 1) and contention shows as queue time.
+Micro-batching: each compute thread takes the first waiting request, then collects more
+until it holds ``max_batch`` or ``batch_window_s`` has passed since it took the first, and
+computes them as one batch (``max_batch`` 1, the default, is one request at a time). Every
+member reports the batch's size, its own queue time (arrival to the batch's start, so the
+window's wait counts as queueing) and the batch's compute time as its own: a request in a
+batch is not done before the batch is. Full fidelity batches for real
+(``CloudStage.answer_batch``); profiled fidelity sleeps ``ProfiledCloud.batch_service_s``,
+a documented model of a batch's cost, not a measurement.
 """
 
 from __future__ import annotations
@@ -24,7 +29,8 @@ from typing import Callable
 
 from ray_scout.transport.server import Request, Server
 
-Service = Callable[[bytes], dict]
+# A service answers a batch of request bodies: slot i holds body i's answer or its error.
+Service = Callable[[list[bytes]], list]
 
 
 class CloudBusy(RuntimeError):
@@ -42,17 +48,24 @@ class _Job:
 
 
 def profiled_service(timings: dict) -> Service:
-    """Sleep the cloud model's profiled time for the request's mode and sizes."""
+    """Sleep the cloud model's profiled time for the batch's modes and sizes."""
     from ray_scout.actors.compute import ProfiledCloud, ProfiledRequest
 
     cloud = ProfiledCloud(timings)
 
-    def serve(body: bytes) -> dict:
-        request = ProfiledRequest.from_body(body)
-        seconds = cloud.service_s(request)
+    def serve(bodies: list[bytes]) -> list:
+        requests = []
+        for body in bodies:
+            try:
+                requests.append(ProfiledRequest.from_body(body))
+            except Exception as exc:  # noqa: BLE001 -- handed back in the request's slot
+                requests.append(exc)
+        valid = [r for r in requests if not isinstance(r, Exception)]
+        seconds = cloud.batch_service_s(valid) if valid else 0.0
         time.sleep(seconds)
-        return {"text": "", "mode": request.mode.value, "model_id": request.cloud_model,
-                "prefill_s": 0.0, "decode_s": seconds}
+        return [r if isinstance(r, Exception) else
+                {"text": "", "mode": r.mode.value, "model_id": r.cloud_model,
+                 "prefill_s": 0.0, "decode_s": seconds} for r in requests]
 
     return serve
 
@@ -84,20 +97,33 @@ class FullService:
             models[model_id] = models[lm.model_id] = lm
         self.stage = CloudStage(models, documents=store, max_new_tokens=self.max_new_tokens)
 
-    def __call__(self, body: bytes) -> dict:
-        answer = self.stage.answer(body)
-        return {"text": answer.text, "mode": answer.mode.value, "model_id": answer.model_id,
-                "prefill_s": answer.prefill_s, "decode_s": answer.decode_s}
+    def __call__(self, bodies: list[bytes]) -> list:
+        if len(bodies) == 1:  # one request at a time: the unbatched path, as before batching
+            try:
+                answers = [self.stage.answer(bodies[0])]
+            except Exception as exc:  # noqa: BLE001 -- handed back in the request's slot
+                answers = [exc]
+        else:
+            answers = self.stage.answer_batch(bodies)
+        return [a if isinstance(a, Exception) else
+                {"text": a.text, "mode": a.mode.value, "model_id": a.model_id,
+                 "prefill_s": a.prefill_s, "decode_s": a.decode_s} for a in answers]
 
 
 class CloudActor:
     """Serves on ``address`` inside ``netns``; ``stats()`` and ``close()`` for the driver."""
 
     def __init__(self, name: str, address: tuple[str, int], netns: str | None,
-                 service: Service, *, slots: int = 1, connections: int = 64):
+                 service: Service, *, slots: int = 1, connections: int = 64,
+                 max_batch: int = 1, batch_window_s: float = 0.0):
         from ray_scout.actors.metrics import CloudMetrics
 
+        if max_batch < 1 or batch_window_s < 0:
+            raise ValueError(f"max_batch must be >= 1 and batch_window_s >= 0, got "
+                             f"{max_batch} and {batch_window_s}")
         self.name = name
+        self.max_batch = max_batch
+        self.batch_window_s = batch_window_s
         self.service = service
         prepare = getattr(service, "prepare", None)
         if prepare is not None:  # full fidelity: load the models before serving anyone
@@ -127,31 +153,59 @@ class CloudActor:
             raise job.error
         return json.dumps(job.answer).encode()
 
-    def _compute_loop(self) -> None:
-        while True:
-            job = self.jobs.get()
+    def _collect(self) -> tuple[list[_Job], bool]:
+        """The next batch (blocking for its first job) and whether close() was asked."""
+        first = self.jobs.get()
+        if first is None:
+            return [], True
+        batch = [first]
+        window_end = time.monotonic() + self.batch_window_s
+        while len(batch) < self.max_batch:
+            remaining = window_end - time.monotonic()
+            try:
+                job = self.jobs.get(timeout=remaining) if remaining > 0 else self.jobs.get_nowait()
+            except queue.Empty:
+                break
             if job is None:
+                return batch, True
+            batch.append(job)
+        return batch, False
+
+    def _compute_loop(self) -> None:
+        stop = False
+        while not stop:
+            batch, stop = self._collect()
+            if not batch:
                 return
             start = time.time()
             self.metrics.depth(self.jobs.qsize())
-            if job.deadline_unix_s is not None and start >= job.deadline_unix_s:
-                self.dropped += 1
-                job.error = CloudBusy(f"deadline passed after {start - job.arrived_unix_s:.3f} s "
-                                      "in the cloud queue; dropped unserved")
-                job.done.set()
+            live = []
+            for job in batch:
+                if job.deadline_unix_s is not None and start >= job.deadline_unix_s:
+                    self.dropped += 1
+                    job.error = CloudBusy(f"deadline passed after {start - job.arrived_unix_s:.3f}"
+                                          " s in the cloud queue; dropped unserved")
+                    job.done.set()
+                else:
+                    live.append(job)
+            if not live:
                 continue
             try:
-                answer = self.service(job.body)
-            except Exception as exc:  # the agent gets it as a HANDLER error with this text
-                job.error = exc
-            else:
-                end = time.time()
-                answer.update(cloud=self.name, cloud_queue_s=start - job.arrived_unix_s,
-                              cloud_compute_s=end - start, batch_size=1)
-                job.answer = answer
-                self.served += 1
-                self.metrics.served(1, [start - job.arrived_unix_s], end - start)
-            job.done.set()
+                answers = self.service([job.body for job in live])
+            except Exception as exc:  # the batch failed as a whole: every member gets it
+                answers = [exc] * len(live)
+            end = time.time()
+            queued = [start - job.arrived_unix_s for job in live]
+            for job, answer, queue_s in zip(live, answers, queued):
+                if isinstance(answer, Exception):  # the agent gets it as a HANDLER error
+                    job.error = answer
+                else:
+                    answer.update(cloud=self.name, cloud_queue_s=queue_s,
+                                  cloud_compute_s=end - start, batch_size=len(live))
+                    job.answer = answer
+                    self.served += 1
+                job.done.set()
+            self.metrics.served(len(live), queued, end - start)
 
     def stats(self) -> dict:
         s = self.server.stats()

@@ -94,11 +94,17 @@ class ProfileTiming:
 
     def cloud_s(self, mode: Mode, context_tokens: int, selected_tokens: int,
                 new_tokens: int) -> float:
+        prefill_tokens, decode_s = self.cloud_parts(mode, context_tokens, selected_tokens,
+                                                    new_tokens)
+        return self.profile.prefill_s(prefill_tokens) + decode_s
+
+    def cloud_parts(self, mode: Mode, context_tokens: int, selected_tokens: int,
+                    new_tokens: int) -> tuple[int, float]:
+        """The cloud's prefill tokens and its decode time, which a batch combines."""
         if mode == Mode.SCOUT:
-            return (self.profile.prefill_s(selected_tokens + QUESTION_TOKENS)
-                    + self.profile.decode_s(selected_tokens, new_tokens))
-        return (self.profile.prefill_s(QUESTION_TOKENS)
-                + self.profile.decode_s(context_tokens, new_tokens))
+            return (selected_tokens + QUESTION_TOKENS,
+                    self.profile.decode_s(selected_tokens, new_tokens))
+        return QUESTION_TOKENS, self.profile.decode_s(context_tokens, new_tokens)
 
 
 def load_timing(source: str, base: Path | None = None) -> Timing:
@@ -222,3 +228,28 @@ class ProfiledCloud:
                                f"{sorted(self.timings)}") from None
         return timing.cloud_s(request.mode, request.context_tokens, request.selected_tokens,
                               request.new_tokens)
+
+    def batch_service_s(self, requests: list[ProfiledRequest]) -> float:
+        """A modelled (not measured) service time of requests computed as one batch.
+
+        Per cloud model, with a measured profile: one prefill of the members' summed prefill
+        tokens (a padded batch does about the work of its tokens) plus the longest member's
+        decode (a decode step of a few rows costs about one row's step while reading the
+        weights dominates, as on a GPU). Models run one after another. A timing without the
+        split (``paper_b``'s constants) gains nothing from batching: its members' times add.
+        """
+        by_model: dict[str, list[ProfiledRequest]] = {}
+        for request in requests:
+            self.service_s(request)  # raises for a model this cloud does not host
+            by_model.setdefault(request.cloud_model, []).append(request)
+        total = 0.0
+        for model, members in by_model.items():
+            timing = self.timings[model]
+            if not isinstance(timing, ProfileTiming):
+                total += sum(self.service_s(r) for r in members)
+                continue
+            parts = [timing.cloud_parts(r.mode, r.context_tokens, r.selected_tokens,
+                                        r.new_tokens) for r in members]
+            total += (timing.profile.prefill_s(sum(tokens for tokens, _ in parts))
+                      + max(decode for _, decode in parts))
+        return total

@@ -260,3 +260,131 @@ def answer_full(
     pre = prefill(lm, layout, capture="none")
     answer = greedy_answer(lm, pre.snapshot, pre.logits, max_new_tokens=max_new_tokens)
     return dataclasses.replace(answer, prefill_s=pre.prefill_s)
+
+
+@torch.inference_mode()
+def prefill_batch(lm: LoadedModel, layouts: Sequence[PromptLayout]
+                  ) -> tuple[list[KVSnapshot], float]:
+    """Prefill several prompts in one forward pass (left padding, no query capture).
+
+    Each row keeps its own positions ``0 .. n-1`` (position ids count only real tokens) and
+    its pads are masked out, so row ``i``'s snapshot is that of ``prefill(layouts[i])`` up
+    to float rounding of the differently shaped matmuls. Returns the snapshots and the
+    pass's wall time, which every row shares.
+    """
+    if not layouts:
+        raise GenerationError("prefill_batch needs at least one prompt")
+    lengths = [layout.num_tokens for layout in layouts]
+    width = max(lengths)
+    ids = torch.zeros(len(layouts), width, dtype=torch.long)
+    mask = torch.zeros(len(layouts), width, dtype=torch.long)
+    for row, layout in enumerate(layouts):
+        ids[row, width - lengths[row]:] = layout.input_ids
+        mask[row, width - lengths[row]:] = 1
+    positions = (mask.cumsum(1) - 1).clamp(min=0)
+    start = time.perf_counter()
+    out = lm.model(input_ids=ids.to(lm.device), attention_mask=mask.to(lm.device),
+                   position_ids=positions.to(lm.device), use_cache=True, logits_to_keep=1)
+    elapsed = time.perf_counter() - start
+    layers = out.past_key_values.layers
+    snapshots = [
+        KVSnapshot(tuple(layer.keys[row, :, width - n:] for layer in layers),
+                   tuple(layer.values[row, :, width - n:] for layer in layers),
+                   torch.arange(n))
+        for row, n in enumerate(lengths)
+    ]
+    return snapshots, elapsed
+
+
+def _padded_cache(lm: LoadedModel, snapshots: Sequence[KVSnapshot]):
+    """Left-padded ``DynamicCache`` of several snapshots and its ``[batch, width]`` mask."""
+    from transformers import DynamicCache
+
+    width = max(s.num_tokens for s in snapshots)
+    first = snapshots[0]
+    shape = (len(snapshots), first.num_kv_heads, width, first.head_dim)
+    mask = torch.zeros(len(snapshots), width, dtype=torch.long, device=lm.device)
+    data = []
+    for layer in range(first.num_layers):
+        keys = first.keys[layer].new_zeros(shape)
+        values = first.values[layer].new_zeros(shape)
+        for row, snap in enumerate(snapshots):
+            keys[row, :, width - snap.num_tokens:] = snap.keys[layer]
+            values[row, :, width - snap.num_tokens:] = snap.values[layer]
+        data.append((keys, values))
+    for row, snap in enumerate(snapshots):
+        mask[row, width - snap.num_tokens:] = 1
+    return DynamicCache(ddp_cache_data=data, config=lm.model.config), mask
+
+
+@torch.inference_mode()
+def continue_after_batch(
+    lm: LoadedModel,
+    snapshots: Sequence[KVSnapshot],
+    tails: Sequence[Sequence[int]],
+    *,
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+) -> tuple[list[Answer], float]:
+    """``continue_after`` for several (possibly pruned) caches at once.
+
+    Caches of different lengths are left-padded and masked; every row continues at its own
+    original positions. Rows that stop (EOS, newline, ``max_new_tokens``) leave the batch,
+    so the remaining rows decode without them. Every tail must have the same length (the
+    tail step is one padded forward pass). Each answer's ``decode_s`` is the batch's wall
+    time, which is also returned.
+    """
+    if not snapshots or len(snapshots) != len(tails):
+        raise GenerationError(f"need one tail per snapshot, got {len(snapshots)} snapshots "
+                              f"and {len(tails)} tails")
+    if max_new_tokens < 1:
+        raise GenerationError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+    tail_len = len(tails[0])
+    if tail_len < 1 or any(len(t) != tail_len for t in tails):
+        raise GenerationError("every tail must have the same non-zero length; batch "
+                              "requests with equal tails together")
+    for snap in snapshots:
+        snap.check_matches(lm.facts)
+    device = lm.device
+    start = time.perf_counter()
+    cache, mask = _padded_cache(lm, snapshots)
+    next_positions = torch.tensor([s.next_position for s in snapshots], device=device)
+    step = torch.arange(tail_len, device=device)
+    mask = torch.cat([mask, mask.new_ones(len(snapshots), tail_len)], dim=1)
+    out = lm.model(input_ids=torch.tensor([list(t) for t in tails], device=device),
+                   position_ids=next_positions.unsqueeze(1) + step, attention_mask=mask,
+                   past_key_values=cache, use_cache=True)
+    cache = out.past_key_values
+    logits = out.logits[:, -1]
+    next_positions = next_positions + tail_len
+    rows = list(range(len(snapshots)))  # batch row -> request index
+    tokens: list[list[int]] = [[] for _ in snapshots]
+    while rows:
+        choices = logits.argmax(dim=-1).tolist()
+        keep = []
+        for batch_row, (index, token) in enumerate(zip(rows, choices)):
+            if _is_stop(lm, token, lm.tokenizer.decode([token])):
+                continue
+            tokens[index].append(token)
+            if len(tokens[index]) < max_new_tokens:
+                keep.append(batch_row)
+        if not keep:
+            break
+        if len(keep) < len(rows):  # finished rows stop costing compute
+            index = torch.tensor(keep, device=device)
+            cache.batch_select_indices(index)
+            mask = mask.index_select(0, index)
+            next_positions = next_positions.index_select(0, index)
+            choices = [choices[r] for r in keep]
+            rows = [rows[r] for r in keep]
+        mask = torch.cat([mask, mask.new_ones(len(rows), 1)], dim=1)
+        out = lm.model(input_ids=torch.tensor(choices, device=device).unsqueeze(1),
+                       position_ids=next_positions.unsqueeze(1), attention_mask=mask,
+                       past_key_values=cache, use_cache=True)
+        cache = out.past_key_values
+        logits = out.logits[:, -1]
+        next_positions = next_positions + 1
+    elapsed = time.perf_counter() - start
+    answers = [Answer(lm.tokenizer.decode(t, skip_special_tokens=True).strip(), tuple(t),
+                      elapsed, kept_tokens=s.num_tokens + tail_len)
+               for t, s in zip(tokens, snapshots)]
+    return answers, elapsed

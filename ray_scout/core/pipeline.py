@@ -9,6 +9,7 @@ when a mode is chosen (``policy``), how bytes travel (``transport``), and where 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 import dataclasses
 import time
 
@@ -16,6 +17,7 @@ import torch
 
 from ray_scout.core import generation, scout, selection, wire
 from ray_scout.core.generation import Answer, Prefill
+from ray_scout.core.kv import KVSnapshot
 from ray_scout.core.kvcodec import codec_for
 from ray_scout.core.models import LoadedModel
 from ray_scout.core.modes import CLOUD_MODES, KV_MODES, Mode
@@ -192,26 +194,21 @@ class CloudStage:
             raise PipelineError(f"this cloud does not host model {model_id!r}; it hosts "
                                 f"{', '.join(sorted(self.models))}") from None
 
-    def answer(self, data: bytes) -> CloudAnswer:
-        """Validate ``data`` (raises ``wire.WireError`` or ``PipelineError``) and answer it."""
-        start = time.perf_counter()
+    def _validate(self, data: bytes) -> tuple[wire.Payload, LoadedModel]:
         payload = wire.decode_payload(data, max_bytes=self.max_payload_bytes)
         if payload.mode not in CLOUD_MODES:
             raise PipelineError(f"mode {payload.mode.value} is not served by the cloud")
-        lm = self._model(payload.model_id)
-        if payload.mode == Mode.SCOUT:
-            return self._answer_scout(lm, payload, start)
+        return payload, self._model(payload.model_id)
+
+    def _kv_request(self, lm: LoadedModel, payload: wire.Payload,
+                    data: bytes) -> tuple[KVSnapshot, list[int]]:
         request = wire.decode_kv(data, facts=lm.facts, max_bytes=self.max_payload_bytes)
         codec = codec_for(payload.mode, group_size=payload.layout.group_size,
                           protected_layers=payload.layout.protected_layers)
         snapshot = codec.decode(request.encoded, dtype=lm.model.dtype, device=lm.device)
-        decoded_s = time.perf_counter() - start
-        answer = generation.continue_after(lm, snapshot, request.tail_ids,
-                                           max_new_tokens=self.max_new_tokens)
-        return CloudAnswer(answer.text, payload.mode, lm.model_id, decoded_s, 0.0,
-                           answer.decode_s)
+        return snapshot, list(request.tail_ids)
 
-    def _answer_scout(self, lm: LoadedModel, payload: wire.Payload, start: float) -> CloudAnswer:
+    def _scout_request(self, payload: wire.Payload) -> tuple[scout.ScoutPayload, str]:
         if tuple(payload.sections) != ("scout",):
             raise PipelineError(f"scout payload sections {tuple(payload.sections)}, "
                                 "expected ('scout',)")
@@ -221,8 +218,93 @@ class CloudStage:
             self.documents.put(context)
         else:
             context = self.documents.get(body.doc_hash)  # DocumentMissing names the hash
+        return body, context
+
+    def answer(self, data: bytes) -> CloudAnswer:
+        """Validate ``data`` (raises ``wire.WireError`` or ``PipelineError``) and answer it."""
+        start = time.perf_counter()
+        payload, lm = self._validate(data)
+        if payload.mode == Mode.SCOUT:
+            body, context = self._scout_request(payload)
+            decoded_s = time.perf_counter() - start
+            answer = scout.scout_answer(lm, context, body.question, body,
+                                        max_new_tokens=self.max_new_tokens)
+            return CloudAnswer(answer.text, Mode.SCOUT, lm.model_id, decoded_s,
+                               answer.prefill_s or 0.0, answer.decode_s)
+        snapshot, tail = self._kv_request(lm, payload, data)
         decoded_s = time.perf_counter() - start
-        answer = scout.scout_answer(lm, context, body.question, body,
-                                    max_new_tokens=self.max_new_tokens)
-        return CloudAnswer(answer.text, Mode.SCOUT, lm.model_id, decoded_s,
-                           answer.prefill_s or 0.0, answer.decode_s)
+        answer = generation.continue_after(lm, snapshot, tail,
+                                           max_new_tokens=self.max_new_tokens)
+        return CloudAnswer(answer.text, payload.mode, lm.model_id, decoded_s, 0.0,
+                           answer.decode_s)
+
+    def answer_batch(self, payloads: Sequence[bytes]) -> list[CloudAnswer | Exception]:
+        """Answer several payloads with batched compute; slot ``i`` answers ``payloads[i]``.
+
+        A payload that fails validation gets its exception in its own slot and leaves the
+        others alone. Scout re-prefills of one model run as one padded forward pass; then
+        every request of one model (scout and KV modes alike, grouped by tail length) decodes
+        as one batch. Answers equal ``answer``'s token for token up to float rounding.
+        ``prefill_s`` and ``decode_s`` are the batch's wall times, shared by its members;
+        ``decode_payload_s`` is the request's own.
+        """
+        results: list[CloudAnswer | Exception | None] = [None] * len(payloads)
+        scouts: dict[str, list[tuple[int, PromptLayout, torch.Tensor, float]]] = {}
+        decodes: dict[tuple[str, int], list[_Decode]] = {}
+        for index, data in enumerate(payloads):
+            start = time.perf_counter()
+            try:
+                payload, lm = self._validate(data)
+                if payload.mode == Mode.SCOUT:
+                    body, context = self._scout_request(payload)
+                    layout = build_prompt(lm.tokenizer, context, body.question)
+                    positions = scout.positions_in_spans(layout.context_offsets,
+                                                           body.char_spans)
+                    scouts.setdefault(lm.model_id, []).append(
+                        (index, layout, positions, time.perf_counter() - start))
+                else:
+                    snapshot, tail = self._kv_request(lm, payload, data)
+                    decodes.setdefault((lm.model_id, len(tail)), []).append(
+                        _Decode(index, payload.mode, snapshot, tail,
+                                time.perf_counter() - start, 0.0))
+            except Exception as exc:  # noqa: BLE001 -- handed back in the request's slot
+                results[index] = exc
+        for model_id, group in scouts.items():
+            lm = self.models[model_id]
+            try:
+                snapshots, prefill_s = generation.prefill_batch(lm, [g[1] for g in group])
+            except Exception as exc:  # noqa: BLE001 -- the pass failed for all its members
+                for index, *_ in group:
+                    results[index] = exc
+                continue
+            for (index, layout, positions, decoded_s), full in zip(group, snapshots):
+                kept = generation.kept_prompt_positions(layout, positions)
+                decodes.setdefault((model_id, 1), []).append(
+                    _Decode(index, Mode.SCOUT, full.select(kept[kept != layout.num_tokens - 1]),
+                            layout.input_ids[-1:].tolist(), decoded_s, prefill_s))
+        for (model_id, _), group in decodes.items():
+            lm = self.models[model_id]
+            try:
+                answers, _ = generation.continue_after_batch(
+                    lm, [d.snapshot for d in group], [d.tail for d in group],
+                    max_new_tokens=self.max_new_tokens)
+            except Exception as exc:  # noqa: BLE001 -- the pass failed for all its members
+                for d in group:
+                    results[d.index] = exc
+                continue
+            for d, answer in zip(group, answers):
+                results[d.index] = CloudAnswer(answer.text, d.mode, lm.model_id, d.decoded_s,
+                                               d.prefill_s, answer.decode_s)
+        return results  # type: ignore[return-value]  # every slot was filled above
+
+
+@dataclasses.dataclass(frozen=True)
+class _Decode:
+    """One request waiting for the batched decode."""
+
+    index: int
+    mode: Mode
+    snapshot: KVSnapshot
+    tail: list[int]
+    decoded_s: float
+    prefill_s: float

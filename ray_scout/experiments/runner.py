@@ -196,7 +196,8 @@ def run_trial(spec: Spec, policy: str, allocator: str, index: int, out: Path,
             num_cpus=0, num_gpus=min(1, _gpu_count()), resources={"cloud": 1},
             max_restarts=2, max_concurrency=4, name=prefix + "cloud").remote(
             "cloud0", (CLOUD_ADDRESS, CLOUD_PORT), cloud_ns, service,
-            slots=spec.cloud_slots, connections=len(names) + 4)
+            slots=spec.cloud_slots, connections=len(names) + 4,
+            max_batch=spec.cloud_max_batch, batch_window_s=spec.cloud_batch_window_s)
         ray.get(cloud.ready.remote())
         agents = {}
         for name in names:

@@ -21,7 +21,8 @@ Schema (units in the values: ``50mbit``; times in seconds)::
       states: [5mbit, 10mbit, ...]; step_s: 1.0     # markov (Paper B's states by default)
       segments: [[0, 50mbit], [5, 0kbit], [7, 50mbit]]   # segments
       path: traces/x.log          # mahimahi / throughput_log / file (CapacityTrace YAML/CSV)
-    cloud: {slots: 1, models: {<cloud model>: {timing: paper_b | <latency profile path>}}}
+    cloud: {slots: 1, models: {<cloud model>: {timing: paper_b | <latency profile path>}},
+            max_batch: 1, batch_window_s: 0.0}   # micro-batching (1: one request at a time)
     agents:                       # groups; agent names are <name><i>
       - {name: a, count: 2, model: qwen2.5-7b, cloud_model: qwen2.5-7b,
          edge_timing: paper_b | <profile>, context_tokens: [1024], deadline_s: 1.0,
@@ -98,6 +99,8 @@ class Spec:
     allocators: tuple[str, ...]
     safety_margin: float = 0.1
     base: Path = REPO_ROOT
+    cloud_max_batch: int = 1
+    cloud_batch_window_s: float = 0.0
 
     @property
     def agent_names(self) -> list[str]:
@@ -120,13 +123,24 @@ def _need(doc: dict, key: str, where: str) -> Any:
     return doc[key]
 
 
-def _positive(value: Any, where: str, integer: bool = False) -> float:
+def _number(value: Any, where: str, integer: bool) -> float:
     try:
-        number = int(value) if integer else float(value)
+        return int(value) if integer else float(value)
     except (TypeError, ValueError):
         raise SpecError(f"{where}: {value!r} is not a number") from None
+
+
+def _positive(value: Any, where: str, integer: bool = False) -> float:
+    number = _number(value, where, integer)
     if not number > 0:
         raise SpecError(f"{where}: must be > 0, not {value!r}")
+    return number
+
+
+def _non_negative(value: Any, where: str) -> float:
+    number = _number(value, where, False)
+    if not number >= 0:
+        raise SpecError(f"{where}: must be >= 0, not {value!r}")
     return number
 
 
@@ -229,7 +243,10 @@ def parse_spec(doc: Any, *, base: Path = REPO_ROOT, fidelity: str | None = None)
         capacity=dict(_need(doc, "capacity", "spec")),
         access_rate_bps=(_rate(network["access_rate"], "network.access_rate")
                          if "access_rate" in network else None), policies=policies,
-        allocators=allocators, safety_margin=float(doc.get("safety_margin", 0.1)), base=base)
+        allocators=allocators, safety_margin=float(doc.get("safety_margin", 0.1)), base=base,
+        cloud_max_batch=int(_positive(cloud.get("max_batch", 1), "cloud.max_batch", True)),
+        cloud_batch_window_s=_non_negative(cloud.get("batch_window_s", 0.0),
+                                           "cloud.batch_window_s"))
     capacity_trace(spec)  # validates the capacity section now, not mid-run
     if spec.fidelity == "full":
         from ray_scout.core.tasks import TASKS
