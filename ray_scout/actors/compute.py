@@ -77,7 +77,8 @@ class ProfileTiming:
     Edge, cloud modes: the prefill of the context (selection and encoding are not in the
     profile, so they count as 0 s). Edge, ``local``: prefill + decode of the answer. Cloud,
     KV modes: prefill of the question on the rebuilt cache + decode; cloud, scout: re-prefill
-    of the selected positions and the question + decode over them.
+    of the whole prompt (``scout_answer`` prefills context and question, then keeps only the
+    selected positions) + decode over the selected positions and the question.
     """
 
     profile: LatencyProfile
@@ -102,8 +103,8 @@ class ProfileTiming:
                     new_tokens: int) -> tuple[int, float]:
         """The cloud's prefill tokens and its decode time, which a batch combines."""
         if mode == Mode.SCOUT:
-            return (selected_tokens + QUESTION_TOKENS,
-                    self.profile.decode_s(selected_tokens, new_tokens))
+            return (context_tokens + QUESTION_TOKENS,
+                    self.profile.decode_s(selected_tokens + QUESTION_TOKENS, new_tokens))
         return QUESTION_TOKENS, self.profile.decode_s(context_tokens, new_tokens)
 
 
