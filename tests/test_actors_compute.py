@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -94,3 +96,19 @@ def test_epoch_ticks_include_every_capacity_change():
     trace = CapacityTrace(((0, 1e6), (0.25, 2e6), (1.5, 3e6)), 3.0)
     ticks = tick_times(trace, 0.5, 2.0)
     assert ticks == [0.0, 0.25, 0.5, 1.0, 1.5, 2.0]
+
+
+def test_adaptive_offload_keeps_local_as_the_fallback_only():
+    from ray_scout.actors.edge import make_policy
+    from ray_scout.core.policy import ModeQuality, PolicyInput, QualityProfile
+
+    profile = QualityProfile("same-model", "m", "m", "relative_f1",
+                             {m: ModeQuality(1.0) for m in (Mode.INT8, Mode.SCOUT, Mode.LOCAL)})
+    lat = latency_model(PaperBTiming(), PaperBTiming(), 100, 50, 24, rtt_s=0.01)
+    lat = dataclasses.replace(lat, edge_s={**lat.edge_s, Mode.LOCAL: 0.05})
+    request = PolicyInput(bandwidth_bps=100e6, deadline_s=5.0,
+                          payload_bytes={Mode.INT8: 1_000_000, Mode.SCOUT: 400}, latency=lat)
+    assert make_policy("adaptive", profile, 0.1).decide(request).mode == Mode.LOCAL
+    assert make_policy("adaptive:offload", profile, 0.1).decide(request).mode != Mode.LOCAL
+    down = dataclasses.replace(request, bandwidth_bps=0.0)
+    assert make_policy("adaptive:offload", profile, 0.1).decide(down).mode == Mode.LOCAL

@@ -27,7 +27,7 @@ from typing import Any, Mapping
 from ray_scout.actors.compute import ProfiledRequest
 from ray_scout.core.allocation import Demand, demand_for
 from ray_scout.core.estimators import GrantEstimator, make_estimator
-from ray_scout.core.modes import Mode
+from ray_scout.core.modes import CLOUD_MODES, Mode
 from ray_scout.core.policy import (
     AdaptivePolicy, LatencyModel, Policy, PolicyInput, QualityProfile, StaticPolicy,
 )
@@ -98,11 +98,15 @@ def request_shape(context_tokens: int, selected: int, payload_bytes: Mapping[Mod
 
 
 def make_policy(name: str, profile: QualityProfile, safety_margin: float) -> Policy:
+    """``adaptive`` lets ``local`` compete on quality; ``adaptive:offload`` keeps it as the
+    fallback only (Paper B), for pairs whose edge model answers as well as the cloud's."""
     if name == "adaptive":
         return AdaptivePolicy(profile, safety_margin)
+    if name == "adaptive:offload":
+        return AdaptivePolicy(profile, safety_margin, modes=CLOUD_MODES)
     if name.startswith("static:"):
         return StaticPolicy(Mode.parse(name.split(":", 1)[1]), profile)
-    raise ValueError(f"unknown policy {name!r}; use adaptive or static:<mode>")
+    raise ValueError(f"unknown policy {name!r}; use adaptive, adaptive:offload or static:<mode>")
 
 
 class EdgeAgent:

@@ -30,7 +30,7 @@ Schema (units in the values: ``50mbit``; times in seconds)::
          estimator: grant | last | ewma | robust, access: lab, new_tokens: 24,
          scout_retention: 0.5, protected_layers: [0],
          task: single_needle | multi_needle | multi_hop}   # full fidelity's samples
-    policies: [adaptive, static:bf16, static:int8, static:int4, static:scout]
+    policies: [adaptive, adaptive:offload, static:bf16, static:int8, static:int4, static:scout]
     allocators: [equal, model_aware, greedy, quality_max, optimal]
     safety_margin: 0.1
 """
@@ -182,7 +182,7 @@ def _agent(doc: dict, i: int) -> AgentGroup:
 
 
 def _policy(name: str, where: str) -> str:
-    if name == "adaptive":
+    if name in ("adaptive", "adaptive:offload"):
         return name
     if name.startswith("static:"):
         try:
@@ -190,7 +190,8 @@ def _policy(name: str, where: str) -> str:
         except ValueError as exc:
             raise SpecError(f"{where}: {exc}") from None
         return f"static:{mode.value}"
-    raise SpecError(f"{where}: {name!r} is not a policy; use adaptive or static:<mode>")
+    raise SpecError(f"{where}: {name!r} is not a policy; use adaptive, adaptive:offload "
+                    "or static:<mode>")
 
 
 def parse_spec(doc: Any, *, base: Path = REPO_ROOT, fidelity: str | None = None) -> Spec:
