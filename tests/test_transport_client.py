@@ -119,7 +119,13 @@ def test_timeline_is_ordered_and_counters_add_up():
 
 
 def test_large_body_is_acknowledged_before_the_answer():
-    with Server(lambda r: str(len(r.body)).encode()) as server, Connection(server.address) as conn:
+    def slow_handler(request):
+        # Longer than Linux's delayed-ACK timer (40-200 ms): an instant answer can carry the
+        # last ACK itself, and then no moment of zero unacked bytes precedes it.
+        time.sleep(0.3)
+        return str(len(request.body)).encode()
+
+    with Server(slow_handler) as server, Connection(server.address) as conn:
         response = conn.request(b"\x01" * 20_000_000, deadline_s=30)
         assert response.body == b"20000000"
         assert response.timeline.tx_acked_unix_s is not None
