@@ -8,9 +8,19 @@ from ray_scout.core.generation import answer_full
 from ray_scout.core.prompt import build_prompt
 from ray_scout.core.scout import (
     BITMAP, DELTA_VARINT, DocumentMissing, DocumentStore, ScoutFormatError, ScoutPayload,
-    build_payload, char_spans, decode_indices, document_hash, edge_scout, encode_indices,
+    build_payload, char_spans, decode_indices, document_hash, encode_indices,
     map_positions, positions_in_spans, scout_answer,
 )
+
+def edge_scout(lm, context, question, *, retention, method="q2c", include_document=False):
+    """The edge end of scout, as the testbed runs it (pipeline.EdgeStage)."""
+    from ray_scout.core.pipeline import EdgeOptions, EdgeStage
+
+    analysis = EdgeStage(lm, EdgeOptions(scorer=method, scout_retention=retention)).analyze(
+        context, question)
+    return build_payload(context, question, analysis.layout.context_offsets,
+                         analysis.scout_positions, include_document=include_document)
+
 
 CONTEXT = "The museum opened in 1887. Its first director was Clara Mendes, a botanist from Lisbon."
 QUESTION = "Who was the first director of the museum?"

@@ -4,11 +4,11 @@ What lives here: the compact position code (delta + varint or bitmap, whichever 
 smaller), the content-addressed ``DocumentStore``, the ``ScoutPayload`` body (document
 identity, the document itself zstd-compressed when the cloud lacks it, the question, the
 selected edge-tokenizer positions and the character spans they cover), the mapping of
-positions between tokenizers through character offsets, and both ends of scout mode: the
-edge picks positions (``edge_scout``), the cloud prefills the whole prompt and decodes with
-only the selected context positions plus every non-context token in KV (``scout_answer``).
-What it leaves to others: the versioned container around the body (``wire``), transport,
-and the choice of retention (the policy).
+positions between tokenizers through character offsets, and the cloud end of scout mode:
+prefill the whole prompt and decode with only the selected context positions plus every
+non-context token in KV (``scout_answer``). What it leaves to others: picking the positions
+on the edge (``pipeline.EdgeStage``), the versioned container around the body (``wire``),
+transport, and the choice of retention (the policy).
 """
 
 from __future__ import annotations
@@ -20,7 +20,6 @@ from typing import Sequence
 import torch
 import zstandard
 
-from ray_scout.core import selection
 from ray_scout.core.generation import DEFAULT_MAX_NEW_TOKENS, Answer, answer_pruned, prefill
 from ray_scout.core.models import LoadedModel
 from ray_scout.core.prompt import build_prompt
@@ -305,15 +304,6 @@ def build_payload(context: str, question: str, offsets: torch.Tensor, positions:
         char_spans=char_spans(offsets, positions),
         document_zstd=document,
     )
-
-
-def edge_scout(edge_lm: LoadedModel, context: str, question: str, *, retention: float,
-               method: str = "q2c", include_document: bool = False, **params) -> ScoutPayload:
-    """Edge side: prefill, score with ``method``, keep ``retention`` of the context."""
-    layout = build_prompt(edge_lm.tokenizer, context, question)
-    pre = prefill(edge_lm, layout, capture=selection.CAPTURE.get(method, "last"))
-    positions = selection.select_positions(selection.score(method, pre, **params), retention)
-    return build_payload(context, question, layout.context_offsets, positions, include_document=include_document)
 
 
 def scout_answer(cloud_lm: LoadedModel, context: str, question: str,
