@@ -304,6 +304,10 @@ class LabTopology:
         """Namespace of ``'cloud'`` or of an edge by name."""
         return self.cloud_netns if node == "cloud" else self.edge(node).netns
 
+    def address(self, node: str) -> str:
+        """IPv4 address of ``'cloud'`` or of an edge by name."""
+        return CLOUD_ADDRESS if node == "cloud" else self.edge(node).address
+
     def socket(self, node: str, kind: int = socket.SOCK_STREAM) -> socket.socket:
         """An IPv4 socket inside ``node``'s namespace; TCP ones get the node's congestion control."""
         name = self.netns_of(node)

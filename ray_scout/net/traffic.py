@@ -1,6 +1,9 @@
 """A bulk TCP flow and a TCP ping-pong between two nodes of a topology, for measuring what the
 links deliver.
 
+A topology here is anything with ``socket(node)`` (a TCP socket in that node's namespace) and
+``address(node)``: a ``LabTopology``, or a pair of namespaces a test built.
+
 An iperf-like pair in threads: the receiver timestamps every ``recv`` on the monotonic clock,
 so goodput over any window and per-bin rates (for rate-change timing) come from one record.
 Socket calls release the GIL, so two threads reach a few hundred Mbit/s on one core; beyond
@@ -13,18 +16,22 @@ import socket
 import threading
 import time
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from ray_scout.net.errors import NetError
-from ray_scout.net.topology import CLOUD_ADDRESS, LabTopology
 
 CHUNK_BYTES = 128 * 1024
 
 
-def _address(topology: LabTopology, node: str) -> str:
-    return CLOUD_ADDRESS if node == "cloud" else topology.edge(node).address
+class Nodes(Protocol):
+    """What the flows need of a topology."""
+
+    def socket(self, node: str) -> socket.socket: ...
+
+    def address(self, node: str) -> str: ...
 
 
-def tcp_round_trips_s(topology: LabTopology, src: str, dst: str = "cloud", port: int = 5301,
+def tcp_round_trips_s(topology: Nodes, src: str, dst: str = "cloud", port: int = 5301,
                       count: int = 30) -> list[float]:
     """``count`` one-byte request/response exchanges on one TCP connection (Nagle off); seconds each.
 
@@ -33,13 +40,13 @@ def tcp_round_trips_s(topology: LabTopology, src: str, dst: str = "cloud", port:
     """
     server = topology.socket(dst)
     server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    server.bind((_address(topology, dst), port))
+    server.bind((topology.address(dst), port))
     server.listen(1)
     client = topology.socket(src)
     client.settimeout(10)
     rtts = []
     try:
-        client.connect((_address(topology, dst), port))
+        client.connect((topology.address(dst), port))
         conn, _ = server.accept()
         with conn:
             for sock in (client, conn):
@@ -59,16 +66,16 @@ def tcp_round_trips_s(topology: LabTopology, src: str, dst: str = "cloud", port:
 
 @dataclass
 class BulkFlow:
-    """Send as fast as TCP allows from ``src`` to ``dst`` (node names of a ``LabTopology``)."""
+    """Send as fast as TCP allows from ``src`` to ``dst`` (node names of the topology)."""
 
-    topology: LabTopology
+    topology: Nodes
     src: str
     dst: str = "cloud"
     port: int = 5201
     samples: list[tuple[float, int]] = field(default_factory=list)
 
     def __enter__(self) -> BulkFlow:
-        address = _address(self.topology, self.dst)
+        address = self.topology.address(self.dst)
         self._stop = threading.Event()
         server = self.topology.socket(self.dst)
         server.setsockopt(1, 2, 1)  # SOL_SOCKET, SO_REUSEADDR: reruns on the same port
