@@ -38,12 +38,12 @@ def test_an_agent_sends_real_payloads_and_the_cloud_answers_them(embedded_model)
     shapes, work = request_shapes(spec), workloads(spec)
     texts = samples(spec, work)
     arrival = work["e0"][0]
-    cloud = CloudActor("c", ("127.0.0.1", 0), None,
+    cloud = CloudActor("c", [("127.0.0.1", 0)], None,
                        FullService({"embedded": "embedded"}, [texts["e0"][0][0]], 24))
     try:
         for policy in ("static:int8", "static:scout"):
             cfg = AgentConfig(
-                name="e0", netns=None, cloud_address=cloud.ready(), policy=policy,
+                name="e0", netns=None, cloud_address=cloud.ready()[0], policy=policy,
                 allocator="equal", quality=quality_profile(spec, spec.agents[0]),
                 shapes=shapes["e"], cloud_model="embedded", deadline_s=60,
                 arrivals=(arrival,), initial_bps=50e6, model="embedded",

@@ -108,7 +108,7 @@ def test_embedded_batched_answers_equal_unbatched(embedded_model):
 def _actor(service, **batching):
     from ray_scout.actors.cloud import CloudActor
 
-    return CloudActor("c", ("127.0.0.1", 0), None, service, **batching)
+    return CloudActor("c", [("127.0.0.1", 0)], None, service, **batching)
 
 
 def _send(actor, bodies, deadline_unix_s=None):

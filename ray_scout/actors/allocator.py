@@ -2,12 +2,13 @@
 
 What lives here: the clock of a run's capacity (ticks every ``epoch_s`` and at every change
 time of the trace), gathering the agents' demands, ``core.allocation.allocate``, applying the
-result through the ``LinkManager`` in one call, telling every agent its grant, and one
+result through the link managers (one call each, all at once: one per lab node, or the
+lab-in-a-box's one), telling every agent its grant, and one
 ``epochs`` row per agent each time the split is applied (capacity, rate, planned mode,
 decision and netlink call times). Demands are
 each agent's typical request (median context), gathered once: they do not change during a
 run, so only capacity changes move the split; the links and agents are touched only when the
-split changes. What it leaves to others: the strategies (core), shaping (LinkManager).
+split changes. What it leaves to others: the strategies (core), shaping (the link managers).
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ class Allocator:
     """``run(t0)`` drives capacity and allocation until ``duration_s``; rows go to the recorder."""
 
     def __init__(self, strategy: str, trace: CapacityTrace, epoch_s: float, duration_s: float,
-                 agents: dict[str, Any], link_manager: Any, recorder: Any):
+                 agents: dict[str, Any], link_managers: list[Any], recorder: Any):
         from ray.util import metrics
 
         if epoch_s <= 0:
@@ -40,7 +41,7 @@ class Allocator:
         self.epoch_s = epoch_s
         self.duration_s = duration_s
         self.agents = agents
-        self.link_manager = link_manager
+        self.link_managers = link_managers
         self.recorder = recorder
         self.capacity_gauge = metrics.Gauge("ray_scout_allocator_capacity_bps",
                                             "bottleneck capacity in force, bit/s",
@@ -67,7 +68,9 @@ class Allocator:
             decide_s = time.perf_counter() - decide_start
             apply_s = 0.0
             if alloc is not None and (dict(alloc.rate_bps) != last or changed):
-                apply_s = ray.get(self.link_manager.apply.remote(capacity, dict(alloc.rate_bps)))
+                # The managers run in parallel: the split is in force after the slowest one.
+                apply_s = max(ray.get([m.apply.remote(capacity, dict(alloc.rate_bps))
+                                       for m in self.link_managers]))
                 for name, agent in self.agents.items():
                     agent.set_grant.remote(alloc.rate_bps[name])
                 last, last_capacity = dict(alloc.rate_bps), capacity

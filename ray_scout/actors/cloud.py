@@ -25,7 +25,7 @@ import json
 import queue
 import threading
 import time
-from typing import Callable
+from typing import Callable, Sequence
 
 from ray_scout.transport.server import Request, Server
 
@@ -111,9 +111,13 @@ class FullService:
 
 
 class CloudActor:
-    """Serves on ``address`` inside ``netns``; ``stats()`` and ``close()`` for the driver."""
+    """Serves on ``addresses`` inside ``netns``; ``stats()`` and ``close()`` for the driver.
 
-    def __init__(self, name: str, address: tuple[str, int], netns: str | None,
+    Every address feeds the same queue. A lab node tells its agents apart on its real
+    interface by the cloud port each one sends to, so on a cluster each agent gets its own.
+    """
+
+    def __init__(self, name: str, addresses: Sequence[tuple[str, int]], netns: str | None,
                  service: Service, *, slots: int = 1, connections: int = 64,
                  max_batch: int = 1, batch_window_s: float = 0.0):
         from ray_scout.actors.metrics import CloudMetrics
@@ -138,11 +142,20 @@ class CloudActor:
             thread.start()
         # One server worker per connection: a request must reach the queue at once, or it
         # would wait in the transport's pool, where no one measures it.
-        self.server = Server(self._handle, host=address[0], port=address[1], netns=netns,
-                             workers=connections)
+        if not addresses:
+            raise ValueError("CloudActor needs at least one address to serve on")
+        self.servers: list[Server] = []
+        try:
+            for host, port in addresses:
+                self.servers.append(Server(self._handle, host=host, port=port, netns=netns,
+                                           workers=connections))
+        except BaseException:
+            self.close()
+            raise
 
-    def ready(self) -> tuple[str, int]:
-        return self.server.address
+    def ready(self) -> list[tuple[str, int]]:
+        """The bound addresses, in the order given (port 0 resolved)."""
+        return [server.address for server in self.servers]
 
     def _handle(self, request: Request) -> bytes:
         job = _Job(bytes(request.body), request.last_byte_unix_s, request.deadline_unix_s)
@@ -208,11 +221,12 @@ class CloudActor:
             self.metrics.served(len(live), queued, end - start)
 
     def stats(self) -> dict:
-        s = self.server.stats()
+        counts = [dataclasses.asdict(server.stats()) for server in self.servers]
         return {"served": self.served, "dropped": self.dropped, "queued": self.jobs.qsize(),
-                **{f"server_{k}": v for k, v in dataclasses.asdict(s).items()}}
+                **{f"server_{k}": sum(c[k] for c in counts) for k in counts[0]}}
 
     def close(self) -> None:
-        self.server.close()
+        for server in self.servers:
+            server.close()
         for _ in self.threads:
             self.jobs.put(None)

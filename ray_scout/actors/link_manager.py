@@ -1,10 +1,12 @@
-"""LinkManager: the one actor per node that owns its shaped links (and the only one needing root).
+"""Link managers: the one actor per node that owns its shaped links (and the only one needing root).
 
-What lives here: building the lab topology from link profiles, applying a capacity and an
-allocation to the bottleneck in one call (so the two never disagree), logging every change
-with its wall-clock time and netlink call time, and tearing down. What it leaves to others:
-deciding rates (``Allocator``), when capacity changes (the allocator's clock reads the trace),
-and traffic (agents, cloud).
+What lives here: ``LinkManager`` builds the lab-in-a-box topology from link profiles (every
+agent in its own namespace behind one emulated bottleneck, all on one machine);
+``NodeLinkManager`` shapes one lab node's real interface toward the cloud node, one class per
+agent on that node. Both apply a capacity and an allocation in one call (so the two never
+disagree), log every change with its wall-clock time and netlink call time, and tear down.
+What they leave to others: deciding rates (``Allocator``), when capacity changes (the
+allocator's clock reads the trace), and traffic (agents, cloud).
 
 Why the trace is not replayed on its own timer thread here: every capacity change must be
 followed by a new allocation, and an allocation must fit the capacity in force; applying both
@@ -19,7 +21,8 @@ import time
 from typing import Mapping
 
 from ray_scout.net.errors import NetError
-from ray_scout.net.profiles import MIN_RATE_BPS, LinkProfile, load_profile
+from ray_scout.net.node_links import AgentFlow, NodeLinks, path_impairment
+from ray_scout.net.profiles import MIN_RATE_BPS, Impairment, LinkProfile, load_profile
 from ray_scout.net.shaping import NetemBackend
 from ray_scout.net.topology import (
     AUTO, CLOUD_ADDRESS, EMULATOR_REALTIME_PRIORITY, LabTopology,
@@ -131,3 +134,64 @@ class LinkManager:
     def teardown(self) -> float:
         self.topology.teardown()
         return self.topology.teardown_s
+
+
+class NodeLinkManager:
+    """Owns a ``NodeLinks`` on this node: a class per agent of ``ports`` (agent -> cloud port).
+
+    On a cluster there is no one bottleneck link to shape: each node's classes enforce its
+    agents' grants, and the grants sum to the capacity. ``apply`` takes the whole allocation
+    (every node gets the same call) and sets the classes of this node's agents; each class is
+    also capped at its agent's access rate. ``borrow`` lets this node's classes lend each
+    other spare rate up to the capacity; agents on different nodes cannot borrow.
+    """
+
+    def __init__(self, cloud_address: str, ports: Mapping[str, int], access: Mapping[str, str],
+                 bottleneck: str, capacity_bps: float, rates_bps: Mapping[str, float], *,
+                 impairment: str = "auto", borrow: bool = False,
+                 access_rate_bps: float | None = None):
+        if impairment == "tun":
+            raise NetError("the TUN emulator cannot act on a lab node's real interface (it steers "
+                           "by destination, and every agent and Ray share the cloud node's); use "
+                           "impairment netem, auto or none")
+        neck = load_profile(bottleneck)
+        profiles = {name: with_rate(load_profile(access[name]), access_rate_bps) for name in ports}
+        self.access_bps = {name: profiles[name].up.rate_bps for name in ports}
+        split = self._split(capacity_bps, rates_bps)
+        flows = [AgentFlow(name, port, split[name],
+                           Impairment() if impairment == "none"
+                           else path_impairment(profiles[name], neck))
+                 for name, port in ports.items()]
+        self.links = NodeLinks(cloud_address, flows, queue_bytes=neck.up.queue_bytes, borrow=borrow,
+                               ceil_bps=int(capacity_bps)).build()
+        self.log: list[LinkChange] = []
+
+    def _split(self, capacity_bps: float, rates_bps: Mapping[str, float]) -> dict[str, int]:
+        split = split_for_htb(capacity_bps, rates_bps)
+        return {name: min(split[name], self.access_bps[name]) for name in self.access_bps}
+
+    def node(self) -> dict:
+        """Where this manager shapes: interface, its source address, the cloud's address."""
+        links = self.links
+        return {"interface": links.ifname, "address": links.source, "cloud": links.cloud_address}
+
+    def apply(self, capacity_bps: float, rates_bps: Mapping[str, float]) -> float:
+        """This node's agents' classes for a whole allocation; returns netlink call seconds."""
+        capacity = int(max(capacity_bps, MIN_RATE_BPS * (len(rates_bps) + 1)))
+        self.links.set_ceiling(capacity)
+        total = 0.0
+        for agent, rate in self._split(capacity, rates_bps).items():
+            call = self.links.set_share(agent, rate)
+            leaf = self.links.classes[agent]
+            self.log.append(LinkChange(time.time(), agent, leaf.rate_bps, leaf.ceil_bps, call))
+            total += call
+        return total
+
+    def shaping(self) -> list[dict]:
+        return [r.as_row() for r in self.links.shaping()]
+
+    def changes(self) -> list[dict]:
+        return [dataclasses.asdict(c) for c in self.log]
+
+    def teardown(self) -> float:
+        return self.links.teardown()

@@ -2,14 +2,18 @@
 
 What lives here: turning a ``Spec`` into per-agent request shapes (exact payload bytes, the
 policy's latency model, edge times), starting Ray (a local instance with the custom resources
-``edge`` and ``cloud``, or an existing cluster), one trial per combination (LinkManager ->
-CloudActor -> EdgeAgents -> Allocator, run, tear down; also on Ctrl-C), and gathering the
-recorded rows into tidy tables. ``simulated`` fidelity maps the same spec onto
+``edge`` and ``cloud``, or an existing cluster), one trial per combination (link managers
+-> CloudActor -> EdgeAgents -> Allocator, run, tear down; also on Ctrl-C), and gathering the
+recorded rows into tidy tables. Where the actors go is ``placement``'s decision: on one
+machine a ``LinkManager`` builds the lab-in-a-box; on a cluster the cloud actor runs on the
+``cloud`` node and serves every agent on a port of its own, and one ``NodeLinkManager`` per
+edge node shapes that node's real interface toward it. ``simulated`` fidelity maps the same spec onto
 ``experiments.simulate``. What it leaves to others: the actors' work, tables to text and
 plots (``report``).
 
 Output directory: ``requests``, ``epochs``, ``rate_changes`` and ``events`` as Parquet and CSV,
-``links.csv`` (mechanism record per shaped direction), ``spec.yaml``, ``run.json``, and what
+``links.csv`` (mechanism record per shaped direction), ``spec.yaml``, ``run.json`` (with each
+trial's placement), and what
 ``report.write_report`` adds. Raw JSON-lines per trial stay under ``raw/`` (what a killed run
 leaves behind).
 """
@@ -20,6 +24,7 @@ import json
 import os
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
@@ -30,7 +35,8 @@ from ray_scout.actors.compute import (
 )
 from ray_scout.actors.edge import AgentConfig, Arrival, RequestShape
 from ray_scout.actors.recorder import read_table
-from ray_scout.core.allocation import allocate, demand_for
+from ray_scout.core.allocation import Allocation, allocate, demand_for
+from ray_scout.experiments.placement import Placement, alive_nodes, place
 from ray_scout.experiments.spec import (
     REPO_ROOT, Spec, SpecError, arrivals, capacity_trace, check_allocators, load_spec,
     quality_profile,
@@ -134,13 +140,20 @@ def start_ray(spec: Spec, address: str | None, dashboard: bool = True) -> bool:
 
     if ray.is_initialized():
         return False
-    env = {"env_vars": {"PYTHONPATH": str(REPO_ROOT)}}
-    if address:
-        ray.init(address=address, runtime_env=env, log_to_driver=False)
+    if address:  # every node of a cluster runs the ray_scout its setup installed
+        ray.init(address=address, log_to_driver=False)
         return True
-    ray.init(resources={"edge": len(spec.agent_names), "cloud": 1}, runtime_env=env,
+    ray.init(resources={"edge": len(spec.agent_names), "cloud": 1},
+             runtime_env={"env_vars": {"PYTHONPATH": str(REPO_ROOT)}},
              include_dashboard=dashboard, log_to_driver=False, configure_logging=False)
     return True
+
+
+def placement(spec: Spec) -> Placement:
+    """Where this trial's actors go on the Ray that ``start_ray`` connected to."""
+    import ray
+
+    return place(list(spec.groups_by_agent()), alive_nodes(ray.nodes()), CLOUD_PORT)
 
 
 def _gpu_count() -> int:
@@ -149,15 +162,75 @@ def _gpu_count() -> int:
     return int(ray.cluster_resources().get("GPU", 0))
 
 
+@dataclass
+class TrialLinks:
+    """A trial's shaped links and how its actors reach each other over them."""
+
+    managers: list  # link manager actors: the Allocator applies every split through all
+    cloud_addresses: list[tuple[str, int]]  # the cloud actor serves on each
+    cloud_netns: str | None
+    cloud_options: dict  # Ray placement of the cloud actor
+    agent_route: dict[str, tuple[tuple[str, int], str | None]]  # agent -> cloud address, netns
+    agent_options: dict[str, dict]  # agent -> its Ray placement
+
+
+def lab_links(spec: Spec, names: list[str], run_id: str) -> TrialLinks:
+    """One machine: a ``LinkManager`` builds the lab-in-a-box's namespaces and bottleneck."""
+    import ray
+
+    from ray_scout.actors.link_manager import LinkManager
+
+    groups = spec.groups_by_agent()
+    trace = capacity_trace(spec)
+    manager = ray.remote(LinkManager).options(num_cpus=0, max_restarts=0).remote(
+        {n: groups[n].access for n in names}, spec.bottleneck, trace.rate_at(0.0),
+        run_id=run_id, impairment=spec.impairment, borrow=spec.borrow,
+        access_rate_bps=spec.access_rate_bps)
+    addresses = ray.get(manager.addresses.remote())
+    cloud = (CLOUD_ADDRESS, CLOUD_PORT)
+    return TrialLinks([manager], [cloud], addresses["cloud"][1], {"resources": {"cloud": 1}},
+                      {n: (cloud, addresses[n][1]) for n in names},
+                      {n: {"resources": {"edge": 1}} for n in names})
+
+
+def cluster_links(spec: Spec, where: Placement, first: Allocation) -> TrialLinks:
+    """A cluster: one ``NodeLinkManager`` per edge node shapes its interface to the cloud node."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    from ray_scout.actors.link_manager import NodeLinkManager
+
+    def on(node) -> dict:
+        return {"scheduling_strategy": NodeAffinitySchedulingStrategy(node.node_id, soft=False)}
+
+    groups = spec.groups_by_agent()
+    capacity = capacity_trace(spec).rate_at(0.0)
+    cloud_ip = where.cloud.address
+    managers = []
+    for node in where.nodes():
+        agents = where.agents_on(node)
+        managers.append(ray.remote(NodeLinkManager).options(num_cpus=0, max_restarts=0,
+                                                            **on(node)).remote(
+            cloud_ip, {a: where.cloud_port[a] for a in agents},
+            {a: groups[a].access for a in agents}, spec.bottleneck, capacity,
+            dict(first.rate_bps), impairment=spec.impairment, borrow=spec.borrow,
+            access_rate_bps=spec.access_rate_bps))
+    ray.get([m.node.remote() for m in managers])  # built (or failed) before anything starts
+    return TrialLinks(managers, [(cloud_ip, where.cloud_port[a]) for a in where.agent_node], None,
+                      {"resources": {"cloud": 1}, **on(where.cloud)},
+                      {a: ((cloud_ip, where.cloud_port[a]), None) for a in where.agent_node},
+                      {a: {"resources": {"edge": 1}, **on(n)} for a, n in where.agent_node.items()})
+
+
 def run_trial(spec: Spec, policy: str, allocator: str, index: int, out: Path,
-              shapes: dict, work: dict, progress=None, texts: dict | None = None) -> dict:
+              shapes: dict, work: dict, progress=None, texts: dict | None = None,
+              where: Placement = Placement(cluster=False)) -> dict:
     """One combination end to end; returns its summary (rows, wall time, errors)."""
     import ray
 
     from ray_scout.actors.allocator import Allocator
     from ray_scout.actors.cloud import CloudActor
     from ray_scout.actors.edge import EdgeAgent
-    from ray_scout.actors.link_manager import LinkManager
     from ray_scout.actors.recorder import Recorder
 
     texts = texts or {}
@@ -173,18 +246,16 @@ def run_trial(spec: Spec, policy: str, allocator: str, index: int, out: Path,
     prefix = f"{spec.name}/{index}/"  # actor names: tests and operators find them by these
     recorder = ray.remote(Recorder).options(num_cpus=0, name=prefix + "recorder").remote(
         str(raw))
-    link_manager = ray.remote(LinkManager).options(num_cpus=0, max_restarts=0).remote(
-        {n: groups[n].access for n in names}, spec.bottleneck, trace.rate_at(0.0),
-        run_id=run_id, impairment=spec.impairment, borrow=spec.borrow,
-        access_rate_bps=spec.access_rate_bps)
     started = time.time()
-    actors, cloud = [], None
+    actors, cloud, links = [recorder], None, None
     try:
-        addresses = ray.get(link_manager.addresses.remote())
-        # The topology starts with equal guarantees that may borrow up to the link rate; the
-        # first split is in force before the first arrival, not from the allocator's first tick.
-        ray.get(link_manager.apply.remote(trace.rate_at(0.0), dict(first.rate_bps)))
-        cloud_ns = addresses["cloud"][1]
+        links = (cluster_links(spec, where, first) if where.cluster
+                 else lab_links(spec, names, run_id))
+        actors += links.managers
+        # The links start with guarantees that may borrow up to the link rate; the first
+        # split is in force before the first arrival, not from the allocator's first tick.
+        ray.get([m.apply.remote(trace.rate_at(0.0), dict(first.rate_bps))
+                 for m in links.managers])
         if spec.fidelity == "full":
             documents = sorted({text for rows in texts.values() for text, _, _ in rows})
             service = FullService({m: m for m in spec.cloud_models}, documents,
@@ -193,17 +264,19 @@ def run_trial(spec: Spec, policy: str, allocator: str, index: int, out: Path,
             service = profiled_service({m: load_timing(t, spec.base)
                                         for m, t in spec.cloud_models.items()})
         cloud = ray.remote(CloudActor).options(
-            num_cpus=0, num_gpus=min(1, _gpu_count()), resources={"cloud": 1},
-            max_restarts=2, max_concurrency=4, name=prefix + "cloud").remote(
-            "cloud0", (CLOUD_ADDRESS, CLOUD_PORT), cloud_ns, service,
+            num_cpus=0, num_gpus=min(1, _gpu_count()), max_restarts=2, max_concurrency=4,
+            name=prefix + "cloud", **links.cloud_options).remote(
+            "cloud0", links.cloud_addresses, links.cloud_netns, service,
             slots=spec.cloud_slots, connections=len(names) + 4,
             max_batch=spec.cloud_max_batch, batch_window_s=spec.cloud_batch_window_s)
+        actors.append(cloud)
         ray.get(cloud.ready.remote())
         agents = {}
         for name in names:
             g = groups[name]
+            cloud_address, netns = links.agent_route[name]
             cfg = AgentConfig(
-                name=name, netns=addresses[name][1], cloud_address=(CLOUD_ADDRESS, CLOUD_PORT),
+                name=name, netns=netns, cloud_address=cloud_address,
                 policy=policy, allocator=allocator, quality=quality_profile(spec, g),
                 shapes=shapes[g.name], cloud_model=g.cloud_model, deadline_s=g.deadline_s,
                 arrivals=work[name], estimator=g.estimator,
@@ -214,12 +287,12 @@ def run_trial(spec: Spec, policy: str, allocator: str, index: int, out: Path,
                                   max_new_tokens=g.new_tokens),
                 samples=texts.get(name, ()))
             agents[name] = ray.remote(EdgeAgent).options(
-                num_cpus=0, resources={"edge": 1}, max_restarts=2, max_task_retries=2,
-                max_concurrency=4, name=prefix + name).remote(cfg, recorder)
+                num_cpus=0, max_restarts=2, max_task_retries=2, max_concurrency=4,
+                name=prefix + name, **links.agent_options[name]).remote(cfg, recorder)
+        actors += agents.values()
         ray.get([a.demand.remote() for a in agents.values()])
-        actors = [recorder, link_manager, cloud, *agents.values()]
         alloc = ray.remote(Allocator).options(num_cpus=0, max_concurrency=2).remote(
-            allocator, trace, spec.epoch_s, spec.duration_s, agents, link_manager, recorder)
+            allocator, trace, spec.epoch_s, spec.duration_s, agents, links.managers, recorder)
         actors.append(alloc)
         t0 = time.time() + 0.5
         refs = [alloc.run.remote(t0)] + [a.run.remote(t0) for a in agents.values()]
@@ -240,8 +313,10 @@ def run_trial(spec: Spec, policy: str, allocator: str, index: int, out: Path,
         for message in errors:
             recorder.add.remote("events", {"wall_time_s": time.time(), "source": "driver",
                                            "event": "task_failed", "detail": message})
-        links = ray.get(link_manager.shaping.remote())
-        changes = ray.get(link_manager.changes.remote())
+        links_rows = [row for rows in ray.get([m.shaping.remote() for m in links.managers])
+                      for row in rows]
+        changes = [row for rows in ray.get([m.changes.remote() for m in links.managers])
+                   for row in rows]
         cloud_stats = ray.get(cloud.stats.remote())
         ray.get(recorder.add_many.remote("rate_changes", changes))
     finally:
@@ -250,12 +325,14 @@ def run_trial(spec: Spec, policy: str, allocator: str, index: int, out: Path,
                 ray.get(cloud.close.remote(), timeout=10)
             except Exception:  # noqa: BLE001 - a dead cloud has nothing left to close
                 pass
-        ray.get(link_manager.teardown.remote())
+        if links is not None:
+            ray.get([m.teardown.remote() for m in links.managers])
         ray.get(recorder.close.remote())
         for actor in actors:
             ray.kill(actor)
-    return {"policy": policy, "allocator": allocator, "raw": str(raw), "links": links,
-            "cloud": cloud_stats, "errors": errors, "wall_s": time.time() - started}
+    return {"policy": policy, "allocator": allocator, "raw": str(raw), "links": links_rows,
+            "placement": where.describe(), "cloud": cloud_stats, "errors": errors,
+            "wall_s": time.time() - started}
 
 
 def _collect(out: Path, trials: list[dict]) -> dict[str, pd.DataFrame]:
@@ -283,13 +360,18 @@ def write_tables(out: Path, frames: dict[str, pd.DataFrame]) -> None:
 
 def run_emulated(spec: Spec, out: Path, address: str | None = None,
                  show_progress: bool = True, dashboard: bool = True) -> dict[str, pd.DataFrame]:
-    """``full`` or ``profiled``: real links, real TCP, actors under Ray."""
+    """``full`` or ``profiled``: real links, real TCP, actors under Ray.
+
+    Without ``address`` the lab-in-a-box is built on this machine, which needs root here; on a
+    cluster the link managers need it on their nodes (and say so if they lack it).
+    """
     import ray
     from tqdm import tqdm
 
     from ray_scout.net.errors import require_root
 
-    require_root()
+    if address is None:
+        require_root()
     shapes, work = request_shapes(spec), workloads(spec)
     texts = samples(spec, work) if spec.fidelity == "full" else {}
     check_allocators(spec, demands(spec, shapes, work))
@@ -297,6 +379,7 @@ def run_emulated(spec: Spec, out: Path, address: str | None = None,
     started_ray = start_ray(spec, address, dashboard)
     trials = []
     try:
+        where = placement(spec)
         for index, (policy, allocator) in enumerate(spec.combinations()):
             bar = tqdm(total=total, desc=f"{policy} / {allocator}", unit="req",
                        disable=not show_progress)
@@ -305,7 +388,7 @@ def run_emulated(spec: Spec, out: Path, address: str | None = None,
                 bar.update(n - bar.n)
 
             trials.append(run_trial(spec, policy, allocator, index, out, shapes, work,
-                                    progress, texts))
+                                    progress, texts, where))
             bar.close()
     finally:
         if started_ray:

@@ -1,0 +1,91 @@
+"""Where a trial's actors run: one machine's lab-in-a-box, or a cluster's real links.
+
+What lives here: reading the Ray cluster's node table (``ray.nodes()``) and deciding, as a
+pure function, whether the experiment runs on one machine (every agent in its own namespace
+behind an emulated bottleneck: a local Ray, or a cluster whose only ``edge`` slots are on the
+cloud node) or across lab nodes (the cloud actor on the node with the ``cloud`` resource, agents
+spread over the other nodes' ``edge`` slots, each node shaping its real interface toward the
+cloud node); and, on a cluster, which cloud port each agent sends to (its traffic class on its
+node). What it leaves to others: starting actors there (the runner), shaping (link managers).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Mapping, Sequence
+
+from ray_scout.experiments.spec import SpecError
+
+
+@dataclass(frozen=True)
+class Node:
+    """One alive Ray node: its id, address and custom resources."""
+
+    node_id: str
+    address: str
+    cloud: float
+    edge: float
+
+
+@dataclass(frozen=True)
+class Placement:
+    """``cluster`` False: the lab-in-a-box on one machine (the rest is empty)."""
+
+    cluster: bool
+    cloud: Node | None = None
+    agent_node: Mapping[str, Node] = field(default_factory=dict)
+    cloud_port: Mapping[str, int] = field(default_factory=dict)
+
+    def nodes(self) -> list[Node]:
+        """The edge nodes that hold agents, in first-agent order."""
+        return list(dict.fromkeys(self.agent_node.values()))
+
+    def agents_on(self, node: Node) -> list[str]:
+        return [a for a, n in self.agent_node.items() if n == node]
+
+    def describe(self) -> dict:
+        if not self.cluster:
+            return {"mode": "lab-in-a-box"}
+        return {"mode": "cluster", "cloud": self.cloud.address,
+                "agents": {a: n.address for a, n in self.agent_node.items()},
+                "cloud_ports": dict(self.cloud_port)}
+
+
+def alive_nodes(ray_nodes: Sequence[Mapping]) -> list[Node]:
+    """``ray.nodes()`` rows as ``Node``s: alive ones only, ordered by address then id."""
+    nodes = [Node(row["NodeID"], row["NodeManagerAddress"],
+                  float(row.get("Resources", {}).get("cloud", 0)),
+                  float(row.get("Resources", {}).get("edge", 0)))
+             for row in ray_nodes if row.get("Alive")]
+    return sorted(nodes, key=lambda n: (n.address, n.node_id))
+
+
+def place(agents: Sequence[str], nodes: Sequence[Node], first_port: int) -> Placement:
+    """Put ``agents`` on ``nodes``; raise ``SpecError`` with the fix when they do not fit.
+
+    Agents go round-robin over the edge nodes (not the cloud node's own slots: a node cannot
+    shape a link to itself), each node taking at most its ``edge`` slots, so N agents on M
+    equal nodes spread N/M each. Agent ``i`` sends to cloud port ``first_port + i``.
+    """
+    clouds = [n for n in nodes if n.cloud > 0]
+    if not clouds:
+        raise SpecError("no node of the cluster has the `cloud` resource; start the GPU node with "
+                        "ray start --resources='{\"cloud\": 1}' (clusters/lab.yaml does)")
+    cloud = clouds[0]
+    edges = [n for n in nodes if n.edge > 0 and n.address != cloud.address]
+    if not edges:
+        return Placement(cluster=False)
+    slots = {n: int(n.edge) for n in edges}
+    if sum(slots.values()) < len(agents):
+        raise SpecError(f"the cluster's edge nodes have {sum(slots.values())} `edge` slots for "
+                        f"{len(agents)} agents; raise --resources='{{\"edge\": N}}' on the workers "
+                        "or add edge nodes")
+    placed: dict[str, Node] = {}
+    queue = list(agents)
+    while queue:
+        for node in edges:
+            if queue and slots[node] > 0:
+                placed[queue.pop(0)] = node
+                slots[node] -= 1
+    ports = {agent: first_port + i for i, agent in enumerate(agents)}
+    return Placement(True, cloud, placed, ports)
