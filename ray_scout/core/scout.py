@@ -20,6 +20,7 @@ from typing import Sequence
 import torch
 import zstandard
 
+from ray_scout.core.cursor import ByteCursor, put_varint
 from ray_scout.core.generation import DEFAULT_MAX_NEW_TOKENS, Answer, answer_pruned, prefill
 from ray_scout.core.models import LoadedModel
 from ray_scout.core.prompt import build_prompt
@@ -42,45 +43,6 @@ class DocumentMissing(KeyError):
     """The cloud does not hold the document a payload refers to."""
 
 
-def _put_varint(out: bytearray, value: int) -> None:
-    if value < 0:
-        raise ValueError(f"varints are unsigned, got {value}")
-    while value >= 0x80:
-        out.append((value & 0x7F) | 0x80)
-        value >>= 7
-    out.append(value)
-
-
-class _Reader:
-    """A cursor over bytes that raises ``ScoutFormatError`` instead of running off the end."""
-
-    def __init__(self, data: bytes, what: str):
-        self.data, self.pos, self.what = memoryview(data), 0, what
-
-    def take(self, n: int) -> bytes:
-        if n < 0 or self.pos + n > len(self.data):
-            raise ScoutFormatError(f"{self.what} truncated: wanted {n} bytes at offset {self.pos}, "
-                                   f"have {len(self.data) - self.pos}")
-        chunk = bytes(self.data[self.pos:self.pos + n])
-        self.pos += n
-        return chunk
-
-    def varint(self) -> int:
-        value, shift = 0, 0
-        while True:
-            byte = self.take(1)[0]
-            value |= (byte & 0x7F) << shift
-            if not byte & 0x80:
-                return value
-            shift += 7
-            if shift > 63:
-                raise ScoutFormatError(f"{self.what}: varint longer than 64 bits at offset {self.pos}")
-
-    def finish(self) -> None:
-        if self.pos != len(self.data):
-            raise ScoutFormatError(f"{self.what}: {len(self.data) - self.pos} trailing bytes")
-
-
 def _check_positions(positions: Sequence[int], num_context: int) -> list[int]:
     positions = [int(p) for p in positions]
     if num_context < 0:
@@ -99,10 +61,10 @@ def encode_indices(positions: Sequence[int] | torch.Tensor, num_context: int) ->
         positions = positions.tolist()
     positions = _check_positions(positions, num_context)
     delta = bytearray([DELTA_VARINT])
-    _put_varint(delta, len(positions))
+    put_varint(delta, len(positions))
     previous = -1
     for p in positions:
-        _put_varint(delta, p - previous - 1)
+        put_varint(delta, p - previous - 1)
         previous = p
     bitmap = bytearray((num_context + 7) // 8)
     for p in positions:
@@ -111,7 +73,7 @@ def encode_indices(positions: Sequence[int] | torch.Tensor, num_context: int) ->
     return bytes(delta) if len(delta) <= len(bitmap) else bitmap
 
 
-def _decode_indices(reader: _Reader, num_context: int) -> list[int]:
+def _decode_indices(reader: ByteCursor, num_context: int) -> list[int]:
     flag = reader.take(1)[0]
     if flag == DELTA_VARINT:
         count = reader.varint()
@@ -125,7 +87,7 @@ def _decode_indices(reader: _Reader, num_context: int) -> list[int]:
             positions.append(previous)
         return positions
     if flag == BITMAP:
-        bitmap = reader.take((num_context + 7) // 8)
+        bitmap = reader.take((num_context + 7) // 8, "bitmap")
         positions = [i for i in range(len(bitmap) * 8) if bitmap[i >> 3] >> (i & 7) & 1]
         if positions and positions[-1] >= num_context:
             raise ScoutFormatError(f"bitmap sets bit {positions[-1]} past the context of {num_context} tokens")
@@ -135,7 +97,7 @@ def _decode_indices(reader: _Reader, num_context: int) -> list[int]:
 
 def decode_indices(data: bytes, num_context: int) -> torch.Tensor:
     """Inverse of ``encode_indices``; raises ``ScoutFormatError`` on malformed input."""
-    reader = _Reader(data, "position code")
+    reader = ByteCursor(data, "position code", ScoutFormatError)
     positions = _decode_indices(reader, num_context)
     reader.finish()
     return torch.tensor(positions, dtype=torch.long)
@@ -244,33 +206,33 @@ class ScoutPayload:
     def to_bytes(self) -> bytes:
         out = bytearray([HAS_DOCUMENT if self.document_zstd is not None else 0])
         out += self.doc_hash
-        _put_varint(out, self.num_context)
+        put_varint(out, self.num_context)
         code = encode_indices(self.positions, self.num_context)
-        _put_varint(out, len(code))
+        put_varint(out, len(code))
         out += code
-        _put_varint(out, len(self.char_spans))
+        put_varint(out, len(self.char_spans))
         previous_end = 0
         for start, end in self.char_spans:
-            _put_varint(out, start - previous_end)
-            _put_varint(out, end - start)
+            put_varint(out, start - previous_end)
+            put_varint(out, end - start)
             previous_end = end
         question = self.question.encode("utf-8")
-        _put_varint(out, len(question))
+        put_varint(out, len(question))
         out += question
         if self.document_zstd is not None:
-            _put_varint(out, len(self.document_zstd))
+            put_varint(out, len(self.document_zstd))
             out += self.document_zstd
         return bytes(out)
 
     @classmethod
     def from_bytes(cls, data: bytes) -> "ScoutPayload":
-        reader = _Reader(data, "scout payload")
+        reader = ByteCursor(data, "scout payload", ScoutFormatError)
         flags = reader.take(1)[0]
         if flags & ~HAS_DOCUMENT:
             raise ScoutFormatError(f"unknown scout payload flags {flags:#04x}")
-        doc_hash = reader.take(HASH_BYTES)
+        doc_hash = bytes(reader.take(HASH_BYTES, "document hash"))
         num_context = reader.varint()
-        code = _Reader(reader.take(reader.varint()), "position code")
+        code = ByteCursor(reader.take(reader.varint()), "position code", ScoutFormatError)
         positions = _decode_indices(code, num_context)
         code.finish()
         spans, previous_end = [], 0
@@ -278,16 +240,13 @@ class ScoutPayload:
             start = previous_end + reader.varint()
             previous_end = start + reader.varint()
             spans.append((start, previous_end))
-        try:
-            question = reader.take(reader.varint()).decode("utf-8")
-        except UnicodeDecodeError:
-            raise ScoutFormatError("question is not valid UTF-8") from None
+        question = reader.text(reader.varint(), "question")
         document = None
         if flags & HAS_DOCUMENT:
             length = reader.varint()
             if length > MAX_DOCUMENT_BYTES:
                 raise ScoutFormatError(f"carried document of {length} bytes exceeds {MAX_DOCUMENT_BYTES}")
-            document = reader.take(length)
+            document = bytes(reader.take(length, "document"))
         reader.finish()
         return cls(doc_hash, question, num_context, tuple(positions), tuple(spans), document)
 

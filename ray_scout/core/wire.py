@@ -33,6 +33,7 @@ import zlib
 
 import torch
 
+from ray_scout.core.cursor import ByteCursor
 from ray_scout.core.kvcodec import EncodedKV, KVLayout, encoded_size_bytes
 from ray_scout.core.kvcodec.base import (
     KEY_GROUP_DIM,
@@ -140,29 +141,6 @@ def encode_payload(mode: Mode, model_id: str, sections: dict[str, bytes], *,
     return out + _U32.pack(zlib.crc32(out))
 
 
-class _Reader:
-    def __init__(self, data: bytes | memoryview):
-        self.data = memoryview(data)
-        self.at = 0
-
-    def take(self, count: int, what: str) -> memoryview:
-        if self.at + count > len(self.data):
-            raise WireError(f"truncated payload: {what} needs {count} bytes at offset "
-                            f"{self.at}, only {len(self.data) - self.at} left")
-        chunk = self.data[self.at:self.at + count]
-        self.at += count
-        return chunk
-
-    def unpack(self, fmt: struct.Struct, what: str):
-        return fmt.unpack(self.take(fmt.size, what))
-
-    def text(self, count: int, what: str) -> str:
-        try:
-            return bytes(self.take(count, what)).decode()
-        except UnicodeDecodeError:
-            raise WireError(f"{what} is not UTF-8") from None
-
-
 def decode_payload(data: bytes, *, max_bytes: int = DEFAULT_MAX_BYTES,
                    expected_model: KVFacts | None = None) -> Payload:
     """Validate and parse a payload; raise ``WireError`` on anything malformed.
@@ -173,7 +151,7 @@ def decode_payload(data: bytes, *, max_bytes: int = DEFAULT_MAX_BYTES,
     if len(data) > max_bytes:
         raise WireError(f"payload of {len(data)} bytes exceeds the limit of {max_bytes}; "
                         "raise max_bytes if this size is expected")
-    reader = _Reader(data)
+    reader = ByteCursor(data, "payload", WireError)
     magic, version, mode_code, flags, dtype_code, model_len = reader.unpack(_PREFIX, "header")
     if magic != MAGIC:
         raise WireError(f"bad magic {bytes(magic)!r}, expected {MAGIC!r}: not a ray-scout payload")
