@@ -81,7 +81,8 @@ def _missing() -> str | None:
         return "needs root: network/PID/mount namespaces, a private sshd with root login by key"
     for tool in ("/usr/sbin/sshd", "ssh", "ssh-keygen", "rsync", "unshare", "nsenter", "setpriv"):
         if shutil.which(tool) is None:
-            return f"{tool} missing: scripts/setup.sh installs openssh-server and rsync"
+            return (f"{tool} missing: scripts/setup.sh installs openssh-server and rsync; "
+                    "unshare, nsenter and setpriv come with util-linux")
     return None
 
 
@@ -282,7 +283,7 @@ class Node:
             AllowUsers root@{allow_from}
             SetEnv RAY_SCOUT_CACHE={_cache_dir()} PIP_PROXY={pip_proxy}
             """))
-        log = open(root / "sshd.log", "wb")
+        self._log = open(root / "sshd.log", "wb")
         # setpriv: the node's PID 1 (unshare's child, killed by unshare's --kill-child) dies
         # with this test process even when the test is killed before its cleanup runs.
         self.proc = subprocess.Popen(
@@ -292,7 +293,7 @@ class Node:
              'mount --bind "$1" /tmp/ray && mount --bind "$2" /etc/passwd && shift 2 '
              '&& exec "$@"', "sh", str(self.ray_tmp), str(passwd),
              sys.executable, "-c", REAPER, "/usr/sbin/sshd", "-D", "-e", "-f", str(config)],
-            stdout=log, stderr=log, start_new_session=True)
+            stdout=self._log, stderr=self._log, start_new_session=True)
         self.ns = self._wait_for_sshd()
 
     def _wait_for_sshd(self) -> str:
@@ -329,6 +330,7 @@ class Node:
             except subprocess.TimeoutExpired:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait()
+        self._log.close()
 
 
 def _with_home(passwd_line: str, user: str, home: Path) -> str:
@@ -346,7 +348,11 @@ def _cache_dir() -> str:
 
 @dataclass
 class Lab:
-    """A running two-node lab: the retargeted config, the launcher's env, the nodes."""
+    """A running two-node lab: the retargeted config, the launcher's env, the nodes.
+
+    What a command on a node writes under its ~ is readable here under ``head.home`` or
+    ``worker.home`` (e.g. a run's ``--out`` dir below ~/ray-scout).
+    """
 
     config_path: Path
     env: dict
@@ -371,10 +377,13 @@ class Lab:
         return self.ray("exec", str(self.config_path), command, timeout=timeout)
 
     def diagnostics(self) -> str:
-        """What the head's autoscaler said: the first thing to read when a worker is missing."""
+        """What the head's autoscaler said, and who knocked at the worker's sshd: the first
+        things to read when a worker is missing."""
         logs = "session_latest/logs"
-        return "\n".join(f"--- head {name}:\n{self.head.log(f'{logs}/{name}')}"
-                         for name in ("monitor.log", "monitor.err", "monitor.out"))
+        said = [f"--- head {name}:\n{self.head.log(f'{logs}/{name}')}"
+                for name in ("monitor.log", "monitor.err", "monitor.out")]
+        sshd = (self.worker.root / "sshd.log").read_text(errors="replace")[-3000:]
+        return "\n".join(said + [f"--- worker sshd.log:\n{sshd}"])
 
 
 # Runs on the head (``python ~/nodes_alive.py N TIMEOUT_S``): waits until N nodes are alive.
