@@ -1,13 +1,15 @@
-"""The lab cluster: check a ``ray up`` YAML before anyone waits on ssh, and retarget it.
+"""The lab cluster: check a ``ray up`` YAML before anyone waits on ssh, retarget it, and
+take it down for real.
 
 What lives here: loading an on-prem (``provider: type: local``) cluster YAML, Ray's own
 validation of it (the autoscaler's ``prepare_config`` + ``validate_config``, the first thing
 ``ray up`` does), the checks Ray cannot know about (the ``cloud``/``edge`` custom resources
 on the ``ray start`` lines, fixed ports for the metrics exporter and the dashboard, usage
-stats off), ``retarget`` (the same lab at other addresses, key and ports: what the
-end-to-end test runs) and ``scout cluster check``. What it leaves to others: starting the
-cluster (``ray up``), placing actors on the resources (the experiment runner), shaping the
-links (the LinkManager).
+stats off, the autoscaler that can start local-provider workers), ``retarget`` (the same
+lab at other addresses, key and ports: what the end-to-end test runs), ``down`` (`ray down`
+plus the workers' `ray stop` that it leaves out) and ``scout cluster check|down``. What it
+leaves to others: starting the cluster (``ray up``), placing actors on the resources (the
+experiment runner), shaping the links (the LinkManager).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import copy
 import json
 import re
 import shlex
+import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +30,13 @@ import yaml
 PORT_FLAGS = ("--port", "--dashboard-port", "--dashboard-agent-listen-port",
               "--metrics-export-port")
 HEAD_ADDRESS = "$RAY_HEAD_IP"
+ENV_ASSIGNMENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*=.*")
+# `ray up` (Ray >= 2.50) exports RAY_enable_autoscaler_v2=1 before the head's `ray start`;
+# v2 never marks a local provider's head as running (v1 records it on the head, v2 does
+# not), so it never scales, and the workers never start.
+AUTOSCALER_V2 = "RAY_enable_autoscaler_v2"
+# What `ray stop` says on a node where none of Ray's processes run.
+NO_RAY_LEFT = "Did not find any active Ray processes."
 
 
 class ClusterConfigError(ValueError):
@@ -86,30 +96,50 @@ def ray_validate(config: dict) -> dict:
     return prepared
 
 
+def _ray_start(command: str) -> tuple[dict[str, str], list[str]] | None:
+    """The environment assignments in front of the ``ray start`` in a shell line and the
+    words after ``ray start``, or None when the line starts no Ray."""
+    for part in re.split(r"&&|;|\|\|", command):
+        words = shlex.split(part)
+        env: dict[str, str] = {}
+        while words and ENV_ASSIGNMENT.fullmatch(words[0]):
+            key, value = words.pop(0).split("=", 1)
+            env[key] = value
+        if len(words) >= 2 and words[0] == "ray" and words[1] == "start":
+            return env, words[2:]
+    return None
+
+
 def ray_start_flags(command: str) -> dict[str, str] | None:
     """The ``--flag=value`` options of the ``ray start`` inside a shell line, or None.
 
     A bare flag maps to ``"true"``; ``--flag value`` and ``--flag=value`` both work, and
-    shell quoting is honoured (``--resources='{"cloud": 1}'``).
+    shell quoting is honoured (``--resources='{"cloud": 1}'``). Environment assignments in
+    front of it (``VAR=value ray start ...``) are skipped; ``ray_start_env`` has them.
     """
-    for part in re.split(r"&&|;|\|\|", command):
-        words = shlex.split(part)
-        if len(words) >= 2 and words[0] == "ray" and words[1] == "start":
-            flags: dict[str, str] = {}
-            rest = words[2:]
-            i = 0
-            while i < len(rest):
-                word = rest[i]
-                if word.startswith("--") and "=" in word:
-                    key, value = word.split("=", 1)
-                    flags[key] = value
-                elif word.startswith("--"):
-                    takes_value = i + 1 < len(rest) and not rest[i + 1].startswith("--")
-                    flags[word] = rest[i + 1] if takes_value else "true"
-                    i += takes_value
-                i += 1
-            return flags
-    return None
+    found = _ray_start(command)
+    if found is None:
+        return None
+    rest = found[1]
+    flags: dict[str, str] = {}
+    i = 0
+    while i < len(rest):
+        word = rest[i]
+        if word.startswith("--") and "=" in word:
+            key, value = word.split("=", 1)
+            flags[key] = value
+        elif word.startswith("--"):
+            takes_value = i + 1 < len(rest) and not rest[i + 1].startswith("--")
+            flags[word] = rest[i + 1] if takes_value else "true"
+            i += takes_value
+        i += 1
+    return flags
+
+
+def ray_start_env(command: str) -> dict[str, str] | None:
+    """The ``VAR=value`` assignments in front of the ``ray start`` in a shell line, or None."""
+    found = _ray_start(command)
+    return None if found is None else found[0]
 
 
 def _start_flags(config: dict, key: str, problems: list[str]) -> dict[str, str]:
@@ -172,6 +202,11 @@ def check_lab(config: dict) -> LabPlan:
         metrics_export_port=(_port(head, "--metrics-export-port", on_head, problems)
                              if head else 0),
     )
+    head_env = [e for e in (ray_start_env(c) for c in config.get(on_head) or []) if e is not None]
+    if head_env and head_env[0].get(AUTOSCALER_V2) != "0":
+        problems.append(f"head_start_ray_commands: start the head with {AUTOSCALER_V2}=0 in "
+                        "front of `ray start`: `ray up` of Ray >= 2.50 runs autoscaler v2 "
+                        "otherwise, which never starts the workers of a local provider")
     if head:
         if "--head" not in head:
             problems.append("head_start_ray_commands: the `ray start` line needs --head")
@@ -229,14 +264,79 @@ def retarget(config: dict, *, head_ip: str, worker_ips: list[str], ssh_user: str
     return out
 
 
+@dataclass(frozen=True)
+class NodeStop:
+    """What a node's own `ray stop` found after ``down``: nothing (``clean``) or survivors."""
+
+    ip: str
+    clean: bool
+    output: str
+
+
+def node_command(config: dict, ip: str, command: str) -> list[str]:
+    """The ssh argv that runs ``command`` on node ``ip`` as `ray up` runs its commands: the
+    config's ssh user and key, a login shell after ~/.bashrc (where the venv's ``ray`` is)."""
+    auth = config["auth"]
+    return ["ssh", "-i", str(Path(auth["ssh_private_key"]).expanduser()),
+            "-o", "IdentitiesOnly=yes", "-o", "BatchMode=yes", "-o", "ConnectTimeout=10",
+            # as `ray up` itself, which has already trusted these hosts on first contact
+            "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",
+            f"{auth['ssh_user']}@{ip}",
+            "bash --login -c -i " + shlex.quote(f"source ~/.bashrc; {command}")]
+
+
+def down(config_path: str | Path, timeout_s: float = 120) -> list[NodeStop]:
+    """`ray down`, then `ray stop` on every worker, then each node's `ray stop` as a check.
+
+    `ray down` of a local-provider cluster runs `ray stop` on the head only: the workers are
+    just marked terminated, their raylet gives up on the GCS a minute later and their log
+    monitor never does. `ray down` also exits 0 when its `ray stop` failed. Hence the
+    workers' stop here, after the head's autoscaler is gone (it would start them again),
+    and a second `ray stop` on every node, which must find nothing.
+    """
+    from ray.autoscaler.sdk import teardown_cluster
+
+    config = load(config_path)
+    provider = config.get("provider") or {}
+    head = str(provider.get("head_ip"))
+    workers = [str(ip) for ip in provider.get("worker_ips") or []]
+    teardown_cluster(str(config_path))
+
+    def ray_stop(ip: str) -> str:
+        done = subprocess.run(node_command(config, ip, "ray stop"), capture_output=True,
+                              text=True, timeout=timeout_s)
+        return done.stdout + done.stderr
+
+    for ip in workers:
+        ray_stop(ip)
+    stops = []
+    for ip in [head, *workers]:
+        output = ray_stop(ip)
+        stops.append(NodeStop(ip, NO_RAY_LEFT in output, output))
+    return stops
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="cluster_command", required=True)
     check = sub.add_parser("check", help="validate a `ray up` YAML (Ray's checks + the lab's) "
                                          "before any ssh")
     check.add_argument("config", help="cluster YAML, e.g. clusters/lab.yaml")
+    stop = sub.add_parser("down", help="`ray down`, then stop Ray on every worker, and check "
+                                       "that no Ray process is left on any node")
+    stop.add_argument("config", help="the cluster YAML that `ray up` started")
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.cluster_command == "down":
+        stops = down(args.config)
+        for stop in stops:
+            if stop.clean:
+                print(f"{stop.ip}: no Ray process left")
+            else:
+                print(f"{stop.ip}: not confirmed free of Ray (ssh failed, or Ray survived "
+                      f"`ray stop`); log in and run `ray stop --force`. It said:\n"
+                      f"{stop.output[-2000:]}", file=sys.stderr)
+        return 0 if all(stop.clean for stop in stops) else 1
     try:
         plan = check_lab(load(args.config))
     except ClusterConfigError as e:

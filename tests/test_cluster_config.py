@@ -65,6 +65,9 @@ def test_per_node_resources_in_yaml_are_rejected_by_the_local_provider(lab):
     ("head_start_ray_commands", "--disable-usage-stats", "", "usage-stats"),
     ("head_start_ray_commands", "--include-dashboard=true", "--include-dashboard=false",
      "dashboard must be on"),
+    ("head_start_ray_commands", "RAY_enable_autoscaler_v2=0 ", "", "autoscaler v2"),
+    ("head_start_ray_commands", "RAY_enable_autoscaler_v2=0", "RAY_enable_autoscaler_v2=1",
+     "autoscaler v2"),
 ])
 def test_lab_checks_name_the_missing_piece(lab, key, old, new, message):
     with pytest.raises(cluster.ClusterConfigError, match=message):
@@ -84,6 +87,20 @@ def test_ray_start_flags_honour_shell_quoting():
         """ulimit -n 1024; ray start --head --port 6379 --resources='{"cloud": 1}'""")
     assert flags == {"--head": "true", "--port": "6379", "--resources": '{"cloud": 1}'}
     assert cluster.ray_start_flags("ray stop") is None
+
+
+def test_environment_in_front_of_ray_start_is_read_apart_from_its_flags():
+    line = "ray stop; A=1 B='x y' ray start --head --port=6379"
+    assert cluster.ray_start_env(line) == {"A": "1", "B": "x y"}
+    assert cluster.ray_start_flags(line) == {"--head": "true", "--port": "6379"}
+    assert cluster.ray_start_env("A=1 ray stop") is None
+
+
+def test_node_command_runs_ray_stop_as_ray_up_does(lab):
+    argv = cluster.node_command(lab, "10.0.0.2", "ray stop")
+    assert argv[0] == "ssh" and "root@10.0.0.2" in argv
+    assert argv[argv.index("-i") + 1] == str(Path("~/.ssh/id_ed25519").expanduser())
+    assert argv[-1] == "bash --login -c -i 'source ~/.bashrc; ray stop'"
 
 
 def test_retarget_changes_only_addresses_key_and_ports(lab):
