@@ -47,6 +47,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import yaml
 from pyroute2 import IPRoute, netns
@@ -60,6 +61,7 @@ pytestmark = pytest.mark.cluster
 
 REPO = Path(__file__).resolve().parents[1]
 NODE_IFINDEX = 2  # the node's one veth (lo is 1)
+NODE_IFNAME = "eth0"
 LAUNCHER_HOST = 254  # the bridge's (this host's) address in the lab's /24
 NODE_HOSTS = {"head": 1, "worker": 2}
 NODES_ALIVE_TIMEOUT_S = 240
@@ -158,7 +160,7 @@ class LabNet:
                 self._made.append(ns)
                 try:
                     end = f"{self.prefix}l{n}"
-                    add_veth(host, end, 0, ns, "eth0", NODE_IFINDEX)
+                    add_veth(host, end, 0, ns, NODE_IFNAME, NODE_IFINDEX)
                     self._made.append(end)
                     host.link("set", index=host.link_lookup(ifname=end)[0], master=bridge,
                               state="up")
@@ -513,6 +515,32 @@ def _installed_module(node: Node) -> str:
     return str(node.home / "ray-scout" / "ray_scout" / "__init__.py")
 
 
+# A short congestion experiment for the lab: two agents on the worker share 20 Mbit/s
+# (10 each under the equal split) and always send INT8 KV (Qwen2.5-7B at 64 tokens, 2.0 MB
+# on the wire), so every transfer takes long enough on a 10 Mbit/s class (1.7 s) to show
+# whether the worker's interface really shaped it. Rate-only profiles: this kernel may lack
+# netem.
+CLUSTER_SPEC = {
+    "name": "cluster_e2e", "fidelity": "profiled", "duration_s": 12, "seed": 0, "epoch_s": 0.5,
+    "network": {"bottleneck": "lab", "impairment": "auto", "borrow": False},
+    "capacity": {"kind": "constant", "rate": "20mbit"},
+    "cloud": {"slots": 2, "models": {"qwen2.5-7b": {"timing": "paper_b"}}},
+    "agents": [{"name": "edge", "count": 2, "model": "qwen2.5-7b", "context_tokens": [64],
+                "deadline_s": 6.0, "arrival_rate_hz": 0.3, "quality": "paper_b:3b-7b",
+                "access": "lab"}],
+    "policies": ["static:int8"], "allocators": ["equal"],
+}
+
+
+def _run_experiment(lab: Lab) -> Path:
+    """`scout run --address auto` on the head; returns the results directory (on this host)."""
+    (lab.head.home / "cluster_e2e.yaml").write_text(yaml.safe_dump(CLUSTER_SPEC))
+    run = lab.exec("cd ~/ray-scout && python -m ray_scout.cli run ~/cluster_e2e.yaml "
+                   "--address auto --no-progress --out ~/cluster_e2e", timeout=300)
+    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
+    return lab.head.home / "cluster_e2e"
+
+
 def test_ray_up_places_cloud_on_head_and_edge_on_worker_and_cluster_down_leaves_no_ray(lab):
     placed = _placement(lab)
     assert placed["cloud"] == {"ip": lab.head.ip, "module": _installed_module(lab.head)}, placed
@@ -521,6 +549,26 @@ def test_ray_up_places_cloud_on_head_and_edge_on_worker_and_cluster_down_leaves_
     assert placed["resources"].get("cloud") == lab.plan.cloud_per_head, placed["resources"]
     assert placed["resources"].get("edge") == (
         lab.plan.edge_per_worker * len(lab.plan.worker_ips)), placed["resources"]
+
+    out = _run_experiment(lab)
+    trial = json.loads((out / "run.json").read_text())["trials"][0]
+    assert trial["errors"] == [], trial["errors"]
+    assert trial["placement"] == {
+        "mode": "cluster", "cloud": lab.head.ip,
+        "agents": {"edge0": lab.worker.ip, "edge1": lab.worker.ip},
+        "cloud_ports": {"edge0": 7300, "edge1": 7301}}, trial["placement"]
+    links = pd.read_csv(out / "links.csv")
+    # The worker's one interface toward the head, one class per agent by its cloud port.
+    assert sorted(links["link"]) == [f"{NODE_IFNAME}->{lab.head.ip}:7300[edge0]",
+                                     f"{NODE_IFNAME}->{lab.head.ip}:7301[edge1]"]
+    assert set(links["mechanisms"]) == {"htb"}
+    requests = pd.read_csv(out / "requests.csv")
+    sent = requests[(requests["mode"] == "int8") & requests["measured_bps"].notna()]
+    assert len(sent) >= 4 and sent["deadline_met"].all(), requests.to_string()
+    # TCP goodput through a class is its rate times 1448/1514: unshaped, a veth moves
+    # these payloads at Gbit/s.
+    ratio = (sent["measured_bps"] / sent["grant_bps"]).median()
+    assert 0.85 <= ratio <= 1.0, f"measured/granted {ratio:.3f}\n{sent.to_string()}"
 
     config = str(lab.config_path)
     ray_down = lab.ray("down", "-y", config, timeout=180)
