@@ -141,3 +141,14 @@ def test_a_static_agent_demands_no_margin():
 
     cfg = dataclasses.replace(_agent_config((Arrival(0, 1.0, 170),)), policy="static:int8")
     assert EdgeAgent(cfg, recorder=None).demand().safety_margin == 0.0
+
+
+def test_a_static_agent_demands_its_one_mode_and_an_adaptive_one_every_mode_it_knows():
+    from ray_scout.actors.edge import Arrival, EdgeAgent
+
+    cfg = _agent_config((Arrival(0, 1.0, 170),))
+    static = EdgeAgent(dataclasses.replace(cfg, policy="static:int4"), recorder=None).demand()
+    assert set(static.quality) == {Mode.INT4}
+    adaptive = EdgeAgent(cfg, recorder=None).demand()
+    assert set(adaptive.quality) == {Mode.BF16, Mode.INT8, Mode.INT4, Mode.MIXED_INT4,
+                                     Mode.SCOUT}

@@ -337,3 +337,11 @@ def test_in_the_allocation_example_queue_aware_quality_max_plans_scout_for_one_l
     assert aware.objective == pytest.approx(3 * 1.07 + profile.quality(Mode.SCOUT))
     assert allocate("quality_max", demands(0.25, 0.1), 50 * MBIT).objective \
         == pytest.approx(aware.objective)
+
+
+def test_a_demand_lists_only_the_modes_the_agent_can_send():
+    # An always-INT4 agent must not be planned on scout: it would send INT4 at a scout rate.
+    d = demand_for("a", PAPER_B_PAYLOAD_BYTES, paper_b_profile("3b-7b"), paper_b_latency(),
+                   deadline_s=2.5, modes=(Mode.INT4,))
+    assert set(d.quality) == {Mode.INT4} and set(d.payload_bytes) == {Mode.INT4}
+    assert math.isinf(d.required_rate_bps(Mode.SCOUT))

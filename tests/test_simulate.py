@@ -234,3 +234,10 @@ def test_queue_aware_allocators_beat_the_equal_split_in_the_allocation_example()
         hits, quality = result[allocator]
         assert hits >= 0.98 and hits >= result["equal"][0] - 0.01
         assert quality > result["equal"][1]
+
+
+def test_a_static_agent_is_never_planned_on_a_mode_it_does_not_send():
+    specs = tuple(paper_b_agent(f"a{i}", 0.25, 2.5, pair="3b-7b") for i in range(4))
+    _, epochs = simulate(SimConfig(specs, CapacityTrace.constant(20 * MBIT, 5),
+                                   StaticPolicy(Mode.INT8, PROFILE), "quality_max", seed=1))
+    assert set(epochs.planned_mode) <= {"int8", "local"}

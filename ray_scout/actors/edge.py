@@ -134,9 +134,10 @@ class EdgeAgent:
 
     # --- what the allocator asks and tells ---------------------------------------------
     def demand(self) -> Demand:
-        """The agent's typical request (median context), its arrival rate and its policy's
-        margin, as the simulator reports them: the allocator leaves room for the wait
-        behind the agent's own requests (one at a time) and for the policy's reserve."""
+        """The agent's typical request (median context) in the modes its policy can send,
+        its arrival rate and its policy's margin, as the simulator reports them: the
+        allocator leaves room for the wait behind the agent's own requests (one at a time)
+        and for the policy's reserve."""
         c = self.config
         tokens = sorted(a.context_tokens for a in c.arrivals) or sorted(c.shapes)
         shape = c.shapes[tokens[len(tokens) // 2]]
@@ -145,7 +146,8 @@ class EdgeAgent:
             last = max((a.t_s for a in c.arrivals), default=0.0)
             rate = len(c.arrivals) / last if last > 0 else 0.0
         return demand_for(c.name, shape.payload_bytes, c.quality, shape.latency, c.deadline_s,
-                          arrival_rate_hz=rate, safety_margin=self.policy.safety_margin)
+                          arrival_rate_hz=rate, safety_margin=self.policy.safety_margin,
+                          modes=self.policy.choices)
 
     def set_grant(self, rate_bps: float) -> None:
         self.grant_bps = rate_bps

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Callable, Mapping, Sequence
+from typing import Callable, Collection, Mapping, Sequence
 
 import numpy as np
 
@@ -131,21 +131,25 @@ class Demand:
 
 def demand_for(agent_id: str, payload_bytes: Mapping[Mode, int], profile: QualityProfile,
                latency: LatencyModel, deadline_s: float, weight: float = 1.0,
-               arrival_rate_hz: float = 0.0, safety_margin: float = 0.0) -> Demand:
+               arrival_rate_hz: float = 0.0, safety_margin: float = 0.0,
+               modes: Collection[Mode] | None = None) -> Demand:
     """The demand of an agent that knows its payloads, quality profile and latency model.
 
-    Modes enter where all three know them; ``local`` where the profile has its quality and
-    the latency model its edge time. Give ``arrival_rate_hz`` (the agent's mean request
-    rate) and ``safety_margin`` (its policy's) so the rate leaves room for queueing and for
-    the policy's reserve; see the module docstring.
+    Modes enter where all three know them and the agent can send them (``modes``: its
+    policy's ``choices``; None: any); ``local`` where the profile has its quality and the
+    latency model its edge time. Give ``arrival_rate_hz`` (the agent's mean request rate) and
+    ``safety_margin`` (its policy's) so the rate leaves room for queueing and for the
+    policy's reserve; see the module docstring.
     """
-    modes = [m for m in CLOUD_MODES if m in payload_bytes and m in latency.edge_s
-             and m in latency.cloud_s and profile.quality(m) is not None]
-    if Mode.LOCAL in latency.edge_s and profile.quality(Mode.LOCAL) is not None:
-        modes.append(Mode.LOCAL)
-    return Demand(agent_id, {m: payload_bytes[m] for m in modes if m != Mode.LOCAL},
-                  {m: profile.quality(m) for m in modes}, deadline_s,
-                  {m: latency.fixed_s(m) for m in modes}, weight,
+    sendable = set(OPTION_MODES if modes is None else modes)
+    options = [m for m in CLOUD_MODES if m in payload_bytes and m in latency.edge_s
+               and m in latency.cloud_s and profile.quality(m) is not None and m in sendable]
+    if (Mode.LOCAL in latency.edge_s and profile.quality(Mode.LOCAL) is not None
+            and Mode.LOCAL in sendable):
+        options.append(Mode.LOCAL)
+    return Demand(agent_id, {m: payload_bytes[m] for m in options if m != Mode.LOCAL},
+                  {m: profile.quality(m) for m in options}, deadline_s,
+                  {m: latency.fixed_s(m) for m in options}, weight,
                   arrival_rate_hz=arrival_rate_hz, safety_margin=safety_margin)
 
 

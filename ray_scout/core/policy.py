@@ -245,6 +245,9 @@ class Decision:
 
 class Policy(Protocol):
     name: str
+    # Every mode ``decide`` may return, a fallback included: what an agent's demand offers
+    # the allocator, so no agent is planned on a mode it would never send.
+    choices: tuple[Mode, ...]
     # The fraction of the bandwidth estimate kept in reserve when planning; an allocator
     # sizes the agent's rate with it (``allocation.demand_for``).
     safety_margin: float
@@ -281,6 +284,7 @@ class AdaptivePolicy:
         self.modes = tuple(m for m in modes if profile.quality(m) is not None)
         if not self.modes:
             raise ProfileError(f"profile {profile.name} has no quality for any of {modes}")
+        self.choices = tuple(dict.fromkeys(self.modes + (Mode.LOCAL,)))
         self.name = f"adaptive(margin={safety_margin:g})"
 
     def decide(self, request: PolicyInput) -> Decision:
@@ -311,6 +315,7 @@ class StaticPolicy:
 
     def __init__(self, mode: Mode, profile: QualityProfile | None = None):
         self.mode = mode
+        self.choices = (mode,)
         self.profile = profile
         self.name = f"static({mode.value})"
 

@@ -168,13 +168,14 @@ class _Sim:
                                              **cfg.estimator_options)
                            for a, s in self.agents.items()}
         self.grant = {a: math.inf for a in self.agents}
-        # An agent reports its typical request (median context), its arrival rate and its
-        # policy's margin once: demands do not track individual requests, so they stay fixed
-        # and only the capacity moves the split.
+        # An agent reports its typical request (median context) in the modes its policy can
+        # send, its arrival rate and its policy's margin once: demands do not track
+        # individual requests, so they stay fixed and only the capacity moves the split.
         self.demands = [
             demand_for(s.agent_id, s.payload_bytes(int(np.median(s.context_tokens))), s.quality,
                        s.latency, s.deadline_s, s.weight, arrival_rate_hz=s.arrival_rate_hz,
-                       safety_margin=self.policy_for(s.agent_id).safety_margin)
+                       safety_margin=self.policy_for(s.agent_id).safety_margin,
+                       modes=self.policy_for(s.agent_id).choices)
             for s in cfg.agents]
         self.heap: list = []
         self.seq = 0
