@@ -82,7 +82,7 @@ def transfer(rates_mbit: list[float], sizes_mb: list[float], repeats: int) -> li
 
 
 def overhead(results: Path) -> dict:
-    r = pd.read_parquet(results / "requests.parquet")
+    r = pd.read_csv(results / "requests.csv")
     answered = r[r.overhead_s.notna() & (r["mode"] != "local")]
     o = answered.overhead_s * 1e3
     return {"results": str(results), "n": int(len(o)), "median_ms": float(o.median()),
