@@ -78,8 +78,8 @@ class Demand:
     arrival_rate_hz: float = 0.0
     safety_margin: float = 0.0
     # Sizes, fixed latencies and qualities in ``OPTION_MODES`` order, then the KV size, the
-    # service budget and the planned share of the rate, gathered once here: Enum-keyed dict
-    # lookups cost a Python call each, too slow to repeat per allocation.
+    # service budget, the planned share of the rate and the arrival rate, gathered once here:
+    # Enum-keyed dict lookups cost a Python call each, too slow to repeat per allocation.
     vector: tuple[float, ...] = dataclasses.field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
