@@ -4,12 +4,13 @@ Agents are drawn at random: an edge model among the Qwen2.5 presets (its BF16 KV
 token from the model config), a context of 256-4096 tokens, payloads per mode scaled from
 BF16 by Paper B's modes table (INT8 4.7/9.7, INT4 2.3/9.7, mixed INT4 2.6/9.7, scout 2 B
 per selected index at 25% retention), quality per mode jittered around Paper B's, a
-deadline of 0.5-3 s and 0.05-0.6 s of fixed latency per mode. Six options per agent: the
-five cloud modes and the rate-0 local fallback.
+deadline of 0.5-3 s, 0.05-0.6 s of fixed latency per mode, Poisson arrivals at 0.05-0.5 Hz
+and the adaptive policy's 10% margin (queue-aware demands, docs/POLICY.md). Six options per
+agent: the five cloud modes and the rate-0 local fallback.
 
 A second population is the worst case for ``optimal``: 1,000 identical agents with Paper B's
-payloads, profile (3b-7b) and stage times. Symmetry defeats its bound-based reduction (any
-agent may take the upgrade), so its DP runs over every agent.
+payloads, profile (3b-7b) and stage times, at 0.25 Hz with the 10% margin. Symmetry defeats
+its bound-based reduction (any agent may take the upgrade), so its DP runs over every agent.
 
 Timed: ``allocate(strategy, demands, capacity)`` end to end (building the matrices
 included), after one warm-up, at several bottleneck capacities. Building the 1,000
@@ -59,7 +60,9 @@ def random_demands(n: int, seed: int, per_token: list[int]) -> list[Demand]:
         quality = {m: float(q * rng.uniform(0.85, 1.15)) for m, q in PAPER_B_QUALITY.items()}
         fixed = {m: float(rng.uniform(0.05, 0.6)) for m in sizes}
         demands.append(Demand(f"agent-{i}", sizes, quality, float(rng.uniform(0.5, 3.0)),
-                              fixed, weight=float(rng.uniform(0.5, 2.0))))
+                              fixed, weight=float(rng.uniform(0.5, 2.0)),
+                              arrival_rate_hz=float(rng.uniform(0.05, 0.5)),
+                              safety_margin=0.1))
     return demands
 
 
@@ -80,7 +83,8 @@ def main() -> None:
           "| CPU median (ms) | CPU p99 (ms) | objective |")
     print("|---|---|---|---|---|---|---|---|---|")
     identical = [demand_for(f"same-{i}", PAPER_B_PAYLOAD_BYTES, paper_b_profile("3b-7b"),
-                            paper_b_latency(), deadline_s=1.5) for i in range(args.agents)]
+                            paper_b_latency(), deadline_s=1.5, arrival_rate_hz=0.25,
+                            safety_margin=0.1) for i in range(args.agents)]
     cases = [(s, "random", demands) for s in ("equal", "model_aware", "greedy", "quality_max",
                                                "optimal")]
     cases += [(s, "identical", identical) for s in ("quality_max", "optimal")]

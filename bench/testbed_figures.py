@@ -1,8 +1,11 @@
-"""Testbed figures: payload transfer time on shaped links, per-request overhead, scale.
+"""Testbed figures: payload transfer time on shaped links, per-request overhead, scale, and
+the per-group and per-estimator tables of a run's results.
 
     python3 bench/testbed_figures.py transfer --out bench/results/testbed_transfer.json
     python3 bench/testbed_figures.py overhead --results results/modes_table
     python3 bench/testbed_figures.py scale --agents 32 --out bench/results/testbed_scale.json
+    python3 bench/testbed_figures.py groups --results experiments/results/allocation_congestion
+    python3 bench/testbed_figures.py estimators --results experiments/results/estimators
 
 ``transfer``: one edge, one cloud, the access link at each rate (bottleneck 1 Gbit/s), one
 persistent connection; each payload is sent 5 times; the wire time (first byte handed to the
@@ -12,6 +15,13 @@ bytes x 8 / rate + RTT, where RTT is the idle ping-pong time of a 1-byte request
 queue, edge compute, wire time, cloud queue and cloud compute).
 ``scale``: a profiled run of N agents (small payloads, Paper B timings) on this box; reports
 wall time, requests, hit rate and overhead.
+``groups``: per (policy, allocator) and agent group (the spec's group names, from the run's
+``spec.yaml``), deadline hits, and how the misses happened: ``local`` (no mode fitted the
+time left), ``expired`` (waited past the deadline), ``cancelled`` (sent, not answered in
+time); ``--requests`` picks another table of the same run (the simulated one).
+``estimators``: per estimator of the spec's groups, requests, deadline hits and quality
+with bootstrap 95% intervals, the median estimate / grant, and the median measured
+throughput / grant of payloads over 1 MB.
 """
 
 from __future__ import annotations
@@ -72,7 +82,7 @@ def transfer(rates_mbit: list[float], sizes_mb: list[float], repeats: int) -> li
 
 
 def overhead(results: Path) -> dict:
-    r = pd.read_parquet(results / "requests.parquet")
+    r = pd.read_csv(results / "requests.csv")
     answered = r[r.overhead_s.notna() & (r["mode"] != "local")]
     o = answered.overhead_s * 1e3
     return {"results": str(results), "n": int(len(o)), "median_ms": float(o.median()),
@@ -106,6 +116,48 @@ def scale(agents: int, duration_s: float) -> dict:
                 "load_before": load_start, "load_after": os.getloadavg()[0]}
 
 
+def _groups_of(results: Path) -> dict:
+    from ray_scout.experiments.spec import load_spec
+
+    return load_spec(results / "spec.yaml").groups_by_agent()
+
+
+def groups(results: Path, requests: Path | None) -> list[dict]:
+    r = pd.read_csv(requests or results / "requests.csv")
+    r["group"] = r.agent.map({a: g.name for a, g in _groups_of(results).items()})
+    rows = []
+    for (policy, allocator, group), g in r.groupby(["policy", "allocator", "group"], sort=True):
+        miss = g[~g.deadline_met.astype(bool)]
+        expired = miss.agent_queue_s >= miss.deadline_s
+        rows.append(dict(
+            policy=policy, allocator=allocator, group=group, n=int(len(g)),
+            hit_rate=float(g.deadline_met.mean()), quality=float(g.quality.mean()),
+            agent_queue_p95_s=float(g.agent_queue_s.quantile(0.95)),
+            miss_local=int(((miss["mode"] == "local") & ~expired).sum()),
+            miss_expired=int(expired.sum()),
+            miss_cancelled=int((miss.cancelled.astype(bool) & ~expired).sum()),
+            modes=g["mode"].value_counts().to_dict()))
+    return rows
+
+
+def estimators(results: Path) -> list[dict]:
+    from ray_scout.core.metrics import bootstrap_ci
+
+    r = pd.read_csv(results / "requests.csv")
+    r["estimator"] = r.agent.map({a: g.estimator for a, g in _groups_of(results).items()})
+    rows = []
+    for name, g in r.groupby("estimator", sort=True):
+        big = g[(g.payload_bytes > 1e6) & g.measured_bps.notna()]
+        hits, quality = (bootstrap_ci(g[c].astype(float).to_numpy())
+                         for c in ("deadline_met", "quality"))
+        rows.append(dict(
+            estimator=name, n=int(len(g)), hit_rate=list(hits), quality=list(quality),
+            estimate_over_grant_median=float((g.bandwidth_estimate_bps / g.grant_bps).median()),
+            measured_over_grant_over_1mb_median=float((big.measured_bps / big.grant_bps).median()),
+            n_over_1mb=int(len(big)), modes=g["mode"].value_counts().to_dict()))
+    return rows
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="what", required=True)
@@ -118,7 +170,12 @@ def main() -> int:
     s = sub.add_parser("scale")
     s.add_argument("--agents", type=int, default=32)
     s.add_argument("--duration-s", type=float, default=30)
-    for p in (t, o, s):
+    gr = sub.add_parser("groups")
+    gr.add_argument("--results", type=Path, required=True)
+    gr.add_argument("--requests", type=Path, help="default: <results>/requests.csv")
+    e = sub.add_parser("estimators")
+    e.add_argument("--results", type=Path, required=True)
+    for p in (t, o, s, gr, e):
         p.add_argument("--out", type=Path)
     args = parser.parse_args()
     if args.what == "transfer":
@@ -128,6 +185,10 @@ def main() -> int:
             ["wire_over_ideal", "round_trip_over_ideal"]].median().reset_index().to_dict("records")
     elif args.what == "overhead":
         result = overhead(args.results)
+    elif args.what == "groups":
+        result = {"rows": groups(args.results, args.requests)}
+    elif args.what == "estimators":
+        result = {"rows": estimators(args.results)}
     else:
         result = scale(args.agents, args.duration_s)
     result["machine"] = "dev box: 2-core Intel Xeon (x86-64), 24 GiB, Debian 12, Python 3.11"

@@ -112,3 +112,43 @@ def test_adaptive_offload_keeps_local_as_the_fallback_only():
     assert make_policy("adaptive:offload", profile, 0.1).decide(request).mode != Mode.LOCAL
     down = dataclasses.replace(request, bandwidth_bps=0.0)
     assert make_policy("adaptive:offload", profile, 0.1).decide(down).mode == Mode.LOCAL
+
+
+def _agent_config(arrivals, **extra):
+    from ray_scout.actors.edge import AgentConfig, request_shape
+    from ray_scout.core.policy import PAPER_B_PAYLOAD_BYTES, paper_b_latency, paper_b_profile
+
+    shape = request_shape(170, 128, PAPER_B_PAYLOAD_BYTES, paper_b_latency())
+    return AgentConfig(name="e0", netns=None, cloud_address=("127.0.0.1", 1), policy="adaptive",
+                       allocator="quality_max", quality=paper_b_profile("3b-7b"),
+                       shapes={170: shape}, cloud_model="qwen2.5-7b", deadline_s=2.5,
+                       arrivals=arrivals, safety_margin=0.2, **extra)
+
+
+def test_an_agent_demands_room_for_its_queue_and_its_policy_margin():
+    from ray_scout.actors.edge import Arrival, EdgeAgent
+
+    arrivals = tuple(Arrival(i, t, 170) for i, t in enumerate((1.0, 3.5, 4.0, 8.0)))
+    demand = EdgeAgent(_agent_config(arrivals), recorder=None).demand()
+    # Without a rate from the runner, the schedule's own: 4 arrivals by t = 8 s.
+    assert demand.arrival_rate_hz == pytest.approx(0.5) and demand.safety_margin == 0.2
+    given = EdgeAgent(_agent_config(arrivals, arrival_rate_hz=0.25), recorder=None).demand()
+    assert given.arrival_rate_hz == 0.25
+
+
+def test_a_static_agent_demands_no_margin():
+    from ray_scout.actors.edge import Arrival, EdgeAgent
+
+    cfg = dataclasses.replace(_agent_config((Arrival(0, 1.0, 170),)), policy="static:int8")
+    assert EdgeAgent(cfg, recorder=None).demand().safety_margin == 0.0
+
+
+def test_a_static_agent_demands_its_one_mode_and_an_adaptive_one_every_mode_it_knows():
+    from ray_scout.actors.edge import Arrival, EdgeAgent
+
+    cfg = _agent_config((Arrival(0, 1.0, 170),))
+    static = EdgeAgent(dataclasses.replace(cfg, policy="static:int4"), recorder=None).demand()
+    assert set(static.quality) == {Mode.INT4}
+    adaptive = EdgeAgent(cfg, recorder=None).demand()
+    assert set(adaptive.quality) == {Mode.BF16, Mode.INT8, Mode.INT4, Mode.MIXED_INT4,
+                                     Mode.SCOUT}

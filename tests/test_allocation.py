@@ -8,10 +8,13 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from ray_scout.core.allocation import (
-    AllocationError, Demand, _optimal_choice, _Problem, allocate, demand_for,
+    AllocationError, Demand, _optimal_choice, _Problem, allocate, demand_for, service_budget_s,
 )
 from ray_scout.core.modes import Mode
-from ray_scout.core.policy import PAPER_B_PAYLOAD_BYTES, paper_b_latency, paper_b_profile
+from ray_scout.core.policy import (
+    PAPER_B_PAYLOAD_BYTES, AdaptivePolicy, LatencyModel, ModeQuality, PolicyInput,
+    QualityProfile, paper_b_latency, paper_b_profile,
+)
 
 MBIT = 1e6
 CLOUD = [Mode.BF16, Mode.INT8, Mode.INT4, Mode.MIXED_INT4, Mode.SCOUT]
@@ -54,12 +57,34 @@ def test_quality_seeking_strategies_also_meet_every_deadline_in_the_example(stra
     assert sum(alloc.rate_bps.values()) == pytest.approx(50 * MBIT)
 
 
-def test_leftover_goes_in_proportion_to_planned_bytes():
+def test_leftover_goes_in_proportion_to_the_square_root_of_planned_bytes():
     demands = four_agents_on_50_mbit()
     alloc = allocate("optimal", demands, 50 * MBIT)
     required = {d.agent_id: d.required_rate_bps(Mode.INT8) for d in demands}
     extra = {a: alloc.rate_bps[a] - required[a] for a in required}
-    assert extra["large-1"] / extra["small-1"] == pytest.approx(3.5)
+    assert extra["large-1"] / extra["small-1"] == pytest.approx(3.5 ** 0.5)
+
+
+def test_leftover_weighs_each_agent_by_its_arrival_rate_times_bytes():
+    # Kleinrock's square-root assignment: a 4x busier agent gets twice the extra rate.
+    demands = [dataclasses.replace(d, arrival_rate_hz=r)
+               for d, r in zip(four_agents_on_50_mbit(), (0.1, 0.4, 0.1, 0.1))]
+    alloc = allocate("optimal", demands, 50 * MBIT)
+    extra = {d.agent_id: alloc.rate_bps[d.agent_id] - d.required_rate_bps(Mode.INT8)
+             for d in demands}
+    assert extra["small-2"] / extra["small-1"] == pytest.approx(2.0)
+
+
+def test_a_scout_plan_gets_enough_of_the_leftover_to_send_at_once():
+    # In proportion to bytes, 176 B of scout beside 4 MB of KV got a trickle that took a
+    # second (1.4 kbit/s); the square-root share sends it in tens of milliseconds.
+    kv = Demand("kv", {Mode.MIXED_INT4: 4_000_000}, {Mode.MIXED_INT4: 1.07}, 2.5,
+                {Mode.MIXED_INT4: 0.5}, arrival_rate_hz=0.25)
+    scout = Demand("scout", {Mode.SCOUT: 176}, {Mode.SCOUT: 0.81}, 2.5, {Mode.SCOUT: 0.575},
+                   arrival_rate_hz=0.25)
+    alloc = allocate("quality_max", [kv, scout], 30 * MBIT)
+    assert alloc.mode["scout"] == Mode.SCOUT
+    assert 176 * 8 / alloc.rate_bps["scout"] < 0.05
 
 
 def test_with_scout_available_the_squeezed_agents_plan_scout_instead_of_missing():
@@ -190,3 +215,133 @@ def test_the_exact_dp_alone_matches_brute_force_with_interchangeable_agents(dema
     assert problem.rate[rows, choice].sum() <= 10 * MBIT * (1 + 1e-9)
     assert problem.value[rows, choice].sum() == pytest.approx(
         brute_force(demands, 10 * MBIT), abs=1e-9)
+
+
+# --- queueing: one request at a time per agent, Poisson arrivals ------------------------
+def md1_mean_response_s(service_s, arrival_rate_hz):
+    """Pollaczek-Khinchine for deterministic service: D + lambda D^2 / (2 (1 - lambda D))."""
+    rho = arrival_rate_hz * service_s
+    return service_s + arrival_rate_hz * service_s ** 2 / (2 * (1 - rho))
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.floats(0.01, 30.0), st.floats(0.0, 50.0))
+def test_service_budget_is_the_longest_service_whose_md1_mean_response_meets_the_deadline(
+        deadline_s, arrival_rate_hz):
+    budget = service_budget_s(deadline_s, arrival_rate_hz)
+    assert 0 < budget <= deadline_s and arrival_rate_hz * budget < 1  # a stable queue
+    assert md1_mean_response_s(budget, arrival_rate_hz) == pytest.approx(deadline_s, rel=1e-9)
+    # Any longer service would make the mean response overshoot the deadline (or the queue
+    # unstable).
+    longer = budget * 1.001
+    assert (arrival_rate_hz * longer >= 1
+            or md1_mean_response_s(longer, arrival_rate_hz) > deadline_s)
+
+
+def test_without_arrivals_the_whole_deadline_is_service_budget():
+    assert service_budget_s(2.5, 0.0) == 2.5
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.floats(0.1, 10.0), st.floats(0.0, 5.0), st.floats(0.0, 5.0))
+def test_more_arrivals_leave_less_service_budget(deadline_s, rate_a, rate_b):
+    low, high = sorted((rate_a, rate_b))
+    assert service_budget_s(deadline_s, high) <= service_budget_s(deadline_s, low)
+
+
+def test_service_budget_refuses_a_negative_arrival_rate():
+    with pytest.raises(AllocationError, match="arrival rate"):
+        service_budget_s(1.0, -0.5)
+
+
+def test_simulated_md1_queue_at_the_service_budget_averages_the_deadline():
+    # Lindley's recursion over 200,000 Poisson arrivals checks the closed form end to end.
+    deadline_s, rate_hz = 2.5, 0.25
+    service = service_budget_s(deadline_s, rate_hz)
+    gaps = np.random.default_rng(7).exponential(1 / rate_hz, 200_000)
+    wait, total = 0.0, 0.0
+    for gap in gaps:
+        total += wait + service
+        wait = max(wait + service - gap, 0.0)
+    assert total / len(gaps) == pytest.approx(deadline_s, rel=0.02)
+
+
+def test_queue_aware_demand_plans_the_transfer_inside_the_service_budget():
+    # Paper B's allocation example, agents at 0.25 Hz with a 2.5 s deadline: INT8 must
+    # finish within D* - fixed, not deadline - fixed.
+    d = demand_for("a", PAPER_B_PAYLOAD_BYTES, paper_b_profile("3b-7b"), paper_b_latency(),
+                   deadline_s=2.5, arrival_rate_hz=0.25)
+    budget = service_budget_s(2.5, 0.25)
+    assert budget == pytest.approx(1.783, abs=1e-3)
+    assert d.required_rate_bps(Mode.INT8) == pytest.approx(4.7e6 * 8 / (budget - 0.522))
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.integers(1_000, 20_000_000), st.floats(0.0, 0.5), st.floats(0.0, 2.0),
+       st.floats(0.0, 0.9), st.floats(0.6, 5.0))
+def test_granted_its_required_rate_the_adaptive_policy_can_send_the_planned_mode(
+        size_bytes, fixed_s, arrival_rate_hz, margin, deadline_s):
+    # The allocator sizes the rate with the margin the policy plans with: an agent that
+    # finds itself idle and granted exactly that rate sees the mode as feasible.
+    latency = LatencyModel({Mode.INT8: fixed_s}, {Mode.INT8: 0.0})
+    profile = QualityProfile("p", "e", "c", "relative_f1", {Mode.INT8: ModeQuality(1.0)})
+    d = demand_for("a", {Mode.INT8: size_bytes}, profile, latency, deadline_s,
+                   arrival_rate_hz=arrival_rate_hz, safety_margin=margin)
+    rate = d.required_rate_bps(Mode.INT8)
+    if not math.isfinite(rate):
+        assert fixed_s >= service_budget_s(deadline_s, arrival_rate_hz)
+        return
+    policy = AdaptivePolicy(profile, safety_margin=margin, modes=(Mode.INT8,))
+    decision = policy.decide(PolicyInput(rate * (1 + 1e-9), deadline_s,
+                                         {Mode.INT8: size_bytes}, latency))
+    assert decision.mode == Mode.INT8
+    # ... and the service it then gives the request keeps the queue's mean response in time.
+    service = latency.latency_s(Mode.INT8, size_bytes, rate)
+    assert md1_mean_response_s(service, arrival_rate_hz) <= deadline_s * (1 + 1e-9)
+
+
+def test_queue_aware_demands_leave_the_local_option_out_when_the_edge_queue_is_too_slow():
+    # Local answers take 1.5 s: fine for one request in 2 s, not at 0.5 Hz (mean response 3.75 s).
+    def local_only(rate_hz):
+        return Demand("a", {}, {Mode.LOCAL: 0.5}, 2.0, {Mode.LOCAL: 1.5},
+                      arrival_rate_hz=rate_hz)
+    assert local_only(0.0).local_quality() == 0.5
+    assert local_only(0.5).local_quality() == 0.0
+
+
+def test_demand_refuses_a_margin_outside_zero_to_one():
+    with pytest.raises(AllocationError, match="safety_margin"):
+        Demand("a", {Mode.INT8: 1}, {Mode.INT8: 1.0}, 1.0, {Mode.INT8: 0.1}, safety_margin=1.0)
+
+
+def test_in_the_allocation_example_queue_aware_quality_max_plans_scout_for_one_large_agent():
+    # allocation_congestion.yaml's payloads (exact wire bytes at 64 tokens), 0.25 Hz, 2.5 s,
+    # the policy's 10% margin: all four cannot send mixed INT4 in 50 Mbit/s with headroom for
+    # queueing (74 Mbit/s), so the best plan keeps three on KV and one large on scout.
+    small = {Mode.BF16: 3_613_017, Mode.INT8: 2_034_265, Mode.INT4: 1_131_097,
+             Mode.MIXED_INT4: 1_219_739, Mode.SCOUT: 176}
+    large = {Mode.BF16: 12_386_650, Mode.INT8: 6_973_786, Mode.INT4: 3_877_210,
+             Mode.MIXED_INT4: 4_054_492, Mode.SCOUT: 176}
+    latency, profile = paper_b_latency(), paper_b_profile("3b-7b")
+
+    def demands(rate_hz, margin):
+        return [demand_for(f"{name}{i}", sizes, profile, latency, 2.5,
+                           arrival_rate_hz=rate_hz, safety_margin=margin)
+                for name, sizes in (("small", small), ("large", large)) for i in range(2)]
+
+    naive = allocate("optimal", demands(0.0, 0.0), 50 * MBIT)
+    assert set(naive.mode.values()) == {Mode.MIXED_INT4}  # each ending at its deadline
+    aware = allocate("optimal", demands(0.25, 0.1), 50 * MBIT)
+    modes = sorted(m.value for m in aware.mode.values())
+    assert modes == ["mixed_int4", "mixed_int4", "mixed_int4", "scout"]
+    assert aware.objective == pytest.approx(3 * 1.07 + profile.quality(Mode.SCOUT))
+    assert allocate("quality_max", demands(0.25, 0.1), 50 * MBIT).objective \
+        == pytest.approx(aware.objective)
+
+
+def test_a_demand_lists_only_the_modes_the_agent_can_send():
+    # An always-INT4 agent must not be planned on scout: it would send INT4 at a scout rate.
+    d = demand_for("a", PAPER_B_PAYLOAD_BYTES, paper_b_profile("3b-7b"), paper_b_latency(),
+                   deadline_s=2.5, modes=(Mode.INT4,))
+    assert set(d.quality) == {Mode.INT4} and set(d.payload_bytes) == {Mode.INT4}
+    assert math.isinf(d.required_rate_bps(Mode.SCOUT))

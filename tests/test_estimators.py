@@ -1,8 +1,9 @@
 import pytest
+from hypothesis import given, strategies as st
 
 from ray_scout.core.estimators import (
-    EstimatorError, EwmaEstimator, GrantEstimator, LastSampleEstimator,
-    RobustHarmonicEstimator, make_estimator,
+    DEFAULT_MIN_SAMPLE_BYTES, EstimatorError, EwmaEstimator, GrantEstimator,
+    LastSampleEstimator, RobustHarmonicEstimator, make_estimator, sample_floor_bytes,
 )
 
 
@@ -59,3 +60,53 @@ def test_every_estimator_refuses_a_zero_duration_sample(name):
 def test_unknown_estimator_lists_the_known_ones():
     with pytest.raises(EstimatorError, match="robust"):
         make_estimator("kalman", 1e6)
+
+
+# --- the size floor: transfers too small to measure the rate ----------------------------
+def test_sample_floor_is_nine_bandwidth_delay_products_for_ten_percent_error():
+    # A transfer that carries fixed_s of time the rate does not explain measures
+    # 8S / (8S/R + fixed_s); within 10% of R from S = 9 x R x fixed_s / 8 bytes on.
+    assert sample_floor_bytes(100e6, 0.001, error=0.1) == 112_500
+    assert DEFAULT_MIN_SAMPLE_BYTES == sample_floor_bytes(200e6, 2.1e-3, error=0.1)
+
+
+@given(st.floats(1e5, 1e10), st.floats(1e-5, 0.1), st.floats(0.01, 0.5))
+def test_a_transfer_at_the_floor_measures_the_rate_within_the_error(rate_bps, fixed_s, error):
+    size = sample_floor_bytes(rate_bps, fixed_s, error)
+    measured = size * 8 / (size * 8 / rate_bps + fixed_s)
+    assert measured >= rate_bps * (1 - error) * (1 - 1e-12)
+
+
+def test_sample_floor_refuses_an_error_outside_zero_to_one():
+    with pytest.raises(EstimatorError, match="error"):
+        sample_floor_bytes(1e6, 0.001, error=1.0)
+
+
+@pytest.mark.parametrize("name", ["last", "ewma", "robust"])
+def test_scout_sized_transfers_do_not_move_a_measured_estimate(name):
+    est = make_estimator(name, 1e6, min_sample_bytes=100_000)
+    est.observe(1_250_000, 1.0, t=0)           # 10 Mbit/s
+    before = est.estimate(0)
+    for t in range(1, 20):
+        est.observe(200, 0.0005, t=t)           # a scout payload: one round trip, 3.2 Mbit/s
+    assert est.estimate(20) == pytest.approx(before)
+
+
+def test_robust_keeps_planning_at_the_rate_large_transfers_measure_among_small_ones():
+    # The estimators experiment's failure: scout samples between KV samples dragged the
+    # robust estimate to a fifth of the grant. With the default floor they are not samples.
+    est = RobustHarmonicEstimator(1e6)
+    for t in range(10):
+        est.observe(3_000_000, 3_000_000 * 8 / 9.6e6, t=2 * t)  # KV at 0.96 of a 10 Mbit/s grant
+        est.observe(190, 0.0004, t=2 * t + 1)                    # scout
+    assert est.estimate(20) == pytest.approx(9.6e6)
+
+
+def test_a_transfer_below_the_floor_is_still_validated():
+    with pytest.raises(EstimatorError, match="positive time"):
+        make_estimator("robust", 1e6, min_sample_bytes=1_000).observe(10, -1.0, t=0)
+
+
+def test_a_negative_floor_is_refused():
+    with pytest.raises(EstimatorError, match="min_sample_bytes"):
+        make_estimator("ewma", 1e6, min_sample_bytes=-1)

@@ -11,9 +11,9 @@ from ray_scout.core.policy import (
 MBIT = 1e6
 
 
-def request(rate_mbit, deadline_s=1.5, latency=None, backlog_bytes=0):
+def request(rate_mbit, deadline_s=1.5, latency=None):
     return PolicyInput(rate_mbit * MBIT, deadline_s, PAPER_B_PAYLOAD_BYTES,
-                       latency or paper_b_latency(), backlog_bytes)
+                       latency or paper_b_latency())
 
 
 def test_paper_b_profile_carries_the_published_modes_table():
@@ -80,11 +80,6 @@ def test_safety_margin_discounts_the_bandwidth_it_plans_for():
         == Mode.MIXED_INT4
     d = AdaptivePolicy(paper_b_profile("3b-7b"), 0.1).decide(request(22))
     assert d.mode == Mode.INT4 and d.planning_rate_bps == pytest.approx(19.8 * MBIT)
-
-
-def test_backlog_on_the_wire_counts_against_the_new_payload():
-    policy = AdaptivePolicy(paper_b_profile("3b-7b"), 0.0)
-    assert policy.decide(request(25, backlog_bytes=2_000_000)).mode == Mode.SCOUT
 
 
 def test_link_down_falls_back_to_local_and_says_why():

@@ -76,6 +76,8 @@ class AgentConfig:
     cloud_model: str
     deadline_s: float
     arrivals: tuple[Arrival, ...]
+    # The mean request rate the agent reports to the allocator; None: its schedule's own.
+    arrival_rate_hz: float | None = None
     estimator: str = "grant"
     initial_bps: float = 10e6
     safety_margin: float = 0.1
@@ -132,12 +134,20 @@ class EdgeAgent:
 
     # --- what the allocator asks and tells ---------------------------------------------
     def demand(self) -> Demand:
-        """The agent's typical request (median context), as the simulator reports it."""
-        tokens = sorted(a.context_tokens for a in self.config.arrivals) or \
-            sorted(self.config.shapes)
-        shape = self.config.shapes[tokens[len(tokens) // 2]]
-        return demand_for(self.config.name, shape.payload_bytes, self.config.quality,
-                          shape.latency, self.config.deadline_s)
+        """The agent's typical request (median context) in the modes its policy can send,
+        its arrival rate and its policy's margin, as the simulator reports them: the
+        allocator leaves room for the wait behind the agent's own requests (one at a time)
+        and for the policy's reserve."""
+        c = self.config
+        tokens = sorted(a.context_tokens for a in c.arrivals) or sorted(c.shapes)
+        shape = c.shapes[tokens[len(tokens) // 2]]
+        rate = c.arrival_rate_hz
+        if rate is None:  # arrivals per second up to the last one
+            last = max((a.t_s for a in c.arrivals), default=0.0)
+            rate = len(c.arrivals) / last if last > 0 else 0.0
+        return demand_for(c.name, shape.payload_bytes, c.quality, shape.latency, c.deadline_s,
+                          arrival_rate_hz=rate, safety_margin=self.policy.safety_margin,
+                          modes=self.policy.choices)
 
     def set_grant(self, rate_bps: float) -> None:
         self.grant_bps = rate_bps

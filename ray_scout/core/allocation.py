@@ -1,25 +1,32 @@
 """Bandwidth allocation: how one bottleneck's capacity is split among edge agents.
 
 What lives here: an agent's demand (payload bytes, expected quality and fixed latency per
-mode, deadline, weight), and the strategies that turn demands and a capacity into a rate
-and a planned mode per agent: ``equal``, ``model_aware`` (proportional to KV size, Paper B),
-``greedy`` (Paper B's greedy by marginal quality per bit), ``quality_max`` (that greedy,
-never worse than the equal or model-aware plan) and ``optimal`` (an exact multiple-choice
-knapsack over a discretized capacity). What it knows: numbers. What it
-leaves to others: applying rates to links (``net`` via the LinkManager) and measuring.
+mode, deadline, weight, arrival rate and the policy's safety margin), and the strategies
+that turn demands and a capacity into a rate and a planned mode per agent: ``equal``,
+``model_aware`` (proportional to KV size, Paper B), ``greedy`` (Paper B's greedy by marginal
+quality per bit), ``quality_max`` (that greedy, never worse than the equal or model-aware
+plan) and ``optimal`` (an exact multiple-choice knapsack over a discretized capacity). What
+it knows: numbers. What it leaves to others: applying rates to links (``net`` via the
+LinkManager) and measuring.
 
-The problem every strategy answers: agent i in mode m needs ``rate = bytes*8 / (deadline -
-fixed)`` to meet its deadline; a mode whose fixed latency alone misses the deadline is out.
-Each agent also has a rate-0 option, ``local``: worth its local quality if the profile has
-one and the edge answers in time, else 0 (a deadline miss counts as quality 0). Objective:
-the sum over agents of weight x expected quality of the planned mode.
+The problem every strategy answers: an agent serves its requests one at a time (one edge
+model, a FIFO queue), each holding it for ``D = fixed + bytes*8 / rate``. With Poisson
+arrivals at ``lambda`` that is an M/D/1 queue, whose mean wait is ``lambda D^2 / (2 (1 -
+lambda D))`` (Pollaczek-Khinchine); the mean response ``D + wait`` meets the deadline ``T``
+iff ``D <= D* = 2T / (1 + lambda T + sqrt(1 + (lambda T)^2))`` (``service_budget_s``; ``D* =
+T`` without arrivals). The policy plans at ``(1 - margin)`` of its rate, so agent i in mode m
+needs ``rate = bytes*8 / ((1 - margin) (D* - fixed))``; a mode whose fixed latency alone
+exceeds ``D*`` is out. Each agent also has a rate-0 option, ``local``: worth its local
+quality if the profile has one and the edge answers within ``D*``, else 0 (a deadline miss
+counts as quality 0). Objective: the sum over agents of weight x expected quality of the
+planned mode.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Callable, Mapping, Sequence
+from typing import Callable, Collection, Mapping, Sequence
 
 import numpy as np
 
@@ -35,6 +42,19 @@ class AllocationError(ValueError):
     """Demands or a capacity that an allocator cannot work with."""
 
 
+def service_budget_s(deadline_s: float, arrival_rate_hz: float) -> float:
+    """The longest service per request whose M/D/1 mean response meets ``deadline_s``.
+
+    Solves ``D + lambda D^2 / (2 (1 - lambda D)) = T`` for the root below ``1 / lambda``, in
+    the form without cancellation: ``2T / (1 + lambda T + sqrt(1 + (lambda T)^2))``.
+    """
+    if not (arrival_rate_hz >= 0 and math.isfinite(arrival_rate_hz)):
+        raise AllocationError(f"the arrival rate must be finite and >= 0 Hz, not "
+                              f"{arrival_rate_hz}")
+    load = arrival_rate_hz * deadline_s
+    return 2 * deadline_s / (1 + load + math.sqrt(1 + load * load))
+
+
 @dataclasses.dataclass(frozen=True)
 class Demand:
     """One agent's request for bandwidth in the coming epoch.
@@ -43,6 +63,9 @@ class Demand:
     cloud queue); ``demand_for`` builds the whole demand from a ``LatencyModel`` and a
     ``QualityProfile``. ``kv_size_bytes`` is what ``model_aware`` splits by; it defaults to the BF16
     payload (the model's KV size at this context), else the largest payload.
+    ``arrival_rate_hz``: the agent's mean request rate (Poisson), which leaves room for the
+    wait behind its own earlier requests; 0 plans one request alone. ``safety_margin``: the
+    fraction of its rate the agent's policy keeps in reserve (``AdaptivePolicy``'s margin).
     """
 
     agent_id: str
@@ -52,7 +75,10 @@ class Demand:
     fixed_s: Mapping[Mode, float]
     weight: float = 1.0
     kv_size_bytes: int | None = None
-    # Sizes, fixed latencies and qualities in ``OPTION_MODES`` order, gathered once here:
+    arrival_rate_hz: float = 0.0
+    safety_margin: float = 0.0
+    # Sizes, fixed latencies and qualities in ``OPTION_MODES`` order, then the KV size, the
+    # service budget, the planned share of the rate and the arrival rate, gathered once here:
     # Enum-keyed dict lookups cost a Python call each, too slow to repeat per allocation.
     vector: tuple[float, ...] = dataclasses.field(init=False, repr=False, compare=False)
 
@@ -61,11 +87,21 @@ class Demand:
             raise AllocationError(f"agent {self.agent_id}: weight must be >= 0")
         if any(b < 0 for b in self.payload_bytes.values()):
             raise AllocationError(f"agent {self.agent_id}: payload bytes must be >= 0")
+        if not 0 <= self.safety_margin < 1:
+            raise AllocationError(f"agent {self.agent_id}: safety_margin must lie in [0, 1), "
+                                  f"not {self.safety_margin}")
         nan = math.nan
         object.__setattr__(self, "vector", tuple(
             [0.0] + [float(self.payload_bytes.get(m, nan)) for m in CLOUD_MODES]
             + [self.fixed_s.get(m, nan) for m in OPTION_MODES]
-            + [self.quality.get(m, nan) for m in OPTION_MODES] + [self.model_size_bytes]))
+            + [self.quality.get(m, nan) for m in OPTION_MODES]
+            + [self.model_size_bytes, self.service_budget_s, 1 - self.safety_margin,
+               self.arrival_rate_hz]))
+
+    @property
+    def service_budget_s(self) -> float:
+        """Fixed latency plus transfer that one request may take (``service_budget_s``)."""
+        return service_budget_s(self.deadline_s, self.arrival_rate_hz)
 
     @property
     def model_size_bytes(self) -> int:
@@ -76,14 +112,15 @@ class Demand:
         return max(self.payload_bytes.values(), default=0)
 
     def required_rate_bps(self, mode: Mode) -> float:
-        """The rate that meets the deadline exactly in ``mode`` (inf if none does)."""
+        """The rate at which ``mode`` fits the service budget as the policy plans it (inf if
+        no rate does)."""
         if mode not in self.fixed_s or (mode != Mode.LOCAL and mode not in self.payload_bytes):
             return math.inf
-        budget_s = self.deadline_s - self.fixed_s[mode]
+        budget_s = self.service_budget_s - self.fixed_s[mode]
         size = 0 if mode == Mode.LOCAL else self.payload_bytes[mode]
         if budget_s < 0 or (budget_s == 0 and size > 0):
             return math.inf
-        return 0.0 if size == 0 else size * 8 / budget_s
+        return 0.0 if size == 0 else size * 8 / (budget_s * (1 - self.safety_margin))
 
     def local_quality(self) -> float:
         """What the rate-0 option is worth: local quality if known and in time, else 0."""
@@ -93,19 +130,27 @@ class Demand:
 
 
 def demand_for(agent_id: str, payload_bytes: Mapping[Mode, int], profile: QualityProfile,
-               latency: LatencyModel, deadline_s: float, weight: float = 1.0) -> Demand:
+               latency: LatencyModel, deadline_s: float, weight: float = 1.0,
+               arrival_rate_hz: float = 0.0, safety_margin: float = 0.0,
+               modes: Collection[Mode] | None = None) -> Demand:
     """The demand of an agent that knows its payloads, quality profile and latency model.
 
-    Modes enter where all three know them; ``local`` where the profile has its quality and
-    the latency model its edge time.
+    Modes enter where all three know them and the agent can send them (``modes``: its
+    policy's ``choices``; None: any); ``local`` where the profile has its quality and the
+    latency model its edge time. Give ``arrival_rate_hz`` (the agent's mean request rate) and
+    ``safety_margin`` (its policy's) so the rate leaves room for queueing and for the
+    policy's reserve; see the module docstring.
     """
-    modes = [m for m in CLOUD_MODES if m in payload_bytes and m in latency.edge_s
-             and m in latency.cloud_s and profile.quality(m) is not None]
-    if Mode.LOCAL in latency.edge_s and profile.quality(Mode.LOCAL) is not None:
-        modes.append(Mode.LOCAL)
-    return Demand(agent_id, {m: payload_bytes[m] for m in modes if m != Mode.LOCAL},
-                  {m: profile.quality(m) for m in modes}, deadline_s,
-                  {m: latency.fixed_s(m) for m in modes}, weight)
+    sendable = set(OPTION_MODES if modes is None else modes)
+    options = [m for m in CLOUD_MODES if m in payload_bytes and m in latency.edge_s
+               and m in latency.cloud_s and profile.quality(m) is not None and m in sendable]
+    if (Mode.LOCAL in latency.edge_s and profile.quality(Mode.LOCAL) is not None
+            and Mode.LOCAL in sendable):
+        options.append(Mode.LOCAL)
+    return Demand(agent_id, {m: payload_bytes[m] for m in options if m != Mode.LOCAL},
+                  {m: profile.quality(m) for m in options}, deadline_s,
+                  {m: latency.fixed_s(m) for m in options}, weight,
+                  arrival_rate_hz=arrival_rate_hz, safety_margin=safety_margin)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -133,12 +178,13 @@ class _Problem:
         self.demands = demands
         self.modes = list(OPTION_MODES)
         n, k = len(demands), len(OPTION_MODES)
-        table = np.array([d.vector for d in demands]).reshape(n, 3 * k + 1)
-        size, fixed, quality = table[:, :-1].reshape(n, 3, k).transpose(1, 0, 2)
-        self.model_size = table[:, -1]
-        budget = np.array([d.deadline_s for d in demands], dtype=float)[:, None] - fixed
+        table = np.array([d.vector for d in demands]).reshape(n, 3 * k + 4)
+        size, fixed, quality = table[:, :3 * k].reshape(n, 3, k).transpose(1, 0, 2)
+        self.model_size = table[:, 3 * k]
+        self.arrival_rate = table[:, 3 * k + 3]
+        budget = table[:, 3 * k + 1, None] - fixed
         with np.errstate(divide="ignore", invalid="ignore"):
-            rate = np.where(size == 0, 0.0, size * 8 / budget)
+            rate = np.where(size == 0, 0.0, size * 8 / (budget * table[:, 3 * k + 2, None]))
         usable = (~np.isnan(size) & ~np.isnan(quality) & (budget >= 0)
                   & ~((budget == 0) & (size > 0)))
         # The rate-0 column is always there: local quality where known and in time, else a
@@ -163,7 +209,7 @@ class _Problem:
         rows = np.arange(len(choice))
         if rate_bps is None:
             rate_bps = _spread_leftover(self.rate[rows, choice], self.size[rows, choice],
-                                        capacity_bps)
+                                        self.arrival_rate, capacity_bps)
         ids = [d.agent_id for d in self.demands]
         quality = self.quality[rows, choice]
         return Allocation(
@@ -172,16 +218,23 @@ class _Problem:
             dict(zip(ids, quality.tolist())), float(self.value[rows, choice].sum()))
 
 
-def _spread_leftover(required: np.ndarray, size: np.ndarray, capacity_bps: float) -> np.ndarray:
-    """Give capacity left after the planned rates in proportion to planned payload bytes.
+def _spread_leftover(required: np.ndarray, size: np.ndarray, arrival_rate: np.ndarray,
+                     capacity_bps: float) -> np.ndarray:
+    """Give capacity left after the planned rates in proportion to sqrt(arrivals x bytes).
 
-    Proportional to bytes, every planned transfer finishes early by the same fraction of its
-    budget, which is the slack that protects against an optimistic estimate. With nothing
-    to send, the leftover is split equally (someone may start sending mid-epoch).
+    Kleinrock's square-root assignment: extra rates ``x_i`` with ``sum x_i`` fixed minimize
+    ``sum lambda_i 8 B_i / x_i``, the arrival-weighted time on the wire, when ``x_i ~
+    sqrt(lambda_i B_i)``. Shorter transfers shorten the wait of the requests queued behind
+    them, and a tiny payload (scout) still gets enough to send at once: in proportion to
+    bytes it got a trickle that stretched 176 bytes over a second. Without arrival rates every
+    agent counts as equally busy; with nothing to send, the leftover is split equally
+    (someone may start sending mid-epoch).
     """
     leftover = max(capacity_bps - float(required.sum()), 0.0)
-    total = float(size.sum())
-    share = size / total if total > 0 else np.full(len(size), 1 / max(len(size), 1))
+    load = size * arrival_rate
+    weight = np.sqrt(load if load.sum() > 0 else size)
+    total = float(weight.sum())
+    share = weight / total if total > 0 else np.full(len(size), 1 / max(len(size), 1))
     return required + leftover * share
 
 
@@ -349,7 +402,10 @@ def _optimal_choice(p: _Problem, capacity_bps: float, grid_cells: int) -> np.nda
     return choice
 
 
-_MAX_POINTS_PER_GROUP = 5000
+# Enumerating a group's splits costs about a microsecond each; splitting the group into
+# single agents costs one DP pass per agent and option. At 5,000, 1,000 identical agents with
+# three kept options (queue-aware demands at 10 Gbit/s) fell back to 72 ms; at 20,000, 7 ms.
+_MAX_POINTS_PER_GROUP = 20_000
 
 
 def _interchangeable_units(free, keep, w, v, cells):

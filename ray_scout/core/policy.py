@@ -231,9 +231,6 @@ class PolicyInput:
     deadline_s: float  # time left for this request, from now
     payload_bytes: Mapping[Mode, int]
     latency: LatencyModel
-    # Bytes this agent still has on the wire: its transfers share one rate, so a new
-    # payload finishes no later than if it queued behind all of them.
-    backlog_bytes: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -248,6 +245,12 @@ class Decision:
 
 class Policy(Protocol):
     name: str
+    # Every mode ``decide`` may return, a fallback included: what an agent's demand offers
+    # the allocator, so no agent is planned on a mode it would never send.
+    choices: tuple[Mode, ...]
+    # The fraction of the bandwidth estimate kept in reserve when planning; an allocator
+    # sizes the agent's rate with it (``allocation.demand_for``).
+    safety_margin: float
 
     def decide(self, request: PolicyInput) -> Decision: ...
 
@@ -259,9 +262,7 @@ def _expected(request: PolicyInput, rate_bps: float, modes) -> dict[Mode, float]
             continue
         if m == Mode.LOCAL and m not in request.latency.edge_s:
             continue
-        size = request.payload_bytes.get(m, 0)
-        out[m] = request.latency.latency_s(m, size + request.backlog_bytes if size else 0,
-                                           rate_bps)
+        out[m] = request.latency.latency_s(m, request.payload_bytes.get(m, 0), rate_bps)
     return out
 
 
@@ -283,6 +284,7 @@ class AdaptivePolicy:
         self.modes = tuple(m for m in modes if profile.quality(m) is not None)
         if not self.modes:
             raise ProfileError(f"profile {profile.name} has no quality for any of {modes}")
+        self.choices = tuple(dict.fromkeys(self.modes + (Mode.LOCAL,)))
         self.name = f"adaptive(margin={safety_margin:g})"
 
     def decide(self, request: PolicyInput) -> Decision:
@@ -309,8 +311,11 @@ class AdaptivePolicy:
 class StaticPolicy:
     """Always the same mode, whatever the link says: the baseline every run compares to."""
 
+    safety_margin = 0.0  # it plans nothing, so it keeps nothing in reserve
+
     def __init__(self, mode: Mode, profile: QualityProfile | None = None):
         self.mode = mode
+        self.choices = (mode,)
         self.profile = profile
         self.name = f"static({mode.value})"
 

@@ -2,9 +2,12 @@
 
 What lives here: Poisson request arrivals per agent, the same policy, estimator and allocator
 objects the testbed runs, epoch-based allocation (every ``epoch_s`` and at every capacity
-change), and a fluid network: each transfer moves at its share of its agent's rate, which is
-the allocator's grant (a hard cap, as an HTB class without borrowing) or, with no allocator,
-a max-min fair share of the bottleneck; both capped by the agent's access link.
+change), agents that serve one request at a time in arrival order as the testbed's EdgeAgent
+does (a request waits in its agent's FIFO, is decided on the time left when the agent takes
+it, holds the agent until its answer arrives or its deadline passes, and expires unsent if
+it waited past its deadline), and a fluid network: an agent's transfer moves at the
+allocator's grant (a hard cap, as an HTB class without borrowing) or, with no allocator, a
+max-min fair share of the bottleneck; both capped by the agent's access link.
 
 What it models and what it does not (review critique 2.3 asks for the list): RTT is paid
 once per request and cloud queue and compute are the latency model's constants; scout pays
@@ -13,7 +16,7 @@ start and congestion control inside the fluid share, cloud contention between ag
 Transfers still running at their deadline are cancelled, as the testbed's data plane does.
 
 Output: two tidy tables. ``requests``: one row per request (agent, t_arrival_s,
-context_tokens, mode, bandwidth_estimate_bps, payload_bytes, edge_s, tx_s, rtt_s,
+context_tokens, mode, bandwidth_estimate_bps, payload_bytes, agent_queue_s, edge_s, tx_s, rtt_s,
 cloud_queue_s, cloud_s, latency_s, deadline_s, deadline_met, cancelled, quality, reason).
 ``epochs``: one row per (epoch, agent): t_s, agent, capacity_bps, strategy, rate_bps,
 planned_mode, objective. ``quality`` is the profile's expected quality of the mode when the
@@ -22,6 +25,7 @@ deadline is met and 0 when it is missed (NaN when the profile does not know the 
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import heapq
 import math
@@ -132,14 +136,15 @@ class _Request:
     agent: AgentSpec
     t_arrival: float
     tokens: int
-    mode: Mode
-    payload: int
-    estimate_bps: float
-    reason: str
+    mode: Mode = Mode.LOCAL
+    payload: int = 0
+    estimate_bps: float = math.nan
+    reason: str = ""
+    t_start: float = math.nan
     remaining: float = 0.0
     t_tx_start: float = math.nan
+    tx_s: float = math.nan
     done: bool = False
-    row: dict | None = None
 
 
 class _Sim:
@@ -163,13 +168,21 @@ class _Sim:
                                              **cfg.estimator_options)
                            for a, s in self.agents.items()}
         self.grant = {a: math.inf for a in self.agents}
-        # An agent reports its typical request (median context) once: demands do not track
+        # An agent reports its typical request (median context) in the modes its policy can
+        # send, its arrival rate and its policy's margin once: demands do not track
         # individual requests, so they stay fixed and only the capacity moves the split.
         self.demands = [
             demand_for(s.agent_id, s.payload_bytes(int(np.median(s.context_tokens))), s.quality,
-                       s.latency, s.deadline_s, s.weight) for s in cfg.agents]
+                       s.latency, s.deadline_s, s.weight, arrival_rate_hz=s.arrival_rate_hz,
+                       safety_margin=self.policy_for(s.agent_id).safety_margin,
+                       modes=self.policy_for(s.agent_id).choices)
+            for s in cfg.agents]
         self.heap: list = []
         self.seq = 0
+        # One request at a time per agent, the rest wait in its FIFO (as the EdgeAgent).
+        self.queue: dict[str, collections.deque[_Request]] = {
+            a: collections.deque() for a in self.agents}
+        self.busy: dict[str, _Request | None] = {a: None for a in self.agents}
         self.active: list[_Request] = []
         self.outstanding = 0
         self.next_rid = -1
@@ -186,16 +199,13 @@ class _Sim:
 
     # --- network -------------------------------------------------------------------------
     def rates(self, t: float) -> dict[int, float]:
-        by_agent: dict[str, list[_Request]] = {}
-        for r in self.active:
-            by_agent.setdefault(r.agent.agent_id, []).append(r)
+        """Each transfer's rate: its agent has at most one on the wire, at its whole share."""
         if self.cfg.allocator is None:
-            caps = {a: self.agents[a].access_rate_bps for a in by_agent}
-            agent_rate = _max_min_share(self.cfg.capacity.rate_at(t), caps)
-        else:
-            agent_rate = {a: min(self.grant[a], self.agents[a].access_rate_bps)
-                          for a in by_agent}
-        return {r.rid: agent_rate[a] / len(rs) for a, rs in by_agent.items() for r in rs}
+            caps = {r.agent.agent_id: r.agent.access_rate_bps for r in self.active}
+            share = _max_min_share(self.cfg.capacity.rate_at(t), caps)
+            return {r.rid: share[r.agent.agent_id] for r in self.active}
+        return {r.rid: min(self.grant[r.agent.agent_id], r.agent.access_rate_bps)
+                for r in self.active}
 
     def epoch(self, t: float) -> None:
         capacity = self.cfg.capacity.rate_at(t)
@@ -221,45 +231,68 @@ class _Sim:
 
     # --- requests ------------------------------------------------------------------------
     def arrive(self, t: float, spec: AgentSpec) -> None:
-        tokens = int(self.rng.choice(spec.context_tokens))
-        sizes = spec.payload_bytes(tokens)
-        estimate = self.estimators[spec.agent_id].estimate(t)
-        backlog = sum(int(r.remaining) for r in self.active if r.agent is spec)
-        decision = self.policy_for(spec.agent_id).decide(
-            PolicyInput(estimate, spec.deadline_s, sizes, spec.latency, backlog))
-        mode = decision.mode
-        if mode != Mode.LOCAL and mode not in sizes:
-            raise SimulationError(f"agent {spec.agent_id}: policy {decision.reason!r} chose "
-                                  f"{mode.value}, which its payload function does not size; "
-                                  "add the mode to payload_bytes or use another policy")
         self.next_rid += 1
-        req = _Request(self.next_rid, spec, t, tokens, mode,
-                       0 if mode == Mode.LOCAL else sizes[mode], estimate, decision.reason)
-        if mode == Mode.LOCAL:
-            self.finish_local(req)
-            return
         self.outstanding += 1
-        self.push(t + spec.latency.edge_s[mode], "tx_start", req)
-        self.push(t + spec.deadline_s, "deadline", req)
+        tokens = int(self.rng.choice(spec.context_tokens))
+        self.queue[spec.agent_id].append(_Request(self.next_rid, spec, t, tokens))
+        if self.busy[spec.agent_id] is None:
+            self.start_next(t, spec.agent_id)
 
-    def finish_local(self, req: _Request) -> None:
-        lat = req.agent.latency
-        latency = lat.edge_s.get(Mode.LOCAL, math.nan)
-        self.record(req, edge_s=latency, tx_s=0.0, rtt_s=0.0, queue_s=0.0, cloud_s=0.0,
-                    latency_s=latency, cancelled=False)
+    def start_next(self, t: float, agent_id: str) -> None:
+        """The agent takes queued requests in arrival order until one keeps it busy."""
+        queue = self.queue[agent_id]
+        while queue and self.busy[agent_id] is None:
+            self.start(t, queue.popleft())
 
-    def record(self, req: _Request, *, edge_s, tx_s, rtt_s, queue_s, cloud_s, latency_s,
+    def start(self, t: float, req: _Request) -> None:
+        spec = req.agent
+        sizes = spec.payload_bytes(req.tokens)
+        left = spec.deadline_s - (t - req.t_arrival)
+        req.t_start = t
+        req.estimate_bps = self.estimators[spec.agent_id].estimate(t)
+        decision = self.policy_for(spec.agent_id).decide(
+            PolicyInput(req.estimate_bps, max(left, 0.0), sizes, spec.latency))
+        req.mode, req.reason = decision.mode, decision.reason
+        if req.mode != Mode.LOCAL and req.mode not in sizes:
+            raise SimulationError(f"agent {spec.agent_id}: policy {decision.reason!r} chose "
+                                  f"{req.mode.value}, which its payload function does not "
+                                  "size; add the mode to payload_bytes or use another policy")
+        req.payload = 0 if req.mode == Mode.LOCAL else sizes[req.mode]
+        if left <= 0:  # waited past its deadline in the agent's queue: never sent
+            req.reason = "expired in the agent queue"
+            self.record(req, edge_s=math.nan, rtt_s=math.nan, queue_s=math.nan,
+                        cloud_s=math.nan, latency_s=math.nan, cancelled=False)
+            return
+        if req.mode == Mode.LOCAL:
+            edge_s = spec.latency.edge_s.get(Mode.LOCAL, math.nan)
+            self.record(req, edge_s=edge_s, rtt_s=0.0, queue_s=0.0, cloud_s=0.0,
+                        latency_s=t - req.t_arrival + edge_s, cancelled=False)
+            if math.isfinite(edge_s):  # the edge model is busy answering
+                self.busy[spec.agent_id] = req
+                self.push(t + edge_s, "free", req)
+            return
+        self.busy[spec.agent_id] = req
+        self.push(t + spec.latency.edge_s[req.mode], "tx_start", req)
+        self.push(req.t_arrival + spec.deadline_s, "deadline", req)
+
+    def record(self, req: _Request, *, edge_s, rtt_s, queue_s, cloud_s, latency_s,
                cancelled) -> None:
+        self.outstanding -= 1
         met = bool(latency_s <= req.agent.deadline_s + 1e-9)  # NaN compares False: a miss
         q = req.agent.quality.quality(req.mode)
         self.rows.append(dict(
             request_id=req.rid, agent=req.agent.agent_id, t_arrival_s=req.t_arrival,
             context_tokens=req.tokens, mode=req.mode.value,
             bandwidth_estimate_bps=req.estimate_bps, payload_bytes=req.payload,
-            edge_s=edge_s, tx_s=tx_s, rtt_s=rtt_s, cloud_queue_s=queue_s, cloud_s=cloud_s,
-            latency_s=latency_s, deadline_s=req.agent.deadline_s, deadline_met=met,
-            cancelled=cancelled, quality=(math.nan if q is None else q) if met else 0.0,
-            reason=req.reason))
+            agent_queue_s=req.t_start - req.t_arrival, edge_s=edge_s, tx_s=req.tx_s,
+            rtt_s=rtt_s, cloud_queue_s=queue_s, cloud_s=cloud_s, latency_s=latency_s,
+            deadline_s=req.agent.deadline_s, deadline_met=met, cancelled=cancelled,
+            quality=(math.nan if q is None else q) if met else 0.0, reason=req.reason))
+
+    def free(self, t: float, req: _Request) -> None:
+        agent_id = req.agent.agent_id
+        self.busy[agent_id] = None
+        self.start_next(t, agent_id)
 
     def tx_start(self, t: float, req: _Request) -> None:
         if req.done:
@@ -267,33 +300,36 @@ class _Sim:
         req.t_tx_start = t
         req.remaining = float(req.payload)
         if req.remaining == 0:
-            self.complete(t, req)
+            self.transferred(t, req)
         else:
             self.active.append(req)
 
-    def complete(self, t: float, req: _Request) -> None:
-        req.done = True
-        self.outstanding -= 1
+    def transferred(self, t: float, req: _Request) -> None:
+        """Last byte on the wire: the answer comes after RTT, cloud queue and compute."""
         lat = req.agent.latency
-        tx_s = t - req.t_tx_start
-        if req.payload > 0 and tx_s > 0:
-            self.estimators[req.agent.agent_id].observe(req.payload, tx_s, t)
-        edge_s, cloud_s = lat.edge_s[req.mode], lat.cloud_s[req.mode]
-        self.record(req, edge_s=edge_s, tx_s=tx_s, rtt_s=lat.rtt_s, queue_s=lat.cloud_queue_s,
-                    cloud_s=cloud_s, cancelled=False,
-                    latency_s=edge_s + tx_s + lat.rtt_s + lat.cloud_queue_s + cloud_s)
+        req.tx_s = t - req.t_tx_start
+        answer_t = t + lat.rtt_s + lat.cloud_queue_s + lat.cloud_s[req.mode]
+        if answer_t - req.t_arrival > req.agent.deadline_s + 1e-9:
+            return  # the transport gives up at the deadline (the deadline event)
+        req.done = True
+        if req.payload > 0 and req.tx_s > 0:
+            self.estimators[req.agent.agent_id].observe(req.payload, req.tx_s, t)
+        self.record(req, edge_s=lat.edge_s[req.mode], rtt_s=lat.rtt_s,
+                    queue_s=lat.cloud_queue_s, cloud_s=lat.cloud_s[req.mode],
+                    latency_s=answer_t - req.t_arrival, cancelled=False)
+        self.push(answer_t, "free", req)
 
     def deadline(self, t: float, req: _Request) -> None:
         if req.done:
             return
         req.done = True
-        self.outstanding -= 1
         if req in self.active:
             self.active.remove(req)
         lat = req.agent.latency
-        self.record(req, edge_s=lat.edge_s[req.mode], tx_s=math.nan, rtt_s=lat.rtt_s,
+        self.record(req, edge_s=lat.edge_s[req.mode], rtt_s=lat.rtt_s,
                     queue_s=lat.cloud_queue_s, cloud_s=lat.cloud_s[req.mode],
                     latency_s=math.nan, cancelled=True)
+        self.free(t, req)
 
     # --- loop ----------------------------------------------------------------------------
     def run(self) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -308,6 +344,8 @@ class _Sim:
             if change < self.duration:
                 self.push(change, "epoch")
         self.push(0.0, "epoch_tick", 0)
+        handlers = {"arrival": self.arrive, "tx_start": self.tx_start,
+                    "deadline": self.deadline, "free": self.free}
         t = 0.0
         while self.heap:
             rates = self.rates(t)
@@ -321,29 +359,25 @@ class _Sim:
             t = t_next
             for r in [r for r in self.active if r.remaining <= 1e-6]:
                 self.active.remove(r)
-                self.complete(t, r)
+                self.transferred(t, r)
             while self.heap and self.heap[0][0] <= t:
                 _, _, kind, item = heapq.heappop(self.heap)
-                if kind == "arrival":
-                    self.arrive(t, item)
-                elif kind == "tx_start":
-                    self.tx_start(t, item)
-                elif kind == "deadline":
-                    self.deadline(t, item)
-                else:
-                    self.epoch(t)
-                    # Ticks at k * epoch_s, not t + epoch_s, so float error cannot drift.
-                    after = None if kind != "epoch_tick" else (item + 1) * self.cfg.epoch_s
-                    if after is not None and (after < self.duration - 1e-9
-                                              or self.outstanding):
-                        self.push(after, "epoch_tick", item + 1)
+                if kind in handlers:
+                    handlers[kind](t, item)
+                    continue
+                self.epoch(t)
+                # Ticks at k * epoch_s, not t + epoch_s, so float error cannot drift.
+                after = None if kind != "epoch_tick" else (item + 1) * self.cfg.epoch_s
+                if after is not None and (after < self.duration - 1e-9 or self.outstanding):
+                    self.push(after, "epoch_tick", item + 1)
         requests = pd.DataFrame(self.rows, columns=_REQUEST_COLUMNS)
         return (requests.sort_values("request_id", ignore_index=True),
                 pd.DataFrame(self.epoch_rows, columns=_EPOCH_COLUMNS))
 
 
 _REQUEST_COLUMNS = ["request_id", "agent", "t_arrival_s", "context_tokens", "mode",
-                    "bandwidth_estimate_bps", "payload_bytes", "edge_s", "tx_s", "rtt_s",
+                    "bandwidth_estimate_bps", "payload_bytes", "agent_queue_s", "edge_s", "tx_s",
+                    "rtt_s",
                     "cloud_queue_s", "cloud_s", "latency_s", "deadline_s", "deadline_met",
                     "cancelled", "quality", "reason"]
 _EPOCH_COLUMNS = ["t_s", "agent", "capacity_bps", "strategy", "rate_bps", "planned_mode",
