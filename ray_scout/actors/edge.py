@@ -22,7 +22,7 @@ import dataclasses
 import json
 import math
 import time
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 from ray_scout.actors.compute import ProfiledRequest
 from ray_scout.core.allocation import Demand, demand_for
@@ -111,6 +111,23 @@ def make_policy(name: str, profile: QualityProfile, safety_margin: float) -> Pol
     raise ValueError(f"unknown policy {name!r}; use adaptive, adaptive:offload or static:<mode>")
 
 
+def typical_demand(name: str, shapes: Mapping[int, RequestShape], arrivals: Sequence[Arrival],
+                   quality: QualityProfile, deadline_s: float, policy: Policy,
+                   arrival_rate_hz: float | None = None) -> Demand:
+    """An agent's typical request (median context) in the modes its policy can send, its
+    arrival rate and its policy's margin, as the simulator reports them: the allocator leaves
+    room for the wait behind the agent's own requests (one at a time) and for the policy's
+    reserve. Without ``arrival_rate_hz``: arrivals per second up to the last one."""
+    tokens = sorted(a.context_tokens for a in arrivals) or sorted(shapes)
+    shape = shapes[tokens[len(tokens) // 2]]
+    if arrival_rate_hz is None:
+        last = max((a.t_s for a in arrivals), default=0.0)
+        arrival_rate_hz = len(arrivals) / last if last > 0 else 0.0
+    return demand_for(name, shape.payload_bytes, quality, shape.latency, deadline_s,
+                      arrival_rate_hz=arrival_rate_hz, safety_margin=policy.safety_margin,
+                      modes=policy.choices)
+
+
 class EdgeAgent:
     """Runs ``config.arrivals`` against the cloud; ``set_grant`` comes from the allocator."""
 
@@ -134,20 +151,10 @@ class EdgeAgent:
 
     # --- what the allocator asks and tells ---------------------------------------------
     def demand(self) -> Demand:
-        """The agent's typical request (median context) in the modes its policy can send,
-        its arrival rate and its policy's margin, as the simulator reports them: the
-        allocator leaves room for the wait behind the agent's own requests (one at a time)
-        and for the policy's reserve."""
+        """What the allocator plans this agent with (``typical_demand``)."""
         c = self.config
-        tokens = sorted(a.context_tokens for a in c.arrivals) or sorted(c.shapes)
-        shape = c.shapes[tokens[len(tokens) // 2]]
-        rate = c.arrival_rate_hz
-        if rate is None:  # arrivals per second up to the last one
-            last = max((a.t_s for a in c.arrivals), default=0.0)
-            rate = len(c.arrivals) / last if last > 0 else 0.0
-        return demand_for(c.name, shape.payload_bytes, c.quality, shape.latency, c.deadline_s,
-                          arrival_rate_hz=rate, safety_margin=self.policy.safety_margin,
-                          modes=self.policy.choices)
+        return typical_demand(c.name, c.shapes, c.arrivals, c.quality, c.deadline_s,
+                              self.policy, c.arrival_rate_hz)
 
     def set_grant(self, rate_bps: float) -> None:
         self.grant_bps = rate_bps

@@ -33,9 +33,9 @@ from ray_scout.actors.cloud import FullService, profiled_service
 from ray_scout.actors.compute import (
     latency_model, load_timing, profiled_payload_bytes, selected_tokens,
 )
-from ray_scout.actors.edge import AgentConfig, Arrival, RequestShape
+from ray_scout.actors.edge import AgentConfig, Arrival, RequestShape, make_policy, typical_demand
 from ray_scout.actors.recorder import read_table
-from ray_scout.core.allocation import Allocation, allocate, demand_for
+from ray_scout.core.allocation import Allocation, allocate
 from ray_scout.experiments.placement import Placement, alive_nodes, place
 from ray_scout.experiments.spec import (
     REPO_ROOT, Spec, SpecError, arrivals, capacity_trace, check_allocators, load_spec,
@@ -119,14 +119,14 @@ def samples(spec: Spec, work: dict) -> dict[str, tuple]:
     return out
 
 
-def demands(spec: Spec, shapes: dict, work: dict) -> list:
-    groups = spec.groups_by_agent()
+def demands(spec: Spec, shapes: dict, work: dict, policy: str) -> list:
+    """Every agent's demand under ``policy``, as its EdgeAgent will report it."""
     out = []
-    for name, g in groups.items():
-        tokens = sorted(a.context_tokens for a in work[name]) or list(g.context_tokens)
-        shape = shapes[g.name][tokens[len(tokens) // 2]]
-        out.append(demand_for(name, shape.payload_bytes, quality_profile(spec, g),
-                              shape.latency, g.deadline_s))
+    for name, g in spec.groups_by_agent().items():
+        quality = quality_profile(spec, g)
+        out.append(typical_demand(name, shapes[g.name], work[name], quality, g.deadline_s,
+                                  make_policy(policy, quality, spec.safety_margin),
+                                  g.arrival_rate_hz))
     return out
 
 
@@ -241,7 +241,7 @@ def run_trial(spec: Spec, policy: str, allocator: str, index: int, out: Path,
     trace = capacity_trace(spec)
     groups = spec.groups_by_agent()
     names = list(groups)
-    first = allocate(allocator, demands(spec, shapes, work), trace.rate_at(0.0))
+    first = allocate(allocator, demands(spec, shapes, work, policy), trace.rate_at(0.0))
     run_id = f"{os.getpid() % 0xFFFF:04x}{index:02x}"
     prefix = f"{spec.name}/{index}/"  # actor names: tests and operators find them by these
     recorder = ray.remote(Recorder).options(num_cpus=0, name=prefix + "recorder").remote(
@@ -281,7 +281,7 @@ def run_trial(spec: Spec, policy: str, allocator: str, index: int, out: Path,
                 shapes=shapes[g.name], cloud_model=g.cloud_model, deadline_s=g.deadline_s,
                 arrivals=work[name], estimator=g.estimator,
                 initial_bps=max(first.rate_bps[name], 1.0), safety_margin=spec.safety_margin,
-                new_tokens=g.new_tokens, model=g.model,
+                new_tokens=g.new_tokens, model=g.model, arrival_rate_hz=g.arrival_rate_hz,
                 edge_options=dict(scout_retention=g.scout_retention,
                                   protected_layers=tuple(g.protected_layers),
                                   max_new_tokens=g.new_tokens),
@@ -374,7 +374,8 @@ def run_emulated(spec: Spec, out: Path, address: str | None = None,
         require_root()
     shapes, work = request_shapes(spec), workloads(spec)
     texts = samples(spec, work) if spec.fidelity == "full" else {}
-    check_allocators(spec, demands(spec, shapes, work))
+    for policy in spec.policies:
+        check_allocators(spec, demands(spec, shapes, work, policy))
     total = sum(len(w) for w in work.values())
     started_ray = start_ray(spec, address, dashboard)
     trials = []
@@ -405,7 +406,6 @@ def run_emulated(spec: Spec, out: Path, address: str | None = None,
 
 def run_simulated(spec: Spec, out: Path) -> dict[str, pd.DataFrame]:
     """The same spec through the discrete-event simulator (network and compute modelled)."""
-    from ray_scout.actors.edge import make_policy
     from ray_scout.experiments.simulate import AgentSpec, SimConfig, simulate
 
     estimators = {g.estimator for g in spec.agents}
