@@ -83,7 +83,20 @@ class LinkChange:
     call_s: float
 
 
-class LinkManager:
+class _ChangeLog:
+    """What every link manager keeps: each applied change, for the ``rate_changes`` table."""
+
+    def __init__(self) -> None:
+        self.log: list[LinkChange] = []
+
+    def record(self, target: str, rate_bps: int, ceil_bps: int, call_s: float) -> None:
+        self.log.append(LinkChange(time.time(), target, rate_bps, ceil_bps, call_s))
+
+    def changes(self) -> list[dict]:
+        return [dataclasses.asdict(c) for c in self.log]
+
+
+class LinkManager(_ChangeLog):
     """Owns a ``LabTopology``; built in the constructor, removed by ``teardown``.
 
     ``access`` maps each agent's name to its access profile; agent i in that order sits on
@@ -102,7 +115,7 @@ class LinkManager:
                                     run_id=run_id).build()
         self.edge_of = {name: e.name for name, e in zip(access, self.topology.edges)}
         self.capacity_bps = int(capacity_bps)
-        self.log: list[LinkChange] = []
+        super().__init__()
 
     def addresses(self) -> dict:
         topo = self.topology
@@ -116,27 +129,24 @@ class LinkManager:
         capacity = int(max(capacity_bps, MIN_RATE_BPS * (len(rates_bps) + 1)))
         if capacity != self.capacity_bps:
             call = topo.bottleneck_up.set_rate(capacity)
-            self.log.append(LinkChange(time.time(), "bottleneck", capacity, capacity, call))
+            self.record("bottleneck", capacity, capacity, call)
             self.capacity_bps, total = capacity, total + call
         for agent, rate in split_for_htb(capacity, rates_bps).items():
             ceil = capacity if self.borrow else rate
             call = topo.set_share(self.edge_of[agent], rate, ceil)
-            self.log.append(LinkChange(time.time(), agent, rate, ceil, call))
+            self.record(agent, rate, ceil, call)
             total += call
         return total
 
     def shaping(self) -> list[dict]:
         return [r.as_row() for r in self.topology.shaping()]
 
-    def changes(self) -> list[dict]:
-        return [dataclasses.asdict(c) for c in self.log]
-
     def teardown(self) -> float:
         self.topology.teardown()
         return self.topology.teardown_s
 
 
-class NodeLinkManager:
+class NodeLinkManager(_ChangeLog):
     """Owns a ``NodeLinks`` on this node: a class per agent of ``ports`` (agent -> cloud port).
 
     On a cluster there is no one bottleneck link to shape: each node's classes enforce its
@@ -164,7 +174,7 @@ class NodeLinkManager:
                  for name, port in ports.items()]
         self.links = NodeLinks(cloud_address, flows, queue_bytes=neck.up.queue_bytes, borrow=borrow,
                                ceil_bps=int(capacity_bps)).build()
-        self.log: list[LinkChange] = []
+        super().__init__()
 
     def _split(self, capacity_bps: float, rates_bps: Mapping[str, float]) -> dict[str, int]:
         split = split_for_htb(capacity_bps, rates_bps)
@@ -183,15 +193,12 @@ class NodeLinkManager:
         for agent, rate in self._split(capacity, rates_bps).items():
             call = self.links.set_share(agent, rate)
             leaf = self.links.classes[agent]
-            self.log.append(LinkChange(time.time(), agent, leaf.rate_bps, leaf.ceil_bps, call))
+            self.record(agent, leaf.rate_bps, leaf.ceil_bps, call)
             total += call
         return total
 
     def shaping(self) -> list[dict]:
         return [r.as_row() for r in self.links.shaping()]
-
-    def changes(self) -> list[dict]:
-        return [dataclasses.asdict(c) for c in self.log]
 
     def teardown(self) -> float:
         return self.links.teardown()
