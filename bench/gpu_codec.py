@@ -20,8 +20,8 @@ import contextlib
 
 import torch
 
-from gpu_common import (copy_bandwidth_gbps, device_busy_ms, median_ms, outlier_kv, print_table,
-                        provenance, shape_arguments, write_results)
+from gpu_common import (copy_bandwidth_gbps, device_busy_ms, device_events, median_ms,
+                        outlier_kv, print_table, provenance, shape_arguments, write_results)
 from ray_scout.core import models
 from ray_scout.core.kvcodec import base, codec_for
 from ray_scout.core.modes import Mode
@@ -146,6 +146,11 @@ def bench_preset(preset: str, tokens: int, device: torch.device, repeats: int,
             if enc_busy:
                 row["enc_busy_ratio"] = moved / enc_busy / 1e6 / copy_gbps
                 row["dec_busy_ratio"] = moved / dec_busy / 1e6 / copy_gbps
+            if path == "triton":  # what each call's GPU time is made of
+                with scope:
+                    row["enc_events"] = device_events(lambda: codec.encode(timing_kv), device)
+                    row["dec_events"] = device_events(
+                        lambda: codec.decode(timed, dtype=torch.bfloat16, device=device), device)
             rows.append(row)
         if "triton" in per_path:
             agree = compare_paths(per_path["triton"][0], per_path["torch"][0],
@@ -154,14 +159,17 @@ def bench_preset(preset: str, tokens: int, device: torch.device, repeats: int,
     return rows
 
 
-# (key tokens per program, value tokens per program, warps)
-SWEEP = ((32, 16, 4), (32, 32, 2), (32, 32, 4), (64, 32, 4), (64, 64, 4), (64, 32, 8),
-         (128, 32, 8), (128, 64, 8))
+# (key tokens per program, value tokens per program, warps) x programs per SM (0: one per tile)
+SWEEP = tuple(shape + (per_sm,)
+              for shape in ((32, 16, 4), (32, 16, 2), (32, 32, 2), (64, 16, 4), (64, 32, 4),
+                            (64, 32, 8))
+              for per_sm in (0, 4, 8, 16))
 
 
 def sweep_launch(presets: list[str], tokens: int, device: torch.device) -> list[dict]:
     """GPU time of the encode and decode kernels (int8 and int4, keys and values in one
-    launch) at every preset under every launch shape in SWEEP; installs in
+    launch; the flag on the device, so only the kernel is timed) at every preset under
+    every launch shape in SWEEP; installs in
     ``triton_kernels.LAUNCH`` the shape whose time, relative to each preset's fastest, sums
     lowest over presets and both widths."""
     kernels = base.triton_kernels
@@ -175,7 +183,7 @@ def sweep_launch(presets: list[str], tokens: int, device: torch.device) -> list[
         for config in SWEEP:
             kernels.LAUNCH["encode"] = kernels.LAUNCH["decode"] = config
             row = {"preset": preset, "key_tokens": config[0], "value_tokens": config[1],
-                   "warps": config[2]}
+                   "warps": config[2], "per_sm": config[3]}
             for bits in (8, 4):
                 factor = base.quant.SCALE_SLACK / ((1 << bits) - 1)
                 halves = kernels.quantize_kv(kv.keys, kv.values, bits, 32, factor, flag)
@@ -194,7 +202,7 @@ def sweep_launch(presets: list[str], tokens: int, device: torch.device) -> list[
             for bits in (8, 4):
                 best = min(r[f"{stage}{bits}_ms"] for r in mine)
                 for r in mine:
-                    config = (r["key_tokens"], r["value_tokens"], r["warps"])
+                    config = (r["key_tokens"], r["value_tokens"], r["warps"], r["per_sm"])
                     score[config] = score.get(config, 0.0) + r[f"{stage}{bits}_ms"] / best
         kernels.LAUNCH[name] = min(score, key=score.get)
     return rows
@@ -214,7 +222,8 @@ def main() -> int:
     if sweep:
         print_table(sweep, [("preset", "preset", "s"), ("key_tokens", "key tokens", "d"),
                             ("value_tokens", "value tokens", "d"),
-                            ("warps", "warps", "d"), ("enc8_ms", "enc8 ms", ".3f"),
+                            ("warps", "warps", "d"), ("per_sm", "per SM", "d"),
+                            ("enc8_ms", "enc8 ms", ".3f"),
                             ("enc4_ms", "enc4 ms", ".3f"), ("dec8_ms", "dec8 ms", ".3f"),
                             ("dec4_ms", "dec4 ms", ".3f")])
         print("launch shapes used:", base.triton_kernels.LAUNCH)

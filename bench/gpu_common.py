@@ -54,11 +54,11 @@ def median_ms(fn, device: torch.device, *, warmup: int = 2, repeats: int = 10) -
     return statistics.median(samples)
 
 
-def device_busy_ms(fn, device: torch.device, *, repeats: int = 5) -> float | None:
-    """Mean GPU time of ``fn()``'s kernels and copies (profiler), without host gaps; None on
-    the CPU. Beside ``median_ms`` it tells kernel cost from launch and Python overhead."""
+def device_events(fn, device: torch.device, *, repeats: int = 5) -> list[tuple[float, int, str]]:
+    """(GPU ms per call, launches per call, name) of every kernel and copy ``fn()`` runs
+    (profiler, CUDA activity only), costliest first; empty on the CPU."""
     if device.type != "cuda":
-        return None
+        return []
     from torch.profiler import ProfilerActivity, profile
 
     fn()
@@ -67,7 +67,16 @@ def device_busy_ms(fn, device: torch.device, *, repeats: int = 5) -> float | Non
         for _ in range(repeats):
             fn()
         sync(device)
-    return sum(e.self_device_time_total for e in prof.key_averages()) / 1e3 / repeats
+    return sorted(((e.self_device_time_total / 1e3 / repeats, e.count // repeats, e.key)
+                   for e in prof.key_averages()), reverse=True)
+
+
+def device_busy_ms(fn, device: torch.device, *, repeats: int = 5) -> float | None:
+    """Mean GPU time of ``fn()``'s kernels and copies (profiler), without host gaps; None on
+    the CPU. Beside ``median_ms`` it tells kernel cost from launch and Python overhead."""
+    if device.type != "cuda":
+        return None
+    return sum(ms for ms, _, _ in device_events(fn, device, repeats=repeats))
 
 
 def copy_bandwidth_gbps(device: torch.device, size_bytes: int = 1 << 30) -> float:

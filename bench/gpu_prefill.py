@@ -12,20 +12,22 @@ after it, interleaved across paths (10 rounds) to cancel drift. Each path's GPU 
 split by kernel class with the profiler (GEMM, attention, elementwise/norm/RoPE, copies).
 Floors measured in the same run: the bf16 8192^3 matmul rate, the prefill's own matrix
 products alone at their exact shapes (fused and separate projections) and the attention
-alone under each SDPA backend. Agreement: fused vs transformers keys, values, last-layer
-queries and logits (relative L2, same argmax). Prints a table last; writes gpu_prefill.json.
+alone under each SDPA backend. Agreement: both bf16 paths against a float32 run of the same
+weights, and against each other (keys and values of the first and last layer, last-layer
+queries, logits: relative L2, same argmax). Prints a table last; writes gpu_prefill.json.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import statistics
 import time
 
 import torch
 import torch.nn.functional as F
 
-from gpu_common import (device_busy_ms, matmul_tflops, median_ms, print_table, provenance,
+from gpu_common import (device_busy_ms, device_events, matmul_tflops, median_ms, print_table, provenance,
                         sync, synthetic_layout, write_results)
 from ray_scout.core import fused_prefill, generation, models
 
@@ -47,26 +49,15 @@ def kernel_class(name: str) -> str:
     return "elementwise"
 
 
-def profile_classes(fn, device: torch.device, repeats: int = 3) -> dict:
+def profile_classes(fn, device: torch.device) -> dict:
     """GPU ms per call of each kernel class, and the ten costliest kernels."""
-    if device.type != "cuda":
+    events = device_events(fn, device, repeats=3)
+    if not events:
         return {}
-    from torch.profiler import ProfilerActivity, profile
-
-    fn()
-    sync(device)
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(repeats):
-            fn()
-        sync(device)
     per_class = dict.fromkeys(CLASSES, 0.0)
-    kernels = []
-    for event in prof.key_averages():
-        ms = event.self_device_time_total / 1e3 / repeats
-        per_class[kernel_class(event.key)] += ms
-        kernels.append((ms, event.count // repeats, event.key[:90]))
-    kernels.sort(reverse=True)
-    return {"class_ms": per_class, "top_kernels": kernels[:10]}
+    for ms, _, name in events:
+        per_class[kernel_class(name)] += ms
+    return {"class_ms": per_class, "top_kernels": [(ms, n, name[:90]) for ms, n, name in events[:10]]}
 
 
 def linear_ms(tokens: int, rows: int, cols: int, device, dtype, bias: bool = False) -> float:
@@ -142,16 +133,39 @@ def relative_l2(a, b) -> float:
 
 
 def agreement(lm, layout) -> dict:
-    """Compiled fused prefill vs the model's own forward."""
+    """Both bf16 paths (compiled fused, the model's own forward) against the same weights in
+    float32 (``fused_prefill`` uncompiled, which equals the model's float32 forward:
+    tests/test_fused_prefill.py), and against each other: relative L2 of the first and last
+    layer's keys and values, the last layer's queries and the logits; same argmax."""
     fused = generation.prefill(lm, layout, capture="last", fused=True)
     plain = generation.prefill(lm, layout, capture="last", fused=False)
-    kv = max(relative_l2(a, b) for a, b in zip(fused.snapshot.keys + fused.snapshot.values,
-                                               plain.snapshot.keys + plain.snapshot.values))
-    layer = fused.last_layer
-    return {"kv_rel_l2_max": kv, "query_rel_l2": relative_l2(fused.queries[layer],
-                                                             plain.queries[layer]),
-            "logits_rel_l2": relative_l2(fused.logits, plain.logits),
-            "same_argmax": int(fused.logits.argmax()) == int(plain.logits.argmax())}
+    last = fused.last_layer
+    reference_model = copy.deepcopy(lm.model).float()
+    out = fused_prefill.forward(reference_model, layout.input_ids.to(lm.device), [last],
+                                compiled=False)
+    reference = {"keys": out.keys, "values": out.values, "query": out.queries[last],
+                 "logits": out.logits}
+    del reference_model, out
+
+    def parts(pre) -> dict:
+        return {"keys": pre.snapshot.keys, "values": pre.snapshot.values,
+                "query": pre.queries[last], "logits": pre.logits}
+
+    def compare(a, b) -> dict:
+        row = {f"{kind}_{name}": relative_l2(a[kind][layer], b[kind][layer])
+               for kind in ("keys", "values") for name, layer in (("first", 0), ("last", last))}
+        row.update(query=relative_l2(a["query"], b["query"]),
+                   logits=relative_l2(a["logits"], b["logits"]),
+                   same_argmax=int(a["logits"].argmax()) == int(b["logits"].argmax()))
+        return row
+
+    fused, plain = parts(fused), parts(plain)
+    result = {"fused_vs_fp32": compare(fused, reference),
+              "transformers_vs_fp32": compare(plain, reference),
+              "fused_vs_transformers": compare(fused, plain)}
+    if lm.device.type == "cuda":
+        torch.cuda.empty_cache()
+    return result
 
 
 def main() -> int:
@@ -210,7 +224,9 @@ def main() -> int:
             print(f"{row['path']:>13} {ms:8.3f} ms x{count:<4} {name}")
     print(f"attention alone (all layers): {attention}")
     print(f"matrix products alone: {floor}")
-    print(f"agreement fused vs transformers: {check}")
+    for pair, values in check.items():
+        print(f"agreement {pair}: " + ", ".join(
+            f"{k} {v:.2e}" if isinstance(v, float) else f"{k} {v}" for k, v in values.items()))
     print(f"{args.preset}, {args.tokens} tokens on {device}; bf16 matmul {tflops:.0f} TFLOP/s; "
           f"first fused call (compile included) {first_call_s:.1f} s")
     print_table(rows, [("path", "path", "s"), ("ms", "ms", ".1f"), ("gpu_ms", "GPU ms", ".1f"),

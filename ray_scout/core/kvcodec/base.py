@@ -169,10 +169,15 @@ def encode_kv(keys, values, bits, group_size: int
                 tuple(encode_tensor(t, b, group_size, VALUE_GROUP_DIM)
                       for t, b in zip(values, bits)))
     quantized = [i for i, b in enumerate(bits) if b == width]
-    flag = torch.zeros(1, dtype=torch.int32, device=keys[0].device)
+    device = keys[0].device
+    # The flag lives in pinned host memory, which the kernel writes through: no fill kernel
+    # before the launch and no copy after it, only the wait for the launch to finish.
+    flag = torch.zeros(1, dtype=torch.int32, pin_memory=device.type == "cuda")
     halves = triton_kernels.quantize_kv([keys[i] for i in quantized],
                                         [values[i] for i in quantized], width, group_size,
                                         quant.SCALE_SLACK / ((1 << width) - 1), flag)
+    if device.type == "cuda":
+        torch.cuda.current_stream(device).synchronize()
     if flag.item():
         raise ValueError(quant.NOT_FINITE)
 
@@ -255,7 +260,9 @@ class KVCodec:
         shape = layout.tensor_shape
         keys, values = decode_kv(encoded.keys, encoded.values, shape, layout.group_size, dtype,
                                  device)
-        return KVSnapshot(keys, values, encoded.positions.to(device=device, dtype=torch.long))
+        # Positions stay on the CPU, as in every snapshot a prefill makes: they are
+        # metadata, and on the GPU their validation and ``next_position`` would each sync.
+        return KVSnapshot(keys, values, encoded.positions.to(dtype=torch.long))
 
 
 _REGISTRY: dict[Mode, type[KVCodec]] = {}

@@ -31,9 +31,10 @@ import triton.language as tl
 
 KEY_DIM = 1
 VALUE_DIM = 2
-# (key tokens per program, value tokens per program, warps) of each kernel;
-# bench/gpu_codec.py --sweep measures others.
-LAUNCH = {"encode": (64, 32, 4), "decode": (32, 32, 4)}
+# (key tokens per program, value tokens per program, warps, programs per SM) of each kernel;
+# programs per SM 0 launches one program per tile, otherwise that many per multiprocessor
+# loop over the tiles (grid-stride). bench/gpu_codec.py --sweep measures others.
+LAUNCH = {"encode": (64, 32, 4, 0), "decode": (32, 32, 2, 0)}
 # Address tables kept on the device, by the addresses they hold (see ``_table``).
 TABLE_CACHE_SIZE = 64
 
@@ -92,12 +93,13 @@ def _table(tensors) -> torch.Tensor:
 
 @triton.jit
 def _flag_non_finite(flag_ptr, step, zero, valid):
-    # One atomic per program that met a NaN/inf scale or zero: the caller reads one flag
-    # for the whole call instead of reducing every scale tensor on the host's behalf.
+    # A program that met a NaN/inf scale or zero writes 1 (every writer writes the same
+    # value, so no atomic is needed: the flag may live in pinned host memory, where PCIe
+    # atomics are not a given). The caller reads one flag for the whole call.
     finite = (tl.abs(step) < float("inf")) & (tl.abs(zero) < float("inf"))
     bad = tl.max(tl.where(valid & (finite == 0), 1, 0))
     if bad > 0:
-        tl.atomic_or(flag_ptr, 1)
+        tl.store(flag_ptr, 1)
 
 
 @triton.jit
@@ -187,25 +189,38 @@ def _encode_value_tile(src, src32, codes_ptr, scales_ptr, zeros_ptr, flag_ptr, l
 
 
 @triton.jit
+def _tile(tile, key_tiles, key_blocks, value_blocks, H):
+    """(is a key tile, layer, head, token block) of tile number ``tile``: the key tiles of
+    every layer and head first, then the value tiles; a head's blocks are consecutive."""
+    is_key = tile < key_tiles
+    rest = tl.where(is_key, tile, tile - key_tiles)
+    blocks = tl.where(is_key, key_blocks, value_blocks)
+    lh = rest // blocks
+    return is_key, (lh // H).to(tl.int64), lh % H, rest % blocks
+
+
+@triton.jit
 def _encode_kv(table, kcodes, kscales, kzeros, vcodes, vscales, vzeros, flag_ptr, L, H, T, G,
-               key_blocks, scale_factor, D: tl.constexpr, GS: tl.constexpr, QMAX: tl.constexpr,
-               PACK: tl.constexpr, BTK: tl.constexpr, BTV: tl.constexpr):
-    # Grid: axis 0 runs over layers x heads; axis 1 over the key token blocks, then the
-    # value token blocks. ``table`` holds the L key addresses, then the L value addresses.
-    lh = tl.program_id(0)
-    block = tl.program_id(1)
-    layer = (lh // H).to(tl.int64)
-    head = lh % H
-    if block < key_blocks:
-        src = tl.load(table + layer).to(tl.pointer_type(tl.bfloat16))
-        _encode_key_tile(src, kcodes, kscales, kzeros, flag_ptr, layer, head, block, H, T, G,
-                         scale_factor, D, GS, QMAX, PACK, BTK)
-    else:
-        address = tl.load(table + L + layer)
-        _encode_value_tile(address.to(tl.pointer_type(tl.bfloat16)),
-                           address.to(tl.pointer_type(tl.int32)), vcodes, vscales, vzeros,
-                           flag_ptr, layer, head, block - key_blocks, H, T, scale_factor,
-                           D, GS, QMAX, PACK, BTV)
+               key_blocks, value_blocks, rounds, scale_factor, D: tl.constexpr,
+               GS: tl.constexpr, QMAX: tl.constexpr, PACK: tl.constexpr, BTK: tl.constexpr,
+               BTV: tl.constexpr):
+    # Program p takes tiles p, p + programs, ... in ``rounds`` rounds (one round when the
+    # grid has one program per tile). ``table``: the L key addresses, then the L values'.
+    key_tiles = L * H * key_blocks
+    tiles = key_tiles + L * H * value_blocks
+    for step in range(rounds):
+        tile = tl.program_id(0) + step * tl.num_programs(0)
+        is_key, layer, head, block = _tile(tile, key_tiles, key_blocks, value_blocks, H)
+        if is_key:
+            src = tl.load(table + layer).to(tl.pointer_type(tl.bfloat16))
+            _encode_key_tile(src, kcodes, kscales, kzeros, flag_ptr, layer, head, block, H, T,
+                             G, scale_factor, D, GS, QMAX, PACK, BTK)
+        elif tile < tiles:
+            address = tl.load(table + L + layer)
+            _encode_value_tile(address.to(tl.pointer_type(tl.bfloat16)),
+                               address.to(tl.pointer_type(tl.int32)), vcodes, vscales, vzeros,
+                               flag_ptr, layer, head, block, H, T, scale_factor,
+                               D, GS, QMAX, PACK, BTV)
 
 
 @triton.jit
@@ -264,26 +279,52 @@ def _decode_value_tile(codes, scales, zeros, out_ptr, layer, head, tb, H, T,
 
 
 @triton.jit
-def _decode_kv(table, kout, vout, L, H, T, G, key_blocks, D: tl.constexpr, GS: tl.constexpr,
-               PACK: tl.constexpr, BTK: tl.constexpr, BTV: tl.constexpr):
-    # Grid as ``_encode_kv``'s. ``table``: key codes, key scales, key zeros, value codes,
-    # value scales, value zeros, each L addresses long.
-    lh = tl.program_id(0)
-    block = tl.program_id(1)
-    layer = (lh // H).to(tl.int64)
-    head = lh % H
-    if block < key_blocks:
-        codes, scales, zeros = _layer_parts(table, L, layer, 0)
-        _decode_key_tile(codes, scales, zeros, kout, layer, head, block, H, T, G,
-                         D, GS, PACK, BTK)
-    else:
-        codes, scales, zeros = _layer_parts(table, L, layer, 3)
-        _decode_value_tile(codes, scales, zeros, vout, layer, head, block - key_blocks, H, T,
-                           D, GS, PACK, BTV)
+def _decode_kv(table, kout, vout, L, H, T, G, key_blocks, value_blocks, rounds,
+               D: tl.constexpr, GS: tl.constexpr, PACK: tl.constexpr, BTK: tl.constexpr,
+               BTV: tl.constexpr):
+    # Tiles and rounds as ``_encode_kv``'s. ``table``: key codes, key scales, key zeros,
+    # value codes, value scales, value zeros, each L addresses long.
+    key_tiles = L * H * key_blocks
+    tiles = key_tiles + L * H * value_blocks
+    for step in range(rounds):
+        tile = tl.program_id(0) + step * tl.num_programs(0)
+        is_key, layer, head, block = _tile(tile, key_tiles, key_blocks, value_blocks, H)
+        if is_key:
+            codes, scales, zeros = _layer_parts(table, L, layer, 0)
+            _decode_key_tile(codes, scales, zeros, kout, layer, head, block, H, T, G,
+                             D, GS, PACK, BTK)
+        elif tile < tiles:
+            codes, scales, zeros = _layer_parts(table, L, layer, 3)
+            _decode_value_tile(codes, scales, zeros, vout, layer, head, block, H, T,
+                               D, GS, PACK, BTV)
 
 
 def _blocks(tokens: int, block: int) -> int:
     return -(-tokens // block)
+
+
+_multiprocessors: dict[torch.device, int] = {}
+
+
+def _grid(tiles: int, programs_per_sm: int, device: torch.device) -> tuple[int]:
+    """One program per tile, or ``programs_per_sm`` per multiprocessor looping over them."""
+    if programs_per_sm == 0 or device.type != "cuda":
+        return (tiles,)
+    if device not in _multiprocessors:
+        _multiprocessors[device] = torch.cuda.get_device_properties(device).multi_processor_count
+    return (min(tiles, programs_per_sm * _multiprocessors[device]),)
+
+
+def _launch_shape(stage: str, tokens: int, layers: int, heads: int, group_size: int,
+                  device: torch.device):
+    """(key tokens per program, value tokens per program, warps, key blocks, value blocks,
+    rounds, grid) of ``stage`` ("encode" or "decode") from ``LAUNCH``."""
+    block_keys, block_values, warps, per_sm = LAUNCH[stage]
+    block_keys = max(block_keys, group_size)
+    key_blocks, value_blocks = _blocks(tokens, block_keys), _blocks(tokens, block_values)
+    tiles = layers * heads * (key_blocks + value_blocks)
+    grid = _grid(tiles, per_sm, device)
+    return block_keys, block_values, warps, key_blocks, value_blocks, -(-tiles // grid[0]), grid
 
 
 def quantize_kv(keys, values, bits: int, group_size: int, scale_factor: float,
@@ -295,8 +336,8 @@ def quantize_kv(keys, values, bits: int, group_size: int, scale_factor: float,
     Codes are ``[layers, heads, tokens, head_dim]`` uint8, or ``[layers, count // 2]`` when
     4-bit; scales and zeros are fp16 with the grouped axis shrunk (tokens for keys,
     channels for values), as ``quant.quantize``. ``scale_factor`` is the slack over ``qmax``
-    that ``quant`` uses. ``flag`` (one int32 on the device, zero) becomes nonzero if any
-    scale or zero is not finite.
+    that ``quant`` uses. ``flag`` (one int32, zero; on the device or in pinned host memory)
+    becomes nonzero if any scale or zero is not finite, once the launch has completed.
     """
     if bits not in (4, 8):
         raise ValueError(f"Triton kernels quantize to 8 or 4 bits, not {bits}")
@@ -316,14 +357,13 @@ def quantize_kv(keys, values, bits: int, group_size: int, scale_factor: float,
                              for _ in range(2))
     value_scales, value_zeros = (torch.empty(value_side, dtype=torch.float16, device=device)
                                  for _ in range(2))
-    block_keys, block_values, warps = LAUNCH["encode"]
-    block_keys = max(block_keys, group_size)
-    key_blocks = _blocks(tokens, block_keys)
-    _encode_kv[(layers * heads, key_blocks + _blocks(tokens, block_values))](
+    block_keys, block_values, warps, key_blocks, value_blocks, rounds, grid = _launch_shape(
+        "encode", tokens, layers, heads, group_size, device)
+    _encode_kv[grid](
         _table(list(keys) + list(values)), codes[0], key_scales, key_zeros, codes[1],
-        value_scales, value_zeros, flag, layers, heads, tokens, groups, key_blocks, scale_factor,
-        D=head_dim, GS=group_size, QMAX=(1 << bits) - 1, PACK=pack, BTK=block_keys,
-        BTV=block_values, num_warps=warps)
+        value_scales, value_zeros, flag, layers, heads, tokens, groups, key_blocks, value_blocks,
+        rounds, scale_factor, D=head_dim, GS=group_size, QMAX=(1 << bits) - 1, PACK=pack,
+        BTK=block_keys, BTV=block_values, num_warps=warps)
     return (codes[0], key_scales, key_zeros), (codes[1], value_scales, value_zeros)
 
 
@@ -339,11 +379,10 @@ def dequantize_kv(key_parts, value_parts, shape: tuple[int, int, int], bits: int
     device = key_parts[0][0].device
     out = torch.empty((2, layers, heads, tokens, head_dim), dtype=torch.bfloat16, device=device)
     table = _table([t for parts in (*key_parts, *value_parts) for t in parts])
-    block_keys, block_values, warps = LAUNCH["decode"]
-    block_keys = max(block_keys, group_size)
-    key_blocks = _blocks(tokens, block_keys)
-    _decode_kv[(layers * heads, key_blocks + _blocks(tokens, block_values))](
+    block_keys, block_values, warps, key_blocks, value_blocks, rounds, grid = _launch_shape(
+        "decode", tokens, layers, heads, group_size, device)
+    _decode_kv[grid](
         table, out[0], out[1], layers, heads, tokens, -(-tokens // group_size), key_blocks,
-        D=head_dim, GS=group_size, PACK=bits == 4, BTK=block_keys, BTV=block_values,
-        num_warps=warps)
+        value_blocks, rounds, D=head_dim, GS=group_size, PACK=bits == 4, BTK=block_keys,
+        BTV=block_values, num_warps=warps)
     return out
