@@ -103,44 +103,83 @@ def _flag_non_finite(flag_ptr, step, zero, valid):
 
 
 @triton.jit
-def _encode_key_tile(src, codes_ptr, scales_ptr, zeros_ptr, flag_ptr, layer, head, tb, H, T, G,
-                     scale_factor, D: tl.constexpr, GS: tl.constexpr, QMAX: tl.constexpr,
-                     PACK: tl.constexpr, BT: tl.constexpr):
-    # BT tokens (BT // GS token groups) of one head of one layer, all D channels.
-    NGT: tl.constexpr = BT // GS
-    t = tb * BT + tl.arange(0, BT)
-    d = tl.arange(0, D)
-    mask = (t < T)[:, None] & (d < D)[None, :]
-    offs = (head * T + t)[:, None].to(tl.int64) * D + d[None, :]
-    x = tl.load(src + offs, mask=mask, other=0.0).to(tl.float32)
-    lo = tl.min(tl.reshape(tl.where(mask, x, float("inf")), (NGT, GS, D)), axis=1)
-    hi = tl.max(tl.reshape(tl.where(mask, x, float("-inf")), (NGT, GS, D)), axis=1)
-    g = tb * NGT + tl.arange(0, NGT)
-    valid = (g < G)[:, None] & (d < D)[None, :]
+def _scale_zero(lo, hi, scale_factor):
+    """fp16 scale and zero of groups with range [lo, hi], the fp32 step, and the inverse and
+    bias that turn x into code + 0.5 in one fma (``quant.quantize``'s arithmetic)."""
     scale = ((hi - lo) * scale_factor).to(tl.float16)
     zero = lo.to(tl.float16)
-    soffs = ((layer * H + head) * G + g)[:, None] * D + d[None, :]
+    step = scale.to(tl.float32)
+    inverse = tl.where(step > 0, tl.math.div_rn(1.0, step), 0.0)
+    return scale, zero, step, inverse, 0.5 - zero.to(tl.float32) * inverse
+
+
+@triton.jit
+def _group_range(x3, rows3):
+    """Min and max over axis 1 (the tokens of a group) of ``[groups, GS, C]``, ignoring
+    rows past the prompt."""
+    return (tl.min(tl.where(rows3, x3, float("inf")), axis=1),
+            tl.max(tl.where(rows3, x3, float("-inf")), axis=1))
+
+
+@triton.jit
+def _encode_key_tile(src, codes_ptr, scales_ptr, zeros_ptr, flag_ptr, layer, head, tb, H, T, G,
+                     scale_factor, D: tl.constexpr, GS: tl.constexpr, QMAX: tl.constexpr,
+                     BT: tl.constexpr):
+    # 8-bit keys: BT tokens (BT // GS token groups) of one head of one layer, all D channels.
+    NGT: tl.constexpr = BT // GS
+    t = tb * BT + tl.arange(0, BT)
+    offs = (head * T + t)[:, None].to(tl.int64) * D + tl.arange(0, D)[None, :]
+    x = tl.reshape(tl.load(src + offs, mask=(t < T)[:, None], other=0.0).to(tl.float32),
+                   (NGT, GS, D))
+    t3 = (tb * BT + tl.arange(0, NGT)[:, None] * GS + tl.arange(0, GS)[None, :])[:, :, None]
+    lo, hi = _group_range(x, t3 < T)
+    scale, zero, step, inverse, bias = _scale_zero(lo, hi, scale_factor)
+    g = tb * NGT + tl.arange(0, NGT)
+    valid = (g < G)[:, None]
+    soffs = ((layer * H + head) * G + g)[:, None] * D + tl.arange(0, D)[None, :]
     tl.store(scales_ptr + soffs, scale, mask=valid)
     tl.store(zeros_ptr + soffs, zero, mask=valid)
-    step = scale.to(tl.float32)
     _flag_non_finite(flag_ptr, step, zero.to(tl.float32), valid)
-    inverse = tl.where(step > 0, tl.math.div_rn(1.0, step), 0.0)
-    bias = 0.5 - zero.to(tl.float32) * inverse
-    q = tl.math.fma(tl.reshape(x, (NGT, GS, D)), inverse[:, None, :], bias[:, None, :])
-    codes = tl.minimum(tl.maximum(q, 0.0), QMAX).to(tl.uint8)
-    # Which shape to store from was chosen by timing (bench/gpu_codec.py --sweep, 14B):
-    # int8 codes stored as the [groups, GS, D] tile they were computed in ran 3x faster than
-    # after a reshape to [BT, D]; 4-bit packing after that reshape was the fast variant.
-    if PACK:
-        even, odd = tl.split(tl.reshape(codes, (BT, D // 2, 2)))
-        poffs = layer * (H * T * D // 2) + (head * T + t)[:, None].to(tl.int64) * (D // 2) \
-            + tl.arange(0, D // 2)[None, :]
-        tl.store(codes_ptr + poffs, even | (odd << 4), mask=(t < T)[:, None])
-    else:
-        t3 = (tb * BT + tl.arange(0, NGT)[:, None] * GS + tl.arange(0, GS)[None, :])[:, :, None]
-        offs3 = layer * (H * T * D) + (head * T + t3).to(tl.int64) * D \
-            + tl.arange(0, D)[None, None, :]
-        tl.store(codes_ptr + offs3, codes, mask=t3 < T)
+    codes = tl.minimum(tl.maximum(tl.math.fma(x, inverse[:, None, :], bias[:, None, :]), 0.0),
+                       QMAX).to(tl.uint8)
+    # Stored from the [groups, GS, D] tile they were computed in: after a reshape to
+    # [BT, D] the store ran 3x slower (bench/gpu_codec.py --sweep, 14B).
+    offs3 = layer * (H * T * D) + (head * T + t3).to(tl.int64) * D \
+        + tl.arange(0, D)[None, None, :]
+    tl.store(codes_ptr + offs3, codes, mask=t3 < T)
+
+
+@triton.jit
+def _encode_packed_key_tile(src32, codes_ptr, scales_ptr, zeros_ptr, flag_ptr, layer, head, tb,
+                            H, T, G, scale_factor, D: tl.constexpr, GS: tl.constexpr,
+                            QMAX: tl.constexpr, BT: tl.constexpr):
+    # 4-bit keys, as 4-bit values: each 4-byte word holds channels 2i (low half) and 2i+1, so
+    # shifts give the even and the odd channels as two fp32 tiles whose codes pack into one
+    # byte in place (packing after a reshape to [BT, D/2, 2] costs a layout shuffle).
+    NGT: tl.constexpr = BT // GS
+    DH: tl.constexpr = D // 2
+    t3 = (tb * BT + tl.arange(0, NGT)[:, None] * GS + tl.arange(0, GS)[None, :])[:, :, None]
+    rows3 = t3 < T
+    woffs3 = (head * T + t3).to(tl.int64) * DH + tl.arange(0, DH)[None, None, :]
+    words = tl.load(src32 + woffs3, mask=rows3, other=0)
+    xe = (words << 16).to(tl.float32, bitcast=True)
+    xo = (words & -65536).to(tl.float32, bitcast=True)
+    lo, hi = _group_range(xe, rows3)
+    scale_e, zero_e, step_e, inverse_e, bias_e = _scale_zero(lo, hi, scale_factor)
+    lo, hi = _group_range(xo, rows3)
+    scale_o, zero_o, step_o, inverse_o, bias_o = _scale_zero(lo, hi, scale_factor)
+    g = tb * NGT + tl.arange(0, NGT)
+    valid = (g < G)[:, None]
+    soffs = ((layer * H + head) * G + g)[:, None] * D + tl.arange(0, D)[None, :]
+    tl.store(scales_ptr + soffs, tl.reshape(tl.join(scale_e, scale_o), (NGT, D)), mask=valid)
+    tl.store(zeros_ptr + soffs, tl.reshape(tl.join(zero_e, zero_o), (NGT, D)), mask=valid)
+    _flag_non_finite(flag_ptr, step_e, zero_e.to(tl.float32), valid)
+    _flag_non_finite(flag_ptr, step_o, zero_o.to(tl.float32), valid)
+    ce = tl.minimum(tl.maximum(tl.math.fma(xe, inverse_e[:, None, :], bias_e[:, None, :]), 0.0),
+                    QMAX).to(tl.uint8)
+    co = tl.minimum(tl.maximum(tl.math.fma(xo, inverse_o[:, None, :], bias_o[:, None, :]), 0.0),
+                    QMAX).to(tl.uint8)
+    tl.store(codes_ptr + layer * (H * T * DH) + woffs3, ce | (co << 4), mask=rows3)
 
 
 @triton.jit
@@ -212,9 +251,15 @@ def _encode_kv(table, kcodes, kscales, kzeros, vcodes, vscales, vzeros, flag_ptr
         tile = tl.program_id(0) + step * tl.num_programs(0)
         is_key, layer, head, block = _tile(tile, key_tiles, key_blocks, value_blocks, H)
         if is_key:
-            src = tl.load(table + layer).to(tl.pointer_type(tl.bfloat16))
-            _encode_key_tile(src, kcodes, kscales, kzeros, flag_ptr, layer, head, block, H, T,
-                             G, scale_factor, D, GS, QMAX, PACK, BTK)
+            address = tl.load(table + layer)
+            if PACK:
+                _encode_packed_key_tile(address.to(tl.pointer_type(tl.int32)), kcodes, kscales,
+                                        kzeros, flag_ptr, layer, head, block, H, T, G,
+                                        scale_factor, D, GS, QMAX, BTK)
+            else:
+                _encode_key_tile(address.to(tl.pointer_type(tl.bfloat16)), kcodes, kscales,
+                                 kzeros, flag_ptr, layer, head, block, H, T, G, scale_factor,
+                                 D, GS, QMAX, BTK)
         elif tile < tiles:
             address = tl.load(table + L + layer)
             _encode_value_tile(address.to(tl.pointer_type(tl.bfloat16)),
