@@ -159,11 +159,9 @@ def bench_preset(preset: str, tokens: int, device: torch.device, repeats: int,
     return rows
 
 
-# (key tokens per program, value tokens per program, warps) x programs per SM (0: one per tile)
-SWEEP = tuple(shape + (per_sm,)
-              for shape in ((32, 16, 4), (32, 16, 2), (32, 32, 2), (64, 16, 4), (64, 32, 4),
-                            (64, 32, 8))
-              for per_sm in (0, 4, 8, 16))
+# (key tokens per program, value tokens per program, warps). Programs that loop over tiles
+# (grid-stride, 4 to 16 per SM) were swept too and lost at every shape (docs/PERFORMANCE.md).
+SWEEP = ((32, 16, 4), (32, 16, 2), (32, 32, 2), (64, 16, 4), (64, 32, 4), (64, 32, 8))
 
 
 def sweep_launch(presets: list[str], tokens: int, device: torch.device) -> list[dict]:
@@ -183,7 +181,7 @@ def sweep_launch(presets: list[str], tokens: int, device: torch.device) -> list[
         for config in SWEEP:
             kernels.LAUNCH["encode"] = kernels.LAUNCH["decode"] = config
             row = {"preset": preset, "key_tokens": config[0], "value_tokens": config[1],
-                   "warps": config[2], "per_sm": config[3]}
+                   "warps": config[2]}
             for bits in (8, 4):
                 factor = base.quant.SCALE_SLACK / ((1 << bits) - 1)
                 halves = kernels.quantize_kv(kv.keys, kv.values, bits, 32, factor, flag)
@@ -194,7 +192,6 @@ def sweep_launch(presets: list[str], tokens: int, device: torch.device) -> list[
                 row[f"dec{bits}_ms"] = device_busy_ms(
                     lambda: kernels.dequantize_kv(*parts, shape, bits, 32), device)
             rows.append(row)
-        del kv
     for stage, name in (("enc", "encode"), ("dec", "decode")):
         score = {}
         for preset in presets:
@@ -202,7 +199,7 @@ def sweep_launch(presets: list[str], tokens: int, device: torch.device) -> list[
             for bits in (8, 4):
                 best = min(r[f"{stage}{bits}_ms"] for r in mine)
                 for r in mine:
-                    config = (r["key_tokens"], r["value_tokens"], r["warps"], r["per_sm"])
+                    config = (r["key_tokens"], r["value_tokens"], r["warps"])
                     score[config] = score.get(config, 0.0) + r[f"{stage}{bits}_ms"] / best
         kernels.LAUNCH[name] = min(score, key=score.get)
     return rows
@@ -222,8 +219,7 @@ def main() -> int:
     if sweep:
         print_table(sweep, [("preset", "preset", "s"), ("key_tokens", "key tokens", "d"),
                             ("value_tokens", "value tokens", "d"),
-                            ("warps", "warps", "d"), ("per_sm", "per SM", "d"),
-                            ("enc8_ms", "enc8 ms", ".3f"),
+                            ("warps", "warps", "d"), ("enc8_ms", "enc8 ms", ".3f"),
                             ("enc4_ms", "enc4 ms", ".3f"), ("dec8_ms", "dec8 ms", ".3f"),
                             ("dec4_ms", "dec4 ms", ".3f")])
         print("launch shapes used:", base.triton_kernels.LAUNCH)

@@ -54,6 +54,20 @@ def median_ms(fn, device: torch.device, *, warmup: int = 2, repeats: int = 10) -
     return statistics.median(samples)
 
 
+def interleaved_ms(fns: dict, device: torch.device, repeats: int) -> dict:
+    """Median ms of each function, timed in alternation so clock and thermal drift hit all;
+    each round starts one function later, so none always runs right after the same one (a
+    power-hungry call can lower the clock of the next)."""
+    samples = {name: [] for name in fns}
+    names = list(fns)
+    for fn in fns.values():
+        fn()
+    for round_ in range(repeats):
+        for name in names[round_ % len(names):] + names[:round_ % len(names)]:
+            samples[name].append(median_ms(fns[name], device, warmup=0, repeats=1))
+    return {name: statistics.median(values) for name, values in samples.items()}
+
+
 def device_events(fn, device: torch.device, *, repeats: int = 5) -> list[tuple[float, int, str]]:
     """(GPU ms per call, launches per call, name) of every kernel and copy ``fn()`` runs
     (profiler, CUDA activity only), costliest first; empty on the CPU."""

@@ -8,7 +8,8 @@ Paths (``capture="none"``, the same random prompt): ``transformers`` is
 ``fused_prefill.forward`` uncompiled (fused projections, last layer's MLP on one row);
 ``fused`` is ``generation.prefill`` as it runs on CUDA (the same, compiled). The first call
 of ``fused`` compiles; its time is reported apart (``compile s``) and the medians are taken
-after it, interleaved across paths (10 rounds) to cancel drift. Each path's GPU time is
+after it, interleaved across paths (10 rounds, each starting one path later) to cancel
+drift. Each path's GPU time is
 split by kernel class with the profiler (GEMM, attention, elementwise/norm/RoPE, copies).
 Floors measured in the same run: the bf16 8192^3 matmul rate, the prefill's own matrix
 products alone at their exact shapes (fused and separate projections) and the attention
@@ -21,14 +22,13 @@ from __future__ import annotations
 
 import argparse
 import copy
-import statistics
 import time
 
 import torch
 import torch.nn.functional as F
 
-from gpu_common import (device_busy_ms, device_events, matmul_tflops, median_ms, print_table, provenance,
-                        sync, synthetic_layout, write_results)
+from gpu_common import (device_busy_ms, device_events, interleaved_ms, matmul_tflops, median_ms,
+                        print_table, provenance, sync, synthetic_layout, write_results)
 from ray_scout.core import fused_prefill, generation, models
 
 CLASSES = ("gemm", "attention", "elementwise", "copy")
@@ -194,12 +194,7 @@ def main() -> int:
         "fused-eager": lambda: fused_prefill.forward(lm.model, ids, [], compiled=False),
         "fused": lambda: generation.prefill(lm, layout, capture="none", fused=True),
     }
-    samples = {name: [] for name in paths}
-    for fn in paths.values():
-        fn()
-    for _ in range(args.repeats):
-        for name, fn in paths.items():
-            samples[name].append(median_ms(fn, device, warmup=0, repeats=1))
+    times = interleaved_ms(paths, device, args.repeats)
     floor = gemm_floor(config, args.tokens, device, dtype)
     attention = attention_floor(config, args.tokens, device, dtype) if compiled else {}
     prefill_flops = 2 * args.tokens * sum(
@@ -207,7 +202,7 @@ def main() -> int:
     ) + 2 * config.num_hidden_layers * config.hidden_size * args.tokens**2
     rows = []
     for name, fn in paths.items():
-        ms = statistics.median(samples[name])
+        ms = times[name]
         row = {"path": name, "ms": ms, "gpu_ms": device_busy_ms(fn, device),
                "tflops": prefill_flops / ms / 1e9, **profile_classes(fn, device)}
         row["of_matmul"] = row["tflops"] / tflops

@@ -26,8 +26,8 @@ import time
 
 import torch
 
-from gpu_common import (matmul_tflops, median_ms, print_table, provenance, sync, synthetic_layout,
-                        write_results)
+from gpu_common import (interleaved_ms, matmul_tflops, median_ms, print_table, provenance, sync,
+                        synthetic_layout, write_results)
 from ray_scout.core import generation, models, selection
 
 
@@ -47,15 +47,11 @@ def overlap_top(a: torch.Tensor, b: torch.Tensor, share: float = 0.1) -> float:
     return len(top_a & top_b) / k
 
 
-def interleaved_ms(fns: dict, device: torch.device, repeats: int) -> dict:
-    """Median of each function, timed in alternation so clock and thermal drift hit all."""
-    samples = {name: [] for name in fns}
-    for fn in fns.values():
-        fn()
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            samples[name].append(median_ms(fn, device, warmup=0, repeats=1))
-    return {name: statistics.median(values) for name, values in samples.items()}
+def compiled_graphs() -> int:
+    """Graphs torch.compile has built in this process so far (a recompile adds one)."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
 
 
 def spread(values: list[float]) -> float:
@@ -81,7 +77,7 @@ def bench_length(lm, tokens: int, device: torch.device, repeats: int, tflops: fl
     scores = selection.q2c(pre)
     del pre
     sdpa_ms, edge_ms = times["sdpa"], times["edge"]
-    row = {"tokens": tokens, "first_call_ms": first_call_ms, "transformers_ms": times["transformers"],
+    row = {"tokens": tokens, "first_call_ms": first_call_ms, "graphs": compiled_graphs(), "transformers_ms": times["transformers"],
            "sdpa_ms": sdpa_ms, "captured_ms": times["captured"],
            "edge_ms": edge_ms, "q2c_ms": q2c_ms,
            "q2c_share": (edge_ms - sdpa_ms) / sdpa_ms,
@@ -127,6 +123,7 @@ def main() -> int:
     print(f"{args.preset} on {device}; bf16 matmul {tflops:.0f} TFLOP/s; fused prefill: "
           f"{generation.uses_fused_prefill(lm)}, first call (compile) {compile_s:.1f} s")
     print_table(rows, [("tokens", "tokens", "d"), ("first_call_ms", "1st call ms", ".0f"),
+                       ("graphs", "graphs", "d"),
                        ("transformers_ms", "hf ms", ".1f"), ("sdpa_ms", "sdpa ms", ".1f"),
                        ("captured_ms", "+capture ms", ".1f"), ("q2c_ms", "q2c ms", ".2f"),
                        ("edge_ms", "edge ms", ".1f"),

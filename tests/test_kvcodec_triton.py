@@ -143,20 +143,3 @@ def test_group_wider_than_head_dim_sends_keys_and_values_through_torch(monkeypat
         slow = codec.encode(snapshot)
     assert not calls and _same_encoding(fast, slow)
 
-
-@needs_triton
-@pytest.mark.parametrize("programs", [1, 5])
-def test_grid_stride_programs_cover_every_tile(monkeypatch, programs):
-    # With fewer programs than tiles, each loops over tiles p, p + programs, ...: the
-    # result must not depend on how many programs share the work.
-    device = _device()
-    snapshot = outlier_snapshot(3, 2, 70, 16, device, seed=9)
-    codec = codec_for(Mode.MIXED_INT4, group_size=8, protected_layers=(0,))
-    one_per_tile = codec.encode(snapshot)
-    decoded = codec.decode(one_per_tile, dtype=torch.bfloat16, device=device)
-    monkeypatch.setattr(base.triton_kernels, "_grid", lambda tiles, per_sm, device: (programs,))
-    looped = codec.encode(snapshot)
-    assert _same_encoding(looped, one_per_tile)
-    again = codec.decode(looped, dtype=torch.bfloat16, device=device)
-    assert all(torch.equal(a, b) for a, b in zip(again.keys + again.values,
-                                                 decoded.keys + decoded.values))

@@ -31,10 +31,9 @@ import triton.language as tl
 
 KEY_DIM = 1
 VALUE_DIM = 2
-# (key tokens per program, value tokens per program, warps, programs per SM) of each kernel;
-# programs per SM 0 launches one program per tile, otherwise that many per multiprocessor
-# loop over the tiles (grid-stride). bench/gpu_codec.py --sweep measures others.
-LAUNCH = {"encode": (64, 32, 4, 0), "decode": (32, 32, 2, 0)}
+# (key tokens per program, value tokens per program, warps) of each kernel, one program per
+# tile; bench/gpu_codec.py --sweep measures others.
+LAUNCH = {"encode": (64, 32, 4), "decode": (32, 16, 2)}
 # Address tables kept on the device, by the addresses they hold (see ``_table``).
 TABLE_CACHE_SIZE = 64
 
@@ -240,32 +239,27 @@ def _tile(tile, key_tiles, key_blocks, value_blocks, H):
 
 @triton.jit
 def _encode_kv(table, kcodes, kscales, kzeros, vcodes, vscales, vzeros, flag_ptr, L, H, T, G,
-               key_blocks, value_blocks, rounds, scale_factor, D: tl.constexpr,
-               GS: tl.constexpr, QMAX: tl.constexpr, PACK: tl.constexpr, BTK: tl.constexpr,
-               BTV: tl.constexpr):
-    # Program p takes tiles p, p + programs, ... in ``rounds`` rounds (one round when the
-    # grid has one program per tile). ``table``: the L key addresses, then the L values'.
-    key_tiles = L * H * key_blocks
-    tiles = key_tiles + L * H * value_blocks
-    for step in range(rounds):
-        tile = tl.program_id(0) + step * tl.num_programs(0)
-        is_key, layer, head, block = _tile(tile, key_tiles, key_blocks, value_blocks, H)
-        if is_key:
-            address = tl.load(table + layer)
-            if PACK:
-                _encode_packed_key_tile(address.to(tl.pointer_type(tl.int32)), kcodes, kscales,
-                                        kzeros, flag_ptr, layer, head, block, H, T, G,
-                                        scale_factor, D, GS, QMAX, BTK)
-            else:
-                _encode_key_tile(address.to(tl.pointer_type(tl.bfloat16)), kcodes, kscales,
-                                 kzeros, flag_ptr, layer, head, block, H, T, G, scale_factor,
-                                 D, GS, QMAX, BTK)
-        elif tile < tiles:
-            address = tl.load(table + L + layer)
-            _encode_value_tile(address.to(tl.pointer_type(tl.bfloat16)),
-                               address.to(tl.pointer_type(tl.int32)), vcodes, vscales, vzeros,
-                               flag_ptr, layer, head, block, H, T, scale_factor,
-                               D, GS, QMAX, PACK, BTV)
+               key_blocks, value_blocks, scale_factor, D: tl.constexpr, GS: tl.constexpr,
+               QMAX: tl.constexpr, PACK: tl.constexpr, BTK: tl.constexpr, BTV: tl.constexpr):
+    # One program per tile. ``table``: the L key addresses, then the L value addresses.
+    is_key, layer, head, block = _tile(tl.program_id(0), L * H * key_blocks, key_blocks,
+                                       value_blocks, H)
+    if is_key:
+        address = tl.load(table + layer)
+        if PACK:
+            _encode_packed_key_tile(address.to(tl.pointer_type(tl.int32)), kcodes, kscales,
+                                    kzeros, flag_ptr, layer, head, block, H, T, G, scale_factor,
+                                    D, GS, QMAX, BTK)
+        else:
+            _encode_key_tile(address.to(tl.pointer_type(tl.bfloat16)), kcodes, kscales, kzeros,
+                             flag_ptr, layer, head, block, H, T, G, scale_factor, D, GS, QMAX,
+                             BTK)
+    else:
+        address = tl.load(table + L + layer)
+        _encode_value_tile(address.to(tl.pointer_type(tl.bfloat16)),
+                           address.to(tl.pointer_type(tl.int32)), vcodes, vscales, vzeros,
+                           flag_ptr, layer, head, block, H, T, scale_factor, D, GS, QMAX, PACK,
+                           BTV)
 
 
 @triton.jit
@@ -324,52 +318,35 @@ def _decode_value_tile(codes, scales, zeros, out_ptr, layer, head, tb, H, T,
 
 
 @triton.jit
-def _decode_kv(table, kout, vout, L, H, T, G, key_blocks, value_blocks, rounds,
-               D: tl.constexpr, GS: tl.constexpr, PACK: tl.constexpr, BTK: tl.constexpr,
-               BTV: tl.constexpr):
-    # Tiles and rounds as ``_encode_kv``'s. ``table``: key codes, key scales, key zeros,
-    # value codes, value scales, value zeros, each L addresses long.
-    key_tiles = L * H * key_blocks
-    tiles = key_tiles + L * H * value_blocks
-    for step in range(rounds):
-        tile = tl.program_id(0) + step * tl.num_programs(0)
-        is_key, layer, head, block = _tile(tile, key_tiles, key_blocks, value_blocks, H)
-        if is_key:
-            codes, scales, zeros = _layer_parts(table, L, layer, 0)
-            _decode_key_tile(codes, scales, zeros, kout, layer, head, block, H, T, G,
-                             D, GS, PACK, BTK)
-        elif tile < tiles:
-            codes, scales, zeros = _layer_parts(table, L, layer, 3)
-            _decode_value_tile(codes, scales, zeros, vout, layer, head, block, H, T,
-                               D, GS, PACK, BTV)
+def _decode_kv(table, kout, vout, L, H, T, G, key_blocks, value_blocks, D: tl.constexpr,
+               GS: tl.constexpr, PACK: tl.constexpr, BTK: tl.constexpr, BTV: tl.constexpr):
+    # Tiles as ``_encode_kv``'s. ``table``: key codes, key scales, key zeros, value codes,
+    # value scales, value zeros, each L addresses long.
+    is_key, layer, head, block = _tile(tl.program_id(0), L * H * key_blocks, key_blocks,
+                                       value_blocks, H)
+    if is_key:
+        codes, scales, zeros = _layer_parts(table, L, layer, 0)
+        _decode_key_tile(codes, scales, zeros, kout, layer, head, block, H, T, G,
+                         D, GS, PACK, BTK)
+    else:
+        codes, scales, zeros = _layer_parts(table, L, layer, 3)
+        _decode_value_tile(codes, scales, zeros, vout, layer, head, block, H, T,
+                           D, GS, PACK, BTV)
 
 
 def _blocks(tokens: int, block: int) -> int:
     return -(-tokens // block)
 
 
-_multiprocessors: dict[torch.device, int] = {}
-
-
-def _grid(tiles: int, programs_per_sm: int, device: torch.device) -> tuple[int]:
-    """One program per tile, or ``programs_per_sm`` per multiprocessor looping over them."""
-    if programs_per_sm == 0 or device.type != "cuda":
-        return (tiles,)
-    if device not in _multiprocessors:
-        _multiprocessors[device] = torch.cuda.get_device_properties(device).multi_processor_count
-    return (min(tiles, programs_per_sm * _multiprocessors[device]),)
-
-
-def _launch_shape(stage: str, tokens: int, layers: int, heads: int, group_size: int,
-                  device: torch.device):
+def _launch_shape(stage: str, tokens: int, layers: int, heads: int, group_size: int):
     """(key tokens per program, value tokens per program, warps, key blocks, value blocks,
-    rounds, grid) of ``stage`` ("encode" or "decode") from ``LAUNCH``."""
-    block_keys, block_values, warps, per_sm = LAUNCH[stage]
+    grid) of ``stage`` ("encode" or "decode") from ``LAUNCH``: one program per tile, the key
+    tiles of every layer and head first, then the value tiles."""
+    block_keys, block_values, warps = LAUNCH[stage]
     block_keys = max(block_keys, group_size)
     key_blocks, value_blocks = _blocks(tokens, block_keys), _blocks(tokens, block_values)
-    tiles = layers * heads * (key_blocks + value_blocks)
-    grid = _grid(tiles, per_sm, device)
-    return block_keys, block_values, warps, key_blocks, value_blocks, -(-tiles // grid[0]), grid
+    return (block_keys, block_values, warps, key_blocks, value_blocks,
+            (layers * heads * (key_blocks + value_blocks),))
 
 
 def quantize_kv(keys, values, bits: int, group_size: int, scale_factor: float,
@@ -402,12 +379,12 @@ def quantize_kv(keys, values, bits: int, group_size: int, scale_factor: float,
                              for _ in range(2))
     value_scales, value_zeros = (torch.empty(value_side, dtype=torch.float16, device=device)
                                  for _ in range(2))
-    block_keys, block_values, warps, key_blocks, value_blocks, rounds, grid = _launch_shape(
-        "encode", tokens, layers, heads, group_size, device)
+    block_keys, block_values, warps, key_blocks, value_blocks, grid = _launch_shape(
+        "encode", tokens, layers, heads, group_size)
     _encode_kv[grid](
         _table(list(keys) + list(values)), codes[0], key_scales, key_zeros, codes[1],
         value_scales, value_zeros, flag, layers, heads, tokens, groups, key_blocks, value_blocks,
-        rounds, scale_factor, D=head_dim, GS=group_size, QMAX=(1 << bits) - 1, PACK=pack,
+        scale_factor, D=head_dim, GS=group_size, QMAX=(1 << bits) - 1, PACK=pack,
         BTK=block_keys, BTV=block_values, num_warps=warps)
     return (codes[0], key_scales, key_zeros), (codes[1], value_scales, value_zeros)
 
@@ -424,10 +401,10 @@ def dequantize_kv(key_parts, value_parts, shape: tuple[int, int, int], bits: int
     device = key_parts[0][0].device
     out = torch.empty((2, layers, heads, tokens, head_dim), dtype=torch.bfloat16, device=device)
     table = _table([t for parts in (*key_parts, *value_parts) for t in parts])
-    block_keys, block_values, warps, key_blocks, value_blocks, rounds, grid = _launch_shape(
-        "decode", tokens, layers, heads, group_size, device)
+    block_keys, block_values, warps, key_blocks, value_blocks, grid = _launch_shape(
+        "decode", tokens, layers, heads, group_size)
     _decode_kv[grid](
         table, out[0], out[1], layers, heads, tokens, -(-tokens // group_size), key_blocks,
-        value_blocks, rounds, D=head_dim, GS=group_size, PACK=bits == 4, BTK=block_keys,
+        value_blocks, D=head_dim, GS=group_size, PACK=bits == 4, BTK=block_keys,
         BTV=block_values, num_warps=warps)
     return out
