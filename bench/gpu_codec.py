@@ -167,9 +167,9 @@ SWEEP = ((32, 16, 4), (32, 16, 2), (32, 32, 2), (64, 16, 4), (64, 32, 4), (64, 3
 def sweep_launch(presets: list[str], tokens: int, device: torch.device) -> list[dict]:
     """GPU time of the encode and decode kernels (int8 and int4, keys and values in one
     launch; the flag on the device, so only the kernel is timed) at every preset under
-    every launch shape in SWEEP; installs in
-    ``triton_kernels.LAUNCH`` the shape whose time, relative to each preset's fastest, sums
-    lowest over presets and both widths."""
+    every launch shape in SWEEP, 4-bit keys read as bf16 tiles and as 32-bit words
+    (``KEY_WORDS``); installs in ``triton_kernels`` the choice whose time, relative to each
+    preset's fastest, sums lowest over presets and both widths."""
     kernels = base.triton_kernels
     flag = torch.zeros(1, dtype=torch.int32, device=device)
     rows = []
@@ -180,18 +180,20 @@ def sweep_launch(presets: list[str], tokens: int, device: torch.device) -> list[
         shape = (facts.num_kv_heads, tokens, facts.head_dim)
         for config in SWEEP:
             kernels.LAUNCH["encode"] = kernels.LAUNCH["decode"] = config
-            row = {"preset": preset, "key_tokens": config[0], "value_tokens": config[1],
-                   "warps": config[2]}
-            for bits in (8, 4):
-                factor = base.quant.SCALE_SLACK / ((1 << bits) - 1)
-                halves = kernels.quantize_kv(kv.keys, kv.values, bits, 32, factor, flag)
-                row[f"enc{bits}_ms"] = device_busy_ms(
-                    lambda: kernels.quantize_kv(kv.keys, kv.values, bits, 32, factor, flag),
-                    device)
-                parts = [tuple(tuple(t.unbind()) for t in half) for half in halves]
-                row[f"dec{bits}_ms"] = device_busy_ms(
-                    lambda: kernels.dequantize_kv(*parts, shape, bits, 32), device)
-            rows.append(row)
+            for words in (False, True):
+                kernels.KEY_WORDS = words
+                row = {"preset": preset, "key_tokens": config[0], "value_tokens": config[1],
+                       "warps": config[2], "key_words": words}
+                for bits in (8, 4):
+                    factor = base.quant.SCALE_SLACK / ((1 << bits) - 1)
+                    halves = kernels.quantize_kv(kv.keys, kv.values, bits, 32, factor, flag)
+                    row[f"enc{bits}_ms"] = device_busy_ms(
+                        lambda: kernels.quantize_kv(kv.keys, kv.values, bits, 32, factor, flag),
+                        device)
+                    parts = [tuple(tuple(t.unbind()) for t in half) for half in halves]
+                    row[f"dec{bits}_ms"] = device_busy_ms(
+                        lambda: kernels.dequantize_kv(*parts, shape, bits, 32), device)
+                rows.append(row)
     for stage, name in (("enc", "encode"), ("dec", "decode")):
         score = {}
         for preset in presets:
@@ -199,9 +201,12 @@ def sweep_launch(presets: list[str], tokens: int, device: torch.device) -> list[
             for bits in (8, 4):
                 best = min(r[f"{stage}{bits}_ms"] for r in mine)
                 for r in mine:
-                    config = (r["key_tokens"], r["value_tokens"], r["warps"])
-                    score[config] = score.get(config, 0.0) + r[f"{stage}{bits}_ms"] / best
-        kernels.LAUNCH[name] = min(score, key=score.get)
+                    choice = (r["key_tokens"], r["value_tokens"], r["warps"], r["key_words"])
+                    score[choice] = score.get(choice, 0.0) + r[f"{stage}{bits}_ms"] / best
+        choice = min(score, key=score.get)
+        kernels.LAUNCH[name] = choice[:3]
+        if stage == "enc":
+            kernels.KEY_WORDS = choice[3]
     return rows
 
 
@@ -219,14 +224,17 @@ def main() -> int:
     if sweep:
         print_table(sweep, [("preset", "preset", "s"), ("key_tokens", "key tokens", "d"),
                             ("value_tokens", "value tokens", "d"),
-                            ("warps", "warps", "d"), ("enc8_ms", "enc8 ms", ".3f"),
+                            ("warps", "warps", "d"), ("key_words", "key words", "d"),
+                            ("enc8_ms", "enc8 ms", ".3f"),
                             ("enc4_ms", "enc4 ms", ".3f"), ("dec8_ms", "dec8 ms", ".3f"),
                             ("dec4_ms", "dec4 ms", ".3f")])
-        print("launch shapes used:", base.triton_kernels.LAUNCH)
+        print("launch shapes used:", base.triton_kernels.LAUNCH, "key words:",
+              base.triton_kernels.KEY_WORDS)
     rows = []
     for preset in args.presets:
         rows += bench_preset(preset, args.tokens, device, args.repeats, copy_gbps)
-    launch = base.triton_kernels.LAUNCH if base.triton_kernels else None
+    launch = ({**base.triton_kernels.LAUNCH, "key_words": base.triton_kernels.KEY_WORDS}
+              if base.triton_kernels else None)
     write_results("gpu_codec", {**provenance(device), "copy_gbps": copy_gbps, "sweep": sweep,
                                 "launch": launch,
                                 "triton": base.triton_kernels is not None, "rows": rows})

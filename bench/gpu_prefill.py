@@ -13,7 +13,8 @@ drift. Each path's GPU time is
 split by kernel class with the profiler (GEMM, attention, elementwise/norm/RoPE, copies).
 Floors measured in the same run: the bf16 8192^3 matmul rate, the prefill's own matrix
 products alone at their exact shapes (fused and separate projections) and the attention
-alone under each SDPA backend. Agreement: both bf16 paths against a float32 run of the same
+alone under each SDPA backend (with the time of its first call
+at a length not seen before: cuDNN builds a plan per shape). Agreement: both bf16 paths against a float32 run of the same
 weights, and against each other (keys and values of the first and last layer, last-layer
 queries, logits: relative L2, same argmax). Prints a table last; writes gpu_prefill.json.
 """
@@ -21,6 +22,7 @@ queries, logits: relative L2, same argmax). Prints a table last; writes gpu_pref
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import time
 
@@ -105,25 +107,33 @@ def attention_floor(config, tokens: int, device, dtype) -> dict:
     v = torch.randn(1, kv_heads, tokens, d, device=device, dtype=dtype)
     k_all, v_all = (t.repeat_interleave(heads // kv_heads, dim=1) for t in (k, v))
     out = {}
-    for name, backend, gqa in (("default", None, True), ("flash", SDPBackend.FLASH_ATTENTION, True),
-                               ("cudnn", SDPBackend.CUDNN_ATTENTION, False),
-                               ("efficient", SDPBackend.EFFICIENT_ATTENTION, False)):
+    backends = (("default", None, True), ("flash", SDPBackend.FLASH_ATTENTION, True),
+                ("cudnn", SDPBackend.CUDNN_ATTENTION, False),
+                ("efficient", SDPBackend.EFFICIENT_ATTENTION, False))
+    for index, (name, backend, gqa) in enumerate(backends):
         keys, values = (k, v) if gqa else (k_all, v_all)
+        # A length no call has used yet: what the first request of a new length pays.
+        fresh = tokens + 16 * (index + 1)
+        first_q, first_k, first_v = (t[:, :, :1].expand(-1, -1, fresh, -1).contiguous()
+                                     for t in (q, keys, values))
 
-        def call():
+        def call(q=q, keys=keys, values=values, gqa=gqa):
             return F.scaled_dot_product_attention(q, keys, values, is_causal=True,
                                                   enable_gqa=gqa)
         try:
-            if backend is None:
+            with sdpa_kernel(backend) if backend else contextlib.nullcontext():
+                sync(device)
+                begin = time.perf_counter()
+                call(first_q, first_k, first_v)
+                sync(device)
+                first_ms = (time.perf_counter() - begin) * 1e3
                 ms = median_ms(call, device, warmup=3, repeats=20)
-            else:
-                with sdpa_kernel(backend):
-                    ms = median_ms(call, device, warmup=3, repeats=20)
         except RuntimeError as error:  # backend not available for this shape or device
             out[name] = {"error": str(error).splitlines()[0][:120]}
             continue
         flops = 2 * heads * tokens * tokens * d  # QK^T + PV over the causal half
-        out[name] = {"ms_all_layers": ms * config.num_hidden_layers, "tflops": flops / ms / 1e9}
+        out[name] = {"ms_all_layers": ms * config.num_hidden_layers, "tflops": flops / ms / 1e9,
+                     "first_call_new_length_ms": first_ms}
     return out
 
 

@@ -26,7 +26,7 @@ import time
 
 import torch
 
-from gpu_common import (interleaved_ms, matmul_tflops, median_ms, print_table, provenance, sync,
+from gpu_common import (device_busy_ms, interleaved_ms, matmul_tflops, median_ms, print_table, provenance, sync,
                         synthetic_layout, write_results)
 from ray_scout.core import generation, models, selection
 
@@ -77,7 +77,12 @@ def bench_length(lm, tokens: int, device: torch.device, repeats: int, tflops: fl
     scores = selection.q2c(pre)
     del pre
     sdpa_ms, edge_ms = times["sdpa"], times["edge"]
-    row = {"tokens": tokens, "first_call_ms": first_call_ms, "graphs": compiled_graphs(), "transformers_ms": times["transformers"],
+    busy = {name: device_busy_ms(lambda capture=capture: generation.prefill(lm, layout,
+                                                                             capture=capture),
+                                 device)
+            for name, capture in (("sdpa", "none"), ("captured", "last"))}
+    row = {"tokens": tokens, "first_call_ms": first_call_ms, "graphs": compiled_graphs(),
+           "sdpa_gpu_ms": busy["sdpa"], "captured_gpu_ms": busy["captured"], "transformers_ms": times["transformers"],
            "sdpa_ms": sdpa_ms, "captured_ms": times["captured"],
            "edge_ms": edge_ms, "q2c_ms": q2c_ms,
            "q2c_share": (edge_ms - sdpa_ms) / sdpa_ms,
@@ -125,7 +130,8 @@ def main() -> int:
     print_table(rows, [("tokens", "tokens", "d"), ("first_call_ms", "1st call ms", ".0f"),
                        ("graphs", "graphs", "d"),
                        ("transformers_ms", "hf ms", ".1f"), ("sdpa_ms", "sdpa ms", ".1f"),
-                       ("captured_ms", "+capture ms", ".1f"), ("q2c_ms", "q2c ms", ".2f"),
+                       ("captured_ms", "+capture ms", ".1f"), ("sdpa_gpu_ms", "sdpa gpu", ".1f"),
+                       ("captured_gpu_ms", "+capture gpu", ".1f"), ("q2c_ms", "q2c ms", ".2f"),
                        ("edge_ms", "edge ms", ".1f"),
                        ("q2c_share", "(e-s)/s", ".3f"), ("q2c_share_parts", "parts/s", ".4f"),
                        ("sdpa_spread", "spread", ".3f"),

@@ -32,8 +32,10 @@ import triton.language as tl
 KEY_DIM = 1
 VALUE_DIM = 2
 # (key tokens per program, value tokens per program, warps) of each kernel, one program per
-# tile; bench/gpu_codec.py --sweep measures others.
-LAUNCH = {"encode": (64, 32, 4), "decode": (32, 16, 2)}
+# tile; bench/gpu_codec.py --sweep measures others. KEY_WORDS: 4-bit keys are read as 32-bit
+# words (``_encode_word_key_tile``) rather than bf16 tiles reshaped for packing.
+LAUNCH = {"encode": (64, 32, 4), "decode": (32, 32, 2)}
+KEY_WORDS = False
 # Address tables kept on the device, by the addresses they hold (see ``_table``).
 TABLE_CACHE_SIZE = 64
 
@@ -123,8 +125,8 @@ def _group_range(x3, rows3):
 @triton.jit
 def _encode_key_tile(src, codes_ptr, scales_ptr, zeros_ptr, flag_ptr, layer, head, tb, H, T, G,
                      scale_factor, D: tl.constexpr, GS: tl.constexpr, QMAX: tl.constexpr,
-                     BT: tl.constexpr):
-    # 8-bit keys: BT tokens (BT // GS token groups) of one head of one layer, all D channels.
+                     PACK: tl.constexpr, BT: tl.constexpr):
+    # BT tokens (BT // GS token groups) of one head of one layer, all D channels.
     NGT: tl.constexpr = BT // GS
     t = tb * BT + tl.arange(0, BT)
     offs = (head * T + t)[:, None].to(tl.int64) * D + tl.arange(0, D)[None, :]
@@ -141,44 +143,55 @@ def _encode_key_tile(src, codes_ptr, scales_ptr, zeros_ptr, flag_ptr, layer, hea
     _flag_non_finite(flag_ptr, step, zero.to(tl.float32), valid)
     codes = tl.minimum(tl.maximum(tl.math.fma(x, inverse[:, None, :], bias[:, None, :]), 0.0),
                        QMAX).to(tl.uint8)
-    # Stored from the [groups, GS, D] tile they were computed in: after a reshape to
-    # [BT, D] the store ran 3x slower (bench/gpu_codec.py --sweep, 14B).
-    offs3 = layer * (H * T * D) + (head * T + t3).to(tl.int64) * D \
-        + tl.arange(0, D)[None, None, :]
-    tl.store(codes_ptr + offs3, codes, mask=t3 < T)
+    # Which shape to store from was chosen by timing (bench/gpu_codec.py --sweep, 14B):
+    # int8 codes stored as the [groups, GS, D] tile they were computed in ran 3x faster than
+    # after a reshape to [BT, D]; 4-bit packing after that reshape was the fast variant.
+    if PACK:
+        even, odd = tl.split(tl.reshape(codes, (BT, D // 2, 2)))
+        poffs = layer * (H * T * D // 2) + (head * T + t)[:, None].to(tl.int64) * (D // 2) \
+            + tl.arange(0, D // 2)[None, :]
+        tl.store(codes_ptr + poffs, even | (odd << 4), mask=(t < T)[:, None])
+    else:
+        offs3 = layer * (H * T * D) + (head * T + t3).to(tl.int64) * D \
+            + tl.arange(0, D)[None, None, :]
+        tl.store(codes_ptr + offs3, codes, mask=t3 < T)
 
 
 @triton.jit
-def _encode_packed_key_tile(src32, codes_ptr, scales_ptr, zeros_ptr, flag_ptr, layer, head, tb,
-                            H, T, G, scale_factor, D: tl.constexpr, GS: tl.constexpr,
-                            QMAX: tl.constexpr, BT: tl.constexpr):
-    # 4-bit keys, as 4-bit values: each 4-byte word holds channels 2i (low half) and 2i+1, so
-    # shifts give the even and the odd channels as two fp32 tiles whose codes pack into one
-    # byte in place (packing after a reshape to [BT, D/2, 2] costs a layout shuffle).
+def _encode_word_key_tile(src32, codes_ptr, scales_ptr, zeros_ptr, flag_ptr, layer, head, tb,
+                          H, T, G, scale_factor, D: tl.constexpr, GS: tl.constexpr,
+                          QMAX: tl.constexpr, BT: tl.constexpr):
+    # 4-bit keys from 32-bit words, as 4-bit values: a word holds channels 2i (low half) and
+    # 2i+1, so shifts give the even and odd channels as two fp32 tiles whose codes pack into
+    # one byte in place, without the reshape and split of ``_encode_key_tile``.
     NGT: tl.constexpr = BT // GS
     DH: tl.constexpr = D // 2
-    t3 = (tb * BT + tl.arange(0, NGT)[:, None] * GS + tl.arange(0, GS)[None, :])[:, :, None]
-    rows3 = t3 < T
-    woffs3 = (head * T + t3).to(tl.int64) * DH + tl.arange(0, DH)[None, None, :]
-    words = tl.load(src32 + woffs3, mask=rows3, other=0)
-    xe = (words << 16).to(tl.float32, bitcast=True)
-    xo = (words & -65536).to(tl.float32, bitcast=True)
-    lo, hi = _group_range(xe, rows3)
-    scale_e, zero_e, step_e, inverse_e, bias_e = _scale_zero(lo, hi, scale_factor)
-    lo, hi = _group_range(xo, rows3)
-    scale_o, zero_o, step_o, inverse_o, bias_o = _scale_zero(lo, hi, scale_factor)
+    t = tb * BT + tl.arange(0, BT)
+    woffs = (head * T + t)[:, None].to(tl.int64) * DH + tl.arange(0, DH)[None, :]
+    words = tl.load(src32 + woffs, mask=(t < T)[:, None], other=0)
+    xe = tl.reshape((words << 16).to(tl.float32, bitcast=True), (NGT, GS, DH))
+    xo = tl.reshape((words & -65536).to(tl.float32, bitcast=True), (NGT, GS, DH))
+    rows3 = (tb * BT + tl.arange(0, NGT)[:, None] * GS + tl.arange(0, GS)[None, :])[:, :, None] < T
     g = tb * NGT + tl.arange(0, NGT)
     valid = (g < G)[:, None]
-    soffs = ((layer * H + head) * G + g)[:, None] * D + tl.arange(0, D)[None, :]
-    tl.store(scales_ptr + soffs, tl.reshape(tl.join(scale_e, scale_o), (NGT, D)), mask=valid)
-    tl.store(zeros_ptr + soffs, tl.reshape(tl.join(zero_e, zero_o), (NGT, D)), mask=valid)
-    _flag_non_finite(flag_ptr, step_e, zero_e.to(tl.float32), valid)
-    _flag_non_finite(flag_ptr, step_o, zero_o.to(tl.float32), valid)
+    # Even channels at 2i, odd at 2i + 1 of the [groups, D] scales.
+    soffs = ((layer * H + head) * G + g)[:, None] * D + 2 * tl.arange(0, DH)[None, :]
+    lo, hi = _group_range(xe, rows3)
+    scale, zero, step, inverse_e, bias_e = _scale_zero(lo, hi, scale_factor)
+    tl.store(scales_ptr + soffs, scale, mask=valid)
+    tl.store(zeros_ptr + soffs, zero, mask=valid)
+    _flag_non_finite(flag_ptr, step, zero.to(tl.float32), valid)
+    lo, hi = _group_range(xo, rows3)
+    scale, zero, step, inverse_o, bias_o = _scale_zero(lo, hi, scale_factor)
+    tl.store(scales_ptr + soffs + 1, scale, mask=valid)
+    tl.store(zeros_ptr + soffs + 1, zero, mask=valid)
+    _flag_non_finite(flag_ptr, step, zero.to(tl.float32), valid)
     ce = tl.minimum(tl.maximum(tl.math.fma(xe, inverse_e[:, None, :], bias_e[:, None, :]), 0.0),
                     QMAX).to(tl.uint8)
     co = tl.minimum(tl.maximum(tl.math.fma(xo, inverse_o[:, None, :], bias_o[:, None, :]), 0.0),
                     QMAX).to(tl.uint8)
-    tl.store(codes_ptr + layer * (H * T * DH) + woffs3, ce | (co << 4), mask=rows3)
+    tl.store(codes_ptr + layer * (H * T * DH) + woffs, tl.reshape(ce | (co << 4), (BT, DH)),
+             mask=(t < T)[:, None])
 
 
 @triton.jit
@@ -240,20 +253,21 @@ def _tile(tile, key_tiles, key_blocks, value_blocks, H):
 @triton.jit
 def _encode_kv(table, kcodes, kscales, kzeros, vcodes, vscales, vzeros, flag_ptr, L, H, T, G,
                key_blocks, value_blocks, scale_factor, D: tl.constexpr, GS: tl.constexpr,
-               QMAX: tl.constexpr, PACK: tl.constexpr, BTK: tl.constexpr, BTV: tl.constexpr):
+               QMAX: tl.constexpr, PACK: tl.constexpr, BTK: tl.constexpr, BTV: tl.constexpr,
+               KEY_WORDS: tl.constexpr):
     # One program per tile. ``table``: the L key addresses, then the L value addresses.
     is_key, layer, head, block = _tile(tl.program_id(0), L * H * key_blocks, key_blocks,
                                        value_blocks, H)
     if is_key:
         address = tl.load(table + layer)
-        if PACK:
-            _encode_packed_key_tile(address.to(tl.pointer_type(tl.int32)), kcodes, kscales,
-                                    kzeros, flag_ptr, layer, head, block, H, T, G, scale_factor,
-                                    D, GS, QMAX, BTK)
+        if PACK and KEY_WORDS:
+            _encode_word_key_tile(address.to(tl.pointer_type(tl.int32)), kcodes, kscales,
+                                  kzeros, flag_ptr, layer, head, block, H, T, G, scale_factor,
+                                  D, GS, QMAX, BTK)
         else:
             _encode_key_tile(address.to(tl.pointer_type(tl.bfloat16)), kcodes, kscales, kzeros,
                              flag_ptr, layer, head, block, H, T, G, scale_factor, D, GS, QMAX,
-                             BTK)
+                             PACK, BTK)
     else:
         address = tl.load(table + L + layer)
         _encode_value_tile(address.to(tl.pointer_type(tl.bfloat16)),
@@ -385,7 +399,7 @@ def quantize_kv(keys, values, bits: int, group_size: int, scale_factor: float,
         _table(list(keys) + list(values)), codes[0], key_scales, key_zeros, codes[1],
         value_scales, value_zeros, flag, layers, heads, tokens, groups, key_blocks, value_blocks,
         scale_factor, D=head_dim, GS=group_size, QMAX=(1 << bits) - 1, PACK=pack,
-        BTK=block_keys, BTV=block_values, num_warps=warps)
+        BTK=block_keys, BTV=block_values, KEY_WORDS=KEY_WORDS, num_warps=warps)
     return (codes[0], key_scales, key_zeros), (codes[1], value_scales, value_zeros)
 
 
