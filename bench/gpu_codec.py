@@ -161,15 +161,16 @@ def bench_preset(preset: str, tokens: int, device: torch.device, repeats: int,
 
 # (key tokens per program, value tokens per program, warps). Programs that loop over tiles
 # (grid-stride, 4 to 16 per SM) were swept too and lost at every shape (docs/PERFORMANCE.md).
-SWEEP = ((32, 16, 4), (32, 16, 2), (32, 32, 2), (64, 16, 4), (64, 32, 4), (64, 32, 8))
+# Six shapes were swept in earlier runs; these three were the fastest (gpu_codec_run4.json).
+SWEEP = ((32, 16, 2), (32, 32, 2), (64, 32, 4))
 
 
 def sweep_launch(presets: list[str], tokens: int, device: torch.device) -> list[dict]:
     """GPU time of the encode and decode kernels (int8 and int4, keys and values in one
     launch; the flag on the device, so only the kernel is timed) at every preset under
-    every launch shape in SWEEP, 4-bit keys read as bf16 tiles and as 32-bit words
-    (``KEY_WORDS``); installs in ``triton_kernels`` the choice whose time, relative to each
-    preset's fastest, sums lowest over presets and both widths."""
+    every launch shape in SWEEP, the encoder with and without streaming eviction hints
+    (``ENCODE_EVICTION``); installs in ``triton_kernels`` the choice whose time, relative to
+    each preset's fastest, sums lowest over presets and both widths."""
     kernels = base.triton_kernels
     flag = torch.zeros(1, dtype=torch.int32, device=device)
     rows = []
@@ -180,10 +181,10 @@ def sweep_launch(presets: list[str], tokens: int, device: torch.device) -> list[
         shape = (facts.num_kv_heads, tokens, facts.head_dim)
         for config in SWEEP:
             kernels.LAUNCH["encode"] = kernels.LAUNCH["decode"] = config
-            for words in (False, True):
-                kernels.KEY_WORDS = words
+            for eviction in ("", "evict_first"):
+                kernels.ENCODE_EVICTION = eviction
                 row = {"preset": preset, "key_tokens": config[0], "value_tokens": config[1],
-                       "warps": config[2], "key_words": words}
+                       "warps": config[2], "eviction": eviction or "default"}
                 for bits in (8, 4):
                     factor = base.quant.SCALE_SLACK / ((1 << bits) - 1)
                     halves = kernels.quantize_kv(kv.keys, kv.values, bits, 32, factor, flag)
@@ -201,12 +202,12 @@ def sweep_launch(presets: list[str], tokens: int, device: torch.device) -> list[
             for bits in (8, 4):
                 best = min(r[f"{stage}{bits}_ms"] for r in mine)
                 for r in mine:
-                    choice = (r["key_tokens"], r["value_tokens"], r["warps"], r["key_words"])
+                    choice = (r["key_tokens"], r["value_tokens"], r["warps"], r["eviction"])
                     score[choice] = score.get(choice, 0.0) + r[f"{stage}{bits}_ms"] / best
         choice = min(score, key=score.get)
         kernels.LAUNCH[name] = choice[:3]
         if stage == "enc":
-            kernels.KEY_WORDS = choice[3]
+            kernels.ENCODE_EVICTION = "" if choice[3] == "default" else choice[3]
     return rows
 
 
@@ -224,16 +225,17 @@ def main() -> int:
     if sweep:
         print_table(sweep, [("preset", "preset", "s"), ("key_tokens", "key tokens", "d"),
                             ("value_tokens", "value tokens", "d"),
-                            ("warps", "warps", "d"), ("key_words", "key words", "d"),
+                            ("warps", "warps", "d"), ("eviction", "eviction", "s"),
                             ("enc8_ms", "enc8 ms", ".3f"),
                             ("enc4_ms", "enc4 ms", ".3f"), ("dec8_ms", "dec8 ms", ".3f"),
                             ("dec4_ms", "dec4 ms", ".3f")])
-        print("launch shapes used:", base.triton_kernels.LAUNCH, "key words:",
-              base.triton_kernels.KEY_WORDS)
+        print("launch shapes used:", base.triton_kernels.LAUNCH, "encode eviction:",
+              base.triton_kernels.ENCODE_EVICTION or "default")
     rows = []
     for preset in args.presets:
         rows += bench_preset(preset, args.tokens, device, args.repeats, copy_gbps)
-    launch = ({**base.triton_kernels.LAUNCH, "key_words": base.triton_kernels.KEY_WORDS}
+    launch = ({**base.triton_kernels.LAUNCH,
+               "encode_eviction": base.triton_kernels.ENCODE_EVICTION or "default"}
               if base.triton_kernels else None)
     write_results("gpu_codec", {**provenance(device), "copy_gbps": copy_gbps, "sweep": sweep,
                                 "launch": launch,

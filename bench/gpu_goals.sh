@@ -1,7 +1,8 @@
 #!/bin/bash
 # One device call for issue 6's two open goals, each step logged; a failure does not stop
 # the rest: the GPU tests of the codec kernels and the fused prefill, the codec launch sweep
-# and table, the prefill's breakdown by kernel class, and Q2C vs eager attention.
+# and table, the prefill's breakdown by kernel class, and Q2C vs eager attention (also
+# with cuDNN's avoid-recompile switch).
 #   RAY_SCOUT_CACHE=... bash bench/gpu_goals.sh      (repository root, on the GPU machine)
 # RAY_SCOUT_CACHE must hold the embedded tokenizer (random presets borrow it);
 # Q2C_LENGTHS overrides the prompt lengths of bench/gpu_q2c.py.
@@ -14,4 +15,8 @@ step python3 -m pytest -q -p no:cacheprovider tests/test_kvcodec_triton.py tests
 step python3 bench/gpu_codec.py --sweep
 step python3 bench/gpu_prefill.py
 step python3 bench/gpu_q2c.py --lengths ${Q2C_LENGTHS:-512 2048 4096 8192}
+# cuDNN's SDPA builds a plan per sequence length (first call at a new length: 0.1 to 0.9 s);
+# torch's opt-in ragged path is meant to reuse one plan across lengths.
+step env TORCH_CUDNN_SDPA_AVOID_RECOMPILE=1 python3 bench/gpu_q2c.py --lengths 2048 4096 \
+  --out-name gpu_q2c_avoid_recompile
 echo "=== done ($(date -u +%H:%M:%S))"

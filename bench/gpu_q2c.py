@@ -21,6 +21,7 @@ attention) is set beside the measured bf16 matmul rate. Prints a table last; wri
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 
@@ -112,6 +113,7 @@ def main() -> int:
     parser.add_argument("--lengths", type=int, nargs="+", default=[512, 2048, 4096, 8192])
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--out-name", default="gpu_q2c", help="results file name (no .json)")
     args = parser.parse_args()
     device = torch.device(args.device)
     tflops = matmul_tflops(device)
@@ -122,9 +124,12 @@ def main() -> int:
     sync(device)
     compile_s = time.perf_counter() - begin  # the fused prefill compiles on its first call
     rows = [bench_length(lm, n, device, args.repeats, tflops) for n in args.lengths]
-    write_results("gpu_q2c", {**provenance(device), "preset": args.preset,
+    write_results(args.out_name, {**provenance(device), "preset": args.preset,
                               "matmul_tflops": tflops, "first_call_s": compile_s,
-                              "fused": generation.uses_fused_prefill(lm), "rows": rows})
+                              "fused": generation.uses_fused_prefill(lm),
+                                 "env": {k: v for k, v in os.environ.items()
+                                         if k.startswith("TORCH_CUDNN")},
+                                 "rows": rows})
     print(f"{args.preset} on {device}; bf16 matmul {tflops:.0f} TFLOP/s; fused prefill: "
           f"{generation.uses_fused_prefill(lm)}, first call (compile) {compile_s:.1f} s")
     print_table(rows, [("tokens", "tokens", "d"), ("first_call_ms", "1st call ms", ".0f"),
