@@ -162,15 +162,16 @@ def bench_preset(preset: str, tokens: int, device: torch.device, repeats: int,
 # (key tokens per program, value tokens per program, warps). Programs that loop over tiles
 # (grid-stride, 4 to 16 per SM) were swept too and lost at every shape (docs/PERFORMANCE.md).
 # Six shapes were swept in earlier runs; these three were the fastest (gpu_codec_run4.json).
+# Streaming eviction hints on the encoder were swept too and did not help (gpu_codec.json of
+# the final run, made at commit 806dbe1 which still had them).
 SWEEP = ((32, 16, 2), (32, 32, 2), (64, 32, 4))
 
 
 def sweep_launch(presets: list[str], tokens: int, device: torch.device) -> list[dict]:
     """GPU time of the encode and decode kernels (int8 and int4, keys and values in one
     launch; the flag on the device, so only the kernel is timed) at every preset under
-    every launch shape in SWEEP, the encoder with and without streaming eviction hints
-    (``ENCODE_EVICTION``); installs in ``triton_kernels`` the choice whose time, relative to
-    each preset's fastest, sums lowest over presets and both widths."""
+    every launch shape in SWEEP; installs in ``triton_kernels.LAUNCH`` the shape whose time,
+    relative to each preset's fastest, sums lowest over presets and both widths."""
     kernels = base.triton_kernels
     flag = torch.zeros(1, dtype=torch.int32, device=device)
     rows = []
@@ -181,20 +182,18 @@ def sweep_launch(presets: list[str], tokens: int, device: torch.device) -> list[
         shape = (facts.num_kv_heads, tokens, facts.head_dim)
         for config in SWEEP:
             kernels.LAUNCH["encode"] = kernels.LAUNCH["decode"] = config
-            for eviction in ("", "evict_first"):
-                kernels.ENCODE_EVICTION = eviction
-                row = {"preset": preset, "key_tokens": config[0], "value_tokens": config[1],
-                       "warps": config[2], "eviction": eviction or "default"}
-                for bits in (8, 4):
-                    factor = base.quant.SCALE_SLACK / ((1 << bits) - 1)
-                    halves = kernels.quantize_kv(kv.keys, kv.values, bits, 32, factor, flag)
-                    row[f"enc{bits}_ms"] = device_busy_ms(
-                        lambda: kernels.quantize_kv(kv.keys, kv.values, bits, 32, factor, flag),
-                        device)
-                    parts = [tuple(tuple(t.unbind()) for t in half) for half in halves]
-                    row[f"dec{bits}_ms"] = device_busy_ms(
-                        lambda: kernels.dequantize_kv(*parts, shape, bits, 32), device)
-                rows.append(row)
+            row = {"preset": preset, "key_tokens": config[0], "value_tokens": config[1],
+                   "warps": config[2]}
+            for bits in (8, 4):
+                factor = base.quant.SCALE_SLACK / ((1 << bits) - 1)
+                halves = kernels.quantize_kv(kv.keys, kv.values, bits, 32, factor, flag)
+                row[f"enc{bits}_ms"] = device_busy_ms(
+                    lambda: kernels.quantize_kv(kv.keys, kv.values, bits, 32, factor, flag),
+                    device)
+                parts = [tuple(tuple(t.unbind()) for t in half) for half in halves]
+                row[f"dec{bits}_ms"] = device_busy_ms(
+                    lambda: kernels.dequantize_kv(*parts, shape, bits, 32), device)
+            rows.append(row)
     for stage, name in (("enc", "encode"), ("dec", "decode")):
         score = {}
         for preset in presets:
@@ -202,12 +201,9 @@ def sweep_launch(presets: list[str], tokens: int, device: torch.device) -> list[
             for bits in (8, 4):
                 best = min(r[f"{stage}{bits}_ms"] for r in mine)
                 for r in mine:
-                    choice = (r["key_tokens"], r["value_tokens"], r["warps"], r["eviction"])
+                    choice = (r["key_tokens"], r["value_tokens"], r["warps"])
                     score[choice] = score.get(choice, 0.0) + r[f"{stage}{bits}_ms"] / best
-        choice = min(score, key=score.get)
-        kernels.LAUNCH[name] = choice[:3]
-        if stage == "enc":
-            kernels.ENCODE_EVICTION = "" if choice[3] == "default" else choice[3]
+        kernels.LAUNCH[name] = min(score, key=score.get)
     return rows
 
 
@@ -225,18 +221,14 @@ def main() -> int:
     if sweep:
         print_table(sweep, [("preset", "preset", "s"), ("key_tokens", "key tokens", "d"),
                             ("value_tokens", "value tokens", "d"),
-                            ("warps", "warps", "d"), ("eviction", "eviction", "s"),
-                            ("enc8_ms", "enc8 ms", ".3f"),
+                            ("warps", "warps", "d"), ("enc8_ms", "enc8 ms", ".3f"),
                             ("enc4_ms", "enc4 ms", ".3f"), ("dec8_ms", "dec8 ms", ".3f"),
                             ("dec4_ms", "dec4 ms", ".3f")])
-        print("launch shapes used:", base.triton_kernels.LAUNCH, "encode eviction:",
-              base.triton_kernels.ENCODE_EVICTION or "default")
+        print("launch shapes used:", base.triton_kernels.LAUNCH)
     rows = []
     for preset in args.presets:
         rows += bench_preset(preset, args.tokens, device, args.repeats, copy_gbps)
-    launch = ({**base.triton_kernels.LAUNCH,
-               "encode_eviction": base.triton_kernels.ENCODE_EVICTION or "default"}
-              if base.triton_kernels else None)
+    launch = base.triton_kernels.LAUNCH if base.triton_kernels else None
     write_results("gpu_codec", {**provenance(device), "copy_gbps": copy_gbps, "sweep": sweep,
                                 "launch": launch,
                                 "triton": base.triton_kernels is not None, "rows": rows})

@@ -29,14 +29,9 @@ import torch
 import triton
 import triton.language as tl
 
-KEY_DIM = 1
-VALUE_DIM = 2
 # (key tokens per program, value tokens per program, warps) of each kernel, one program per
 # tile; bench/gpu_codec.py --sweep measures others.
 LAUNCH = {"encode": (64, 32, 4), "decode": (32, 32, 2)}
-# Cache eviction policy of the encoder's big loads and stores: "" (the default) or
-# "evict_first" (streamed data, read or written once); the sweep measures both.
-ENCODE_EVICTION = ""
 # Address tables kept on the device, by the addresses they hold (see ``_table``).
 TABLE_CACHE_SIZE = 64
 
@@ -126,13 +121,13 @@ def _group_range(x3, rows3):
 @triton.jit
 def _encode_key_tile(src, codes_ptr, scales_ptr, zeros_ptr, flag_ptr, layer, head, tb, H, T, G,
                      scale_factor, D: tl.constexpr, GS: tl.constexpr, QMAX: tl.constexpr,
-                     PACK: tl.constexpr, BT: tl.constexpr, EVICT: tl.constexpr):
+                     PACK: tl.constexpr, BT: tl.constexpr):
     # BT tokens (BT // GS token groups) of one head of one layer, all D channels.
     NGT: tl.constexpr = BT // GS
     t = tb * BT + tl.arange(0, BT)
     offs = (head * T + t)[:, None].to(tl.int64) * D + tl.arange(0, D)[None, :]
-    x = tl.reshape(tl.load(src + offs, mask=(t < T)[:, None], other=0.0,
-                           eviction_policy=EVICT).to(tl.float32), (NGT, GS, D))
+    x = tl.reshape(tl.load(src + offs, mask=(t < T)[:, None], other=0.0).to(tl.float32),
+                   (NGT, GS, D))
     t3 = (tb * BT + tl.arange(0, NGT)[:, None] * GS + tl.arange(0, GS)[None, :])[:, :, None]
     lo, hi = _group_range(x, t3 < T)
     scale, zero, step, inverse, bias = _scale_zero(lo, hi, scale_factor)
@@ -151,19 +146,17 @@ def _encode_key_tile(src, codes_ptr, scales_ptr, zeros_ptr, flag_ptr, layer, hea
         even, odd = tl.split(tl.reshape(codes, (BT, D // 2, 2)))
         poffs = layer * (H * T * D // 2) + (head * T + t)[:, None].to(tl.int64) * (D // 2) \
             + tl.arange(0, D // 2)[None, :]
-        tl.store(codes_ptr + poffs, even | (odd << 4), mask=(t < T)[:, None],
-                 eviction_policy=EVICT)
+        tl.store(codes_ptr + poffs, even | (odd << 4), mask=(t < T)[:, None])
     else:
         offs3 = layer * (H * T * D) + (head * T + t3).to(tl.int64) * D \
             + tl.arange(0, D)[None, None, :]
-        tl.store(codes_ptr + offs3, codes, mask=t3 < T, eviction_policy=EVICT)
+        tl.store(codes_ptr + offs3, codes, mask=t3 < T)
 
 
 @triton.jit
 def _encode_value_tile(src, src32, codes_ptr, scales_ptr, zeros_ptr, flag_ptr, layer, head, tb,
                        H, T, scale_factor, D: tl.constexpr, GS: tl.constexpr,
-                       QMAX: tl.constexpr, PACK: tl.constexpr, BT: tl.constexpr,
-                       EVICT: tl.constexpr):
+                       QMAX: tl.constexpr, PACK: tl.constexpr, BT: tl.constexpr):
     # BT tokens of one head of one layer; groups of GS channels per token.
     NG: tl.constexpr = D // GS
     t = tb * BT + tl.arange(0, BT)
@@ -173,15 +166,15 @@ def _encode_value_tile(src, src32, codes_ptr, scales_ptr, zeros_ptr, flag_ptr, l
         # its fp32, so shifts give both as fp32 tiles [BT, NG, GS/2] whose codes pack into
         # one byte in place (reshape+split variants ran 3x slower in the sweep).
         woffs = (head * T + t)[:, None].to(tl.int64) * (D // 2) + tl.arange(0, D // 2)[None, :]
-        words = tl.load(src32 + woffs, mask=rows[:, None], other=0, eviction_policy=EVICT)
+        words = tl.load(src32 + woffs, mask=rows[:, None], other=0)
         xe = tl.reshape((words << 16).to(tl.float32, bitcast=True), (BT, NG, GS // 2))
         xo = tl.reshape((words & -65536).to(tl.float32, bitcast=True), (BT, NG, GS // 2))
         lo = tl.minimum(tl.min(xe, axis=2), tl.min(xo, axis=2))
         hi = tl.maximum(tl.max(xe, axis=2), tl.max(xo, axis=2))
     else:
         offs = (head * T + t)[:, None].to(tl.int64) * D + tl.arange(0, D)[None, :]
-        x = tl.reshape(tl.load(src + offs, mask=rows[:, None], other=0.0,
-                               eviction_policy=EVICT).to(tl.float32), (BT, NG, GS))
+        x = tl.reshape(tl.load(src + offs, mask=rows[:, None], other=0.0).to(tl.float32),
+                       (BT, NG, GS))
         lo = tl.min(x, axis=2)
         hi = tl.max(x, axis=2)
     scale = ((hi - lo) * scale_factor).to(tl.float16)
@@ -198,12 +191,11 @@ def _encode_value_tile(src, src32, codes_ptr, scales_ptr, zeros_ptr, flag_ptr, l
         ce = tl.minimum(tl.maximum(tl.math.fma(xe, inverse, bias), 0.0), QMAX).to(tl.uint8)
         co = tl.minimum(tl.maximum(tl.math.fma(xo, inverse, bias), 0.0), QMAX).to(tl.uint8)
         tl.store(codes_ptr + layer * (H * T * D // 2) + woffs,
-                 tl.reshape(ce | (co << 4), (BT, D // 2)), mask=rows[:, None],
-                 eviction_policy=EVICT)
+                 tl.reshape(ce | (co << 4), (BT, D // 2)), mask=rows[:, None])
     else:
         codes = tl.minimum(tl.maximum(tl.math.fma(x, inverse, bias), 0.0), QMAX).to(tl.uint8)
         tl.store(codes_ptr + layer * (H * T * D) + offs, tl.reshape(codes, (BT, D)),
-                 mask=rows[:, None], eviction_policy=EVICT)
+                 mask=rows[:, None])
 
 
 @triton.jit
@@ -220,21 +212,20 @@ def _tile(tile, key_tiles, key_blocks, value_blocks, H):
 @triton.jit
 def _encode_kv(table, kcodes, kscales, kzeros, vcodes, vscales, vzeros, flag_ptr, L, H, T, G,
                key_blocks, value_blocks, scale_factor, D: tl.constexpr, GS: tl.constexpr,
-               QMAX: tl.constexpr, PACK: tl.constexpr, BTK: tl.constexpr, BTV: tl.constexpr,
-               EVICT: tl.constexpr):
+               QMAX: tl.constexpr, PACK: tl.constexpr, BTK: tl.constexpr, BTV: tl.constexpr):
     # One program per tile. ``table``: the L key addresses, then the L value addresses.
     is_key, layer, head, block = _tile(tl.program_id(0), L * H * key_blocks, key_blocks,
                                        value_blocks, H)
     if is_key:
         src = tl.load(table + layer).to(tl.pointer_type(tl.bfloat16))
         _encode_key_tile(src, kcodes, kscales, kzeros, flag_ptr, layer, head, block, H, T, G,
-                         scale_factor, D, GS, QMAX, PACK, BTK, EVICT)
+                         scale_factor, D, GS, QMAX, PACK, BTK)
     else:
         address = tl.load(table + L + layer)
         _encode_value_tile(address.to(tl.pointer_type(tl.bfloat16)),
                            address.to(tl.pointer_type(tl.int32)), vcodes, vscales, vzeros,
                            flag_ptr, layer, head, block, H, T, scale_factor, D, GS, QMAX, PACK,
-                           BTV, EVICT)
+                           BTV)
 
 
 @triton.jit
@@ -360,7 +351,7 @@ def quantize_kv(keys, values, bits: int, group_size: int, scale_factor: float,
         _table(list(keys) + list(values)), codes[0], key_scales, key_zeros, codes[1],
         value_scales, value_zeros, flag, layers, heads, tokens, groups, key_blocks, value_blocks,
         scale_factor, D=head_dim, GS=group_size, QMAX=(1 << bits) - 1, PACK=pack,
-        BTK=block_keys, BTV=block_values, EVICT=ENCODE_EVICTION, num_warps=warps)
+        BTK=block_keys, BTV=block_values, num_warps=warps)
     return (codes[0], key_scales, key_zeros), (codes[1], value_scales, value_zeros)
 
 
