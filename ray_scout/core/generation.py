@@ -117,6 +117,14 @@ def _query_layers(capture: str, num_layers: int) -> list[int]:
     raise GenerationError(f"capture must be 'none', 'last' or 'all', not {capture!r}")
 
 
+def _finished_s(lm: LoadedModel, start: float) -> float:
+    """Seconds since ``start`` once the device has finished the work queued so far: on a GPU
+    the forward only queues kernels, and ``prefill_s`` is meant as the prefill's duration."""
+    if lm.device.type == "cuda":
+        torch.cuda.synchronize(lm.device)
+    return time.perf_counter() - start
+
+
 def uses_fused_prefill(lm: LoadedModel) -> bool:
     """Whether ``prefill`` takes ``fused_prefill`` by default: on CUDA, for the
     architectures it supports (docs/PERFORMANCE.md, section 2, measures it); the CPU keeps
@@ -148,7 +156,7 @@ def prefill(lm: LoadedModel, layout: PromptLayout, *, capture: str = "last",
     if fused:
         start = time.perf_counter()
         out = fused_prefill.forward(lm.model, ids, layers, compiled=lm.device.type == "cuda")
-        elapsed = time.perf_counter() - start
+        elapsed = _finished_s(lm, start)
         snapshot = KVSnapshot(out.keys, out.values, torch.arange(layout.num_tokens))
         return Prefill(layout, snapshot, out.logits, out.queries, scaling, elapsed)
     queries: dict[int, torch.Tensor] = {}
@@ -156,7 +164,7 @@ def prefill(lm: LoadedModel, layout: PromptLayout, *, capture: str = "last",
     with _query_hooks(lm, layers, queries):
         # Only the last row's logits are needed: skips a [T, vocab] projection.
         out = lm.model(input_ids=ids.unsqueeze(0), use_cache=True, logits_to_keep=1)
-    elapsed = time.perf_counter() - start
+    elapsed = _finished_s(lm, start)
     snapshot = KVSnapshot.from_cache(out.past_key_values)
     return Prefill(layout, snapshot, out.logits[0, -1].float(), queries, scaling, elapsed)
 
