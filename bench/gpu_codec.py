@@ -20,8 +20,8 @@ import contextlib
 
 import torch
 
-from gpu_common import (copy_bandwidth_gbps, device_busy_ms, median_ms, outlier_kv, print_table,
-                        provenance, shape_arguments, write_results)
+from gpu_common import (copy_bandwidth_gbps, device_busy_ms, device_events, median_ms,
+                        outlier_kv, print_table, provenance, shape_arguments, write_results)
 from ray_scout.core import models
 from ray_scout.core.kvcodec import base, codec_for
 from ray_scout.core.modes import Mode
@@ -146,6 +146,11 @@ def bench_preset(preset: str, tokens: int, device: torch.device, repeats: int,
             if enc_busy:
                 row["enc_busy_ratio"] = moved / enc_busy / 1e6 / copy_gbps
                 row["dec_busy_ratio"] = moved / dec_busy / 1e6 / copy_gbps
+            if path == "triton":  # what each call's GPU time is made of
+                with scope:
+                    row["enc_events"] = device_events(lambda: codec.encode(timing_kv), device)
+                    row["dec_events"] = device_events(
+                        lambda: codec.decode(timed, dtype=torch.bfloat16, device=device), device)
             rows.append(row)
         if "triton" in per_path:
             agree = compare_paths(per_path["triton"][0], per_path["torch"][0],
@@ -154,37 +159,51 @@ def bench_preset(preset: str, tokens: int, device: torch.device, repeats: int,
     return rows
 
 
-SWEEP = ((32, 4), (64, 4), (64, 8), (128, 4), (128, 8), (256, 8))
+# (key tokens per program, value tokens per program, warps). Programs that loop over tiles
+# (grid-stride, 4 to 16 per SM) were swept too and lost at every shape (docs/PERFORMANCE.md).
+# Six shapes were swept in earlier runs; these three were the fastest (gpu_codec_run4.json).
+# Streaming eviction hints on the encoder were swept too and did not help (gpu_codec.json of
+# the final run, made at commit 806dbe1 which still had them).
+SWEEP = ((32, 16, 2), (32, 32, 2), (64, 32, 4))
 
 
-def sweep_launch(preset: str, tokens: int, device: torch.device) -> list[dict]:
-    """GPU time of each kernel (int8 and int4) under every (tokens per program, warps) in
-    SWEEP; installs the fastest of each kernel in ``triton_kernels.LAUNCH``."""
+def sweep_launch(presets: list[str], tokens: int, device: torch.device) -> list[dict]:
+    """GPU time of the encode and decode kernels (int8 and int4, keys and values in one
+    launch; the flag on the device, so only the kernel is timed) at every preset under
+    every launch shape in SWEEP; installs in ``triton_kernels.LAUNCH`` the shape whose time,
+    relative to each preset's fastest, sums lowest over presets and both widths."""
     kernels = base.triton_kernels
-    facts = models.facts_for(f"random:{preset}")
-    kv = outlier_kv(facts.num_layers, facts.num_kv_heads, tokens, facts.head_dim, device, seed=4)
     flag = torch.zeros(1, dtype=torch.int32, device=device)
-    shape = (facts.num_kv_heads, tokens, facts.head_dim)
     rows = []
-    for name, dim, tensors in (("keys", base.KEY_GROUP_DIM, kv.keys),
-                               ("values", base.VALUE_GROUP_DIM, kv.values)):
+    for preset in presets:
+        facts = models.facts_for(f"random:{preset}")
+        kv = outlier_kv(facts.num_layers, facts.num_kv_heads, tokens, facts.head_dim, device,
+                        seed=4)
+        shape = (facts.num_kv_heads, tokens, facts.head_dim)
         for config in SWEEP:
-            kernels.LAUNCH[f"encode_{name}"] = kernels.LAUNCH[f"decode_{name}"] = config
-            row = {"tensor": name, "tokens_per_program": config[0], "warps": config[1]}
+            kernels.LAUNCH["encode"] = kernels.LAUNCH["decode"] = config
+            row = {"preset": preset, "key_tokens": config[0], "value_tokens": config[1],
+                   "warps": config[2]}
             for bits in (8, 4):
                 factor = base.quant.SCALE_SLACK / ((1 << bits) - 1)
-                codes, scales, zeros = kernels.quantize_layers(tensors, bits, 32, dim, factor, flag)
+                halves = kernels.quantize_kv(kv.keys, kv.values, bits, 32, factor, flag)
                 row[f"enc{bits}_ms"] = device_busy_ms(
-                    lambda: kernels.quantize_layers(tensors, bits, 32, dim, factor, flag), device)
-                parts = (list(codes), list(scales), list(zeros))
+                    lambda: kernels.quantize_kv(kv.keys, kv.values, bits, 32, factor, flag),
+                    device)
+                parts = [tuple(tuple(t.unbind()) for t in half) for half in halves]
                 row[f"dec{bits}_ms"] = device_busy_ms(
-                    lambda: kernels.dequantize_layers(*parts, shape, bits, 32, dim), device)
+                    lambda: kernels.dequantize_kv(*parts, shape, bits, 32), device)
             rows.append(row)
-        for stage in ("enc", "dec"):
-            best = min((r for r in rows if r["tensor"] == name),
-                       key=lambda r: r[f"{stage}8_ms"] + r[f"{stage}4_ms"])
-            kernels.LAUNCH[f"{'encode' if stage == 'enc' else 'decode'}_{name}"] = (
-                best["tokens_per_program"], best["warps"])
+    for stage, name in (("enc", "encode"), ("dec", "decode")):
+        score = {}
+        for preset in presets:
+            mine = [r for r in rows if r["preset"] == preset]
+            for bits in (8, 4):
+                best = min(r[f"{stage}{bits}_ms"] for r in mine)
+                for r in mine:
+                    choice = (r["key_tokens"], r["value_tokens"], r["warps"])
+                    score[choice] = score.get(choice, 0.0) + r[f"{stage}{bits}_ms"] / best
+        kernels.LAUNCH[name] = min(score, key=score.get)
     return rows
 
 
@@ -195,10 +214,13 @@ def main() -> int:
                         help="first time each kernel's launch shapes and keep the fastest")
     args = parser.parse_args()
     device = torch.device(args.device)
+    if args.sweep and device.type != "cuda":
+        parser.error("--sweep times kernels with the CUDA profiler; it needs --device cuda")
     copy_gbps = copy_bandwidth_gbps(device)
-    sweep = sweep_launch(args.presets[-1], args.tokens, device) if args.sweep else []
+    sweep = sweep_launch(args.presets, args.tokens, device) if args.sweep else []
     if sweep:
-        print_table(sweep, [("tensor", "tensor", "s"), ("tokens_per_program", "tokens", "d"),
+        print_table(sweep, [("preset", "preset", "s"), ("key_tokens", "key tokens", "d"),
+                            ("value_tokens", "value tokens", "d"),
                             ("warps", "warps", "d"), ("enc8_ms", "enc8 ms", ".3f"),
                             ("enc4_ms", "enc4 ms", ".3f"), ("dec8_ms", "dec8 ms", ".3f"),
                             ("dec4_ms", "dec4 ms", ".3f")])

@@ -54,11 +54,25 @@ def median_ms(fn, device: torch.device, *, warmup: int = 2, repeats: int = 10) -
     return statistics.median(samples)
 
 
-def device_busy_ms(fn, device: torch.device, *, repeats: int = 5) -> float | None:
-    """Mean GPU time of ``fn()``'s kernels and copies (profiler), without host gaps; None on
-    the CPU. Beside ``median_ms`` it tells kernel cost from launch and Python overhead."""
+def interleaved_ms(fns: dict, device: torch.device, repeats: int) -> dict:
+    """Median ms of each function, timed in alternation so clock and thermal drift hit all;
+    each round starts one function later, so none always runs right after the same one (a
+    power-hungry call can lower the clock of the next)."""
+    samples = {name: [] for name in fns}
+    names = list(fns)
+    for fn in fns.values():
+        fn()
+    for round_ in range(repeats):
+        for name in names[round_ % len(names):] + names[:round_ % len(names)]:
+            samples[name].append(median_ms(fns[name], device, warmup=0, repeats=1))
+    return {name: statistics.median(values) for name, values in samples.items()}
+
+
+def device_events(fn, device: torch.device, *, repeats: int = 5) -> list[tuple[float, int, str]]:
+    """(GPU ms per call, launches per call, name) of every kernel and copy ``fn()`` runs
+    (profiler, CUDA activity only), costliest first; empty on the CPU."""
     if device.type != "cuda":
-        return None
+        return []
     from torch.profiler import ProfilerActivity, profile
 
     fn()
@@ -67,7 +81,16 @@ def device_busy_ms(fn, device: torch.device, *, repeats: int = 5) -> float | Non
         for _ in range(repeats):
             fn()
         sync(device)
-    return sum(e.self_device_time_total for e in prof.key_averages()) / 1e3 / repeats
+    return sorted(((e.self_device_time_total / 1e3 / repeats, e.count // repeats, e.key)
+                   for e in prof.key_averages()), reverse=True)
+
+
+def device_busy_ms(fn, device: torch.device, *, repeats: int = 5) -> float | None:
+    """Mean GPU time of ``fn()``'s kernels and copies (profiler), without host gaps; None on
+    the CPU. Beside ``median_ms`` it tells kernel cost from launch and Python overhead."""
+    if device.type != "cuda":
+        return None
+    return sum(ms for ms, _, _ in device_events(fn, device, repeats=repeats))
 
 
 def copy_bandwidth_gbps(device: torch.device, size_bytes: int = 1 << 30) -> float:

@@ -4,26 +4,31 @@
     PYTHONPATH=. python3 bench/gpu_q2c.py --device cpu --preset tiny --lengths 128 256   # smoke
 
 Per prompt length (random ids, a 32-token question before a 16-token template tail):
-``sdpa``: ``generation.prefill(capture="none")``; ``edge``: ``prefill(capture="last")``
-(the last layer's query recomputed in a hook) plus ``selection.q2c`` (the whole edge stage);
-sdpa, hooked prefill and edge are timed interleaved; ``hook``: the query recomputation alone;
-``q2c``: the scoring alone on a captured prefill; ``eager``: the papers' approach,
-``selection.q2c_eager_reference`` (eager attention, ``output_attentions``). Goals: Q2C's
-added work (hook + q2c, and the difference edge - sdpa) <= 3% of sdpa at 4K; eager / edge
->= 3 at 4K. Each length also checks Q2C against the
-eager reference (relative L2 of the scores, overlap of the top 10%). Achieved TFLOP/s of the
-prefill (2 x parameters x tokens + causal attention) is set beside the measured bf16 matmul
-rate. Prints a table last; writes gpu_q2c.json.
+``sdpa``: ``generation.prefill(capture="none")`` as the edge runs it (on CUDA the compiled
+``fused_prefill``; its first call compiles, and that time is reported apart, never in a
+median; the first call at each further length shows no recompile happens); ``hf``: the same
+through the model's own modules (``fused=False``, the previous production path); ``edge``:
+``prefill(capture="last")`` (the last layer's queries kept) plus ``selection.q2c`` (the
+whole edge stage); these four are timed interleaved; ``q2c``: the scoring alone on a
+captured prefill; ``eager``: the papers' approach, ``selection.q2c_eager_reference``
+(eager attention, ``output_attentions``; the baseline, unchanged). Goals: Q2C's added work
+(q2c alone, and the difference edge - sdpa) <= 3% of sdpa at 4K; eager / edge >= 3 at 4K.
+Each length also checks Q2C against the eager reference (relative L2 of the scores, overlap
+of the top 10%). Achieved TFLOP/s of the prefill (2 x parameters x tokens + causal
+attention) is set beside the measured bf16 matmul rate. Prints a table last; writes gpu_q2c.json.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
+import time
 
 import torch
 
-from gpu_common import matmul_tflops, median_ms, print_table, provenance, synthetic_layout, write_results
+from gpu_common import (device_busy_ms, interleaved_ms, matmul_tflops, median_ms, print_table, provenance, sync,
+                        synthetic_layout, write_results)
 from ray_scout.core import generation, models, selection
 
 
@@ -43,43 +48,25 @@ def overlap_top(a: torch.Tensor, b: torch.Tensor, share: float = 0.1) -> float:
     return len(top_a & top_b) / k
 
 
-def interleaved_ms(fns: dict, device: torch.device, repeats: int) -> dict:
-    """Median of each function, timed in alternation so clock and thermal drift hit all."""
-    samples = {name: [] for name in fns}
-    for fn in fns.values():
-        fn()
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            samples[name].append(median_ms(fn, device, warmup=0, repeats=1))
-    return {name: statistics.median(values) for name, values in samples.items()}
+def compiled_graphs() -> int:
+    """Graphs torch.compile has built in this process so far (a recompile adds one)."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
 
 
 def spread(values: list[float]) -> float:
     return (max(values) - min(values)) / statistics.median(values)
 
 
-def query_recompute_ms(lm, layout, device, repeats: int) -> float:
-    """The hook's own cost: the last layer's q_proj + RoPE over the prompt, recomputed."""
-    module = generation.attention_modules(lm)[-1]
-    seen = {}
-
-    def grab(mod, args, kwargs):
-        seen["hidden"] = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
-        seen["rope"] = kwargs["position_embeddings"]
-
-    handle = module.register_forward_pre_hook(grab, with_kwargs=True)
-    try:
-        generation.prefill(lm, layout, capture="none")
-    finally:
-        handle.remove()
-    with torch.inference_mode():
-        return median_ms(lambda: generation._recompute_query(module, seen["hidden"], seen["rope"]),
-                         device, repeats=repeats)
-
-
 def bench_length(lm, tokens: int, device: torch.device, repeats: int, tflops: float) -> dict:
     layout = synthetic_layout(tokens, lm.model.config.vocab_size, seed=tokens)
+    begin = time.perf_counter()  # a new length must not recompile the fused prefill
+    generation.prefill(lm, layout, capture="none")
+    sync(device)
+    first_call_ms = (time.perf_counter() - begin) * 1e3
     times = interleaved_ms({
+        "transformers": lambda: generation.prefill(lm, layout, capture="none", fused=False),
         "sdpa": lambda: generation.prefill(lm, layout, capture="none"),
         "captured": lambda: generation.prefill(lm, layout, capture="last"),
         "edge": lambda: selection.q2c(generation.prefill(lm, layout, capture="last")),
@@ -90,12 +77,17 @@ def bench_length(lm, tokens: int, device: torch.device, repeats: int, tflops: fl
     q2c_ms = median_ms(lambda: selection.q2c(pre), device, repeats=repeats)
     scores = selection.q2c(pre)
     del pre
-    hook_ms = query_recompute_ms(lm, layout, device, repeats)
     sdpa_ms, edge_ms = times["sdpa"], times["edge"]
-    row = {"tokens": tokens, "sdpa_ms": sdpa_ms, "captured_ms": times["captured"],
-           "edge_ms": edge_ms, "q2c_ms": q2c_ms, "hook_ms": hook_ms,
+    busy = {name: device_busy_ms(lambda capture=capture: generation.prefill(lm, layout,
+                                                                             capture=capture),
+                                 device)
+            for name, capture in (("sdpa", "none"), ("captured", "last"))}
+    row = {"tokens": tokens, "first_call_ms": first_call_ms, "graphs": compiled_graphs(),
+           "sdpa_gpu_ms": busy["sdpa"], "captured_gpu_ms": busy["captured"], "transformers_ms": times["transformers"],
+           "sdpa_ms": sdpa_ms, "captured_ms": times["captured"],
+           "edge_ms": edge_ms, "q2c_ms": q2c_ms,
            "q2c_share": (edge_ms - sdpa_ms) / sdpa_ms,
-           "q2c_share_parts": (hook_ms + q2c_ms) / sdpa_ms,
+           "q2c_share_parts": q2c_ms / sdpa_ms,
            "sdpa_spread": spread(sdpa_again),
            "tflops": prefill_flops(lm, tokens) / (sdpa_ms * 1e-3) / 1e12}
     row["mfu"] = row["tflops"] / tflops
@@ -121,17 +113,31 @@ def main() -> int:
     parser.add_argument("--lengths", type=int, nargs="+", default=[512, 2048, 4096, 8192])
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--out-name", default="gpu_q2c", help="results file name (no .json)")
     args = parser.parse_args()
     device = torch.device(args.device)
     tflops = matmul_tflops(device)
     lm = models.random_model(args.preset, device=device)
+    begin = time.perf_counter()
+    generation.prefill(lm, synthetic_layout(args.lengths[0], lm.model.config.vocab_size),
+                       capture="none")
+    sync(device)
+    compile_s = time.perf_counter() - begin  # the fused prefill compiles on its first call
     rows = [bench_length(lm, n, device, args.repeats, tflops) for n in args.lengths]
-    write_results("gpu_q2c", {**provenance(device), "preset": args.preset,
-                              "matmul_tflops": tflops, "rows": rows})
-    print(f"{args.preset} on {device}; bf16 matmul {tflops:.0f} TFLOP/s")
-    print_table(rows, [("tokens", "tokens", "d"), ("sdpa_ms", "sdpa ms", ".1f"),
-                       ("captured_ms", "+hook ms", ".1f"), ("q2c_ms", "q2c ms", ".2f"),
-                       ("hook_ms", "hook ms", ".2f"), ("edge_ms", "edge ms", ".1f"),
+    write_results(args.out_name, {**provenance(device), "preset": args.preset,
+                              "matmul_tflops": tflops, "first_call_s": compile_s,
+                              "fused": generation.uses_fused_prefill(lm),
+                                 "env": {k: v for k, v in os.environ.items()
+                                         if k.startswith("TORCH_CUDNN")},
+                                 "rows": rows})
+    print(f"{args.preset} on {device}; bf16 matmul {tflops:.0f} TFLOP/s; fused prefill: "
+          f"{generation.uses_fused_prefill(lm)}, first call (compile) {compile_s:.1f} s")
+    print_table(rows, [("tokens", "tokens", "d"), ("first_call_ms", "1st call ms", ".0f"),
+                       ("graphs", "graphs", "d"),
+                       ("transformers_ms", "hf ms", ".1f"), ("sdpa_ms", "sdpa ms", ".1f"),
+                       ("captured_ms", "+capture ms", ".1f"), ("sdpa_gpu_ms", "sdpa gpu", ".1f"),
+                       ("captured_gpu_ms", "+capture gpu", ".1f"), ("q2c_ms", "q2c ms", ".2f"),
+                       ("edge_ms", "edge ms", ".1f"),
                        ("q2c_share", "(e-s)/s", ".3f"), ("q2c_share_parts", "parts/s", ".4f"),
                        ("sdpa_spread", "spread", ".3f"),
                        ("eager_ms", "eager ms", ".1f"), ("eager_over_edge", "eager/edge", ".2f"),

@@ -1,8 +1,9 @@
 """Generation: one prefill pass, then greedy decoding from a whole or pruned KV cache.
 
 What lives here: the prefill (SDPA, batch one) that yields the prompt's ``KVSnapshot``, its
-next-token logits and, through forward pre-hooks, the post-RoPE query states of chosen
-layers (so Q2C never needs eager attention); greedy decoding that continues at a snapshot's
+next-token logits and the post-RoPE query states of chosen layers (so Q2C never needs eager
+attention): on CUDA through ``fused_prefill``, elsewhere through the model's own forward
+with forward pre-hooks that recompute the queries; greedy decoding that continues at a snapshot's
 original positions; and the pruned path (keep selected context positions plus every
 non-context token). What it leaves to others: which positions to keep (``selection``),
 how KV travels (``kvcodec``), and where the two halves run (the actors).
@@ -17,6 +18,7 @@ import time
 
 import torch
 
+from ray_scout.core import fused_prefill
 from ray_scout.core.kv import KVSnapshot
 from ray_scout.core.models import LoadedModel
 from ray_scout.core.prompt import PromptLayout
@@ -115,24 +117,56 @@ def _query_layers(capture: str, num_layers: int) -> list[int]:
     raise GenerationError(f"capture must be 'none', 'last' or 'all', not {capture!r}")
 
 
+def _finished_s(lm: LoadedModel, start: float) -> float:
+    """Seconds since ``start`` once the device has finished the work queued so far: on a GPU
+    the forward only queues kernels, and ``prefill_s`` is meant as the prefill's duration."""
+    if lm.device.type == "cuda":
+        torch.cuda.synchronize(lm.device)
+    return time.perf_counter() - start
+
+
+def uses_fused_prefill(lm: LoadedModel) -> bool:
+    """Whether ``prefill`` takes ``fused_prefill`` by default: on CUDA, for the
+    architectures it supports (docs/PERFORMANCE.md, section 2, measures it); the CPU keeps
+    the transformers forward."""
+    return lm.device.type == "cuda" and fused_prefill.supports(lm.model)
+
+
 @torch.inference_mode()
-def prefill(lm: LoadedModel, layout: PromptLayout, *, capture: str = "last") -> Prefill:
-    """Run the prompt once with the model's own (SDPA) attention.
+def prefill(lm: LoadedModel, layout: PromptLayout, *, capture: str = "last",
+            fused: bool | None = None) -> Prefill:
+    """Run the prompt once with SDPA attention.
 
     ``capture`` picks the layers whose query states are recorded: ``"last"`` (Q2C, SnapKV,
-    H2O), ``"all"`` (the all-layer Q2C average), or ``"none"``.
+    H2O), ``"all"`` (the all-layer Q2C average), or ``"none"``. ``fused`` picks the path:
+    ``fused_prefill.forward`` (compiled on CUDA; its queries come straight out of the QKV
+    projection) or the model's own forward with query hooks; None takes
+    ``uses_fused_prefill``. Both compute the same snapshot, logits and queries up to float
+    rounding (tests/test_fused_prefill.py).
     """
     num_layers = lm.facts.num_layers
+    layers = _query_layers(capture, num_layers)
+    if fused is None:
+        fused = uses_fused_prefill(lm)
+    elif fused and not fused_prefill.supports(lm.model):
+        raise GenerationError(f"{lm.model_id}: fused_prefill supports Llama/Qwen2 decoders "
+                              "with full attention; prefill with fused=False")
+    ids = layout.input_ids.to(lm.device)
+    scaling = float(attention_modules(lm)[-1].scaling)
+    if fused:
+        start = time.perf_counter()
+        out = fused_prefill.forward(lm.model, ids, layers, compiled=lm.device.type == "cuda")
+        elapsed = _finished_s(lm, start)
+        snapshot = KVSnapshot(out.keys, out.values, torch.arange(layout.num_tokens))
+        return Prefill(layout, snapshot, out.logits, out.queries, scaling, elapsed)
     queries: dict[int, torch.Tensor] = {}
-    ids = layout.input_ids.unsqueeze(0).to(lm.device)
     start = time.perf_counter()
-    with _query_hooks(lm, _query_layers(capture, num_layers), queries):
+    with _query_hooks(lm, layers, queries):
         # Only the last row's logits are needed: skips a [T, vocab] projection.
-        out = lm.model(input_ids=ids, use_cache=True, logits_to_keep=1)
-    elapsed = time.perf_counter() - start
+        out = lm.model(input_ids=ids.unsqueeze(0), use_cache=True, logits_to_keep=1)
+    elapsed = _finished_s(lm, start)
     snapshot = KVSnapshot.from_cache(out.past_key_values)
-    scaling = attention_modules(lm)[-1].scaling
-    return Prefill(layout, snapshot, out.logits[0, -1].float(), queries, float(scaling), elapsed)
+    return Prefill(layout, snapshot, out.logits[0, -1].float(), queries, scaling, elapsed)
 
 
 def _is_stop(lm: LoadedModel, token: int, text: str) -> bool:

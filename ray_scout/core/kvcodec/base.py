@@ -137,57 +137,89 @@ def decode_tensor(encoded: EncodedTensor, shape: tuple[int, int, int], group_siz
                             group_size, dim, dtype)
 
 
-def _fast_groups(tensors, bits, group_size: int, dim: int) -> dict[int, list[int]]:
-    """Layer indices per quantized bit width, when every quantized layer can take the
-    Triton path together (one device, one shape); empty when torch must do the work."""
-    groups: dict[int, list[int]] = {}
-    for layer, width in enumerate(bits):
-        if width != RAW_BITS:
-            groups.setdefault(width, []).append(layer)
-    if triton_kernels is None or not groups or set(groups) - {4, 8}:
-        return {}
-    quantized = [tensors[i] for layers in groups.values() for i in layers]
-    return groups if triton_kernels.supports(quantized, group_size, dim) else {}
+def _fast_width(keys, values, bits, group_size: int) -> int | None:
+    """The quantized bit width when every quantized layer's keys and values can take the
+    Triton path together (one width, one device, one shape); None when torch must do it."""
+    widths = set(bits) - {RAW_BITS}
+    if triton_kernels is None or len(widths) != 1 or widths - {4, 8}:
+        return None
+    quantized = [i for i, width in enumerate(bits) if width != RAW_BITS]
+    tensors = [keys[i] for i in quantized] + [values[i] for i in quantized]
+    return widths.pop() if triton_kernels.supports(tensors, group_size) else None
 
 
-def encode_layers(tensors, bits, group_size: int, dim: int) -> tuple[EncodedTensor, ...]:
-    """Every layer's keys (``dim`` 1) or values (``dim`` 2) at its bit width.
+def _merge(bits, fast, raw) -> tuple:
+    """Per layer: the next item of ``fast`` where the layer is quantized, else ``raw(i)``."""
+    fast = iter(fast)
+    return tuple(raw(i) if width == RAW_BITS else next(fast) for i, width in enumerate(bits))
 
-    On a GPU with Triton, all layers of one width are quantized in one kernel launch and one
-    finiteness check (the torch path syncs once per tensor); elsewhere through ``quant``.
+
+def encode_kv(keys, values, bits, group_size: int
+              ) -> tuple[tuple[EncodedTensor, ...], tuple[EncodedTensor, ...]]:
+    """Every layer's keys (groups along tokens) and values (groups along channels) at its
+    bit width.
+
+    On a GPU with Triton, the keys and values of every quantized layer are quantized in one
+    kernel launch and one finiteness check (the torch path syncs once per tensor);
+    elsewhere through ``quant``.
     """
-    groups = _fast_groups(tensors, bits, group_size, dim)
-    if not groups:
-        return tuple(encode_tensor(t, b, group_size, dim) for t, b in zip(tensors, bits))
-    encoded: list[EncodedTensor | None] = [None] * len(tensors)
-    flag = torch.zeros(1, dtype=torch.int32, device=tensors[0].device)
-    for width, layers in groups.items():
-        codes, scales, zeros = triton_kernels.quantize_layers(
-            [tensors[i] for i in layers], width, group_size, dim,
-            quant.SCALE_SLACK / ((1 << width) - 1), flag)
-        for row, layer in enumerate(layers):
-            encoded[layer] = EncodedTensor(width, codes[row], scales[row], zeros[row])
+    width = _fast_width(keys, values, bits, group_size)
+    if width is None:
+        return (tuple(encode_tensor(t, b, group_size, KEY_GROUP_DIM) for t, b in zip(keys, bits)),
+                tuple(encode_tensor(t, b, group_size, VALUE_GROUP_DIM)
+                      for t, b in zip(values, bits)))
+    quantized = [i for i, b in enumerate(bits) if b == width]
+    device = keys[0].device
+    # The flag lives in pinned host memory, which the kernel writes through: no fill kernel
+    # before the launch and no copy after it, only the wait for the launch to finish.
+    flag = torch.zeros(1, dtype=torch.int32, pin_memory=device.type == "cuda")
+    halves = triton_kernels.quantize_kv([keys[i] for i in quantized],
+                                        [values[i] for i in quantized], width, group_size,
+                                        quant.SCALE_SLACK / ((1 << width) - 1), flag)
+    if device.type == "cuda":
+        torch.cuda.current_stream(device).synchronize()
     if flag.item():
         raise ValueError(quant.NOT_FINITE)
-    return tuple(e if e is not None else encode_tensor(t, RAW_BITS, group_size, dim)
-                 for e, t in zip(encoded, tensors))
+
+    def layers(half, tensors) -> tuple[EncodedTensor, ...]:
+        codes, scales, zeros = half
+        encoded = (EncodedTensor(width, *parts)
+                   for parts in zip(codes.unbind(), scales.unbind(), zeros.unbind()))
+        # Raw layers are copied as bf16 whatever the grouping axis.
+        return _merge(bits, encoded, lambda i: encode_tensor(tensors[i], RAW_BITS, group_size,
+                                                             KEY_GROUP_DIM))
+
+    return layers(halves[0], keys), layers(halves[1], values)
 
 
-def decode_layers(encoded, shape: tuple[int, int, int], group_size: int, dim: int,
-                  dtype: torch.dtype, device) -> tuple[torch.Tensor, ...]:
-    """Inverse of ``encode_layers`` into ``dtype`` on ``device``: bf16 on a GPU with Triton
-    in one launch per bit width (after moving the parts there), else through ``quant``."""
-    widths = {e.bits for e in encoded} - {RAW_BITS}
+def decode_kv(keys, values, shape: tuple[int, int, int], group_size: int, dtype: torch.dtype,
+              device) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
+    """Inverse of ``encode_kv`` into ``dtype`` on ``device``: bf16 on a GPU with Triton in
+    one launch for keys and values (after moving the parts there), else through ``quant``."""
+    bits = [e.bits for e in keys]
+    widths = set(bits) - {RAW_BITS}
     if (triton_kernels is None or dtype != torch.bfloat16 or len(widths) != 1
-            or widths - {4, 8} or not triton_kernels.device_ok(torch.device(device))
-            or not triton_kernels.shape_ok(shape, group_size, dim)):
-        return tuple(decode_tensor(e, shape, group_size, dim, dtype, device) for e in encoded)
-    quantized = [e for e in encoded if e.bits != RAW_BITS]
-    parts = [[p.to(device).contiguous() for p in e.parts()] for e in quantized]
-    out = triton_kernels.dequantize_layers(*zip(*parts), shape, widths.pop(), group_size, dim)
-    rows = iter(out)
-    return tuple(next(rows) if e.bits != RAW_BITS
-                 else decode_tensor(e, shape, group_size, dim, dtype, device) for e in encoded)
+            or widths - {4, 8} or [e.bits for e in values] != bits
+            or not triton_kernels.device_ok(torch.device(device))
+            or not triton_kernels.shape_ok(shape, group_size)):
+        return (tuple(decode_tensor(e, shape, group_size, KEY_GROUP_DIM, dtype, device)
+                      for e in keys),
+                tuple(decode_tensor(e, shape, group_size, VALUE_GROUP_DIM, dtype, device)
+                      for e in values))
+
+    def parts(encoded) -> tuple:
+        """(codes, scales, zeros) of the quantized layers, each a tuple over layers."""
+        return tuple(zip(*([p.to(device).contiguous() for p in e.parts()]
+                           for e in encoded if e.bits != RAW_BITS)))
+
+    def layers(half, encoded) -> tuple[torch.Tensor, ...]:
+        # Raw layers carry bf16 data; decoding them is a move, whatever the grouping axis.
+        return _merge(bits, half.unbind(), lambda i: decode_tensor(
+            encoded[i], shape, group_size, KEY_GROUP_DIM, dtype, device))
+
+    out = triton_kernels.dequantize_kv(parts(keys), parts(values), shape, widths.pop(),
+                                       group_size)
+    return layers(out[0], keys), layers(out[1], values)
 
 
 class KVCodec:
@@ -215,8 +247,7 @@ class KVCodec:
     def encode(self, snapshot: KVSnapshot) -> EncodedKV:
         layout = self.layout_for(snapshot)
         bits = layout.layer_bits()
-        keys = encode_layers(snapshot.keys, bits, self.group_size, KEY_GROUP_DIM)
-        values = encode_layers(snapshot.values, bits, self.group_size, VALUE_GROUP_DIM)
+        keys, values = encode_kv(snapshot.keys, snapshot.values, bits, self.group_size)
         positions = snapshot.positions.to(device="cpu", dtype=POSITION_DTYPE)
         return EncodedKV(layout, positions, keys, values)
 
@@ -227,10 +258,11 @@ class KVCodec:
             raise ValueError(f"{type(self).__name__} decodes {self.mode.value}, "
                              f"got {layout.mode.value}; use codec_for(encoded.mode)")
         shape = layout.tensor_shape
-        keys = decode_layers(encoded.keys, shape, layout.group_size, KEY_GROUP_DIM, dtype, device)
-        values = decode_layers(encoded.values, shape, layout.group_size, VALUE_GROUP_DIM, dtype,
-                               device)
-        return KVSnapshot(keys, values, encoded.positions.to(device=device, dtype=torch.long))
+        keys, values = decode_kv(encoded.keys, encoded.values, shape, layout.group_size, dtype,
+                                 device)
+        # Positions stay on the CPU, as in every snapshot a prefill makes: they are
+        # metadata, and on the GPU their validation and ``next_position`` would each sync.
+        return KVSnapshot(keys, values, encoded.positions.to(dtype=torch.long))
 
 
 _REGISTRY: dict[Mode, type[KVCodec]] = {}

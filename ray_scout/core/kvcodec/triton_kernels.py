@@ -1,21 +1,24 @@
 """Triton kernels for the KIVI group quantization of whole snapshots, one launch per call.
 
 What lives here: fused encode (min/max, fp16 scale and zero, codes, 4-bit packing) and
-decode (unpacking, code * scale + zero, bf16 output) of many layers at once, keys grouped
-along tokens and values along channels, in exactly the layout of ``quant`` (codes
-``[heads, tokens, head_dim]``, 4-bit codes flat with the low nibble first, scales and zeros
-with the grouped axis shrunk). Layers are reached through a table of their addresses, so a
-snapshot whose layers are separate tensors (a transformers cache) needs no stacking copy.
-What it knows: the arithmetic of ``quant.quantize``/``quant.dequantize``, step for step
-(fp32 min/max, the same scale slack, ``fma`` where torch's ``addcmul`` contracts to one),
-so the codes and scales agree with the torch path. What it leaves to others: when to use it
-(``base``, which falls back to ``quant`` where ``supports`` says no) and the finiteness
-check (the caller reads one flag per call instead of one per tensor).
+decode (unpacking, code * scale + zero, bf16 output) of the keys AND values of many layers
+in one launch each, keys grouped along tokens and values along channels, in exactly the
+layout of ``quant`` (codes ``[heads, tokens, head_dim]``, 4-bit codes flat with the low
+nibble first, scales and zeros with the grouped axis shrunk). Layers are reached through one
+table of their addresses per call, so a snapshot whose layers are separate tensors (a
+transformers cache) needs no stacking copy. What it knows: the arithmetic of
+``quant.quantize``/``quant.dequantize``, step for step (fp32 min/max, the same scale slack,
+``fma`` where torch's ``addcmul`` contracts to one), so the codes and scales agree with the
+torch path. What it leaves to others: when to use it (``base``, which falls back to
+``quant`` where ``supports`` says no) and the finiteness check (the caller reads one flag
+per call instead of one per tensor).
 
 Why: the torch path makes about ten passes over float32 temporaries and one host sync per
 tensor; at 7B shapes it reaches a small fraction of the GPU's copy bandwidth
-(docs/PERFORMANCE.md). Importing this module needs Triton; ``base`` treats ImportError as
-"use torch".
+(docs/PERFORMANCE.md). Keys and values share one launch (a grid over both halves of the
+table) because at 7B a call is only about 0.13 ms of GPU work and each launch's ramp and
+tail cost a few percent of it. Importing this module needs Triton; ``base`` treats
+ImportError as "use torch".
 """
 
 from __future__ import annotations
@@ -26,11 +29,11 @@ import torch
 import triton
 import triton.language as tl
 
-KEY_DIM = 1
-VALUE_DIM = 2
-# (tokens per program, warps) of each kernel; bench/gpu_codec.py --sweep measures others.
-LAUNCH = {"encode_keys": (64, 4), "encode_values": (32, 4),
-          "decode_keys": (32, 4), "decode_values": (32, 4)}
+# (key tokens per program, value tokens per program, warps) of each kernel, one program per
+# tile; bench/gpu_codec.py --sweep measures others.
+LAUNCH = {"encode": (64, 32, 4), "decode": (32, 32, 2)}
+# Address tables kept on the device, by the addresses they hold (see ``_table``).
+TABLE_CACHE_SIZE = 64
 
 
 # Triton's CPU interpreter (TRITON_INTERPRET=1) runs these kernels on CPU tensors: slow,
@@ -46,76 +49,96 @@ def device_ok(device: torch.device) -> bool:
     return device.type == "cuda" or (INTERPRET and device.type == "cpu")
 
 
-def shape_ok(shape, group_size: int, dim: int) -> bool:
-    """Power-of-two head_dim and group size; for values (``dim`` 2) the group size must
-    divide head_dim (channel groups never straddle tokens)."""
+def shape_ok(shape, group_size: int) -> bool:
+    """Power-of-two head_dim and group size, and the group size divides head_dim (value
+    groups run along channels and never straddle tokens)."""
     head_dim = shape[-1]
     return (len(shape) == 3 and head_dim >= 2 and _power_of_two(head_dim)
-            and _power_of_two(group_size) and (dim == KEY_DIM or head_dim % group_size == 0))
+            and _power_of_two(group_size) and head_dim % group_size == 0)
 
 
-def supports(tensors, group_size: int, dim: int) -> bool:
-    """Whether these ``[heads, tokens, head_dim]`` tensors can be encoded together here:
-    contiguous bf16 of one shape on one device that ``device_ok`` accepts."""
+def supports(tensors, group_size: int) -> bool:
+    """Whether these ``[heads, tokens, head_dim]`` tensors (keys and values) can be encoded
+    together here: contiguous bf16 of one shape on one device that ``device_ok`` accepts."""
     if not tensors:
         return False
     first = tensors[0]
-    return (device_ok(first.device) and shape_ok(first.shape, group_size, dim)
+    return (device_ok(first.device) and shape_ok(first.shape, group_size)
             and all(t.dtype == torch.bfloat16 and t.is_contiguous() and t.shape == first.shape
                     and t.device == first.device for t in tensors))
 
 
+_tables: dict[tuple, torch.Tensor] = {}
+
+
 def _table(tensors) -> torch.Tensor:
-    return torch.tensor([t.data_ptr() for t in tensors], dtype=torch.int64,
-                        device=tensors[0].device)
+    """int64 addresses of ``tensors``, on their device.
 
-
-@triton.jit
-def _program_tokens(H, BT: tl.constexpr):
-    """(layer, head, token indices) of this program: grid axis 0 runs over layers x heads,
-    axis 1 over blocks of BT tokens."""
-    lh = tl.program_id(0)
-    return (lh // H).to(tl.int64), lh % H, tl.program_id(1) * BT + tl.arange(0, BT)
+    Memoized by the addresses themselves: a table's content is a function of its key, so a
+    hit is never stale, and a repeated layout (the caching allocator hands the same blocks
+    to the next request of the same size) costs no host-to-device copy and no host work.
+    """
+    device = tensors[0].device
+    key = (device, *(t.data_ptr() for t in tensors))
+    table = _tables.get(key)
+    if table is None:
+        if len(_tables) >= TABLE_CACHE_SIZE:
+            _tables.pop(next(iter(_tables)))
+        table = _tables[key] = torch.tensor(key[1:], dtype=torch.int64, device=device)
+    return table
 
 
 @triton.jit
 def _flag_non_finite(flag_ptr, step, zero, valid):
-    # One atomic per program that met a NaN/inf scale or zero: the caller reads one flag
-    # for the whole call instead of reducing every scale tensor on the host's behalf.
+    # A program that met a NaN/inf scale or zero writes 1 (every writer writes the same
+    # value, so no atomic is needed: the flag may live in pinned host memory, where PCIe
+    # atomics are not a given). The caller reads one flag for the whole call.
     finite = (tl.abs(step) < float("inf")) & (tl.abs(zero) < float("inf"))
     bad = tl.max(tl.where(valid & (finite == 0), 1, 0))
     if bad > 0:
-        tl.atomic_or(flag_ptr, 1)
+        tl.store(flag_ptr, 1)
 
 
 @triton.jit
-def _encode_keys(src_table, codes_ptr, scales_ptr, zeros_ptr, flag_ptr, H, T, G, scale_factor,
-                 D: tl.constexpr, GS: tl.constexpr, QMAX: tl.constexpr, PACK: tl.constexpr,
-                 BT: tl.constexpr):
-    # One program: BT tokens (BT // GS token groups) of one head of one layer, all D channels.
-    NGT: tl.constexpr = BT // GS
-    tb = tl.program_id(1)
-    layer, head, t = _program_tokens(H, BT)
-    src = tl.load(src_table + layer).to(tl.pointer_type(tl.bfloat16))
-    d = tl.arange(0, D)
-    mask = (t < T)[:, None] & (d < D)[None, :]
-    offs = (head * T + t)[:, None].to(tl.int64) * D + d[None, :]
-    x = tl.load(src + offs, mask=mask, other=0.0).to(tl.float32)
-    lo = tl.min(tl.reshape(tl.where(mask, x, float("inf")), (NGT, GS, D)), axis=1)
-    hi = tl.max(tl.reshape(tl.where(mask, x, float("-inf")), (NGT, GS, D)), axis=1)
-    g = tb * NGT + tl.arange(0, NGT)
-    valid = (g < G)[:, None] & (d < D)[None, :]
+def _scale_zero(lo, hi, scale_factor):
+    """fp16 scale and zero of groups with range [lo, hi], the fp32 step, and the inverse and
+    bias that turn x into code + 0.5 in one fma (``quant.quantize``'s arithmetic)."""
     scale = ((hi - lo) * scale_factor).to(tl.float16)
     zero = lo.to(tl.float16)
-    soffs = ((layer * H + head) * G + g)[:, None] * D + d[None, :]
+    step = scale.to(tl.float32)
+    inverse = tl.where(step > 0, tl.math.div_rn(1.0, step), 0.0)
+    return scale, zero, step, inverse, 0.5 - zero.to(tl.float32) * inverse
+
+
+@triton.jit
+def _group_range(x3, rows3):
+    """Min and max over axis 1 (the tokens of a group) of ``[groups, GS, C]``, ignoring
+    rows past the prompt."""
+    return (tl.min(tl.where(rows3, x3, float("inf")), axis=1),
+            tl.max(tl.where(rows3, x3, float("-inf")), axis=1))
+
+
+@triton.jit
+def _encode_key_tile(src, codes_ptr, scales_ptr, zeros_ptr, flag_ptr, layer, head, tb, H, T, G,
+                     scale_factor, D: tl.constexpr, GS: tl.constexpr, QMAX: tl.constexpr,
+                     PACK: tl.constexpr, BT: tl.constexpr):
+    # BT tokens (BT // GS token groups) of one head of one layer, all D channels.
+    NGT: tl.constexpr = BT // GS
+    t = tb * BT + tl.arange(0, BT)
+    offs = (head * T + t)[:, None].to(tl.int64) * D + tl.arange(0, D)[None, :]
+    x = tl.reshape(tl.load(src + offs, mask=(t < T)[:, None], other=0.0).to(tl.float32),
+                   (NGT, GS, D))
+    t3 = (tb * BT + tl.arange(0, NGT)[:, None] * GS + tl.arange(0, GS)[None, :])[:, :, None]
+    lo, hi = _group_range(x, t3 < T)
+    scale, zero, step, inverse, bias = _scale_zero(lo, hi, scale_factor)
+    g = tb * NGT + tl.arange(0, NGT)
+    valid = (g < G)[:, None]
+    soffs = ((layer * H + head) * G + g)[:, None] * D + tl.arange(0, D)[None, :]
     tl.store(scales_ptr + soffs, scale, mask=valid)
     tl.store(zeros_ptr + soffs, zero, mask=valid)
-    step = scale.to(tl.float32)
     _flag_non_finite(flag_ptr, step, zero.to(tl.float32), valid)
-    inverse = tl.where(step > 0, tl.math.div_rn(1.0, step), 0.0)
-    bias = 0.5 - zero.to(tl.float32) * inverse
-    q = tl.math.fma(tl.reshape(x, (NGT, GS, D)), inverse[:, None, :], bias[:, None, :])
-    codes = tl.minimum(tl.maximum(q, 0.0), QMAX).to(tl.uint8)
+    codes = tl.minimum(tl.maximum(tl.math.fma(x, inverse[:, None, :], bias[:, None, :]), 0.0),
+                       QMAX).to(tl.uint8)
     # Which shape to store from was chosen by timing (bench/gpu_codec.py --sweep, 14B):
     # int8 codes stored as the [groups, GS, D] tile they were computed in ran 3x faster than
     # after a reshape to [BT, D]; 4-bit packing after that reshape was the fast variant.
@@ -125,26 +148,23 @@ def _encode_keys(src_table, codes_ptr, scales_ptr, zeros_ptr, flag_ptr, H, T, G,
             + tl.arange(0, D // 2)[None, :]
         tl.store(codes_ptr + poffs, even | (odd << 4), mask=(t < T)[:, None])
     else:
-        t3 = (tb * BT + tl.arange(0, NGT)[:, None] * GS + tl.arange(0, GS)[None, :])[:, :, None]
         offs3 = layer * (H * T * D) + (head * T + t3).to(tl.int64) * D \
             + tl.arange(0, D)[None, None, :]
         tl.store(codes_ptr + offs3, codes, mask=t3 < T)
 
 
 @triton.jit
-def _encode_values(src_table, codes_ptr, scales_ptr, zeros_ptr, flag_ptr, H, T, scale_factor,
-                   D: tl.constexpr, GS: tl.constexpr, QMAX: tl.constexpr, PACK: tl.constexpr,
-                   BT: tl.constexpr):
-    # One program: BT tokens of one head of one layer; groups of GS channels per token.
+def _encode_value_tile(src, src32, codes_ptr, scales_ptr, zeros_ptr, flag_ptr, layer, head, tb,
+                       H, T, scale_factor, D: tl.constexpr, GS: tl.constexpr,
+                       QMAX: tl.constexpr, PACK: tl.constexpr, BT: tl.constexpr):
+    # BT tokens of one head of one layer; groups of GS channels per token.
     NG: tl.constexpr = D // GS
-    layer, head, t = _program_tokens(H, BT)
-    src = tl.load(src_table + layer).to(tl.pointer_type(tl.bfloat16))
+    t = tb * BT + tl.arange(0, BT)
     rows = t < T
     if PACK:
         # Each 4-byte word holds channels 2i (low half) and 2i+1: a bf16 is the top half of
         # its fp32, so shifts give both as fp32 tiles [BT, NG, GS/2] whose codes pack into
         # one byte in place (reshape+split variants ran 3x slower in the sweep).
-        src32 = tl.load(src_table + layer).to(tl.pointer_type(tl.int32))
         woffs = (head * T + t)[:, None].to(tl.int64) * (D // 2) + tl.arange(0, D // 2)[None, :]
         words = tl.load(src32 + woffs, mask=rows[:, None], other=0)
         xe = tl.reshape((words << 16).to(tl.float32, bitcast=True), (BT, NG, GS // 2))
@@ -179,6 +199,36 @@ def _encode_values(src_table, codes_ptr, scales_ptr, zeros_ptr, flag_ptr, H, T, 
 
 
 @triton.jit
+def _tile(tile, key_tiles, key_blocks, value_blocks, H):
+    """(is a key tile, layer, head, token block) of tile number ``tile``: the key tiles of
+    every layer and head first, then the value tiles; a head's blocks are consecutive."""
+    is_key = tile < key_tiles
+    rest = tl.where(is_key, tile, tile - key_tiles)
+    blocks = tl.where(is_key, key_blocks, value_blocks)
+    lh = rest // blocks
+    return is_key, (lh // H).to(tl.int64), lh % H, rest % blocks
+
+
+@triton.jit
+def _encode_kv(table, kcodes, kscales, kzeros, vcodes, vscales, vzeros, flag_ptr, L, H, T, G,
+               key_blocks, value_blocks, scale_factor, D: tl.constexpr, GS: tl.constexpr,
+               QMAX: tl.constexpr, PACK: tl.constexpr, BTK: tl.constexpr, BTV: tl.constexpr):
+    # One program per tile. ``table``: the L key addresses, then the L value addresses.
+    is_key, layer, head, block = _tile(tl.program_id(0), L * H * key_blocks, key_blocks,
+                                       value_blocks, H)
+    if is_key:
+        src = tl.load(table + layer).to(tl.pointer_type(tl.bfloat16))
+        _encode_key_tile(src, kcodes, kscales, kzeros, flag_ptr, layer, head, block, H, T, G,
+                         scale_factor, D, GS, QMAX, PACK, BTK)
+    else:
+        address = tl.load(table + L + layer)
+        _encode_value_tile(address.to(tl.pointer_type(tl.bfloat16)),
+                           address.to(tl.pointer_type(tl.int32)), vcodes, vscales, vzeros,
+                           flag_ptr, layer, head, block, H, T, scale_factor, D, GS, QMAX, PACK,
+                           BTV)
+
+
+@triton.jit
 def _load_codes(codes, head, t, rows, T, D: tl.constexpr, R: tl.constexpr, PACK: tl.constexpr):
     """Codes ``[R, D]`` (uint8 values 0..QMAX) of tokens ``t`` of one head."""
     if PACK:
@@ -192,22 +242,20 @@ def _load_codes(codes, head, t, rows, T, D: tl.constexpr, R: tl.constexpr, PACK:
 
 
 @triton.jit
-def _decode_program(codes_table, scales_table, zeros_table, H, T, BT: tl.constexpr):
-    """This program's layer, head, tokens (with their in-range mask) and the layer's parts."""
-    layer, head, t = _program_tokens(H, BT)
-    return (layer, head, t, t < T,
-            tl.load(codes_table + layer).to(tl.pointer_type(tl.uint8)),
-            tl.load(scales_table + layer).to(tl.pointer_type(tl.float16)),
-            tl.load(zeros_table + layer).to(tl.pointer_type(tl.float16)))
+def _layer_parts(table, L, layer, first: tl.constexpr):
+    """Codes, scales and zeros of ``layer`` from entries ``first``..``first + 2`` (each L
+    long) of the decode table."""
+    return (tl.load(table + first * L + layer).to(tl.pointer_type(tl.uint8)),
+            tl.load(table + (first + 1) * L + layer).to(tl.pointer_type(tl.float16)),
+            tl.load(table + (first + 2) * L + layer).to(tl.pointer_type(tl.float16)))
 
 
 @triton.jit
-def _decode_keys(codes_table, scales_table, zeros_table, out_ptr, H, T, G,
-                 D: tl.constexpr, GS: tl.constexpr, PACK: tl.constexpr, BT: tl.constexpr):
+def _decode_key_tile(codes, scales, zeros, out_ptr, layer, head, tb, H, T, G,
+                     D: tl.constexpr, GS: tl.constexpr, PACK: tl.constexpr, BT: tl.constexpr):
     NGT: tl.constexpr = BT // GS
-    tb = tl.program_id(1)
-    layer, head, t, rows, codes, scales, zeros = _decode_program(
-        codes_table, scales_table, zeros_table, H, T, BT)
+    t = tb * BT + tl.arange(0, BT)
+    rows = t < T
     d = tl.arange(0, D)
     c = tl.reshape(_load_codes(codes, head, t, rows, T, D, BT, PACK).to(tl.float32), (NGT, GS, D))
     g = tb * NGT + tl.arange(0, NGT)
@@ -220,11 +268,11 @@ def _decode_keys(codes_table, scales_table, zeros_table, out_ptr, H, T, G,
 
 
 @triton.jit
-def _decode_values(codes_table, scales_table, zeros_table, out_ptr, H, T,
-                   D: tl.constexpr, GS: tl.constexpr, PACK: tl.constexpr, BT: tl.constexpr):
+def _decode_value_tile(codes, scales, zeros, out_ptr, layer, head, tb, H, T,
+                       D: tl.constexpr, GS: tl.constexpr, PACK: tl.constexpr, BT: tl.constexpr):
     NG: tl.constexpr = D // GS
-    layer, head, t, rows, codes, scales, zeros = _decode_program(
-        codes_table, scales_table, zeros_table, H, T, BT)
+    t = tb * BT + tl.arange(0, BT)
+    rows = t < T
     c = tl.reshape(_load_codes(codes, head, t, rows, T, D, BT, PACK).to(tl.float32), (BT, NG, GS))
     soffs = (head * T + t)[:, None].to(tl.int64) * NG + tl.arange(0, NG)[None, :]
     s = tl.load(scales + soffs, mask=rows[:, None], other=0.0).to(tl.float32)
@@ -235,67 +283,94 @@ def _decode_values(codes_table, scales_table, zeros_table, out_ptr, H, T,
     tl.store(out_ptr + offs, out, mask=rows[:, None])
 
 
-def quantize_layers(tensors, bits: int, group_size: int, dim: int, scale_factor: float,
-                    flag: torch.Tensor):
-    """Codes, scales and zeros of every tensor, stacked on a new leading layer axis.
+@triton.jit
+def _decode_kv(table, kout, vout, L, H, T, G, key_blocks, value_blocks, D: tl.constexpr,
+               GS: tl.constexpr, PACK: tl.constexpr, BTK: tl.constexpr, BTV: tl.constexpr):
+    # Tiles as ``_encode_kv``'s. ``table``: key codes, key scales, key zeros, value codes,
+    # value scales, value zeros, each L addresses long.
+    is_key, layer, head, block = _tile(tl.program_id(0), L * H * key_blocks, key_blocks,
+                                       value_blocks, H)
+    if is_key:
+        codes, scales, zeros = _layer_parts(table, L, layer, 0)
+        _decode_key_tile(codes, scales, zeros, kout, layer, head, block, H, T, G,
+                         D, GS, PACK, BTK)
+    else:
+        codes, scales, zeros = _layer_parts(table, L, layer, 3)
+        _decode_value_tile(codes, scales, zeros, vout, layer, head, block, H, T,
+                           D, GS, PACK, BTV)
 
+
+def _blocks(tokens: int, block: int) -> int:
+    return -(-tokens // block)
+
+
+def _launch_shape(stage: str, tokens: int, layers: int, heads: int, group_size: int):
+    """(key tokens per program, value tokens per program, warps, key blocks, value blocks,
+    grid) of ``stage`` ("encode" or "decode") from ``LAUNCH``: one program per tile, the key
+    tiles of every layer and head first, then the value tiles."""
+    block_keys, block_values, warps = LAUNCH[stage]
+    block_keys = max(block_keys, group_size)
+    key_blocks, value_blocks = _blocks(tokens, block_keys), _blocks(tokens, block_values)
+    return (block_keys, block_values, warps, key_blocks, value_blocks,
+            (layers * heads * (key_blocks + value_blocks),))
+
+
+def quantize_kv(keys, values, bits: int, group_size: int, scale_factor: float,
+                flag: torch.Tensor):
+    """Codes, scales and zeros of every layer's keys and of every layer's values, each
+    stacked on a new leading layer axis, from one launch.
+
+    Returns ``(key_codes, key_scales, key_zeros), (value_codes, value_scales, value_zeros)``.
     Codes are ``[layers, heads, tokens, head_dim]`` uint8, or ``[layers, count // 2]`` when
-    4-bit; scales and zeros are fp16 with the grouped axis shrunk, as ``quant.quantize``.
-    ``scale_factor`` is the slack over ``qmax`` that ``quant`` uses. ``flag`` (one int32 on
-    the device, zero) becomes nonzero if any scale or zero is not finite.
+    4-bit; scales and zeros are fp16 with the grouped axis shrunk (tokens for keys,
+    channels for values), as ``quant.quantize``. ``scale_factor`` is the slack over ``qmax``
+    that ``quant`` uses. ``flag`` (one int32, zero; on the device or in pinned host memory)
+    becomes nonzero if any scale or zero is not finite, once the launch has completed.
     """
     if bits not in (4, 8):
         raise ValueError(f"Triton kernels quantize to 8 or 4 bits, not {bits}")
-    layers = len(tensors)
-    heads, tokens, head_dim = tensors[0].shape
-    device = tensors[0].device
+    if len(keys) != len(values):
+        raise ValueError(f"{len(keys)} key layers but {len(values)} value layers")
+    layers = len(keys)
+    heads, tokens, head_dim = keys[0].shape
+    device = keys[0].device
     pack = bits == 4
     count = heads * tokens * head_dim
-    codes = torch.empty((layers, count // 2) if pack else (layers, heads, tokens, head_dim),
+    codes = torch.empty((2, layers, count // 2) if pack else (2, layers, heads, tokens, head_dim),
                         dtype=torch.uint8, device=device)
-    if dim == KEY_DIM:
-        groups = -(-tokens // group_size)
-        side = (layers, heads, groups, head_dim)
-    else:
-        side = (layers, heads, tokens, head_dim // group_size)
-    scales = torch.empty(side, dtype=torch.float16, device=device)
-    zeros = torch.empty(side, dtype=torch.float16, device=device)
-    qmax = (1 << bits) - 1
-    table = _table(tensors)
-    if dim == KEY_DIM:
-        block, warps = LAUNCH["encode_keys"]
-        block = max(block, group_size)
-        _encode_keys[(layers * heads, -(-tokens // block))](
-            table, codes, scales, zeros, flag, heads, tokens, side[2], scale_factor,
-            D=head_dim, GS=group_size, QMAX=qmax, PACK=pack, BT=block, num_warps=warps)
-    else:
-        block, warps = LAUNCH["encode_values"]
-        _encode_values[(layers * heads, -(-tokens // block))](
-            table, codes, scales, zeros, flag, heads, tokens, scale_factor,
-            D=head_dim, GS=group_size, QMAX=qmax, PACK=pack, BT=block, num_warps=warps)
-    return codes, scales, zeros
+    groups = -(-tokens // group_size)
+    key_side = (layers, heads, groups, head_dim)
+    value_side = (layers, heads, tokens, head_dim // group_size)
+    key_scales, key_zeros = (torch.empty(key_side, dtype=torch.float16, device=device)
+                             for _ in range(2))
+    value_scales, value_zeros = (torch.empty(value_side, dtype=torch.float16, device=device)
+                                 for _ in range(2))
+    block_keys, block_values, warps, key_blocks, value_blocks, grid = _launch_shape(
+        "encode", tokens, layers, heads, group_size)
+    _encode_kv[grid](
+        _table(list(keys) + list(values)), codes[0], key_scales, key_zeros, codes[1],
+        value_scales, value_zeros, flag, layers, heads, tokens, groups, key_blocks, value_blocks,
+        scale_factor, D=head_dim, GS=group_size, QMAX=(1 << bits) - 1, PACK=pack,
+        BTK=block_keys, BTV=block_values, num_warps=warps)
+    return (codes[0], key_scales, key_zeros), (codes[1], value_scales, value_zeros)
 
 
-def dequantize_layers(codes, scales, zeros, shape: tuple[int, int, int], bits: int,
-                      group_size: int, dim: int) -> torch.Tensor:
-    """bf16 ``[layers, heads, tokens, head_dim]`` from per-layer codes, scales and zeros
-    (sequences of tensors in ``quant``'s per-layer layout)."""
+def dequantize_kv(key_parts, value_parts, shape: tuple[int, int, int], bits: int,
+                  group_size: int) -> torch.Tensor:
+    """bf16 ``[2, layers, heads, tokens, head_dim]`` (keys, then values) from one launch.
+
+    ``key_parts`` and ``value_parts`` are ``(codes, scales, zeros)``, each a sequence of
+    per-layer tensors in ``quant``'s layout, on the device.
+    """
     heads, tokens, head_dim = shape
-    layers = len(codes)
-    device = codes[0].device
-    out = torch.empty((layers, heads, tokens, head_dim), dtype=torch.bfloat16, device=device)
-    tables = (_table(codes), _table(scales), _table(zeros))
-    pack = bits == 4
-    if dim == KEY_DIM:
-        groups = -(-tokens // group_size)
-        block, warps = LAUNCH["decode_keys"]
-        block = max(block, group_size)
-        _decode_keys[(layers * heads, -(-tokens // block))](
-            *tables, out, heads, tokens, groups, D=head_dim, GS=group_size, PACK=pack, BT=block,
-            num_warps=warps)
-    else:
-        block, warps = LAUNCH["decode_values"]
-        _decode_values[(layers * heads, -(-tokens // block))](
-            *tables, out, heads, tokens, D=head_dim, GS=group_size, PACK=pack, BT=block,
-            num_warps=warps)
+    layers = len(key_parts[0])
+    device = key_parts[0][0].device
+    out = torch.empty((2, layers, heads, tokens, head_dim), dtype=torch.bfloat16, device=device)
+    table = _table([t for parts in (*key_parts, *value_parts) for t in parts])
+    block_keys, block_values, warps, key_blocks, value_blocks, grid = _launch_shape(
+        "decode", tokens, layers, heads, group_size)
+    _decode_kv[grid](
+        table, out[0], out[1], layers, heads, tokens, -(-tokens // group_size), key_blocks,
+        value_blocks, D=head_dim, GS=group_size, PACK=bits == 4, BTK=block_keys,
+        BTV=block_values, num_warps=warps)
     return out
