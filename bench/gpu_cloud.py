@@ -22,8 +22,8 @@ import argparse
 
 import torch
 
-from gpu_common import (device_busy_ms, median_ms, outlier_kv, print_table, provenance,
-                        shape_arguments, synthetic_layout, write_results)
+from gpu_common import (device_busy_ms, median_ms, outlier_kv, print_table, provenance, shape_arguments, write_results)
+from ray_scout.core.prompt import synthetic_layout
 from ray_scout.core import generation, models
 from ray_scout.core.kvcodec import EncodedKV, EncodedTensor, codec_for
 from ray_scout.core.modes import Mode
@@ -64,15 +64,15 @@ def bench_preset(preset: str, tokens: int, device: torch.device, repeats: int) -
     tail = ids[:, -1:]
     rows = []
 
+    def prefill():  # the cloud's own prefill is the production one (fused on CUDA)
+        return generation.prefill(lm, layout, capture="none")
+
     def full():
-        out = lm.model(input_ids=ids, use_cache=True, logits_to_keep=1)
-        return decode_steps(lm, out.past_key_values, out.logits[:, -1:].argmax(-1), tokens,
-                            DECODE_STEPS)
+        pre = prefill()
+        return decode_steps(lm, pre.snapshot.to_cache(lm.model.config),
+                            pre.logits.argmax().view(1, 1), tokens, DECODE_STEPS)
 
-    def prefill():
-        return lm.model(input_ids=ids, use_cache=True, logits_to_keep=1)
-
-    cache = prefill().past_key_values
+    cache = prefill().snapshot.to_cache(lm.model.config)
 
     def from_prompt(steps: int):
         extra = cache.get_seq_length() - tokens

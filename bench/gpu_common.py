@@ -21,11 +21,8 @@ import torch
 
 from ray_scout.core.kv import KVSnapshot
 from ray_scout.core.latency import cpu_name
-from ray_scout.core.prompt import PromptLayout
 
 RESULTS = Path(__file__).resolve().parent / "results"
-QUESTION_TOKENS = 32  # the question span Q2C sums over
-TEMPLATE_TOKENS = 16  # template tokens before the context and after the question
 
 
 def sync(device: torch.device) -> None:
@@ -116,19 +113,6 @@ def device_label(device: torch.device) -> str:
     if device.type == "cuda":
         return f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}"
     return f"{cpu_name()}, torch {torch.__version__}"
-
-
-def synthetic_layout(num_tokens: int, vocab_size: int, *, seed: int = 0) -> PromptLayout:
-    """A prompt of random ids: template, context, question (QUESTION_TOKENS), template."""
-    if num_tokens < 2 * TEMPLATE_TOKENS + QUESTION_TOKENS + 1:
-        raise ValueError(f"need more than {2 * TEMPLATE_TOKENS + QUESTION_TOKENS} tokens")
-    generator = torch.Generator().manual_seed(seed)
-    ids = torch.randint(100, min(vocab_size, 40_000), (num_tokens,), generator=generator)
-    question_end = num_tokens - TEMPLATE_TOKENS
-    context = range(TEMPLATE_TOKENS, question_end - QUESTION_TOKENS)
-    offsets = torch.stack([torch.arange(len(context)), torch.arange(1, len(context) + 1)], 1)
-    return PromptLayout(ids, context, range(question_end - QUESTION_TOKENS, question_end),
-                        offsets, "x" * len(context), "q")
 
 
 def outlier_kv(num_layers: int, heads: int, tokens: int, head_dim: int, device,

@@ -27,6 +27,11 @@ def test_rejects_unsorted_points():
 
 
 def test_measure_times_prefill_and_decode_of_a_real_model(tiny_model):
-    p = measure(tiny_model, [16, 64], decode_steps=2, repeats=1)
-    assert [t for t, _ in p.prefill_points] == [16, 64]
+    p = measure(tiny_model, [72, 128], decode_steps=2, repeats=1)
+    assert [t for t, _ in p.prefill_points] == [72, 128]
     assert all(s > 0 for _, s in p.decode_points)
+
+
+def test_measure_refuses_prompts_too_short_for_a_prompt_layout(tiny_model):
+    with pytest.raises(ValueError, match="need more than 64 tokens"):
+        measure(tiny_model, [16], decode_steps=1, repeats=1)

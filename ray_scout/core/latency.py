@@ -114,17 +114,24 @@ def _median_seconds(fn, device: torch.device, repeats: int) -> float:
 @torch.inference_mode()
 def measure(lm, prompt_lengths: list[int], *, decode_steps: int = 8, repeats: int = 3,
             command: str = "") -> LatencyProfile:
-    """Time prefill at each prompt length and the per-token decode cost after it."""
+    """Time prefill at each prompt length and the per-token decode cost after it.
+
+    Prefill is ``generation.prefill`` as the edge and the cloud's scout path run it (on CUDA
+    the compiled fused forward, whose one-off compile the warm-up call absorbs), over a
+    synthetic prompt of that length.
+    """
+    from ray_scout.core.generation import prefill as run_prefill
+    from ray_scout.core.prompt import synthetic_layout
+
     device = lm.device
     vocab = lm.model.config.vocab_size
-    generator = torch.Generator().manual_seed(0)
     prefill, decode = [], []
     for n in sorted(prompt_lengths):
-        ids = torch.randint(100, min(vocab, 40_000), (1, n), generator=generator).to(device)
-        prefill.append((n, _median_seconds(lambda: lm.model(ids, use_cache=True), device,
-                                           repeats)))
-        cache = lm.model(ids, use_cache=True).past_key_values
-        step_ids = ids[:, -1:]
+        layout = synthetic_layout(n, vocab, seed=n)
+        prefill.append((n, _median_seconds(lambda: run_prefill(lm, layout, capture="none"),
+                                           device, repeats)))
+        cache = run_prefill(lm, layout, capture="none").snapshot.to_cache(lm.model.config)
+        step_ids = layout.input_ids[-1:].view(1, 1).to(device)
 
         def run_decode():
             extra = cache.get_seq_length() - n

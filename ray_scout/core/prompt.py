@@ -18,6 +18,10 @@ _CONTEXT_MARK = "\x00CONTEXT\x00"
 _QUESTION_MARK = "\x00QUESTION\x00"
 USER = f"Text: {_CONTEXT_MARK}\n\nQuestion: {_QUESTION_MARK}\nAnswer in a few words."
 PLAIN = f"{SYSTEM}\n\nText: {_CONTEXT_MARK}\n\nQuestion: {_QUESTION_MARK}\nAnswer:"
+# Synthetic prompts (timing at real shapes without text): template tokens around the context
+# and after the question, and a question span of realistic length for Q2C to sum over.
+SYNTHETIC_TEMPLATE_TOKENS = 16
+SYNTHETIC_QUESTION_TOKENS = 32
 
 
 class PromptError(ValueError):
@@ -102,3 +106,17 @@ def build_prompt(tokenizer, context: str, question: str) -> PromptLayout:
         context=context,
         question=question,
     )
+
+
+def synthetic_layout(num_tokens: int, vocab_size: int, *, seed: int = 0) -> PromptLayout:
+    """A prompt of random ids with the layout of a real one: template, context, question,
+    template. Its context text is a placeholder (one character per token)."""
+    if num_tokens < 2 * SYNTHETIC_TEMPLATE_TOKENS + SYNTHETIC_QUESTION_TOKENS + 1:
+        raise ValueError(f"need more than {2 * SYNTHETIC_TEMPLATE_TOKENS + SYNTHETIC_QUESTION_TOKENS} tokens")
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(100, min(vocab_size, 40_000), (num_tokens,), generator=generator)
+    question_end = num_tokens - SYNTHETIC_TEMPLATE_TOKENS
+    context = range(SYNTHETIC_TEMPLATE_TOKENS, question_end - SYNTHETIC_QUESTION_TOKENS)
+    offsets = torch.stack([torch.arange(len(context)), torch.arange(1, len(context) + 1)], 1)
+    return PromptLayout(ids, context, range(question_end - SYNTHETIC_QUESTION_TOKENS, question_end),
+                        offsets, "x" * len(context), "q")
