@@ -241,3 +241,18 @@ def test_a_static_agent_is_never_planned_on_a_mode_it_does_not_send():
     _, epochs = simulate(SimConfig(specs, CapacityTrace.constant(20 * MBIT, 5),
                                    StaticPolicy(Mode.INT8, PROFILE), "quality_max", seed=1))
     assert set(epochs.planned_mode) <= {"int8", "local"}
+
+
+def test_a_measured_estimator_sees_a_capacity_drop_through_transfers_cut_off_by_it():
+    # 50 Mbit/s, then 2 Mbit/s: every INT8 payload (4.7 MB) sent after the drop is cut off at
+    # its deadline. Only those cut-off transfers can tell the estimator about the drop.
+    trace = CapacityTrace(((0.0, 50 * MBIT), (20.0, 2 * MBIT)), 60.0)
+    lone = (paper_b_agent("a0", 0.2, 2.0, pair="3b-7b"),)
+    cfg = SimConfig(lone, trace, StaticPolicy(Mode.INT8, PROFILE), allocator=None,
+                    estimator="last", seed=2)
+    requests, _ = simulate(cfg)
+    before = requests[requests.t_arrival_s < 20]
+    late = requests[requests.t_arrival_s > 30]
+    assert before.deadline_met.any() and len(late) > 2 and not late.deadline_met.any()
+    assert before.bandwidth_estimate_bps.iloc[-1] > 40 * MBIT
+    assert late.bandwidth_estimate_bps.max() < 3 * MBIT

@@ -88,6 +88,34 @@ def test_deadline_while_sending_closes_the_connection():
         accepted.close()
 
 
+def test_a_send_cut_off_by_its_deadline_reports_what_the_peer_acknowledged():
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        conn = Connection(listener.getsockname())
+        accepted, _ = listener.accept()
+        # The peer reads 1 MB and stops: its kernel then acknowledges only what fits its
+        # receive buffer, so the acked count sits between the two.
+        threading.Thread(target=lambda: accepted.recv(1 << 20, socket.MSG_WAITALL),
+                         daemon=True).start()
+        with pytest.raises(DeadlineExceeded) as caught:
+            conn.request(b"k" * 50_000_000, deadline_s=0.5)
+        receive_buffer = accepted.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
+        accepted.close()
+    assert 1 << 20 <= caught.value.acked_bytes <= (1 << 20) + receive_buffer + HEADER_SIZE
+    assert 0.3 < caught.value.sending_s <= 0.5 + 0.05
+    assert str(caught.value.acked_bytes) in str(caught.value)
+
+
+def test_an_answer_that_comes_too_late_carries_no_transfer_sample():
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        conn = Connection(listener.getsockname())
+        accepted, _ = listener.accept()
+        threading.Thread(target=lambda: accepted.recv(1 << 16), daemon=True).start()
+        with pytest.raises(DeadlineExceeded, match="no answer") as caught:
+            conn.request(b"small", deadline_s=0.2)
+        accepted.close()
+    assert caught.value.acked_bytes is None and caught.value.sending_s is None
+
+
 def test_late_answer_to_a_cancelled_request_is_discarded():
     def handler(request: Request) -> bytes:
         if request.body == b"slow":

@@ -264,6 +264,10 @@ class EdgeAgent:
                                                      body_checksum=False)
             response = self.connection.request(body, deadline_s=left)
         except DeadlineExceeded as exc:
+            if exc.acked_bytes and exc.sending_s:
+                # A transfer cut off at its deadline still measured the path until then:
+                # dropping it would hide exactly the capacity drops that made it late.
+                self.estimator.observe(exc.acked_bytes, exc.sending_s, time.time() - t0_unix_s)
             row.update(cancelled=True, error=str(exc))
             return self._finish(row, mode)
         except (ConnectionLost, RemoteError, TransportError, OSError) as exc:

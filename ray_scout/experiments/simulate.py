@@ -323,8 +323,11 @@ class _Sim:
         if req.done:
             return
         req.done = True
-        if req in self.active:
+        if req in self.active:  # cut off mid-transfer: what got through is still a sample
             self.active.remove(req)
+            sent = req.payload - req.remaining
+            if sent > 0 and t > req.t_tx_start:
+                self.estimators[req.agent.agent_id].observe(int(sent), t - req.t_tx_start, t)
         lat = req.agent.latency
         self.record(req, edge_s=lat.edge_s[req.mode], rtt_s=lat.rtt_s,
                     queue_s=lat.cloud_queue_s, cloud_s=lat.cloud_s[req.mode],

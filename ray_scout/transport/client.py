@@ -50,11 +50,20 @@ class ConnectionLost(TransportError, ConnectionError):
 
 
 class DeadlineExceeded(TransportError, TimeoutError):
-    """The request's deadline passed; `remote` is True when the server said so."""
+    """The request's deadline passed; `remote` is True when the server said so.
 
-    def __init__(self, message: str, *, remote: bool = False):
+    Given up while the body was still being sent, `acked_bytes` of it had been acknowledged
+    in `sending_s` seconds from its first byte (the sender was backlogged all along, so that
+    is the path's rate over the interval: what a bandwidth estimator needs from a transfer
+    that never finished); None where unknown.
+    """
+
+    def __init__(self, message: str, *, remote: bool = False, acked_bytes: int | None = None,
+                 sending_s: float | None = None):
         super().__init__(message)
         self.remote = remote
+        self.acked_bytes = acked_bytes
+        self.sending_s = sending_s
 
 
 class RemoteError(TransportError):
@@ -78,6 +87,7 @@ class TcpInfo:
     snd_cwnd_segments: int
     delivery_rate_bps: float  # bits per second, the kernel's latest delivery-rate sample
     total_retrans: int
+    bytes_acked: int  # since the connection opened
 
 
 _TCP_INFO_SIZE = 168  # through tcpi_delivery_rate
@@ -91,9 +101,11 @@ def tcp_info(sock: socket.socket) -> TcpInfo | None:
     (rtt_us,) = struct.unpack_from("I", raw, 68)
     (cwnd,) = struct.unpack_from("I", raw, 80)
     (retrans,) = struct.unpack_from("I", raw, 100)
+    (bytes_acked,) = struct.unpack_from("Q", raw, 120)
     (min_rtt_us,) = struct.unpack_from("I", raw, 148)
     (rate_bytes_per_s,) = struct.unpack_from("Q", raw, 160)
-    return TcpInfo(rtt_us / 1e6, min_rtt_us / 1e6, cwnd, rate_bytes_per_s * 8.0, retrans)
+    return TcpInfo(rtt_us / 1e6, min_rtt_us / 1e6, cwnd, rate_bytes_per_s * 8.0, retrans,
+                   bytes_acked)
 
 
 @dataclass(frozen=True)
@@ -268,6 +280,7 @@ class Connection:
         if left <= 0:
             raise DeadlineExceeded(f"deadline of {deadline_s:.3f} s passed before request {request_id} was sent")
         tx_starts: list[float] = []
+        before = tcp_info(sock)
 
         def sendall(data: bytes | bytearray | memoryview) -> None:
             # The body checksum is computed before the first call (about 1 ms per MB), so
@@ -287,10 +300,15 @@ class Connection:
             )
         except socket.timeout:
             # Part of the frame is in flight: the stream cannot carry another frame.
+            after = tcp_info(sock) if tx_starts else None
             self.close()
+            acked = (after.bytes_acked - before.bytes_acked
+                     if after is not None and before is not None else None)
             raise DeadlineExceeded(
                 f"deadline of {deadline_s:.3f} s passed while sending request {request_id} "
-                f"({len(body)} bytes); connection closed"
+                f"({len(body)} bytes, {acked if acked is not None else 'unknown'} acked); "
+                "connection closed",
+                acked_bytes=acked, sending_s=time.time() - tx_starts[0] if tx_starts else None,
             ) from None
         except OSError as exc:
             raise self._rejected_or_lost(request_id, deadline, exc) from None
