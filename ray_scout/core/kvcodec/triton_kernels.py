@@ -316,7 +316,7 @@ def _launch_shape(stage: str, tokens: int, layers: int, heads: int, group_size: 
 
 
 def quantize_kv(keys, values, bits: int, group_size: int, scale_factor: float,
-                flag: torch.Tensor):
+                flag: torch.Tensor, only: str | None = None):
     """Codes, scales and zeros of every layer's keys and of every layer's values, each
     stacked on a new leading layer axis, from one launch.
 
@@ -326,9 +326,13 @@ def quantize_kv(keys, values, bits: int, group_size: int, scale_factor: float,
     channels for values), as ``quant.quantize``. ``scale_factor`` is the slack over ``qmax``
     that ``quant`` uses. ``flag`` (one int32, zero; on the device or in pinned host memory)
     becomes nonzero if any scale or zero is not finite, once the launch has completed.
+    ``only`` ("keys" or "values") launches that half's tiles alone and leaves the other
+    half's outputs unwritten: it times each half of the kernel (bench/gpu_codec_halves.py).
     """
     if bits not in (4, 8):
         raise ValueError(f"Triton kernels quantize to 8 or 4 bits, not {bits}")
+    if only not in (None, "keys", "values"):
+        raise ValueError(f"only= takes 'keys', 'values' or None, not {only!r}")
     if len(keys) != len(values):
         raise ValueError(f"{len(keys)} key layers but {len(values)} value layers")
     layers = len(keys)
@@ -347,6 +351,10 @@ def quantize_kv(keys, values, bits: int, group_size: int, scale_factor: float,
                                  for _ in range(2))
     block_keys, block_values, warps, key_blocks, value_blocks, grid = _launch_shape(
         "encode", tokens, layers, heads, group_size)
+    if only == "keys":  # the key tiles come first: a shorter grid stops before the values
+        grid = (layers * heads * key_blocks,)
+    elif only == "values":  # no key tiles: every program's tile is a value tile
+        key_blocks, grid = 0, (layers * heads * value_blocks,)
     _encode_kv[grid](
         _table(list(keys) + list(values)), codes[0], key_scales, key_zeros, codes[1],
         value_scales, value_zeros, flag, layers, heads, tokens, groups, key_blocks, value_blocks,
