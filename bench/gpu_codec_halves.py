@@ -1,6 +1,6 @@
 """Which half of the one-launch encode kernel costs what: keys and values timed apart.
 
-    PYTHONPATH=. python3 bench/gpu_codec_halves.py                          # 7B, LAUNCH's shape
+    PYTHONPATH=. python3 bench/gpu_codec_halves.py                          # 7B, LAUNCH's shapes
     PYTHONPATH=. python3 bench/gpu_codec_halves.py --shapes 64/32/4 32/32/4 --presets qwen2.5-14b
 
 The encode kernel quantizes keys (groups of tokens per channel, KIVI) and values (groups of
@@ -61,8 +61,9 @@ def time_halves(kernels, kv, bits: int, device: torch.device, repeats: int) -> d
 
 def measure(kernels, presets: list[str], tokens: int, shapes, device: torch.device,
             repeats: int, copy_gbps: float, label: str = "") -> list[dict]:
-    """One row per preset, bit width and launch shape (installed in ``kernels.LAUNCH``)."""
-    saved = kernels.LAUNCH["encode"]
+    """One row per preset, bit width and launch shape (installed in ``kernels.LAUNCH``; None:
+    the width's own shape from ``LAUNCH``)."""
+    saved = dict(kernels.LAUNCH["encode"])
     rows = []
     try:
         for preset in presets:
@@ -70,13 +71,15 @@ def measure(kernels, presets: list[str], tokens: int, shapes, device: torch.devi
             kv = outlier_kv(facts.num_layers, facts.num_kv_heads, tokens, facts.head_dim,
                             device, seed=4)
             for shape in shapes:
-                kernels.LAUNCH["encode"] = shape
                 for bits in (8, 4):
+                    kernels.LAUNCH["encode"][bits] = shape or saved[bits]
+                    shape_used = kernels.LAUNCH["encode"][bits]
                     ms = time_halves(kernels, kv, bits, device, repeats)
                     moved = half_bytes(facts.num_layers, facts.num_kv_heads, tokens,
                                        facts.head_dim, bits)
                     row = {"kernels": label, "preset": preset, "bits": bits,
-                           "key_tokens": shape[0], "value_tokens": shape[1], "warps": shape[2]}
+                           "key_tokens": shape_used[0], "value_tokens": shape_used[1],
+                           "warps": shape_used[2]}
                     for only, name in (("keys", "keys"), ("values", "values"), (None, "both")):
                         row[f"{name}_ms"] = ms[only]
                         row[f"{name}_ratio"] = moved[only] / ms[only] / 1e6 / copy_gbps
@@ -87,7 +90,8 @@ def measure(kernels, presets: list[str], tokens: int, shapes, device: torch.devi
 
 
 COLUMNS = [("kernels", "kernels", "s"), ("preset", "preset", "s"), ("bits", "bits", "d"),
-           ("key_tokens", "key tok", "d"), ("value_tokens", "val tok", "d"), ("warps", "warps", "d"),
+           ("key_tokens", "key tok", "d"), ("value_tokens", "val tok", "d"),
+           ("warps", "warps", "d"),
            ("keys_ms", "keys ms", ".4f"), ("keys_ratio", "keys/copy", ".3f"),
            ("values_ms", "values ms", ".4f"), ("values_ratio", "values/copy", ".3f"),
            ("both_ms", "both ms", ".4f"), ("both_ratio", "both/copy", ".3f")]
@@ -106,15 +110,16 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     shape_arguments(parser, presets=["qwen2.5-7b"], tokens=4096, repeats=20)
     parser.add_argument("--shapes", nargs="+", type=launch_shape, default=None,
-                        help="launch shapes key_tokens/value_tokens/warps (default: LAUNCH's)")
+                        help="launch shapes key_tokens/value_tokens/warps (default: each "
+                             "width's own from LAUNCH)")
     args = parser.parse_args()
     device = torch.device(args.device)
     if device.type != "cuda" or base.triton_kernels is None:
         parser.error("times kernels with the CUDA profiler: needs Triton and --device cuda")
     kernels = base.triton_kernels
     copy_gbps = copy_bandwidth_gbps(device)
-    rows = measure(kernels, args.presets, args.tokens, args.shapes or [kernels.LAUNCH["encode"]],
-                   device, args.repeats, copy_gbps)
+    rows = measure(kernels, args.presets, args.tokens, args.shapes or [None], device,
+                   args.repeats, copy_gbps)
     write_results("gpu_codec_halves", {**provenance(device), "copy_gbps": copy_gbps,
                                        "rows": rows})
     print(f"copy bandwidth (read+write): {copy_gbps:.0f} GB/s")
