@@ -164,7 +164,7 @@ def bench_preset(preset: str, tokens: int, device: torch.device, repeats: int,
 # Six shapes were swept in earlier runs; these three were the fastest (gpu_codec_run4.json),
 # and 32/32/4 the fastest 4-bit encode of seven once value loads were vectors
 # (gpu_codec_halves_explore.json). Streaming eviction hints on the encoder were swept too
-# and did not help (gpu_codec.json of the round-3 final run, made at commit 806dbe1).
+# and did not help (gpu_codec_run5.json, round 3's final run, made at commit 806dbe1).
 SWEEP = ((32, 16, 2), (32, 32, 2), (32, 32, 4), (64, 32, 4))
 
 

@@ -30,10 +30,10 @@ import triton
 import triton.language as tl
 
 # (key tokens per program, value tokens per program, warps) of each kernel and bit width, one
-# program per tile; bench/gpu_codec.py --sweep measures others. The widths differ at encode:
-# at 32 key tokens and 4 warps the 8-bit launch ran 2.4x slower, the 4-bit one 6% faster
-# than at 64 (bench/results/gpu_codec_halves_explore.json).
-LAUNCH = {"encode": {8: (64, 32, 4), 4: (32, 32, 4)}, "decode": {8: (32, 32, 2), 4: (32, 32, 2)}}
+# program per tile: what bench/gpu_codec.py --sweep picked at 7B and 14B. The widths differ
+# at encode: at 32 key tokens the 8-bit launch ran 1.7 to 2.4x slower than at 64, the 4-bit
+# one 6% faster (bench/results/gpu_codec.json, "sweep").
+LAUNCH = {"encode": {8: (64, 32, 4), 4: (32, 32, 2)}, "decode": {8: (32, 32, 2), 4: (32, 32, 4)}}
 # Alignment of every encoded tensor's start (``supports`` checks it; the kernel relies on it).
 ALIGN_BYTES = 16
 # Address tables kept on the device, by the addresses they hold (see ``_table``).
