@@ -161,17 +161,18 @@ def bench_preset(preset: str, tokens: int, device: torch.device, repeats: int,
 
 # (key tokens per program, value tokens per program, warps). Programs that loop over tiles
 # (grid-stride, 4 to 16 per SM) were swept too and lost at every shape (docs/PERFORMANCE.md).
-# Six shapes were swept in earlier runs; these three were the fastest (gpu_codec_run4.json).
-# Streaming eviction hints on the encoder were swept too and did not help (gpu_codec.json of
-# the final run, made at commit 806dbe1 which still had them).
-SWEEP = ((32, 16, 2), (32, 32, 2), (64, 32, 4))
+# Six shapes were swept in earlier runs; these three were the fastest (gpu_codec_run4.json),
+# and 32/32/4 the fastest 4-bit encode of seven once value loads were vectors
+# (gpu_codec_halves_explore.json). Streaming eviction hints on the encoder were swept too
+# and did not help (gpu_codec_run5.json, round 3's final run, made at commit 806dbe1).
+SWEEP = ((32, 16, 2), (32, 32, 2), (32, 32, 4), (64, 32, 4))
 
 
 def sweep_launch(presets: list[str], tokens: int, device: torch.device) -> list[dict]:
     """GPU time of the encode and decode kernels (int8 and int4, keys and values in one
     launch; the flag on the device, so only the kernel is timed) at every preset under
-    every launch shape in SWEEP; installs in ``triton_kernels.LAUNCH`` the shape whose time,
-    relative to each preset's fastest, sums lowest over presets and both widths."""
+    every launch shape in SWEEP; installs in ``triton_kernels.LAUNCH``, for each kernel and
+    width, the shape whose time relative to each preset's fastest sums lowest over presets."""
     kernels = base.triton_kernels
     flag = torch.zeros(1, dtype=torch.int32, device=device)
     rows = []
@@ -181,7 +182,7 @@ def sweep_launch(presets: list[str], tokens: int, device: torch.device) -> list[
                         seed=4)
         shape = (facts.num_kv_heads, tokens, facts.head_dim)
         for config in SWEEP:
-            kernels.LAUNCH["encode"] = kernels.LAUNCH["decode"] = config
+            kernels.LAUNCH = {stage: {8: config, 4: config} for stage in ("encode", "decode")}
             row = {"preset": preset, "key_tokens": config[0], "value_tokens": config[1],
                    "warps": config[2]}
             for bits in (8, 4):
@@ -195,15 +196,15 @@ def sweep_launch(presets: list[str], tokens: int, device: torch.device) -> list[
                     lambda: kernels.dequantize_kv(*parts, shape, bits, 32), device)
             rows.append(row)
     for stage, name in (("enc", "encode"), ("dec", "decode")):
-        score = {}
-        for preset in presets:
-            mine = [r for r in rows if r["preset"] == preset]
-            for bits in (8, 4):
+        for bits in (8, 4):
+            score = {}
+            for preset in presets:
+                mine = [r for r in rows if r["preset"] == preset]
                 best = min(r[f"{stage}{bits}_ms"] for r in mine)
                 for r in mine:
                     choice = (r["key_tokens"], r["value_tokens"], r["warps"])
                     score[choice] = score.get(choice, 0.0) + r[f"{stage}{bits}_ms"] / best
-        kernels.LAUNCH[name] = min(score, key=score.get)
+            kernels.LAUNCH[name][bits] = min(score, key=score.get)
     return rows
 
 

@@ -143,3 +143,24 @@ def test_group_wider_than_head_dim_sends_keys_and_values_through_torch(monkeypat
         slow = codec.encode(snapshot)
     assert not calls and _same_encoding(fast, slow)
 
+
+
+@needs_triton
+def test_tensor_off_a_16_byte_boundary_sends_the_snapshot_through_torch(monkeypatch):
+    # The encoder promises Triton 16-byte aligned layer addresses (vector loads); a view
+    # that starts one element into its storage breaks that promise and must not reach it.
+    device = _device()
+    snapshot = outlier_snapshot(2, 2, 64, 16, device, seed=9)
+    storage = torch.empty(snapshot.values[1].numel() + 1, dtype=torch.bfloat16, device=device)
+    shifted = storage[1:].view(snapshot.values[1].shape)
+    shifted.copy_(snapshot.values[1])
+    snapshot = KVSnapshot(snapshot.keys, (snapshot.values[0], shifted), snapshot.positions)
+    calls = []
+    monkeypatch.setattr(base.triton_kernels, "quantize_kv",
+                        lambda *args: calls.append(args) or None)
+    codec = codec_for(Mode.INT4, group_size=8)
+    fast = codec.encode(snapshot)
+    with monkeypatch.context() as patch:
+        patch.setattr(base, "triton_kernels", None)
+        slow = codec.encode(snapshot)
+    assert not calls and _same_encoding(fast, slow)

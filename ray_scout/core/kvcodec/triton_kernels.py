@@ -29,9 +29,13 @@ import torch
 import triton
 import triton.language as tl
 
-# (key tokens per program, value tokens per program, warps) of each kernel, one program per
-# tile; bench/gpu_codec.py --sweep measures others.
-LAUNCH = {"encode": (64, 32, 4), "decode": (32, 32, 2)}
+# (key tokens per program, value tokens per program, warps) of each kernel and bit width, one
+# program per tile: what bench/gpu_codec.py --sweep picked at 7B and 14B. The widths differ
+# at encode: at 32 key tokens the 8-bit launch ran 1.7 to 2.4x slower than at 64, the 4-bit
+# one 6% faster (bench/results/gpu_codec.json, "sweep").
+LAUNCH = {"encode": {8: (64, 32, 4), 4: (32, 32, 2)}, "decode": {8: (32, 32, 2), 4: (32, 32, 4)}}
+# Alignment of every encoded tensor's start (``supports`` checks it; the kernel relies on it).
+ALIGN_BYTES = 16
 # Address tables kept on the device, by the addresses they hold (see ``_table``).
 TABLE_CACHE_SIZE = 64
 
@@ -59,13 +63,15 @@ def shape_ok(shape, group_size: int) -> bool:
 
 def supports(tensors, group_size: int) -> bool:
     """Whether these ``[heads, tokens, head_dim]`` tensors (keys and values) can be encoded
-    together here: contiguous bf16 of one shape on one device that ``device_ok`` accepts."""
+    together here: contiguous bf16 of one shape on one device that ``device_ok`` accepts,
+    each starting on a 16-byte boundary (the encoder promises Triton that alignment)."""
     if not tensors:
         return False
     first = tensors[0]
     return (device_ok(first.device) and shape_ok(first.shape, group_size)
             and all(t.dtype == torch.bfloat16 and t.is_contiguous() and t.shape == first.shape
-                    and t.device == first.device for t in tensors))
+                    and t.device == first.device and t.data_ptr() % ALIGN_BYTES == 0
+                    for t in tensors))
 
 
 _tables: dict[tuple, torch.Tensor] = {}
@@ -221,11 +227,18 @@ def _encode_kv(table, kcodes, kscales, kzeros, vcodes, vscales, vzeros, flag_ptr
         _encode_key_tile(src, kcodes, kscales, kzeros, flag_ptr, layer, head, block, H, T, G,
                          scale_factor, D, GS, QMAX, PACK, BTK)
     else:
+        # An address read from the table has no known alignment, so Triton would load the
+        # value tile one scalar at a time (16 cache lines per 4-byte warp load); the
+        # promise of 16 bytes (``supports`` checks it) makes each load a 16-byte vector:
+        # the 4-bit value half went from 0.79 to 0.99 of its copy floor at 7B
+        # (docs/PERFORMANCE.md). The key tile keeps scalar loads: with the promise Triton
+        # spreads a group's tokens over threads and warps, and the key half's best time
+        # was 10% slower than without it (2 to 5x at most launch shapes).
         address = tl.load(table + L + layer)
-        _encode_value_tile(address.to(tl.pointer_type(tl.bfloat16)),
-                           address.to(tl.pointer_type(tl.int32)), vcodes, vscales, vzeros,
-                           flag_ptr, layer, head, block, H, T, scale_factor, D, GS, QMAX, PACK,
-                           BTV)
+        _encode_value_tile(tl.multiple_of(address.to(tl.pointer_type(tl.bfloat16)), 16),
+                           tl.multiple_of(address.to(tl.pointer_type(tl.int32)), 16),
+                           vcodes, vscales, vzeros, flag_ptr, layer, head, block, H, T,
+                           scale_factor, D, GS, QMAX, PACK, BTV)
 
 
 @triton.jit
@@ -304,11 +317,12 @@ def _blocks(tokens: int, block: int) -> int:
     return -(-tokens // block)
 
 
-def _launch_shape(stage: str, tokens: int, layers: int, heads: int, group_size: int):
+def _launch_shape(stage: str, bits: int, tokens: int, layers: int, heads: int,
+                  group_size: int):
     """(key tokens per program, value tokens per program, warps, key blocks, value blocks,
-    grid) of ``stage`` ("encode" or "decode") from ``LAUNCH``: one program per tile, the key
-    tiles of every layer and head first, then the value tiles."""
-    block_keys, block_values, warps = LAUNCH[stage]
+    grid) of ``stage`` ("encode" or "decode") at ``bits`` from ``LAUNCH``: one program per
+    tile, the key tiles of every layer and head first, then the value tiles."""
+    block_keys, block_values, warps = LAUNCH[stage][bits]
     block_keys = max(block_keys, group_size)
     key_blocks, value_blocks = _blocks(tokens, block_keys), _blocks(tokens, block_values)
     return (block_keys, block_values, warps, key_blocks, value_blocks,
@@ -316,7 +330,7 @@ def _launch_shape(stage: str, tokens: int, layers: int, heads: int, group_size: 
 
 
 def quantize_kv(keys, values, bits: int, group_size: int, scale_factor: float,
-                flag: torch.Tensor):
+                flag: torch.Tensor, only: str | None = None):
     """Codes, scales and zeros of every layer's keys and of every layer's values, each
     stacked on a new leading layer axis, from one launch.
 
@@ -326,9 +340,13 @@ def quantize_kv(keys, values, bits: int, group_size: int, scale_factor: float,
     channels for values), as ``quant.quantize``. ``scale_factor`` is the slack over ``qmax``
     that ``quant`` uses. ``flag`` (one int32, zero; on the device or in pinned host memory)
     becomes nonzero if any scale or zero is not finite, once the launch has completed.
+    ``only`` ("keys" or "values") launches that half's tiles alone and leaves the other
+    half's outputs unwritten: it times each half of the kernel (bench/gpu_codec_halves.py).
     """
     if bits not in (4, 8):
         raise ValueError(f"Triton kernels quantize to 8 or 4 bits, not {bits}")
+    if only not in (None, "keys", "values"):
+        raise ValueError(f"only= takes 'keys', 'values' or None, not {only!r}")
     if len(keys) != len(values):
         raise ValueError(f"{len(keys)} key layers but {len(values)} value layers")
     layers = len(keys)
@@ -346,7 +364,11 @@ def quantize_kv(keys, values, bits: int, group_size: int, scale_factor: float,
     value_scales, value_zeros = (torch.empty(value_side, dtype=torch.float16, device=device)
                                  for _ in range(2))
     block_keys, block_values, warps, key_blocks, value_blocks, grid = _launch_shape(
-        "encode", tokens, layers, heads, group_size)
+        "encode", bits, tokens, layers, heads, group_size)
+    if only == "keys":  # the key tiles come first: a shorter grid stops before the values
+        grid = (layers * heads * key_blocks,)
+    elif only == "values":  # no key tiles: every program's tile is a value tile
+        key_blocks, grid = 0, (layers * heads * value_blocks,)
     _encode_kv[grid](
         _table(list(keys) + list(values)), codes[0], key_scales, key_zeros, codes[1],
         value_scales, value_zeros, flag, layers, heads, tokens, groups, key_blocks, value_blocks,
@@ -368,7 +390,7 @@ def dequantize_kv(key_parts, value_parts, shape: tuple[int, int, int], bits: int
     out = torch.empty((2, layers, heads, tokens, head_dim), dtype=torch.bfloat16, device=device)
     table = _table([t for parts in (*key_parts, *value_parts) for t in parts])
     block_keys, block_values, warps, key_blocks, value_blocks, grid = _launch_shape(
-        "decode", tokens, layers, heads, group_size)
+        "decode", bits, tokens, layers, heads, group_size)
     _decode_kv[grid](
         table, out[0], out[1], layers, heads, tokens, -(-tokens // group_size), key_blocks,
         value_blocks, D=head_dim, GS=group_size, PACK=bits == 4, BTK=block_keys,
