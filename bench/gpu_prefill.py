@@ -29,7 +29,8 @@ import time
 import torch
 import torch.nn.functional as F
 
-from gpu_common import (device_busy_ms, device_events, interleaved_ms, matmul_tflops, median_ms, print_table, provenance, sync, write_results)
+from gpu_common import (device_busy_ms, device_events, interleaved_ms, matmul_tflops, median_ms,
+                        print_table, provenance, sync, write_results)
 from ray_scout.core.prompt import synthetic_layout
 from ray_scout.core import fused_prefill, generation, models
 

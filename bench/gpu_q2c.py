@@ -27,7 +27,8 @@ import time
 
 import torch
 
-from gpu_common import (device_busy_ms, interleaved_ms, matmul_tflops, median_ms, print_table, provenance, sync, write_results)
+from gpu_common import (device_busy_ms, interleaved_ms, matmul_tflops, median_ms, print_table,
+                        provenance, sync, write_results)
 from ray_scout.core.prompt import synthetic_layout
 from ray_scout.core import generation, models, selection
 

@@ -1,9 +1,9 @@
 """A bounds-checked cursor over bytes: the one reader under every binary format of the core.
 
-What lives here: writing LEB128 varints, and taking counted slices, struct fields, UTF-8 text and LEB128 varints off a
-buffer, each raising the caller's own error type (``WireError``, ``ScoutFormatError``) with
-what was being read and where, instead of running off the end. What it leaves to the
-formats: their layout and their checks.
+What lives here: writing LEB128 varints, and taking counted slices, struct fields, UTF-8
+text and varints off a buffer, each raising the caller's own error type (``WireError``,
+``ScoutFormatError``) with what was being read and where, instead of running off the end.
+What it leaves to the formats: their layout and their checks.
 """
 
 from __future__ import annotations

@@ -112,7 +112,8 @@ class NodeLinks:
         names = [f.name for f in flows]
         ports = [f.cloud_port for f in flows]
         if len(set(names)) != len(names) or len(set(ports)) != len(ports):
-            raise NetError(f"agents and their cloud ports must be unique on a node; got {list(zip(names, ports))}")
+            raise NetError(f"agents and their cloud ports must be unique on a node; got "
+                           f"{list(zip(names, ports))}")
         for flow in flows:
             check_rate_bps(flow.rate_bps)
             if not 0 < flow.cloud_port < 65536:
