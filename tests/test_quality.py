@@ -89,6 +89,17 @@ def test_summary_gives_every_cell_mean_ci_n_and_paired_difference():
     assert "(n=10)" in markdown and "0.450 [" in markdown and "p=" in markdown
 
 
+def test_summary_pairs_q2c_with_every_other_selector_at_each_retention():
+    q2c, snapkv, rnd = (Cell(m, 0.25, Mode.BF16) for m in ("q2c", "snapkv", "random"))
+    rows = [_row(i, REFERENCE, 0.5) for i in range(10)] + \
+           [_row(i, q2c, 0.5) for i in range(10)] + [_row(i, snapkv, 0.6) for i in range(10)] + \
+           [_row(i, rnd, 0.0) for i in range(10)]
+    grid = dataclasses.replace(tiny_grid(), cells=(REFERENCE, q2c, snapkv, rnd))
+    markdown = harness.summary_markdown(rows, grid)
+    assert "| snapkv | 25% | f1 | -0.100 [" in markdown
+    assert "| random | 25% | f1 | +0.500 [" in markdown
+
+
 def test_relative_quality_is_the_ratio_of_paired_means_with_ci():
     int4 = Cell(FULL, 1.0, Mode.INT4)
     rows = [_row(i, REFERENCE, 0.4) for i in range(20)] + [_row(i, int4, 0.2) for i in range(20)]

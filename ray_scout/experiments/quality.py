@@ -217,22 +217,25 @@ def _mode_table(tables: Mapping[str, list[CellSummary]]) -> list[str]:
 
 
 def _pairs(rows: Sequence[Mapping]) -> list[str]:
-    """Q2C against random at each retention both have, on the samples both have."""
+    """Q2C against every other selector at each retention both have, on the samples both have."""
     out = []
-    for retention in sorted({float(r["retention"]) for r in rows if r["method"] == "q2c"}):
-        def cell(method: str) -> list[Mapping]:
-            return [r for r in rows if r["method"] == method and r["mode"] == Mode.BF16.value
-                    and float(r["retention"]) == retention]
-        q2c, rnd = cell("q2c"), cell("random")
-        if not q2c or not rnd:
-            continue
-        if not out:
-            out = ["Q2C minus random (BF16 KV, paired):", "",
-                   "| retention | metric | diff [95% CI] | p | n |", "|---|---|---|---|---|"]
-        for metric in SCORES:
-            t = paired(q2c, rnd, metric)
-            out.append(f"| {retention:.0%} | {metric} | {t.mean_diff:+.3f} "
-                       f"[{t.low:+.3f}, {t.high:+.3f}] | {t.p_value:.3g} | {t.n} |")
+    baselines = [m for m in dict.fromkeys(r["method"] for r in rows) if m not in ("q2c", "full")]
+    for baseline in baselines:
+        for retention in sorted({float(r["retention"]) for r in rows if r["method"] == "q2c"}):
+            def cell(method: str) -> list[Mapping]:
+                return [r for r in rows if r["method"] == method and r["mode"] == Mode.BF16.value
+                        and float(r["retention"]) == retention]
+            q2c, other = cell("q2c"), cell(baseline)
+            if not q2c or not other:
+                continue
+            if not out:
+                out = ["Q2C minus each other selector (BF16 KV, paired):", "",
+                       "| baseline | retention | metric | diff [95% CI] | p | n |",
+                       "|---|---|---|---|---|---|"]
+            for metric in SCORES:
+                t = paired(q2c, other, metric)
+                out.append(f"| {baseline} | {retention:.0%} | {metric} | {t.mean_diff:+.3f} "
+                           f"[{t.low:+.3f}, {t.high:+.3f}] | {t.p_value:.3g} | {t.n} |")
     return out + ([""] if out else [])
 
 
