@@ -48,12 +48,10 @@ def impairment_backend(name: str):
     raise NetError(f"unknown impairment backend {name!r}; use auto, netem, tun or none")
 
 
-def with_rate(profile: LinkProfile, rate_bps: float | None) -> LinkProfile:
-    """``profile`` with both directions at ``rate_bps`` (None: as it is)."""
-    if rate_bps is None:
-        return profile
-    return dataclasses.replace(profile, up=dataclasses.replace(profile.up, rate_bps=int(rate_bps)),
-                               down=dataclasses.replace(profile.down, rate_bps=int(rate_bps)))
+def access_profile(name: str, rate_bps: float | None) -> LinkProfile:
+    """The access profile ``name``, both directions at ``rate_bps`` if the spec overrides it."""
+    profile = load_profile(name)
+    return profile if rate_bps is None else profile.with_rate(int(rate_bps))
 
 
 def split_for_htb(capacity_bps: float, rates_bps: Mapping[str, float]) -> dict[str, int]:
@@ -106,7 +104,7 @@ class LinkManager(_ChangeLog):
     def __init__(self, access: Mapping[str, str], bottleneck: str, capacity_bps: float, *,
                  run_id: str, impairment: str = "auto", borrow: bool = False,
                  access_rate_bps: float | None = None):
-        profiles = [with_rate(load_profile(a), access_rate_bps) for a in access.values()]
+        profiles = [access_profile(a, access_rate_bps) for a in access.values()]
         neck = load_profile(bottleneck)
         neck = dataclasses.replace(neck, up=dataclasses.replace(neck.up,
                                                                rate_bps=int(capacity_bps)))
@@ -165,7 +163,7 @@ class NodeLinkManager(_ChangeLog):
                            "by destination, and every agent and Ray share the cloud node's); use "
                            "impairment netem, auto or none")
         neck = load_profile(bottleneck)
-        profiles = {name: with_rate(load_profile(access[name]), access_rate_bps) for name in ports}
+        profiles = {name: access_profile(access[name], access_rate_bps) for name in ports}
         self.access_bps = {name: profiles[name].up.rate_bps for name in ports}
         split = self._split(capacity_bps, rates_bps)
         flows = [AgentFlow(name, port, split[name],
