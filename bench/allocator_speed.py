@@ -32,10 +32,10 @@ import time
 
 import numpy as np
 
-from ray_scout.core.allocation import Demand, allocate, demand_for
-from ray_scout.core.models import facts_for
+from ray_scout.core.control.allocation import Demand, allocate, demand_for
+from ray_scout.core.llm.models import facts_for
 from ray_scout.core.modes import Mode
-from ray_scout.core.policy import (
+from ray_scout.core.control.policy import (
     PAPER_B_PAYLOAD_BYTES, paper_b_latency, paper_b_profile,
 )
 

@@ -24,10 +24,10 @@ from pathlib import Path
 
 import torch
 
-from ray_scout.core import bottleneck, wire
-from ray_scout.core.kv import KVSnapshot
-from ray_scout.core.kvcodec import codec_for, relative_error
-from ray_scout.core.models import facts_for, load_model
+from ray_scout.core.llm import bottleneck, wire
+from ray_scout.core.llm.kv import KVSnapshot
+from ray_scout.core.llm.kvcodec import codec_for, relative_error
+from ray_scout.core.llm.models import facts_for, load_model
 from ray_scout.core.modes import KV_MODES, Mode
 
 MODELS = ("embedded", "qwen2.5-3b", "qwen2.5-7b", "qwen2.5-14b")

@@ -24,9 +24,9 @@ import torch
 
 from gpu_common import (device_busy_ms, median_ms, outlier_kv, print_table, provenance,
                         shape_arguments, write_results)
-from ray_scout.core.prompt import synthetic_layout
-from ray_scout.core import generation, models
-from ray_scout.core.kvcodec import EncodedKV, EncodedTensor, codec_for
+from ray_scout.core.llm.prompt import synthetic_layout
+from ray_scout.core.llm import generation, models
+from ray_scout.core.llm.kvcodec import EncodedKV, EncodedTensor, codec_for
 from ray_scout.core.modes import Mode
 
 DECODE_STEPS = 32

@@ -22,8 +22,8 @@ import torch
 
 from gpu_common import (copy_bandwidth_gbps, device_busy_ms, device_events, median_ms,
                         outlier_kv, print_table, provenance, shape_arguments, write_results)
-from ray_scout.core import models
-from ray_scout.core.kvcodec import base, codec_for
+from ray_scout.core.llm import models
+from ray_scout.core.llm.kvcodec import base, codec_for
 from ray_scout.core.modes import Mode
 
 MODES = (Mode.INT8, Mode.INT4, Mode.MIXED_INT4)

@@ -20,8 +20,8 @@ import torch
 
 from gpu_common import (copy_bandwidth_gbps, device_busy_ms, outlier_kv, print_table, provenance,
                         shape_arguments, write_results)
-from ray_scout.core import models
-from ray_scout.core.kvcodec import base
+from ray_scout.core.llm import models
+from ray_scout.core.llm.kvcodec import base
 
 GROUP_SIZE = 32
 HALVES = ("keys", "values", None)  # None: both halves, the production launch

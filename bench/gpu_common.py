@@ -19,8 +19,8 @@ from pathlib import Path
 
 import torch
 
-from ray_scout.core.kv import KVSnapshot
-from ray_scout.core.latency import cpu_name
+from ray_scout.core.llm.kv import KVSnapshot
+from ray_scout.core.llm.latency import cpu_name
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

@@ -31,8 +31,8 @@ import torch.nn.functional as F
 
 from gpu_common import (device_busy_ms, device_events, interleaved_ms, matmul_tflops, median_ms,
                         print_table, provenance, sync, write_results)
-from ray_scout.core.prompt import synthetic_layout
-from ray_scout.core import fused_prefill, generation, models
+from ray_scout.core.llm.prompt import synthetic_layout
+from ray_scout.core.llm import fused_prefill, generation, models
 
 CLASSES = ("gemm", "attention", "elementwise", "copy")
 

@@ -29,8 +29,8 @@ import torch
 
 from gpu_common import (device_busy_ms, interleaved_ms, matmul_tflops, median_ms, print_table,
                         provenance, sync, write_results)
-from ray_scout.core.prompt import synthetic_layout
-from ray_scout.core import generation, models, selection
+from ray_scout.core.llm.prompt import synthetic_layout
+from ray_scout.core.llm import generation, models, selection
 
 
 def prefill_flops(lm, tokens: int) -> float:

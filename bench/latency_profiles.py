@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from ray_scout.core import latency, models
+from ray_scout.core.llm import latency, models
 
 OUT_DIR = Path(__file__).resolve().parent.parent / "experiments" / "profiles"
 

@@ -19,7 +19,7 @@ CHILD = """
 import json, resource, sys, time
 start = time.perf_counter()
 import torch
-from ray_scout.core import models
+from ray_scout.core.llm import models
 imported = time.perf_counter()
 if sys.argv[1] == "convert":
     models.embedded_checkpoint(root=__import__("pathlib").Path(sys.argv[2]))

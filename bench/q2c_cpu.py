@@ -22,11 +22,11 @@ import time
 
 import torch
 
-from ray_scout.core import selection
-from ray_scout.core.generation import attention_modules, prefill
-from ray_scout.core.models import load_model
-from ray_scout.core.prompt import build_prompt
-from ray_scout.core.scout import BITMAP, build_payload, encode_indices
+from ray_scout.core.llm import selection
+from ray_scout.core.llm.generation import attention_modules, prefill
+from ray_scout.core.llm.models import load_model
+from ray_scout.core.llm.prompt import build_prompt
+from ray_scout.core.llm.scout import BITMAP, build_payload, encode_indices
 
 QUESTION = "What is the secret code for the vault?"
 NEEDLE = "The secret code for the vault is 4729 and it was set by Admiral Okafor."

@@ -18,12 +18,13 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from ray_scout.core import generation, tasks
-from ray_scout.core.kv import KVSnapshot
-from ray_scout.core.kvcodec import codec_for
-from ray_scout.core.models import load_model
+from ray_scout.core.evaluation import tasks
+from ray_scout.core.llm import generation
+from ray_scout.core.llm.kv import KVSnapshot
+from ray_scout.core.llm.kvcodec import codec_for
+from ray_scout.core.llm.models import load_model
 from ray_scout.core.modes import Mode
-from ray_scout.core.pipeline import EdgeStage
+from ray_scout.core.stages.pipeline import EdgeStage
 
 
 @torch.inference_mode()

@@ -21,8 +21,8 @@ import time
 
 import torch
 
-from ray_scout.core import metrics, tasks
-from ray_scout.core.models import load_model
+from ray_scout.core.evaluation import metrics, tasks
+from ray_scout.core.llm.models import load_model
 
 VARIANTS = [("single_needle", {}), ("multi_needle", {}), ("multi_hop", {"hops": 2}),
             ("multi_hop", {"hops": 3})]

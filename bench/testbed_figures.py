@@ -141,7 +141,7 @@ def groups(results: Path, requests: Path | None) -> list[dict]:
 
 
 def estimators(results: Path) -> list[dict]:
-    from ray_scout.core.metrics import bootstrap_ci
+    from ray_scout.core.evaluation.metrics import bootstrap_ci
 
     r = pd.read_csv(results / "requests.csv")
     r["estimator"] = r.agent.map({a: g.estimator for a, g in _groups_of(results).items()})

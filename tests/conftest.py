@@ -11,14 +11,14 @@ torch.set_num_threads(2)
 
 @pytest.fixture(scope="session")
 def tiny_model():
-    from ray_scout.core.models import load_model
+    from ray_scout.core.llm.models import load_model
 
     return load_model("random:tiny")
 
 
 @pytest.fixture(scope="session")
 def embedded_model():
-    from ray_scout.core.models import load_model
+    from ray_scout.core.llm.models import load_model
 
     return load_model("embedded")
 

@@ -9,14 +9,14 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from ray_scout.actors.allocator import tick_times
-from ray_scout.actors.compute import (
+from ray_scout.core.stages.profiled import (
     ComputeError, PaperBTiming, ProfiledCloud, ProfiledRequest, ProfileTiming, latency_model,
     profiled_payload_bytes, scout_size_bound_bytes,
 )
 from ray_scout.actors.link_manager import split_for_htb
-from ray_scout.core.capacity import CapacityTrace
-from ray_scout.core.latency import LatencyProfile
-from ray_scout.core.models import facts_for
+from ray_scout.core.control.capacity import CapacityTrace
+from ray_scout.core.llm.latency import LatencyProfile
+from ray_scout.core.llm.models import facts_for
 from ray_scout.core.modes import Mode
 from ray_scout.net.errors import NetError
 from ray_scout.net.profiles import MIN_RATE_BPS
@@ -46,7 +46,7 @@ def test_a_payload_smaller_than_its_descriptor_is_refused():
 
 
 def test_kv_sizes_are_the_wire_formats_exact_sizes_and_shrink_with_bits():
-    from ray_scout.core.wire import payload_size_bytes
+    from ray_scout.core.llm.wire import payload_size_bytes
 
     facts = facts_for("random:qwen2.5-7b")
     sizes = profiled_payload_bytes(facts, 1000)
@@ -100,7 +100,7 @@ def test_epoch_ticks_include_every_capacity_change():
 
 def test_adaptive_offload_keeps_local_as_the_fallback_only():
     from ray_scout.actors.edge import make_policy
-    from ray_scout.core.policy import ModeQuality, PolicyInput, QualityProfile
+    from ray_scout.core.control.policy import ModeQuality, PolicyInput, QualityProfile
 
     profile = QualityProfile("same-model", "m", "m", "relative_f1",
                              {m: ModeQuality(1.0) for m in (Mode.INT8, Mode.SCOUT, Mode.LOCAL)})
@@ -116,7 +116,7 @@ def test_adaptive_offload_keeps_local_as_the_fallback_only():
 
 def _agent_config(arrivals, **extra):
     from ray_scout.actors.edge import AgentConfig, request_shape
-    from ray_scout.core.policy import PAPER_B_PAYLOAD_BYTES, paper_b_latency, paper_b_profile
+    from ray_scout.core.control.policy import PAPER_B_PAYLOAD_BYTES, paper_b_latency, paper_b_profile
 
     shape = request_shape(170, 128, PAPER_B_PAYLOAD_BYTES, paper_b_latency())
     return AgentConfig(name="e0", netns=None, cloud_address=("127.0.0.1", 1), policy="adaptive",

@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from ray_scout.core.allocation import (
+from ray_scout.core.control.allocation import (
     AllocationError, Demand, _optimal_choice, _Problem, allocate, demand_for, service_budget_s,
 )
 from ray_scout.core.modes import Mode
-from ray_scout.core.policy import (
+from ray_scout.core.control.policy import (
     PAPER_B_PAYLOAD_BYTES, AdaptivePolicy, LatencyModel, ModeQuality, PolicyInput,
     QualityProfile, paper_b_latency, paper_b_profile,
 )

@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from ray_scout.core import bottleneck
-from ray_scout.core.models import load_model
+from ray_scout.core.llm import bottleneck
+from ray_scout.core.llm.models import load_model
 
 PROMPTS = [bottleneck.CALIBRATION_PROMPTS[0], bottleneck.CALIBRATION_PROMPTS[3]]
 

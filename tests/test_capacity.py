@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from ray_scout.core.capacity import (
+from ray_scout.core.control.capacity import (
     MBIT, PAPER_B_STATES_BPS, CapacityTrace, TraceError, default_transition, load_mahimahi,
     load_throughput_log, markov_chain,
 )

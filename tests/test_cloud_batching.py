@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from ray_scout.core import generation, wire
+from ray_scout.core.llm import generation, wire
 from ray_scout.core.modes import Mode
-from ray_scout.core.pipeline import CloudStage, EdgeOptions, EdgeStage, PipelineError
+from ray_scout.core.stages.pipeline import CloudStage, EdgeOptions, EdgeStage, PipelineError
 
 CONTEXTS = [
     "The harbour of Velmora was rebuilt in 1911. The code word for the vault is amberline. " * 2,
@@ -183,9 +183,9 @@ def test_actor_does_not_wait_past_the_window_for_a_full_batch():
 
 
 def test_profiled_batch_model_sums_prefill_tokens_and_keeps_the_longest_decode():
-    from ray_scout.actors.compute import PaperBTiming, ProfiledCloud, ProfiledRequest, \
+    from ray_scout.core.stages.profiled import PaperBTiming, ProfiledCloud, ProfiledRequest, \
         ProfileTiming
-    from ray_scout.core.latency import LatencyProfile
+    from ray_scout.core.llm.latency import LatencyProfile
 
     profile = LatencyProfile("m", "cpu", ((32, 0.1), (2048, 2.0)), ((32, 0.01), (2048, 0.02)))
     cloud = ProfiledCloud({"m": ProfileTiming(profile), "p": PaperBTiming()})

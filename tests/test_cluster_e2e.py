@@ -344,7 +344,7 @@ def _with_home(passwd_line: str, user: str, home: Path) -> str:
 
 
 def _cache_dir() -> str:
-    from ray_scout.core.models import cache_dir
+    from ray_scout.core.llm.models import cache_dir
     return str(cache_dir())
 
 

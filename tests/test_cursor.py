@@ -7,7 +7,7 @@ import struct
 import pytest
 from hypothesis import given, strategies as st
 
-from ray_scout.core.cursor import ByteCursor, put_varint
+from ray_scout.core.llm.cursor import ByteCursor, put_varint
 
 
 class FormatError(ValueError):

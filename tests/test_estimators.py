@@ -1,7 +1,7 @@
 import pytest
 from hypothesis import given, strategies as st
 
-from ray_scout.core.estimators import (
+from ray_scout.core.control.estimators import (
     DEFAULT_MIN_SAMPLE_BYTES, EstimatorError, EwmaEstimator, GrantEstimator,
     LastSampleEstimator, RobustHarmonicEstimator, make_estimator, sample_floor_bytes,
 )

@@ -6,10 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ray_scout.core import fused_prefill
-from ray_scout.core.generation import GenerationError, prefill, uses_fused_prefill
-from ray_scout.core.models import KVFacts, LoadedModel, load_model
-from ray_scout.core.prompt import build_prompt
+from ray_scout.core.llm import fused_prefill
+from ray_scout.core.llm.generation import GenerationError, prefill, uses_fused_prefill
+from ray_scout.core.llm.models import KVFacts, LoadedModel, load_model
+from ray_scout.core.llm.prompt import build_prompt
 
 CONTEXT = "The museum opened in 1887. Its first director was Clara Mendes, a botanist from Lisbon."
 QUESTION = "Who was the first director of the museum?"

@@ -3,11 +3,11 @@
 import pytest
 import torch
 
-from ray_scout.core.generation import (
+from ray_scout.core.llm.generation import (
     GenerationError, answer_full, answer_pruned, attention_modules, greedy_answer,
     kept_prompt_positions, prefill,
 )
-from ray_scout.core.prompt import build_prompt
+from ray_scout.core.llm.prompt import build_prompt
 
 CONTEXT = "The museum opened in 1887. Its first director was Clara Mendes, a botanist from Lisbon."
 QUESTION = "Who was the first director of the museum?"

@@ -3,9 +3,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ray_scout.core.kv import KVSnapshot
-from ray_scout.core.kvcodec import codec_for, encoded_size_bytes, relative_error
-from ray_scout.core.kvcodec.quant import dequantize, pack_int4, quantize, unpack_int4
+from ray_scout.core.llm.kv import KVSnapshot
+from ray_scout.core.llm.kvcodec import codec_for, encoded_size_bytes, relative_error
+from ray_scout.core.llm.kvcodec.quant import dequantize, pack_int4, quantize, unpack_int4
 from ray_scout.core.modes import Mode
 
 ALL = [(Mode.BF16, ()), (Mode.INT8, ()), (Mode.INT4, ()), (Mode.MIXED_INT4, (1,))]

@@ -11,8 +11,8 @@ import os
 import pytest
 import torch
 
-from ray_scout.core.kv import KVSnapshot
-from ray_scout.core.kvcodec import base, codec_for, relative_error
+from ray_scout.core.llm.kv import KVSnapshot
+from ray_scout.core.llm.kvcodec import base, codec_for, relative_error
 from ray_scout.core.modes import Mode
 
 

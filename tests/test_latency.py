@@ -1,6 +1,6 @@
 import pytest
 
-from ray_scout.core.latency import LatencyProfile, measure
+from ray_scout.core.llm.latency import LatencyProfile, measure
 
 
 def profile():

@@ -5,7 +5,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ray_scout.core.metrics import (
+from ray_scout.core.evaluation.metrics import (
     bootstrap_ci, contains_answer, exact_match, f1, normalize_answer, paired_test,
 )
 

@@ -3,7 +3,7 @@ import json
 import pytest
 import torch
 
-from ray_scout.core import models
+from ray_scout.core.llm import models
 
 
 @pytest.mark.parametrize(
@@ -63,7 +63,7 @@ def test_embedded_model_answers_an_extractive_question(embedded_model):
 
 
 def test_kv_snapshot_roundtrip_continues_decoding_exactly(tiny_model):
-    from ray_scout.core.kv import KVSnapshot
+    from ray_scout.core.llm.kv import KVSnapshot
 
     ids = torch.arange(1, 20).unsqueeze(0)
     snapshot = KVSnapshot.from_cache(tiny_model.model(ids, use_cache=True).past_key_values)
@@ -77,7 +77,7 @@ def test_kv_snapshot_roundtrip_continues_decoding_exactly(tiny_model):
 
 
 def test_kv_snapshot_rejects_bad_shapes_and_indices(tiny_model):
-    from ray_scout.core.kv import KVShapeError, KVSnapshot
+    from ray_scout.core.llm.kv import KVShapeError, KVSnapshot
 
     k = torch.zeros(2, 5, 16)
     with pytest.raises(KVShapeError, match="positions"):

@@ -1,8 +1,8 @@
 import pytest
 
-from ray_scout.core import scout, wire
+from ray_scout.core.llm import scout, wire
 from ray_scout.core.modes import CLOUD_MODES, Mode
-from ray_scout.core.pipeline import CloudStage, EdgeOptions, EdgeStage, PipelineError
+from ray_scout.core.stages.pipeline import CloudStage, EdgeOptions, EdgeStage, PipelineError
 
 CONTEXT = ("The harbour of Velmora was rebuilt in 1911. Its lighthouse keeper, Ana Brist, "
            "kept a log of every ship. The code word for the vault is amberline. ") * 3

@@ -3,7 +3,7 @@ import math
 import pytest
 
 from ray_scout.core.modes import Mode
-from ray_scout.core.policy import (
+from ray_scout.core.control.policy import (
     PAPER_B_PAYLOAD_BYTES, AdaptivePolicy, LatencyModel, ModeQuality, PolicyInput,
     ProfileError, QualityProfile, StaticPolicy, paper_b_latency, paper_b_profile,
 )

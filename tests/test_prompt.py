@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from ray_scout.core.prompt import PromptError, build_prompt
+from ray_scout.core.llm.prompt import PromptError, build_prompt
 
 CONTEXT = "The museum opened in 1887. Its first director was Clara Mendes, a botanist from Lisbon."
 QUESTION = "Who was the first director?"

@@ -8,8 +8,8 @@ import dataclasses
 import pytest
 
 from ray_scout.core.modes import Mode
-from ray_scout.core.policy import QualityProfile
-from ray_scout.core.quality import (FULL, REFERENCE, ROW_FIELDS, Cell, Grid, QualityError,
+from ray_scout.core.control.policy import QualityProfile
+from ray_scout.core.evaluation.quality import (FULL, REFERENCE, ROW_FIELDS, Cell, Grid, QualityError,
                                     calibration_cells, profile_from_rows, relative_to_reference,
                                     row_key, run_grid, summarize)
 from ray_scout.experiments import calibrate
@@ -159,7 +159,7 @@ def test_calibrate_writes_a_loadable_profile_for_the_embedded_model(tmp_path, em
 def test_mixed_int4_finds_the_shipped_bottleneck_report_without_measuring(tmp_path):
     from types import SimpleNamespace
 
-    from ray_scout.core import bottleneck
+    from ray_scout.core.llm import bottleneck
 
     # A stand-in with no model: measuring would fail, so a result proves the shipped report
     # (experiments/profiles/) was used with an empty user cache (tmp_path).

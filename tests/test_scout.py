@@ -4,9 +4,9 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from ray_scout.core.generation import answer_full
-from ray_scout.core.prompt import build_prompt
-from ray_scout.core.scout import (
+from ray_scout.core.llm.generation import answer_full
+from ray_scout.core.llm.prompt import build_prompt
+from ray_scout.core.llm.scout import (
     BITMAP, DELTA_VARINT, DocumentMissing, DocumentStore, ScoutFormatError, ScoutPayload,
     build_payload, char_spans, decode_indices, document_hash, encode_indices,
     map_positions, positions_in_spans, scout_answer,
@@ -14,7 +14,7 @@ from ray_scout.core.scout import (
 
 def edge_scout(lm, context, question, *, retention, method="q2c", include_document=False):
     """The edge end of scout, as the testbed runs it (pipeline.EdgeStage)."""
-    from ray_scout.core.pipeline import EdgeOptions, EdgeStage
+    from ray_scout.core.stages.pipeline import EdgeOptions, EdgeStage
 
     analysis = EdgeStage(lm, EdgeOptions(scorer=method, scout_retention=retention)).analyze(
         context, question)

@@ -5,9 +5,9 @@ import random
 import pytest
 import torch
 
-from ray_scout.core.generation import prefill
-from ray_scout.core.prompt import build_prompt
-from ray_scout.core.selection import (
+from ray_scout.core.llm.generation import prefill
+from ray_scout.core.llm.prompt import build_prompt
+from ray_scout.core.llm.selection import (
     CAPTURE, SCORERS, SelectionError, q2c, q2c_all_layers, q2c_eager_reference, score,
     select_positions,
 )

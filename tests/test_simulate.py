@@ -1,8 +1,8 @@
 import pytest
 
-from ray_scout.core.capacity import CapacityTrace, markov_chain
+from ray_scout.core.control.capacity import CapacityTrace, markov_chain
 from ray_scout.core.modes import Mode
-from ray_scout.core.policy import (
+from ray_scout.core.control.policy import (
     PAPER_B_PAYLOAD_BYTES, AdaptivePolicy, LatencyModel, StaticPolicy, paper_b_latency,
     paper_b_profile,
 )

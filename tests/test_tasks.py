@@ -7,7 +7,7 @@ import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from ray_scout.core.tasks import (
+from ray_scout.core.evaluation.tasks import (
     TASKS, Sample, TaskDataError, approx_tokens, dump_jsonl, generate, load_jsonl, load_squad,
 )
 
@@ -85,7 +85,7 @@ def test_a_custom_token_counter_sets_the_length():
 def test_context_length_hits_the_target_with_the_embedded_tokenizer(task, options):
     from transformers import AutoTokenizer
 
-    from ray_scout.core.models import embedded_checkpoint
+    from ray_scout.core.llm.models import embedded_checkpoint
 
     tokenizer = AutoTokenizer.from_pretrained(embedded_checkpoint())
     for context_tokens in (300, 1000, 4000):

@@ -6,12 +6,12 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from ray_scout.core import wire
-from ray_scout.core.kv import KVSnapshot
-from ray_scout.core.kvcodec import codec_for
-from ray_scout.core.models import KVFacts, facts_for
+from ray_scout.core.llm import wire
+from ray_scout.core.llm.kv import KVSnapshot
+from ray_scout.core.llm.kvcodec import codec_for
+from ray_scout.core.llm.models import KVFacts, facts_for
 from ray_scout.core.modes import Mode
-from ray_scout.core.wire import WireError
+from ray_scout.core.llm.wire import WireError
 
 FACTS = KVFacts("test/model", num_layers=3, num_kv_heads=2, head_dim=16, num_attention_heads=4)
 ALL = [(Mode.BF16, ()), (Mode.INT8, ()), (Mode.INT4, ()), (Mode.MIXED_INT4, (2,))]

@@ -16,8 +16,8 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from ray_scout.core.allocation import allocate
-from ray_scout.core.capacity import CapacityTrace
+from ray_scout.core.control.allocation import allocate
+from ray_scout.core.control.capacity import CapacityTrace
 
 
 def tick_times(trace: CapacityTrace, epoch_s: float, duration_s: float) -> list[float]:

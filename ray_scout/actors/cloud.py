@@ -49,7 +49,7 @@ class _Job:
 
 def profiled_service(timings: dict) -> Service:
     """Sleep the cloud model's profiled time for the batch's modes and sizes."""
-    from ray_scout.actors.compute import ProfiledCloud, ProfiledRequest
+    from ray_scout.core.stages.profiled import ProfiledCloud, ProfiledRequest
 
     cloud = ProfiledCloud(timings)
 
@@ -84,9 +84,9 @@ class FullService:
         self.stage = None
 
     def prepare(self) -> None:
-        from ray_scout.core.models import load_model
-        from ray_scout.core.pipeline import CloudStage
-        from ray_scout.core.scout import DocumentStore
+        from ray_scout.core.llm.models import load_model
+        from ray_scout.core.stages.pipeline import CloudStage
+        from ray_scout.core.llm.scout import DocumentStore
 
         store = DocumentStore()
         for text in self.documents:

@@ -24,11 +24,11 @@ import math
 import time
 from typing import Any, Mapping, Sequence
 
-from ray_scout.actors.compute import ProfiledRequest
-from ray_scout.core.allocation import Demand, demand_for
-from ray_scout.core.estimators import GrantEstimator, make_estimator
+from ray_scout.core.stages.profiled import ProfiledRequest
+from ray_scout.core.control.allocation import Demand, demand_for
+from ray_scout.core.control.estimators import GrantEstimator, make_estimator
 from ray_scout.core.modes import CLOUD_MODES, Mode
-from ray_scout.core.policy import (
+from ray_scout.core.control.policy import (
     AdaptivePolicy, LatencyModel, Policy, PolicyInput, QualityProfile, StaticPolicy,
 )
 from ray_scout.transport.client import (
@@ -143,8 +143,8 @@ class EdgeAgent:
         self.connection: Connection | None = None
         self.stage = None
         if config.fidelity == "full":
-            from ray_scout.core.models import load_model
-            from ray_scout.core.pipeline import EdgeOptions, EdgeStage
+            from ray_scout.core.llm.models import load_model
+            from ray_scout.core.stages.pipeline import EdgeOptions, EdgeStage
 
             self.stage = EdgeStage(load_model(config.model), EdgeOptions(**config.edge_options),
                                    cloud_model_id=config.cloud_model)
@@ -302,7 +302,7 @@ class EdgeAgent:
         """Profiled: the profile's quality for the mode; full: F1 of the answer (0 on a miss)."""
         met = bool(row["latency_s"] <= self.config.deadline_s)
         if self.stage is not None:
-            from ray_scout.core.metrics import exact_match, f1
+            from ray_scout.core.evaluation.metrics import exact_match, f1
 
             gold = self.config.samples[arrival.sample_index][2]
             row.update(f1=f1(row["answer"], gold), em=exact_match(row["answer"], gold))

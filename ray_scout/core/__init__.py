@@ -1,6 +1,15 @@
-"""The pure core: everything that decides or computes, nothing that needs Ray or root.
+"""The pure core: everything that computes or decides, nothing that needs Ray or root.
 
-Models and their KV facts, KV codecs and the wire format, position selection and scout,
-tasks and metrics, the adaptive policy and the allocators live here as plain functions and
-small classes. Links, sockets and actors are left to ``net``, ``transport`` and ``actors``.
+Four rooms, imports pointing one way (``stages`` and ``evaluation`` may use ``llm`` and
+``control``; ``control`` uses neither; ``net`` and ``transport`` use none of them):
+
+- ``llm``: the language-model trade: models, prefill and decoding, KV snapshots, codecs and
+  the wire format, prompt layout, position selection (Q2C and baselines), scout payloads.
+- ``control``: the decision trade: the adaptive policy, bandwidth estimators, allocators,
+  capacity traces. Plain numbers in, a mode or a split out; no torch.
+- ``stages``: one request at each end: what the edge does with a request and what the cloud
+  does with a payload, in full fidelity (real models) and profiled fidelity (measured times).
+- ``evaluation``: tasks, answer metrics and the quality harness that scores the modes.
+
+``modes`` is the vocabulary all four share: the transport modes.
 """

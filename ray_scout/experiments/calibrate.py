@@ -14,7 +14,7 @@ import datetime
 import platform
 from pathlib import Path
 
-from ray_scout.core.quality import Grid, calibration_cells, profile_from_rows, reference_cell
+from ray_scout.core.evaluation.quality import Grid, calibration_cells, profile_from_rows, reference_cell
 from ray_scout.experiments import quality as harness
 
 

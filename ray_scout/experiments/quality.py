@@ -4,7 +4,7 @@ What lives here: the named grids (``GRIDS``), reading a grid from YAML, the CSV 
 makes runs resumable (rows are appended as they are measured; a rerun skips what the file
 already holds), the Parquet copy, and the Markdown summary (Paper A Table 2-like selection x
 retention, Table 5-like modes, paired tests against full BF16). What it leaves to others:
-running cells (``ray_scout.core.quality``) and the statistics themselves.
+running cells (``ray_scout.core.evaluation.quality``) and the statistics themselves.
 
 Row columns (one row per sample x cell): ``core.quality.ROW_FIELDS``; ``em``/``f1``/
 ``contains`` are 0..1 per sample, sizes in bytes, times in seconds.
@@ -23,7 +23,7 @@ from pathlib import Path
 import yaml
 
 from ray_scout.core.modes import Mode
-from ray_scout.core.quality import (FULL, REFERENCE, ROW_FIELDS, SCORES, Cell, CellSummary,
+from ray_scout.core.evaluation.quality import (FULL, REFERENCE, ROW_FIELDS, SCORES, Cell, CellSummary,
                                     Grid, QualityError, paired, row_key, run_grid, summarize)
 
 # Scratch by default (git-ignored); committed results name their file with --results.
@@ -260,7 +260,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _load(grid: Grid):
-    from ray_scout.core import bottleneck, models
+    from ray_scout.core.llm import bottleneck, models
 
     edge = models.load_model(grid.edge_model)
     cloud = edge if grid.cloud_model == grid.edge_model else models.load_model(grid.cloud_model)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from ray_scout.core.metrics import bootstrap_ci
+from ray_scout.core.evaluation.metrics import bootstrap_ci
 
 STAGES = ("agent_queue_s", "edge_s", "tx_s", "cloud_queue_s", "cloud_s", "overhead_s")
 

@@ -30,12 +30,12 @@ from pathlib import Path
 import pandas as pd
 
 from ray_scout.actors.cloud import FullService, profiled_service
-from ray_scout.actors.compute import (
+from ray_scout.core.stages.profiled import (
     latency_model, load_timing, profiled_payload_bytes, selected_tokens,
 )
 from ray_scout.actors.edge import AgentConfig, Arrival, RequestShape, make_policy, typical_demand
 from ray_scout.actors.recorder import read_table
-from ray_scout.core.allocation import Allocation, allocate
+from ray_scout.core.control.allocation import Allocation, allocate
 from ray_scout.experiments.placement import Placement, alive_nodes, place
 from ray_scout.experiments.spec import (
     REPO_ROOT, Spec, SpecError, arrivals, capacity_trace, check_allocators, load_spec,
@@ -59,7 +59,7 @@ def rtt_s(access: str, bottleneck: str) -> float:
 
 def request_shapes(spec: Spec) -> dict[str, dict[int, RequestShape]]:
     """Per agent group and context length: payload bytes, latency model and edge times."""
-    from ray_scout.core.models import facts_for  # torch comes with it: not at CLI start-up
+    from ray_scout.core.llm.models import facts_for  # torch comes with it: not at CLI start-up
 
     out = {}
     for g in spec.agents:
@@ -100,7 +100,7 @@ def samples(spec: Spec, work: dict) -> dict[str, tuple]:
     Seeded per agent, so every combination answers the same questions. Lengths follow the
     task generator's approximate token count (no tokenizer in the driver).
     """
-    from ray_scout.core.tasks import generate
+    from ray_scout.core.evaluation.tasks import generate
 
     out = {}
     groups = spec.groups_by_agent()

@@ -34,11 +34,11 @@ from typing import Callable, Mapping
 import numpy as np
 import pandas as pd
 
-from ray_scout.core.allocation import allocate, demand_for
-from ray_scout.core.capacity import CapacityTrace
-from ray_scout.core.estimators import GrantEstimator, make_estimator
+from ray_scout.core.control.allocation import allocate, demand_for
+from ray_scout.core.control.capacity import CapacityTrace
+from ray_scout.core.control.estimators import GrantEstimator, make_estimator
 from ray_scout.core.modes import Mode
-from ray_scout.core.policy import (
+from ray_scout.core.control.policy import (
     PAPER_B_PAYLOAD_BYTES, LatencyModel, Policy, PolicyInput, QualityProfile, paper_b_latency,
     paper_b_profile,
 )

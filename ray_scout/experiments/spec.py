@@ -44,10 +44,10 @@ from typing import Any
 import numpy as np
 import yaml
 
-from ray_scout.core import capacity as cap
-from ray_scout.core.allocation import AllocationError, allocate
+from ray_scout.core.control import capacity as cap
+from ray_scout.core.control.allocation import AllocationError, allocate
 from ray_scout.core.modes import Mode
-from ray_scout.core.policy import ProfileError, QualityProfile, paper_b_profile
+from ray_scout.core.control.policy import ProfileError, QualityProfile, paper_b_profile
 from ray_scout.net.errors import NetError
 from ray_scout.net.profiles import parse_rate_bps
 
@@ -250,7 +250,7 @@ def parse_spec(doc: Any, *, base: Path = REPO_ROOT, fidelity: str | None = None)
                                            "cloud.batch_window_s"))
     capacity_trace(spec)  # validates the capacity section now, not mid-run
     if spec.fidelity == "full":
-        from ray_scout.core.tasks import TASKS
+        from ray_scout.core.evaluation.tasks import TASKS
 
         for g in agents:
             _known(g.task, tuple(sorted(TASKS)), f"agents[{g.name}].task")

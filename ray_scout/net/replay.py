@@ -1,7 +1,7 @@
 """Trace replay: drive a capacity trace live onto an HTB class, logging when each rate took effect.
 
 Takes any trace with ``segments: list[tuple[float, float]]`` (start time in s, rate in bit/s;
-piecewise constant, as ``ray_scout.core.capacity.CapacityTrace``) and any target with
+piecewise constant, as ``ray_scout.core.control.capacity.CapacityTrace``) and any target with
 ``set_rate(rate_bps) -> call seconds`` (a ``LeafClass``). Parsing traces is not done here.
 A timer thread sleeps to each segment start on the monotonic clock; each change is logged
 with the trace time, the wall-clock time (to join with request logs) and the call's own

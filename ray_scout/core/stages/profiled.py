@@ -18,11 +18,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Mapping, Protocol
 
 from ray_scout.core.modes import CLOUD_MODES, KV_MODES, Mode
-from ray_scout.core.policy import LatencyModel, paper_b_latency
+from ray_scout.core.control.policy import LatencyModel, paper_b_latency
 
 if TYPE_CHECKING:  # torch comes with these; agents import this module and must stay light
-    from ray_scout.core.latency import LatencyProfile
-    from ray_scout.core.models import KVFacts
+    from ray_scout.core.llm.latency import LatencyProfile
+    from ray_scout.core.llm.models import KVFacts
 
 # Question tokens a request adds on the cloud side (the KV modes prefill only the question).
 QUESTION_TOKENS = 32
@@ -119,7 +119,7 @@ def load_timing(source: str, base: Path | None = None) -> Timing:
         raise ComputeError(f"latency profile {path} not found; measure it with "
                            "`python3 bench/latency_profiles.py --source <model> --lengths ...` "
                            "or use `paper_b`")
-    from ray_scout.core.latency import LatencyProfile
+    from ray_scout.core.llm.latency import LatencyProfile
 
     return ProfileTiming(LatencyProfile.load(path))
 
@@ -163,7 +163,7 @@ def profiled_payload_bytes(facts: KVFacts, context_tokens: int, *, group_size: i
     """
     if context_tokens < 2:
         raise ComputeError(f"a prompt of {context_tokens} tokens leaves no KV besides its tail")
-    from ray_scout.core.wire import payload_size_bytes
+    from ray_scout.core.llm.wire import payload_size_bytes
 
     sizes = {}
     for mode in KV_MODES:

@@ -1,11 +1,11 @@
 """Mixed INT4: INT4 everywhere except the protected (bottleneck) layers, kept in bf16.
 
-Which layers to protect is measured per model by ``ray_scout.core.bottleneck``.
+Which layers to protect is measured per model by ``ray_scout.core.llm.bottleneck``.
 """
 
 from __future__ import annotations
 
-from ray_scout.core.kvcodec.base import RAW_BITS, KVCodec, register
+from ray_scout.core.llm.kvcodec.base import RAW_BITS, KVCodec, register
 from ray_scout.core.modes import Mode
 
 
@@ -17,7 +17,7 @@ class MixedInt4Codec(KVCodec):
     def bits_per_layer(cls, num_layers, protected_layers):
         if not protected_layers:
             raise ValueError("mixed_int4 needs protected_layers (see "
-                             "ray_scout.core.bottleneck.protected_layers_for); "
+                             "ray_scout.core.llm.bottleneck.protected_layers_for); "
                              "without any it is plain int4")
         bad = [p for p in protected_layers if not 0 <= p < num_layers]
         if bad:

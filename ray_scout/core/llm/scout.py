@@ -20,10 +20,10 @@ from typing import Sequence
 import torch
 import zstandard
 
-from ray_scout.core.cursor import ByteCursor, put_varint
-from ray_scout.core.generation import DEFAULT_MAX_NEW_TOKENS, Answer, answer_pruned, prefill
-from ray_scout.core.models import LoadedModel
-from ray_scout.core.prompt import build_prompt
+from ray_scout.core.llm.cursor import ByteCursor, put_varint
+from ray_scout.core.llm.generation import DEFAULT_MAX_NEW_TOKENS, Answer, answer_pruned, prefill
+from ray_scout.core.llm.models import LoadedModel
+from ray_scout.core.llm.prompt import build_prompt
 
 DELTA_VARINT = 0
 BITMAP = 1

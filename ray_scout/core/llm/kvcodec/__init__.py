@@ -5,15 +5,15 @@ closed-form size. Modules: ``quant`` (group quantization, 4-bit packing), ``base
 encoded form, the layer-wise codec and the registry), ``bf16``, ``uniform`` (INT8, INT4),
 ``mixed`` (INT4 with protected bf16 layers). Adding a mode = one class decorated with
 ``@register`` in a new module imported below. What it leaves to others: bytes on the wire
-(``ray_scout.core.wire``), which layers to protect (``ray_scout.core.bottleneck``).
+(``ray_scout.core.llm.wire``), which layers to protect (``ray_scout.core.llm.bottleneck``).
 """
 
 from __future__ import annotations
 
 import torch
 
-from ray_scout.core.kvcodec import bf16, mixed, uniform  # noqa: F401  (registration)
-from ray_scout.core.kvcodec.base import (
+from ray_scout.core.llm.kvcodec import bf16, mixed, uniform  # noqa: F401  (registration)
+from ray_scout.core.llm.kvcodec.base import (
     EncodedKV,
     EncodedTensor,
     KVCodec,

@@ -5,7 +5,7 @@ shapes, group size, protected layers), ``EncodedTensor``/``EncodedKV`` (the pack
 still torch tensors on the encoder's device) and ``KVCodec``, which encodes each layer at
 the bit width its subclass assigns (16 = raw bf16; 8 or 4 = KIVI-style group quantization:
 keys per channel, values per token). What it leaves to others: which bit width each layer
-gets (the codec classes), how the encoded form becomes bytes (``ray_scout.core.wire``).
+gets (the codec classes), how the encoded form becomes bytes (``ray_scout.core.llm.wire``).
 """
 
 from __future__ import annotations
@@ -14,12 +14,12 @@ import dataclasses
 
 import torch
 
-from ray_scout.core.kv import KVSnapshot
-from ray_scout.core.kvcodec import quant
+from ray_scout.core.llm.kv import KVSnapshot
+from ray_scout.core.llm.kvcodec import quant
 from ray_scout.core.modes import Mode
 
 try:  # GPU fast path; without Triton every tensor goes through ``quant``
-    from ray_scout.core.kvcodec import triton_kernels
+    from ray_scout.core.llm.kvcodec import triton_kernels
 except ImportError:
     triton_kernels = None
 

@@ -22,11 +22,12 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 import numpy as np
 import torch
 
-from ray_scout.core import generation, metrics, selection, tasks
-from ray_scout.core.models import LoadedModel
+from ray_scout.core.evaluation import metrics, tasks
+from ray_scout.core.llm import generation, selection
+from ray_scout.core.llm.models import LoadedModel
 from ray_scout.core.modes import KV_MODES, Mode
-from ray_scout.core.pipeline import CloudStage, EdgeAnalysis, EdgeOptions, EdgeStage
-from ray_scout.core.policy import ModeQuality, QualityProfile
+from ray_scout.core.stages.pipeline import CloudStage, EdgeAnalysis, EdgeOptions, EdgeStage
+from ray_scout.core.control.policy import ModeQuality, QualityProfile
 
 # The method of cells that keep the whole context (retention 1).
 FULL = "full"

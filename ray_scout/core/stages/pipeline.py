@@ -15,13 +15,13 @@ import time
 
 import torch
 
-from ray_scout.core import generation, scout, selection, wire
-from ray_scout.core.generation import Answer, Prefill
-from ray_scout.core.kv import KVSnapshot
-from ray_scout.core.kvcodec import codec_for
-from ray_scout.core.models import LoadedModel
+from ray_scout.core.llm import generation, scout, selection, wire
+from ray_scout.core.llm.generation import Answer, Prefill
+from ray_scout.core.llm.kv import KVSnapshot
+from ray_scout.core.llm.kvcodec import codec_for
+from ray_scout.core.llm.models import LoadedModel
 from ray_scout.core.modes import CLOUD_MODES, KV_MODES, Mode
-from ray_scout.core.prompt import PromptLayout, build_prompt
+from ray_scout.core.llm.prompt import PromptLayout, build_prompt
 
 
 class PipelineError(ValueError):

@@ -20,9 +20,9 @@ from pathlib import Path
 
 import torch
 
-from ray_scout.core import models
-from ray_scout.core.kv import KVSnapshot
-from ray_scout.core.kvcodec import codec_for
+from ray_scout.core.llm import models
+from ray_scout.core.llm.kv import KVSnapshot
+from ray_scout.core.llm.kvcodec import codec_for
 from ray_scout.core.modes import Mode
 
 METRIC = "mean next-token KL(exact || only this layer INT4), nats"

@@ -120,8 +120,8 @@ def measure(lm, prompt_lengths: list[int], *, decode_steps: int = 8, repeats: in
     the compiled fused forward, whose one-off compile the warm-up call absorbs), over a
     synthetic prompt of that length.
     """
-    from ray_scout.core.generation import prefill as run_prefill
-    from ray_scout.core.prompt import synthetic_layout
+    from ray_scout.core.llm.generation import prefill as run_prefill
+    from ray_scout.core.llm.prompt import synthetic_layout
 
     device = lm.device
     vocab = lm.model.config.vocab_size

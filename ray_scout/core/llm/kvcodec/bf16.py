@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ray_scout.core.kvcodec.base import RAW_BITS, KVCodec, register
+from ray_scout.core.llm.kvcodec.base import RAW_BITS, KVCodec, register
 from ray_scout.core.modes import Mode
 
 

@@ -12,7 +12,7 @@ import dataclasses
 
 import torch
 
-from ray_scout.core.models import KVFacts
+from ray_scout.core.llm.models import KVFacts
 
 
 class KVShapeError(ValueError):

@@ -18,10 +18,10 @@ import time
 
 import torch
 
-from ray_scout.core import fused_prefill
-from ray_scout.core.kv import KVSnapshot
-from ray_scout.core.models import LoadedModel
-from ray_scout.core.prompt import PromptLayout
+from ray_scout.core.llm import fused_prefill
+from ray_scout.core.llm.kv import KVSnapshot
+from ray_scout.core.llm.models import LoadedModel
+from ray_scout.core.llm.prompt import PromptLayout
 
 DEFAULT_MAX_NEW_TOKENS = 24
 

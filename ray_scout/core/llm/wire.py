@@ -33,9 +33,9 @@ import zlib
 
 import torch
 
-from ray_scout.core.cursor import ByteCursor
-from ray_scout.core.kvcodec import EncodedKV, KVLayout, encoded_size_bytes
-from ray_scout.core.kvcodec.base import (
+from ray_scout.core.llm.cursor import ByteCursor
+from ray_scout.core.llm.kvcodec import EncodedKV, KVLayout, encoded_size_bytes
+from ray_scout.core.llm.kvcodec.base import (
     KEY_GROUP_DIM,
     POSITION_DTYPE,
     RAW_BITS,
@@ -44,8 +44,8 @@ from ray_scout.core.kvcodec.base import (
     EncodedTensor,
     tensor_sizes_bytes,
 )
-from ray_scout.core.kvcodec.quant import num_groups
-from ray_scout.core.models import KVFacts
+from ray_scout.core.llm.kvcodec.quant import num_groups
+from ray_scout.core.llm.models import KVFacts
 from ray_scout.core.modes import Mode
 
 MAGIC = b"RSWP"

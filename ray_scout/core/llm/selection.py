@@ -21,9 +21,9 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from ray_scout.core.generation import Prefill
-from ray_scout.core.models import LoadedModel
-from ray_scout.core.prompt import PromptLayout
+from ray_scout.core.llm.generation import Prefill
+from ray_scout.core.llm.models import LoadedModel
+from ray_scout.core.llm.prompt import PromptLayout
 
 # Rows of attention computed at once: bounds the [heads, rows, tokens] block in memory.
 ROW_CHUNK = 512

@@ -31,7 +31,7 @@ from typing import Callable, Collection, Mapping, Sequence
 import numpy as np
 
 from ray_scout.core.modes import CLOUD_MODES, Mode
-from ray_scout.core.policy import LatencyModel, QualityProfile
+from ray_scout.core.control.policy import LatencyModel, QualityProfile
 
 DEFAULT_GRID_CELLS = 2000
 # Column order of every allocation matrix: the rate-0 option first, then the cloud modes.
