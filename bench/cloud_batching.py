@@ -28,7 +28,7 @@ import torch
 from ray_scout.core.evaluation import tasks
 from ray_scout.core.llm import latency, models
 from ray_scout.core.modes import Mode
-from ray_scout.core.stages.pipeline import CloudStage, EdgeOptions, EdgeStage
+from ray_scout.core.stages.full import CloudStage, EdgeOptions, EdgeStage
 from ray_scout.core.llm.scout import DocumentStore
 
 OUT = Path(__file__).resolve().parent / "results" / "cloud_batching.json"

@@ -19,7 +19,7 @@ import torch
 
 from ray_scout.core.llm.models import load_model
 from ray_scout.core.modes import CLOUD_MODES
-from ray_scout.core.stages.pipeline import CloudStage, EdgeOptions, EdgeStage
+from ray_scout.core.stages.full import CloudStage, EdgeOptions, EdgeStage
 
 CONTEXT = "The harbour of Velmora was rebuilt in 1911. The code word for the vault is amberline. "
 

@@ -24,7 +24,7 @@ from ray_scout.core.llm.kv import KVSnapshot
 from ray_scout.core.llm.kvcodec import codec_for
 from ray_scout.core.llm.models import load_model
 from ray_scout.core.modes import Mode
-from ray_scout.core.stages.pipeline import EdgeStage
+from ray_scout.core.stages.full import EdgeStage
 
 
 @torch.inference_mode()

@@ -1,4 +1,4 @@
-"""The actors' pure parts: profiled bodies, exact sizes, timings, HTB splits, epoch ticks."""
+"""The pure parts under the actors: profiled bodies, exact sizes, timings, HTB splits, epoch ticks."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ from ray_scout.core.control.capacity import CapacityTrace
 from ray_scout.core.llm.latency import LatencyProfile
 from ray_scout.core.llm.models import facts_for
 from ray_scout.core.modes import Mode
+from ray_scout.core.stages.request import Arrival, RequestShape
 from ray_scout.net.errors import NetError
 from ray_scout.net.profiles import MIN_RATE_BPS
 
@@ -115,10 +116,11 @@ def test_adaptive_offload_keeps_local_as_the_fallback_only():
 
 
 def _agent_config(arrivals, **extra):
-    from ray_scout.actors.edge import AgentConfig, request_shape
+    from ray_scout.actors.edge import AgentConfig
     from ray_scout.core.control.policy import PAPER_B_PAYLOAD_BYTES, paper_b_latency, paper_b_profile
 
-    shape = request_shape(170, 128, PAPER_B_PAYLOAD_BYTES, paper_b_latency())
+    latency = paper_b_latency()
+    shape = RequestShape(170, 128, dict(PAPER_B_PAYLOAD_BYTES), latency, dict(latency.edge_s))
     return AgentConfig(name="e0", netns=None, cloud_address=("127.0.0.1", 1), policy="adaptive",
                        allocator="quality_max", quality=paper_b_profile("3b-7b"),
                        shapes={170: shape}, cloud_model="qwen2.5-7b", deadline_s=2.5,
@@ -126,7 +128,7 @@ def _agent_config(arrivals, **extra):
 
 
 def test_an_agent_demands_room_for_its_queue_and_its_policy_margin():
-    from ray_scout.actors.edge import Arrival, EdgeAgent
+    from ray_scout.actors.edge import EdgeAgent
 
     arrivals = tuple(Arrival(i, t, 170) for i, t in enumerate((1.0, 3.5, 4.0, 8.0)))
     demand = EdgeAgent(_agent_config(arrivals), recorder=None).demand()
@@ -137,14 +139,14 @@ def test_an_agent_demands_room_for_its_queue_and_its_policy_margin():
 
 
 def test_a_static_agent_demands_no_margin():
-    from ray_scout.actors.edge import Arrival, EdgeAgent
+    from ray_scout.actors.edge import EdgeAgent
 
     cfg = dataclasses.replace(_agent_config((Arrival(0, 1.0, 170),)), policy="static:int8")
     assert EdgeAgent(cfg, recorder=None).demand().safety_margin == 0.0
 
 
 def test_a_static_agent_demands_its_one_mode_and_an_adaptive_one_every_mode_it_knows():
-    from ray_scout.actors.edge import Arrival, EdgeAgent
+    from ray_scout.actors.edge import EdgeAgent
 
     cfg = _agent_config((Arrival(0, 1.0, 170),))
     static = EdgeAgent(dataclasses.replace(cfg, policy="static:int4"), recorder=None).demand()

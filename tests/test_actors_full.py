@@ -23,7 +23,8 @@ class _Recorder:
 
 
 def test_an_agent_sends_real_payloads_and_the_cloud_answers_them(embedded_model):
-    from ray_scout.actors.cloud import CloudActor, FullService
+    from ray_scout.actors.cloud import CloudActor
+    from ray_scout.core.stages.full import FullService
     from ray_scout.actors.edge import AgentConfig, EdgeAgent
     from ray_scout.experiments.runner import request_shapes, samples, workloads
     from ray_scout.experiments.spec import parse_spec, quality_profile

@@ -5,7 +5,7 @@ import torch
 
 from ray_scout.core.llm import generation, wire
 from ray_scout.core.modes import Mode
-from ray_scout.core.stages.pipeline import CloudStage, EdgeOptions, EdgeStage, PipelineError
+from ray_scout.core.stages.full import CloudStage, EdgeOptions, EdgeStage, PipelineError
 
 CONTEXTS = [
     "The harbour of Velmora was rebuilt in 1911. The code word for the vault is amberline. " * 2,

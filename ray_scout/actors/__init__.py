@@ -4,5 +4,5 @@
 ``CloudActor`` serves them behind a request queue; ``Allocator`` splits the bottleneck each
 epoch; ``LinkManager`` owns the shaped links (the only actor that needs root); ``Recorder``
 takes every finished row as it completes. What the compute of a request is lives in
-``compute`` (no Ray there); what runs them is ``ray_scout.experiments.runner``.
+``core.stages`` (no Ray there); what runs them is ``ray_scout.experiments.runner``.
 """

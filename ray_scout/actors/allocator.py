@@ -1,7 +1,7 @@
 """Allocator: the epoch loop that splits the bottleneck among the agents.
 
 What lives here: the clock of a run's capacity (ticks every ``epoch_s`` and at every change
-time of the trace), gathering the agents' demands, ``core.allocation.allocate``, applying the
+time of the trace), gathering the agents' demands, ``core.control.allocation.allocate``, applying the
 result through the link managers (one call each, all at once: one per lab node, or the
 lab-in-a-box's one), telling every agent its grant, and one
 ``epochs`` row per agent each time the split is applied (capacity, rate, planned mode,

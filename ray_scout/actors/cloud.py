@@ -5,8 +5,9 @@ once, the request queue between it and ``slots`` compute threads (1 = one GPU st
 the answer each request gets back: its text, mode, model and the cloud's own queue and
 compute times, so agents can split their latency. Work whose deadline passed while it waited
 is dropped, not computed (it would only delay the next request). What it leaves to others:
-what computing means (``compute.ProfiledCloud`` sleeps a profile's time; full fidelity calls
-``core.pipeline.CloudStage``), and the agents' timelines.
+what computing means (a service of ``core.stages``: ``profiled.ProfiledService`` sleeps a
+profile's time, ``full.FullService`` runs ``CloudStage`` on real models), and the agents'
+timelines.
 
 Micro-batching: each compute thread takes the first waiting request, then collects more
 until it holds ``max_batch`` or ``batch_window_s`` has passed since it took the first, and
@@ -45,69 +46,6 @@ class _Job:
     done: threading.Event = dataclasses.field(default_factory=threading.Event)
     answer: dict | None = None
     error: BaseException | None = None
-
-
-def profiled_service(timings: dict) -> Service:
-    """Sleep the cloud model's profiled time for the batch's modes and sizes."""
-    from ray_scout.core.stages.profiled import ProfiledCloud, ProfiledRequest
-
-    cloud = ProfiledCloud(timings)
-
-    def serve(bodies: list[bytes]) -> list:
-        requests = []
-        for body in bodies:
-            try:
-                requests.append(ProfiledRequest.from_body(body))
-            except Exception as exc:  # noqa: BLE001 -- handed back in the request's slot
-                requests.append(exc)
-        valid = [r for r in requests if not isinstance(r, Exception)]
-        seconds = cloud.batch_service_s(valid) if valid else 0.0
-        time.sleep(seconds)
-        return [r if isinstance(r, Exception) else
-                {"text": "", "mode": r.mode.value, "model_id": r.cloud_model,
-                 "prefill_s": 0.0, "decode_s": seconds} for r in requests]
-
-    return serve
-
-
-class FullService:
-    """Full fidelity: the pipeline's ``CloudStage`` over real models, loaded in the actor.
-
-    ``sources`` maps a model id as payloads name it to a ``load_model`` source;
-    ``documents`` are the contexts the cloud already holds (scout payloads name them by hash).
-    """
-
-    def __init__(self, sources: dict[str, str], documents: list[str], max_new_tokens: int):
-        self.sources = dict(sources)
-        self.documents = list(documents)
-        self.max_new_tokens = max_new_tokens
-        self.stage = None
-
-    def prepare(self) -> None:
-        from ray_scout.core.llm.models import load_model
-        from ray_scout.core.stages.pipeline import CloudStage
-        from ray_scout.core.llm.scout import DocumentStore
-
-        store = DocumentStore()
-        for text in self.documents:
-            store.put(text)
-        models = {}
-        for model_id, source in self.sources.items():
-            lm = load_model(source)
-            models[model_id] = models[lm.model_id] = lm
-        self.stage = CloudStage(models, documents=store, max_new_tokens=self.max_new_tokens)
-
-    def __call__(self, bodies: list[bytes]) -> list:
-        if len(bodies) == 1:  # one request at a time: the unbatched path, as before batching
-            try:
-                answers = [self.stage.answer(bodies[0])]
-            except Exception as exc:  # noqa: BLE001 -- handed back in the request's slot
-                answers = [exc]
-        else:
-            answers = self.stage.answer_batch(bodies)
-        return [a if isinstance(a, Exception) else
-                {"text": a.text, "mode": a.mode.value, "model_id": a.model_id,
-                 "prefill_s": a.prefill_s, "decode_s": a.decode_s} for a in answers]
 
 
 class CloudActor:

@@ -2,11 +2,11 @@
 
 What lives here: the agent's loop over a seeded arrival schedule (requests wait in the
 agent's own FIFO: one edge model answers one request at a time), the policy decision on the
-time left, the edge compute (profiled: the latency profile's time is slept; full: the
-pipeline's edge stage, with real F1/EM scoring), the send over a ``Connection`` from the agent's namespace with the
-deadline as the transport's budget, scoring, and one row per request streamed to the
-``Recorder`` as soon as it is final. What it leaves to others: splitting capacity (the
-allocator tells it its grant), the cloud, shaping.
+time left, the send over a ``Connection`` from the agent's namespace with the deadline as the
+transport's budget, and one row per request streamed to the ``Recorder`` as soon as it is
+final. What it leaves to others: the edge compute and what an answer is worth (an ``Edge``
+stage of ``core.stages``, full or profiled: the agent does not ask which), splitting capacity
+(the allocator tells it its grant), the cloud, shaping.
 
 Timeline of a request (unix seconds, all on this host's clock; the columns of ``requests``):
 arrival -> start (after the agent queue) -> edge compute (prefill, select, decide, encode) ->
@@ -24,42 +24,16 @@ import math
 import time
 from typing import Any, Mapping, Sequence
 
-from ray_scout.core.stages.profiled import ProfiledRequest
 from ray_scout.core.control.allocation import Demand, demand_for
 from ray_scout.core.control.estimators import GrantEstimator, make_estimator
-from ray_scout.core.modes import CLOUD_MODES, Mode
 from ray_scout.core.control.policy import (
-    AdaptivePolicy, LatencyModel, Policy, PolicyInput, QualityProfile, StaticPolicy,
+    AdaptivePolicy, Decision, LatencyModel, Policy, PolicyInput, QualityProfile, StaticPolicy,
 )
+from ray_scout.core.modes import CLOUD_MODES, Mode
+from ray_scout.core.stages.request import Arrival, Edge, EdgeOutcome, RequestShape
 from ray_scout.transport.client import (
     Connection, ConnectionLost, DeadlineExceeded, RemoteError, TransportError,
 )
-
-
-@dataclasses.dataclass(frozen=True)
-class Arrival:
-    """One request of the workload: when (s after the run's start) and how long its context."""
-
-    request_id: int
-    t_s: float
-    context_tokens: int
-    sample_index: int = 0
-
-
-@dataclasses.dataclass(frozen=True)
-class RequestShape:
-    """What a request of one context length costs, computed by the runner once.
-
-    Precomputed so agents import neither torch nor the codecs: exact payload bytes per mode,
-    the policy's latency model, and the edge compute seconds per mode (``local`` absent when
-    the timing source cannot answer at the edge alone).
-    """
-
-    context_tokens: int
-    selected_tokens: int
-    payload_bytes: Mapping[Mode, int]
-    latency: LatencyModel
-    edge_s: Mapping[Mode, float]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,12 +67,6 @@ class AgentConfig:
         return "full" if self.samples else "profiled"
 
 
-def request_shape(context_tokens: int, selected: int, payload_bytes: Mapping[Mode, int],
-                  latency: LatencyModel) -> RequestShape:
-    return RequestShape(context_tokens, selected, dict(payload_bytes), latency,
-                        dict(latency.edge_s))
-
-
 def make_policy(name: str, profile: QualityProfile, safety_margin: float) -> Policy:
     """``adaptive`` lets ``local`` compete on quality; ``adaptive:offload`` keeps it as the
     fallback only (Paper B), for pairs whose edge model answers as well as the cloud's."""
@@ -128,6 +96,22 @@ def typical_demand(name: str, shapes: Mapping[int, RequestShape], arrivals: Sequ
                       modes=policy.choices)
 
 
+def make_edge(config: AgentConfig) -> Edge:
+    """The agent's edge stage: the real model in full fidelity, its profile otherwise."""
+    if config.fidelity == "full":
+        from ray_scout.core.evaluation.metrics import exact_match, f1
+        from ray_scout.core.llm.models import load_model
+        from ray_scout.core.stages.full import EdgeOptions, EdgeStage, FullEdge
+
+        stage = EdgeStage(load_model(config.model), EdgeOptions(**config.edge_options),
+                          cloud_model_id=config.cloud_model)
+        return FullEdge(stage, config.shapes, config.samples,
+                        lambda answer, gold: (f1(answer, gold), exact_match(answer, gold)))
+    from ray_scout.core.stages.profiled import ProfiledEdge
+
+    return ProfiledEdge(config.shapes, config.cloud_model, config.new_tokens, config.quality)
+
+
 class EdgeAgent:
     """Runs ``config.arrivals`` against the cloud; ``set_grant`` comes from the allocator."""
 
@@ -141,13 +125,7 @@ class EdgeAgent:
         self.grant_bps = config.initial_bps
         self.metrics = AgentMetrics(config.name, config.policy, config.allocator)
         self.connection: Connection | None = None
-        self.stage = None
-        if config.fidelity == "full":
-            from ray_scout.core.llm.models import load_model
-            from ray_scout.core.stages.pipeline import EdgeOptions, EdgeStage
-
-            self.stage = EdgeStage(load_model(config.model), EdgeOptions(**config.edge_options),
-                                   cloud_model_id=config.cloud_model)
+        self.edge = make_edge(config)
 
     # --- what the allocator asks and tells ---------------------------------------------
     def demand(self) -> Demand:
@@ -190,31 +168,51 @@ class EdgeAgent:
         return done
 
     def serve(self, arrival: Arrival, t0_unix_s: float) -> dict:
+        """One request, top to bottom: edge stage (with the decision), send, score."""
         c = self.config
         arrived = t0_unix_s + arrival.t_s
         start = time.time()
-        shape = c.shapes[arrival.context_tokens]
-        sizes, latency = shape.payload_bytes, shape.latency
-        analysis = None
-        if self.stage is not None:
-            # Full fidelity: prefill and score first (ARCHITECTURE steps 2-3), then decide on
-            # the exact sizes with the edge time already spent taken out of the plan.
-            context, question, _ = c.samples[arrival.sample_index]
-            analysis = self.stage.analyze(context, question)
-            sizes = self.stage.payload_sizes(analysis)
-            latency = dataclasses.replace(latency, edge_s={
-                m: (0.0 if m != Mode.LOCAL else s) for m, s in latency.edge_s.items()})
-        decided = time.time()
-        estimate = self.estimator.estimate(decided - t0_unix_s)
-        budget = c.deadline_s - (decided - arrived)
-        decision = self.policy.decide(PolicyInput(estimate, max(budget, 0.0), sizes, latency))
-        mode = decision.mode
-        row = dict(
+        row = self._blank_row(arrival, arrived, start)
+
+        def decide(sizes: Mapping[Mode, int], latency: LatencyModel) -> Decision | None:
+            """The policy on the time left; the row records what it saw and chose."""
+            now = time.time()
+            estimate = self.estimator.estimate(now - t0_unix_s)
+            budget = c.deadline_s - (now - arrived)
+            decision = self.policy.decide(PolicyInput(estimate, max(budget, 0.0), sizes,
+                                                      latency))
+            mode = decision.mode
+            row.update(mode=mode.value, reason=decision.reason, bandwidth_estimate_bps=estimate,
+                       payload_bytes=0 if mode == Mode.LOCAL else sizes[mode],
+                       expected_latency_s=decision.expected_latency_s.get(mode, math.nan))
+            return decision if budget > 0 else None
+
+        outcome = self.edge.handle(arrival, decide)
+        row.update(prefill_s=outcome.prefill_s, select_s=outcome.select_s,
+                   encode_s=outcome.encode_s)
+        mode = Mode(row["mode"])
+        if outcome.decision is None:
+            row.update(outcome="expired", error="deadline passed before the decision")
+            return self._finish(row, mode)
+        if outcome.error:
+            row.update(error=outcome.error)
+            return self._finish(row, mode)
+        edge_done = time.time()
+        row["edge_s"] = edge_done - start
+        if outcome.body is None:  # answered at the edge
+            row.update(answer=outcome.answer, latency_s=edge_done - arrived)
+            row["overhead_s"] = row["latency_s"] - row["agent_queue_s"] - row["edge_s"]
+            return self._score(row, mode, arrival)
+        return self._send(row, mode, arrival, outcome, t0_unix_s)
+
+    def _blank_row(self, arrival: Arrival, arrived: float, start: float) -> dict:
+        """The request's row before anything happened: a miss until shown otherwise."""
+        c = self.config
+        return dict(
             request_id=arrival.request_id, agent=c.name, policy=c.policy, allocator=c.allocator,
-            t_arrival_s=arrival.t_s, context_tokens=arrival.context_tokens, mode=mode.value,
-            reason=decision.reason, bandwidth_estimate_bps=estimate, grant_bps=self.grant_bps,
-            payload_bytes=0 if mode == Mode.LOCAL else sizes[mode],
-            expected_latency_s=decision.expected_latency_s.get(mode, math.nan),
+            t_arrival_s=arrival.t_s, context_tokens=arrival.context_tokens, mode="",
+            reason="", bandwidth_estimate_bps=math.nan, grant_bps=self.grant_bps,
+            payload_bytes=0, expected_latency_s=math.nan,
             agent_queue_s=start - arrived, edge_s=math.nan, prefill_s=math.nan,
             select_s=math.nan, encode_s=math.nan, tx_s=math.nan, tx_send_s=math.nan,
             cloud_queue_s=math.nan, cloud_s=math.nan, rx_s=math.nan, latency_s=math.nan,
@@ -223,34 +221,13 @@ class EdgeAgent:
             measured_bps=math.nan, arrival_unix_s=arrived, tx_start_unix_s=math.nan,
             tx_end_unix_s=math.nan, tx_acked_unix_s=math.nan, answer_unix_s=math.nan,
             cloud_model=c.cloud_model)
-        if analysis is not None:
-            row.update(prefill_s=analysis.timings["prefill_s"],
-                       select_s=analysis.timings["select_s"])
-        if budget <= 0:
-            row.update(outcome="expired", error="deadline passed before the decision")
-            return self._finish(row, mode)
-        if mode not in latency.edge_s and analysis is None:  # Paper B: no edge-only time
-            row.update(error=f"unanswered: no edge time for {mode.value} in this fidelity")
-            return self._finish(row, mode)
-        if mode == Mode.LOCAL:
-            if analysis is not None:
-                row["answer"] = self.stage.answer_locally(analysis).text
-            else:
-                time.sleep(shape.edge_s[mode])
-            edge_done = time.time()
-            row["edge_s"] = edge_done - start
-            row["latency_s"] = edge_done - arrived
-            row["overhead_s"] = row["latency_s"] - row["agent_queue_s"] - row["edge_s"]
-            return self._score(row, mode, arrival)
-        if analysis is not None:
-            encoded = self.stage.encode(analysis, mode)
-            body = encoded.data
-            row["encode_s"] = encoded.encode_s
-        else:
-            time.sleep(shape.edge_s[mode])
-            body = ProfiledRequest(mode, c.cloud_model, shape.context_tokens,
-                                   shape.selected_tokens, c.new_tokens).to_body(sizes[mode])
-        row["edge_s"] = time.time() - start
+
+    def _send(self, row: dict, mode: Mode, arrival: Arrival, outcome: EdgeOutcome,
+              t0_unix_s: float) -> dict:
+        """The payload over the agent's connection with the deadline's time left."""
+        c = self.config
+        body = outcome.body
+        arrived = row["arrival_unix_s"]
         left = c.deadline_s - (time.time() - arrived)
         try:
             if left <= 0:
@@ -259,9 +236,10 @@ class EdgeAgent:
                 # No transport body CRC: a full-fidelity payload carries the wire format's
                 # own crc32, and the body CRC costs ~1 ms/MB per side (docs/TRANSPORT.md),
                 # which would count as testbed overhead; the frame header stays checked.
-                self.connection = Connection(c.cloud_address, source_netns=c.netns, abort_on_close=True,
-                                                     connect_timeout_s=min(left, 5.0),
-                                                     body_checksum=False)
+                self.connection = Connection(c.cloud_address, source_netns=c.netns,
+                                             abort_on_close=True,
+                                             connect_timeout_s=min(left, 5.0),
+                                             body_checksum=False)
             response = self.connection.request(body, deadline_s=left)
         except DeadlineExceeded as exc:
             if exc.acked_bytes and exc.sending_s:
@@ -299,18 +277,11 @@ class EdgeAgent:
         return self._score(row, mode, arrival)
 
     def _score(self, row: dict, mode: Mode, arrival: Arrival) -> dict:
-        """Profiled: the profile's quality for the mode; full: F1 of the answer (0 on a miss)."""
+        """The edge stage's worth of the answer (0 on a miss)."""
         met = bool(row["latency_s"] <= self.config.deadline_s)
-        if self.stage is not None:
-            from ray_scout.core.evaluation.metrics import exact_match, f1
-
-            gold = self.config.samples[arrival.sample_index][2]
-            row.update(f1=f1(row["answer"], gold), em=exact_match(row["answer"], gold))
-            q = row["f1"]
-        else:
-            q = self.config.quality.quality(mode)
-        row.update(deadline_met=met, outcome="hit" if met else "miss",
-                   quality=(math.nan if q is None else q) if met else 0.0)
+        score = self.edge.score(arrival, mode, row["answer"])
+        row.update(f1=score.f1, em=score.em, deadline_met=met, outcome="hit" if met else "miss",
+                   quality=score.quality if met else 0.0)
         return self._finish(row, mode)
 
     def _finish(self, row: dict, mode: Mode) -> dict:

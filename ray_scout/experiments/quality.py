@@ -6,7 +6,7 @@ already holds), the Parquet copy, and the Markdown summary (Paper A Table 2-like
 retention, Table 5-like modes, paired tests against full BF16). What it leaves to others:
 running cells (``ray_scout.core.evaluation.quality``) and the statistics themselves.
 
-Row columns (one row per sample x cell): ``core.quality.ROW_FIELDS``; ``em``/``f1``/
+Row columns (one row per sample x cell): ``core.evaluation.quality.ROW_FIELDS``; ``em``/``f1``/
 ``contains`` are 0..1 per sample, sizes in bytes, times in seconds.
 """
 

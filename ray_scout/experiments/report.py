@@ -30,7 +30,7 @@ def wilson_ci(hits: int, n: int, z: float = 1.96) -> tuple[float, float]:
 
 
 def mean_ci(values: pd.Series) -> tuple[float, float, float]:
-    """Mean with a 95% percentile-bootstrap interval (``core.metrics``); NaNs dropped."""
+    """Mean with a 95% percentile-bootstrap interval (``core.evaluation.metrics``); NaNs dropped."""
     v = values.dropna()
     if v.empty:
         return (math.nan, math.nan, math.nan)

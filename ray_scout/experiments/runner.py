@@ -29,13 +29,13 @@ from pathlib import Path
 
 import pandas as pd
 
-from ray_scout.actors.cloud import FullService, profiled_service
-from ray_scout.core.stages.profiled import (
-    latency_model, load_timing, profiled_payload_bytes, selected_tokens,
-)
-from ray_scout.actors.edge import AgentConfig, Arrival, RequestShape, make_policy, typical_demand
+from ray_scout.actors.edge import AgentConfig, make_policy, typical_demand
 from ray_scout.actors.recorder import read_table
 from ray_scout.core.control.allocation import Allocation, allocate
+from ray_scout.core.stages.profiled import (
+    ProfiledService, latency_model, load_timing, profiled_payload_bytes, selected_tokens,
+)
+from ray_scout.core.stages.request import Arrival, RequestShape
 from ray_scout.experiments.placement import Placement, alive_nodes, place
 from ray_scout.experiments.spec import (
     REPO_ROOT, Spec, SpecError, arrivals, capacity_trace, check_allocators, load_spec,
@@ -257,12 +257,14 @@ def run_trial(spec: Spec, policy: str, allocator: str, index: int, out: Path,
         ray.get([m.apply.remote(trace.rate_at(0.0), dict(first.rate_bps))
                  for m in links.managers])
         if spec.fidelity == "full":
+            from ray_scout.core.stages.full import FullService  # torch: only for full runs
+
             documents = sorted({text for rows in texts.values() for text, _, _ in rows})
             service = FullService({m: m for m in spec.cloud_models}, documents,
                                   max(g.new_tokens for g in spec.agents))
         else:
-            service = profiled_service({m: load_timing(t, spec.base)
-                                        for m, t in spec.cloud_models.items()})
+            service = ProfiledService({m: load_timing(t, spec.base)
+                                       for m, t in spec.cloud_models.items()})
         cloud = ray.remote(CloudActor).options(
             num_cpus=0, num_gpus=min(1, _gpu_count()), max_restarts=2, max_concurrency=4,
             name=prefix + "cloud", **links.cloud_options).remote(

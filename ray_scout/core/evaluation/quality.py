@@ -26,7 +26,7 @@ from ray_scout.core.evaluation import metrics, tasks
 from ray_scout.core.llm import generation, selection
 from ray_scout.core.llm.models import LoadedModel
 from ray_scout.core.modes import KV_MODES, Mode
-from ray_scout.core.stages.pipeline import CloudStage, EdgeAnalysis, EdgeOptions, EdgeStage
+from ray_scout.core.stages.full import CloudStage, EdgeAnalysis, EdgeOptions, EdgeStage
 from ray_scout.core.control.policy import ModeQuality, QualityProfile
 
 # The method of cells that keep the whole context (retention 1).

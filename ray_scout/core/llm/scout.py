@@ -7,7 +7,7 @@ selected edge-tokenizer positions and the character spans they cover), the mappi
 positions between tokenizers through character offsets, and the cloud end of scout mode:
 prefill the whole prompt and decode with only the selected context positions plus every
 non-context token in KV (``scout_answer``). What it leaves to others: picking the positions
-on the edge (``pipeline.EdgeStage``), the versioned container around the body (``wire``),
+on the edge (``stages.full.EdgeStage``), the versioned container around the body (``wire``),
 transport, and the choice of retention (the policy).
 """
 

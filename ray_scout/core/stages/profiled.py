@@ -1,11 +1,12 @@
-"""What one request costs in compute and bytes, per fidelity; no Ray, no sockets here.
+"""Profiled fidelity: what one request costs in compute and bytes, and stages that spend it.
 
 What lives here: compute timings of a model (Paper B's published stage times, or a measured
-``LatencyProfile``), the latency model the policy plans with, the exact payload sizes of
-profiled fidelity, the body a profiled request carries (a descriptor padded to the exact
-payload size) and the cloud's profiled service. What it knows: numbers from profiles and the
-wire format's closed-form sizes. What it leaves to others: sleeping or computing at the right
-time and sending the bytes (the actors), real models (``core.pipeline``, full fidelity).
+``LatencyProfile``), the latency model the policy plans with, the exact payload sizes, the
+body a profiled request carries (a descriptor padded to the exact payload size), and the two
+stages: ``ProfiledEdge`` (one call per request: decide, sleep the edge's time, the body) and
+``ProfiledService`` (the cloud: sleep a batch's modelled time). What it knows: numbers from
+profiles and the wire format's closed-form sizes. What it leaves to others: sending the bytes
+(the actors), real models (``full``). No torch at import: agents stay light.
 """
 
 from __future__ import annotations
@@ -14,11 +15,13 @@ import dataclasses
 import json
 import math
 import struct
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Mapping, Protocol
 
+from ray_scout.core.control.policy import LatencyModel, QualityProfile, paper_b_latency
 from ray_scout.core.modes import CLOUD_MODES, KV_MODES, Mode
-from ray_scout.core.control.policy import LatencyModel, paper_b_latency
+from ray_scout.core.stages.request import Arrival, Decide, EdgeOutcome, RequestShape, Score
 
 if TYPE_CHECKING:  # torch comes with these; agents import this module and must stay light
     from ray_scout.core.llm.latency import LatencyProfile
@@ -147,7 +150,7 @@ def selected_tokens(context_tokens: int, retention: float) -> int:
 def scout_size_bound_bytes(context_tokens: int) -> int:
     """Upper bound of a scout payload without the document: the bitmap position code.
 
-    A scout body (``core.scout``) is a flag, a 32-byte document hash, varints, the position
+    A scout body (``core.llm.scout``) is a flag, a 32-byte document hash, varints, the position
     code (the smaller of delta-varints and a bitmap of ceil(n/8) + 1 bytes), character spans
     and the question. Its exact size depends on the text, which profiled fidelity does not
     have; the bitmap plus 64 bytes of question and 64 of envelope stands in.
@@ -169,7 +172,7 @@ def profiled_payload_bytes(facts: KVFacts, context_tokens: int, *, group_size: i
     for mode in KV_MODES:
         protected = protected_layers if mode == Mode.MIXED_INT4 else ()
         # The KV holds every prompt token but the last, which travels as the tail
-        # (core.generation continues from it), so the cloud's first logits see the KV.
+        # (core.llm.generation continues from it), so the cloud's first logits see the KV.
         sizes[mode] = payload_size_bytes(mode, facts, context_tokens - 1, group_size=group_size,
                                          protected_layers=protected, tail_tokens=1)
     sizes[Mode.SCOUT] = scout_size_bound_bytes(context_tokens)
@@ -254,3 +257,63 @@ class ProfiledCloud:
             total += (timing.profile.prefill_s(sum(tokens for tokens, _ in parts))
                       + max(decode for _, decode in parts))
         return total
+
+
+class ProfiledEdge:
+    """The edge stage of profiled fidelity: the profile's edge time is slept, not computed.
+
+    The body it returns is a ``ProfiledRequest`` padded to the mode's exact payload size, so
+    the link carries the bytes full fidelity would; quality is the profile's for the mode.
+    """
+
+    def __init__(self, shapes: Mapping[int, RequestShape], cloud_model: str, new_tokens: int,
+                 quality: QualityProfile):
+        self.shapes = shapes
+        self.cloud_model = cloud_model
+        self.new_tokens = new_tokens
+        self.quality = quality
+
+    def handle(self, arrival: Arrival, decide: Decide) -> EdgeOutcome:
+        shape = self.shapes[arrival.context_tokens]
+        decision = decide(shape.payload_bytes, shape.latency)
+        if decision is None:
+            return EdgeOutcome(None)
+        mode = decision.mode
+        if mode not in shape.edge_s:  # Paper B publishes no edge-only time
+            return EdgeOutcome(decision, error=f"unanswered: no edge time for {mode.value} "
+                                               "in this fidelity")
+        time.sleep(shape.edge_s[mode])
+        if mode == Mode.LOCAL:
+            return EdgeOutcome(decision, answer="")
+        body = ProfiledRequest(mode, self.cloud_model, shape.context_tokens,
+                               shape.selected_tokens, self.new_tokens)
+        return EdgeOutcome(decision, body=body.to_body(shape.payload_bytes[mode]))
+
+    def score(self, arrival: Arrival, mode: Mode, answer: str) -> Score:
+        quality = self.quality.quality(mode)
+        return Score(math.nan if quality is None else quality)
+
+
+class ProfiledService:
+    """The cloud of profiled fidelity: a batch of bodies sleeps its modelled service time.
+
+    Slot ``i`` of a call's answer holds body ``i``'s answer, or its error for a body that is
+    not a profiled request.
+    """
+
+    def __init__(self, timings: Mapping[str, Timing]):
+        self.cloud = ProfiledCloud(timings)
+
+    def __call__(self, bodies: list[bytes]) -> list:
+        requests: list[ProfiledRequest | Exception] = []
+        for body in bodies:
+            try:
+                requests.append(ProfiledRequest.from_body(body))
+            except Exception as exc:  # noqa: BLE001 -- handed back in the request's slot
+                requests.append(exc)
+        valid = [r for r in requests if not isinstance(r, Exception)]
+        seconds = self.cloud.batch_service_s(valid) if valid else 0.0
+        time.sleep(seconds)
+        return [r if isinstance(r, Exception) else
+                {"text": "", "mode": r.mode.value, "model_id": r.cloud_model,
+                 "prefill_s": 0.0, "decode_s": seconds} for r in requests]

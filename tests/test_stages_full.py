@@ -2,7 +2,7 @@ import pytest
 
 from ray_scout.core.llm import scout, wire
 from ray_scout.core.modes import CLOUD_MODES, Mode
-from ray_scout.core.stages.pipeline import CloudStage, EdgeOptions, EdgeStage, PipelineError
+from ray_scout.core.stages.full import CloudStage, EdgeOptions, EdgeStage, PipelineError
 
 CONTEXT = ("The harbour of Velmora was rebuilt in 1911. Its lighthouse keeper, Ana Brist, "
            "kept a log of every ship. The code word for the vault is amberline. ") * 3
@@ -82,3 +82,60 @@ def test_embedded_kv_modes_answer_like_the_edge_alone(embedded_model, mode):
     remote = cloud.answer(stage.encode(analysis, mode).data)
     assert "1889" in remote.text
     assert remote.text == stage.answer_locally(analysis).text
+
+
+def _shapes(tokens: int):
+    from ray_scout.core.control.policy import paper_b_latency
+    from ray_scout.core.stages.request import RequestShape
+
+    latency = paper_b_latency()
+    return {tokens: RequestShape(tokens, tokens // 2, {}, latency, dict(latency.edge_s))}
+
+
+def _full_edge(tiny_model):
+    from ray_scout.core.stages.full import FullEdge
+
+    stage = EdgeStage(tiny_model, EdgeOptions(protected_layers=(0,), max_new_tokens=4))
+    graded = []
+
+    def grade(answer, gold):
+        graded.append((answer, tuple(gold)))
+        return 0.25, 0.0
+
+    return FullEdge(stage, _shapes(100), [(CONTEXT, QUESTION, ("amberline",))], grade), graded
+
+
+@pytest.mark.parametrize("mode", CLOUD_MODES)
+def test_full_edge_offers_exact_sizes_and_returns_the_chosen_modes_payload(tiny_model, mode):
+    from ray_scout.core.control.policy import Decision
+    from ray_scout.core.stages.request import Arrival
+
+    edge, _ = _full_edge(tiny_model)
+    seen = {}
+
+    def decide(sizes, latency):
+        seen.update(sizes=dict(sizes), latency=latency)
+        return Decision(mode, "test", {}, {}, (mode,), 1e6)
+
+    outcome = edge.handle(Arrival(0, 0.0, 100), decide)
+    assert outcome.decision.mode == mode and outcome.answer is None and not outcome.error
+    assert len(outcome.body) == seen["sizes"][mode]
+    assert wire.decode_payload(outcome.body).mode == mode
+    # The prefill is already spent when the policy plans: no edge time left for cloud modes.
+    assert all(seen["latency"].edge_s[m] == 0.0 for m in CLOUD_MODES)
+    assert outcome.prefill_s > 0 and outcome.select_s >= 0 and outcome.encode_s > 0
+
+
+def test_full_edge_answers_locally_or_stops_when_no_time_is_left(tiny_model):
+    from ray_scout.core.control.policy import Decision
+    from ray_scout.core.stages.request import Arrival
+
+    edge, graded = _full_edge(tiny_model)
+    local = edge.handle(Arrival(0, 0.0, 100),
+                        lambda s, l: Decision(Mode.LOCAL, "test", {}, {}, (), 0.0))
+    assert local.body is None and isinstance(local.answer, str)
+    expired = edge.handle(Arrival(1, 0.0, 100), lambda s, l: None)
+    assert expired.decision is None and expired.body is None and expired.answer is None
+    score = edge.score(Arrival(0, 0.0, 100), Mode.LOCAL, "amberline")
+    assert (score.quality, score.f1, score.em) == (0.25, 0.25, 0.0)
+    assert graded == [("amberline", ("amberline",))]

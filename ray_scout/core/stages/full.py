@@ -1,17 +1,20 @@
-"""One request's compute: the edge stage and the cloud stage, as plain objects.
+"""Full fidelity: one request's compute on real models, at the edge and in the cloud.
 
 What lives here: the edge side (prefill, score, select, and the payload bytes of each
 transport mode, or a local answer) and the cloud side (validate a payload, rebuild the cache
-or re-prefill for scout, decode). The quality harness and the actors call the same two
-objects, so what is measured offline is what runs on the testbed. What it leaves to others:
-when a mode is chosen (``policy``), how bytes travel (``transport``), and where it runs.
+or re-prefill for scout, decode). ``EdgeStage`` and ``CloudStage`` are the building blocks the
+quality harness drives mode by mode; ``FullEdge`` (one call per request) and ``FullService``
+(one call per batch of payloads) are what the actors run, so what is measured offline is what
+runs on the testbed. What it leaves to others: when a mode is chosen (``control``), how bytes
+travel (``transport``), and where it runs.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 import dataclasses
 import time
+from typing import Callable
 
 import torch
 
@@ -20,8 +23,9 @@ from ray_scout.core.llm.generation import Answer, Prefill
 from ray_scout.core.llm.kv import KVSnapshot
 from ray_scout.core.llm.kvcodec import codec_for
 from ray_scout.core.llm.models import LoadedModel
-from ray_scout.core.modes import CLOUD_MODES, KV_MODES, Mode
 from ray_scout.core.llm.prompt import PromptLayout, build_prompt
+from ray_scout.core.modes import CLOUD_MODES, KV_MODES, Mode
+from ray_scout.core.stages.request import Arrival, Decide, EdgeOutcome, RequestShape, Score
 
 
 class PipelineError(ValueError):
@@ -296,6 +300,89 @@ class CloudStage:
                 results[d.index] = CloudAnswer(answer.text, d.mode, lm.model_id, d.decoded_s,
                                                d.prefill_s, answer.decode_s)
         return results  # type: ignore[return-value]  # every slot was filled above
+
+
+# (answer, gold answers) -> (F1, exact match): the evaluation room's metrics, handed in.
+Grade = Callable[[str, Sequence[str]], tuple[float, float]]
+
+
+class FullEdge:
+    """The edge stage of full fidelity: one request in, a payload or a local answer out.
+
+    ``samples`` holds one (context, question, gold answers) per sample index; ``shapes`` the
+    runner's latency model per context length; ``grade`` scores an answer against the gold.
+    """
+
+    def __init__(self, stage: EdgeStage, shapes: Mapping[int, RequestShape],
+                 samples: Sequence[tuple[str, str, Sequence[str]]], grade: Grade):
+        self.stage = stage
+        self.shapes = shapes
+        self.samples = samples
+        self.grade = grade
+
+    def handle(self, arrival: Arrival, decide: Decide) -> EdgeOutcome:
+        """Prefill and score first (ARCHITECTURE steps 2-3), then decide on the exact sizes."""
+        context, question, _ = self.samples[arrival.sample_index]
+        analysis = self.stage.analyze(context, question)
+        timings = dict(prefill_s=analysis.timings["prefill_s"],
+                       select_s=analysis.timings["select_s"])
+        # The prefill is spent: the plan keeps only the edge time still ahead of a cloud mode.
+        latency = self.shapes[arrival.context_tokens].latency
+        latency = dataclasses.replace(latency, edge_s={
+            m: (0.0 if m != Mode.LOCAL else s) for m, s in latency.edge_s.items()})
+        decision = decide(self.stage.payload_sizes(analysis), latency)
+        if decision is None:
+            return EdgeOutcome(None, **timings)
+        if decision.mode == Mode.LOCAL:
+            return EdgeOutcome(decision, answer=self.stage.answer_locally(analysis).text,
+                               **timings)
+        encoded = self.stage.encode(analysis, decision.mode)
+        return EdgeOutcome(decision, body=encoded.data, encode_s=encoded.encode_s, **timings)
+
+    def score(self, arrival: Arrival, mode: Mode, answer: str) -> Score:
+        f1, em = self.grade(answer, self.samples[arrival.sample_index][2])
+        return Score(f1, f1, em)
+
+
+class FullService:
+    """The cloud of full fidelity: ``CloudStage`` over real models, loaded by ``prepare``.
+
+    ``sources`` maps a model id as payloads name it to a ``load_model`` source;
+    ``documents`` are the contexts the cloud already holds (scout payloads name them by hash).
+    A call answers a batch of payload bodies: slot ``i`` holds body ``i``'s answer or error.
+    """
+
+    def __init__(self, sources: dict[str, str], documents: list[str], max_new_tokens: int):
+        self.sources = dict(sources)
+        self.documents = list(documents)
+        self.max_new_tokens = max_new_tokens
+        self.stage: CloudStage | None = None
+
+    def prepare(self) -> None:
+        from ray_scout.core.llm.models import load_model
+
+        store = scout.DocumentStore()
+        for text in self.documents:
+            store.put(text)
+        models = {}
+        for model_id, source in self.sources.items():
+            lm = load_model(source)
+            models[model_id] = models[lm.model_id] = lm
+        self.stage = CloudStage(models, documents=store, max_new_tokens=self.max_new_tokens)
+
+    def __call__(self, bodies: list[bytes]) -> list:
+        if self.stage is None:
+            raise PipelineError("FullService.prepare() loads the models before the first call")
+        if len(bodies) == 1:  # one request at a time: the unbatched path
+            try:
+                answers = [self.stage.answer(bodies[0])]
+            except Exception as exc:  # noqa: BLE001 -- handed back in the request's slot
+                answers = [exc]
+        else:
+            answers = self.stage.answer_batch(bodies)
+        return [a if isinstance(a, Exception) else
+                {"text": a.text, "mode": a.mode.value, "model_id": a.model_id,
+                 "prefill_s": a.prefill_s, "decode_s": a.decode_s} for a in answers]
 
 
 @dataclasses.dataclass(frozen=True)
