@@ -69,10 +69,11 @@ def test_a_link_at_rate_zero_for_two_seconds_gives_misses_not_a_hang(local_ray, 
     assert (changes.target == "bottleneck").sum() == 2  # down at 3 s, up at 5 s
 
 
-def test_killed_agent_and_cloud_restart_and_recorded_rows_survive(local_ray, tmp_path):
+def test_killed_edge_host_and_cloud_restart_and_every_request_keeps_one_row(local_ray,
+                                                                           tmp_path):
     import ray
 
-    from ray_scout.experiments.runner import run_experiment
+    from ray_scout.experiments.runner import run_experiment, workloads
 
     s = spec("kill", duration_s=10)
     result: dict = {}
@@ -86,7 +87,7 @@ def test_killed_agent_and_cloud_restart_and_recorded_rows_survive(local_ray, tmp
     assert raw.exists(), "no rows were recorded before the kill"
     killed_at = time.time()
     rows_before = raw.read_text().splitlines()
-    ray.kill(ray.get_actor("kill/0/a0"), no_restart=False)
+    ray.kill(ray.get_actor("kill/0/host0"), no_restart=False)  # the host of agent a0
     time.sleep(1.0)
     ray.kill(ray.get_actor("kill/0/cloud"), no_restart=False)
     thread.join(timeout=120)
@@ -102,3 +103,8 @@ def test_killed_agent_and_cloud_restart_and_recorded_rows_survive(local_ray, tmp
         .deadline_met.any(), "nothing was answered after the cloud restarted"
     events = result["frames"]["events"]
     assert (events.event == "restarted").any()
+    # Nothing vanished: every arrival has exactly one row, a request lost with the killed
+    # host as a miss ('lost'), not a gap.
+    issued = sorted(a.request_id for rows in workloads(s).values() for a in rows)
+    assert sorted(r.request_id) == issued
+    assert (r[r.outcome == "lost"].deadline_met == False).all()  # noqa: E712

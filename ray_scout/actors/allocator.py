@@ -31,7 +31,7 @@ class Allocator:
     """``run(t0)`` drives capacity and allocation until ``duration_s``; rows go to the recorder."""
 
     def __init__(self, strategy: str, trace: CapacityTrace, epoch_s: float, duration_s: float,
-                 agents: dict[str, Any], link_managers: list[Any], recorder: Any):
+                 hosts: list[Any], link_managers: list[Any], recorder: Any):
         from ray.util import metrics
 
         if epoch_s <= 0:
@@ -40,7 +40,7 @@ class Allocator:
         self.trace = trace
         self.epoch_s = epoch_s
         self.duration_s = duration_s
-        self.agents = agents
+        self.hosts = hosts  # edge hosts: each answers and takes its agents' share at once
         self.link_managers = link_managers
         self.recorder = recorder
         self.capacity_gauge = metrics.Gauge("ray_scout_allocator_capacity_bps",
@@ -53,7 +53,9 @@ class Allocator:
     def run(self, t0_unix_s: float) -> int:
         import ray
 
-        demands = ray.get([a.demand.remote() for a in self.agents.values()])
+        demands = [d for by_agent in ray.get([h.demands.remote() for h in self.hosts])
+                   for d in by_agent.values()]
+        names = [d.agent_id for d in demands]
         last: dict[str, float] | None = None
         last_capacity = None
         epochs = 0
@@ -71,8 +73,8 @@ class Allocator:
                 # The managers run in parallel: the split is in force after the slowest one.
                 apply_s = max(ray.get([m.apply.remote(capacity, dict(alloc.rate_bps))
                                        for m in self.link_managers]))
-                for name, agent in self.agents.items():
-                    agent.set_grant.remote(alloc.rate_bps[name])
+                for host in self.hosts:
+                    host.set_grants.remote(dict(alloc.rate_bps))
                 last, last_capacity = dict(alloc.rate_bps), capacity
                 self.capacity_gauge.set(capacity, tags={"strategy": self.strategy})
                 self.objective_gauge.set(alloc.objective, tags={"strategy": self.strategy})
@@ -80,7 +82,7 @@ class Allocator:
                              strategy=alloc.strategy, rate_bps=alloc.rate_bps[name],
                              planned_mode=alloc.mode[name].value, objective=alloc.objective,
                              decide_s=decide_s, apply_s=apply_s)
-                        for name in self.agents]
+                        for name in names]
                 self.recorder.add_many.remote("epochs", rows)
             epochs += 1
         return epochs

@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import threading
 import time
 from typing import Any, Mapping, Sequence
 
@@ -61,6 +62,8 @@ class AgentConfig:
     model: str = ""
     edge_options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     samples: tuple[tuple[str, str, tuple[str, ...]], ...] = ()
+    # The agent's own address where it shares a namespace with others (a lab site).
+    source_address: str | None = None
 
     @property
     def fidelity(self) -> str:
@@ -141,21 +144,29 @@ class EdgeAgent:
         self.metrics.grant(rate_bps)
 
     # --- the loop ----------------------------------------------------------------------
-    def run(self, t0_unix_s: float) -> int:
+    def run(self, t0_unix_s: float, recorded: frozenset[int] = frozenset()) -> int:
         """Serve every arrival not yet in the past; returns how many rows it recorded.
 
-        Called again after a restart (Ray retries the task on the new process): arrivals
-        whose time has passed are skipped and counted in an ``events`` row, since the state
-        of the request that was in flight died with the old process.
+        After a restart (Ray retries the host's task on a new process) ``recorded`` holds
+        the request ids already on disk: an arrival whose time has passed and that has no
+        row died with the old process, and gets a ``lost`` row (a miss), so the lost window
+        counts instead of vanishing.
         """
         now = time.time()
         todo = [a for a in self.config.arrivals if t0_unix_s + a.t_s >= now - 1e-3]
-        skipped = len(self.config.arrivals) - len(todo)
-        if skipped and now > t0_unix_s + 0.5:
+        past = [a for a in self.config.arrivals if t0_unix_s + a.t_s < now - 1e-3]
+        lost = [a for a in past if a.request_id not in recorded]
+        if past and now > t0_unix_s + 0.5:
             self.recorder.add.remote("events", {
                 "wall_time_s": now, "source": self.config.name, "event": "restarted",
-                "detail": f"{skipped} arrivals already past were skipped"})
-        done = 0
+                "detail": f"{len(lost)} of {len(past)} past arrivals had no row: recorded "
+                          "as lost"})
+            for arrival in lost:
+                row = self._blank_row(arrival, t0_unix_s + arrival.t_s, now)
+                row.update(outcome="lost", error="the edge host restarted before this "
+                                                 "request finished")
+                self.recorder.add.remote("requests", self._finish(row, None))
+        done = len(lost)
         for arrival in todo:
             wait = t0_unix_s + arrival.t_s - time.time()
             if wait > 0:
@@ -237,6 +248,7 @@ class EdgeAgent:
                 # own crc32, and the body CRC costs ~1 ms/MB per side (docs/TRANSPORT.md),
                 # which would count as testbed overhead; the frame header stays checked.
                 self.connection = Connection(c.cloud_address, source_netns=c.netns,
+                                             source_address=c.source_address,
                                              abort_on_close=True,
                                              connect_timeout_s=min(left, 5.0),
                                              body_checksum=False)
@@ -284,9 +296,61 @@ class EdgeAgent:
                    quality=score.quality if met else 0.0)
         return self._finish(row, mode)
 
-    def _finish(self, row: dict, mode: Mode) -> dict:
+    def _finish(self, row: dict, mode: Mode | None) -> dict:
         row["done_unix_s"] = time.time()
-        self.metrics.request(mode, row["outcome"], row["payload_bytes"], row["latency_s"],
-                             row["quality"], row["bandwidth_estimate_bps"],
-                             None if math.isnan(row["measured_bps"]) else row["measured_bps"])
+        if mode is not None:
+            self.metrics.request(mode, row["outcome"], row["payload_bytes"], row["latency_s"],
+                                 row["quality"], row["bandwidth_estimate_bps"],
+                                 None if math.isnan(row["measured_bps"]) else
+                                 row["measured_bps"])
         return row
+
+
+class EdgeHost:
+    """Many edge agents in one worker process, each on its own thread.
+
+    A socket belongs to the namespace it was made in, so one process serves agents of many
+    namespaces; the agents share nothing but the process (each its own arrivals, policy,
+    estimator, grant and connection). Ray worker processes then grow with hosts, not with
+    agents. The allocator asks and tells all of a host's agents in one call each.
+    """
+
+    def __init__(self, name: str, configs: Sequence[AgentConfig], recorder: Any):
+        if not configs:
+            raise ValueError(f"edge host {name} needs at least one agent")
+        self.name = name
+        self.recorder = recorder
+        self.agents = {c.name: EdgeAgent(c, recorder) for c in configs}
+
+    def demands(self) -> dict[str, Demand]:
+        return {name: agent.demand() for name, agent in self.agents.items()}
+
+    def set_grants(self, rates_bps: Mapping[str, float]) -> None:
+        for name, rate in rates_bps.items():
+            if name in self.agents:
+                self.agents[name].set_grant(rate)
+
+    def run(self, t0_unix_s: float) -> dict[str, int]:
+        """Every agent's loop at once; rows per agent. An agent that fails records why."""
+        import ray
+
+        ids = self.recorder.request_ids.remote(list(self.agents))
+        recorded = frozenset(ray.get(ids) if isinstance(ids, ray.ObjectRef) else ids)
+        done: dict[str, int] = {}
+
+        def loop(agent: EdgeAgent) -> None:
+            try:
+                done[agent.config.name] = agent.run(t0_unix_s, recorded)
+            except Exception as exc:  # noqa: BLE001 -- one agent's failure is its own row
+                self.recorder.add.remote("events", {
+                    "wall_time_s": time.time(), "source": agent.config.name,
+                    "event": "agent_failed", "detail": f"{type(exc).__name__}: {exc}"[:500]})
+                done[agent.config.name] = 0
+
+        threads = [threading.Thread(target=loop, args=(agent,), name=f"agent-{name}",
+                                    daemon=True) for name, agent in self.agents.items()]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        return done

@@ -103,19 +103,21 @@ class LinkManager(_ChangeLog):
 
     def __init__(self, access: Mapping[str, str], bottleneck: str, capacity_bps: float, *,
                  run_id: str, impairment: str = "auto", borrow: bool = False,
-                 access_rate_bps: float | None = None):
+                 access_rate_bps: float | None = None, site_size: int = 1):
         profiles = [access_profile(a, access_rate_bps) for a in access.values()]
         neck = load_profile(bottleneck)
         neck = dataclasses.replace(neck, up=dataclasses.replace(neck.up,
                                                                rate_bps=int(capacity_bps)))
         self.borrow = borrow
         self.topology = LabTopology(profiles, neck, impairment=impairment_backend(impairment),
-                                    run_id=run_id).build()
+                                    run_id=run_id, site_size=site_size).build()
         self.edge_of = {name: e.name for name, e in zip(access, self.topology.edges)}
         self.capacity_bps = int(capacity_bps)
+        self.applied: dict[str, tuple[int, int]] = {}  # agent -> (rate, ceil) in the kernel
         super().__init__()
 
     def addresses(self) -> dict:
+        """Each agent's (address, namespace) and the cloud's; build and teardown seconds."""
         topo = self.topology
         return {"cloud": (CLOUD_ADDRESS, topo.cloud_netns),
                 **{name: (topo.edge(e).address, topo.edge(e).netns)
@@ -126,13 +128,17 @@ class LinkManager(_ChangeLog):
         topo, total = self.topology, 0.0
         capacity = int(max(capacity_bps, MIN_RATE_BPS * (len(rates_bps) + 1)))
         if capacity != self.capacity_bps:
-            call = topo.bottleneck_up.set_rate(capacity)
+            call = topo.bottleneck_up.set_rate(capacity)  # resets every class's ceil
             self.record("bottleneck", capacity, capacity, call)
             self.capacity_bps, total = capacity, total + call
+            self.applied.clear()
         for agent, rate in split_for_htb(capacity, rates_bps).items():
             ceil = capacity if self.borrow else rate
+            if self.applied.get(agent) == (rate, ceil):
+                continue  # a cell's split moves few agents at a time: touch only those
             call = topo.set_share(self.edge_of[agent], rate, ceil)
             self.record(agent, rate, ceil, call)
+            self.applied[agent] = (rate, ceil)
             total += call
         return total
 

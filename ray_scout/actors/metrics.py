@@ -9,6 +9,8 @@ and in the dashboards together.
 
 from __future__ import annotations
 
+import functools
+
 from ray.util import metrics
 
 from ray_scout.core.modes import Mode
@@ -18,11 +20,10 @@ LATENCY_BOUNDARIES_S = [0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0,
 BATCH_BOUNDARIES = [1, 2, 4, 8, 16, 32]
 
 
-class AgentMetrics:
-    """Per-agent series, tagged ``agent`` (and ``mode`` / ``outcome`` where they vary)."""
+class _AgentSeries:
+    """The agent metrics of one process, made once: an edge host's agents share them."""
 
-    def __init__(self, agent: str, policy: str, allocator: str):
-        self.tags = {"agent": agent, "policy": policy, "allocator": allocator}
+    def __init__(self):
         keys = ("agent", "policy", "allocator")
         self.mode = metrics.Gauge("ray_scout_agent_mode", "mode of the latest request "
                                   "(0 bf16, 1 int8, 2 int4, 3 mixed_int4, 4 scout, 5 local)",
@@ -46,6 +47,23 @@ class AgentMetrics:
         self.quality = metrics.Gauge("ray_scout_agent_quality",
                                      "quality of the latest request (0 on a miss)",
                                      tag_keys=keys)
+
+
+@functools.lru_cache(maxsize=1)
+def _agent_series() -> _AgentSeries:
+    return _AgentSeries()
+
+
+class AgentMetrics:
+    """Per-agent series, tagged ``agent`` (and ``mode`` / ``outcome`` where they vary)."""
+
+    def __init__(self, agent: str, policy: str, allocator: str):
+        self.tags = {"agent": agent, "policy": policy, "allocator": allocator}
+        series = _agent_series()
+        self.mode, self.granted, self.estimated = series.mode, series.granted, series.estimated
+        self.measured, self.bytes_sent = series.measured, series.bytes_sent
+        self.requests, self.latency, self.quality = (series.requests, series.latency,
+                                                     series.quality)
 
     def grant(self, rate_bps: float) -> None:
         self.granted.set(rate_bps, tags=self.tags)

@@ -41,6 +41,12 @@ class Recorder:
         for row in rows:
             self.add(table, row)
 
+    def request_ids(self, agents: list[str]) -> list[int]:
+        """Request ids of ``agents`` already on disk (a restarted edge host skips them)."""
+        wanted = set(agents)
+        return [row["request_id"] for row in read_table(self.directory, "requests")
+                if row.get("agent") in wanted]
+
     def counts(self) -> dict[str, int]:
         return dict(self.count)
 

@@ -60,6 +60,25 @@ def alive_nodes(ray_nodes: Sequence[Mapping]) -> list[Node]:
     return sorted(nodes, key=lambda n: (n.address, n.node_id))
 
 
+def edge_hosts(agents: Sequence[str], cores: int, one_per_agent: bool) -> list[list[str]]:
+    """Agents of one node split into at most ``cores`` edge hosts (worker processes).
+
+    Profiled agents sleep and wait on sockets, so hundreds share a process; full-fidelity
+    agents each run a model, which must not be shared between threads, so each gets its own.
+    Hosts take contiguous runs of agents, as even as the count allows.
+    """
+    if one_per_agent:
+        return [[a] for a in agents]
+    count = max(1, min(cores, len(agents)))
+    size, extra = divmod(len(agents), count)
+    hosts, start = [], 0
+    for k in range(count):
+        end = start + size + (k < extra)
+        hosts.append(list(agents[start:end]))
+        start = end
+    return [h for h in hosts if h]
+
+
 def place(agents: Sequence[str], nodes: Sequence[Node], first_port: int) -> Placement:
     """Put ``agents`` on ``nodes``; raise ``SpecError`` with the fix when they do not fit.
 

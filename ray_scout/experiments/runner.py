@@ -36,7 +36,7 @@ from ray_scout.core.stages.profiled import (
     ProfiledService, latency_model, load_timing, profiled_payload_bytes, selected_tokens,
 )
 from ray_scout.core.stages.request import Arrival, RequestShape
-from ray_scout.experiments.placement import Placement, alive_nodes, place
+from ray_scout.experiments.placement import Placement, alive_nodes, edge_hosts, place
 from ray_scout.experiments.spec import (
     REPO_ROOT, Spec, SpecError, arrivals, capacity_trace, check_allocators, load_spec,
     quality_profile,
@@ -170,8 +170,9 @@ class TrialLinks:
     cloud_addresses: list[tuple[str, int]]  # the cloud actor serves on each
     cloud_netns: str | None
     cloud_options: dict  # Ray placement of the cloud actor
-    agent_route: dict[str, tuple[tuple[str, int], str | None]]  # agent -> cloud address, netns
-    agent_options: dict[str, dict]  # agent -> its Ray placement
+    # agent -> (cloud address, its namespace, its own source address where it shares one)
+    agent_route: dict[str, tuple[tuple[str, int], str | None, str | None]]
+    agent_options: dict[str, dict]  # agent -> its Ray placement (one edge slot each)
 
 
 def lab_links(spec: Spec, names: list[str], run_id: str) -> TrialLinks:
@@ -185,11 +186,13 @@ def lab_links(spec: Spec, names: list[str], run_id: str) -> TrialLinks:
     manager = ray.remote(LinkManager).options(num_cpus=0, max_restarts=0).remote(
         {n: groups[n].access for n in names}, spec.bottleneck, trace.rate_at(0.0),
         run_id=run_id, impairment=spec.impairment, borrow=spec.borrow,
-        access_rate_bps=spec.access_rate_bps)
+        access_rate_bps=spec.access_rate_bps, site_size=spec.site_size)
     addresses = ray.get(manager.addresses.remote())
     cloud = (CLOUD_ADDRESS, CLOUD_PORT)
+    shared = spec.site_size > 1
     return TrialLinks([manager], [cloud], addresses["cloud"][1], {"resources": {"cloud": 1}},
-                      {n: (cloud, addresses[n][1]) for n in names},
+                      {n: (cloud, addresses[n][1], addresses[n][0] if shared else None)
+                       for n in names},
                       {n: {"resources": {"edge": 1}} for n in names})
 
 
@@ -218,8 +221,35 @@ def cluster_links(spec: Spec, where: Placement, first: Allocation) -> TrialLinks
     ray.get([m.node.remote() for m in managers])  # built (or failed) before anything starts
     return TrialLinks(managers, [(cloud_ip, where.cloud_port[a]) for a in where.agent_node], None,
                       {"resources": {"cloud": 1}, **on(where.cloud)},
-                      {a: ((cloud_ip, where.cloud_port[a]), None) for a in where.agent_node},
+                      {a: ((cloud_ip, where.cloud_port[a]), None, None) for a in where.agent_node},
                       {a: {"resources": {"edge": 1}, **on(n)} for a, n in where.agent_node.items()})
+
+
+def start_edge_hosts(spec: Spec, configs: dict[str, AgentConfig], links: TrialLinks,
+                     recorder, prefix: str) -> list:
+    """Edge hosts for ``configs``: per node, at most its cores' worth of worker processes.
+
+    A host takes one ``edge`` slot per agent it runs, on the node its agents were placed on.
+    """
+    import ray
+
+    from ray_scout.actors.edge import EdgeHost
+
+    by_node: dict[str, list[str]] = {}
+    for name in configs:
+        by_node.setdefault(repr(links.agent_options[name]), []).append(name)
+    hosts = []
+    cores = max(1, int(ray.cluster_resources().get("CPU", 1)) // max(1, len(by_node)))
+    for members in by_node.values():
+        for group in edge_hosts(members, cores, one_per_agent=spec.fidelity == "full"):
+            options = dict(links.agent_options[group[0]])
+            options["resources"] = {**options.get("resources", {}), "edge": len(group)}
+            name = f"host{len(hosts)}"
+            hosts.append(ray.remote(EdgeHost).options(
+                num_cpus=0, max_restarts=2, max_task_retries=2, max_concurrency=4,
+                name=prefix + name, **options).remote(
+                name, [configs[a] for a in group], recorder))
+    return hosts
 
 
 def run_trial(spec: Spec, policy: str, allocator: str, index: int, out: Path,
@@ -230,7 +260,6 @@ def run_trial(spec: Spec, policy: str, allocator: str, index: int, out: Path,
 
     from ray_scout.actors.allocator import Allocator
     from ray_scout.actors.cloud import CloudActor
-    from ray_scout.actors.edge import EdgeAgent
     from ray_scout.actors.recorder import Recorder
 
     texts = texts or {}
@@ -273,12 +302,12 @@ def run_trial(spec: Spec, policy: str, allocator: str, index: int, out: Path,
             max_batch=spec.cloud_max_batch, batch_window_s=spec.cloud_batch_window_s)
         actors.append(cloud)
         ray.get(cloud.ready.remote())
-        agents = {}
+        configs = {}
         for name in names:
             g = groups[name]
-            cloud_address, netns = links.agent_route[name]
-            cfg = AgentConfig(
-                name=name, netns=netns, cloud_address=cloud_address,
+            cloud_address, netns, source = links.agent_route[name]
+            configs[name] = AgentConfig(
+                name=name, netns=netns, cloud_address=cloud_address, source_address=source,
                 policy=policy, allocator=allocator, quality=quality_profile(spec, g),
                 shapes=shapes[g.name], cloud_model=g.cloud_model, deadline_s=g.deadline_s,
                 arrivals=work[name], estimator=g.estimator,
@@ -288,16 +317,14 @@ def run_trial(spec: Spec, policy: str, allocator: str, index: int, out: Path,
                                   protected_layers=tuple(g.protected_layers),
                                   max_new_tokens=g.new_tokens),
                 samples=texts.get(name, ()))
-            agents[name] = ray.remote(EdgeAgent).options(
-                num_cpus=0, max_restarts=2, max_task_retries=2, max_concurrency=4,
-                name=prefix + name, **links.agent_options[name]).remote(cfg, recorder)
-        actors += agents.values()
-        ray.get([a.demand.remote() for a in agents.values()])
+        hosts = start_edge_hosts(spec, configs, links, recorder, prefix)
+        actors += hosts
+        ray.get([h.demands.remote() for h in hosts])  # built (models loaded) before t0
         alloc = ray.remote(Allocator).options(num_cpus=0, max_concurrency=2).remote(
-            allocator, trace, spec.epoch_s, spec.duration_s, agents, links.managers, recorder)
+            allocator, trace, spec.epoch_s, spec.duration_s, hosts, links.managers, recorder)
         actors.append(alloc)
         t0 = time.time() + 0.5
-        refs = [alloc.run.remote(t0)] + [a.run.remote(t0) for a in agents.values()]
+        refs = [alloc.run.remote(t0)] + [h.run.remote(t0) for h in hosts]
         limit = t0 + spec.duration_s + max(g.deadline_s for g in spec.agents) + DRAIN_SLACK_S
         errors, pending = [], list(refs)
         while pending and time.time() < limit:

@@ -14,7 +14,9 @@ Schema (units in the values: ``50mbit``; times in seconds)::
     seed: 0
     epoch_s: 0.1                  # allocator epoch (it also runs at every capacity change)
     network: {bottleneck: lab, impairment: auto | netem | tun | none, borrow: false,
-              access_rate: 1gbit}      # optional: every access link at this rate
+              access_rate: 1gbit,      # optional: every access link at this rate
+              site_size: 1}            # agents per edge namespace on one machine (default:
+                                       # 1 up to 64 agents, else 250: a cell of hundreds)
     capacity:                     # the bottleneck's uplink over time
       kind: constant | markov | segments | mahimahi | throughput_log | file
       rate: 50mbit                # constant
@@ -50,11 +52,13 @@ from ray_scout.core.modes import Mode
 from ray_scout.core.control.policy import ProfileError, QualityProfile, paper_b_profile
 from ray_scout.net.errors import NetError
 from ray_scout.net.profiles import parse_rate_bps
+from ray_scout.net.topology import MAX_SITE_SIZE
 
 FIDELITIES = ("full", "profiled", "simulated")
 ESTIMATORS = ("grant", "last", "ewma", "robust")
 STRATEGIES = ("equal", "model_aware", "greedy", "quality_max", "optimal")
 REPO_ROOT = Path(__file__).resolve().parents[2]
+SMALL_LAB_AGENTS = 64
 
 
 class SpecError(ValueError):
@@ -101,6 +105,7 @@ class Spec:
     base: Path = REPO_ROOT
     cloud_max_batch: int = 1
     cloud_batch_window_s: float = 0.0
+    site_size: int = 1  # agents per edge namespace in the lab-in-a-box
 
     @property
     def agent_names(self) -> list[str]:
@@ -115,6 +120,12 @@ class Spec:
 
     def combinations(self) -> list[tuple[str, str]]:
         return [(p, a) for p in self.policies for a in self.allocators]
+
+
+def _auto_site_size(agents: tuple[AgentGroup, ...]) -> int:
+    """One namespace per agent for small runs (any impairment backend works); shared sites
+    of up to ``MAX_SITE_SIZE`` for cells, where a namespace and veth per agent cost too much."""
+    return 1 if sum(g.count for g in agents) <= SMALL_LAB_AGENTS else MAX_SITE_SIZE
 
 
 def _need(doc: dict, key: str, where: str) -> Any:
@@ -211,10 +222,11 @@ def parse_spec(doc: Any, *, base: Path = REPO_ROOT, fidelity: str | None = None)
     if len(set(names)) != len(names):
         raise SpecError(f"agents: group names must be unique, got {names}")
     network = doc.get("network", {}) or {}
-    unknown = set(network) - {"bottleneck", "impairment", "borrow", "access_rate"}
+    unknown = set(network) - {"bottleneck", "impairment", "borrow", "access_rate", "site_size"}
     if unknown:
         raise SpecError(f"network: unknown keys {sorted(unknown)}; known: access_rate, "
-                        "borrow, bottleneck, impairment (access profiles are per agent group)")
+                        "borrow, bottleneck, impairment, site_size (access profiles are per "
+                        "agent group)")
     cloud = doc.get("cloud", {}) or {}
     models = cloud.get("models") or {g.cloud_model: {"timing": "paper_b"} for g in agents}
     cloud_models = {str(m): str((v or {}).get("timing", "paper_b")) for m, v in models.items()}
@@ -247,7 +259,12 @@ def parse_spec(doc: Any, *, base: Path = REPO_ROOT, fidelity: str | None = None)
         allocators=allocators, safety_margin=float(doc.get("safety_margin", 0.1)), base=base,
         cloud_max_batch=int(_positive(cloud.get("max_batch", 1), "cloud.max_batch", True)),
         cloud_batch_window_s=_non_negative(cloud.get("batch_window_s", 0.0),
-                                           "cloud.batch_window_s"))
+                                           "cloud.batch_window_s"),
+        site_size=int(_positive(network.get("site_size", _auto_site_size(agents)),
+                                "network.site_size", True)))
+    if spec.site_size > MAX_SITE_SIZE:
+        raise SpecError(f"network.site_size: at most {MAX_SITE_SIZE} agents share a site, "
+                        f"not {spec.site_size}")
     capacity_trace(spec)  # validates the capacity section now, not mid-run
     if spec.fidelity == "full":
         from ray_scout.core.evaluation.tasks import TASKS

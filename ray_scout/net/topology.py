@@ -1,4 +1,4 @@
-"""Lab-in-a-box: one namespace per edge agent, one for the cloud, joined by a base station.
+"""Lab-in-a-box: edge agents in namespaces, one for the cloud, joined by a base station.
 
 ::
 
@@ -7,15 +7,20 @@
          ...                 ┘   (router)      (shared)
 
 Each access link is a veth pair with its own profile: HTB at the uplink rate on the edge's
-end, at the downlink rate on the base station's end. The bottleneck's uplink (base station
+end, at the downlink rate on the base station's end. A cell of hundreds of agents uses
+*sites* instead (``site_size`` > 1): up to 250 agents share a site namespace
+``rs-<run>-s<k>`` and its veth, each with its own address on it and its own access link as
+an HTB class on each end of that veth (uplink matched by its source address, downlink by its
+destination), so every agent still has its access link and its bottleneck class, at a
+namespace and a veth per site rather than per agent. The bottleneck's uplink (base station
 toward the cloud) has one HTB class per agent, matched by the agent's source address, with a
 guaranteed share and the bottleneck rate as ceil: this is what the allocator drives. Delay,
 jitter and loss go to the impairment backend (netem where present). Offloads are off on every
 veth (HTB then sees real frames, not 64 KB GSO segments) and each namespace's TCP congestion
 control is pinned from its profile; both are recorded.
 
-Addresses live only inside these namespaces: access link i is 10.77.(i+1).0/24 (base station
-.1, edge .2), the bottleneck 10.77.0.0/24 (base station .1, cloud .2). Namespaces are named
+Addresses live only inside these namespaces: access link (or site) k is 10.77.(k+1).0/24 (base
+station .1, edges .2 upward), the bottleneck 10.77.0.0/24 (base station .1, cloud .2). Namespaces are named
 ``rs-<run>-...`` and interfaces ``rs-<run>-...`` so that ``scout net cleanup`` finds leftovers.
 What this module leaves to others: traffic (transport), rates over time (allocator, replay).
 """
@@ -36,11 +41,12 @@ from ray_scout.net import PREFIX
 from ray_scout.net.backends import default_impairment_backend
 from ray_scout.net.errors import NetError, require_root
 from ray_scout.net.namespaces import add_veth, address_up, create_netns, in_netns, offloads_off, write_sysctl
-from ray_scout.net.profiles import Direction, LinkProfile, check_rate_bps
+from ray_scout.net.profiles import MAX_RATE_BPS, Direction, LinkProfile, check_rate_bps
 from ray_scout.net.probe import probe
 from ray_scout.net.shaping import HtbShaper, ImpairmentBackend, LeafClass, LinkShaping, Match, Port
 
-MAX_EDGES = 250
+MAX_SITES = 250  # one /24 of 10.77.0.0/16 each
+MAX_SITE_SIZE = 250  # edge addresses .2 to .251 of a site's /24
 AUTO = "auto"  # impairment backend chosen from the probe when a profile needs one
 LAB_NET = "10.77.0.0/16"
 # SCHED_FIFO for the TUN emulator's pump threads when the topology picks it: on a loaded host
@@ -51,8 +57,9 @@ PEER_INDEX = 2  # ifindex of the one veth in a cloud/edge namespace (lo is 1), a
 FIRST_ACCESS_INDEX = 10  # ifindex of the base station's end of access link i: 10 + i
 
 
-def edge_address(index: int) -> str:
-    return f"10.77.{index + 1}.2"
+def edge_address(index: int, site_size: int = 1) -> str:
+    site, slot = divmod(index, site_size)
+    return f"10.77.{site + 1}.{slot + 2}"
 
 
 CLOUD_ADDRESS = f"{BOTTLENECK_NET}.2"
@@ -90,6 +97,7 @@ class Edge:
     netns: str
     address: str
     access: LinkProfile
+    site: int  # its access link (site_size 1) or the site it shares with others
 
 
 class LabTopology:
@@ -98,9 +106,12 @@ class LabTopology:
     def __init__(self, access: Sequence[LinkProfile], bottleneck: LinkProfile, *,
                  shares_bps: Sequence[int] | None = None, impairment: ImpairmentBackend | str | None = AUTO,
                  run_id: str | None = None, congestion_control: str | None = None,
-                 disable_offloads: bool = True):
-        if not 1 <= len(access) <= MAX_EDGES:
-            raise NetError(f"give 1 to {MAX_EDGES} access profiles (one per edge); got {len(access)}")
+                 disable_offloads: bool = True, site_size: int = 1):
+        if not 1 <= site_size <= MAX_SITE_SIZE:
+            raise NetError(f"site_size must be 1 to {MAX_SITE_SIZE} agents, not {site_size}")
+        if not 1 <= len(access) <= MAX_SITES * site_size:
+            raise NetError(f"give 1 to {MAX_SITES * site_size} access profiles (one per edge) at "
+                           f"site_size {site_size}; got {len(access)} (raise site_size for more)")
         capacity = bottleneck.up.rate_bps
         shares = list(shares_bps) if shares_bps is not None else [capacity // len(access)] * len(access)
         if len(shares) != len(access):
@@ -120,8 +131,11 @@ class LabTopology:
         self.disable_offloads = disable_offloads
         self.cloud_netns = f"{self.prefix}cloud"
         self.bs_netns = f"{self.prefix}bs"
-        self.edges = [Edge(f"e{i}", i, f"{self.prefix}e{i}", edge_address(i), profile)
-                      for i, profile in enumerate(access)]
+        self.site_size = site_size
+        self.sites = [f"{self.prefix}{'e' if site_size == 1 else 's'}{k}"
+                      for k in range(-(-len(access) // site_size))]
+        self.edges = [Edge(f"e{i}", i, self.sites[i // site_size], edge_address(i, site_size),
+                           profile, i // site_size) for i, profile in enumerate(access)]
         self._shares = shares
         self.cc_scope: dict[str, str] = {}
         self._iprs: dict[str, IPRoute] = {}
@@ -139,7 +153,7 @@ class LabTopology:
 
     @property
     def namespaces(self) -> list[str]:
-        return [self.cloud_netns, self.bs_netns] + [e.netns for e in self.edges]
+        return [self.cloud_netns, self.bs_netns] + self.sites
 
     def edge(self, name: str) -> Edge:
         for edge in self.edges:
@@ -188,11 +202,15 @@ class LabTopology:
         self._veth(self.bs_netns, f"{self.prefix}bc", PEER_INDEX, self.cloud_netns, f"{self.prefix}c",
                    f"{BOTTLENECK_NET}.1", CLOUD_ADDRESS)
         self._iprs[self.cloud_netns].route("add", dst="10.77.0.0/16", gateway=f"{BOTTLENECK_NET}.1")
-        for edge in self.edges:
-            self._veth(self.bs_netns, f"{self.prefix}b{edge.index}", FIRST_ACCESS_INDEX + edge.index,
-                       edge.netns, f"{self.prefix}e{edge.index}",
-                       f"10.77.{edge.index + 1}.1", edge.address)
-            self._iprs[edge.netns].route("add", dst="10.77.0.0/16", gateway=f"10.77.{edge.index + 1}.1")
+        for k, site in enumerate(self.sites):
+            members = [e for e in self.edges if e.site == k]
+            self._veth(self.bs_netns, f"{self.prefix}b{k}", FIRST_ACCESS_INDEX + k,
+                       site, site,
+                       f"10.77.{k + 1}.1", members[0].address)
+            for edge in members[1:]:  # the site's other agents: more addresses on its veth
+                self._iprs[site].addr("add", index=PEER_INDEX, address=edge.address,
+                                      prefixlen=24)
+            self._iprs[site].route("add", dst="10.77.0.0/16", gateway=f"10.77.{k + 1}.1")
 
     def _cc(self, name: str) -> str:
         if self.congestion_control:
@@ -254,17 +272,10 @@ class LabTopology:
         bottleneck-up, a downlink packet bottleneck-down then access-down, each once.
         """
         b = self.bottleneck
-        for edge in self.edges:
-            _, up = self._shaper(edge.netns, f"{self.prefix}e{edge.index}", edge.access.up)
-            _, down = self._shaper(self.bs_netns, f"{self.prefix}b{edge.index}", edge.access.down)
-            gateway = f"10.77.{edge.index + 1}.1"
-            edge_end, bs_end = f"{self.prefix}e{edge.index}", f"{self.prefix}b{edge.index}"
-            self._impair(up, edge.access.up, edge.address, gateway, LAB_NET, self.bs_netns, bs_end)
-            self._impair(down, edge.access.down, gateway, edge.address, f"10.77.{edge.index + 1}.0/24",
-                         edge.netns, edge_end)
-            self.uplinks[edge.name], self.downlinks[edge.name] = up.shaper, down.shaper
-            self._record(up, f"{edge.name}.up", edge.netns)
-            self._record(down, f"{edge.name}.down", edge.netns)
+        if self.site_size == 1:
+            self._shape_access_links()
+        else:
+            self._shape_sites()
         self.bottleneck_up, default = self._shaper(self.bs_netns, f"{self.prefix}bc", b.up, per_class=True)
         bs_address, bottleneck_net = f"{BOTTLENECK_NET}.1", f"{BOTTLENECK_NET}.0/24"
         cloud_end = f"{self.prefix}c"
@@ -278,6 +289,59 @@ class LabTopology:
         self._impair(self.bottleneck_down, b.down, CLOUD_ADDRESS, bs_address, LAB_NET,
                      self.bs_netns, f"{self.prefix}bc")
         self._record(self.bottleneck_down, "bottleneck.down", self.cloud_netns)
+
+    def _shape_access_links(self) -> None:
+        """One veth per agent: HTB at its rates on both ends, impairments as in ``_shape``."""
+        for edge in self.edges:
+            _, up = self._shaper(edge.netns, f"{self.prefix}e{edge.index}", edge.access.up)
+            _, down = self._shaper(self.bs_netns, f"{self.prefix}b{edge.index}", edge.access.down)
+            gateway = f"10.77.{edge.index + 1}.1"
+            edge_end, bs_end = f"{self.prefix}e{edge.index}", f"{self.prefix}b{edge.index}"
+            self._impair(up, edge.access.up, edge.address, gateway, LAB_NET, self.bs_netns, bs_end)
+            self._impair(down, edge.access.down, gateway, edge.address, f"10.77.{edge.index + 1}.0/24",
+                         edge.netns, edge_end)
+            self.uplinks[edge.name], self.downlinks[edge.name] = up.shaper, down.shaper
+            self._record(up, f"{edge.name}.up", edge.netns)
+            self._record(down, f"{edge.name}.down", edge.netns)
+
+    def _shape_sites(self) -> None:
+        """Agents share a site's veth: each its own HTB class on either end (its access link).
+
+        The site's root runs at the sum of its agents' rates, so a class never waits for
+        another agent's; impairments go under each class, which only netem can do (the TUN
+        emulator steers a whole namespace by destination).
+        """
+        if any(not d.impairment.is_none for e in self.edges for d in (e.access.up, e.access.down)) \
+                and getattr(self.impairment, "mechanism", None) != "netem":
+            raise NetError("access links of agents that share a site take delay, jitter or loss "
+                           "only from netem (the TUN emulator steers a whole namespace); use "
+                           "rate-only access profiles or a kernel with sch_netem")
+        for k, site in enumerate(self.sites):
+            members = [e for e in self.edges if e.site == k]
+            up_rate = min(sum(e.access.up.rate_bps for e in members), MAX_RATE_BPS)
+            down_rate = min(sum(e.access.down.rate_bps for e in members), MAX_RATE_BPS)
+            queue = max(e.access.up.queue_bytes for e in members)
+            up = HtbShaper(self._iprs[site], site, up_rate, queue, netns=site, per_class=True,
+                           ifindex=self._ifindex[site])
+            down = HtbShaper(self._iprs[self.bs_netns], f"{self.prefix}b{k}", down_rate, queue,
+                             netns=self.bs_netns, per_class=True,
+                             ifindex=self._ifindex[f"{self.prefix}b{k}"])
+            up.install()
+            down.install()
+            for edge in members:
+                a = edge.access
+                up_leaf = up.add_class(edge.name, a.up.rate_bps, Match(src=edge.address),
+                                       ceil_bps=a.up.rate_bps, queue_bytes=a.up.queue_bytes)
+                down_leaf = down.add_class(edge.name, a.down.rate_bps, Match(dst=edge.address),
+                                           ceil_bps=a.down.rate_bps,
+                                           queue_bytes=a.down.queue_bytes)
+                for leaf, direction in ((up_leaf, a.up), (down_leaf, a.down)):
+                    if not direction.impairment.is_none:
+                        self._impaired.append((leaf, leaf.shaper.impair(
+                            leaf, direction.impairment, self.impairment)))
+                self.uplinks[edge.name], self.downlinks[edge.name] = up, down
+                self._record(up_leaf, f"{edge.name}.up", site)
+                self._record(down_leaf, f"{edge.name}.down", site)
 
     def _record(self, leaf: LeafClass, link: str, ns: str) -> None:
         self._records.append(leaf.shaper.record(leaf, link, self._cc(ns), self.cc_scope[ns], self.disable_offloads))

@@ -164,7 +164,9 @@ class _Receiver:
 class Connection:
     """A persistent framed-TCP connection to a `Server`, one request at a time.
 
-    `source_netns` creates the socket inside that network namespace (an agent's edge side).
+    `source_netns` creates the socket inside that network namespace (an agent's edge side);
+    `source_address` binds it to that address first (agents that share a namespace each
+    have their own, which their shaping classes match).
     `congestion_control` sets TCP_CONGESTION ("cubic", "bbr", "reno"); None keeps the
     kernel default. The algorithm in use is read back into `.congestion_control`.
     `body_checksum=False` sends request bodies without a CRC (framing.NO_BODY_CRC: saves
@@ -176,6 +178,7 @@ class Connection:
         address: tuple[str, int],
         *,
         source_netns: str | None = None,
+        source_address: str | None = None,
         connect_timeout_s: float = 5.0,
         congestion_control: str | None = None,
         max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
@@ -186,6 +189,7 @@ class Connection:
         self.abort_on_close = abort_on_close
         self.address = (address[0], int(address[1]))
         self.source_netns = source_netns
+        self.source_address = source_address
         self.connect_timeout_s = connect_timeout_s
         self.requested_congestion_control = congestion_control
         self.max_body_bytes = max_body_bytes
@@ -218,6 +222,8 @@ class Connection:
         family = socket.AF_INET6 if ":" in self.address[0] else socket.AF_INET
         sock = socket_in_netns(self.source_netns, family) if self.source_netns is not None else socket.socket(family)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if self.source_address is not None:
+            sock.bind((self.source_address, 0))
         if self.abort_on_close:
             # Close with RST, discarding unsent bytes: a payload cancelled at its deadline
             # must not keep draining through a shaped link ahead of the next request.
