@@ -87,9 +87,9 @@ def test_killed_edge_host_and_cloud_restart_and_every_request_keeps_one_row(loca
     assert raw.exists(), "no rows were recorded before the kill"
     killed_at = time.time()
     rows_before = raw.read_text().splitlines()
-    ray.kill(ray.get_actor("kill/0/host0"), no_restart=False)  # the host of agent a0
+    ray.kill(ray.get_actor("kill/host0"), no_restart=False)  # the host of agent a0
     time.sleep(1.0)
-    ray.kill(ray.get_actor("kill/0/cloud"), no_restart=False)
+    ray.kill(ray.get_actor("kill/cloud"), no_restart=False)
     thread.join(timeout=120)
     assert not thread.is_alive(), "the run hung after the kills"
     r = result["frames"]["requests"]

@@ -84,12 +84,12 @@ def test_one_host_runs_fifty_agents_concurrently_and_records_every_request():
     try:
         configs, work = _configs(spec, cloud.ready()[0])
         recorder = _Recorder()
-        host = EdgeHost("h", configs, recorder)
-        assert set(host.demands()) == set(spec.agent_names)
+        host = EdgeHost("h", recorder)
+        assert set(host.prepare(configs)) == set(spec.agent_names)
         host.set_grants({name: 2e6 for name in spec.agent_names})
         assert {a.grant_bps for a in host.agents.values()} == {2e6}
         start = time.time()
-        done = host.run(start + 0.2)
+        done = host.run(configs, start + 0.2)
         wall = time.time() - start
     finally:
         cloud.close()
@@ -110,11 +110,11 @@ def test_a_restarted_host_records_past_arrivals_without_rows_as_lost():
     past = [a for arrivals in work.values() for a in arrivals if a.t_s < 2.0]
     kept = {a.request_id for a in past[::2]}  # rows the old process had recorded
     recorder = _Recorder(recorded=kept)
-    host = EdgeHost("h", configs, recorder)
-    for agent in host.agents.values():  # only the restart's bookkeeping: no arrival is due
-        agent.config = dataclasses.replace(agent.config, arrivals=tuple(
-            a for a in agent.config.arrivals if a.t_s < 2.0))
-    host.run(time.time() - 2.5)
+    # A restarted host starts empty and rebuilds its agents from the run's configs; only
+    # past arrivals remain, so all that happens is the restart's bookkeeping.
+    configs = [dataclasses.replace(c, arrivals=tuple(a for a in c.arrivals if a.t_s < 2.0))
+               for c in configs]
+    EdgeHost("h", recorder).run(configs, time.time() - 2.5)
     lost = recorder.table("requests")
     assert sorted(r["request_id"] for r in lost) == sorted(
         a.request_id for a in past if a.request_id not in kept)
@@ -126,4 +126,4 @@ def test_a_host_needs_agents():
     from ray_scout.actors.edge import EdgeHost
 
     with pytest.raises(ValueError, match="at least one agent"):
-        EdgeHost("h", [], _Recorder())
+        EdgeHost("h", _Recorder()).prepare([])

@@ -19,6 +19,7 @@ testbed's own cost plus one propagation RTT.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import threading
@@ -99,14 +100,21 @@ def typical_demand(name: str, shapes: Mapping[int, RequestShape], arrivals: Sequ
                       modes=policy.choices)
 
 
+@functools.lru_cache(maxsize=2)
+def _loaded(source: str):
+    """A model loaded once per process: an edge host keeps it from one trial to the next."""
+    from ray_scout.core.llm.models import load_model
+
+    return load_model(source)
+
+
 def make_edge(config: AgentConfig) -> Edge:
     """The agent's edge stage: the real model in full fidelity, its profile otherwise."""
     if config.fidelity == "full":
         from ray_scout.core.evaluation.metrics import exact_match, f1
-        from ray_scout.core.llm.models import load_model
         from ray_scout.core.stages.full import EdgeOptions, EdgeStage, FullEdge
 
-        stage = EdgeStage(load_model(config.model), EdgeOptions(**config.edge_options),
+        stage = EdgeStage(_loaded(config.model), EdgeOptions(**config.edge_options),
                           cloud_model_id=config.cloud_model)
         return FullEdge(stage, config.shapes, config.samples,
                         lambda answer, gold: (f1(answer, gold), exact_match(answer, gold)))
@@ -174,9 +182,13 @@ class EdgeAgent:
             row = self.serve(arrival, t0_unix_s)
             self.recorder.add.remote("requests", row)
             done += 1
+        self.close()
+        return done
+
+    def close(self) -> None:
         if self.connection is not None:
             self.connection.close()
-        return done
+            self.connection = None
 
     def serve(self, arrival: Arrival, t0_unix_s: float) -> dict:
         """One request, top to bottom: edge stage (with the decision), send, score."""
@@ -315,12 +327,24 @@ class EdgeHost:
     agents. The allocator asks and tells all of a host's agents in one call each.
     """
 
-    def __init__(self, name: str, configs: Sequence[AgentConfig], recorder: Any):
-        if not configs:
-            raise ValueError(f"edge host {name} needs at least one agent")
+    def __init__(self, name: str, recorder: Any):
         self.name = name
         self.recorder = recorder
-        self.agents = {c.name: EdgeAgent(c, recorder) for c in configs}
+        self.agents: dict[str, EdgeAgent] = {}
+        self.configs: Sequence[AgentConfig] = ()
+
+    def prepare(self, configs: Sequence[AgentConfig]) -> dict[str, Demand]:
+        """The agents of a trial (their policy, first grant, arrivals); returns their demands.
+
+        Models stay loaded in this process from one trial to the next.
+        """
+        if not configs:
+            raise ValueError(f"edge host {self.name} needs at least one agent")
+        for agent in self.agents.values():
+            agent.close()
+        self.agents = {c.name: EdgeAgent(c, self.recorder) for c in configs}
+        self.configs = configs
+        return self.demands()
 
     def demands(self) -> dict[str, Demand]:
         return {name: agent.demand() for name, agent in self.agents.items()}
@@ -330,10 +354,16 @@ class EdgeHost:
             if name in self.agents:
                 self.agents[name].set_grant(rate)
 
-    def run(self, t0_unix_s: float) -> dict[str, int]:
-        """Every agent's loop at once; rows per agent. An agent that fails records why."""
+    def run(self, configs: Sequence[AgentConfig], t0_unix_s: float) -> dict[str, int]:
+        """Every agent's loop at once; rows per agent. An agent that fails records why.
+
+        ``configs`` are the trial's, as ``prepare`` had them: a host restarted by Ray comes
+        back empty and rebuilds its agents from them when the run is retried.
+        """
         import ray
 
+        if list(self.configs) != list(configs):
+            self.prepare(configs)
         ids = self.recorder.request_ids.remote(list(self.agents))
         recorded = frozenset(ray.get(ids) if isinstance(ids, ray.ObjectRef) else ids)
         done: dict[str, int] = {}

@@ -91,7 +91,9 @@ class _ChangeLog:
         self.log.append(LinkChange(time.time(), target, rate_bps, ceil_bps, call_s))
 
     def changes(self) -> list[dict]:
-        return [dataclasses.asdict(c) for c in self.log]
+        """The changes since the last call (one trial's, when a testbed runs several)."""
+        taken, self.log = self.log, []
+        return [dataclasses.asdict(c) for c in taken]
 
 
 class LinkManager(_ChangeLog):

@@ -21,15 +21,27 @@ def _clean(value):
 
 
 class Recorder:
-    """Appends rows to ``<directory>/<table>.jsonl``; ``counts()`` feeds the progress bar."""
+    """Appends rows to ``<directory>/<table>.jsonl``; ``counts()`` feeds the progress bar.
 
-    def __init__(self, directory: str):
-        self.directory = Path(directory)
-        self.directory.mkdir(parents=True, exist_ok=True)
+    ``open`` points it at another directory (a testbed's next trial); ``close`` ends one.
+    """
+
+    def __init__(self, directory: str | None):
         self.files: dict = {}
         self.count: dict[str, int] = {}
+        self.directory: Path | None = None
+        if directory is not None:
+            self.open(directory)
+
+    def open(self, directory: str) -> None:
+        self.close()
+        self.directory = Path(directory)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.count = {}
 
     def add(self, table: str, row: dict) -> None:
+        if self.directory is None:
+            raise RuntimeError("Recorder.open(directory) comes before the first row")
         handle = self.files.get(table)
         if handle is None:
             handle = self.files[table] = open(self.directory / f"{table}.jsonl", "a")

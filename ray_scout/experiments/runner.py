@@ -31,7 +31,7 @@ import pandas as pd
 
 from ray_scout.actors.edge import AgentConfig, make_policy, typical_demand
 from ray_scout.actors.recorder import read_table
-from ray_scout.core.control.allocation import Allocation, allocate
+from ray_scout.core.control.allocation import allocate
 from ray_scout.core.stages.profiled import (
     ProfiledService, latency_model, load_timing, profiled_payload_bytes, selected_tokens,
 )
@@ -196,7 +196,7 @@ def lab_links(spec: Spec, names: list[str], run_id: str) -> TrialLinks:
                       {n: {"resources": {"edge": 1}} for n in names})
 
 
-def cluster_links(spec: Spec, where: Placement, first: Allocation) -> TrialLinks:
+def cluster_links(spec: Spec, where: Placement, rates_bps: dict[str, float]) -> TrialLinks:
     """A cluster: one ``NodeLinkManager`` per edge node shapes its interface to the cloud node."""
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
@@ -216,7 +216,7 @@ def cluster_links(spec: Spec, where: Placement, first: Allocation) -> TrialLinks
                                                             **on(node)).remote(
             cloud_ip, {a: where.cloud_port[a] for a in agents},
             {a: groups[a].access for a in agents}, spec.bottleneck, capacity,
-            dict(first.rate_bps), impairment=spec.impairment, borrow=spec.borrow,
+            dict(rates_bps), impairment=spec.impairment, borrow=spec.borrow,
             access_rate_bps=spec.access_rate_bps))
     ray.get([m.node.remote() for m in managers])  # built (or failed) before anything starts
     return TrialLinks(managers, [(cloud_ip, where.cloud_port[a]) for a in where.agent_node], None,
@@ -225,85 +225,117 @@ def cluster_links(spec: Spec, where: Placement, first: Allocation) -> TrialLinks
                       {a: {"resources": {"edge": 1}, **on(n)} for a, n in where.agent_node.items()})
 
 
-def start_edge_hosts(spec: Spec, configs: dict[str, AgentConfig], links: TrialLinks,
-                     recorder, prefix: str) -> list:
-    """Edge hosts for ``configs``: per node, at most its cores' worth of worker processes.
-
-    A host takes one ``edge`` slot per agent it runs, on the node its agents were placed on.
-    """
-    import ray
-
-    from ray_scout.actors.edge import EdgeHost
-
+def edge_host_groups(spec: Spec, links: TrialLinks, cores: int) -> list[tuple[list[str], dict]]:
+    """Agents grouped into edge hosts, per node at most ``cores`` of them, with their Ray
+    options: a host takes one ``edge`` slot per agent, on the node its agents were placed on."""
     by_node: dict[str, list[str]] = {}
-    for name in configs:
+    for name in spec.agent_names:
         by_node.setdefault(repr(links.agent_options[name]), []).append(name)
-    hosts = []
-    cores = max(1, int(ray.cluster_resources().get("CPU", 1)) // max(1, len(by_node)))
+    groups = []
     for members in by_node.values():
-        for group in edge_hosts(members, cores, one_per_agent=spec.fidelity == "full"):
+        for group in edge_hosts(members, max(1, cores // len(by_node)),
+                                one_per_agent=spec.fidelity == "full"):
             options = dict(links.agent_options[group[0]])
             options["resources"] = {**options.get("resources", {}), "edge": len(group)}
-            name = f"host{len(hosts)}"
-            hosts.append(ray.remote(EdgeHost).options(
-                num_cpus=0, max_restarts=2, max_task_retries=2, max_concurrency=4,
-                name=prefix + name, **options).remote(
-                name, [configs[a] for a in group], recorder))
-    return hosts
+            groups.append((group, options))
+    return groups
 
 
-def run_trial(spec: Spec, policy: str, allocator: str, index: int, out: Path,
-              shapes: dict, work: dict, progress=None, texts: dict | None = None,
-              where: Placement = Placement(cluster=False)) -> dict:
-    """One combination end to end; returns its summary (rows, wall time, errors)."""
-    import ray
+class Testbed:
+    """One experiment's links, cloud, recorder and edge hosts: started once, reused by every
+    trial (policy x allocator), which only resets them. ``close`` tears all of it down.
 
-    from ray_scout.actors.allocator import Allocator
-    from ray_scout.actors.cloud import CloudActor
-    from ray_scout.actors.recorder import Recorder
+    A trial brings its own allocator actor and the agents' configuration (policy, first
+    grant); the hosts rebuild their agents from it (models stay loaded in their processes).
+    """
 
-    texts = texts or {}
-    raw = out / "raw" / f"{index:02d}_{policy.replace(':', '-')}_{allocator}"
-    if raw.exists():
-        for stale in raw.glob("*.jsonl"):
-            stale.unlink()
-    trace = capacity_trace(spec)
-    groups = spec.groups_by_agent()
-    names = list(groups)
-    first = allocate(allocator, demands(spec, shapes, work, policy), trace.rate_at(0.0))
-    run_id = f"{os.getpid() % 0xFFFF:04x}{index:02x}"
-    prefix = f"{spec.name}/{index}/"  # actor names: tests and operators find them by these
-    recorder = ray.remote(Recorder).options(num_cpus=0, name=prefix + "recorder").remote(
-        str(raw))
-    started = time.time()
-    actors, cloud, links = [recorder], None, None
-    try:
-        links = (cluster_links(spec, where, first) if where.cluster
-                 else lab_links(spec, names, run_id))
-        actors += links.managers
+    def __init__(self, spec: Spec, where: Placement, texts: dict):
+        import ray
+
+        from ray_scout.actors.cloud import CloudActor
+        from ray_scout.actors.edge import EdgeHost
+        from ray_scout.actors.recorder import Recorder
+
+        self.spec, self.where = spec, where
+        self.prefix = f"{spec.name}/"  # actor names: tests and operators find them by these
+        self.actors: list = []
+        self.links: TrialLinks | None = None
+        self.cloud = None
+        self.started = time.time()
+        try:
+            self.recorder = ray.remote(Recorder).options(
+                num_cpus=0, name=self.prefix + "recorder").remote(None)
+            self.actors.append(self.recorder)
+            trace = capacity_trace(spec)
+            names = spec.agent_names
+            equal = {n: trace.rate_at(0.0) / len(names) for n in names}
+            self.run_id = f"{os.getpid() % 0xFFFF:04x}00"
+            self.links = (cluster_links(spec, where, equal) if where.cluster
+                          else lab_links(spec, names, self.run_id))
+            self.actors += self.links.managers
+            self.cloud = ray.remote(CloudActor).options(
+                num_cpus=0, num_gpus=min(1, _gpu_count()), max_restarts=2, max_concurrency=4,
+                name=self.prefix + "cloud", **self.links.cloud_options).remote(
+                "cloud0", self.links.cloud_addresses, self.links.cloud_netns,
+                cloud_service(spec, texts), slots=spec.cloud_slots, connections=len(names) + 4,
+                max_batch=spec.cloud_max_batch, batch_window_s=spec.cloud_batch_window_s)
+            self.actors.append(self.cloud)
+            ray.get(self.cloud.ready.remote())
+            cores = int(ray.cluster_resources().get("CPU", 1))
+            self.hosts = []
+            for group, options in edge_host_groups(spec, self.links, cores):
+                name = f"host{len(self.hosts)}"
+                self.hosts.append((group, ray.remote(EdgeHost).options(
+                    num_cpus=0, max_restarts=2, max_task_retries=2, max_concurrency=4,
+                    name=self.prefix + name, **options).remote(name, self.recorder)))
+            self.actors += [h for _, h in self.hosts]
+        except BaseException:
+            self.close()
+            raise
+        self.start_s = time.time() - self.started
+
+    def close(self) -> None:
+        """Stop the cloud, remove the links, close the recorder, kill every actor."""
+        import ray
+
+        if self.cloud is not None:
+            try:
+                ray.get(self.cloud.close.remote(), timeout=10)
+            except Exception:  # noqa: BLE001 - a dead cloud has nothing left to close
+                pass
+        if self.links is not None:
+            ray.get([m.teardown.remote() for m in self.links.managers])
+            self.links = None
+        for actor in self.actors:
+            ray.kill(actor)
+        self.actors = []
+
+    def trial(self, policy: str, allocator: str, index: int, out: Path, shapes: dict,
+              work: dict, progress=None, texts: dict | None = None) -> dict:
+        """One combination on the running testbed; returns its summary."""
+        import ray
+
+        from ray_scout.actors.allocator import Allocator
+
+        spec, links = self.spec, self.links
+        texts = texts or {}
+        raw = out / "raw" / f"{index:02d}_{policy.replace(':', '-')}_{allocator}"
+        if raw.exists():
+            for stale in raw.glob("*.jsonl"):
+                stale.unlink()
+        ray.get(self.recorder.open.remote(str(raw)))
+        trace = capacity_trace(spec)
+        groups = spec.groups_by_agent()
+        first = allocate(allocator, demands(spec, shapes, work, policy), trace.rate_at(0.0))
+        started = time.time()
+        cloud_before = ray.get(self.cloud.stats.remote())
         # The links start with guarantees that may borrow up to the link rate; the first
         # split is in force before the first arrival, not from the allocator's first tick.
         ray.get([m.apply.remote(trace.rate_at(0.0), dict(first.rate_bps))
                  for m in links.managers])
-        if spec.fidelity == "full":
-            from ray_scout.core.stages.full import FullService  # torch: only for full runs
-
-            documents = sorted({text for rows in texts.values() for text, _, _ in rows})
-            service = FullService({m: m for m in spec.cloud_models}, documents,
-                                  max(g.new_tokens for g in spec.agents))
-        else:
-            service = ProfiledService({m: load_timing(t, spec.base)
-                                       for m, t in spec.cloud_models.items()})
-        cloud = ray.remote(CloudActor).options(
-            num_cpus=0, num_gpus=min(1, _gpu_count()), max_restarts=2, max_concurrency=4,
-            name=prefix + "cloud", **links.cloud_options).remote(
-            "cloud0", links.cloud_addresses, links.cloud_netns, service,
-            slots=spec.cloud_slots, connections=len(names) + 4,
-            max_batch=spec.cloud_max_batch, batch_window_s=spec.cloud_batch_window_s)
-        actors.append(cloud)
-        ray.get(cloud.ready.remote())
+        ray.get([m.changes.remote() for m in links.managers])  # the last trial's log
         configs = {}
-        for name in names:
+        for name in spec.agent_names:
             g = groups[name]
             cloud_address, netns, source = links.agent_route[name]
             configs[name] = AgentConfig(
@@ -317,51 +349,59 @@ def run_trial(spec: Spec, policy: str, allocator: str, index: int, out: Path,
                                   protected_layers=tuple(g.protected_layers),
                                   max_new_tokens=g.new_tokens),
                 samples=texts.get(name, ()))
-        hosts = start_edge_hosts(spec, configs, links, recorder, prefix)
-        actors += hosts
-        ray.get([h.demands.remote() for h in hosts])  # built (models loaded) before t0
+        hosts = [(ray.put([configs[a] for a in group]), host) for group, host in self.hosts]
+        ray.get([host.prepare.remote(ref) for ref, host in hosts])  # models loaded before t0
         alloc = ray.remote(Allocator).options(num_cpus=0, max_concurrency=2).remote(
-            allocator, trace, spec.epoch_s, spec.duration_s, hosts, links.managers, recorder)
-        actors.append(alloc)
-        t0 = time.time() + 0.5
-        refs = [alloc.run.remote(t0)] + [h.run.remote(t0) for h in hosts]
-        limit = t0 + spec.duration_s + max(g.deadline_s for g in spec.agents) + DRAIN_SLACK_S
-        errors, pending = [], list(refs)
-        while pending and time.time() < limit:
-            done, pending = ray.wait(pending, num_returns=len(pending), timeout=0.5)
-            for ref in done:
-                try:
-                    ray.get(ref)
-                except Exception as exc:  # a task that failed for good: noted, others go on
-                    errors.append(f"{type(exc).__name__}: {exc}"[:500])
-            if progress is not None:
-                counts = ray.get(recorder.counts.remote())
-                progress(counts.get("requests", 0))
-        if pending:
-            errors.append(f"{len(pending)} tasks still running at the drain limit; stopped")
+            allocator, trace, spec.epoch_s, spec.duration_s, [h for _, h in hosts],
+            links.managers, self.recorder)
+        errors = []
+        try:
+            t0 = time.time() + 0.5
+            refs = [alloc.run.remote(t0)] + [host.run.remote(ref, t0) for ref, host in hosts]
+            limit = t0 + spec.duration_s + max(g.deadline_s for g in spec.agents) + DRAIN_SLACK_S
+            pending = list(refs)
+            while pending and time.time() < limit:
+                done, pending = ray.wait(pending, num_returns=len(pending), timeout=0.5)
+                for ref in done:
+                    try:
+                        ray.get(ref)
+                    except Exception as exc:  # a task that failed for good: noted, others go on
+                        errors.append(f"{type(exc).__name__}: {exc}"[:500])
+                if progress is not None:
+                    counts = ray.get(self.recorder.counts.remote())
+                    progress(counts.get("requests", 0))
+            if pending:
+                errors.append(f"{len(pending)} tasks still running at the drain limit; stopped")
+                for ref in pending:
+                    ray.cancel(ref, force=False)
+        finally:
+            ray.kill(alloc)
         for message in errors:
-            recorder.add.remote("events", {"wall_time_s": time.time(), "source": "driver",
-                                           "event": "task_failed", "detail": message})
+            self.recorder.add.remote("events", {"wall_time_s": time.time(), "source": "driver",
+                                                "event": "task_failed", "detail": message})
         links_rows = [row for rows in ray.get([m.shaping.remote() for m in links.managers])
                       for row in rows]
         changes = [row for rows in ray.get([m.changes.remote() for m in links.managers])
                    for row in rows]
-        cloud_stats = ray.get(cloud.stats.remote())
-        ray.get(recorder.add_many.remote("rate_changes", changes))
-    finally:
-        if cloud is not None:
-            try:
-                ray.get(cloud.close.remote(), timeout=10)
-            except Exception:  # noqa: BLE001 - a dead cloud has nothing left to close
-                pass
-        if links is not None:
-            ray.get([m.teardown.remote() for m in links.managers])
-        ray.get(recorder.close.remote())
-        for actor in actors:
-            ray.kill(actor)
-    return {"policy": policy, "allocator": allocator, "raw": str(raw), "links": links_rows,
-            "placement": where.describe(), "cloud": cloud_stats, "errors": errors,
-            "wall_s": time.time() - started}
+        cloud_after = ray.get(self.cloud.stats.remote())
+        cloud_stats = {k: v - cloud_before.get(k, 0) if k != "queued" else v
+                       for k, v in cloud_after.items()}
+        ray.get(self.recorder.add_many.remote("rate_changes", changes))
+        ray.get(self.recorder.close.remote())
+        return {"policy": policy, "allocator": allocator, "raw": str(raw), "links": links_rows,
+                "placement": self.where.describe(), "cloud": cloud_stats, "errors": errors,
+                "wall_s": time.time() - started}
+
+
+def cloud_service(spec: Spec, texts: dict):
+    """The cloud's service for the spec's fidelity: real models, or their profiles."""
+    if spec.fidelity == "full":
+        from ray_scout.core.stages.full import FullService  # torch: only for full runs
+
+        documents = sorted({text for rows in texts.values() for text, _, _ in rows})
+        return FullService({m: m for m in spec.cloud_models}, documents,
+                           max(g.new_tokens for g in spec.agents))
+    return ProfiledService({m: load_timing(t, spec.base) for m, t in spec.cloud_models.items()})
 
 
 def _collect(out: Path, trials: list[dict]) -> dict[str, pd.DataFrame]:
@@ -408,8 +448,9 @@ def run_emulated(spec: Spec, out: Path, address: str | None = None,
     total = sum(len(w) for w in work.values())
     started_ray = start_ray(spec, address, dashboard)
     trials = []
+    testbed = None
     try:
-        where = placement(spec)
+        testbed = Testbed(spec, placement(spec), texts)
         for index, (policy, allocator) in enumerate(spec.combinations()):
             bar = tqdm(total=total, desc=f"{policy} / {allocator}", unit="req",
                        disable=not show_progress)
@@ -417,10 +458,12 @@ def run_emulated(spec: Spec, out: Path, address: str | None = None,
             def progress(n: int, bar=bar) -> None:
                 bar.update(n - bar.n)
 
-            trials.append(run_trial(spec, policy, allocator, index, out, shapes, work,
-                                    progress, texts, where))
+            trials.append(testbed.trial(policy, allocator, index, out, shapes, work,
+                                        progress, texts))
             bar.close()
     finally:
+        if testbed is not None:
+            testbed.close()
         if started_ray:
             ray.shutdown()
     frames = _collect(out, trials)
