@@ -95,3 +95,51 @@ def test_single_class_link_changes_rate_in_one_call_and_refuses_extra_classes(ve
     assert shaper.read_rates_bps() == {classid(2): 50_000_000}
     with pytest.raises(NetError, match="per_class=True"):
         shaper.add_class("agent", 1_000_000, Match(src="10.77.1.2"))
+
+
+def _class_params(shaper) -> dict:
+    """Every HTB class's parameters as the kernel holds them, by classid."""
+    from ray_scout.net.namespaces import in_netns
+
+    with in_netns(shaper.netns):
+        classes = shaper.ipr.get_classes(index=shaper.ifindex)
+    out = {}
+    for msg in classes:
+        parms = msg.get_nested("TCA_OPTIONS", "TCA_HTB_PARMS")
+        if parms is not None:
+            out[msg["handle"]] = {k: parms[k] for k in
+                                  ("rate", "ceil", "buffer", "cbuffer", "quantum")}
+    return out
+
+
+@root
+def test_a_batch_of_class_changes_sets_what_pyroute2_sets_class_by_class(veth):
+    ipr, ns = veth
+    shaper = HtbShaper(ipr, "rs-a", 9_000_000_000, 100_000, netns=ns, per_class=True)
+    shaper.install()
+    leaves = [shaper.add_class(f"a{i}", 1_000_000, Match(src=f"10.77.1.{i + 2}"))
+              for i in range(40)]
+    wanted = [(leaf, 100_000 + 37_000 * i, 2_000_000 + 50_000 * i) for i, leaf in
+              enumerate(leaves[:20])] + [(leaves[20], 1_000_000, 8_500_000_000)]
+    assert shaper.set_class_rates(wanted) < 1.0
+    batched = _class_params(shaper)
+    for leaf, rate, ceil in wanted:
+        shaper.set_class_rate(leaf, rate, ceil)  # pyroute2's own message, one at a time
+    assert _class_params(shaper) == batched
+    assert batched[leaves[20].classid]["ceil"] == 8_500_000_000 // 8
+    assert shaper.read_rates_bps()[leaves[3].classid] == 100_000 + 37_000 * 3
+    assert [leaf.rate_bps for leaf, _, _ in wanted[:3]] == [100_000, 137_000, 174_000]
+
+
+@root
+def test_a_batch_names_the_class_the_kernel_refused(veth):
+    from ray_scout.net import htb_batch
+
+    ipr, ns = veth
+    shaper = HtbShaper(ipr, "rs-a", 50_000_000, 100_000, netns=ns, per_class=True)
+    shaper.install()
+    shaper.add_class("a", 1_000_000, Match(src="10.77.1.2"))
+    missing = htb_batch.ClassChange(shaper.ifindex, classid(0x7777), classid(1), 1000, 1000,
+                                    1000, 3000, 3000)
+    with pytest.raises(NetError, match=f"{classid(0) >> 16:x}:7777"):
+        htb_batch.apply(ns, [missing])

@@ -122,3 +122,63 @@ def test_ctrl_c_inside_the_topology_still_tears_it_down():
         with LabTopology([LAB], LAB, run_id=run):
             raise KeyboardInterrupt
     assert find_leftovers(f"rs-{run}-").empty
+
+
+def _class_bytes(shaper) -> dict[int, int]:
+    from ray_scout.net.namespaces import in_netns
+
+    with in_netns(shaper.netns):
+        classes = shaper.ipr.get_classes(index=shaper.ifindex)
+    return {m["handle"]: m.get_attr("TCA_STATS")["bytes"] for m in classes}
+
+
+def test_agents_sharing_a_site_keep_their_own_access_and_bottleneck_classes():
+    import socket
+    import threading
+
+    from ray_scout.transport.netns import socket_in_netns
+
+    run = pid_run_id()
+    with LabTopology([LAB.with_rate(20_000_000)] * 3, LAB, run_id=run, site_size=2) as topo:
+        assert topo.sites == [f"rs-{run}-s0", f"rs-{run}-s1"]
+        assert [(e.netns, e.address) for e in topo.edges] == [
+            (f"rs-{run}-s0", "10.77.1.2"), (f"rs-{run}-s0", "10.77.1.3"),
+            (f"rs-{run}-s1", "10.77.2.2")]
+        server = topo.socket("cloud")
+        server.bind(("10.77.0.2", 0))
+        server.listen()
+        received = []
+
+        def drain():
+            conn, _ = server.accept()
+            while chunk := conn.recv(1 << 16):
+                received.append(len(chunk))
+
+        reader = threading.Thread(target=drain, daemon=True)
+        reader.start()
+        e1 = topo.edge("e1")
+        client = socket_in_netns(e1.netns)
+        client.bind((e1.address, 0))  # the site's second address: its own classes match it
+        client.connect(server.getsockname())
+        client.sendall(b"x" * 300_000)
+        client.close()
+        reader.join(10)
+        server.close()
+        neck = _class_bytes(topo.bottleneck_up)
+        site_up = _class_bytes(topo.uplinks["e1"])
+        assert sum(received) == 300_000
+        assert neck[topo.shares["e1"].classid] > 300_000 > neck[topo.shares["e0"].classid]
+        leaf = topo.uplinks["e1"].classes["e1"]
+        assert site_up[leaf.classid] > 300_000 > site_up[topo.uplinks["e0"].classes["e0"].classid]
+        assert leaf.rate_bps == leaf.ceil_bps == 20_000_000  # its access link's rate, alone
+    assert find_leftovers(f"rs-{run}-").empty
+
+
+def test_sites_refuse_access_impairments_the_tun_emulator_cannot_split():
+    from ray_scout.net.backends import TunEmulatorBackend
+
+    run = pid_run_id()
+    with pytest.raises(NetError, match="only from netem"):
+        LabTopology([load_profile("lte")] * 2, LAB, run_id=run, site_size=2,
+                    impairment=TunEmulatorBackend()).build()
+    assert find_leftovers(f"rs-{run}-").empty

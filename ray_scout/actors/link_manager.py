@@ -134,15 +134,17 @@ class LinkManager(_ChangeLog):
             self.record("bottleneck", capacity, capacity, call)
             self.capacity_bps, total = capacity, total + call
             self.applied.clear()
+        moved = {}
         for agent, rate in split_for_htb(capacity, rates_bps).items():
             ceil = capacity if self.borrow else rate
-            if self.applied.get(agent) == (rate, ceil):
-                continue  # a cell's split moves few agents at a time: touch only those
-            call = topo.set_share(self.edge_of[agent], rate, ceil)
-            self.record(agent, rate, ceil, call)
+            if self.applied.get(agent) != (rate, ceil):  # touch only the classes that move
+                moved[agent] = (rate, ceil)
+        # One netlink batch for the whole split: each change's call time is the batch's share.
+        call = topo.set_shares({self.edge_of[a]: pair for a, pair in moved.items()})
+        for agent, (rate, ceil) in moved.items():
+            self.record(agent, rate, ceil, call / len(moved))
             self.applied[agent] = (rate, ceil)
-            total += call
-        return total
+        return total + call
 
     def shaping(self) -> list[dict]:
         return [r.as_row() for r in self.topology.shaping()]

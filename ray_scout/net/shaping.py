@@ -26,7 +26,7 @@ import functools
 import ipaddress
 import time
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Protocol, Sequence
 
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
@@ -297,6 +297,23 @@ class HtbShaper:
                     parent=self._leaf_parent, **params)
         elapsed = time.perf_counter() - start
         leaf.rate_bps, leaf.ceil_bps = int(rate_bps), int(max(ceil_bps, rate_bps))
+        return elapsed
+
+    def set_class_rates(self, rates_bps: Sequence[tuple[LeafClass, float, float]]) -> float:
+        """Many (leaf, rate, ceil) in one netlink batch (``htb_batch``); returns seconds."""
+        from ray_scout.net import htb_batch
+
+        changes = []
+        for leaf, rate_bps, ceil_bps in rates_bps:
+            params = htb_class_params(rate_bps, max(ceil_bps, rate_bps))
+            changes.append(htb_batch.ClassChange(
+                self.ifindex, leaf.classid, self._leaf_parent, params["rate"], params["ceil"],
+                params["quantum"], params["burst"], params["cburst"]))
+        start = time.perf_counter()
+        htb_batch.apply(self.netns, changes)
+        elapsed = time.perf_counter() - start
+        for leaf, rate_bps, ceil_bps in rates_bps:
+            leaf.rate_bps, leaf.ceil_bps = int(rate_bps), int(max(ceil_bps, rate_bps))
         return elapsed
 
     @_in_own_netns

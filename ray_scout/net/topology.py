@@ -32,7 +32,7 @@ import os
 import secrets
 import socket
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from pyroute2 import IPRoute, netns
@@ -356,13 +356,24 @@ class LabTopology:
             raise NetError(f"no edge {edge!r}; edges are {list(self.shares)}")
         return self.shares[edge].set_rate(rate_bps, ceil_bps)
 
-    def set_shares(self, shares_bps: dict[str, float]) -> float:
-        """Apply a whole allocation (edge -> guaranteed rate); returns total call seconds."""
-        total = sum(shares_bps.values())
+    def set_shares(self, shares_bps: Mapping[str, float | tuple[float, float]]) -> float:
+        """Apply a whole allocation in one netlink batch; returns its seconds.
+
+        ``shares_bps`` maps an edge to its guaranteed rate (ceil: the link rate) or to a
+        (rate, ceil) pair.
+        """
+        pairs = {edge: share if isinstance(share, tuple)
+                 else (share, self.bottleneck_up.link_rate_bps)
+                 for edge, share in shares_bps.items()}
+        total = sum(rate for rate, _ in pairs.values())
         if total > self.bottleneck_up.link_rate_bps:
             raise NetError(f"shares sum to {total:.0f} bit/s, above the bottleneck's "
                            f"{self.bottleneck_up.link_rate_bps} bit/s; scale them down")
-        return sum(self.set_share(edge, rate) for edge, rate in shares_bps.items())
+        unknown = set(pairs) - set(self.shares)
+        if unknown:
+            raise NetError(f"no edge {sorted(unknown)[0]!r}; edges are {list(self.shares)}")
+        return self.bottleneck_up.set_class_rates(
+            [(self.shares[e], rate, ceil) for e, (rate, ceil) in pairs.items()])
 
     def netns_of(self, node: str) -> str:
         """Namespace of ``'cloud'`` or of an edge by name."""
