@@ -89,7 +89,7 @@ def test_one_host_runs_fifty_agents_concurrently_and_records_every_request():
         host.set_grants({name: 2e6 for name in spec.agent_names})
         assert {a.grant_bps for a in host.agents.values()} == {2e6}
         start = time.time()
-        done = host.run(configs, start + 0.2)
+        done = host.run(configs, start + 0.2, restarted=False)
         wall = time.time() - start
     finally:
         cloud.close()
@@ -114,12 +114,29 @@ def test_a_restarted_host_records_past_arrivals_without_rows_as_lost():
     # past arrivals remain, so all that happens is the restart's bookkeeping.
     configs = [dataclasses.replace(c, arrivals=tuple(a for a in c.arrivals if a.t_s < 2.0))
                for c in configs]
-    EdgeHost("h", recorder).run(configs, time.time() - 2.5)
+    EdgeHost("h", recorder).run(configs, time.time() - 2.5, restarted=True)
     lost = recorder.table("requests")
     assert sorted(r["request_id"] for r in lost) == sorted(
         a.request_id for a in past if a.request_id not in kept)
     assert all(r["outcome"] == "lost" and not r["deadline_met"] for r in lost)
     assert {e["event"] for e in recorder.table("events")} == {"restarted"}
+
+
+def test_a_first_start_serves_arrivals_already_due_instead_of_calling_them_lost():
+    from ray_scout.actors.edge import EdgeHost
+
+    spec = _spec(3, 2.0, 2.0)
+    cloud = _cloud()
+    try:
+        configs, work = _configs(spec, cloud.ready()[0])
+        recorder = _Recorder()
+        # The host starts a second late (a loaded box starting hundreds of threads).
+        EdgeHost("h", recorder).run(configs, time.time() - 1.0, restarted=False)
+    finally:
+        cloud.close()
+    rows = recorder.table("requests")
+    assert len(rows) == sum(len(w) for w in work.values())
+    assert "lost" not in {r["outcome"] for r in rows} and not recorder.table("events")
 
 
 def test_a_host_needs_agents():

@@ -152,19 +152,22 @@ class EdgeAgent:
         self.metrics.grant(rate_bps)
 
     # --- the loop ----------------------------------------------------------------------
-    def run(self, t0_unix_s: float, recorded: frozenset[int] = frozenset()) -> int:
-        """Serve every arrival not yet in the past; returns how many rows it recorded.
+    def run(self, t0_unix_s: float, recorded: frozenset[int] | None = None) -> int:
+        """Serve the arrivals in order (late ones wait, as in a queue); returns rows recorded.
 
         After a restart (Ray retries the host's task on a new process) ``recorded`` holds
         the request ids already on disk: an arrival whose time has passed and that has no
         row died with the old process, and gets a ``lost`` row (a miss), so the lost window
-        counts instead of vanishing.
+        counts instead of vanishing; only the arrivals still ahead are served.
         """
         now = time.time()
-        todo = [a for a in self.config.arrivals if t0_unix_s + a.t_s >= now - 1e-3]
-        past = [a for a in self.config.arrivals if t0_unix_s + a.t_s < now - 1e-3]
+        if recorded is None:  # a first start: every arrival is this run's to serve
+            todo, past = list(self.config.arrivals), []
+        else:
+            todo = [a for a in self.config.arrivals if t0_unix_s + a.t_s >= now - 1e-3]
+            past = [a for a in self.config.arrivals if t0_unix_s + a.t_s < now - 1e-3]
         lost = [a for a in past if a.request_id not in recorded]
-        if past and now > t0_unix_s + 0.5:
+        if past:
             self.recorder.add.remote("events", {
                 "wall_time_s": now, "source": self.config.name, "event": "restarted",
                 "detail": f"{len(lost)} of {len(past)} past arrivals had no row: recorded "
@@ -349,23 +352,33 @@ class EdgeHost:
     def demands(self) -> dict[str, Demand]:
         return {name: agent.demand() for name, agent in self.agents.items()}
 
+    def _recorded(self) -> frozenset[int]:
+        import ray
+
+        ids = self.recorder.request_ids.remote(list(self.agents))
+        return frozenset(ray.get(ids) if isinstance(ids, ray.ObjectRef) else ids)
+
     def set_grants(self, rates_bps: Mapping[str, float]) -> None:
         for name, rate in rates_bps.items():
             if name in self.agents:
                 self.agents[name].set_grant(rate)
 
-    def run(self, configs: Sequence[AgentConfig], t0_unix_s: float) -> dict[str, int]:
+    def run(self, configs: Sequence[AgentConfig], t0_unix_s: float,
+            restarted: bool | None = None) -> dict[str, int]:
         """Every agent's loop at once; rows per agent. An agent that fails records why.
 
         ``configs`` are the trial's, as ``prepare`` had them: a host restarted by Ray comes
-        back empty and rebuilds its agents from them when the run is retried.
+        back empty and rebuilds its agents from them when the run is retried, and its agents
+        then account for the requests that died with the old process. ``restarted`` None:
+        ask Ray whether this actor was reconstructed.
         """
-        import ray
+        if restarted is None:
+            import ray
 
+            restarted = ray.get_runtime_context().was_current_actor_reconstructed
         if list(self.configs) != list(configs):
             self.prepare(configs)
-        ids = self.recorder.request_ids.remote(list(self.agents))
-        recorded = frozenset(ray.get(ids) if isinstance(ids, ray.ObjectRef) else ids)
+        recorded = self._recorded() if restarted else None
         done: dict[str, int] = {}
 
         def loop(agent: EdgeAgent) -> None:
