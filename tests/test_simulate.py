@@ -256,3 +256,20 @@ def test_a_measured_estimator_sees_a_capacity_drop_through_transfers_cut_off_by_
     assert before.deadline_met.any() and len(late) > 2 and not late.deadline_met.any()
     assert before.bandwidth_estimate_bps.iloc[-1] > 40 * MBIT
     assert late.bandwidth_estimate_bps.max() < 3 * MBIT
+
+
+def test_an_agent_with_two_context_lengths_plans_with_one_it_has():
+    """np.median of [256, 1024] is 640, a length no request has (it had no payload size)."""
+    from ray_scout.experiments.runner import run_simulated
+    from ray_scout.experiments.spec import parse_spec
+
+    spec = parse_spec({
+        "name": "two", "fidelity": "simulated", "duration_s": 5, "seed": 0,
+        "capacity": {"kind": "constant", "rate": "50mbit"},
+        "cloud": {"models": {"qwen2.5-7b": {"timing": "paper_b"}}},
+        "agents": [{"name": "a", "count": 2, "model": "qwen2.5-7b",
+                    "context_tokens": [256, 1024], "deadline_s": 2.0, "arrival_rate_hz": 1,
+                    "quality": "paper_b:3b-7b"}],
+        "policies": ["adaptive"], "allocators": ["model_aware"]})
+    frames = run_simulated(spec, None)
+    assert set(frames["requests"].context_tokens) <= {256, 1024} and len(frames["requests"])

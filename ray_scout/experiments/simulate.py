@@ -172,7 +172,12 @@ class _Sim:
         # send, its arrival rate and its policy's margin once: demands do not track
         # individual requests, so they stay fixed and only the capacity moves the split.
         self.demands = [
-            demand_for(s.agent_id, s.payload_bytes(int(np.median(s.context_tokens))), s.quality,
+            # The middle one of its lengths (upper middle for an even count, as the runner
+            # picks the latency model): np.median would average two lengths into one that
+            # no request has.
+            demand_for(s.agent_id,
+                       s.payload_bytes(sorted(s.context_tokens)[len(s.context_tokens) // 2]),
+                       s.quality,
                        s.latency, s.deadline_s, s.weight, arrival_rate_hz=s.arrival_rate_hz,
                        safety_margin=self.policy_for(s.agent_id).safety_margin,
                        modes=self.policy_for(s.agent_id).choices)
