@@ -354,6 +354,7 @@ class Testbed:
         alloc = ray.remote(Allocator).options(num_cpus=0, max_concurrency=2).remote(
             allocator, trace, spec.epoch_s, spec.duration_s, [h for _, h in hosts],
             links.managers, self.recorder)
+        ray.get(alloc.__ray_ready__.remote())  # its process is up before the clock starts
         errors = []
         try:
             t0 = time.time() + 0.5
