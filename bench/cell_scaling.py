@@ -82,10 +82,11 @@ def topology(agents: int) -> dict:
 
 
 class Sampler:
-    """Peak Ray worker count and RSS of this process tree and Ray's processes."""
+    """Peak RSS of this process tree (Ray's included) and peak Ray worker processes: those
+    holding an actor (retitled ``ray::<Class>``) and Ray's idle pool."""
 
     def __init__(self):
-        self.workers = self.rss = 0
+        self.workers = self.idle = self.rss = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True)
 
@@ -93,15 +94,19 @@ class Sampler:
         me = psutil.Process()
         while not self._stop.is_set():
             procs = [me] + me.children(recursive=True)
-            rss, workers = 0, 0
+            rss, workers, idle = 0, 0, 0
             for proc in procs:
                 try:
                     rss += proc.memory_info().rss
                     line = " ".join(proc.cmdline())  # an actor's worker retitles itself
-                    workers += line.startswith("ray::") or "default_worker.py" in line
                 except psutil.Error:
                     continue
+                if line.startswith("ray::IDLE") or "default_worker.py" in line:
+                    idle += 1
+                elif line.startswith("ray::"):
+                    workers += 1
             self.rss, self.workers = max(self.rss, rss), max(self.workers, workers)
+            self.idle = max(self.idle, idle)
             self._stop.wait(0.5)
 
     def __enter__(self) -> "Sampler":
@@ -127,7 +132,8 @@ def run(agents: int, duration_s: float, allocator: str) -> dict:
             "hits": float(r.deadline_met.mean()), "errors": int((r.outcome == "error").sum()),
             "lost": int((r.outcome == "lost").sum()), "answered": len(answered),
             "overhead_p50_ms": 1e3 * q(0.5), "overhead_p99_ms": 1e3 * q(0.99),
-            "ray_workers_peak": sampler.workers, "rss_peak_gib": sampler.rss / 2**30,
+            "actor_workers_peak": sampler.workers, "idle_workers_peak": sampler.idle,
+            "rss_peak_gib": sampler.rss / 2**30,
             "decide_p50_ms": 1e3 * epochs.decide_s.median(),
             "apply_p50_ms": 1e3 * epochs.apply_s[epochs.apply_s > 0].median(),
             "trial_wall_s": trial["wall_s"], "wall_s": wall,
