@@ -11,8 +11,9 @@ which copies each layer once more). ``from bytes`` times all three, ``from paylo
 last two (the issue's "decode + cache build"), for 1, 8 and 64 payloads in flight (one
 thread each; a request is done when its cache is complete on the GPU). Every run first
 checks that the rebuilt cache holds the decoded KV of a float64-checked decode. Also times
-the edge's side for reference (``codec.encode`` + ``wire.encode_kv`` to bytes). Prints a
-table last; writes gpu_rebuild.json.
+the floor of any rebuild from host memory, the encoded buffer's host-to-device copy
+(pageable and pinned), and the edge's side for reference (``codec.encode`` +
+``wire.encode_kv`` to bytes). Prints a table last; writes gpu_rebuild.json.
 """
 
 from __future__ import annotations
@@ -88,8 +89,16 @@ def bench_mode(preset: str, mode: Mode, tokens: int, device: torch.device,
                 and torch.equal(cache.layers[layer].values[0], v)):
             raise AssertionError(f"layer {layer}: the rebuilt cache differs from the decode")
     del cache, decoded
+    # The floor of a rebuild from host memory: the encoded buffer's host-to-device copy.
+    host = parsed.encoded.data
+    pinned = host.pin_memory() if device.type == "cuda" else host
+    copy_pageable_ms = median_ms(lambda: host.to(device, copy=True), device, repeats=repeats)
+    copy_pinned_ms = median_ms(lambda: pinned.to(device, non_blocking=True, copy=True), device,
+                               repeats=repeats)
     row = {"preset": preset, "mode": mode.value, "tokens": tokens - 1,
            "payload_mb": len(data) / 1e6, **check,
+           "h2d_pageable_gbps": host.numel() / copy_pageable_ms / 1e6,
+           "h2d_pinned_gbps": host.numel() / copy_pinned_ms / 1e6,
            "edge_ms": median_ms(edge, device, repeats=repeats),
            "parse_ms": median_ms(lambda: wire.decode_kv(data, facts=facts), device,
                                  repeats=repeats),
@@ -126,7 +135,8 @@ def main() -> int:
     write_results("gpu_rebuild", {**provenance(device), "concurrency": list(CONCURRENCY),
                                   "rows": rows})
     columns = [("preset", "preset", "s"), ("mode", "mode", "s"),
-               ("payload_mb", "payload MB", ".1f"), ("edge_ms", "edge ms", ".2f"),
+               ("payload_mb", "payload MB", ".1f"), ("h2d_pageable_gbps", "H2D GB/s", ".1f"),
+               ("h2d_pinned_gbps", "pinned GB/s", ".1f"), ("edge_ms", "edge ms", ".2f"),
                ("parse_ms", "parse ms", ".2f"), ("decode_ms", "decode ms", ".2f"),
                ("from_payload_ms", "payload→cache", ".2f"),
                ("from_bytes_ms", "bytes→cache", ".2f")]

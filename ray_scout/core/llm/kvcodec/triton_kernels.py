@@ -34,6 +34,7 @@ import weakref
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra import libdevice
 
 # Launch shapes tried at first use on each device, per kernel and bit width: (key tokens per
 # program, value tokens per program, warps), one program per tile. The first of each list is
@@ -201,6 +202,24 @@ def _flag_non_finite(flag_ptr, step, zero, valid):
         tl.store(flag_ptr, 1)
 
 
+# Whether products must be rounded apart from the add after them: on a GPU, LLVM contracts
+# ``0.5 - zero * inverse`` into one fma, which rounds once where torch (two kernels) rounds
+# twice, and the bias then differs in its last bit for a value sitting exactly on a half
+# step: 1 to 1,266 codes in 1e8 to 2e8 differed from torch's, every one an exact tie
+# (bench/results/issue15/gpu_codec_h100_run1.json). The interpreter rounds each numpy
+# product anyway and has no libdevice.
+_ROUND_PRODUCTS = tl.constexpr(not INTERPRET)
+
+
+@triton.jit
+def _bias(zero, inverse):
+    """0.5 - zero * inverse with the product rounded to fp32 first, as torch computes it."""
+    if _ROUND_PRODUCTS:
+        return 0.5 - libdevice.mul_rn(zero, inverse)
+    else:
+        return 0.5 - zero * inverse
+
+
 @triton.jit
 def _scale_zero(lo, hi, scale_factor):
     """fp16 scale and zero of groups with range [lo, hi], the fp32 step, and the inverse and
@@ -209,7 +228,7 @@ def _scale_zero(lo, hi, scale_factor):
     zero = lo.to(tl.float16)
     step = scale.to(tl.float32)
     inverse = tl.where(step > 0, tl.math.div_rn(1.0, step), 0.0)
-    return scale, zero, step, inverse, 0.5 - zero.to(tl.float32) * inverse
+    return scale, zero, step, inverse, _bias(zero.to(tl.float32), inverse)
 
 
 @triton.jit
@@ -307,7 +326,7 @@ def _encode_value_tile(src, src32, codes_ptr, scales_ptr, zeros_ptr, flag_ptr, h
     step = scale.to(tl.float32)
     _flag_non_finite(flag_ptr, step, zero.to(tl.float32), rows[:, None])
     inverse = tl.where(step > 0, tl.math.div_rn(1.0, step), 0.0)
-    bias = (0.5 - zero.to(tl.float32) * inverse)[:, :, None]
+    bias = _bias(zero.to(tl.float32), inverse)[:, :, None]
     inverse = inverse[:, :, None]
     if PACK:
         ce = tl.minimum(tl.maximum(tl.math.fma(xe, inverse, bias), 0.0), QMAX).to(tl.uint8)
@@ -329,10 +348,11 @@ def _tile(tile, key_tiles, key_blocks, value_blocks, H):
     return is_key, (lh // H).to(tl.int64), lh % H, rest % blocks
 
 
-# Sizes are not specialized on (Triton would compile again for each divisibility of the
-# token count, layer count and block counts): every address the kernels form is aligned
-# through D, a compile-time constant, and the offset table's promise, not through them.
-SIZES = ["L", "H", "T", "G", "key_blocks", "value_blocks"]
+# Layer and head counts are not specialized on (a compile for each divisibility by 16 would
+# buy nothing: they only pick a tile's layer and head). The token count is: knowing it a
+# multiple of 16 lets Triton drop per-row mask work (120 of 1,950 PTX instructions of the
+# 8-bit encoder, offline compile for sm_90).
+SIZES = ["L", "H"]
 
 
 @triton.jit(do_not_specialize=SIZES)
@@ -433,6 +453,35 @@ def _decode_kv(base, offsets, kout, vout, L, H, T, G, key_blocks, value_blocks, 
 
 def _blocks(tokens: int, block: int) -> int:
     return -(-tokens // block)
+
+
+_compiled: dict[tuple, object] = {}
+
+
+def _launch(kernel, grid: int, args: tuple, constants: dict, warps: int,
+            device: torch.device) -> None:
+    """``kernel[(grid,)](*args, **constants, num_warps=warps)``, through Triton's JIT the
+    first time per specialization and through the compiled kernel's own launcher after.
+
+    Triton's JIT binds the arguments, builds its specialization key and checks globals on
+    every call: tens of microseconds of host time, against about 0.1 ms of GPU work per
+    call at 7B shapes (issue 15). What it specializes a compile on is in our key instead:
+    the constants, the warps, the device, each tensor's 16-byte alignment and each
+    integer's being 1, a multiple of 16 or past 32 bits.
+    """
+    if device.type != "cuda":  # the interpreter runs the Python function itself
+        kernel[(grid,)](*args, **constants, num_warps=warps)
+        return
+    key = (kernel, device, warps, *constants.values(),
+           *(a.data_ptr() % 16 == 0 if isinstance(a, torch.Tensor)
+             else (a == 1, a % 16 == 0, a >= 1 << 31) if isinstance(a, int) else None
+             for a in args))
+    compiled = _compiled.get(key)
+    if compiled is None:
+        _compiled[key] = kernel[(grid,)](*args, **constants, num_warps=warps)
+        return
+    compiled[(grid, 1, 1)](*args, *constants.values(),
+                           stream=torch.cuda.current_stream(device).cuda_stream)
 
 
 _names: dict[torch.device, str] = {}
@@ -539,11 +588,11 @@ def quantize_kv(keys, values, data: torch.Tensor, offsets: torch.Tensor, aligned
             grid = layers * heads * key_blocks
         elif only == "values":  # no key tiles: every program's tile is a value tile
             key_blocks, grid = 0, layers * heads * value_blocks
-        _encode_kv[(grid,)](
-            inputs, data, offsets, flag, layers, heads, tokens, groups, key_blocks,
-            value_blocks, scale_factor, D=head_dim, GS=group_size, QMAX=(1 << bits) - 1,
-            PACK=bits == 4, BTK=block_keys, BTV=block_values,
-            ALIGN=ALIGN_BYTES if aligned_parts else 1, num_warps=shape[2])
+        _launch(_encode_kv, grid, (inputs, data, offsets, flag, layers, heads, tokens, groups,
+                                   key_blocks, value_blocks, scale_factor),
+                {"D": head_dim, "GS": group_size, "QMAX": (1 << bits) - 1, "PACK": bits == 4,
+                 "BTK": block_keys, "BTV": block_values,
+                 "ALIGN": ALIGN_BYTES if aligned_parts else 1}, shape[2], device)
 
     launch(launch_shape("encode", bits, device, (layers, heads, tokens, head_dim, group_size),
                         launch))
@@ -562,14 +611,16 @@ def dequantize_kv(data: torch.Tensor, offsets: torch.Tensor, layers: int,
     out = torch.empty((2, layers, heads, tokens, head_dim), dtype=torch.bfloat16,
                       device=data.device)
     groups = _blocks(tokens, group_size)
+    keys, values = out[0], out[1]
 
     def launch(launch_shape_):
         block_keys, block_values, key_blocks, value_blocks = _tile_counts(
             launch_shape_, tokens, group_size)
-        _decode_kv[(layers * heads * (key_blocks + value_blocks),)](
-            data, offsets, out[0], out[1], layers, heads, tokens, groups, key_blocks,
-            value_blocks, D=head_dim, GS=group_size, PACK=bits == 4, BTK=block_keys,
-            BTV=block_values, num_warps=launch_shape_[2])
+        _launch(_decode_kv, layers * heads * (key_blocks + value_blocks),
+                (data, offsets, keys, values, layers, heads, tokens, groups, key_blocks,
+                 value_blocks),
+                {"D": head_dim, "GS": group_size, "PACK": bits == 4, "BTK": block_keys,
+                 "BTV": block_values}, launch_shape_[2], data.device)
 
     launch(launch_shape("decode", bits, data.device, (layers, heads, tokens, head_dim,
                                                       group_size), launch))
