@@ -26,7 +26,7 @@ from gpu_common import (device_busy_ms, median_ms, outlier_kv, print_table, prov
                         shape_arguments, write_results)
 from ray_scout.core.llm.prompt import synthetic_layout
 from ray_scout.core.llm import generation, models
-from ray_scout.core.llm.kvcodec import EncodedKV, EncodedTensor, codec_for
+from ray_scout.core.llm.kvcodec import EncodedKV, codec_for
 from ray_scout.core.modes import Mode
 
 DECODE_STEPS = 32
@@ -45,11 +45,9 @@ def decode_steps(lm, cache, ids: torch.Tensor, position: int, steps: int) -> tor
 
 
 def on_host(encoded: EncodedKV) -> EncodedKV:
-    """The encoded snapshot with every part in host memory, as the wire delivers it."""
-    def host(t: EncodedTensor) -> EncodedTensor:
-        return EncodedTensor(t.bits, *[p.cpu() for p in t.parts()])
-    return EncodedKV(encoded.layout, encoded.positions,
-                     tuple(host(t) for t in encoded.keys), tuple(host(t) for t in encoded.values))
+    """The encoded snapshot with its buffer in host memory, as the wire delivers it."""
+    encoded.check_finite()
+    return EncodedKV(encoded.layout, encoded.positions, encoded.data.cpu())
 
 
 def protected_for(mode: Mode, num_layers: int) -> tuple[int, ...]:

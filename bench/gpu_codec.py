@@ -1,27 +1,44 @@
-"""KV codec throughput at Qwen2.5-7B/14B shapes on the GPU: torch path vs Triton kernels.
+"""KV codec throughput at Qwen2.5 3B/7B/14B shapes on the GPU: torch path vs Triton kernels.
 
-    PYTHONPATH=. python3 bench/gpu_codec.py --presets qwen2.5-7b qwen2.5-14b --tokens 4096
+    PYTHONPATH=. python3 bench/gpu_codec.py --presets qwen2.5-3b qwen2.5-7b qwen2.5-14b
     PYTHONPATH=. python3 bench/gpu_codec.py --device cpu --presets tiny --tokens 256   # smoke
 
-For each preset, mode (int8, int4, mixed_int4) and path (torch, triton): median encode and
-decode time of a whole snapshot already on the device, as GB/s of bf16 input, and the bytes
-actually moved (input read once + output written once) over the copy bandwidth measured in
-the same run. Every run first checks, on fresh random KV with outlier channels, that every
-decoded element lies within the quantization bound of a float64 reference
-(|x̂ - x| <= step/2 + fp16 zero rounding + bf16 output rounding), and that the Triton codes
-and scales equal the torch ones (decode within one bf16 ulp). Prints a table last; writes
-gpu_codec.json.
+For each preset, mode (int8, int4, mixed_int4) and path (torch, triton): median time of a
+whole ``codec.encode``/``codec.decode`` call on a snapshot already on the device (wall: CUDA
+events around the call, so host work before the launch and the kernel both count; host:
+the Python call alone, which returns before the GPU is done), the kernels' GPU time
+(profiler), and each over the floor: the bytes a perfect kernel moves (input read once +
+output written once) over the copy bandwidth measured in the same run. The first Triton
+call of each shape picks the launch shape for this device (``triton_kernels.launch_shape``);
+its time and the shapes picked are reported. Every run first checks, on fresh random KV
+with outlier channels, that every decoded element lies within the quantization bound of a
+float64 reference (|x̂ - x| <= step/2 + fp16 zero rounding + bf16 output rounding), that
+the Triton scales equal the torch ones and the codes differ by at most one, and explains
+each differing code (how far from the rounding boundary its exact value lies, and which
+rounding of the bias reproduces it). Prints a table last; writes gpu_codec.json.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import statistics
+import time
 
 import torch
+from gpu_common import (
+    copy_bandwidth_gbps,
+    device_busy_ms,
+    device_events,
+    median_ms,
+    outlier_kv,
+    print_table,
+    provenance,
+    shape_arguments,
+    sync,
+    write_results,
+)
 
-from gpu_common import (copy_bandwidth_gbps, device_busy_ms, device_events, median_ms,
-                        outlier_kv, print_table, provenance, shape_arguments, write_results)
 from ray_scout.core.llm import models
 from ray_scout.core.llm.kvcodec import base, codec_for
 from ray_scout.core.modes import Mode
@@ -94,11 +111,88 @@ def compare_paths(fast, slow, fast_dec, slow_dec) -> dict:
             "decode_beyond_1ulp": off_ulp}
 
 
+def _codes(encoded, shape) -> torch.Tensor:
+    if encoded.bits == 4:
+        return base.quant.unpack_int4(encoded.data, shape)
+    return encoded.data.reshape(shape)
+
+
+def explain_code_differences(snapshot, fast, slow) -> dict:
+    """Each code where the Triton path and the torch path differ: how far its exact value
+    (x - zero) / scale + 0.5 lies from the integer between the two codes (in fp32 units in
+    the last place there; 0 = an exact tie), and which arithmetic gives each path's code.
+
+    Both paths compute code = trunc(fma(x, inverse, bias)) with bias = 0.5 - zero * inverse.
+    Emulated here in float64 and rounded to fp32 where the hardware rounds: ``torch``
+    rounds zero * inverse, then subtracts (two kernels); ``fused`` rounds once, as an fma
+    (what a compiler that contracts the multiply and subtract produces).
+    """
+    layout = fast.layout
+    shape = layout.tensor_shape
+    out = {"differing": 0, "exact_ties": 0, "max_ulps": 0.0, "torch_matches_rounded_bias": 0,
+           "triton_matches_fused_bias": 0, "triton_matches_rounded_bias": 0}
+    for dim, originals, fast_side, slow_side in (
+            (base.KEY_GROUP_DIM, snapshot.keys, fast.keys, slow.keys),
+            (base.VALUE_GROUP_DIM, snapshot.values, fast.values, slow.values)):
+        for x, a, b in zip(originals, fast_side, slow_side):
+            if a.bits == base.RAW_BITS:
+                continue
+            ca, cb = _codes(a, shape), _codes(b, shape)
+            where = (ca != cb).nonzero(as_tuple=True)
+            if not where[0].numel():
+                continue
+            qmax = (1 << a.bits) - 1
+            step, zero = expand_steps(b, shape, layout.group_size, dim)
+            s, z = step[where].float(), zero[where].float()
+            xv = x[where].float()
+            inverse = torch.where(s > 0, 1.0 / s, torch.zeros_like(s))
+            rounded = 0.5 - z * inverse
+            fused = (0.5 - z.double() * inverse.double()).float()
+
+            def code(bias, xv=xv, inverse=inverse, qmax=qmax):
+                # fma(x, inverse, bias) rounded once to fp32, then truncated
+                t = (xv.double() * inverse.double() + bias.double()).float()
+                return t.clamp(0, qmax).floor().to(torch.uint8)
+
+            exact = (xv.double() - z.double()) / s.double() + 0.5
+            boundary = torch.maximum(ca[where], cb[where]).double()
+            ulp = torch.exp2(torch.floor(torch.log2(boundary)) - 23)
+            out["differing"] += int(where[0].numel())
+            out["exact_ties"] += int((exact == boundary).sum())
+            out["max_ulps"] = max(out["max_ulps"], float(((exact - boundary).abs() / ulp).max()))
+            out["torch_matches_rounded_bias"] += int((code(rounded) == cb[where]).sum())
+            out["triton_matches_fused_bias"] += int((code(fused) == ca[where]).sum())
+            out["triton_matches_rounded_bias"] += int((code(rounded) == ca[where]).sum())
+    return out
+
+
 def poison_allocator(size_bytes: int, device: torch.device) -> None:
     """Leave NaN in the block the next allocation of this size reuses, so an unwritten
     decode output shows up as non-finite."""
     if device.type == "cuda":
         torch.full((size_bytes // 2,), float("nan"), dtype=torch.bfloat16, device=device)
+
+
+def host_ms(fn, device: torch.device, repeats: int) -> float:
+    """Median time the calling thread spends in ``fn()`` (no wait for the GPU after it)."""
+    samples = []
+    for _ in range(repeats):
+        sync(device)
+        begin = time.perf_counter()
+        fn()
+        samples.append((time.perf_counter() - begin) * 1e3)
+    return statistics.median(samples)
+
+
+def first_call_ms(fn, device: torch.device) -> float:
+    sync(device)
+    begin = time.perf_counter()
+    fn()
+    sync(device)
+    return (time.perf_counter() - begin) * 1e3
+
+
+TORCH_REPEATS = 3  # the torch path is 20 to 60 ms a call and only a reference here
 
 
 def bench_preset(preset: str, tokens: int, device: torch.device, repeats: int,
@@ -117,130 +211,97 @@ def bench_preset(preset: str, tokens: int, device: torch.device, repeats: int,
             if path == "triton" and base.triton_kernels is None:
                 continue
             scope = torch_path() if path == "torch" else contextlib.nullcontext()
+            reps = TORCH_REPEATS if path == "torch" else repeats
+
+            def encode(codec=codec):
+                return codec.encode(timing_kv)
+
             with scope:
+                # The first calls on a new shape choose the launch shapes (Triton path).
+                enc_first = first_call_ms(encode, device)
+                timed = codec.encode(timing_kv)
+                timed.check_finite()
+
+                def decode(codec=codec, timed=timed):
+                    return codec.decode(timed, dtype=torch.bfloat16, device=device)
+
+                dec_first = first_call_ms(decode, device)
                 poison_allocator(input_bytes, device)
                 encoded = codec.encode(check_kv)
+                encoded.check_finite()
                 poison_allocator(input_bytes, device)
                 decoded = codec.decode(encoded, dtype=torch.bfloat16, device=device)
                 check = check_against_float64(check_kv, encoded, decoded)
                 per_path[path] = (encoded, decoded)
-                timed = codec.encode(timing_kv)
-                enc_ms = median_ms(lambda: codec.encode(timing_kv), device, repeats=repeats)
-                dec_ms = median_ms(lambda: codec.decode(timed, dtype=torch.bfloat16, device=device),
-                                   device, repeats=repeats)
-                enc_busy = device_busy_ms(lambda: codec.encode(timing_kv), device)
-                dec_busy = device_busy_ms(
-                    lambda: codec.decode(timed, dtype=torch.bfloat16, device=device), device)
+                enc_ms = median_ms(encode, device, repeats=reps)
+                dec_ms = median_ms(decode, device, repeats=reps)
+                enc_host = host_ms(encode, device, reps)
+                dec_host = host_ms(decode, device, reps)
+                enc_busy = device_busy_ms(encode, device)
+                dec_busy = device_busy_ms(decode, device)
             quantized = sum(1 for b in encoded.layout.layer_bits() if b != base.RAW_BITS)
-            moved_in = input_bytes * quantized // facts.num_layers  # raw layers are not copied
+            moved_in = input_bytes * quantized // facts.num_layers  # raw layers: no kernel
             encoded_bytes = sum(t.size_bytes for t in timed.keys + timed.values
                                 if t.bits != base.RAW_BITS)
             moved = moved_in + encoded_bytes  # read bf16 once, write codes+scales+zeros once
+            floor_ms = moved / copy_gbps / 1e6
             row = {"preset": preset, "mode": mode.value, "path": path, "tokens": tokens,
                    "input_mb": input_bytes / 1e6, "encoded_mb": timed.size_bytes / 1e6,
-                   "enc_ms": enc_ms, "dec_ms": dec_ms,
+                   "moved_mb": moved / 1e6, "floor_ms": floor_ms,
+                   "enc_first_ms": enc_first, "dec_first_ms": dec_first,
+                   "enc_ms": enc_ms, "dec_ms": dec_ms, "enc_host_ms": enc_host,
+                   "dec_host_ms": dec_host,
                    "enc_in_gbps": input_bytes / enc_ms / 1e6, "dec_in_gbps": input_bytes / dec_ms / 1e6,
-                   "enc_moved_ratio": moved / enc_ms / 1e6 / copy_gbps,
-                   "dec_moved_ratio": moved / dec_ms / 1e6 / copy_gbps,
+                   "enc_wall_ratio": floor_ms / enc_ms, "dec_wall_ratio": floor_ms / dec_ms,
                    "enc_busy_ms": enc_busy, "dec_busy_ms": dec_busy, **check}
             if enc_busy:
-                row["enc_busy_ratio"] = moved / enc_busy / 1e6 / copy_gbps
-                row["dec_busy_ratio"] = moved / dec_busy / 1e6 / copy_gbps
+                row["enc_busy_ratio"] = floor_ms / enc_busy
+                row["dec_busy_ratio"] = floor_ms / dec_busy
             if path == "triton":  # what each call's GPU time is made of
-                with scope:
-                    row["enc_events"] = device_events(lambda: codec.encode(timing_kv), device)
-                    row["dec_events"] = device_events(
-                        lambda: codec.decode(timed, dtype=torch.bfloat16, device=device), device)
+                row["enc_events"] = device_events(encode, device)
+                row["dec_events"] = device_events(decode, device)
             rows.append(row)
         if "triton" in per_path:
             agree = compare_paths(per_path["triton"][0], per_path["torch"][0],
                                   per_path["triton"][1], per_path["torch"][1])
+            agree["differences"] = explain_code_differences(check_kv, per_path["triton"][0],
+                                                            per_path["torch"][0])
             rows[-1].update(agree)
-    return rows
-
-
-# (key tokens per program, value tokens per program, warps). Programs that loop over tiles
-# (grid-stride, 4 to 16 per SM) were swept too and lost at every shape (docs/PERFORMANCE.md).
-# Six shapes were swept in earlier runs; these three were the fastest (gpu_codec_run4.json),
-# and 32/32/4 the fastest 4-bit encode of seven once value loads were vectors
-# (gpu_codec_halves_explore.json). Streaming eviction hints on the encoder were swept too
-# and did not help (gpu_codec_run5.json, round 3's final run, made at commit 806dbe1).
-SWEEP = ((32, 16, 2), (32, 32, 2), (32, 32, 4), (64, 32, 4))
-
-
-def sweep_launch(presets: list[str], tokens: int, device: torch.device) -> list[dict]:
-    """GPU time of the encode and decode kernels (int8 and int4, keys and values in one
-    launch; the flag on the device, so only the kernel is timed) at every preset under
-    every launch shape in SWEEP; installs in ``triton_kernels.LAUNCH``, for each kernel and
-    width, the shape whose time relative to each preset's fastest sums lowest over presets."""
-    kernels = base.triton_kernels
-    flag = torch.zeros(1, dtype=torch.int32, device=device)
-    rows = []
-    for preset in presets:
-        facts = models.facts_for(f"random:{preset}")
-        kv = outlier_kv(facts.num_layers, facts.num_kv_heads, tokens, facts.head_dim, device,
-                        seed=4)
-        shape = (facts.num_kv_heads, tokens, facts.head_dim)
-        for config in SWEEP:
-            kernels.LAUNCH = {stage: {8: config, 4: config} for stage in ("encode", "decode")}
-            row = {"preset": preset, "key_tokens": config[0], "value_tokens": config[1],
-                   "warps": config[2]}
-            for bits in (8, 4):
-                factor = base.quant.SCALE_SLACK / ((1 << bits) - 1)
-                halves = kernels.quantize_kv(kv.keys, kv.values, bits, 32, factor, flag)
-                row[f"enc{bits}_ms"] = device_busy_ms(
-                    lambda: kernels.quantize_kv(kv.keys, kv.values, bits, 32, factor, flag),
-                    device)
-                parts = [tuple(tuple(t.unbind()) for t in half) for half in halves]
-                row[f"dec{bits}_ms"] = device_busy_ms(
-                    lambda: kernels.dequantize_kv(*parts, shape, bits, 32), device)
-            rows.append(row)
-    for stage, name in (("enc", "encode"), ("dec", "decode")):
-        for bits in (8, 4):
-            score = {}
-            for preset in presets:
-                mine = [r for r in rows if r["preset"] == preset]
-                best = min(r[f"{stage}{bits}_ms"] for r in mine)
-                for r in mine:
-                    choice = (r["key_tokens"], r["value_tokens"], r["warps"])
-                    score[choice] = score.get(choice, 0.0) + r[f"{stage}{bits}_ms"] / best
-            kernels.LAUNCH[name][bits] = min(score, key=score.get)
     return rows
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    shape_arguments(parser, presets=["qwen2.5-7b", "qwen2.5-14b"], tokens=4096, repeats=20)
-    parser.add_argument("--sweep", action="store_true",
-                        help="first time each kernel's launch shapes and keep the fastest")
+    shape_arguments(parser, presets=["qwen2.5-3b", "qwen2.5-7b", "qwen2.5-14b"], tokens=4096,
+                    repeats=20)
     args = parser.parse_args()
     device = torch.device(args.device)
-    if args.sweep and device.type != "cuda":
-        parser.error("--sweep times kernels with the CUDA profiler; it needs --device cuda")
     copy_gbps = copy_bandwidth_gbps(device)
-    sweep = sweep_launch(args.presets, args.tokens, device) if args.sweep else []
-    if sweep:
-        print_table(sweep, [("preset", "preset", "s"), ("key_tokens", "key tokens", "d"),
-                            ("value_tokens", "value tokens", "d"),
-                            ("warps", "warps", "d"), ("enc8_ms", "enc8 ms", ".3f"),
-                            ("enc4_ms", "enc4 ms", ".3f"), ("dec8_ms", "dec8 ms", ".3f"),
-                            ("dec4_ms", "dec4 ms", ".3f")])
-        print("launch shapes used:", base.triton_kernels.LAUNCH)
+    print(provenance(device)["device"], f"copy {copy_gbps:.0f} GB/s", flush=True)
     rows = []
     for preset in args.presets:
         rows += bench_preset(preset, args.tokens, device, args.repeats, copy_gbps)
-    launch = base.triton_kernels.LAUNCH if base.triton_kernels else None
-    write_results("gpu_codec", {**provenance(device), "copy_gbps": copy_gbps, "sweep": sweep,
-                                "launch": launch,
-                                "triton": base.triton_kernels is not None, "rows": rows})
+    kernels = base.triton_kernels
+    tuned = ([{"device": key[0], "stage": key[1], "bits": key[2], "layers": key[3],
+               "heads": key[4], "token_bucket": key[5], "shape": list(shape)}
+              for key, shape in kernels.tuned().items()] if kernels else [])
+    write_results("gpu_codec", {**provenance(device), "copy_gbps": copy_gbps,
+                                "tuned": tuned, "triton": kernels is not None, "rows": rows})
+    for entry in tuned:
+        print("launch shape", entry)
+    for row in rows:
+        if "differences" in row:
+            print(row["preset"], row["mode"], "code differences:", row["differences"])
     print(f"copy bandwidth (read+write): {copy_gbps:.0f} GB/s")
     print_table(rows, [("preset", "preset", "s"), ("mode", "mode", "s"), ("path", "path", "s"),
-                       ("input_mb", "in MB", ".0f"), ("enc_ms", "enc ms", ".3f"),
-                       ("enc_in_gbps", "enc GB/s", ".0f"), ("enc_moved_ratio", "enc/copy", ".2f"),
-                       ("dec_ms", "dec ms", ".3f"), ("dec_in_gbps", "dec GB/s", ".0f"),
-                       ("dec_moved_ratio", "dec/copy", ".2f"),
-                       ("enc_busy_ms", "enc gpu ms", ".3f"), ("enc_busy_ratio", "gpu/copy", ".2f"),
-                       ("dec_busy_ms", "dec gpu ms", ".3f"), ("dec_busy_ratio", "gpu/copy", ".2f"),
+                       ("floor_ms", "floor ms", ".3f"),
+                       ("enc_ms", "enc ms", ".3f"), ("enc_host_ms", "enc host", ".3f"),
+                       ("enc_busy_ms", "enc gpu", ".3f"), ("enc_busy_ratio", "gpu/floor", ".2f"),
+                       ("enc_wall_ratio", "wall/floor", ".2f"),
+                       ("dec_ms", "dec ms", ".3f"), ("dec_host_ms", "dec host", ".3f"),
+                       ("dec_busy_ms", "dec gpu", ".3f"), ("dec_busy_ratio", "gpu/floor", ".2f"),
+                       ("dec_wall_ratio", "wall/floor", ".2f"),
+                       ("enc_first_ms", "enc 1st", ".0f"), ("dec_first_ms", "dec 1st", ".0f"),
                        ("relative_error", "rel err", ".4f"), ("bound_ratio_max", "bound", ".2f"),
                        ("code_mismatches", "code diff", "d"),
                        ("decode_beyond_1ulp", ">1ulp", "d")])

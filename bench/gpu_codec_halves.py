@@ -1,6 +1,6 @@
 """Which half of the one-launch encode kernel costs what: keys and values timed apart.
 
-    PYTHONPATH=. python3 bench/gpu_codec_halves.py                          # 7B, LAUNCH's shapes
+    PYTHONPATH=. python3 bench/gpu_codec_halves.py                          # 7B, tuned shapes
     PYTHONPATH=. python3 bench/gpu_codec_halves.py --shapes 64/32/4 32/32/4 --presets qwen2.5-14b
 
 The encode kernel quantizes keys (groups of tokens per channel, KIVI) and values (groups of
@@ -17,11 +17,19 @@ from __future__ import annotations
 import argparse
 
 import torch
+from gpu_common import (
+    copy_bandwidth_gbps,
+    device_busy_ms,
+    outlier_kv,
+    print_table,
+    provenance,
+    shape_arguments,
+    write_results,
+)
 
-from gpu_common import (copy_bandwidth_gbps, device_busy_ms, outlier_kv, print_table, provenance,
-                        shape_arguments, write_results)
 from ray_scout.core.llm import models
-from ray_scout.core.llm.kvcodec import base
+from ray_scout.core.llm.kvcodec import KVLayout, base
+from ray_scout.core.modes import Mode
 
 GROUP_SIZE = 32
 HALVES = ("keys", "values", None)  # None: both halves, the production launch
@@ -38,32 +46,51 @@ def half_bytes(layers: int, heads: int, tokens: int, head_dim: int, bits: int,
             None: 2 * moved + 4 * (key_groups + value_groups)}
 
 
-def check_halves(kernels, kv, bits: int, flag: torch.Tensor) -> None:
+def encoded_buffer(kv, bits: int) -> tuple:
+    """(layout, an empty encoded buffer, its offset table, whether its parts are aligned)."""
+    layers, (heads, tokens, head_dim) = len(kv.keys), kv.keys[0].shape
+    layout = KVLayout(Mode.INT8 if bits == 8 else Mode.INT4, layers, heads, tokens, head_dim,
+                      GROUP_SIZE)
+    data = torch.empty(base.data_size_bytes(layout), dtype=torch.uint8,
+                       device=kv.keys[0].device)
+    return (layout, data, *base.offset_table(layout, data))
+
+
+def encode(kernels, kv, bits: int, buffer, only=None) -> None:
+    _, data, offsets, aligned = buffer
+    kernels.quantize_kv(kv.keys, kv.values, data, offsets, aligned, bits, GROUP_SIZE,
+                        base.quant.SCALE_SLACK / ((1 << bits) - 1), only=only)
+
+
+def check_halves(kernels, kv, bits: int) -> None:
     """Each half launched alone writes exactly what the whole launch writes for it."""
-    factor = base.quant.SCALE_SLACK / ((1 << bits) - 1)
-    whole = kernels.quantize_kv(kv.keys, kv.values, bits, GROUP_SIZE, factor, flag)
-    for index, only in enumerate(("keys", "values")):
-        alone = kernels.quantize_kv(kv.keys, kv.values, bits, GROUP_SIZE, factor, flag,
-                                    only=only)[index]
-        if not all(torch.equal(a, b) for a, b in zip(alone, whole[index])):
-            raise AssertionError(f"the {only} half alone differs from the whole launch")
+    whole = encoded_buffer(kv, bits)
+    encode(kernels, kv, bits, whole)
+    spans = base.part_spans(whole[0])
+    for first, only in ((0, "keys"), (3, "values")):
+        alone = encoded_buffer(kv, bits)
+        encode(kernels, kv, bits, alone, only=only)
+        for layer in spans:
+            for start, length in layer[first:first + 3]:
+                if not torch.equal(alone[1][start:start + length],
+                                   whole[1][start:start + length]):
+                    raise AssertionError(f"the {only} half alone differs from the whole launch")
 
 
 def time_halves(kernels, kv, bits: int, device: torch.device, repeats: int) -> dict:
     """GPU ms of the launch with the key tiles only, the value tiles only, and both."""
-    flag = torch.zeros(1, dtype=torch.int32, device=device)
-    factor = base.quant.SCALE_SLACK / ((1 << bits) - 1)
-    check_halves(kernels, kv, bits, flag)
-    return {only: device_busy_ms(
-        lambda: kernels.quantize_kv(kv.keys, kv.values, bits, GROUP_SIZE, factor, flag,
-                                    only=only), device, repeats=repeats) for only in HALVES}
+    check_halves(kernels, kv, bits)
+    buffer = encoded_buffer(kv, bits)
+    return {only: device_busy_ms(lambda only=only: encode(kernels, kv, bits, buffer, only=only),
+                                 device,
+                                 repeats=repeats) for only in HALVES}
 
 
 def measure(kernels, presets: list[str], tokens: int, shapes, device: torch.device,
             repeats: int, copy_gbps: float, label: str = "") -> list[dict]:
-    """One row per preset, bit width and launch shape (installed in ``kernels.LAUNCH``; None:
-    the width's own shape from ``LAUNCH``)."""
-    saved = dict(kernels.LAUNCH["encode"])
+    """One row per preset, bit width and launch shape (forced through ``kernels.LAUNCH``;
+    None: the shape ``launch_shape`` picks on this device)."""
+    saved = dict(kernels.LAUNCH)
     rows = []
     try:
         for preset in presets:
@@ -72,9 +99,14 @@ def measure(kernels, presets: list[str], tokens: int, shapes, device: torch.devi
                             device, seed=4)
             for shape in shapes:
                 for bits in (8, 4):
-                    kernels.LAUNCH["encode"][bits] = shape or saved[bits]
-                    shape_used = kernels.LAUNCH["encode"][bits]
+                    if shape is None:
+                        kernels.LAUNCH.pop(("encode", bits), None)
+                    else:
+                        kernels.LAUNCH[("encode", bits)] = shape
                     ms = time_halves(kernels, kv, bits, device, repeats)
+                    shape_used = shape or next(
+                        chosen for key, chosen in kernels.tuned().items()
+                        if key[1:5] == ("encode", bits, facts.num_layers, facts.num_kv_heads))
                     moved = half_bytes(facts.num_layers, facts.num_kv_heads, tokens,
                                        facts.head_dim, bits)
                     row = {"kernels": label, "preset": preset, "bits": bits,
@@ -85,7 +117,8 @@ def measure(kernels, presets: list[str], tokens: int, shapes, device: torch.devi
                         row[f"{name}_ratio"] = moved[only] / ms[only] / 1e6 / copy_gbps
                     rows.append(row)
     finally:
-        kernels.LAUNCH["encode"] = saved
+        kernels.LAUNCH.clear()
+        kernels.LAUNCH.update(saved)
     return rows
 
 
@@ -110,8 +143,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     shape_arguments(parser, presets=["qwen2.5-7b"], tokens=4096, repeats=20)
     parser.add_argument("--shapes", nargs="+", type=launch_shape, default=None,
-                        help="launch shapes key_tokens/value_tokens/warps (default: each "
-                             "width's own from LAUNCH)")
+                        help="launch shapes key_tokens/value_tokens/warps (default: the "
+                             "shape each width's encode picks on this device)")
     args = parser.parse_args()
     device = torch.device(args.device)
     if device.type != "cuda" or base.triton_kernels is None:

@@ -1,7 +1,7 @@
 #!/bin/bash
 # One device call for issue 6's two open goals, each step logged; a failure does not stop
-# the rest: the GPU tests of the codec kernels and the fused prefill, the codec launch sweep
-# and table, the prefill's breakdown by kernel class, and Q2C vs eager attention (also
+# the rest: the GPU tests of the codec kernels and the fused prefill, the codec
+# table, the prefill's breakdown by kernel class, and Q2C vs eager attention (also
 # with cuDNN's avoid-recompile switch).
 #   RAY_SCOUT_CACHE=... bash bench/gpu_goals.sh      (repository root, on the GPU machine)
 # RAY_SCOUT_CACHE must hold the embedded tokenizer (random presets borrow it);
@@ -12,7 +12,7 @@ mkdir -p "$OUT"
 python3 -c "import torch, transformers, triton; print('torch', torch.__version__, 'transformers', transformers.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"
 step() { echo "=== $* ($(date -u +%H:%M:%S))"; timeout "${STEP_S:-400}" "$@" || echo "=== FAILED ($?): $*"; }
 step python3 -m pytest -q -p no:cacheprovider tests/test_kvcodec_triton.py tests/test_fused_prefill.py tests/test_kvcodec.py
-step python3 bench/gpu_codec.py --sweep
+step python3 bench/gpu_codec.py --presets qwen2.5-7b qwen2.5-14b
 step python3 bench/gpu_prefill.py
 step python3 bench/gpu_q2c.py --lengths ${Q2C_LENGTHS:-512 2048 4096 8192}
 # cuDNN's SDPA builds a plan per sequence length (first call at a new length: 0.1 to 0.9 s);

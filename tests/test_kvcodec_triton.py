@@ -11,6 +11,7 @@ import os
 import pytest
 import torch
 
+from ray_scout.core.llm import wire
 from ray_scout.core.llm.kv import KVSnapshot
 from ray_scout.core.llm.kvcodec import base, codec_for, relative_error
 from ray_scout.core.modes import Mode
@@ -41,6 +42,17 @@ def outlier_snapshot(layers: int, heads: int, tokens: int, head_dim: int, device
                       tuple(draw(False) for _ in range(layers)), torch.arange(tokens))
 
 
+@pytest.fixture(autouse=True)
+def one_launch_shape(monkeypatch):
+    # Each launch shape is a compile; the tests check the arithmetic with one per kernel
+    # (the first candidate) and the choice among candidates in a test of its own.
+    if base.triton_kernels is not None:
+        monkeypatch.setattr(base.triton_kernels, "LAUNCH", {
+            (stage, bits): shapes[0]
+            for stage, per_bits in base.triton_kernels.CANDIDATES.items()
+            for bits, shapes in per_bits.items()})
+
+
 @pytest.fixture
 def torch_only(monkeypatch):
     monkeypatch.setattr(base, "triton_kernels", None)
@@ -56,11 +68,13 @@ def test_torch_fallback_round_trips_within_quantization_error(torch_only, mode):
 
 
 @needs_triton
-@pytest.mark.parametrize("tokens", [64, 70])  # whole groups, and a ragged last group
+# Whole groups; a ragged last group; and parts not on 16-byte boundaries in the encoded
+# buffer (45 tokens x 1 head: 180-byte value scales), which the kernels must not promise.
+@pytest.mark.parametrize("heads, tokens", [(2, 64), (2, 70), (1, 45)])
 @pytest.mark.parametrize("mode", [Mode.INT8, Mode.INT4, Mode.MIXED_INT4])
-def test_triton_path_matches_torch_path(monkeypatch, mode, tokens):
+def test_triton_path_matches_torch_path(monkeypatch, mode, heads, tokens):
     device = _device()
-    snapshot = outlier_snapshot(3, 2, tokens, 16, device, seed=tokens)
+    snapshot = outlier_snapshot(3, heads, tokens, 16, device, seed=tokens)
     codec = codec_for(mode, group_size=8, protected_layers=(1,) if mode == Mode.MIXED_INT4 else ())
     fast = codec.encode(snapshot)
     fast_decoded = codec.decode(fast, dtype=torch.bfloat16, device=device)
@@ -85,11 +99,52 @@ def test_triton_path_matches_torch_path(monkeypatch, mode, tokens):
 
 
 @needs_triton
-def test_triton_encode_rejects_non_finite_kv():
+@pytest.mark.parametrize("bits_mode", [Mode.INT8, Mode.INT4])
+@pytest.mark.parametrize("where", ["keys", "values"])
+@pytest.mark.parametrize("bad", [float("inf"), float("nan")])
+def test_triton_encode_reports_non_finite_kv_to_whoever_reads_it(bits_mode, where, bad):
+    # The encode call does not wait for its kernel; the wire and decode check its flag.
     snapshot = outlier_snapshot(2, 2, 64, 16, _device(), seed=3)
-    snapshot.values[1][0, 5, 3] = float("inf")
+    getattr(snapshot, where)[1][0, 5, 3] = bad
+    codec = codec_for(bits_mode, group_size=8)
+    encoded = codec.encode(snapshot)
     with pytest.raises(ValueError, match="BF16 mode"):
-        codec_for(Mode.INT4, group_size=8).encode(snapshot)
+        wire.encode_kv(encoded, "model")
+    with pytest.raises(ValueError, match="BF16 mode"):
+        codec.decode(encoded, dtype=torch.bfloat16, device=_device())
+
+
+@needs_triton
+def test_flag_slot_reused_later_keeps_its_outcome(monkeypatch):
+    # With two slots, the third encode reuses the first one's flag: the first encode's
+    # outcome (not finite) must survive, and the later encodes must not inherit it.
+    monkeypatch.setattr(base.triton_kernels, "FLAG_SLOTS", 2)
+    monkeypatch.setattr(base.triton_kernels, "_rings", {})
+    codec = codec_for(Mode.INT8, group_size=8)
+    bad = outlier_snapshot(2, 2, 64, 16, _device(), seed=10)
+    bad.keys[0][1, 7, 2] = float("nan")
+    first = codec.encode(bad)
+    later = [codec.encode(outlier_snapshot(2, 2, 64, 16, _device(), seed=11 + i))
+             for i in range(3)]
+    with pytest.raises(ValueError, match="BF16 mode"):
+        first.check_finite()
+    for encoded in later:
+        encoded.check_finite()
+
+
+@needs_triton
+def test_launch_shape_is_a_candidate_chosen_once_per_device_and_shape(monkeypatch):
+    kernels = base.triton_kernels
+    monkeypatch.setattr(kernels, "_tuned", {})
+    monkeypatch.setattr(kernels, "LAUNCH", {})
+    codec = codec_for(Mode.INT4, group_size=8)
+    for seed in (12, 13):
+        codec.decode(codec.encode(outlier_snapshot(2, 2, 64, 16, _device(), seed=seed)),
+                     dtype=torch.bfloat16, device=_device())
+    chosen = kernels.tuned()
+    assert sorted(key[1] for key in chosen) == ["decode", "encode"]
+    for (name, stage, bits, *_), shape in chosen.items():
+        assert shape in kernels.CANDIDATES[stage][bits] and bits == 4
 
 
 @needs_triton

@@ -5,12 +5,18 @@ shapes, group size, protected layers), ``EncodedTensor``/``EncodedKV`` (the pack
 still torch tensors on the encoder's device) and ``KVCodec``, which encodes each layer at
 the bit width its subclass assigns (16 = raw bf16; 8 or 4 = KIVI-style group quantization:
 keys per channel, values per token). What it leaves to others: which bit width each layer
-gets (the codec classes), how the encoded form becomes bytes (``ray_scout.core.llm.wire``).
+gets (the codec classes), how the encoded form is framed (``ray_scout.core.llm.wire``).
+
+The encoded form is one byte buffer in the wire's order (``part_spans``), whatever the
+device: the GPU encoder writes every layer's parts into it in one launch and the wire sends
+it with one copy; the decoder moves it to the GPU with one copy and reads every part from
+it in one launch. Per-layer tensors (``EncodedKV.keys``) are views made only when asked for.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import torch
 
@@ -63,11 +69,7 @@ def tensor_sizes_bytes(layout: KVLayout, bits: int, dim: int) -> tuple[int, int,
 
 def encoded_size_bytes(layout: KVLayout) -> int:
     """Closed form of ``EncodedKV.size_bytes``: data + fp16 scales/zeros + int32 positions."""
-    total = POSITION_DTYPE.itemsize * layout.num_tokens
-    for bits in layout.layer_bits():
-        for dim in (KEY_GROUP_DIM, VALUE_GROUP_DIM):
-            total += sum(tensor_sizes_bytes(layout, bits, dim))
-    return total
+    return POSITION_DTYPE.itemsize * layout.num_tokens + data_size_bytes(layout)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,14 +94,65 @@ class EncodedTensor:
         return sum(t.numel() * t.element_size() for t in self.parts())
 
 
+def part_spans(layout: KVLayout) -> tuple[tuple[tuple[int, int], ...], ...]:
+    """(start, length) in bytes of every part in the encoded buffer, per layer: key data,
+    key scales, key zeros, value data, value scales, value zeros (a raw layer has only its
+    key data and value data). The wire's order: layer by layer, keys before values."""
+    return _spans(layout)
+
+
+@functools.lru_cache(maxsize=256)
+def _spans(layout: KVLayout) -> tuple[tuple[tuple[int, int], ...], ...]:
+    spans, at = [], 0
+    for bits in layout.layer_bits():
+        layer = []
+        for dim in (KEY_GROUP_DIM, VALUE_GROUP_DIM):
+            for length in tensor_sizes_bytes(layout, bits, dim)[:1 if bits == RAW_BITS else 3]:
+                layer.append((at, length))
+                at += length
+        spans.append(tuple(layer))
+    return tuple(spans)
+
+
+def data_size_bytes(layout: KVLayout) -> int:
+    """Bytes of the encoded buffer (every layer's parts, without positions)."""
+    spans = part_spans(layout)
+    return spans[-1][-1][0] + spans[-1][-1][1] if spans else 0
+
+
+def _view(data: torch.Tensor, start: int, length: int, dtype: torch.dtype) -> torch.Tensor:
+    part = data[start:start + length]
+    # A view as a wider dtype needs an aligned offset; odd INT4 code counts can shift it.
+    return (part.clone() if start % dtype.itemsize else part).view(dtype)
+
+
+def _grouped_shape(layout: KVLayout, dim: int) -> tuple[int, int, int]:
+    shape = list(layout.tensor_shape)
+    shape[dim] = quant.num_groups(shape[dim], layout.group_size)
+    return tuple(shape)
+
+
 @dataclasses.dataclass(frozen=True)
 class EncodedKV:
-    """A snapshot after encoding: layout, int32 positions, per-layer encoded keys/values."""
+    """A snapshot after encoding: layout, int32 positions, and ``data``, every layer's
+    encoded parts in one uint8 buffer in the wire's order (``part_spans``), on the
+    encoder's device or wherever the wire put it.
+
+    ``pending`` is set when a GPU launch is still writing ``data``: its finiteness is known
+    once that launch completes, and ``check_finite`` (which the wire and ``decode`` call)
+    raises then; nothing waits for it before.
+    """
 
     layout: KVLayout
     positions: torch.Tensor
-    keys: tuple[EncodedTensor, ...]
-    values: tuple[EncodedTensor, ...]
+    data: torch.Tensor
+    pending: object | None = dataclasses.field(default=None, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        want = data_size_bytes(self.layout)
+        if self.data.dtype != torch.uint8 or self.data.dim() != 1 or self.data.numel() != want:
+            raise ValueError(f"encoded data must be 1-D uint8 of {want} bytes for this layout, "
+                             f"got {self.data.dtype} {tuple(self.data.shape)}")
 
     @property
     def mode(self) -> Mode:
@@ -112,8 +165,42 @@ class EncodedKV:
     @property
     def size_bytes(self) -> int:
         """Bytes of everything that travels except the wire header."""
-        return (self.positions.numel() * self.positions.element_size()
-                + sum(t.size_bytes for t in self.keys + self.values))
+        return self.positions.numel() * self.positions.element_size() + self.data.numel()
+
+    def check_finite(self) -> None:
+        """Raise ``ValueError`` if the encoder met non-finite KV (waits for its launch)."""
+        if self.pending is not None and self.pending.failed():
+            raise ValueError(quant.NOT_FINITE)
+
+    @functools.cached_property
+    def _layers(self) -> tuple[tuple[EncodedTensor, ...], tuple[EncodedTensor, ...]]:
+        layout, data = self.layout, self.data
+        keys, values = [], []
+        for bits, spans in zip(layout.layer_bits(), part_spans(layout)):
+            if bits == RAW_BITS:
+                for (start, length), out in zip(spans, (keys, values)):
+                    raw = _view(data, start, length, RAW_DTYPE).view(layout.tensor_shape)
+                    out.append(EncodedTensor(bits, raw))
+                continue
+            for dim, index, out in ((KEY_GROUP_DIM, 0, keys), (VALUE_GROUP_DIM, 3, values)):
+                (start, length), scales, zeros = spans[index:index + 3]
+                codes = data[start:start + length]
+                if bits == 8:
+                    codes = codes.view(layout.tensor_shape)
+                grouped = _grouped_shape(layout, dim)
+                out.append(EncodedTensor(bits, codes,
+                                         _view(data, *scales, torch.float16).view(grouped),
+                                         _view(data, *zeros, torch.float16).view(grouped)))
+        return tuple(keys), tuple(values)
+
+    @property
+    def keys(self) -> tuple[EncodedTensor, ...]:
+        """Per-layer views of the keys' parts (made at the first call)."""
+        return self._layers[0]
+
+    @property
+    def values(self) -> tuple[EncodedTensor, ...]:
+        return self._layers[1]
 
 
 def encode_tensor(x: torch.Tensor, bits: int, group_size: int, dim: int) -> EncodedTensor:
@@ -154,72 +241,108 @@ def _merge(bits, fast, raw) -> tuple:
     return tuple(raw(i) if width == RAW_BITS else next(fast) for i, width in enumerate(bits))
 
 
-def encode_kv(keys, values, bits, group_size: int
-              ) -> tuple[tuple[EncodedTensor, ...], tuple[EncodedTensor, ...]]:
+_offset_tables: dict[tuple, tuple[torch.Tensor, bool]] = {}
+OFFSET_TABLES_KEPT = 64  # layouts (one per prompt length) whose tables stay on the device
+
+
+def offset_table(layout: KVLayout, data: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    """The kernels' [6, quantized layers] int64 byte offsets of the quantized layers' parts
+    on ``data``'s device (made once per layout and device), and whether every part of
+    ``data`` starts on a 16-byte boundary."""
+    key = (layout, data.device)
+    found = _offset_tables.get(key)
+    if found is None:
+        starts = [[start for start, _ in spans] for spans in part_spans(layout)
+                  if len(spans) == 6]
+        table = torch.tensor(starts, dtype=torch.int64).t().contiguous().to(data.device)
+        if len(_offset_tables) >= OFFSET_TABLES_KEPT:
+            _offset_tables.pop(next(iter(_offset_tables)), None)
+        found = _offset_tables[key] = (table, all(
+            start % triton_kernels.ALIGN_BYTES == 0 for row in starts for start in row))
+    table, parts_aligned = found
+    return table, parts_aligned and data.data_ptr() % triton_kernels.ALIGN_BYTES == 0
+
+
+def _raw_bytes(x: torch.Tensor) -> torch.Tensor:
+    return x.to(RAW_DTYPE).contiguous().view(-1).view(torch.uint8)
+
+
+def encode_kv(keys, values, layout: KVLayout) -> tuple[torch.Tensor, object | None]:
     """Every layer's keys (groups along tokens) and values (groups along channels) at its
-    bit width.
+    bit width, as the encoded buffer (``part_spans``) on the keys' device, and the pending
+    finiteness check of a GPU launch (None when the check already passed).
 
     On a GPU with Triton, the keys and values of every quantized layer are quantized in one
-    kernel launch and one finiteness check (the torch path syncs once per tensor);
-    elsewhere through ``quant``.
+    kernel launch that writes straight into the buffer, and the call returns without
+    waiting for it; elsewhere through ``quant``, which checks as it goes.
     """
+    bits = layout.layer_bits()
+    spans = part_spans(layout)
+    group_size = layout.group_size
+    data = torch.empty(data_size_bytes(layout), dtype=torch.uint8, device=keys[0].device)
     width = _fast_width(keys, values, bits, group_size)
     if width is None:
-        return (tuple(encode_tensor(t, b, group_size, KEY_GROUP_DIM) for t, b in zip(keys, bits)),
-                tuple(encode_tensor(t, b, group_size, VALUE_GROUP_DIM)
-                      for t, b in zip(values, bits)))
+        for i, layer_bits in enumerate(bits):
+            parts = (encode_tensor(keys[i], layer_bits, group_size, KEY_GROUP_DIM).parts()
+                     + encode_tensor(values[i], layer_bits, group_size, VALUE_GROUP_DIM).parts())
+            for part, (start, length) in zip(parts, spans[i]):
+                data[start:start + length].copy_(part.reshape(-1).view(torch.uint8))
+        return data, None
     quantized = [i for i, b in enumerate(bits) if b == width]
-    device = keys[0].device
-    # The flag lives in pinned host memory, which the kernel writes through: no fill kernel
-    # before the launch and no copy after it, only the wait for the launch to finish.
-    flag = torch.zeros(1, dtype=torch.int32, pin_memory=device.type == "cuda")
-    halves = triton_kernels.quantize_kv([keys[i] for i in quantized],
-                                        [values[i] for i in quantized], width, group_size,
-                                        quant.SCALE_SLACK / ((1 << width) - 1), flag)
-    if device.type == "cuda":
-        torch.cuda.current_stream(device).synchronize()
-    if flag.item():
-        raise ValueError(quant.NOT_FINITE)
-
-    def layers(half, tensors) -> tuple[EncodedTensor, ...]:
-        codes, scales, zeros = half
-        encoded = (EncodedTensor(width, *parts)
-                   for parts in zip(codes.unbind(), scales.unbind(), zeros.unbind()))
-        # Raw layers are copied as bf16 whatever the grouping axis.
-        return _merge(bits, encoded, lambda i: encode_tensor(tensors[i], RAW_BITS, group_size,
-                                                             KEY_GROUP_DIM))
-
-    return layers(halves[0], keys), layers(halves[1], values)
+    offsets, aligned = offset_table(layout, data)
+    pending = triton_kernels.quantize_kv(
+        [keys[i] for i in quantized], [values[i] for i in quantized], data, offsets, aligned,
+        width, group_size, quant.SCALE_SLACK / ((1 << width) - 1))
+    for i, layer_bits in enumerate(bits):  # raw layers: copies queued behind the launch
+        if layer_bits == RAW_BITS:
+            for x, (start, length) in zip((keys[i], values[i]), spans[i]):
+                data[start:start + length].copy_(_raw_bytes(x))
+    return data, pending
 
 
-def decode_kv(keys, values, shape: tuple[int, int, int], group_size: int, dtype: torch.dtype,
-              device) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
-    """Inverse of ``encode_kv`` into ``dtype`` on ``device``: bf16 on a GPU with Triton in
-    one launch for keys and values (after moving the parts there), else through ``quant``."""
-    bits = [e.bits for e in keys]
+def _device_data(data: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``data`` on ``device``: from host memory through a pinned staging buffer, so the
+    host-to-device copy runs at full speed and leaves the calling thread at once (the
+    caching host allocator keeps the buffer until the copy has completed)."""
+    if data.device == device:
+        return data
+    if device.type != "cuda" or data.device.type != "cpu" or data.is_pinned():
+        return data.to(device, non_blocking=data.is_pinned())
+    staging = torch.empty(data.shape, dtype=data.dtype, pin_memory=True)
+    staging.copy_(data)
+    return staging.to(device, non_blocking=True)
+
+
+def decode_kv(encoded: EncodedKV, dtype: torch.dtype, device
+              ) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
+    """Inverse of ``encode_kv`` into ``dtype`` on ``device``: bf16 on a GPU with Triton from
+    one copy of the buffer and one launch for keys and values, else through ``quant``."""
+    layout = encoded.layout
+    bits = layout.layer_bits()
+    shape = layout.tensor_shape
+    device = torch.device(device)
     widths = set(bits) - {RAW_BITS}
     if (triton_kernels is None or dtype != torch.bfloat16 or len(widths) != 1
-            or widths - {4, 8} or [e.bits for e in values] != bits
-            or not triton_kernels.device_ok(torch.device(device))
-            or not triton_kernels.shape_ok(shape, group_size)):
-        return (tuple(decode_tensor(e, shape, group_size, KEY_GROUP_DIM, dtype, device)
-                      for e in keys),
-                tuple(decode_tensor(e, shape, group_size, VALUE_GROUP_DIM, dtype, device)
-                      for e in values))
+            or widths - {4, 8} or not triton_kernels.device_ok(device)
+            or not triton_kernels.shape_ok(shape, layout.group_size)):
+        return (tuple(decode_tensor(e, shape, layout.group_size, KEY_GROUP_DIM, dtype, device)
+                      for e in encoded.keys),
+                tuple(decode_tensor(e, shape, layout.group_size, VALUE_GROUP_DIM, dtype, device)
+                      for e in encoded.values))
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    data = _device_data(encoded.data, device)
+    offsets, _ = offset_table(layout, data)
+    out = triton_kernels.dequantize_kv(data, offsets, len(bits) - bits.count(RAW_BITS), shape,
+                                       widths.pop(), layout.group_size)
+    spans = part_spans(layout)
 
-    def parts(encoded) -> tuple:
-        """(codes, scales, zeros) of the quantized layers, each a tuple over layers."""
-        return tuple(zip(*([p.to(device).contiguous() for p in e.parts()]
-                           for e in encoded if e.bits != RAW_BITS)))
+    def layers(half: int) -> tuple[torch.Tensor, ...]:
+        # Raw layers are views of the buffer on the device: bf16 already, nothing to copy.
+        return _merge(bits, out[half].unbind(), lambda i: _view(
+            data, *spans[i][half], RAW_DTYPE).view(shape))
 
-    def layers(half, encoded) -> tuple[torch.Tensor, ...]:
-        # Raw layers carry bf16 data; decoding them is a move, whatever the grouping axis.
-        return _merge(bits, half.unbind(), lambda i: decode_tensor(
-            encoded[i], shape, group_size, KEY_GROUP_DIM, dtype, device))
-
-    out = triton_kernels.dequantize_kv(parts(keys), parts(values), shape, widths.pop(),
-                                       group_size)
-    return layers(out[0], keys), layers(out[1], values)
+    return layers(0), layers(1)
 
 
 class KVCodec:
@@ -245,11 +368,12 @@ class KVCodec:
                         self.protected_layers)
 
     def encode(self, snapshot: KVSnapshot) -> EncodedKV:
+        """The encoded snapshot; on a GPU the call returns before the kernel has run (the
+        wire and ``decode`` call ``EncodedKV.check_finite``, which waits for it)."""
         layout = self.layout_for(snapshot)
-        bits = layout.layer_bits()
-        keys, values = encode_kv(snapshot.keys, snapshot.values, bits, self.group_size)
+        data, pending = encode_kv(snapshot.keys, snapshot.values, layout)
         positions = snapshot.positions.to(device="cpu", dtype=POSITION_DTYPE)
-        return EncodedKV(layout, positions, keys, values)
+        return EncodedKV(layout, positions, data, pending)
 
     def decode(self, encoded: EncodedKV, *, dtype: torch.dtype = torch.float32,
                device="cpu") -> KVSnapshot:
@@ -257,9 +381,8 @@ class KVCodec:
         if layout.mode != self.mode:
             raise ValueError(f"{type(self).__name__} decodes {self.mode.value}, "
                              f"got {layout.mode.value}; use codec_for(encoded.mode)")
-        shape = layout.tensor_shape
-        keys, values = decode_kv(encoded.keys, encoded.values, shape, layout.group_size, dtype,
-                                 device)
+        encoded.check_finite()
+        keys, values = decode_kv(encoded, dtype, device)
         # Positions stay on the CPU, as in every snapshot a prefill makes: they are
         # metadata, and on the GPU their validation and ``next_position`` would each sync.
         return KVSnapshot(keys, values, encoded.positions.to(dtype=torch.long))

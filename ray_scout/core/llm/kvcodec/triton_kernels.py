@@ -4,40 +4,60 @@ What lives here: fused encode (min/max, fp16 scale and zero, codes, 4-bit packin
 decode (unpacking, code * scale + zero, bf16 output) of the keys AND values of many layers
 in one launch each, keys grouped along tokens and values along channels, in exactly the
 layout of ``quant`` (codes ``[heads, tokens, head_dim]``, 4-bit codes flat with the low
-nibble first, scales and zeros with the grouped axis shrunk). Layers are reached through one
-table of their addresses per call, so a snapshot whose layers are separate tensors (a
-transformers cache) needs no stacking copy. What it knows: the arithmetic of
-``quant.quantize``/``quant.dequantize``, step for step (fp32 min/max, the same scale slack,
-``fma`` where torch's ``addcmul`` contracts to one), so the codes and scales agree with the
-torch path. What it leaves to others: when to use it (``base``, which falls back to
-``quant`` where ``supports`` says no) and the finiteness check (the caller reads one flag
-per call instead of one per tensor).
+nibble first, scales and zeros with the grouped axis shrunk). The encoded parts of every
+layer live in one byte buffer, in the wire's order, found through a table of byte offsets
+(``base.part_spans``); a snapshot's layers are found through a table of their addresses, so
+neither side stacks or copies. Also here: the launch shape of each kernel, chosen per device
+and shape at first use (``launch_shape``), and the pinned flags through which the encoder
+reports non-finite input without the caller waiting for the GPU (``FlagRing``). What it
+knows: the arithmetic of ``quant.quantize``/``quant.dequantize``, step for step (fp32
+min/max, the same scale slack, ``fma`` where torch's ``addcmul`` contracts to one), so the
+codes and scales agree with the torch path. What it leaves to others: when to use it
+(``base``, which falls back to ``quant`` where ``supports`` says no) and what to do about a
+non-finite snapshot.
 
 Why: the torch path makes about ten passes over float32 temporaries and one host sync per
 tensor; at 7B shapes it reaches a small fraction of the GPU's copy bandwidth
 (docs/PERFORMANCE.md). Keys and values share one launch (a grid over both halves of the
-table) because at 7B a call is only about 0.13 ms of GPU work and each launch's ramp and
-tail cost a few percent of it. Importing this module needs Triton; ``base`` treats
+table) because at 7B a call is only about 0.1 ms of GPU work and each launch's ramp and
+tail cost a few percent of it; for the same reason a call does no host work it can avoid
+(no sync, no per-layer tensors). Importing this module needs Triton; ``base`` treats
 ImportError as "use torch".
 """
 
 from __future__ import annotations
 
 import os
+import threading
+import weakref
 
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra import libdevice
 
-# (key tokens per program, value tokens per program, warps) of each kernel and bit width, one
-# program per tile: what bench/gpu_codec.py --sweep picked at 7B and 14B. The widths differ
-# at encode: at 32 key tokens the 8-bit launch ran 1.7 to 2.4x slower than at 64, the 4-bit
-# one 6% faster (bench/results/gpu_codec.json, "sweep").
-LAUNCH = {"encode": {8: (64, 32, 4), 4: (32, 32, 2)}, "decode": {8: (32, 32, 2), 4: (32, 32, 4)}}
-# Alignment of every encoded tensor's start (``supports`` checks it; the kernel relies on it).
+# Launch shapes tried at first use on each device, per kernel and bit width: (key tokens per
+# program, value tokens per program, warps), one program per tile. The first of each list is
+# what the H100 sweep picked (bench/results/gpu_codec.json); the others were within 10% of it
+# on the H100 at 7B or 14B for one half of the kernel (gpu_codec_halves_explore.json), so one
+# of them may suit a card with other memory (the H200's picks differed: issue 15).
+CANDIDATES = {
+    "encode": {8: ((64, 32, 4), (64, 64, 4), (32, 16, 2), (32, 64, 4), (64, 16, 2)),
+               4: ((32, 32, 2), (32, 32, 4), (32, 64, 4), (32, 16, 2), (64, 64, 4))},
+    "decode": {8: ((32, 32, 2), (32, 16, 2), (32, 32, 4), (64, 32, 4), (64, 64, 4)),
+               4: ((32, 32, 4), (32, 32, 2), (32, 16, 2), (64, 32, 4), (64, 64, 4))},
+}
+# Launch shapes forced by (stage, bits), for benchmarks that time one shape; empty: tune.
+LAUNCH: dict[tuple[str, int], tuple[int, int, int]] = {}
+# Timed launches per candidate at first use (after one that compiles it).
+TUNE_REPEATS = 10
+# Alignment of every input layer's start (``supports`` checks it; the kernel relies on it),
+# and of the encoded buffer's parts where the layout allows it (``base.offset_table``).
 ALIGN_BYTES = 16
 # Address tables kept on the device, by the addresses they hold (see ``_table``).
 TABLE_CACHE_SIZE = 64
+# Encodes whose finiteness flag may be unread at once (``FlagRing``).
+FLAG_SLOTS = 256
 
 
 # Triton's CPU interpreter (TRITON_INTERPRET=1) runs these kernels on CPU tensors: slow,
@@ -68,9 +88,10 @@ def supports(tensors, group_size: int) -> bool:
     if not tensors:
         return False
     first = tensors[0]
-    return (device_ok(first.device) and shape_ok(first.shape, group_size)
-            and all(t.dtype == torch.bfloat16 and t.is_contiguous() and t.shape == first.shape
-                    and t.device == first.device and t.data_ptr() % ALIGN_BYTES == 0
+    shape, device = first.shape, first.device
+    return (device_ok(device) and shape_ok(shape, group_size)
+            and all(t.dtype == torch.bfloat16 and t.is_contiguous() and t.shape == shape
+                    and t.device == device and t.data_ptr() % ALIGN_BYTES == 0
                     for t in tensors))
 
 
@@ -89,20 +110,114 @@ def _table(tensors) -> torch.Tensor:
     table = _tables.get(key)
     if table is None:
         if len(_tables) >= TABLE_CACHE_SIZE:
-            _tables.pop(next(iter(_tables)))
+            _tables.pop(next(iter(_tables)), None)
         table = _tables[key] = torch.tensor(key[1:], dtype=torch.int64, device=device)
     return table
+
+
+class PendingCheck:
+    """Whether one encode launch met a non-finite scale or zero: known once the launch has
+    completed; ``failed`` waits for that (a no-op when it already has)."""
+
+    def __init__(self, ring: FlagRing, slot: int):
+        self._ring, self._slot, self._failed = ring, slot, None
+
+    def _settle(self) -> None:  # the ring's lock is held
+        if self._failed is None:
+            self._failed = self._ring._read(self._slot)
+
+    def failed(self) -> bool:
+        with self._ring.lock:
+            self._settle()
+        return self._failed
+
+
+class FlagRing:
+    """Int32 flags the encode kernel writes through, one per call in flight; in pinned host
+    memory on a GPU, so no fill kernel runs before a launch, no copy after it, and the
+    caller learns the outcome when it looks (``PendingCheck``), not by waiting in the call.
+
+    A slot is reused ``FLAG_SLOTS`` calls later: if its check was not read by then, it is
+    read first (waiting for that launch, which has long completed in practice), so no
+    outcome is lost and no late write lands in a reused slot.
+    """
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.lock = threading.Lock()
+        cuda = device.type == "cuda"
+        self.values = torch.zeros(FLAG_SLOTS, dtype=torch.int32, pin_memory=cuda)
+        self._host = self.values.numpy()  # element access without torch's dispatch
+        self._views = [self.values[i:i + 1] for i in range(FLAG_SLOTS)]
+        self._events = [torch.cuda.Event() if cuda else None for _ in range(FLAG_SLOTS)]
+        self._used = [False] * FLAG_SLOTS
+        self._owners: list = [None] * FLAG_SLOTS
+        self._next = 0
+
+    def _read(self, slot: int) -> bool:
+        if self._events[slot] is not None:
+            self._events[slot].synchronize()
+        return bool(self._host[slot])
+
+    def acquire(self) -> tuple[torch.Tensor, PendingCheck, int]:
+        """A zeroed flag for the next launch, its check, and its slot (for ``launched``)."""
+        with self.lock:
+            slot = self._next
+            self._next = (slot + 1) % FLAG_SLOTS
+            owner = self._owners[slot]() if self._owners[slot] is not None else None
+            if owner is not None:
+                owner._settle()
+            elif self._used[slot] and self._events[slot] is not None:
+                self._events[slot].synchronize()
+            self._host[slot] = 0
+            check = PendingCheck(self, slot)
+            self._owners[slot] = weakref.ref(check)
+            self._used[slot] = True
+        return self._views[slot], check, slot
+
+    def launched(self, slot: int) -> None:
+        """Mark where the launch that writes ``slot`` ends on the current stream."""
+        if self._events[slot] is not None:
+            self._events[slot].record(torch.cuda.current_stream(self.device))
+
+
+_rings: dict[torch.device, FlagRing] = {}
+
+
+def flag_ring(device: torch.device) -> FlagRing:
+    ring = _rings.get(device)
+    if ring is None:
+        ring = _rings[device] = FlagRing(device)
+    return ring
 
 
 @triton.jit
 def _flag_non_finite(flag_ptr, step, zero, valid):
     # A program that met a NaN/inf scale or zero writes 1 (every writer writes the same
-    # value, so no atomic is needed: the flag may live in pinned host memory, where PCIe
+    # value, so no atomic is needed: the flag lives in pinned host memory, where PCIe
     # atomics are not a given). The caller reads one flag for the whole call.
     finite = (tl.abs(step) < float("inf")) & (tl.abs(zero) < float("inf"))
     bad = tl.max(tl.where(valid & (finite == 0), 1, 0))
     if bad > 0:
         tl.store(flag_ptr, 1)
+
+
+# Whether products must be rounded apart from the add after them: on a GPU, LLVM contracts
+# ``0.5 - zero * inverse`` into one fma, which rounds once where torch (two kernels) rounds
+# twice, and the bias then differs in its last bit for a value sitting exactly on a half
+# step: 1 to 1,266 codes in 1e8 to 2e8 differed from torch's, every one an exact tie
+# (bench/results/issue15/gpu_codec_h100_run1.json). The interpreter rounds each numpy
+# product anyway and has no libdevice.
+_ROUND_PRODUCTS = tl.constexpr(not INTERPRET)
+
+
+@triton.jit
+def _bias(zero, inverse):
+    """0.5 - zero * inverse with the product rounded to fp32 first, as torch computes it."""
+    if _ROUND_PRODUCTS:
+        return 0.5 - libdevice.mul_rn(zero, inverse)
+    else:
+        return 0.5 - zero * inverse
 
 
 @triton.jit
@@ -113,22 +228,44 @@ def _scale_zero(lo, hi, scale_factor):
     zero = lo.to(tl.float16)
     step = scale.to(tl.float32)
     inverse = tl.where(step > 0, tl.math.div_rn(1.0, step), 0.0)
-    return scale, zero, step, inverse, 0.5 - zero.to(tl.float32) * inverse
+    return scale, zero, step, inverse, _bias(zero.to(tl.float32), inverse)
 
 
+@triton.jit
+def _min_nan(a, b):
+    return tl.minimum(a, b, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
+def _max_nan(a, b):
+    return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
+
+
+# Min and max that keep a NaN (``tl.min``/``tl.max`` skip it, as fminf does): a NaN in a
+# group must give a NaN scale, which the finiteness flag reports, as torch's ``aminmax``
+# does; skipped, the NaN would be encoded silently as code 0.
 @triton.jit
 def _group_range(x3, rows3):
     """Min and max over axis 1 (the tokens of a group) of ``[groups, GS, C]``, ignoring
     rows past the prompt."""
-    return (tl.min(tl.where(rows3, x3, float("inf")), axis=1),
-            tl.max(tl.where(rows3, x3, float("-inf")), axis=1))
+    return (tl.reduce(tl.where(rows3, x3, float("inf")), 1, _min_nan),
+            tl.reduce(tl.where(rows3, x3, float("-inf")), 1, _max_nan))
 
 
 @triton.jit
-def _encode_key_tile(src, codes_ptr, scales_ptr, zeros_ptr, flag_ptr, layer, head, tb, H, T, G,
+def _part(base, offsets, index, L, layer, dtype: tl.constexpr, ALIGN: tl.constexpr):
+    """Pointer to part ``index`` (0..5: key codes, scales, zeros, value codes, scales,
+    zeros) of quantized layer ``layer`` in the encoded buffer at ``base``."""
+    return tl.multiple_of((base + tl.load(offsets + index * L + layer)).to(tl.pointer_type(dtype)),
+                          ALIGN)
+
+
+@triton.jit
+def _encode_key_tile(src, codes_ptr, scales_ptr, zeros_ptr, flag_ptr, head, tb, T, G,
                      scale_factor, D: tl.constexpr, GS: tl.constexpr, QMAX: tl.constexpr,
                      PACK: tl.constexpr, BT: tl.constexpr):
-    # BT tokens (BT // GS token groups) of one head of one layer, all D channels.
+    # BT tokens (BT // GS token groups) of one head of one layer, all D channels; the
+    # output pointers are that layer's.
     NGT: tl.constexpr = BT // GS
     t = tb * BT + tl.arange(0, BT)
     offs = (head * T + t)[:, None].to(tl.int64) * D + tl.arange(0, D)[None, :]
@@ -139,7 +276,7 @@ def _encode_key_tile(src, codes_ptr, scales_ptr, zeros_ptr, flag_ptr, layer, hea
     scale, zero, step, inverse, bias = _scale_zero(lo, hi, scale_factor)
     g = tb * NGT + tl.arange(0, NGT)
     valid = (g < G)[:, None]
-    soffs = ((layer * H + head) * G + g)[:, None] * D + tl.arange(0, D)[None, :]
+    soffs = (head * G + g)[:, None] * D + tl.arange(0, D)[None, :]
     tl.store(scales_ptr + soffs, scale, mask=valid)
     tl.store(zeros_ptr + soffs, zero, mask=valid)
     _flag_non_finite(flag_ptr, step, zero.to(tl.float32), valid)
@@ -150,18 +287,16 @@ def _encode_key_tile(src, codes_ptr, scales_ptr, zeros_ptr, flag_ptr, layer, hea
     # after a reshape to [BT, D]; 4-bit packing after that reshape was the fast variant.
     if PACK:
         even, odd = tl.split(tl.reshape(codes, (BT, D // 2, 2)))
-        poffs = layer * (H * T * D // 2) + (head * T + t)[:, None].to(tl.int64) * (D // 2) \
-            + tl.arange(0, D // 2)[None, :]
+        poffs = (head * T + t)[:, None].to(tl.int64) * (D // 2) + tl.arange(0, D // 2)[None, :]
         tl.store(codes_ptr + poffs, even | (odd << 4), mask=(t < T)[:, None])
     else:
-        offs3 = layer * (H * T * D) + (head * T + t3).to(tl.int64) * D \
-            + tl.arange(0, D)[None, None, :]
+        offs3 = (head * T + t3).to(tl.int64) * D + tl.arange(0, D)[None, None, :]
         tl.store(codes_ptr + offs3, codes, mask=t3 < T)
 
 
 @triton.jit
-def _encode_value_tile(src, src32, codes_ptr, scales_ptr, zeros_ptr, flag_ptr, layer, head, tb,
-                       H, T, scale_factor, D: tl.constexpr, GS: tl.constexpr,
+def _encode_value_tile(src, src32, codes_ptr, scales_ptr, zeros_ptr, flag_ptr, head, tb,
+                       T, scale_factor, D: tl.constexpr, GS: tl.constexpr,
                        QMAX: tl.constexpr, PACK: tl.constexpr, BT: tl.constexpr):
     # BT tokens of one head of one layer; groups of GS channels per token.
     NG: tl.constexpr = D // GS
@@ -175,33 +310,31 @@ def _encode_value_tile(src, src32, codes_ptr, scales_ptr, zeros_ptr, flag_ptr, l
         words = tl.load(src32 + woffs, mask=rows[:, None], other=0)
         xe = tl.reshape((words << 16).to(tl.float32, bitcast=True), (BT, NG, GS // 2))
         xo = tl.reshape((words & -65536).to(tl.float32, bitcast=True), (BT, NG, GS // 2))
-        lo = tl.minimum(tl.min(xe, axis=2), tl.min(xo, axis=2))
-        hi = tl.maximum(tl.max(xe, axis=2), tl.max(xo, axis=2))
+        lo = _min_nan(tl.reduce(xe, 2, _min_nan), tl.reduce(xo, 2, _min_nan))
+        hi = _max_nan(tl.reduce(xe, 2, _max_nan), tl.reduce(xo, 2, _max_nan))
     else:
         offs = (head * T + t)[:, None].to(tl.int64) * D + tl.arange(0, D)[None, :]
         x = tl.reshape(tl.load(src + offs, mask=rows[:, None], other=0.0).to(tl.float32),
                        (BT, NG, GS))
-        lo = tl.min(x, axis=2)
-        hi = tl.max(x, axis=2)
+        lo = tl.reduce(x, 2, _min_nan)
+        hi = tl.reduce(x, 2, _max_nan)
     scale = ((hi - lo) * scale_factor).to(tl.float16)
     zero = lo.to(tl.float16)
-    soffs = ((layer * H + head) * T + t)[:, None] * NG + tl.arange(0, NG)[None, :]
+    soffs = (head * T + t)[:, None] * NG + tl.arange(0, NG)[None, :]
     tl.store(scales_ptr + soffs, scale, mask=rows[:, None])
     tl.store(zeros_ptr + soffs, zero, mask=rows[:, None])
     step = scale.to(tl.float32)
     _flag_non_finite(flag_ptr, step, zero.to(tl.float32), rows[:, None])
     inverse = tl.where(step > 0, tl.math.div_rn(1.0, step), 0.0)
-    bias = (0.5 - zero.to(tl.float32) * inverse)[:, :, None]
+    bias = _bias(zero.to(tl.float32), inverse)[:, :, None]
     inverse = inverse[:, :, None]
     if PACK:
         ce = tl.minimum(tl.maximum(tl.math.fma(xe, inverse, bias), 0.0), QMAX).to(tl.uint8)
         co = tl.minimum(tl.maximum(tl.math.fma(xo, inverse, bias), 0.0), QMAX).to(tl.uint8)
-        tl.store(codes_ptr + layer * (H * T * D // 2) + woffs,
-                 tl.reshape(ce | (co << 4), (BT, D // 2)), mask=rows[:, None])
+        tl.store(codes_ptr + woffs, tl.reshape(ce | (co << 4), (BT, D // 2)), mask=rows[:, None])
     else:
         codes = tl.minimum(tl.maximum(tl.math.fma(x, inverse, bias), 0.0), QMAX).to(tl.uint8)
-        tl.store(codes_ptr + layer * (H * T * D) + offs, tl.reshape(codes, (BT, D)),
-                 mask=rows[:, None])
+        tl.store(codes_ptr + offs, tl.reshape(codes, (BT, D)), mask=rows[:, None])
 
 
 @triton.jit
@@ -215,17 +348,27 @@ def _tile(tile, key_tiles, key_blocks, value_blocks, H):
     return is_key, (lh // H).to(tl.int64), lh % H, rest % blocks
 
 
-@triton.jit
-def _encode_kv(table, kcodes, kscales, kzeros, vcodes, vscales, vzeros, flag_ptr, L, H, T, G,
-               key_blocks, value_blocks, scale_factor, D: tl.constexpr, GS: tl.constexpr,
-               QMAX: tl.constexpr, PACK: tl.constexpr, BTK: tl.constexpr, BTV: tl.constexpr):
-    # One program per tile. ``table``: the L key addresses, then the L value addresses.
+# Layer and head counts are not specialized on (a compile for each divisibility by 16 would
+# buy nothing: they only pick a tile's layer and head). The token count is: knowing it a
+# multiple of 16 lets Triton drop per-row mask work (120 of 1,950 PTX instructions of the
+# 8-bit encoder, offline compile for sm_90).
+SIZES = ["L", "H"]
+
+
+@triton.jit(do_not_specialize=SIZES)
+def _encode_kv(inputs, base, offsets, flag_ptr, L, H, T, G, key_blocks, value_blocks,
+               scale_factor, D: tl.constexpr, GS: tl.constexpr, QMAX: tl.constexpr,
+               PACK: tl.constexpr, BTK: tl.constexpr, BTV: tl.constexpr, ALIGN: tl.constexpr):
+    # One program per tile. ``inputs``: the L key addresses, then the L value addresses;
+    # ``offsets``: [6, L] byte offsets of each quantized layer's parts from ``base``.
     is_key, layer, head, block = _tile(tl.program_id(0), L * H * key_blocks, key_blocks,
                                        value_blocks, H)
     if is_key:
-        src = tl.load(table + layer).to(tl.pointer_type(tl.bfloat16))
-        _encode_key_tile(src, kcodes, kscales, kzeros, flag_ptr, layer, head, block, H, T, G,
-                         scale_factor, D, GS, QMAX, PACK, BTK)
+        src = tl.load(inputs + layer).to(tl.pointer_type(tl.bfloat16))
+        _encode_key_tile(src, _part(base, offsets, 0, L, layer, tl.uint8, ALIGN),
+                         _part(base, offsets, 1, L, layer, tl.float16, ALIGN),
+                         _part(base, offsets, 2, L, layer, tl.float16, ALIGN), flag_ptr,
+                         head, block, T, G, scale_factor, D, GS, QMAX, PACK, BTK)
     else:
         # An address read from the table has no known alignment, so Triton would load the
         # value tile one scalar at a time (16 cache lines per 4-byte warp load); the
@@ -234,11 +377,13 @@ def _encode_kv(table, kcodes, kscales, kzeros, vcodes, vscales, vzeros, flag_ptr
         # (docs/PERFORMANCE.md). The key tile keeps scalar loads: with the promise Triton
         # spreads a group's tokens over threads and warps, and the key half's best time
         # was 10% slower than without it (2 to 5x at most launch shapes).
-        address = tl.load(table + L + layer)
+        address = tl.load(inputs + L + layer)
         _encode_value_tile(tl.multiple_of(address.to(tl.pointer_type(tl.bfloat16)), 16),
                            tl.multiple_of(address.to(tl.pointer_type(tl.int32)), 16),
-                           vcodes, vscales, vzeros, flag_ptr, layer, head, block, H, T,
-                           scale_factor, D, GS, QMAX, PACK, BTV)
+                           _part(base, offsets, 3, L, layer, tl.uint8, ALIGN),
+                           _part(base, offsets, 4, L, layer, tl.float16, ALIGN),
+                           _part(base, offsets, 5, L, layer, tl.float16, ALIGN), flag_ptr,
+                           head, block, T, scale_factor, D, GS, QMAX, PACK, BTV)
 
 
 @triton.jit
@@ -252,15 +397,6 @@ def _load_codes(codes, head, t, rows, T, D: tl.constexpr, R: tl.constexpr, PACK:
     d = tl.arange(0, D)
     return tl.load(codes + (head * T + t)[:, None].to(tl.int64) * D + d[None, :],
                    mask=rows[:, None], other=0)
-
-
-@triton.jit
-def _layer_parts(table, L, layer, first: tl.constexpr):
-    """Codes, scales and zeros of ``layer`` from entries ``first``..``first + 2`` (each L
-    long) of the decode table."""
-    return (tl.load(table + first * L + layer).to(tl.pointer_type(tl.uint8)),
-            tl.load(table + (first + 1) * L + layer).to(tl.pointer_type(tl.float16)),
-            tl.load(table + (first + 2) * L + layer).to(tl.pointer_type(tl.float16)))
 
 
 @triton.jit
@@ -296,52 +432,139 @@ def _decode_value_tile(codes, scales, zeros, out_ptr, layer, head, tb, H, T,
     tl.store(out_ptr + offs, out, mask=rows[:, None])
 
 
-@triton.jit
-def _decode_kv(table, kout, vout, L, H, T, G, key_blocks, value_blocks, D: tl.constexpr,
+@triton.jit(do_not_specialize=SIZES)
+def _decode_kv(base, offsets, kout, vout, L, H, T, G, key_blocks, value_blocks, D: tl.constexpr,
                GS: tl.constexpr, PACK: tl.constexpr, BTK: tl.constexpr, BTV: tl.constexpr):
-    # Tiles as ``_encode_kv``'s. ``table``: key codes, key scales, key zeros, value codes,
-    # value scales, value zeros, each L addresses long.
+    # Tiles as ``_encode_kv``'s; parts found as there. Their loads stay scalar (no alignment
+    # promise): decode met its goal without one (docs/PERFORMANCE.md) and was not retimed.
     is_key, layer, head, block = _tile(tl.program_id(0), L * H * key_blocks, key_blocks,
                                        value_blocks, H)
     if is_key:
-        codes, scales, zeros = _layer_parts(table, L, layer, 0)
-        _decode_key_tile(codes, scales, zeros, kout, layer, head, block, H, T, G,
-                         D, GS, PACK, BTK)
+        _decode_key_tile(_part(base, offsets, 0, L, layer, tl.uint8, 1),
+                         _part(base, offsets, 1, L, layer, tl.float16, 1),
+                         _part(base, offsets, 2, L, layer, tl.float16, 1), kout, layer, head,
+                         block, H, T, G, D, GS, PACK, BTK)
     else:
-        codes, scales, zeros = _layer_parts(table, L, layer, 3)
-        _decode_value_tile(codes, scales, zeros, vout, layer, head, block, H, T,
-                           D, GS, PACK, BTV)
+        _decode_value_tile(_part(base, offsets, 3, L, layer, tl.uint8, 1),
+                           _part(base, offsets, 4, L, layer, tl.float16, 1),
+                           _part(base, offsets, 5, L, layer, tl.float16, 1), vout, layer, head,
+                           block, H, T, D, GS, PACK, BTV)
 
 
 def _blocks(tokens: int, block: int) -> int:
     return -(-tokens // block)
 
 
-def _launch_shape(stage: str, bits: int, tokens: int, layers: int, heads: int,
-                  group_size: int):
-    """(key tokens per program, value tokens per program, warps, key blocks, value blocks,
-    grid) of ``stage`` ("encode" or "decode") at ``bits`` from ``LAUNCH``: one program per
-    tile, the key tiles of every layer and head first, then the value tiles."""
-    block_keys, block_values, warps = LAUNCH[stage][bits]
+_compiled: dict[tuple, object] = {}
+
+
+def _launch(kernel, grid: int, args: tuple, constants: dict, warps: int,
+            device: torch.device) -> None:
+    """``kernel[(grid,)](*args, **constants, num_warps=warps)``, through Triton's JIT the
+    first time per specialization and through the compiled kernel's own launcher after.
+
+    Triton's JIT binds the arguments, builds its specialization key and checks globals on
+    every call: tens of microseconds of host time, against about 0.1 ms of GPU work per
+    call at 7B shapes (issue 15). What it specializes a compile on is in our key instead:
+    the constants, the warps, the device, each tensor's 16-byte alignment and each
+    integer's being 1, a multiple of 16 or past 32 bits.
+    """
+    if device.type != "cuda":  # the interpreter runs the Python function itself
+        kernel[(grid,)](*args, **constants, num_warps=warps)
+        return
+    key = (kernel, device, warps, *constants.values(),
+           *(a.data_ptr() % 16 == 0 if isinstance(a, torch.Tensor)
+             else (a == 1, a % 16 == 0, a >= 1 << 31) if isinstance(a, int) else None
+             for a in args))
+    compiled = _compiled.get(key)
+    if compiled is None:
+        _compiled[key] = kernel[(grid,)](*args, **constants, num_warps=warps)
+        return
+    compiled[(grid, 1, 1)](*args, *constants.values(),
+                           stream=torch.cuda.current_stream(device).cuda_stream)
+
+
+_names: dict[torch.device, str] = {}
+_tuned: dict[tuple, tuple[int, int, int]] = {}
+
+
+def _device_name(device: torch.device) -> str:
+    name = _names.get(device)
+    if name is None:
+        name = _names[device] = (torch.cuda.get_device_name(device) if device.type == "cuda"
+                                 else "Triton interpreter")
+    return name
+
+
+def tuned() -> dict[tuple, tuple[int, int, int]]:
+    """The launch shapes chosen so far: (device name, stage, bits, layers, heads, token
+    bucket, head_dim, group size) -> (key tokens, value tokens, warps)."""
+    return dict(_tuned)
+
+
+def _fastest(candidates, device: torch.device, launch) -> tuple[int, int, int]:
+    """The candidate whose ``TUNE_REPEATS`` back-to-back launches take the least GPU time."""
+    if device.type != "cuda":  # the interpreter: its timings say nothing about a GPU
+        return candidates[0]
+    stream = torch.cuda.current_stream(device)
+    times = {}
+    for shape in candidates:
+        launch(shape)  # compiles it (once per process; Triton caches it on disk too)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record(stream)
+        for _ in range(TUNE_REPEATS):
+            launch(shape)
+        end.record(stream)
+        end.synchronize()
+        times[shape] = start.elapsed_time(end)
+    return min(times, key=times.get)
+
+
+def launch_shape(stage: str, bits: int, device: torch.device, dims: tuple,
+                 launch) -> tuple[int, int, int]:
+    """(key tokens, value tokens, warps) for ``stage`` ("encode" or "decode") at ``bits``
+    with ``dims`` = (layers, heads, tokens, head_dim, group size) on ``device``.
+
+    ``LAUNCH``'s shape where one is forced; else, the first time a device of this name meets
+    these dimensions (tokens rounded up to a power of two), every shape in ``CANDIDATES`` is
+    launched through ``launch(shape)`` (the caller's own launch, so the outputs are written
+    as the call would write them) and the fastest is kept for the rest of the process.
+    Launch shapes picked on one card were 5 to 25% off on another (issue 15), hence per
+    device; a tune costs one compile per candidate plus about a millisecond of GPU time.
+    """
+    forced = LAUNCH.get((stage, bits))
+    if forced is not None:
+        return forced
+    layers, heads, tokens, head_dim, group_size = dims
+    key = (_device_name(device), stage, bits, layers, heads, 1 << (max(tokens, 2) - 1).bit_length(),
+           head_dim, group_size)
+    shape = _tuned.get(key)
+    if shape is None:
+        shape = _tuned[key] = _fastest(CANDIDATES[stage][bits], device, launch)
+    return shape
+
+
+def _tile_counts(shape, tokens: int, group_size: int) -> tuple[int, int, int, int]:
+    """(key tokens per program, value tokens per program, key blocks, value blocks)."""
+    block_keys, block_values, _ = shape
     block_keys = max(block_keys, group_size)
-    key_blocks, value_blocks = _blocks(tokens, block_keys), _blocks(tokens, block_values)
-    return (block_keys, block_values, warps, key_blocks, value_blocks,
-            (layers * heads * (key_blocks + value_blocks),))
+    return block_keys, block_values, _blocks(tokens, block_keys), _blocks(tokens, block_values)
 
 
-def quantize_kv(keys, values, bits: int, group_size: int, scale_factor: float,
-                flag: torch.Tensor, only: str | None = None):
-    """Codes, scales and zeros of every layer's keys and of every layer's values, each
-    stacked on a new leading layer axis, from one launch.
+def quantize_kv(keys, values, data: torch.Tensor, offsets: torch.Tensor, aligned_parts: bool,
+                bits: int, group_size: int, scale_factor: float,
+                only: str | None = None) -> PendingCheck:
+    """Codes, scales and zeros of every given layer's keys and values, written into the
+    uint8 buffer ``data`` by one launch; returns the check of its finiteness flag.
 
-    Returns ``(key_codes, key_scales, key_zeros), (value_codes, value_scales, value_zeros)``.
-    Codes are ``[layers, heads, tokens, head_dim]`` uint8, or ``[layers, count // 2]`` when
-    4-bit; scales and zeros are fp16 with the grouped axis shrunk (tokens for keys,
-    channels for values), as ``quant.quantize``. ``scale_factor`` is the slack over ``qmax``
-    that ``quant`` uses. ``flag`` (one int32, zero; on the device or in pinned host memory)
-    becomes nonzero if any scale or zero is not finite, once the launch has completed.
-    ``only`` ("keys" or "values") launches that half's tiles alone and leaves the other
-    half's outputs unwritten: it times each half of the kernel (bench/gpu_codec_halves.py).
+    ``offsets`` (int64 ``[6, layers]`` on the device): byte offsets in ``data`` of each
+    layer's key codes, key scales, key zeros, value codes, value scales and value zeros,
+    each in ``quant``'s layout (codes ``[heads, tokens, head_dim]`` uint8, or flat packed
+    when 4-bit; fp16 scales and zeros with the grouped axis shrunk); ``aligned_parts``: all
+    of them start on 16-byte boundaries. ``scale_factor`` is the slack over
+    ``qmax`` that ``quant`` uses. The call does not wait for the GPU. ``only`` ("keys" or
+    "values") launches that half's tiles alone and leaves the other half's outputs
+    unwritten: it times each half of the kernel (bench/gpu_codec_halves.py).
     """
     if bits not in (4, 8):
         raise ValueError(f"Triton kernels quantize to 8 or 4 bits, not {bits}")
@@ -352,47 +575,53 @@ def quantize_kv(keys, values, bits: int, group_size: int, scale_factor: float,
     layers = len(keys)
     heads, tokens, head_dim = keys[0].shape
     device = keys[0].device
-    pack = bits == 4
-    count = heads * tokens * head_dim
-    codes = torch.empty((2, layers, count // 2) if pack else (2, layers, heads, tokens, head_dim),
-                        dtype=torch.uint8, device=device)
-    groups = -(-tokens // group_size)
-    key_side = (layers, heads, groups, head_dim)
-    value_side = (layers, heads, tokens, head_dim // group_size)
-    key_scales, key_zeros = (torch.empty(key_side, dtype=torch.float16, device=device)
-                             for _ in range(2))
-    value_scales, value_zeros = (torch.empty(value_side, dtype=torch.float16, device=device)
-                                 for _ in range(2))
-    block_keys, block_values, warps, key_blocks, value_blocks, grid = _launch_shape(
-        "encode", bits, tokens, layers, heads, group_size)
-    if only == "keys":  # the key tiles come first: a shorter grid stops before the values
-        grid = (layers * heads * key_blocks,)
-    elif only == "values":  # no key tiles: every program's tile is a value tile
-        key_blocks, grid = 0, (layers * heads * value_blocks,)
-    _encode_kv[grid](
-        _table(list(keys) + list(values)), codes[0], key_scales, key_zeros, codes[1],
-        value_scales, value_zeros, flag, layers, heads, tokens, groups, key_blocks, value_blocks,
-        scale_factor, D=head_dim, GS=group_size, QMAX=(1 << bits) - 1, PACK=pack,
-        BTK=block_keys, BTV=block_values, num_warps=warps)
-    return (codes[0], key_scales, key_zeros), (codes[1], value_scales, value_zeros)
+    inputs = _table(list(keys) + list(values))
+    groups = _blocks(tokens, group_size)
+    ring = flag_ring(device)
+    flag, check, slot = ring.acquire()
+
+    def launch(shape):
+        block_keys, block_values, key_blocks, value_blocks = _tile_counts(shape, tokens,
+                                                                          group_size)
+        grid = layers * heads * (key_blocks + value_blocks)
+        if only == "keys":  # the key tiles come first: a shorter grid stops before the values
+            grid = layers * heads * key_blocks
+        elif only == "values":  # no key tiles: every program's tile is a value tile
+            key_blocks, grid = 0, layers * heads * value_blocks
+        _launch(_encode_kv, grid, (inputs, data, offsets, flag, layers, heads, tokens, groups,
+                                   key_blocks, value_blocks, scale_factor),
+                {"D": head_dim, "GS": group_size, "QMAX": (1 << bits) - 1, "PACK": bits == 4,
+                 "BTK": block_keys, "BTV": block_values,
+                 "ALIGN": ALIGN_BYTES if aligned_parts else 1}, shape[2], device)
+
+    launch(launch_shape("encode", bits, device, (layers, heads, tokens, head_dim, group_size),
+                        launch))
+    ring.launched(slot)
+    return check
 
 
-def dequantize_kv(key_parts, value_parts, shape: tuple[int, int, int], bits: int,
-                  group_size: int) -> torch.Tensor:
+def dequantize_kv(data: torch.Tensor, offsets: torch.Tensor, layers: int,
+                  shape: tuple[int, int, int], bits: int, group_size: int) -> torch.Tensor:
     """bf16 ``[2, layers, heads, tokens, head_dim]`` (keys, then values) from one launch.
 
-    ``key_parts`` and ``value_parts`` are ``(codes, scales, zeros)``, each a sequence of
-    per-layer tensors in ``quant``'s layout, on the device.
+    ``data`` and ``offsets`` as ``quantize_kv``'s, on the device; the call does not wait
+    for the GPU.
     """
     heads, tokens, head_dim = shape
-    layers = len(key_parts[0])
-    device = key_parts[0][0].device
-    out = torch.empty((2, layers, heads, tokens, head_dim), dtype=torch.bfloat16, device=device)
-    table = _table([t for parts in (*key_parts, *value_parts) for t in parts])
-    block_keys, block_values, warps, key_blocks, value_blocks, grid = _launch_shape(
-        "decode", bits, tokens, layers, heads, group_size)
-    _decode_kv[grid](
-        table, out[0], out[1], layers, heads, tokens, -(-tokens // group_size), key_blocks,
-        value_blocks, D=head_dim, GS=group_size, PACK=bits == 4, BTK=block_keys,
-        BTV=block_values, num_warps=warps)
+    out = torch.empty((2, layers, heads, tokens, head_dim), dtype=torch.bfloat16,
+                      device=data.device)
+    groups = _blocks(tokens, group_size)
+    keys, values = out[0], out[1]
+
+    def launch(launch_shape_):
+        block_keys, block_values, key_blocks, value_blocks = _tile_counts(
+            launch_shape_, tokens, group_size)
+        _launch(_decode_kv, layers * heads * (key_blocks + value_blocks),
+                (data, offsets, keys, values, layers, heads, tokens, groups, key_blocks,
+                 value_blocks),
+                {"D": head_dim, "GS": group_size, "PACK": bits == 4, "BTK": block_keys,
+                 "BTV": block_values}, launch_shape_[2], data.device)
+
+    launch(launch_shape("decode", bits, data.device, (layers, heads, tokens, head_dim,
+                                                      group_size), launch))
     return out

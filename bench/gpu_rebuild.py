@@ -1,0 +1,151 @@
+"""The cloud's rebuild from a KV payload, as requests per second under concurrency.
+
+    PYTHONPATH=. python3 bench/gpu_rebuild.py --presets qwen2.5-7b --tokens 4096
+    PYTHONPATH=. python3 bench/gpu_rebuild.py --device cpu --presets tiny --tokens 256   # smoke
+
+A KV payload (the edge's encoded prompt KV, all tokens but the tail, as ``wire.encode_kv``
+frames it) arrives as bytes; the cloud parses it (``wire.decode_kv``: header, checksum,
+sections), decodes it onto the GPU (``codec.decode``: one copy of the encoded buffer
+through pinned memory, one kernel) and wraps it as a transformers cache (``to_cache``,
+which copies each layer once more). ``from bytes`` times all three, ``from payload`` the
+last two (the issue's "decode + cache build"), for 1, 8 and 64 payloads in flight (one
+thread each; a request is done when its cache is complete on the GPU). Every run first
+checks that the rebuilt cache holds the decoded KV of a float64-checked decode. Also times
+the floor of any rebuild from host memory, the encoded buffer's host-to-device copy
+(pageable and pinned), and the edge's side for reference (``codec.encode`` +
+``wire.encode_kv`` to bytes). Prints a table last; writes gpu_rebuild.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import time
+
+import torch
+from gpu_codec import check_against_float64, protected_for
+from gpu_common import (
+    median_ms,
+    outlier_kv,
+    print_table,
+    provenance,
+    sync,
+    write_results,
+)
+
+from ray_scout.core.llm import models, wire
+from ray_scout.core.llm.kvcodec import codec_for
+from ray_scout.core.modes import Mode
+
+CONCURRENCY = (1, 8, 64)
+MODES = (Mode.INT8, Mode.INT4, Mode.MIXED_INT4)
+
+
+def requests_per_s(work, payloads: int, requests: int, device: torch.device) -> float:
+    """``requests`` calls of ``work()`` from ``payloads`` threads, per second of wall time
+    until the last one's GPU work has completed."""
+    with concurrent.futures.ThreadPoolExecutor(max_workers=payloads) as pool:
+        list(pool.map(lambda _: work(), range(payloads)))  # warm-up: pinned buffers, tables
+        sync(device)
+        begin = time.perf_counter()
+        for future in [pool.submit(work) for _ in range(requests)]:
+            future.result()
+        sync(device)
+        return requests / (time.perf_counter() - begin)
+
+
+def bench_mode(preset: str, mode: Mode, tokens: int, device: torch.device,
+               repeats: int) -> list[dict]:
+    facts = models.facts_for(f"random:{preset}")
+    config = models.preset_config(preset)
+    codec = codec_for(mode, protected_layers=protected_for(mode, facts.num_layers))
+    snapshot = outlier_kv(facts.num_layers, facts.num_kv_heads, tokens - 1, facts.head_dim,
+                          device, seed=5)
+    tail = (7,)
+
+    def edge() -> bytes:
+        return wire.encode_kv(codec.encode(snapshot), facts.model_id, tail_ids=tail)
+
+    data = edge()
+    parsed = wire.decode_kv(data, facts=facts)
+
+    def rebuild(encoded):
+        restored = codec.decode(encoded, dtype=torch.bfloat16, device=device)
+        return restored.to_cache(config)
+
+    def from_bytes():
+        return rebuild(wire.decode_kv(data, facts=facts).encoded)
+
+    def from_payload():
+        return rebuild(parsed.encoded)
+
+    # Correctness: the cache built from the bytes holds exactly what decode returns, and
+    # that is within the quantization bound of the original KV.
+    decoded = codec.decode(parsed.encoded, dtype=torch.bfloat16, device=device)
+    check = check_against_float64(snapshot, codec.encode(snapshot), decoded)
+    cache = from_bytes()
+    for layer, (k, v) in enumerate(zip(decoded.keys, decoded.values)):
+        if not (torch.equal(cache.layers[layer].keys[0], k)
+                and torch.equal(cache.layers[layer].values[0], v)):
+            raise AssertionError(f"layer {layer}: the rebuilt cache differs from the decode")
+    del cache, decoded
+    # The floor of a rebuild from host memory: the encoded buffer's host-to-device copy.
+    host = parsed.encoded.data
+    pinned = host.pin_memory() if device.type == "cuda" else host
+    copy_pageable_ms = median_ms(lambda: host.to(device, copy=True), device, repeats=repeats)
+    copy_pinned_ms = median_ms(lambda: pinned.to(device, non_blocking=True, copy=True), device,
+                               repeats=repeats)
+    row = {"preset": preset, "mode": mode.value, "tokens": tokens - 1,
+           "payload_mb": len(data) / 1e6, **check,
+           "h2d_pageable_gbps": host.numel() / copy_pageable_ms / 1e6,
+           "h2d_pinned_gbps": host.numel() / copy_pinned_ms / 1e6,
+           "edge_ms": median_ms(edge, device, repeats=repeats),
+           "parse_ms": median_ms(lambda: wire.decode_kv(data, facts=facts), device,
+                                 repeats=repeats),
+           "decode_ms": median_ms(lambda: codec.decode(parsed.encoded, dtype=torch.bfloat16,
+                                                       device=device), device, repeats=repeats),
+           "from_payload_ms": median_ms(from_payload, device, repeats=repeats),
+           "from_bytes_ms": median_ms(from_bytes, device, repeats=repeats)}
+    for payloads in CONCURRENCY:
+        requests = max(2 * payloads, 32)
+        row[f"payload_rps_{payloads}"] = requests_per_s(from_payload, payloads, requests, device)
+        row[f"bytes_rps_{payloads}"] = requests_per_s(from_bytes, payloads, requests, device)
+        print(preset, mode.value, payloads, "in flight:",
+              f"{row[f'payload_rps_{payloads}']:.1f} / {row[f'bytes_rps_{payloads}']:.1f} rps",
+              flush=True)
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return [row]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--presets", nargs="+", default=["qwen2.5-7b"])
+    parser.add_argument("--modes", nargs="+", default=[m.value for m in MODES])
+    parser.add_argument("--tokens", type=int, default=4096)
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--repeats", type=int, default=10)
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    print(provenance(device)["device"], flush=True)
+    rows = []
+    for preset in args.presets:
+        for mode in args.modes:
+            rows += bench_mode(preset, Mode(mode), args.tokens, device, args.repeats)
+    write_results("gpu_rebuild", {**provenance(device), "concurrency": list(CONCURRENCY),
+                                  "rows": rows})
+    columns = [("preset", "preset", "s"), ("mode", "mode", "s"),
+               ("payload_mb", "payload MB", ".1f"), ("h2d_pageable_gbps", "H2D GB/s", ".1f"),
+               ("h2d_pinned_gbps", "pinned GB/s", ".1f"), ("edge_ms", "edge ms", ".2f"),
+               ("parse_ms", "parse ms", ".2f"), ("decode_ms", "decode ms", ".2f"),
+               ("from_payload_ms", "payload→cache", ".2f"),
+               ("from_bytes_ms", "bytes→cache", ".2f")]
+    for payloads in CONCURRENCY:
+        columns += [(f"payload_rps_{payloads}", f"rps {payloads} (payload)", ".1f"),
+                    (f"bytes_rps_{payloads}", f"rps {payloads} (bytes)", ".1f")]
+    print_table(rows, columns)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
