@@ -118,7 +118,7 @@ def diagnose_bottleneck_layers(lm: models.LoadedModel, prompts: list[str] | None
 
 
 # Reports measured once and committed, so a fresh machine (CI) need not spend minutes on them.
-SHIPPED_DIR = Path(__file__).resolve().parents[2] / "experiments" / "profiles"
+SHIPPED_DIR = Path(__file__).resolve().parents[3] / "experiments" / "profiles"
 
 
 def _safe(model_id: str) -> str:
