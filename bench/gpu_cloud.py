@@ -68,10 +68,10 @@ def bench_preset(preset: str, tokens: int, device: torch.device, repeats: int) -
 
     def full():
         pre = prefill()
-        return decode_steps(lm, pre.snapshot.to_cache(lm.model.config),
+        return decode_steps(lm, pre.snapshot.to_cache(),
                             pre.logits.argmax().view(1, 1), tokens, DECODE_STEPS)
 
-    cache = prefill().snapshot.to_cache(lm.model.config)
+    cache = prefill().snapshot.to_cache()
 
     def from_prompt(steps: int):
         extra = cache.get_seq_length() - tokens
@@ -105,7 +105,7 @@ def bench_preset(preset: str, tokens: int, device: torch.device, repeats: int) -
 
         def rebuild(encoded=arrived, codec=codec):
             restored = codec.decode(encoded, dtype=torch.bfloat16, device=device)
-            return restored.to_cache(lm.model.config)
+            return restored.to_cache()
 
         def kv_path(rebuild=rebuild):
             return decode_steps(lm, rebuild(), tail, tokens - 1, DECODE_STEPS)

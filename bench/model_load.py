@@ -1,6 +1,6 @@
 """Embedded model start-up: GGUF conversion (first start) vs the cached checkpoint (later starts).
 
-    python3 bench/model_load.py [--repeats 3]
+    python3 bench/model_load.py [--repeats 3] [--model gemma3-270m]
 
 Each measurement runs in a fresh Python process, so peak RSS is that of one start alone.
 Prints a table: path, wall seconds (median), peak RSS (MiB).
@@ -22,17 +22,17 @@ import torch
 from ray_scout.core.llm import models
 imported = time.perf_counter()
 if sys.argv[1] == "convert":
-    models.embedded_checkpoint(root=__import__("pathlib").Path(sys.argv[2]))
+    models.embedded_checkpoint(sys.argv[3], root=__import__("pathlib").Path(sys.argv[2]))
 else:
-    models.load_model("embedded")
+    models.load_model(models.EMBEDDED_PREFIX + sys.argv[3])
 done = time.perf_counter()
 print(json.dumps({"import_s": imported - start, "load_s": done - imported,
                   "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 """
 
 
-def run(kind: str, root: str) -> dict:
-    out = subprocess.run([sys.executable, "-c", CHILD, kind, root], check=True,
+def run(kind: str, root: str, model: str) -> dict:
+    out = subprocess.run([sys.executable, "-c", CHILD, kind, root, model], check=True,
                          capture_output=True, text=True).stdout
     return json.loads(out.strip().splitlines()[-1])
 
@@ -40,11 +40,14 @@ def run(kind: str, root: str) -> dict:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--model", default="smollm2-135m-instruct",
+                        help="an embedded model name (ray_scout.core.llm.models.EMBEDDED_MODELS)")
     args = parser.parse_args()
     rows = {}
     with tempfile.TemporaryDirectory() as root:
-        rows["GGUF conversion (first start)"] = [run("convert", root)]
-    rows["cached safetensors load"] = [run("load", "") for _ in range(args.repeats)]
+        rows["GGUF conversion (first start)"] = [run("convert", root, args.model)]
+    rows["cached safetensors load"] = [run("load", "", args.model)
+                                       for _ in range(args.repeats)]
     print(f"{'path':32} {'n':>2} {'load s':>8} {'import s':>9} {'peak RSS MiB':>13}")
     for name, samples in rows.items():
         med = {k: statistics.median(s[k] for s in samples) for k in samples[0]}

@@ -15,6 +15,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "setup": ("ray_scout.setup_check", "convert the embedded model once and check the machine"),
     "quality": ("ray_scout.experiments.quality", "run a quality grid (selection x retention x mode) and summarize it"),
     "calibrate": ("ray_scout.experiments.calibrate", "measure a model pair's quality per mode and write its QualityProfile"),
+    "cross-family": ("ray_scout.experiments.cross_family", "one model family's Q2C selection answered by another's: coverage, alignment, quality"),
     "net": ("ray_scout.net.cli", "links: probe the kernel, list profiles, clean up leftovers, hold a topology up"),
     "run": ("ray_scout.experiments.runner", "run an experiment spec (experiments/<name>.yaml) and report it"),
     "report": ("ray_scout.experiments.report", "rewrite summary.md and plots of a results directory"),

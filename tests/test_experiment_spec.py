@@ -108,6 +108,18 @@ def test_simulated_fidelity_runs_every_combination_and_writes_results(tmp_path: 
         table.loc[("static:int4", "equal"), "hit_rate"]
     text = (tmp_path / "summary.md").read_text()
     assert "static:int4 | equal" in text and "95% CI" in text
+    assert "quality: Paper B, published (`paper_b:3b-7b`)" in text
+
+
+def test_quality_note_tells_published_from_measured_profiles():
+    from ray_scout.experiments.spec import quality_note
+
+    measured = "experiments/profiles/quality-embedded-embedded.yaml"
+    spec = parse_spec(spec_with(agents=[BASE["agents"][0],
+                                        {**BASE["agents"][1], "quality": measured}]))
+    note = quality_note(spec)
+    assert note.startswith("quality: Paper B, published (`paper_b:3b-7b`); measured, ")
+    assert f"`{measured}` (embedded -> embedded, relative_f1)" in note
 
 
 def test_report_rewrites_the_summary_of_a_results_directory(tmp_path: Path):

@@ -197,7 +197,7 @@ def test_real_kv_roundtrip_error_below_bound(real_kv, mode, bound):
 
 
 def greedy(model, snap: KVSnapshot, first_token: torch.Tensor, steps: int) -> list[int]:
-    cache = snap.to_cache(model.config)
+    cache = snap.to_cache()
     position, token, out = snap.next_position, first_token.view(1, 1), []
     with torch.no_grad():
         for _ in range(steps):

@@ -71,7 +71,7 @@ def test_kv_snapshot_roundtrip_continues_decoding_exactly(tiny_model):
     snapshot.check_matches(tiny_model.facts)
     nxt = torch.tensor([[5]])
     full = tiny_model.model(torch.cat([ids, nxt], 1)).logits[0, -1]
-    step = tiny_model.model(nxt, past_key_values=snapshot.to_cache(tiny_model.model.config),
+    step = tiny_model.model(nxt, past_key_values=snapshot.to_cache(),
                             position_ids=torch.tensor([[19]])).logits[0, -1]
     torch.testing.assert_close(step, full, rtol=1e-4, atol=1e-4)
 
@@ -89,3 +89,29 @@ def test_kv_snapshot_rejects_bad_shapes_and_indices(tiny_model):
         snap.select(torch.tensor([7]))
     with pytest.raises(KVShapeError, match="needs"):
         snap.check_matches(tiny_model.facts)
+
+
+def test_embedded_sources_name_their_models():
+    assert models.embedded_model("embedded").name == models.EMBEDDED_NAME
+    assert models.embedded_model("embedded:gemma3-270m").name == models.GEMMA_NAME
+    assert models.embedded_model("random:tiny") is None
+    with pytest.raises(models.ModelSourceError, match="embedded:gemma3-270m"):
+        models.load_model("embedded:gemma9")
+    # KV facts of an embedded model come from its preset: no conversion needed.
+    facts = models.facts_for("embedded:gemma3-270m")
+    assert (facts.model_id, facts.num_layers, facts.num_kv_heads, facts.head_dim) == \
+        ("gemma3-270m", 18, 1, 256)
+
+
+def test_gguf_sources_are_recognized_and_bad_ones_rejected(tmp_path):
+    assert models.is_gguf_source(str(tmp_path / "model.gguf"))
+    assert not models.is_gguf_source(str(tmp_path))  # empty folder: not a GGUF source
+    with pytest.raises(models.ModelSourceError, match="does not exist"):
+        models.load_model(str(tmp_path / "model.gguf"))
+    (tmp_path / "a.gguf").write_bytes(b"GGUF")
+    (tmp_path / "b.gguf").write_bytes(b"GGUF")
+    assert models.is_gguf_source(str(tmp_path))
+    with pytest.raises(models.ModelSourceError, match="2 .gguf files.*name one"):
+        models.load_model(str(tmp_path))
+    (tmp_path / "config.json").write_text("{}")
+    assert not models.is_gguf_source(str(tmp_path))  # a checkpoint directory wins

@@ -56,3 +56,28 @@ def test_non_context_positions_are_the_complement(tiny_model):
 def test_bad_prompt_input_raises(tiny_model, context, question):
     with pytest.raises(PromptError):
         build_prompt(tiny_model.tokenizer, context, question)
+
+
+def test_plain_prompt_starts_with_the_bos_the_tokenizer_adds(tiny_model):
+    tok = tiny_model.tokenizer
+
+    class BaseModelTokenizer:  # no chat template; puts BOS first, as Gemma's does
+        chat_template = None
+        bos_token_id = 7
+
+        def __call__(self, text, add_special_tokens=True, **kwargs):
+            out = tok(text, add_special_tokens=False, **kwargs)
+            if add_special_tokens:
+                out["input_ids"] = [7] + out["input_ids"]
+            return out
+
+    layout = build_prompt(BaseModelTokenizer(), CONTEXT, QUESTION)
+    assert int(layout.input_ids[0]) == 7 and 7 not in layout.input_ids[1:].tolist()
+    span = layout.context_span
+    assert tok.decode(layout.input_ids[span.start:span.stop]) == CONTEXT
+    # A tokenizer that adds no BOS (the tiny one's, without its template) gets none.
+    class NoBos(BaseModelTokenizer):
+        def __call__(self, text, add_special_tokens=True, **kwargs):
+            return tok(text, add_special_tokens=False, **kwargs)
+
+    assert int(build_prompt(NoBos(), CONTEXT, QUESTION).input_ids[0]) != 7

@@ -136,3 +136,19 @@ def test_q2c_keeps_the_needle_at_25_percent_and_random_does_not(embedded_model):
     kept_random = torch.isin(needle, select_positions(score("random", pre, seed=0), 0.25)).float().mean()
     assert kept_q2c >= 0.5
     assert kept_random < 0.35
+
+
+def test_q2c_pooling_is_snapkv_smoothing_of_the_question_votes(tiny_prefill):
+    from ray_scout.core.llm.selection import pool, votes
+
+    layout = tiny_prefill.layout
+    question = torch.arange(layout.question_span.start, layout.question_span.stop)
+    assert torch.equal(score("q2c", tiny_prefill), votes(tiny_prefill, question))
+    pooled = score("q2c", tiny_prefill, kernel=5)
+    assert torch.allclose(pooled, pool(votes(tiny_prefill, question), 5))
+    assert not torch.allclose(pooled, score("q2c", tiny_prefill))
+    # SnapKV's window reaching back over the whole question and tail = those rows' votes.
+    window = layout.num_tokens - layout.question_span.start
+    tail = torch.arange(layout.question_span.start, layout.num_tokens)
+    assert torch.allclose(score("snapkv", tiny_prefill, window=window, kernel=1),
+                          votes(tiny_prefill, tail))

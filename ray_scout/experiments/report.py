@@ -15,6 +15,7 @@ from pathlib import Path
 import pandas as pd
 
 from ray_scout.core.evaluation.metrics import bootstrap_ci
+from ray_scout.experiments.spec import quality_note
 
 STAGES = ("agent_queue_s", "edge_s", "tx_s", "cloud_queue_s", "cloud_s", "overhead_s")
 
@@ -82,7 +83,7 @@ def write_report(spec, out: Path, frames: dict[str, pd.DataFrame]) -> Path:
     table = summary(requests) if not requests.empty else pd.DataFrame()
     text = [f"# {spec.name} ({spec.fidelity})", "",
             f"{len(spec.agent_names)} agents, {spec.duration_s:g} s, seed {spec.seed}; "
-            "quality counts 0 for a missed deadline.", ""]
+            "quality counts 0 for a missed deadline.", "", quality_note(spec) + ".", ""]
     text.append(_markdown(table) if not table.empty else "No requests were recorded.")
     if not requests.empty:
         stages = breakdown(requests)

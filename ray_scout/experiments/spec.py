@@ -344,6 +344,20 @@ def quality_profile(spec: Spec, group: AgentGroup) -> QualityProfile:
         raise SpecError(f"agents[{group.name}].quality: {exc}") from None
 
 
+def quality_note(spec: Spec) -> str:
+    """Where the quality numbers the policies plan with come from, one clause per source:
+    a reader must see whether a run's quality was measured here or borrowed from the paper."""
+    notes = []
+    for source in dict.fromkeys(g.quality for g in spec.agents):
+        if source.startswith("paper_b:"):
+            notes.append(f"Paper B, published (`{source}`)")
+        else:
+            profile = QualityProfile.load(spec.path(source))
+            notes.append(f"measured, `{source}` ({profile.edge_model} -> "
+                         f"{profile.cloud_model}, {profile.metric})")
+    return "quality: " + "; ".join(notes)
+
+
 def arrivals(spec: Spec, agent_index: int, context_tokens: tuple[int, ...],
              rate_hz: float) -> list[tuple[float, int]]:
     """Poisson arrival times (and each one's context length) of one agent, seeded per agent.

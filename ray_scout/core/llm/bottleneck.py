@@ -71,7 +71,7 @@ def _continuation_logprobs(lm: models.LoadedModel, snap: KVSnapshot,
                            continuation: torch.Tensor) -> torch.Tensor:
     positions = torch.arange(continuation.shape[1], device=lm.device) + snap.next_position
     with torch.no_grad():
-        logits = lm.model(continuation, past_key_values=snap.to_cache(lm.model.config),
+        logits = lm.model(continuation, past_key_values=snap.to_cache(),
                           position_ids=positions.unsqueeze(0)).logits[0]
     return torch.log_softmax(logits.float(), dim=-1)
 
@@ -118,7 +118,7 @@ def diagnose_bottleneck_layers(lm: models.LoadedModel, prompts: list[str] | None
 
 
 # Reports measured once and committed, so a fresh machine (CI) need not spend minutes on them.
-SHIPPED_DIR = Path(__file__).resolve().parents[2] / "experiments" / "profiles"
+SHIPPED_DIR = Path(__file__).resolve().parents[3] / "experiments" / "profiles"
 
 
 def _safe(model_id: str) -> str:

@@ -163,10 +163,19 @@ def prefill(lm: LoadedModel, layout: PromptLayout, *, capture: str = "last",
     start = time.perf_counter()
     with _query_hooks(lm, layers, queries):
         # Only the last row's logits are needed: skips a [T, vocab] projection.
-        out = lm.model(input_ids=ids.unsqueeze(0), use_cache=True, logits_to_keep=1)
+        out = lm.model(input_ids=ids.unsqueeze(0), past_key_values=full_cache(),
+                       use_cache=True, logits_to_keep=1)
     elapsed = _finished_s(lm, start)
     snapshot = KVSnapshot.from_cache(out.past_key_values)
     return Prefill(layout, snapshot, out.logits[0, -1].float(), queries, scaling, elapsed)
+
+
+def full_cache():
+    """An empty cache whose every layer keeps every token, sliding-window layers included
+    (``KVSnapshot.to_cache`` says why); the model's mask still applies the window."""
+    from transformers import DynamicCache
+
+    return DynamicCache()
 
 
 def _is_stop(lm: LoadedModel, token: int, text: str) -> bool:
@@ -192,7 +201,7 @@ def greedy_answer(
         raise GenerationError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
     snapshot.check_matches(lm.facts)
     start = time.perf_counter()
-    cache = snapshot.to_cache(lm.model.config)
+    cache = snapshot.to_cache()
     position = snapshot.next_position
     kv_length = snapshot.num_tokens
     token = int(first_logits.argmax())
@@ -253,7 +262,7 @@ def continue_after(
         position_ids=tail_positions.unsqueeze(0).to(lm.device),
         attention_mask=torch.ones(1, snapshot.num_tokens + len(tail_ids), dtype=torch.long,
                                   device=lm.device),
-        past_key_values=snapshot.to_cache(lm.model.config),
+        past_key_values=snapshot.to_cache(),
         use_cache=True,
     )
     step_s = time.perf_counter() - start
@@ -318,7 +327,8 @@ def prefill_batch(lm: LoadedModel, layouts: Sequence[PromptLayout]
     positions = (mask.cumsum(1) - 1).clamp(min=0)
     start = time.perf_counter()
     out = lm.model(input_ids=ids.to(lm.device), attention_mask=mask.to(lm.device),
-                   position_ids=positions.to(lm.device), use_cache=True, logits_to_keep=1)
+                   position_ids=positions.to(lm.device), past_key_values=full_cache(),
+                   use_cache=True, logits_to_keep=1)
     elapsed = time.perf_counter() - start
     layers = out.past_key_values.layers
     snapshots = [
@@ -348,7 +358,7 @@ def _padded_cache(lm: LoadedModel, snapshots: Sequence[KVSnapshot]):
         data.append((keys, values))
     for row, snap in enumerate(snapshots):
         mask[row, width - snap.num_tokens:] = 1
-    return DynamicCache(ddp_cache_data=data, config=lm.model.config), mask
+    return DynamicCache(ddp_cache_data=data), mask  # full layers, as KVSnapshot.to_cache
 
 
 @torch.inference_mode()

@@ -99,11 +99,16 @@ class KVSnapshot:
             positions = torch.arange(keys[0].shape[1])
         return cls(keys, values, positions)
 
-    def to_cache(self, config=None):
-        """A ``DynamicCache`` holding these tensors, ready to continue decoding."""
+    def to_cache(self):
+        """A ``DynamicCache`` holding these tensors, ready to continue decoding.
+
+        Every layer is a full ``DynamicLayer``, also where the model has sliding-window
+        layers (Gemma 3): a sliding layer's cache would drop all but its window, and the
+        snapshot taken after decoding would no longer have one length for every layer. The
+        model's mask still applies the window, counted in cache entries (kept tokens).
+        """
         from transformers import DynamicCache
 
         return DynamicCache(
             ddp_cache_data=[(k.unsqueeze(0), v.unsqueeze(0)) for k, v in zip(self.keys, self.values)],
-            config=config,
         )

@@ -130,7 +130,7 @@ def measure(lm, prompt_lengths: list[int], *, decode_steps: int = 8, repeats: in
         layout = synthetic_layout(n, vocab, seed=n)
         prefill.append((n, _median_seconds(lambda: run_prefill(lm, layout, capture="none"),
                                            device, repeats)))
-        cache = run_prefill(lm, layout, capture="none").snapshot.to_cache(lm.model.config)
+        cache = run_prefill(lm, layout, capture="none").snapshot.to_cache()
         step_ids = layout.input_ids[-1:].view(1, 1).to(device)
 
         def run_decode():

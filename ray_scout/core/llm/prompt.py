@@ -1,7 +1,8 @@
 """Prompt layout: where the context and the question sit among a prompt's tokens.
 
 What lives here: the one prompt wording every mode shares (chat template when the tokenizer
-has one, plain text otherwise), tokenized piece by piece so the context and question token
+has one; for base models a plain completion prompt ending in "Answer:", after the BOS token
+the tokenizer would put first), tokenized piece by piece so the context and question token
 ranges are exact, plus the character offsets of every context token inside the context
 string (the common ground for mapping positions between tokenizers). What it leaves to
 others: running the model (``generation``) and choosing positions (``selection``).
@@ -17,6 +18,8 @@ SYSTEM = "You answer questions about a text. Reply with the shortest exact phras
 _CONTEXT_MARK = "\x00CONTEXT\x00"
 _QUESTION_MARK = "\x00QUESTION\x00"
 USER = f"Text: {_CONTEXT_MARK}\n\nQuestion: {_QUESTION_MARK}\nAnswer in a few words."
+# Base models (no chat template) complete the text: after "Answer:" Gemma 3 270M writes the
+# span itself and then a newline, where decoding stops.
 PLAIN = f"{SYSTEM}\n\nText: {_CONTEXT_MARK}\n\nQuestion: {_QUESTION_MARK}\nAnswer:"
 # Synthetic prompts (timing at real shapes without text): template tokens around the context
 # and after the question, and a question span of realistic length for Q2C to sum over.
@@ -69,6 +72,15 @@ def _render(tokenizer) -> str:
     return PLAIN
 
 
+def _start_ids(tokenizer) -> list[int]:
+    """The BOS token where the tokenizer starts every text with one and the prompt is plain
+    text: a chat template writes its own, and Gemma without BOS answers with noise."""
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if getattr(tokenizer, "chat_template", None) or bos is None:
+        return []
+    return [bos] if tokenizer("a")["input_ids"][:1] == [bos] else []
+
+
 def _ids(tokenizer, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
 
@@ -93,7 +105,7 @@ def build_prompt(tokenizer, context: str, question: str) -> PromptLayout:
     encoded = tokenizer(context, add_special_tokens=False, return_offsets_mapping=True)
     context_ids = encoded["input_ids"]
     offsets = torch.tensor(encoded["offset_mapping"], dtype=torch.long).reshape(-1, 2)
-    head_ids, middle_ids = _ids(tokenizer, head), _ids(tokenizer, middle)
+    head_ids, middle_ids = _start_ids(tokenizer) + _ids(tokenizer, head), _ids(tokenizer, middle)
     question_ids, tail_ids = _ids(tokenizer, question), _ids(tokenizer, tail)
     c0 = len(head_ids)
     q0 = c0 + len(context_ids) + len(middle_ids)

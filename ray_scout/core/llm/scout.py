@@ -170,6 +170,47 @@ def map_positions(edge_offsets: torch.Tensor, cloud_offsets: torch.Tensor,
     return positions_in_spans(cloud_offsets, char_spans(edge_offsets, positions))
 
 
+def char_mask(offsets: torch.Tensor, positions: Sequence[int] | torch.Tensor,
+              length: int) -> torch.Tensor:
+    """Boolean ``[length]``: the characters the tokens at ``positions`` cover."""
+    mask = torch.zeros(length, dtype=torch.bool)
+    for start, end in char_spans(offsets, positions):
+        mask[start:end] = True
+    return mask
+
+
+@dataclasses.dataclass(frozen=True)
+class MappingCoverage:
+    """How an edge selection lands on the cloud's tokens (shares of characters).
+
+    ``coverage``: of the characters the edge kept, the share inside kept cloud tokens (1
+    unless a kept character belongs to no cloud token). ``precision``: of the characters
+    the kept cloud tokens cover, the share the edge kept (below 1 where a cloud token
+    straddles a selection boundary). ``cloud_retention``: kept cloud tokens over all.
+    """
+
+    coverage: float
+    precision: float
+    cloud_retention: float
+    cloud_positions: torch.Tensor
+
+
+def mapping_coverage(edge_offsets: torch.Tensor, cloud_offsets: torch.Tensor,
+                     positions: Sequence[int] | torch.Tensor, length: int) -> MappingCoverage:
+    """Map edge ``positions`` to cloud tokens (as scout does) and measure the mapping;
+    ``length`` is the context's length in characters."""
+    cloud = map_positions(edge_offsets, cloud_offsets, positions)
+    edge_chars = char_mask(edge_offsets, positions, length)
+    cloud_chars = char_mask(cloud_offsets, cloud, length)
+    both = int((edge_chars & cloud_chars).sum())
+    return MappingCoverage(
+        coverage=both / max(1, int(edge_chars.sum())),
+        precision=both / max(1, int(cloud_chars.sum())),
+        cloud_retention=cloud.numel() / max(1, cloud_offsets.shape[0]),
+        cloud_positions=cloud,
+    )
+
+
 @dataclasses.dataclass(frozen=True)
 class ScoutPayload:
     """The scout body the edge sends; ``document_zstd`` is None when the cloud has the text."""

@@ -84,9 +84,36 @@ def _question_rows(layout: PromptLayout) -> torch.Tensor:
     return torch.arange(layout.question_span.start, layout.question_span.stop)
 
 
-def q2c(pre: Prefill) -> torch.Tensor:
-    """Paper A Eq. 4: s_j = sum over heads h and question tokens i of A_L[h, i, j]."""
-    return _context(pre, _column_sums(pre, pre.last_layer, _question_rows(pre.layout)))
+def votes(pre: Prefill, rows: torch.Tensor) -> torch.Tensor:
+    """Last-layer attention every context position receives from prompt ``rows``, summed
+    over heads and rows: Q2C's votes come from the question's rows, SnapKV's from the
+    prompt's last ``window`` rows."""
+    return _context(pre, _column_sums(pre, pre.last_layer, rows))
+
+
+def pool(scores: torch.Tensor, kernel: int, pooling: str = "avg") -> torch.Tensor:
+    """Scores smoothed along positions (SnapKV's clustering step); kernel 1 leaves them."""
+    if kernel < 1 or kernel % 2 == 0:
+        raise SelectionError(f"pooling kernel must be odd and positive, got {kernel}")
+    if kernel == 1:
+        return scores
+    x = scores.view(1, 1, -1)
+    if pooling == "avg":
+        pooled = F.avg_pool1d(x, kernel, stride=1, padding=kernel // 2, count_include_pad=False)
+    elif pooling == "max":
+        pooled = F.max_pool1d(x, kernel, stride=1, padding=kernel // 2)
+    else:
+        raise SelectionError(f"pooling must be 'avg' or 'max', not {pooling!r}")
+    return pooled.view(-1)
+
+
+def q2c(pre: Prefill, *, kernel: int = 1, pooling: str = "avg") -> torch.Tensor:
+    """Paper A Eq. 4: s_j = sum over heads h and question tokens i of A_L[h, i, j].
+
+    ``kernel`` > 1 pools the scores as SnapKV does (not in the paper; for the comparison in
+    docs/SELECTION.md).
+    """
+    return pool(votes(pre, _question_rows(pre.layout)), kernel, pooling)
 
 
 def q2c_all_layers(pre: Prefill) -> torch.Tensor:
@@ -102,18 +129,8 @@ def snapkv(pre: Prefill, *, window: int = 32, kernel: int = 5, pooling: str = "a
     As the SnapKV paper, but summed over heads: a snapshot keeps the same positions in every
     head, while SnapKV picks per head.
     """
-    if kernel < 1 or kernel % 2 == 0:
-        raise SelectionError(f"pooling kernel must be odd and positive, got {kernel}")
     n = pre.layout.num_tokens
-    rows = torch.arange(max(0, n - window), n)
-    votes = _context(pre, _column_sums(pre, pre.last_layer, rows)).view(1, 1, -1)
-    if pooling == "avg":
-        pooled = F.avg_pool1d(votes, kernel, stride=1, padding=kernel // 2, count_include_pad=False)
-    elif pooling == "max":
-        pooled = F.max_pool1d(votes, kernel, stride=1, padding=kernel // 2)
-    else:
-        raise SelectionError(f"pooling must be 'avg' or 'max', not {pooling!r}")
-    return pooled.view(-1)
+    return pool(votes(pre, torch.arange(max(0, n - window), n)), kernel, pooling)
 
 
 def _keep_recent(scores: torch.Tensor, recent: int) -> torch.Tensor:
@@ -130,8 +147,7 @@ def h2o(pre: Prefill, *, recent: int = 8) -> torch.Tensor:
 
     Scored at the last layer over the whole prompt, as a one-shot prefill eviction.
     """
-    rows = torch.arange(pre.layout.num_tokens)
-    return _keep_recent(_context(pre, _column_sums(pre, pre.last_layer, rows)), recent)
+    return _keep_recent(votes(pre, torch.arange(pre.layout.num_tokens)), recent)
 
 
 def streaming(pre: Prefill, *, sinks: int = 4, recent: int = 0) -> torch.Tensor:
