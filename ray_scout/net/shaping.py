@@ -25,7 +25,7 @@ from __future__ import annotations
 import functools
 import ipaddress
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Protocol
 
 from pyroute2 import IPRoute
@@ -34,6 +34,7 @@ from pyroute2.netlink.rtnl.tcmsg import plugins as tc_plugins, sched_pfifo
 
 from ray_scout.net.errors import NETEM_MISSING, CapabilityError, NetError
 from ray_scout.net.namespaces import in_netns
+from ray_scout.net.netem import NetemParams
 from ray_scout.net.profiles import FRAME_BYTES, Impairment, check_rate_bps
 
 # pyroute2 0.9.7 has no bfifo plugin and silently sends unknown kinds to the root (replacing
@@ -45,6 +46,9 @@ PARENT_MINOR = 1
 DEFAULT_MINOR = 2
 FIRST_LEAF_MINOR = 0x10
 LEAF_QDISC_MAJOR_BASE = 0x7300  # leaf qdisc of class M:N gets handle (BASE+N):
+# netem under class M:N gets (BASE+N+NETEM_MAJOR_OFFSET): a qdisc cannot change kind under
+# one handle (EINVAL), so swapping bfifo and netem grafts a new qdisc under another handle.
+NETEM_MAJOR_OFFSET = 0x100
 ETH_P_IP = 0x0800
 MIN_QUANTUM_BYTES = FRAME_BYTES
 MAX_QUANTUM_BYTES = 200_000
@@ -133,6 +137,7 @@ class Port:
     steer_dst: str | None = None
     peer_netns: str | None = None
     peer_ifname: str | None = None
+    rate_bps: float = 0.0  # the most the class may send (its ceil): sizes netem's delay line
 
 
 class ImpairmentBackend(Protocol):
@@ -148,28 +153,27 @@ class ImpairmentBackend(Protocol):
 
 
 class NetemBackend:
-    """netem as the leaf qdisc under the HTB class (kernels with sch_netem)."""
+    """netem as the leaf qdisc under the HTB class (kernels with sch_netem), with every option a
+    profile carries (``ray_scout.net.netem``: distribution tables, Gilbert-Elliott loss, ...).
+
+    Its limit covers the delay line at the rate the class may reach plus the class's queue
+    (``NetemParams.for_impairment``); a class whose ceil later rises above the rate the limit
+    was sized for is re-sized by ``HtbShaper.set_class_rate``.
+    """
 
     mechanism = "netem"
 
     @staticmethod
-    def can(impairment: Impairment) -> bool:
-        """Whether netem through pyroute2 can give this (no distribution tables: uniform jitter only)."""
-        return not impairment.jitter_s or impairment.jitter_distribution == "uniform"
-
-    def _params(self, port: Port, impairment: Impairment) -> dict:
-        if not self.can(impairment):
-            raise CapabilityError(
-                f"netem via pyroute2 cannot load the {impairment.jitter_distribution!r} distribution "
-                "table; use jitter_distribution: uniform, or the TUN emulator backend")
-        return {"delay": int(impairment.delay_s * 1e6), "jitter": int(impairment.jitter_s * 1e6),
-                "loss": impairment.loss * 100, "limit": max(port.queue_bytes // FRAME_BYTES, 10)}
+    def handle(port: Port) -> int:
+        """The netem qdisc's handle under the port's class (the bfifo's is ``port.leaf_handle``)."""
+        return port.leaf_handle + (NETEM_MAJOR_OFFSET << 16)
 
     def apply(self, ipr: IPRoute, port: Port, impairment: Impairment) -> None:
-        ipr.tc("replace", "netem", index=port.ifindex, parent=port.classid, handle=port.leaf_handle,
-               **self._params(port, impairment))
+        params = NetemParams.for_impairment(impairment, queue_bytes=port.queue_bytes, rate_bps=port.rate_bps)
+        ipr.tc("replace", "netem", index=port.ifindex, parent=port.classid, handle=self.handle(port), params=params)
 
     def change(self, ipr: IPRoute, port: Port, impairment: Impairment) -> None:
+        """New options, in place: packets netem holds keep their release times."""
         self.apply(ipr, port, impairment)
 
     def remove(self, ipr: IPRoute, port: Port) -> None:
@@ -208,6 +212,8 @@ class LeafClass:
     queue_bytes: int
     impairment: Impairment = Impairment()
     impaired_by: str | None = None
+    impaired_at: Port | None = None  # where the backend acts (its rate_bps: what netem's limit covers)
+    backend: ImpairmentBackend | None = None
 
     @property
     def classid(self) -> int:
@@ -220,7 +226,8 @@ class LeafClass:
     def port(self, local: str | None = None, peer: str | None = None, **far: str | None) -> Port:
         """Where a backend acts; ``far``: ``steer_dst``, ``peer_netns``, ``peer_ifname`` (see Port)."""
         return Port(self.shaper.netns, self.shaper.ifname, self.shaper.ifindex, self.classid,
-                    (LEAF_QDISC_MAJOR_BASE + self.minor) << 16, self.queue_bytes, local, peer, **far)
+                    (LEAF_QDISC_MAJOR_BASE + self.minor) << 16, self.queue_bytes, local, peer, **far,
+                    rate_bps=self.ceil_bps)
 
 
 @dataclass
@@ -297,6 +304,11 @@ class HtbShaper:
                     parent=self._leaf_parent, **params)
         elapsed = time.perf_counter() - start
         leaf.rate_bps, leaf.ceil_bps = int(rate_bps), int(max(ceil_bps, rate_bps))
+        port = leaf.impaired_at
+        if isinstance(leaf.backend, NetemBackend) and port is not None and leaf.ceil_bps > port.rate_bps:
+            # netem's limit was sized for a slower class: grow it, or the delay line drops.
+            leaf.impaired_at = replace(port, rate_bps=leaf.ceil_bps)
+            leaf.backend.change(self.ipr, leaf.impaired_at, leaf.impairment)
         return elapsed
 
     @_in_own_netns
@@ -333,20 +345,21 @@ class HtbShaper:
                 "the emulator's backend, or use a rate-only profile (netem/lab.yaml)")
         port = leaf.port(local, peer, **far)
         backend.apply(self.ipr, port, impairment)
-        leaf.impairment, leaf.impaired_by = impairment, backend.mechanism
+        leaf.impairment, leaf.impaired_by, leaf.impaired_at, leaf.backend = (impairment, backend.mechanism,
+                                                                              port, backend)
         return port
 
     @_in_own_netns
     def unimpair(self, leaf: LeafClass, port: Port, backend: ImpairmentBackend) -> None:
         """Take the impairment of ``leaf`` away again (``backend.remove``)."""
         backend.remove(self.ipr, port)
-        leaf.impairment, leaf.impaired_by = Impairment(), None
+        leaf.impairment, leaf.impaired_by, leaf.impaired_at, leaf.backend = Impairment(), None, None, None
 
     def record(self, leaf: LeafClass, link: str, congestion_control: str = "", cc_scope: str = "",
                offloads_off: bool = False) -> LinkShaping:
         mechanisms = ("htb",) + ((leaf.impaired_by,) if leaf.impaired_by else ())
         return LinkShaping(link, leaf.rate_bps, leaf.queue_bytes, mechanisms, leaf.impairment.delay_s,
-                           leaf.impairment.jitter_s, leaf.impairment.loss, congestion_control, cc_scope,
+                           leaf.impairment.jitter_s, leaf.impairment.mean_loss, congestion_control, cc_scope,
                            offloads_off)
 
     @_in_own_netns
