@@ -50,6 +50,7 @@ LEAF_QDISC_MAJOR_BASE = 0x7300  # leaf qdisc of class M:N gets handle (BASE+N):
 # one handle (EINVAL), so swapping bfifo and netem grafts a new qdisc under another handle.
 NETEM_MAJOR_OFFSET = 0x100
 ETH_P_IP = 0x0800
+ETH_P_IPV6 = 0x86DD
 MIN_QUANTUM_BYTES = FRAME_BYTES
 MAX_QUANTUM_BYTES = 200_000
 BURST_S = 0.002  # 2 ms of the rate: enough that softirq latency on a busy host does not cost rate
@@ -91,24 +92,49 @@ def _in_own_netns(method):
 
 @dataclass(frozen=True)
 class Match:
-    """Which packets a leaf class takes: IPv4 source/destination (address or CIDR), ports."""
+    """Which packets a leaf class takes: source/destination (address or CIDR, IPv4 or IPv6), ports.
+
+    IPv6 matches the fixed header (addresses at +8/+24, ports right after its 40 bytes), as
+    tc's ``match ip6`` does: a packet with extension headers before TCP goes to the default class.
+    """
 
     src: str | None = None
     dst: str | None = None
     sport: int | None = None
     dport: int | None = None
 
+    @property
+    def version(self) -> int:
+        versions = {ipaddress.ip_network(a, strict=False).version for a in (self.src, self.dst) if a is not None}
+        if len(versions) > 1:
+            raise NetError(f"a Match takes one IP version; got src {self.src} and dst {self.dst}")
+        return versions.pop() if versions else 4
+
+    @property
+    def protocol(self) -> int:
+        """The ethertype the filter is attached for."""
+        return ETH_P_IP if self.version == 4 else ETH_P_IPV6
+
     def u32_keys(self) -> list[str]:
         keys = []
-        for address, offset in ((self.src, 12), (self.dst, 16)):
-            if address is not None:
-                net = ipaddress.IPv4Network(address, strict=False)
-                keys.append(f"0x{int(net.network_address):08x}/0x{int(net.netmask):08x}+{offset}")
-        # Ports assume a 20-byte IP header (no options), as tc's "match ip dport" does.
+        v6 = self.version == 6
+        for address, offset in ((self.src, 8 if v6 else 12), (self.dst, 24 if v6 else 16)):
+            if address is None:
+                continue
+            net = ipaddress.ip_network(address, strict=False)
+            words = net.max_prefixlen // 32
+            value, mask = int(net.network_address), int(net.netmask)
+            for n in range(words):
+                shift = 32 * (words - 1 - n)
+                word_mask = (mask >> shift) & 0xFFFFFFFF
+                if word_mask:
+                    keys.append(f"0x{(value >> shift) & 0xFFFFFFFF:08x}/0x{word_mask:08x}+{offset + 4 * n}")
+        # Ports follow a 20-byte IPv4 header (no options, as tc's "match ip dport") or IPv6's 40.
+        port_offset = 40 if v6 else 20
         if self.sport is not None:
-            keys.append(f"0x{self.sport << 16:08x}/0xffff0000+20")
+            keys.append(f"0x{self.sport << 16:08x}/0xffff0000+{port_offset}")
         if self.dport is not None:
-            keys.append(f"0x{self.dport:08x}/0x0000ffff+20")
+            keys.append(f"0x{self.dport:08x}/0x0000ffff+{port_offset}")
         if not keys:
             raise NetError("a Match needs at least one of src, dst, sport, dport")
         return keys
@@ -292,7 +318,7 @@ class HtbShaper:
                          queue_bytes or self.queue_bytes)
         self._add_leaf(leaf)
         self.ipr.tc("add-filter", "u32", index=self.ifindex, parent=classid(0), prio=10 + minor,
-                    protocol=ETH_P_IP, target=leaf.classid, keys=match.u32_keys())
+                    protocol=match.protocol, target=leaf.classid, keys=match.u32_keys())
         return leaf
 
     @_in_own_netns
