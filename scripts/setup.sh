@@ -10,10 +10,13 @@ TORCH_VERSION=2.13.0
 pip_install() { "$PY" -m pip install -q "$@"; }
 
 # Tools of the cluster and dashboard tests: sshd + rsync (`ray up` against a private sshd),
-# Prometheus (dashboard queries), Chromium (dashboard screenshot). Lab nodes skip them
-# (clusters/node_setup.sh sets RAY_SCOUT_TEST_TOOLS=0).
+# Prometheus (dashboard queries), Chromium (dashboard screenshot); and the netem lab (a real
+# kernel with sch_netem under QEMU, for kernels without it: qemu-system-x86, Debian's kernel
+# image with its modules, busybox-static for the guest's init, iproute2 for tc in the guest).
+# Lab nodes skip them (clusters/node_setup.sh sets RAY_SCOUT_TEST_TOOLS=0).
 if [[ "${RAY_SCOUT_TEST_TOOLS:-1}" == 1 && $(id -u) == 0 ]] && command -v apt-get >/dev/null; then
-    missing=$(for p in openssh-server rsync prometheus chromium; do
+    missing=$(for p in openssh-server rsync prometheus chromium \
+                       qemu-system-x86 linux-image-amd64 busybox-static iproute2 iputils-ping; do
                   dpkg -s "$p" >/dev/null 2>&1 || echo "$p"; done)
     if [[ -n "$missing" ]]; then
         apt-get update -qq

@@ -6,6 +6,13 @@ from __future__ import annotations
 import pytest
 import torch
 
+# Tests marked `netem` run where sch_netem is: here, or in one boot of the netem lab.
+from netem_lab import (  # noqa: F401 - pytest finds hooks by name
+    pytest_collection_modifyitems,
+    pytest_runtest_protocol,
+    pytest_terminal_summary,
+)
+
 torch.set_num_threads(2)
 
 

@@ -43,11 +43,18 @@ def test_default_backend_is_netem_where_the_probe_finds_it_and_the_tun_emulator_
     backend = default_impairment_backend(_caps({"htb"}), realtime_priority=10)
     assert isinstance(backend, TunEmulatorBackend) and backend.mechanism == "tun-emulator"
     assert backend.realtime_priority == 10
-    # netem through pyroute2 has no distribution tables: normal jitter goes to the emulator.
-    normal = Impairment(0.02, 0.005, "normal")
-    assert isinstance(default_impairment_backend(_caps({"htb", "netem"}), [normal]), TunEmulatorBackend)
-    uniform = Impairment(0.02, 0.005, "uniform")
-    assert isinstance(default_impairment_backend(_caps({"htb", "netem"}), [uniform]), NetemBackend)
+    # netem's distribution tables are computed and sent over netlink: any jitter stays on netem.
+    for distribution in ("uniform", "normal", "pareto", "paretonormal"):
+        impairment = Impairment(0.02, 0.005, distribution, reorder=0.01)
+        assert isinstance(default_impairment_backend(_caps({"htb", "netem"}), [impairment]), NetemBackend)
+
+
+def test_without_netem_what_only_netem_gives_is_refused_before_anything_is_built():
+    with pytest.raises(CapabilityError, match="duplicate, reorder"):
+        default_impairment_backend(_caps({"htb"}), [Impairment(0.02, duplicate=0.01, reorder=0.02)])
+    ns_port = Port("rs-nowhere", "rs-x", 2, 0x72730002, 0x73020000, 100_000)
+    with pytest.raises(CapabilityError, match="corrupt"):
+        TunEmulatorBackend().apply(None, ns_port, Impairment(0.02, corrupt=0.01))
 
 
 def test_uniform_jitter_becomes_the_emulators_standard_deviation_as_netem_means_it():

@@ -24,6 +24,8 @@ from ray_scout.net.topology import pid_run_id
 from ray_scout.net.traffic import BulkFlow
 
 EDGE_IP, CLOUD_IP = "10.79.0.1", "10.79.0.2"
+EDGE_IP6, CLOUD_IP6 = "fd79::1", "fd79::2"
+IFA_F_NODAD = 0x02
 MBIT = 1_000_000
 root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (CAP_NET_ADMIN) for namespaces and qdiscs")
 
@@ -78,9 +80,9 @@ class TwoNodes:
                 ipr.close()
         self.edge_ifname = f"rs-{run}-en"
 
-    def socket(self, node: str) -> socket.socket:
+    def socket(self, node: str, kind: int = socket.SOCK_STREAM) -> socket.socket:
         with in_netns(self.netns[node]):
-            return socket.socket()
+            return socket.socket(socket.AF_INET, kind)
 
     def address(self, node: str) -> str:
         return self.ip[node]
@@ -120,7 +122,7 @@ def test_the_interface_is_the_one_the_kernel_routes_to_the_cloud_by(nodes):
         assert egress_interface(ipr, CLOUD_IP) == (nodes.edge_ifname, 2, EDGE_IP)
         with pytest.raises(NetError, match="this node itself"):
             egress_interface(ipr, EDGE_IP)
-        with pytest.raises(NetError, match="IPv6"):
+        with pytest.raises(NetError, match="no route"):
             egress_interface(ipr, "fd00::1")
 
 
@@ -202,19 +204,95 @@ def test_an_interface_with_a_root_qdisc_of_its_own_is_left_alone(nodes):
 
 
 @root
-def test_delay_needs_netem_on_a_real_interface(nodes):
+def test_delay_is_refused_on_a_real_interface_without_netem(nodes):
+    if probe().netem:
+        pytest.skip("this kernel has netem: test_netem_under_one_agents_class_* covers the delay")
     flows = [AgentFlow("a0", 5201, 20 * MBIT, Impairment(delay_s=0.02, jitter_distribution="uniform"))]
     links = NodeLinks(CLOUD_IP, flows, queue_bytes=200_000, netns=nodes.netns["edge"])
-    if not probe().netem:
-        with pytest.raises(CapabilityError, match="sch_netem"):
-            links.build()
-        assert nodes.root_qdisc_handles() != [HTB_MAJOR << 16]
-        return
-    links.build()
+    with pytest.raises(CapabilityError, match="sch_netem"):
+        links.build()
+    assert nodes.root_qdisc_handles() != [HTB_MAJOR << 16]
+
+
+@root
+@pytest.mark.netem
+def test_netem_under_one_agents_class_delays_that_agent_alone_and_teardown_spares_foreign_qdiscs(nodes):
+    from ray_scout.net.netem import NetemParams, read_netem
+    from ray_scout.net.traffic import udp_one_way_delays_s
+
+    with in_netns(nodes.netns["cloud"]), IPRoute() as ipr:  # someone else's qdisc on the cloud node
+        ipr.tc("add", "netem", index=2, handle=0x10000, params=NetemParams(1000, 0.001))
+    flows = [AgentFlow("a0", 5201, 20 * MBIT, Impairment(delay_s=0.02, loss=0.001)),
+             AgentFlow("a1", 5202, 20 * MBIT)]
+    links = NodeLinks(CLOUD_IP, flows, queue_bytes=200_000, netns=nodes.netns["edge"]).build()
     try:
-        assert links.shaping()[0].mechanisms == ("htb", "netem")
+        assert [r.mechanisms for r in links.shaping()] == [("htb", "netem"), ("htb",)]
+        with in_netns(nodes.netns["edge"]), IPRoute() as ipr:
+            (netem,) = read_netem(ipr, 2)
+        assert netem.parent == links.classes["a0"].classid and netem.delay_s == 0.02
+        # Agents are told apart by cloud port: a0's datagrams wait in netem, a1's do not. A timer
+        # is never early: the earliest datagram shows netem's delay (the median adds TCG's lateness).
+        plain = min(udp_one_way_delays_s(nodes, "edge", "cloud", port=5202, count=40))
+        delayed = min(udp_one_way_delays_s(nodes, "edge", "cloud", port=5201, count=40))
     finally:
         links.teardown()
+    assert delayed - plain == pytest.approx(0.020, abs=0.0005 + 0.02 * 0.020)
+    assert nodes.root_qdisc_handles() != [HTB_MAJOR << 16]
+    with in_netns(nodes.netns["cloud"]), IPRoute() as ipr:
+        assert [q.get_attr("TCA_KIND") for q in ipr.get_qdiscs(index=2) if q["parent"] == 0xFFFFFFFF] == ["netem"]
+
+
+class TwoNodes6(TwoNodes):
+    """The same two nodes, talking IPv6 (addresses without duplicate detection, usable at once)."""
+
+    def __init__(self):
+        super().__init__()
+        self.ip = {"edge": EDGE_IP6, "cloud": CLOUD_IP6}
+        for node, ns in self.netns.items():
+            with in_netns(ns), IPRoute() as ipr:
+                ipr.addr("add", index=2, address=self.ip[node], prefixlen=64, flags=IFA_F_NODAD)
+
+    def socket(self, node: str, kind: int = socket.SOCK_STREAM) -> socket.socket:
+        with in_netns(self.netns[node]):
+            return socket.socket(socket.AF_INET6, kind)
+
+
+@pytest.fixture
+def nodes6():
+    pair = TwoNodes6()
+    yield pair
+    pair.remove()
+
+
+@root
+def test_ipv6_agents_get_their_own_classes_too(nodes6):
+    flows = [AgentFlow("a0", 5201, 5 * MBIT), AgentFlow("a1", 5202, 20 * MBIT)]
+    links = NodeLinks(CLOUD_IP6, flows, queue_bytes=100_000, netns=nodes6.netns["edge"]).build()
+    try:
+        with in_netns(nodes6.netns["edge"]), IPRoute() as ipr:
+            filters = [f for f in ipr.get_filters(index=2, parent=HTB_MAJOR << 16) if f.get_attr("TCA_KIND") == "u32"]
+        assert filters and {f["info"] & 0xFFFF for f in filters} == {socket.htons(0x86DD)}
+        with BulkFlow(nodes6, "edge", port=5201) as a0:
+            rate = _goodput_bps(a0)
+    finally:
+        links.teardown()
+    # IPv6 carries 20 bytes more header than IPv4: 1428 payload bytes per 1514-byte frame.
+    assert rate == pytest.approx(5 * MBIT * 1428 / 1514, rel=0.08)
+
+
+@root
+@pytest.mark.netem
+def test_ipv6_agent_gets_its_netem_delay(nodes6):
+    from ray_scout.net.traffic import udp_one_way_delays_s
+
+    flows = [AgentFlow("a0", 5201, 20 * MBIT, Impairment(delay_s=0.02)), AgentFlow("a1", 5202, 20 * MBIT)]
+    links = NodeLinks(CLOUD_IP6, flows, queue_bytes=100_000, netns=nodes6.netns["edge"]).build()
+    try:
+        plain = min(udp_one_way_delays_s(nodes6, "edge", "cloud", port=5202, count=40))
+        delayed = min(udp_one_way_delays_s(nodes6, "edge", "cloud", port=5201, count=40))
+    finally:
+        links.teardown()
+    assert delayed - plain == pytest.approx(0.020, abs=0.0005 + 0.02 * 0.020)
 
 
 @root

@@ -40,6 +40,16 @@ def test_u32_keys_for_address_and_port():
         Match().u32_keys()
 
 
+def test_u32_keys_for_ipv6_address_prefix_and_port():
+    keys = Match(dst="fd79::2", dport=5201).u32_keys()
+    assert keys == ["0xfd790000/0xffffffff+24", "0x00000000/0xffffffff+28", "0x00000000/0xffffffff+32",
+                    "0x00000002/0xffffffff+36", "0x00001451/0x0000ffff+40"]
+    assert Match(src="fd00:1::/32").u32_keys() == ["0xfd000001/0xffffffff+8"]
+    assert Match(dst="fd79::2").protocol == 0x86DD and Match(dst="10.0.0.1").protocol == 0x0800
+    with pytest.raises(NetError, match="one IP version"):
+        Match(src="10.0.0.1", dst="fd79::2").u32_keys()
+
+
 @root
 def test_live_rate_change_is_what_the_kernel_holds(veth):
     ipr, ns = veth

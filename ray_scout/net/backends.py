@@ -5,7 +5,9 @@
 emulators: ``TunEmulatorBackend`` (delay, jitter and loss through a TUN device, mechanism
 ``tun-emulator``) and ``BpfLossBackend`` (loss alone, an eBPF program on the interface's
 ``clsact`` egress hook, mechanism ``bpf``). ``default_impairment_backend`` picks netem where
-the probe finds it and the links' jitter is uniform, the TUN emulator otherwise.
+the probe finds it, the TUN emulator otherwise. The emulators give delay, jitter and loss
+(random or Gilbert-Elliott); what only netem gives (delay correlation, duplication,
+reordering, corruption) they refuse with a message rather than leave out.
 
 What they act on: the egress of a ``Port`` (an interface in a named namespace). The TUN
 emulator steers by policy routing in the port's namespace: packets headed to
@@ -31,7 +33,7 @@ from ray_scout.net.emulator_bpf import BpfLoss
 from ray_scout.net.errors import CapabilityError
 from ray_scout.net.namespaces import in_netns, read_sysctl, write_sysctl
 from ray_scout.net.probe import Capabilities
-from ray_scout.net.profiles import Impairment
+from ray_scout.net.profiles import GilbertElliott, Impairment
 from ray_scout.net.shaping import ImpairmentBackend, NetemBackend, Port
 
 # The forwarding the TUN emulator needs in the namespace it steers in (see emulator._open_tun).
@@ -88,6 +90,14 @@ class _PerInterface(ABC):
     def __init__(self) -> None:
         self._shared: dict[tuple[str, str], _Shared] = {}
 
+    @staticmethod
+    def _check(mechanism: str, impairment: Impairment) -> None:
+        beyond = impairment.beyond_delay_and_loss
+        if beyond:
+            raise CapabilityError(f"the {mechanism} backend gives delay, jitter and loss only, and this link "
+                                  f"also asks for {', '.join(beyond)}: use netem (NetemBackend; "
+                                  "`scout net lab-kernel` runs a kernel that has it) or drop them")
+
     @abstractmethod
     def _start(self, port: Port, impairment: Impairment) -> TunImpairment | BpfLoss:
         """Start an emulator for the port's interface."""
@@ -97,6 +107,7 @@ class _PerInterface(ABC):
         """Give a running emulator new parameters."""
 
     def apply(self, ipr: IPRoute, port: Port, impairment: Impairment) -> None:
+        self._check(self.mechanism, impairment)
         key = self._place(port)
         shared = self._shared.get(key)
         if shared is None:
@@ -113,6 +124,7 @@ class _PerInterface(ABC):
         shared = self._shared.get(self._place(port))
         if shared is None:
             raise CapabilityError(f"{port.ifname} in {port.netns} has no {self.mechanism} impairment; apply first")
+        self._check(self.mechanism, impairment)
         self._change(shared.emulator, impairment)
         shared.impairment = impairment
 
@@ -165,12 +177,12 @@ class TunEmulatorBackend(_PerInterface):
         self._started += 1
         return TunImpairment(
             port.netns, None, dst=dst, delay_s=impairment.delay_s, jitter_s=tun_jitter_std_s(impairment),
-            jitter_distribution=impairment.jitter_distribution, loss=impairment.loss, reorder=self.reorder,
+            jitter_distribution=impairment.jitter_distribution, loss=_loss_model(impairment), reorder=self.reorder,
             seed=seed, realtime_priority=self.realtime_priority).start()
 
     def _change(self, emulator: TunImpairment, impairment: Impairment) -> None:
         emulator.change(delay_s=impairment.delay_s, jitter_s=tun_jitter_std_s(impairment),
-                        jitter_distribution=impairment.jitter_distribution, loss=impairment.loss)
+                        jitter_distribution=impairment.jitter_distribution, loss=_loss_model(impairment))
 
 
 class BpfLossBackend(_PerInterface):
@@ -199,10 +211,17 @@ class BpfLossBackend(_PerInterface):
 
     @staticmethod
     def _loss_only(impairment: Impairment) -> None:
+        if impairment.gilbert_elliott is not None:
+            raise CapabilityError("the bpf backend draws random loss only; for Gilbert-Elliott loss use "
+                                  "TunEmulatorBackend or netem")
         if impairment.delay_s or impairment.jitter_s:
             raise CapabilityError(
                 f"the bpf backend adds loss only, and this link asks for delay {impairment.delay_s} s / "
                 f"jitter {impairment.jitter_s} s; use TunEmulatorBackend (or netem where the kernel has it)")
+
+
+def _loss_model(impairment: Impairment) -> float | GilbertElliott:
+    return impairment.gilbert_elliott if impairment.gilbert_elliott is not None else impairment.loss
 
 
 def default_impairment_backend(capabilities: Capabilities, impairments: Iterable[Impairment] = (), *,
@@ -210,9 +229,11 @@ def default_impairment_backend(capabilities: Capabilities, impairments: Iterable
                                seed: int | None = None) -> ImpairmentBackend:
     """netem where the probe found it, the TUN emulator otherwise (``capabilities = probe()``).
 
-    Give the ``impairments`` the links will ask for: netem through pyroute2 cannot load its
-    distribution tables, so jitter other than uniform goes to the TUN emulator on any kernel.
+    ``impairments``: what the links will ask for. Without netem, a link that needs what only
+    netem gives is refused here, before anything is built.
     """
-    if capabilities.netem and all(NetemBackend.can(impairment) for impairment in impairments):
+    if capabilities.netem:
         return NetemBackend()
+    for impairment in impairments:
+        _PerInterface._check(TunEmulatorBackend.mechanism, impairment)
     return TunEmulatorBackend(realtime_priority=realtime_priority, seed=seed)

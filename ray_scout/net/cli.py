@@ -1,6 +1,7 @@
-"""``scout net``: probe the kernel, list link profiles, remove leftovers, hold a topology up.
+"""``scout net``: probe the kernel, list link profiles, remove leftovers, hold a topology up, run a
+command in the netem lab.
 
-Thin over ``probe``, ``profiles``, ``cleanup`` and ``topology``; prints, never decides.
+Thin over ``probe``, ``profiles``, ``cleanup``, ``topology`` and ``labkernel``; prints, never decides.
 """
 
 from __future__ import annotations
@@ -24,6 +25,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     clean = sub.add_parser("cleanup", help="remove namespaces, links and qdiscs the project left (like mn -c)")
     clean.add_argument("--prefix", default=PREFIX, help=f"only objects starting with this (default {PREFIX})")
     clean.add_argument("--dry-run", action="store_true", help="list, remove nothing")
+    lab = sub.add_parser("lab-kernel", help="boot the netem lab (a real kernel under QEMU) and run a command in it",
+                         description="Run COMMAND in a QEMU guest with sch_netem, the host's root read-only, "
+                                     "this directory as the working directory; exit with its exit code.")
+    lab.add_argument("--writable", action="append", default=[], metavar="DIR",
+                     help="a host directory the command may write (repeatable); the rest is read-only")
+    lab.add_argument("--memory-mib", type=int, default=2048)
+    lab.add_argument("--cpus", type=int, default=2)
+    lab.add_argument("--timeout-s", type=float, default=600.0)
+    lab.add_argument("lab_command", nargs=argparse.REMAINDER, metavar="-- COMMAND")
     up = sub.add_parser("up", help="build the lab topology and hold it until Ctrl-C")
     up.add_argument("--edges", type=int, default=2)
     up.add_argument("--access", default="lab", help="access-link profile (name or YAML path)")
@@ -45,6 +55,19 @@ def _up(args: argparse.Namespace) -> int:
             pass
     print(f"torn down in {topo.teardown_s * 1e3:.0f} ms")
     return 0
+
+
+def _lab_kernel(args: argparse.Namespace) -> int:
+    from ray_scout.net.labkernel import run_in_lab
+
+    command = args.lab_command[1:] if args.lab_command[:1] == ["--"] else args.lab_command
+    if not command:
+        raise NetError("give the command after --, e.g. `scout net lab-kernel -- python3 -m pytest tests/test_net_netem.py`")
+    result = run_in_lab(command, writable=tuple(args.writable), memory_mib=args.memory_mib, cpus=args.cpus,
+                        timeout_s=args.timeout_s)
+    print(f"scout net lab-kernel: exit {result.returncode}; command started {result.boot_s:.1f} s after "
+          f"QEMU, whole run {result.wall_s:.1f} s", file=sys.stderr)
+    return result.returncode
 
 
 def run(args: argparse.Namespace) -> int:
@@ -69,4 +92,6 @@ def _run(args: argparse.Namespace) -> int:
               f"{len(found.rules)} emulator rules {[str(rule) for rule in found.rules]}")
     elif args.net_command == "up":
         return _up(args)
+    elif args.net_command == "lab-kernel":
+        return _lab_kernel(args)
     return 0

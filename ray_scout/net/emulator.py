@@ -49,6 +49,7 @@ from typing import Callable, Union
 
 from pyroute2.netlink.exceptions import NetlinkError
 
+from ray_scout.net.profiles import GilbertElliott  # noqa: F401 - the loss model lives with the profiles
 from ray_scout.net.namespaces import NETNS_DIR, netlink, netns_path, read_sysctl, write_sysctl
 
 MECHANISM = "tun-emulator"
@@ -79,39 +80,6 @@ _PARETO_STD = math.sqrt(_PARETO_SHAPE / ((_PARETO_SHAPE - 1.0) ** 2 * (_PARETO_S
 _PARETONORMAL_NORM = math.hypot(0.25, 0.75)
 
 _names = itertools.count()
-
-
-@dataclass(frozen=True)
-class GilbertElliott:
-    """Two-state burst loss: a good and a bad state with their own loss probabilities.
-
-    Per packet, the state moves good→bad with ``p_good_to_bad`` and bad→good with
-    ``p_bad_to_good``; the packet is then lost with the current state's probability.
-    """
-
-    p_good_to_bad: float
-    p_bad_to_good: float
-    loss_good: float = 0.0
-    loss_bad: float = 1.0
-
-    def __post_init__(self) -> None:
-        for name in ("p_good_to_bad", "p_bad_to_good", "loss_good", "loss_bad"):
-            value = getattr(self, name)
-            if not 0.0 <= value <= 1.0:
-                raise ValueError(f"GilbertElliott.{name}={value} must be a probability in [0, 1]")
-        if self.p_good_to_bad + self.p_bad_to_good == 0.0:
-            raise ValueError("GilbertElliott needs p_good_to_bad + p_bad_to_good > 0")
-
-    @property
-    def mean_loss(self) -> float:
-        """Long-run fraction of packets lost (the chain's stationary loss)."""
-        p, r = self.p_good_to_bad, self.p_bad_to_good
-        return (r * self.loss_good + p * self.loss_bad) / (p + r)
-
-    @property
-    def mean_burst_packets(self) -> float:
-        """Mean number of consecutive packets spent in the bad state."""
-        return math.inf if self.p_bad_to_good == 0.0 else 1.0 / self.p_bad_to_good
 
 
 LossModel = Union[float, GilbertElliott]

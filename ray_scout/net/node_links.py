@@ -2,7 +2,8 @@
 
 What lives here: finding the interface a node's packets to the cloud node leave by (the
 kernel's own route lookup), HTB on that interface's egress with one leaf per agent, selected
-by the cloud's address and the agent's own cloud port (u32 on dst address + dst port), netem
+by the cloud's address and the agent's own cloud port (u32 on dst address + dst port, on the
+IPv4 or the IPv6 header, whichever the cloud's address is), netem
 under a leaf where the kernel has it, live share changes, a record per agent, and removing
 exactly the root qdisc it installed. Traffic it does not select (ssh, Ray's own control and
 object traffic, ARP) takes the default class at the interface's rate, so shaping an agent
@@ -19,12 +20,14 @@ from __future__ import annotations
 
 import ipaddress
 import math
+import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
 from pyroute2 import IPRoute
+from pyroute2.netlink.exceptions import NetlinkError
 
 from ray_scout.net.errors import NETEM_MISSING, CapabilityError, NetError, require_root
 from ray_scout.net.namespaces import in_netns
@@ -73,10 +76,11 @@ def egress_interface(ipr: IPRoute, destination: str) -> tuple[str, int, str]:
         address = ipaddress.ip_address(destination)
     except ValueError:
         raise NetError(f"{destination!r} is not an IP address; give the cloud node's address") from None
-    if address.version != 4:
-        raise NetError(f"{destination} is IPv6; per-agent classes match IPv4 headers only, give the "
-                       "cloud node's IPv4 address")
-    routes = ipr.route("get", dst=destination)
+    try:
+        routes = ipr.route("get", dst=destination,
+                           family=socket.AF_INET6 if address.version == 6 else socket.AF_INET)
+    except NetlinkError:  # unreachable: the kernel answers with an error, not an empty list
+        routes = []
     if not routes:
         raise NetError(f"no route to {destination} from this node; check `ip route get {destination}`")
     index = routes[0].get_attr("RTA_OIF")
@@ -153,7 +157,7 @@ class NodeLinks:
                 self.installed = True
                 for flow in self.flows.values():
                     leaf = self.shaper.add_class(flow.name, flow.rate_bps,
-                                                 Match(dst=f"{self.cloud_address}/32", dport=flow.cloud_port),
+                                                 Match(dst=self.cloud_address, dport=flow.cloud_port),
                                                  ceil_bps=self._ceil(flow.rate_bps))
                     self.shaper.impair(leaf, flow.impairment, backend)
                     self.classes[flow.name] = leaf

@@ -18,10 +18,11 @@ from pyroute2.netlink.exceptions import NetlinkError
 
 from ray_scout.net import PREFIX
 from ray_scout.net.errors import NETEM_MISSING, require_root
+from ray_scout.net.netem import NetemParams  # also registers the complete netem encoder with pyroute2
 
 QDISCS = ("htb", "netem", "tbf", "pfifo", "bfifo", "fq_codel", "fq", "sfq", "cake", "clsact", "ingress")
 CLASSIFIERS = ("u32", "bpf", "flower")
-_QDISC_ARGS = {"htb": {"default": 1}, "netem": {"delay": 1000}, "tbf": {"rate": 125000, "burst": 3000, "latency": 50000},
+_QDISC_ARGS = {"htb": {"default": 1}, "netem": {"params": NetemParams(10, 0.001)}, "tbf": {"rate": 125000, "burst": 3000, "latency": 50000},
                "pfifo": {"limit": 10}, "bfifo": {"limit": 15000}}
 _INGRESS_LIKE = ("clsact", "ingress")
 
@@ -72,8 +73,8 @@ def _probe_qdisc(ns: IPRoute, index: int, kind: str) -> bool:
         ns.tc("add", kind, index=index, handle=handle, **_QDISC_ARGS.get(kind, {}))
     except NetlinkError as error:
         return _known(error)
-    ns.tc("del", index=index, handle=handle, kind=kind, **({"rate": 125000, "burst": 3000, "latency": 50000}
-                                                          if kind == "tbf" else {}))
+    # pyroute2 encodes options even for a delete: give the same ones (tbf and netem refuse none).
+    ns.tc("del", index=index, handle=handle, kind=kind, **_QDISC_ARGS.get(kind, {}))
     return True
 
 

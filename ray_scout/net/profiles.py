@@ -19,6 +19,12 @@ YAML shape (every key optional except ``rate``; ``up``/``down`` override per dir
     loss: 0.1%
     queue: 60ms
     congestion_control: cubic
+    # netem only (the emulator backends refuse them):
+    delay_correlation: 25%
+    loss_model: {p_good_to_bad: 1%, p_bad_to_good: 30%, loss_bad: 100%}  # instead of loss
+    duplicate: 0.1%
+    reorder: 1%
+    corrupt: 0.1%
     up: {rate: 10mbit}
 """
 
@@ -82,13 +88,21 @@ def parse_time_s(text: object) -> float:
     return value * _TIME_UNITS[unit]
 
 
-def parse_loss(text: object) -> float:
-    """``'1%'`` -> 0.01; a bare number is a fraction (``0.01``). Must lie in [0, 1)."""
-    value, unit = _split(text, "loss")
+def parse_probability(text: object, what: str = "probability") -> float:
+    """``'1%'`` -> 0.01; a bare number is a fraction (``0.01``). Must lie in [0, 1]."""
+    value, unit = _split(text, what)
     if unit not in ("", "%"):
-        raise NetError(f"loss {text!r}: write a percentage ('1%') or a fraction (0.01)")
-    loss = value / 100 if unit == "%" else value
-    if not 0 <= loss < 1:
+        raise NetError(f"{what} {text!r}: write a percentage ('1%') or a fraction (0.01)")
+    probability = value / 100 if unit == "%" else value
+    if not 0 <= probability <= 1:
+        raise NetError(f"{what} {text!r} must lie between 0% and 100%")
+    return probability
+
+
+def parse_loss(text: object) -> float:
+    """A link's random loss, as ``parse_probability``, below 100% (a link must carry something)."""
+    loss = parse_probability(text, "loss")
+    if loss == 1:
         raise NetError(f"loss {text!r} must be at least 0% and below 100%")
     return loss
 
@@ -114,17 +128,79 @@ def default_queue_bytes(rate_bps: int, delay_s: float, jitter_s: float) -> int:
 
 
 @dataclass(frozen=True)
+class GilbertElliott:
+    """Two-state burst loss: a good and a bad state with their own loss probabilities.
+
+    Per packet, the state moves good→bad with ``p_good_to_bad`` and bad→good with
+    ``p_bad_to_good``; the packet is then lost with the current state's probability.
+    """
+
+    p_good_to_bad: float
+    p_bad_to_good: float
+    loss_good: float = 0.0
+    loss_bad: float = 1.0
+
+    def __post_init__(self) -> None:
+        for name in ("p_good_to_bad", "p_bad_to_good", "loss_good", "loss_bad"):
+            value = getattr(self, name)
+            if not 0.0 <= value <= 1.0:
+                raise ValueError(f"GilbertElliott.{name}={value} must be a probability in [0, 1]")
+        if self.p_good_to_bad + self.p_bad_to_good == 0.0:
+            raise ValueError("GilbertElliott needs p_good_to_bad + p_bad_to_good > 0")
+
+    @property
+    def mean_loss(self) -> float:
+        """Long-run fraction of packets lost (the chain's stationary loss)."""
+        p, r = self.p_good_to_bad, self.p_bad_to_good
+        return (r * self.loss_good + p * self.loss_bad) / (p + r)
+
+    @property
+    def mean_burst_packets(self) -> float:
+        """Mean number of consecutive packets spent in the bad state."""
+        return math.inf if self.p_bad_to_good == 0.0 else 1.0 / self.p_bad_to_good
+
+
+
+@dataclass(frozen=True)
 class Impairment:
-    """What an impairment backend adds on one direction: delay, jitter and random loss."""
+    """What an impairment backend adds on one direction.
+
+    ``loss`` is random (Bernoulli) loss; ``gilbert_elliott`` a burst-loss model instead of it.
+    ``delay_correlation`` ties each jitter draw to the previous one (netem's delay correlation);
+    ``duplicate``, ``reorder`` (sent without the delay) and ``corrupt`` (one bit flipped) are
+    per-packet probabilities. All fractions in [0, 1].
+    """
 
     delay_s: float = 0.0
     jitter_s: float = 0.0
     jitter_distribution: str = "normal"
     loss: float = 0.0
+    delay_correlation: float = 0.0
+    gilbert_elliott: GilbertElliott | None = None
+    duplicate: float = 0.0
+    reorder: float = 0.0
+    corrupt: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.loss and self.gilbert_elliott is not None:
+            raise NetError("a link has either a random loss or a Gilbert-Elliott loss model; drop one")
+        for name in ("loss", "delay_correlation", "duplicate", "reorder", "corrupt"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise NetError(f"{name} {getattr(self, name)} must be a fraction in [0, 1]")
 
     @property
     def is_none(self) -> bool:
-        return self.delay_s == 0 and self.jitter_s == 0 and self.loss == 0
+        return self == Impairment(jitter_distribution=self.jitter_distribution)
+
+    @property
+    def mean_loss(self) -> float:
+        """The long-run fraction lost (random loss, or the burst model's stationary loss)."""
+        return self.gilbert_elliott.mean_loss if self.gilbert_elliott is not None else self.loss
+
+    @property
+    def beyond_delay_and_loss(self) -> tuple[str, ...]:
+        """Names of the parameters set here that only netem gives (the emulators refuse them)."""
+        return tuple(name for name in ("delay_correlation", "duplicate", "reorder", "corrupt") if getattr(self, name))
 
 
 @dataclass(frozen=True)
@@ -152,7 +228,20 @@ class LinkProfile:
                        down=replace(self.down, rate_bps=rate_bps))
 
 
-_KEYS = {"rate", "delay", "jitter", "jitter_distribution", "loss", "queue"}
+_KEYS = {"rate", "delay", "jitter", "jitter_distribution", "loss", "queue", "delay_correlation",
+         "loss_model", "duplicate", "reorder", "corrupt"}
+_GE_KEYS = {"p_good_to_bad", "p_bad_to_good", "loss_good", "loss_bad"}
+
+
+def _loss_model(spec: object, where: str) -> GilbertElliott:
+    if not isinstance(spec, dict) or not {"p_good_to_bad", "p_bad_to_good"} <= set(spec) <= _GE_KEYS:
+        raise NetError(f"{where}: loss_model is a Gilbert-Elliott mapping with p_good_to_bad and "
+                       f"p_bad_to_good (and optionally loss_good, loss_bad), e.g. "
+                       "{p_good_to_bad: 1%, p_bad_to_good: 30%}")
+    try:
+        return GilbertElliott(**{key: parse_probability(value, key) for key, value in spec.items()})
+    except ValueError as error:
+        raise NetError(f"{where}: {error}") from None
 
 
 def _direction(spec: dict, where: str) -> Direction:
@@ -167,7 +256,14 @@ def _direction(spec: dict, where: str) -> Direction:
     distribution = str(spec.get("jitter_distribution", "normal")).lower()
     if distribution not in JITTER_DISTRIBUTIONS:
         raise NetError(f"{where}: jitter_distribution {distribution!r}; use one of {JITTER_DISTRIBUTIONS}")
-    impairment = Impairment(delay_s, jitter_s, distribution, parse_loss(spec.get("loss", 0)))
+    model = spec.get("loss_model")
+    impairment = Impairment(delay_s, jitter_s, distribution, parse_loss(spec.get("loss", 0)),
+                            delay_correlation=parse_probability(spec.get("delay_correlation", 0),
+                                                               "delay_correlation"),
+                            gilbert_elliott=None if model is None else _loss_model(model, where),
+                            duplicate=parse_probability(spec.get("duplicate", 0), "duplicate"),
+                            reorder=parse_probability(spec.get("reorder", 0), "reorder"),
+                            corrupt=parse_probability(spec.get("corrupt", 0), "corrupt"))
     queue = spec.get("queue")
     queue_bytes = (default_queue_bytes(rate_bps, delay_s, jitter_s) if queue is None
                    else parse_queue_bytes(queue, rate_bps))

@@ -25,7 +25,7 @@ from __future__ import annotations
 import functools
 import ipaddress
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Protocol, Sequence
 
 from pyroute2 import IPRoute
@@ -34,6 +34,7 @@ from pyroute2.netlink.rtnl.tcmsg import plugins as tc_plugins, sched_pfifo
 
 from ray_scout.net.errors import NETEM_MISSING, CapabilityError, NetError
 from ray_scout.net.namespaces import in_netns
+from ray_scout.net.netem import NetemParams
 from ray_scout.net.profiles import FRAME_BYTES, Impairment, check_rate_bps
 
 # pyroute2 0.9.7 has no bfifo plugin and silently sends unknown kinds to the root (replacing
@@ -45,7 +46,11 @@ PARENT_MINOR = 1
 DEFAULT_MINOR = 2
 FIRST_LEAF_MINOR = 0x10
 LEAF_QDISC_MAJOR_BASE = 0x7300  # leaf qdisc of class M:N gets handle (BASE+N):
+# netem under class M:N gets (BASE+N+NETEM_MAJOR_OFFSET): a qdisc cannot change kind under
+# one handle (EINVAL), so swapping bfifo and netem grafts a new qdisc under another handle.
+NETEM_MAJOR_OFFSET = 0x100
 ETH_P_IP = 0x0800
+ETH_P_IPV6 = 0x86DD
 MIN_QUANTUM_BYTES = FRAME_BYTES
 MAX_QUANTUM_BYTES = 200_000
 BURST_S = 0.002  # 2 ms of the rate: enough that softirq latency on a busy host does not cost rate
@@ -87,24 +92,49 @@ def _in_own_netns(method):
 
 @dataclass(frozen=True)
 class Match:
-    """Which packets a leaf class takes: IPv4 source/destination (address or CIDR), ports."""
+    """Which packets a leaf class takes: source/destination (address or CIDR, IPv4 or IPv6), ports.
+
+    IPv6 matches the fixed header (addresses at +8/+24, ports right after its 40 bytes), as
+    tc's ``match ip6`` does: a packet with extension headers before TCP goes to the default class.
+    """
 
     src: str | None = None
     dst: str | None = None
     sport: int | None = None
     dport: int | None = None
 
+    @property
+    def version(self) -> int:
+        versions = {ipaddress.ip_network(a, strict=False).version for a in (self.src, self.dst) if a is not None}
+        if len(versions) > 1:
+            raise NetError(f"a Match takes one IP version; got src {self.src} and dst {self.dst}")
+        return versions.pop() if versions else 4
+
+    @property
+    def protocol(self) -> int:
+        """The ethertype the filter is attached for."""
+        return ETH_P_IP if self.version == 4 else ETH_P_IPV6
+
     def u32_keys(self) -> list[str]:
         keys = []
-        for address, offset in ((self.src, 12), (self.dst, 16)):
-            if address is not None:
-                net = ipaddress.IPv4Network(address, strict=False)
-                keys.append(f"0x{int(net.network_address):08x}/0x{int(net.netmask):08x}+{offset}")
-        # Ports assume a 20-byte IP header (no options), as tc's "match ip dport" does.
+        v6 = self.version == 6
+        for address, offset in ((self.src, 8 if v6 else 12), (self.dst, 24 if v6 else 16)):
+            if address is None:
+                continue
+            net = ipaddress.ip_network(address, strict=False)
+            words = net.max_prefixlen // 32
+            value, mask = int(net.network_address), int(net.netmask)
+            for n in range(words):
+                shift = 32 * (words - 1 - n)
+                word_mask = (mask >> shift) & 0xFFFFFFFF
+                if word_mask:
+                    keys.append(f"0x{(value >> shift) & 0xFFFFFFFF:08x}/0x{word_mask:08x}+{offset + 4 * n}")
+        # Ports follow a 20-byte IPv4 header (no options, as tc's "match ip dport") or IPv6's 40.
+        port_offset = 40 if v6 else 20
         if self.sport is not None:
-            keys.append(f"0x{self.sport << 16:08x}/0xffff0000+20")
+            keys.append(f"0x{self.sport << 16:08x}/0xffff0000+{port_offset}")
         if self.dport is not None:
-            keys.append(f"0x{self.dport:08x}/0x0000ffff+20")
+            keys.append(f"0x{self.dport:08x}/0x0000ffff+{port_offset}")
         if not keys:
             raise NetError("a Match needs at least one of src, dst, sport, dport")
         return keys
@@ -133,6 +163,7 @@ class Port:
     steer_dst: str | None = None
     peer_netns: str | None = None
     peer_ifname: str | None = None
+    rate_bps: float = 0.0  # the most the class may send (its ceil): sizes netem's delay line
 
 
 class ImpairmentBackend(Protocol):
@@ -148,28 +179,27 @@ class ImpairmentBackend(Protocol):
 
 
 class NetemBackend:
-    """netem as the leaf qdisc under the HTB class (kernels with sch_netem)."""
+    """netem as the leaf qdisc under the HTB class (kernels with sch_netem), with every option a
+    profile carries (``ray_scout.net.netem``: distribution tables, Gilbert-Elliott loss, ...).
+
+    Its limit covers the delay line at the rate the class may reach plus the class's queue
+    (``NetemParams.for_impairment``); a class whose ceil later rises above the rate the limit
+    was sized for is re-sized by ``HtbShaper.set_class_rate``.
+    """
 
     mechanism = "netem"
 
     @staticmethod
-    def can(impairment: Impairment) -> bool:
-        """Whether netem through pyroute2 can give this (no distribution tables: uniform jitter only)."""
-        return not impairment.jitter_s or impairment.jitter_distribution == "uniform"
-
-    def _params(self, port: Port, impairment: Impairment) -> dict:
-        if not self.can(impairment):
-            raise CapabilityError(
-                f"netem via pyroute2 cannot load the {impairment.jitter_distribution!r} distribution "
-                "table; use jitter_distribution: uniform, or the TUN emulator backend")
-        return {"delay": int(impairment.delay_s * 1e6), "jitter": int(impairment.jitter_s * 1e6),
-                "loss": impairment.loss * 100, "limit": max(port.queue_bytes // FRAME_BYTES, 10)}
+    def handle(port: Port) -> int:
+        """The netem qdisc's handle under the port's class (the bfifo's is ``port.leaf_handle``)."""
+        return port.leaf_handle + (NETEM_MAJOR_OFFSET << 16)
 
     def apply(self, ipr: IPRoute, port: Port, impairment: Impairment) -> None:
-        ipr.tc("replace", "netem", index=port.ifindex, parent=port.classid, handle=port.leaf_handle,
-               **self._params(port, impairment))
+        params = NetemParams.for_impairment(impairment, queue_bytes=port.queue_bytes, rate_bps=port.rate_bps)
+        ipr.tc("replace", "netem", index=port.ifindex, parent=port.classid, handle=self.handle(port), params=params)
 
     def change(self, ipr: IPRoute, port: Port, impairment: Impairment) -> None:
+        """New options, in place: packets netem holds keep their release times."""
         self.apply(ipr, port, impairment)
 
     def remove(self, ipr: IPRoute, port: Port) -> None:
@@ -208,6 +238,8 @@ class LeafClass:
     queue_bytes: int
     impairment: Impairment = Impairment()
     impaired_by: str | None = None
+    impaired_at: Port | None = None  # where the backend acts (its rate_bps: what netem's limit covers)
+    backend: ImpairmentBackend | None = None
 
     @property
     def classid(self) -> int:
@@ -220,7 +252,8 @@ class LeafClass:
     def port(self, local: str | None = None, peer: str | None = None, **far: str | None) -> Port:
         """Where a backend acts; ``far``: ``steer_dst``, ``peer_netns``, ``peer_ifname`` (see Port)."""
         return Port(self.shaper.netns, self.shaper.ifname, self.shaper.ifindex, self.classid,
-                    (LEAF_QDISC_MAJOR_BASE + self.minor) << 16, self.queue_bytes, local, peer, **far)
+                    (LEAF_QDISC_MAJOR_BASE + self.minor) << 16, self.queue_bytes, local, peer, **far,
+                    rate_bps=self.ceil_bps)
 
 
 @dataclass
@@ -285,7 +318,7 @@ class HtbShaper:
                          queue_bytes or self.queue_bytes)
         self._add_leaf(leaf)
         self.ipr.tc("add-filter", "u32", index=self.ifindex, parent=classid(0), prio=10 + minor,
-                    protocol=ETH_P_IP, target=leaf.classid, keys=match.u32_keys())
+                    protocol=match.protocol, target=leaf.classid, keys=match.u32_keys())
         return leaf
 
     @_in_own_netns
@@ -297,7 +330,15 @@ class HtbShaper:
                     parent=self._leaf_parent, **params)
         elapsed = time.perf_counter() - start
         leaf.rate_bps, leaf.ceil_bps = int(rate_bps), int(max(ceil_bps, rate_bps))
+        self._follow_netem(leaf)
         return elapsed
+
+    def _follow_netem(self, leaf: LeafClass) -> None:
+        port = leaf.impaired_at
+        if isinstance(leaf.backend, NetemBackend) and port is not None and leaf.ceil_bps > port.rate_bps:
+            # netem's limit was sized for a slower class: grow it, or the delay line drops.
+            leaf.impaired_at = replace(port, rate_bps=leaf.ceil_bps)
+            leaf.backend.change(self.ipr, leaf.impaired_at, leaf.impairment)
 
     def set_class_rates(self, rates_bps: Sequence[tuple[LeafClass, float, float]]) -> float:
         """Many (leaf, rate, ceil) in one netlink batch (``htb_batch``); returns seconds."""
@@ -314,6 +355,9 @@ class HtbShaper:
         elapsed = time.perf_counter() - start
         for leaf, rate_bps, ceil_bps in rates_bps:
             leaf.rate_bps, leaf.ceil_bps = int(rate_bps), int(max(ceil_bps, rate_bps))
+        with in_netns(self.netns):
+            for leaf, _, _ in rates_bps:
+                self._follow_netem(leaf)
         return elapsed
 
     @_in_own_netns
@@ -350,20 +394,21 @@ class HtbShaper:
                 "the emulator's backend, or use a rate-only profile (netem/lab.yaml)")
         port = leaf.port(local, peer, **far)
         backend.apply(self.ipr, port, impairment)
-        leaf.impairment, leaf.impaired_by = impairment, backend.mechanism
+        leaf.impairment, leaf.impaired_by, leaf.impaired_at, leaf.backend = (impairment, backend.mechanism,
+                                                                              port, backend)
         return port
 
     @_in_own_netns
     def unimpair(self, leaf: LeafClass, port: Port, backend: ImpairmentBackend) -> None:
         """Take the impairment of ``leaf`` away again (``backend.remove``)."""
         backend.remove(self.ipr, port)
-        leaf.impairment, leaf.impaired_by = Impairment(), None
+        leaf.impairment, leaf.impaired_by, leaf.impaired_at, leaf.backend = Impairment(), None, None, None
 
     def record(self, leaf: LeafClass, link: str, congestion_control: str = "", cc_scope: str = "",
                offloads_off: bool = False) -> LinkShaping:
         mechanisms = ("htb",) + ((leaf.impaired_by,) if leaf.impaired_by else ())
         return LinkShaping(link, leaf.rate_bps, leaf.queue_bytes, mechanisms, leaf.impairment.delay_s,
-                           leaf.impairment.jitter_s, leaf.impairment.loss, congestion_control, cc_scope,
+                           leaf.impairment.jitter_s, leaf.impairment.mean_loss, congestion_control, cc_scope,
                            offloads_off)
 
     @_in_own_netns

@@ -13,6 +13,7 @@ that the CPU, not the shaping, is the limit (the benchmark says where).
 from __future__ import annotations
 
 import socket
+import struct
 import threading
 import time
 from dataclasses import dataclass, field
@@ -21,12 +22,13 @@ from typing import Protocol
 from ray_scout.net.errors import NetError
 
 CHUNK_BYTES = 128 * 1024
+SO_TIMESTAMPNS = 35  # <asm-generic/socket.h> (also the SCM type of its stamps); Python 3.11 lacks the name
 
 
 class Nodes(Protocol):
     """What the flows need of a topology."""
 
-    def socket(self, node: str) -> socket.socket: ...
+    def socket(self, node: str, kind: int = socket.SOCK_STREAM) -> socket.socket: ...
 
     def address(self, node: str) -> str: ...
 
@@ -62,6 +64,46 @@ def tcp_round_trips_s(topology: Nodes, src: str, dst: str = "cloud", port: int =
         client.close()
         server.close()
     return rtts
+
+
+def udp_one_way_delays_s(topology: Nodes, src: str, dst: str = "cloud", port: int = 5310,
+                         count: int = 100, gap_s: float = 0.005) -> list[float]:
+    """One-way delays of ``count`` datagrams ``src`` -> ``dst``: the receiving kernel's arrival
+    stamp (SO_TIMESTAMPNS) less the sender's clock just before ``sendto``, both CLOCK_REALTIME
+    of one kernel (namespaces share it). What a qdisc adds, without the receiving process's
+    wake-up; datagrams that never arrive are left out.
+    """
+    receiver = topology.socket(dst, socket.SOCK_DGRAM)
+    sender = topology.socket(src, socket.SOCK_DGRAM)
+    receiver.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
+    receiver.bind((topology.address(dst), port))
+    receiver.settimeout(2.0)
+    delays: list[float] = []
+    done = threading.Event()
+
+    def receive() -> None:
+        while not done.is_set() or len(delays) < count:
+            try:
+                data, ancillary, _, _ = receiver.recvmsg(64, 64)
+            except TimeoutError:
+                return
+            for level, kind, stamp in ancillary:
+                if (level, kind) == (socket.SOL_SOCKET, SO_TIMESTAMPNS):
+                    seconds, nanoseconds = struct.unpack("qq", stamp[:16])
+                    delays.append((seconds * 10**9 + nanoseconds - int.from_bytes(data[:8], "big")) / 1e9)
+
+    thread = threading.Thread(target=receive)
+    thread.start()
+    try:
+        for _ in range(count):
+            sender.sendto(time.time_ns().to_bytes(8, "big"), (topology.address(dst), port))
+            time.sleep(gap_s)
+        done.set()
+        thread.join()
+    finally:
+        sender.close()
+        receiver.close()
+    return delays
 
 
 @dataclass
