@@ -41,7 +41,7 @@ def spec_with(**changes):
     (spec_with(capacity={"kind": "constant", "rate": "50"}), "capacity.rate"),
     (spec_with(capacity={"kind": "mahimahi", "path": "nope.log"}), "not found"),
     (spec_with(fidelity="exact"), "fidelity"),
-    (spec_with(colour="red"), "unknown top-level keys"),
+    (spec_with(colour="red"), "top level.*unknown keys"),
     (spec_with(agents=[]), "at least one agent group"),
     (spec_with(agents=[{**BASE["agents"][0], "deadline_s": -1}]), "agents\\[0\\].deadline_s"),
     (spec_with(agents=[{**BASE["agents"][0], "quality": "paper_b:1b-2b"}]), "quality"),
