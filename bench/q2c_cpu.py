@@ -18,10 +18,12 @@ from __future__ import annotations
 import argparse
 import random
 import statistics
+import sys
 import time
 
 import torch
 
+from ray_scout import provenance
 from ray_scout.core.llm import selection
 from ray_scout.core.llm.generation import attention_modules, prefill
 from ray_scout.core.llm.models import load_model
@@ -201,7 +203,8 @@ def main() -> None:
     parser.add_argument("--payload-lengths", type=int, nargs="+", default=[170, 1024, 4096])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--out", help="also write the tables to this Markdown file")
+    parser.add_argument("--out", help="also write the tables to this Markdown file "
+                        "(bench/results/q2c_cpu.md), with the machine, commit and load")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     lm = load_model("embedded")
@@ -212,6 +215,10 @@ def main() -> None:
         ("Needle tokens kept at 25% retention", needle_shares(lm)),
     ]
     text = "\n\n".join(f"### {title}\n\n{markdown(rows)}" for title, rows in sections) + "\n"
+    record = provenance.record()
+    text = (f"Machine: {record['machine']}; commit {record['commit']}; {record['date']}; load "
+            f"average {record['load_average_1_5_15']}; command: python3 bench/q2c_cpu.py "
+            + " ".join(sys.argv[1:]) + "\n\n" + text)
     print(text)
     if args.out:
         with open(args.out, "w") as handle:
