@@ -24,7 +24,7 @@ REPO = Path(__file__).resolve().parents[1]
 DOCS = sorted((REPO / "docs").glob("*.md")) + [REPO / "README.md"]
 COMMAND = re.compile(r"(?<![\w/.-])(scout\s+[a-z]|python3\s+(?:-u\s+)?(?:-m\s+ray_scout\.cli|"
                      r"bench/[\w.]+\.py)\b)")
-RESULTS_PATH = re.compile(r"(?:bench|experiments)/results/[\w./<>*-]*[\w>*/]")
+RESULTS_PATH = re.compile(r"(?:bench|experiments)/results/[\w./<>*{},-]*[\w>*/}]")
 # Options whose value is a file the command reads, or (for a benchmark) the raw data it
 # wrote and the doc's figures come from: such a file must be committed.
 INPUT_OPTIONS = ("--results", "--requests")
@@ -162,8 +162,11 @@ def test_every_results_file_a_doc_cites_is_in_the_repository():
     for path in DOCS:
         for cited in set(RESULTS_PATH.findall(path.read_text())):
             pattern = re.sub(r"<[^>]*>", "*", cited)
-            if not list(REPO.glob(pattern)):
-                missing.append(f"{path.name}: {cited}")
+            head, _, rest = pattern.partition("{")  # `x.{csv,parquet}`: each must exist
+            choices, _, tail = rest.partition("}")
+            for each in ([head + c + tail for c in choices.split(",")] if rest else [pattern]):
+                if not list(REPO.glob(each)):
+                    missing.append(f"{path.name}: {cited}")
     assert missing == []
 
 
