@@ -224,7 +224,7 @@ def _hits_quality(plt, out, table, where, quality_label) -> None:
 
 def _stages(plt, out, stages, where, requests) -> None:
     cols = [c for c in stages.columns if c not in ("latency_s", "answered")]
-    fig, ax = plt.subplots(figsize=(max(6, 1.3 * len(stages)), 4.6))
+    fig, ax = plt.subplots(figsize=(max(7.5, 1.3 * len(stages)), 4.8))
     bottom = pd.Series(0.0, index=stages.index)
     for col in cols:
         values = stages[col].fillna(0)
@@ -241,8 +241,8 @@ def _stages(plt, out, stages, where, requests) -> None:
     ax.set_xticks(range(len(stages)), _combo_labels(stages.index), fontsize=7)
     ax.set_xlabel("policy / allocator")
     ax.set_ylabel("mean seconds per answered request")
-    ax.set_title(f"{where}: where an answered request's time goes (stages add up to the "
-                 "mean latency)", fontsize=9)
+    ax.set_title(f"{where}:\nwhere an answered request's time goes (the stages add up to "
+                 "the mean latency)", fontsize=9)
     ax.legend(fontsize=7, loc="upper left")
     fig.tight_layout()
     fig.savefig(out / "stages.png", dpi=120)
@@ -294,6 +294,8 @@ def _timeline(plt, spec, out, requests, where) -> None:
             end = r.t_arrival_s + (r.latency_s if pd.notna(r.latency_s) else r.deadline_s)
             ax.plot([r.t_arrival_s, end], [y, y], color=colours[r.agent], linewidth=2,
                     alpha=0.8)
+            # A tick at the arrival: a queued request's bar overlaps its predecessor's.
+            ax.plot(r.t_arrival_s, y, "|", color=colours[r.agent], markersize=7)
             if hit:
                 ax.plot(end, y, "o", color=colours[r.agent], markersize=4)
             else:
@@ -304,14 +306,15 @@ def _timeline(plt, spec, out, requests, where) -> None:
         ax.set_title(f"{policy} / {allocator}: {int(g['deadline_met'].fillna(False).astype(bool).sum())}"
                      f"/{len(g)} in time", fontsize=8)
     handles = [plt.Line2D([], [], color=colours[a], linewidth=2, label=a) for a in agents]
-    handles += [plt.Line2D([], [], color="k", marker="o", linestyle="", label="answered in time"),
+    handles += [plt.Line2D([], [], color="k", marker="|", linestyle="", label="arrival"),
+                plt.Line2D([], [], color="k", marker="o", linestyle="", label="answered in time"),
                 plt.Line2D([], [], color="red", marker="x", linestyle="", markeredgewidth=2,
                            label="miss (at the answer, or at the deadline)")]
     axes[-1, 0].set_xlabel("time since the run started (s); a bar runs from a request's "
                            "arrival to its answer")
     fig.suptitle(f"{where}: every request (capacity in grey, right axis)", fontsize=9)
     top = 1 - 0.9 / fig.get_figheight()
-    fig.legend(handles=handles, fontsize=7, ncol=min(len(handles), 6), loc="upper center",
+    fig.legend(handles=handles, fontsize=7, ncol=min(len(handles), 7), loc="upper center",
                bbox_to_anchor=(0.5, top + 0.35 / fig.get_figheight()))
     fig.tight_layout(rect=(0, 0, 1, top))
     fig.savefig(out / "timeline.png", dpi=120)
