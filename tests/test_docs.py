@@ -40,7 +40,7 @@ def _code_texts(text: str) -> list[str]:
             fenced = not fenced
             continue
         if fenced or line.startswith("    "):
-            pieces.append(line.strip())
+            pieces.append(re.split(r"\s#\s", line)[0].strip())  # a shell comment is prose
         else:
             pieces += re.findall(r"`([^`]+)`", line)
     return pieces
