@@ -142,7 +142,7 @@ def test_a_combination_that_misses_everything_keeps_its_rows_without_nan():
     hit = _requests(policy="adaptive", mode="scout", deadline_met=True, quality=0.81,
                     latency_s=0.7, overhead_s=0.1)
     requests = pd.concat([missed, hit], ignore_index=True)
-    text = _markdown(summary(requests), "q") + _stage_markdown(breakdown(requests))
+    text = _markdown(summary(requests), "q", "profile") + _stage_markdown(breakdown(requests))
     assert "nan" not in text.lower()
     rows = [line for line in text.splitlines() if line.startswith("| static:bf16")]
     assert len(rows) == 2 and "no answer" in rows[0] and "0/1 = 0.0%" in rows[0]
@@ -178,5 +178,6 @@ def test_the_summary_says_where_quality_came_from_and_what_local_is(tmp_path: Pa
     assert "(simulated fidelity)" in text
     assert "Paper B's published per-mode quality (relative F1, BF16 = 1.0" in text
     assert "mean quality (profile's, BF16 = 1.0)" in text  # in the table's own header
+    assert "| profile `paper_b:3b-7b` |" in text  # and on every row
     assert "`local`: nothing was sent" in text
     assert " MB |" in text and "0.000" not in text.split("| payload p50")[1].split("\n")[2]

@@ -106,16 +106,16 @@ def _latency(r) -> str:
     return f"{r.latency_p50_s:.3f} / {r.latency_p95_s:.3f}"
 
 
-def _markdown(table: pd.DataFrame, quality_label: str) -> str:
+def _markdown(table: pd.DataFrame, quality_label: str, quality_from: str = "") -> str:
     head = (f"| policy | allocator | n | deadline hits (95% Wilson CI) | {quality_label} "
-            "(95% bootstrap CI) | p50 / p95 latency of answered (s) | payload p50 | errors "
-            "| modes |")
-    lines = [head, "|" + "---|" * 9]
+            "(95% bootstrap CI) | quality from | p50 / p95 latency of answered (s) | "
+            "payload p50 | errors | modes |")
+    lines = [head, "|" + "---|" * 10]
     for r in table.itertuples():
         lines.append(
             f"| {r.policy} | {r.allocator} | {r.n} | {r.hits}/{r.n} = {r.hit_rate:.1%} "
             f"({r.hit_ci_low:.1%}-{r.hit_ci_high:.1%}) | {r.quality:.3f} "
-            f"({r.quality_ci_low:.3f}-{r.quality_ci_high:.3f}) | {_latency(r)} | "
+            f"({r.quality_ci_low:.3f}-{r.quality_ci_high:.3f}) | {quality_from} | {_latency(r)} | "
             f"{format_bytes(r.payload_bytes_p50)} | {r.errors} | {r.modes} |")
     return "\n".join(lines)
 
@@ -162,7 +162,10 @@ def write_report(spec, out: Path, frames: dict[str, pd.DataFrame]) -> Path:
             f"Quality: {quality_source(spec)}.", "",
             "Payload: exact wire bytes of the mode sent (median over the combination's "
             "requests, 0 for `local`). " + LOCAL_NOTE, ""]
-    text.append(_markdown(table, label) if not table.empty else "No requests were recorded.")
+    short = ("F1 vs gold answer" if spec.fidelity == "full" else
+             "profile " + ", ".join(dict.fromkeys(f"`{g.quality}`" for g in spec.agents)))
+    text.append(_markdown(table, label, short) if not table.empty
+                else "No requests were recorded.")
     stages = pd.DataFrame()
     if not requests.empty:
         stages = breakdown(requests)
