@@ -181,3 +181,18 @@ def test_the_summary_says_where_quality_came_from_and_what_local_is(tmp_path: Pa
     assert "| profile `paper_b:3b-7b` |" in text  # and on every row
     assert "`local`: nothing was sent" in text
     assert " MB |" in text and "0.000" not in text.split("| payload p50")[1].split("\n")[2]
+
+
+def test_plots_are_drawn_when_a_combination_misses_everything(tmp_path: Path):
+    from ray_scout.experiments.report import write_report
+
+    missed = _requests(policy="static:bf16", agent="s0", mode="bf16", t_arrival_s=3.0)
+    hit = _requests(policy="adaptive", agent="s1", mode="scout", deadline_met=True,
+                    quality=0.81, latency_s=0.7, overhead_s=0.1, t_arrival_s=5.0)
+    frames = {"requests": pd.concat([missed, hit], ignore_index=True),
+              "epochs": pd.DataFrame()}
+    write_report(parse_spec(BASE), tmp_path, frames)
+    for name in ("hits_quality.png", "stages.png", "timeline.png"):
+        assert (tmp_path / name).stat().st_size > 10_000, name
+    assert not (tmp_path / "rates.png").exists()  # no epochs, no grants to draw
+    assert "| static:bf16 | equal | 0 | - |" in (tmp_path / "summary.md").read_text()
