@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from ray_scout.core.llm.kv import KVSnapshot
-from ray_scout.core.llm.latency import cpu_name
+from ray_scout.provenance import cpu_name
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

@@ -1,6 +1,6 @@
 """Embedded model start-up: GGUF conversion (first start) vs the cached checkpoint (later starts).
 
-    python3 bench/model_load.py [--repeats 3] [--model gemma3-270m]
+    python3 bench/model_load.py [--repeats 3] [--model gemma3-270m] [--out bench/results/model_load.json]
 
 Each measurement runs in a fresh Python process, so peak RSS is that of one start alone.
 Prints a table: path, wall seconds (median), peak RSS (MiB).
@@ -14,6 +14,11 @@ import statistics
 import subprocess
 import sys
 import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from ray_scout import provenance  # noqa: E402
 
 CHILD = """
 import json, resource, sys, time
@@ -39,9 +44,10 @@ def run(kind: str, root: str, model: str) -> dict:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=3, help="cached loads to time")
     parser.add_argument("--model", default="smollm2-135m-instruct",
                         help="an embedded model name (ray_scout.core.llm.models.EMBEDDED_MODELS)")
+    parser.add_argument("--out", type=Path, help="write every sample as JSON here")
     args = parser.parse_args()
     rows = {}
     with tempfile.TemporaryDirectory() as root:
@@ -53,6 +59,10 @@ def main() -> int:
         med = {k: statistics.median(s[k] for s in samples) for k in samples[0]}
         print(f"{name:32} {len(samples):2d} {med['load_s']:8.2f} {med['import_s']:9.2f} "
               f"{med['peak_rss_mib']:13.0f}")
+    if args.out:
+        args.out.write_text(json.dumps(
+            {"samples": rows, **provenance.record(),
+             "command": "python3 bench/model_load.py " + " ".join(sys.argv[1:])}, indent=2) + "\n")
     return 0
 
 

@@ -18,10 +18,12 @@ from __future__ import annotations
 import argparse
 import random
 import statistics
+import sys
 import time
 
 import torch
 
+from ray_scout import provenance
 from ray_scout.core.llm import selection
 from ray_scout.core.llm.generation import attention_modules, prefill
 from ray_scout.core.llm.models import load_model
@@ -197,11 +199,15 @@ def markdown(rows) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--lengths", type=int, nargs="+", default=[512, 2048, 4096])
-    parser.add_argument("--payload-lengths", type=int, nargs="+", default=[170, 1024, 4096])
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--out", help="also write the tables to this Markdown file")
+    parser.add_argument("--lengths", type=int, nargs="*", default=[512, 2048, 4096],
+                        help="contexts of the agreement and timing table (none: skip it; "
+                             "the other two tables do not depend on the machine's load)")
+    parser.add_argument("--payload-lengths", type=int, nargs="+", default=[170, 1024, 4096],
+                        help="contexts of the scout payload size table")
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs per variant")
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    parser.add_argument("--out", help="also write the tables to this Markdown file "
+                        "(bench/results/q2c_cpu.md), with the machine, commit and load")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     lm = load_model("embedded")
@@ -210,8 +216,12 @@ def main() -> None:
          agreement_and_speed(lm, args.lengths, args.repeats)),
         ("Scout payload body sizes (Q2C selections)", payload_sizes(lm, args.payload_lengths)),
         ("Needle tokens kept at 25% retention", needle_shares(lm)),
-    ]
+    ][0 if args.lengths else 1:]
     text = "\n\n".join(f"### {title}\n\n{markdown(rows)}" for title, rows in sections) + "\n"
+    record = provenance.record()
+    text = (f"Machine: {record['machine']}; commit {record['commit']}; {record['date']}; load "
+            f"average {record['load_average_1_5_15']}; command: python3 bench/q2c_cpu.py "
+            + " ".join(sys.argv[1:]) + "\n\n" + text)
     print(text)
     if args.out:
         with open(args.out, "w") as handle:

@@ -2,7 +2,7 @@
 the per-group and per-estimator tables of a run's results.
 
     python3 bench/testbed_figures.py transfer --out bench/results/testbed_transfer.json
-    python3 bench/testbed_figures.py overhead --results results/modes_table
+    python3 bench/testbed_figures.py overhead --results experiments/results/allocation_congestion
     python3 bench/testbed_figures.py scale --agents 32 --out bench/results/testbed_scale.json
     python3 bench/testbed_figures.py groups --results experiments/results/allocation_congestion
     python3 bench/testbed_figures.py estimators --results experiments/results/estimators
@@ -12,7 +12,8 @@ persistent connection; each payload is sent 5 times; the wire time (first byte h
 kernel until the kernel's unacked count is 0) and the round trip are compared with
 bytes x 8 / rate + RTT, where RTT is the idle ping-pong time of a 1-byte request.
 ``overhead``: the ``overhead_s`` column of a run's answered requests (latency minus agent
-queue, edge compute, wire time, cloud queue and cloud compute).
+queue, edge compute, wire time, cloud queue and cloud compute); its resolution is the 2 ms
+step of the wire-time poll, so medians below it (and negative values) are that poll's noise.
 ``scale``: a profiled run of N agents (small payloads, Paper B timings) on this box; reports
 wall time, requests, hit rate and overhead.
 ``groups``: per (policy, allocator) and agent group (the spec's group names, from the run's
@@ -22,6 +23,10 @@ time); ``--requests`` picks another table of the same run (the simulated one).
 ``estimators``: per estimator of the spec's groups, requests, deadline hits and quality
 with bootstrap 95% intervals, the median estimate / grant, and the median measured
 throughput / grant of payloads over 1 MB.
+
+Every result file records ``machine`` (read from /proc: for ``overhead``, ``groups`` and
+``estimators`` the machine that read the results, not the one that ran the experiment, which
+the doc beside the figure names), ``commit`` and the load average.
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from ray_scout import provenance  # noqa: E402
 from ray_scout.experiments.runner import run_experiment  # noqa: E402
 from ray_scout.experiments.spec import parse_spec  # noqa: E402
 from ray_scout.net.profiles import load_profile  # noqa: E402
@@ -81,12 +87,19 @@ def transfer(rates_mbit: list[float], sizes_mb: list[float], repeats: int) -> li
     return rows
 
 
+# The wire time ends when the sender's unacked-byte count is seen at 0, polled with a back-off
+# of 50 us to 2 ms (transport.client): overhead_s, the rest of the latency, is no finer.
+OVERHEAD_RESOLUTION_MS = 2.0
+
+
 def overhead(results: Path) -> dict:
     r = pd.read_csv(results / "requests.csv")
     answered = r[r.overhead_s.notna() & (r["mode"] != "local")]
     o = answered.overhead_s * 1e3
     return {"results": str(results), "n": int(len(o)), "median_ms": float(o.median()),
             "p95_ms": float(o.quantile(0.95)), "max_ms": float(o.max()),
+            "resolution_ms": OVERHEAD_RESOLUTION_MS,
+            "negative_share": float((o < 0).mean()),
             "by_mode_median_ms": answered.assign(o=o).groupby("mode").o.median().to_dict()}
 
 
@@ -191,8 +204,7 @@ def main() -> int:
         result = {"rows": estimators(args.results)}
     else:
         result = scale(args.agents, args.duration_s)
-    result["machine"] = "dev box: 2-core Intel Xeon (x86-64), 24 GiB, Debian 12, Python 3.11"
-    result["date"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    result.update(provenance.record())  # the machine as measured, the commit, the load
     result["command"] = "python3 bench/testbed_figures.py " + " ".join(sys.argv[1:])
     text = json.dumps(result, indent=2, default=str)
     print(text)

@@ -14,7 +14,7 @@ Overhead = transport - baseline (median and p99 over the requests). Loopback byt
 memory speed, so the baseline is close to "bytes on the wire" and the difference is the
 transport's own cost.
 
-    nice python3 bench/transport_overhead.py [--small-requests 2000] [--json out.json]
+    python3 bench/transport_overhead.py [--small-requests 2000] [--json bench/results/transport_overhead.json]
 """
 
 from __future__ import annotations
@@ -22,13 +22,14 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing as mp
-import platform
 import socket
 import statistics
 import struct
+import sys
 import threading
 import time
 
+from ray_scout import provenance
 from ray_scout.transport.client import Connection
 from ray_scout.transport.server import Server
 
@@ -163,12 +164,8 @@ def main() -> None:
         stop.set()
         proc.join(5)
 
-    meta = {
-        "date_utc": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-        "python": platform.python_version(),
-        "kernel": platform.release(),
-        "congestion_control": conn.congestion_control,
-    }
+    meta = {**provenance.record(), "congestion_control": conn.congestion_control,
+            "command": "python3 bench/transport_overhead.py " + " ".join(sys.argv[1:])}
     print(json.dumps(meta))
     print("| body | requests | transport median / p99 (ms) | no body CRC median / p99 (ms) "
           "| bare TCP median / p99 (ms) | overhead median (ms): transport / no CRC "

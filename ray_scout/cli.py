@@ -1,7 +1,8 @@
 """The one ``scout`` command: each subcommand lives beside the layer it drives.
 
 Subcommands are registered by name in ``COMMANDS`` and imported only when chosen, so
-``scout --help`` stays fast and a missing optional dependency breaks only its own command.
+``scout --help`` and ``scout run --help`` answer without importing torch, and a missing
+optional dependency breaks only its own command.
 """
 
 from __future__ import annotations
@@ -23,18 +24,27 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="scout", description=__doc__.splitlines()[0])
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The whole parser, or with ``only`` the arguments of that one subcommand (the others
+    keep their name and help, so ``scout --help`` lists them without importing them)."""
+    parser = argparse.ArgumentParser(prog="scout", description=__doc__.splitlines()[0].replace("``", ""))
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (module, help_text) in COMMANDS.items():
-        command = sub.add_parser(name, help=help_text)
+        command = sub.add_parser(name, help=help_text, description=help_text)
         command.set_defaults(_module=module)
-        importlib.import_module(module).add_arguments(command)
+        if only is None or only == name:
+            importlib.import_module(module).add_arguments(command)
     return parser
 
 
+def _chosen(argv: list[str]) -> str:
+    """The subcommand named in ``argv`` ("" when none is: ``scout --help``)."""
+    return next((a for a in argv if not a.startswith("-")), "")
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser(only=_chosen(argv)).parse_args(argv)
     return importlib.import_module(args._module).run(args)
 
 

@@ -3,6 +3,8 @@ integration tests (loaded once per session)."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -14,6 +16,23 @@ from netem_lab import (  # noqa: F401 - pytest finds hooks by name
 )
 
 torch.set_num_threads(2)
+
+
+def in_ci() -> bool:
+    return os.environ.get("CI", "").lower() in ("true", "1", "yes")
+
+
+@pytest.fixture(scope="session")
+def missing():
+    """``missing(reason)`` for a required tool that is not installed: a skip on a developer's
+    machine, a failure in CI (``CI=true``), where scripts/setup.sh must have installed it, so
+    a broken install cannot pass as skipped tests."""
+    def report(reason: str) -> None:
+        if in_ci():
+            pytest.fail(f"{reason} (CI=true: this test must run in CI)")
+        pytest.skip(reason)
+
+    return report
 
 
 @pytest.fixture(scope="session")

@@ -51,9 +51,15 @@ def test_kv_sizes_are_the_wire_formats_exact_sizes_and_shrink_with_bits():
 
     facts = facts_for("random:qwen2.5-7b")
     sizes = profiled_payload_bytes(facts, 1000)
+    # By hand from docs/CODECS.md's formula: 999 KV tokens x (28 layers x 2 (K, V) x 4 heads
+    # x 128 dims x 2 B = 57,344 B, + 4 B of position) + a 100 B header with the one tail id.
+    assert sizes[Mode.BF16] == 999 * (57_344 + 4) + 100 == 57_290_752
     assert sizes[Mode.BF16] == payload_size_bytes(Mode.BF16, facts, 999, tail_tokens=1)
     assert sizes[Mode.BF16] > sizes[Mode.INT8] > sizes[Mode.MIXED_INT4] > sizes[Mode.INT4]
-    assert sizes[Mode.SCOUT] == scout_size_bound_bytes(1000) < 500
+    # Scout's stand-in: flag, 32 B hash, varints (7 B), a bitmap of ceil(1000 / 8) = 125 B,
+    # 64 B of question and 64 of envelope (the 190 B of docs/TESTBED.md's modes table at 170).
+    assert sizes[Mode.SCOUT] == scout_size_bound_bytes(1000) == 1 + 32 + 7 + 125 + 128 == 293
+    assert scout_size_bound_bytes(170) == 190
 
 
 def test_scout_pays_the_cloud_reprefill_and_kv_modes_do_not():

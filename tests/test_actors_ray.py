@@ -24,7 +24,7 @@ AGENT = {"model": "qwen2.5-7b", "context_tokens": [64], "deadline_s": 1.5,
 
 @pytest.fixture(scope="module")
 def local_ray():
-    ray = pytest.importorskip("ray")
+    import ray
     from pyroute2 import netns
 
     ray.init(resources={"edge": 4, "cloud": 1}, include_dashboard=False, log_to_driver=False,

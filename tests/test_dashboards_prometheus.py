@@ -107,12 +107,10 @@ def _emitter_class():
     return Emitter
 
 
-def test_every_panel_query_returns_the_values_the_actors_emitted(ray_temp_dir):
+def test_every_panel_query_returns_the_values_the_actors_emitted(ray_temp_dir, missing):
     prometheus = shutil.which("prometheus")
     if prometheus is None:
-        pytest.skip("prometheus missing: scripts/setup.sh installs Debian's prometheus")
-    pytest.importorskip("ray_scout.actors.metrics",
-                        reason="the testbed's metric emitters are not on this branch yet")
+        missing("prometheus missing: scripts/setup.sh installs Debian's prometheus")
     import ray
 
     if ray.is_initialized():

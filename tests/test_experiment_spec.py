@@ -41,7 +41,7 @@ def spec_with(**changes):
     (spec_with(capacity={"kind": "constant", "rate": "50"}), "capacity.rate"),
     (spec_with(capacity={"kind": "mahimahi", "path": "nope.log"}), "not found"),
     (spec_with(fidelity="exact"), "fidelity"),
-    (spec_with(colour="red"), "unknown top-level keys"),
+    (spec_with(colour="red"), "top level.*unknown keys"),
     (spec_with(agents=[]), "at least one agent group"),
     (spec_with(agents=[{**BASE["agents"][0], "deadline_s": -1}]), "agents\\[0\\].deadline_s"),
     (spec_with(agents=[{**BASE["agents"][0], "quality": "paper_b:1b-2b"}]), "quality"),
@@ -100,26 +100,26 @@ def test_simulated_fidelity_runs_every_combination_and_writes_results(tmp_path: 
     combos = frames["requests"][["policy", "allocator"]].drop_duplicates()
     assert len(combos) == 4
     for name in ("requests.parquet", "requests.csv", "epochs.csv", "summary.md",
-                 "hits_quality.png", "timeline.png", "rates.png"):
+                 "hits_quality.png", "stages.png", "timeline.png", "rates.png"):
         assert (tmp_path / name).exists(), name
     table = summary(frames["requests"]).set_index(["policy", "allocator"])
     # Fixed INT4 at 50 Mbit/s: the 14B agents need 15.9 Mbit/s, equal gives 12.5.
     assert table.loc[("static:int4", "model_aware"), "hit_rate"] > \
         table.loc[("static:int4", "equal"), "hit_rate"]
     text = (tmp_path / "summary.md").read_text()
-    assert "static:int4 | equal" in text and "95% CI" in text
-    assert "quality: Paper B, published (`paper_b:3b-7b`)" in text
+    assert "static:int4 | equal" in text and "95% Wilson CI" in text
+    assert "Paper B, published (`paper_b:3b-7b`)" in text
 
 
-def test_quality_note_tells_published_from_measured_profiles():
-    from ray_scout.experiments.spec import quality_note
+def test_quality_source_tells_published_from_measured_profiles():
+    from ray_scout.experiments.report import quality_source
 
     measured = "experiments/profiles/quality-embedded-embedded.yaml"
     spec = parse_spec(spec_with(agents=[BASE["agents"][0],
                                         {**BASE["agents"][1], "quality": measured}]))
-    note = quality_note(spec)
-    assert note.startswith("quality: Paper B, published (`paper_b:3b-7b`); measured, ")
-    assert f"`{measured}` (embedded -> embedded, relative_f1)" in note
+    note = quality_source(spec)
+    assert "Paper B, published (`paper_b:3b-7b`) (relative F1, BF16 = 1.0" in note
+    assert f"measured, `{measured}` (embedded -> embedded) (relative F1, BF16 = 1.0" in note
 
 
 def test_report_rewrites_the_summary_of_a_results_directory(tmp_path: Path):
@@ -133,6 +133,78 @@ def test_report_rewrites_the_summary_of_a_results_directory(tmp_path: Path):
     run_experiment(parse_spec(BASE), tmp_path)
     (tmp_path / "summary.md").unlink()
     assert json.loads((tmp_path / "meta.json").read_text())["fidelity"] == "simulated"
-    assert report.run(argparse.Namespace(results=tmp_path)) == 0
+    assert report.run(argparse.Namespace(results=tmp_path, out=None)) == 0
     assert "static:int4 | model_aware" in (tmp_path / "summary.md").read_text()
-    assert report.run(argparse.Namespace(results=tmp_path / "missing")) == 2
+    assert report.run(argparse.Namespace(results=tmp_path / "missing", out=None)) == 2
+
+
+def _requests(**columns):
+    base = dict(policy="p", allocator="equal", agent="a0", mode="int4", deadline_s=1.0,
+                t_arrival_s=0.0, payload_bytes=190, quality=0.0, deadline_met=False,
+                latency_s=float("nan"), agent_queue_s=0.0, edge_s=0.1, tx_s=0.2,
+                cloud_queue_s=0.0, cloud_s=0.3, overhead_s=float("nan"))
+    base.update(columns)
+    return pd.DataFrame([base])
+
+
+def test_a_combination_that_misses_everything_keeps_its_rows_without_nan():
+    from ray_scout.experiments.report import _markdown, _stage_markdown, breakdown
+
+    missed = _requests(policy="static:bf16")
+    hit = _requests(policy="adaptive", mode="scout", deadline_met=True, quality=0.81,
+                    latency_s=0.7, overhead_s=0.1)
+    requests = pd.concat([missed, hit], ignore_index=True)
+    text = _markdown(summary(requests), "q", "profile") + _stage_markdown(breakdown(requests))
+    assert "nan" not in text.lower()
+    rows = [line for line in text.splitlines() if line.startswith("| static:bf16")]
+    assert len(rows) == 2 and "no answer" in rows[0] and "0/1 = 0.0%" in rows[0]
+
+
+def test_stage_means_add_up_to_the_mean_latency_of_answered_requests():
+    from ray_scout.experiments.report import breakdown
+
+    # Two answered requests; each one's stages sum to its latency (overhead is the rest).
+    requests = pd.concat([
+        _requests(deadline_met=True, latency_s=1.0, edge_s=0.1, tx_s=0.2, cloud_s=0.3,
+                  agent_queue_s=0.35, overhead_s=0.05),
+        _requests(deadline_met=True, latency_s=3.0, edge_s=0.1, tx_s=2.0, cloud_s=0.8,
+                  agent_queue_s=0.0, overhead_s=0.1),
+        _requests()], ignore_index=True)  # a miss: not in the means
+    row = breakdown(requests).iloc[0]
+    assert row["latency_s"] == pytest.approx(2.0)
+    assert row["tx_s"] == pytest.approx(1.1) and row["answered"] == 2
+    stages = ["agent_queue_s", "edge_s", "tx_s", "cloud_queue_s", "cloud_s", "overhead_s"]
+    assert sum(row[c] for c in stages) == pytest.approx(2.0)
+
+
+def test_payload_sizes_print_in_a_unit_that_shows_scouts_bytes():
+    from ray_scout.experiments.report import format_bytes
+
+    assert [format_bytes(b) for b in (0, 190, 48_200, 3_070_465)] == \
+        ["0 B", "190 B", "48.2 kB", "3.07 MB"]
+
+
+def test_the_summary_says_where_quality_came_from_and_what_local_is(tmp_path: Path):
+    run_experiment(parse_spec(BASE), tmp_path)
+    text = (tmp_path / "summary.md").read_text()
+    assert "(simulated fidelity)" in text
+    assert "Paper B's published per-mode quality (relative F1, BF16 = 1.0" in text
+    assert "mean quality (profile's, BF16 = 1.0)" in text  # in the table's own header
+    assert "| profile `paper_b:3b-7b` |" in text  # and on every row
+    assert "`local`: nothing was sent" in text
+    assert " MB |" in text and "0.000" not in text.split("| payload p50")[1].split("\n")[2]
+
+
+def test_plots_are_drawn_when_a_combination_misses_everything(tmp_path: Path):
+    from ray_scout.experiments.report import write_report
+
+    missed = _requests(policy="static:bf16", agent="s0", mode="bf16", t_arrival_s=3.0)
+    hit = _requests(policy="adaptive", agent="s1", mode="scout", deadline_met=True,
+                    quality=0.81, latency_s=0.7, overhead_s=0.1, t_arrival_s=5.0)
+    frames = {"requests": pd.concat([missed, hit], ignore_index=True),
+              "epochs": pd.DataFrame()}
+    write_report(parse_spec(BASE), tmp_path, frames)
+    for name in ("hits_quality.png", "stages.png", "timeline.png"):
+        assert (tmp_path / name).stat().st_size > 10_000, name
+    assert not (tmp_path / "rates.png").exists()  # no epochs, no grants to draw
+    assert "| static:bf16 | equal | 0 | - |" in (tmp_path / "summary.md").read_text()

@@ -127,12 +127,16 @@ def test_two_edges_through_htb_and_the_tun_emulator_see_the_delay_and_loss_and_l
     # One 20 ms emulator on each access direction: no packet is early, the median is 40 ms.
     assert min(rtts) >= 40.0
     assert statistics.median(rtts) == pytest.approx(40.0, abs=1.5), rtts
-    # Loss-limited cubic: near the Mathis bound MSS/RTT * sqrt(3/2)/sqrt(p) (6 s is a few dozen
-    # loss events, hence the wide band; docs/EMULATOR.md has the 15 s runs), far below the rate.
-    mathis_bps = MSS_BYTES * 8 / 0.040 * math.sqrt(1.5) / math.sqrt(0.01)
-    assert 0.4 * mathis_bps < goodput_bps < 1.5 * mathis_bps, goodput_bps
+    # Loss-limited cubic follows Mathis, MSS/RTT * C/sqrt(p), at the loss and round trip this
+    # run measured (not the configured ones): C between sqrt(3/4) (delayed ACKs, b = 2) and
+    # sqrt(3/2) (b = 1), where docs/LINKS.md's runs landed (0.75-0.96 of the b = 1 bound);
+    # 10% either side for a 4 s window of a few dozen loss events.
+    loss = up.packets_dropped / up.packets_in
+    assert 0.005 < loss < 0.02, loss  # 1% configured, a few hundred packets drawn
+    bound_bps = MSS_BYTES * 8 / (statistics.median(rtts) / 1e3) / math.sqrt(loss)
+    assert 0.9 * math.sqrt(0.75) * bound_bps < goodput_bps < 1.1 * math.sqrt(1.5) * bound_bps, \
+        (goodput_bps, bound_bps, loss)
     assert goodput_bps < 0.5 * 20e6
-    assert 0 < up.packets_dropped / up.packets_in < 0.025
     assert find_leftovers(f"rs-{run}-").empty
     assert _emulator_threads() == []
 

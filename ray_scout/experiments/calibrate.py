@@ -24,17 +24,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, required=True,
                         help="profile to write (.yaml or .json), e.g. "
                              "experiments/profiles/quality-<edge>-<cloud>.yaml")
-    parser.add_argument("--task", default="single_needle")
-    parser.add_argument("--context-tokens", type=int, default=500)
-    parser.add_argument("--n", type=int, default=100)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--task", default="single_needle",
+                        help="synthetic task the samples come from (docs/TASKS.md)")
+    parser.add_argument("--context-tokens", type=int, default=500,
+                        help="context length of each sample, in tokens")
+    parser.add_argument("--n", type=int, default=100,
+                        help="samples per mode (the 95%% CIs in the profile shrink with it)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the task's samples")
     parser.add_argument("--scout-retention", type=float, default=0.5,
                         help="retention the scout mode is calibrated at (EdgeOptions default)")
     parser.add_argument("--scorer", default="q2c", help="scout's selection method")
     parser.add_argument("--results", type=Path,
                         help="CSV to resume from and append to (default: the harness's "
                              "<edge>-<cloud>.csv, shared with `scout quality`)")
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
 
 
 def calibration_grid(args: argparse.Namespace) -> Grid:

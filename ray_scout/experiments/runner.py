@@ -20,6 +20,7 @@ leaves behind).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -30,6 +31,7 @@ from pathlib import Path
 import pandas as pd
 
 from ray_scout.actors.edge import AgentConfig, make_policy, typical_demand
+from ray_scout.actors.link_manager import LinkChange
 from ray_scout.actors.recorder import read_table
 from ray_scout.core.control.allocation import allocate
 from ray_scout.core.stages.profiled import (
@@ -38,14 +40,20 @@ from ray_scout.core.stages.profiled import (
 from ray_scout.core.stages.request import Arrival, RequestShape
 from ray_scout.experiments.placement import Placement, alive_nodes, edge_hosts, place
 from ray_scout.experiments.spec import (
-    REPO_ROOT, Spec, SpecError, arrivals, capacity_trace, check_allocators, load_spec,
-    quality_profile,
+    FIDELITIES, REPO_ROOT, Spec, SpecError, arrivals, capacity_trace, check_allocators,
+    load_spec, quality_profile, spec_path, spec_text_as_run,
 )
 from ray_scout.net.profiles import load_profile
 from ray_scout.net.topology import CLOUD_ADDRESS
 
 CLOUD_PORT = 7300
 TABLES = ("requests", "epochs", "rate_changes", "events")
+# Header of a table no row reached (a simulated run changes no link and restarts nothing):
+# a CSV without one is a 1-byte file that pandas cannot read.
+EMPTY_COLUMNS = {
+    "rate_changes": [f.name for f in dataclasses.fields(LinkChange)] + ["policy", "allocator"],
+    "events": ["wall_time_s", "source", "event", "detail", "policy", "allocator"],
+}
 # How long after the last arrival a trial may take before the driver stops waiting: the
 # longest deadline plus this slack (actor start-up, the last answer's way back).
 DRAIN_SLACK_S = 20.0
@@ -423,6 +431,8 @@ def _collect(out: Path, trials: list[dict]) -> dict[str, pd.DataFrame]:
 
 def write_tables(out: Path, frames: dict[str, pd.DataFrame]) -> None:
     for name, frame in frames.items():
+        if frame.columns.empty and name in EMPTY_COLUMNS:
+            frame = pd.DataFrame(columns=EMPTY_COLUMNS[name])
         frame.to_csv(out / f"{name}.csv", index=False)
         if not frame.empty:
             frame.to_parquet(out / f"{name}.parquet", index=False)
@@ -531,26 +541,43 @@ def run_experiment(spec: Spec, out: Path, address: str | None = None,
 
 
 # --- CLI --------------------------------------------------------------------------------
+FIDELITY_HELP = """fidelities (one spec, three ways to run it):
+  full       real models in the actors (edge prefill, Q2C, codecs; the cloud answers),
+             real payloads over real shaped links; answers scored against the task
+  profiled   compute slept from measured or published stage times, real payload bytes of
+             the exact size over real shaped links; quality from the spec's quality profile
+  simulated  network and compute both modelled (Paper B's method): no root, no Ray, seconds
+full and profiled need root (network namespaces) unless --address names a cluster."""
+
+
 def add_arguments(parser) -> None:
-    parser.add_argument("spec", type=Path, help="experiments/<name>.yaml")
-    parser.add_argument("--fidelity", choices=("full", "profiled", "simulated"),
-                        help="override the spec's fidelity")
+    import argparse
+
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.epilog = FIDELITY_HELP
+    parser.add_argument("spec", help="a spec file, or a shipped spec's name in experiments/ "
+                        "(demo, adaptive_vs_static, allocation_congestion, ...)")
+    parser.add_argument("--fidelity", choices=FIDELITIES,
+                        help="run at this fidelity instead of the spec's (see below)")
     parser.add_argument("--address", help="an existing Ray cluster ('auto'); default: a "
                         "local Ray started for this run")
     parser.add_argument("--out", type=Path, help="results directory (default results/<name>)")
-    parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--no-progress", action="store_true",
+                        help="no progress bars (for logs)")
 
 
 def run(args) -> int:
     """``scout run``: exit 0 on success, 2 on a bad spec, 130 on Ctrl-C."""
     try:
-        spec = load_spec(args.spec, args.fidelity)
+        path = spec_path(args.spec)
+        spec = load_spec(path, args.fidelity)
     except SpecError as exc:
         print(f"scout run: {exc}", file=sys.stderr)
         return 2
     out = args.out or REPO_ROOT / "results" / spec.name
     out.mkdir(parents=True, exist_ok=True)
-    (out / "spec.yaml").write_text(args.spec.read_text())  # what `scout report` re-reads
+    # What `scout report` re-reads, and the record of what ran: --fidelity written in.
+    (out / "spec.yaml").write_text(spec_text_as_run(path.read_text(), spec.fidelity))
     try:
         run_experiment(spec, out, args.address, not args.no_progress)
     except SpecError as exc:

@@ -161,6 +161,24 @@ def _known(value: str, known: tuple[str, ...], where: str) -> str:
     return value
 
 
+def _only_known(doc: dict, known: set[str], where: str, note: str = "") -> None:
+    unknown = set(doc) - known
+    if unknown:
+        raise SpecError(f"{where}: unknown keys {sorted(unknown)}; known: "
+                        f"{', '.join(sorted(known))}{note}")
+
+
+def _mapping(doc: Any, where: str) -> dict:
+    if doc is None:
+        return {}
+    if not isinstance(doc, dict):
+        raise SpecError(f"{where}: must be a mapping, not {doc!r}")
+    return doc
+
+
+CAPACITY_KEYS = {"kind", "rate", "states", "step_s", "seed", "segments", "path", "window_s"}
+
+
 def _agent(doc: dict, i: int) -> AgentGroup:
     where = f"agents[{i}]"
     if not isinstance(doc, dict):
@@ -172,9 +190,7 @@ def _agent(doc: dict, i: int) -> AgentGroup:
     retention = float(doc.get("scout_retention", 0.5))
     if not 0 < retention <= 1:
         raise SpecError(f"{where}.scout_retention: must lie in (0, 1], not {retention}")
-    unknown = set(doc) - {f.name for f in dataclasses.fields(AgentGroup)}
-    if unknown:
-        raise SpecError(f"{where}: unknown keys {sorted(unknown)}")
+    _only_known(doc, {f.name for f in dataclasses.fields(AgentGroup)}, where)
     return AgentGroup(
         name=str(doc.get("name", f"a{i}_")), count=int(_positive(doc.get("count", 1),
                                                                  f"{where}.count", True)),
@@ -211,9 +227,7 @@ def parse_spec(doc: Any, *, base: Path = REPO_ROOT, fidelity: str | None = None)
         raise SpecError("a spec is a YAML mapping (name, agents, capacity, policies, ...)")
     known = {"name", "description", "fidelity", "duration_s", "seed", "epoch_s", "network",
              "capacity", "cloud", "agents", "policies", "allocators", "safety_margin"}
-    unknown = set(doc) - known
-    if unknown:
-        raise SpecError(f"unknown top-level keys {sorted(unknown)}; known: {sorted(known)}")
+    _only_known(doc, known, "spec (top level)")
     agents_doc = _need(doc, "agents", "spec")
     if not isinstance(agents_doc, list) or not agents_doc:
         raise SpecError("agents: give a list of at least one agent group")
@@ -221,15 +235,18 @@ def parse_spec(doc: Any, *, base: Path = REPO_ROOT, fidelity: str | None = None)
     names = [g.name for g in agents]
     if len(set(names)) != len(names):
         raise SpecError(f"agents: group names must be unique, got {names}")
-    network = doc.get("network", {}) or {}
-    unknown = set(network) - {"bottleneck", "impairment", "borrow", "access_rate", "site_size"}
-    if unknown:
-        raise SpecError(f"network: unknown keys {sorted(unknown)}; known: access_rate, "
-                        "borrow, bottleneck, impairment, site_size (access profiles are per "
-                        "agent group)")
-    cloud = doc.get("cloud", {}) or {}
-    models = cloud.get("models") or {g.cloud_model: {"timing": "paper_b"} for g in agents}
+    network = _mapping(doc.get("network"), "network")
+    _only_known(network, {"bottleneck", "impairment", "borrow", "access_rate", "site_size"}, "network",
+                " (access profiles are per agent group)")
+    cloud = _mapping(doc.get("cloud"), "cloud")
+    _only_known(cloud, {"slots", "models", "max_batch", "batch_window_s"}, "cloud")
+    models = _mapping(cloud.get("models"), "cloud.models") \
+        or {g.cloud_model: {"timing": "paper_b"} for g in agents}
+    for m, v in models.items():
+        _only_known(_mapping(v, f"cloud.models.{m}"), {"timing"}, f"cloud.models.{m}")
     cloud_models = {str(m): str((v or {}).get("timing", "paper_b")) for m, v in models.items()}
+    _only_known(_mapping(_need(doc, "capacity", "spec"), "capacity"), CAPACITY_KEYS,
+                "capacity")
     for g in agents:
         if g.cloud_model not in cloud_models:
             raise SpecError(f"agents[{g.name}].cloud_model: {g.cloud_model!r} is not hosted; "
@@ -276,15 +293,46 @@ def parse_spec(doc: Any, *, base: Path = REPO_ROOT, fidelity: str | None = None)
     return spec
 
 
+def spec_path(name_or_path: str | Path) -> Path:
+    """The spec file a user means: a path as given, else ``experiments/<name>.yaml`` for a
+    bare name such as ``adaptive_vs_static``."""
+    path = Path(name_or_path)
+    if path.exists():
+        return path
+    shipped = REPO_ROOT / "experiments" / (path.name if path.suffix else f"{path.name}.yaml")
+    if len(path.parts) == 1 and shipped.exists():
+        return shipped
+    names = ", ".join(sorted(p.stem for p in (REPO_ROOT / "experiments").glob("*.yaml")))
+    raise SpecError(f"spec {name_or_path} not found; give a YAML path or a shipped spec's "
+                    f"name: {names}")
+
+
 def load_spec(path: str | Path, fidelity: str | None = None) -> Spec:
-    path = Path(path)
-    if not path.exists():
-        raise SpecError(f"spec {path} not found; the shipped ones are in experiments/*.yaml")
+    path = spec_path(path)
     try:
         doc = yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:
         raise SpecError(f"{path}: not valid YAML ({exc})") from None
     return parse_spec(doc, base=REPO_ROOT, fidelity=fidelity)
+
+
+def spec_text_as_run(text: str, fidelity: str) -> str:
+    """The spec file's text with ``fidelity`` set to the one that ran (``--fidelity``), its
+    comments kept, so the results folder's ``spec.yaml`` is what ran."""
+    line = f"fidelity: {fidelity}  # as run (scout run --fidelity)"
+    lines = text.splitlines()
+    at = [i for i, raw in enumerate(lines) if raw.startswith("fidelity:")]
+    if at:
+        if yaml.safe_load(lines[at[0]])["fidelity"] == fidelity:
+            return text
+        lines[at[0]] = line
+    else:
+        lines.append(line)
+    edited = "\n".join(lines) + "\n"
+    if (yaml.safe_load(edited) or {}).get("fidelity") != fidelity:  # a flow-style document
+        doc = dict(yaml.safe_load(text), fidelity=fidelity)
+        edited = yaml.safe_dump(doc, sort_keys=False)
+    return edited
 
 
 def _rate(value: Any, where: str) -> float:
@@ -342,20 +390,6 @@ def quality_profile(spec: Spec, group: AgentGroup) -> QualityProfile:
         return QualityProfile.load(path)
     except ProfileError as exc:
         raise SpecError(f"agents[{group.name}].quality: {exc}") from None
-
-
-def quality_note(spec: Spec) -> str:
-    """Where the quality numbers the policies plan with come from, one clause per source:
-    a reader must see whether a run's quality was measured here or borrowed from the paper."""
-    notes = []
-    for source in dict.fromkeys(g.quality for g in spec.agents):
-        if source.startswith("paper_b:"):
-            notes.append(f"Paper B, published (`{source}`)")
-        else:
-            profile = QualityProfile.load(spec.path(source))
-            notes.append(f"measured, `{source}` ({profile.edge_model} -> "
-                         f"{profile.cloud_model}, {profile.metric})")
-    return "quality: " + "; ".join(notes)
 
 
 def arrivals(spec: Spec, agent_index: int, context_tokens: tuple[int, ...],

@@ -14,7 +14,7 @@ from ray_scout.net import PREFIX
 from ray_scout.net.cleanup import cleanup, find_leftovers
 from ray_scout.net.errors import NetError
 from ray_scout.net.probe import probe
-from ray_scout.net.profiles import list_profiles, load_profile
+from ray_scout.net.profiles import LinkProfile, list_profiles, load_profile, parse_rate_bps
 from ray_scout.net.topology import LabTopology
 
 
@@ -35,13 +35,44 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     lab.add_argument("--timeout-s", type=float, default=600.0)
     lab.add_argument("lab_command", nargs=argparse.REMAINDER, metavar="-- COMMAND")
     up = sub.add_parser("up", help="build the lab topology and hold it until Ctrl-C")
-    up.add_argument("--edges", type=int, default=2)
+    up.add_argument("--edges", type=int, default=2, help="edge namespaces, one access link "
+                    "each (default 2)")
     up.add_argument("--access", default="lab", help="access-link profile (name or YAML path)")
+    up.add_argument("--rate", type=_rate_bps, help="access-link rate in both directions, "
+                    "overriding the profile's, e.g. 50mbit")
     up.add_argument("--bottleneck", default="lab", help="bottleneck profile (name or YAML path)")
+
+
+def _rate_bps(text: str) -> int:
+    try:
+        return parse_rate_bps(text)
+    except NetError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def _mbit(rate_bps: int) -> str:
+    return f"{rate_bps / 1e6:g}"
+
+
+def profiles_table(profiles: list[LinkProfile]) -> str:
+    """One row per profile and direction, in the words and units of the YAML files."""
+    lines = ["| profile | direction | rate (Mbit/s) | delay (ms) | jitter (ms) | jitter "
+             "distribution | loss | queue (bytes) | congestion control |",
+             "|" + "---|" * 9]
+    for p in profiles:
+        for direction, d in (("up", p.up), ("down", p.down)):
+            i = d.impairment
+            lines.append(f"| {p.name} | {direction} | {_mbit(d.rate_bps)} | "
+                         f"{i.delay_s * 1e3:g} | {i.jitter_s * 1e3:g} | "
+                         f"{i.jitter_distribution if i.jitter_s else '-'} | {i.loss:.2%} | "
+                         f"{d.queue_bytes:,} | {p.congestion_control} |")
+    return "\n".join(lines)
 
 
 def _up(args: argparse.Namespace) -> int:
     access = load_profile(args.access)
+    if args.rate is not None:
+        access = access.with_rate(args.rate)
     # The topology probes and picks netem or the TUN emulator if a profile has delay/jitter/loss.
     with LabTopology([access] * args.edges, load_profile(args.bottleneck)) as topo:
         print(f"built {len(topo.namespaces)} namespaces in {topo.build_s * 1e3:.0f} ms: {' '.join(topo.namespaces)}")
@@ -82,8 +113,7 @@ def _run(args: argparse.Namespace) -> int:
     if args.net_command == "probe":
         print(probe().summary())
     elif args.net_command == "profiles":
-        for name in list_profiles():
-            print(name, load_profile(name))
+        print(profiles_table([load_profile(name) for name in list_profiles()]))
     elif args.net_command == "cleanup":
         found = find_leftovers(args.prefix) if args.dry_run else cleanup(args.prefix)
         verb = "found" if args.dry_run else "removed"

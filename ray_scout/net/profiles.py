@@ -4,6 +4,8 @@ A profile is data: frozen dataclasses in the internal units (bits per second, se
 bytes, loss as a fraction). Text units are parsed here and nowhere else, case-insensitively,
 so ``10Mbit``, ``10mbit`` and ``10 Mbit/s`` mean the same; the kernel-facing code never sees a
 unit string (pyroute2's own suffixes are case-sensitive and a bare int there is bytes/s).
+Rates are written in ``bit``: ``mbps`` is refused, since tc reads it as megabytes per second
+and most people as megabits, and case cannot tell ``Mbps`` from ``MBps`` here.
 
 The queue is sized from the bandwidth-delay product, not netem's 1000 packets: ``queue`` may
 be bytes (``256kB``) or milliseconds of buffering at the link rate (``50ms``); when absent it is
@@ -47,8 +49,9 @@ MIN_QUEUE_S = 0.020
 JITTER_DISTRIBUTIONS = ("uniform", "normal", "pareto", "paretonormal")
 PROFILE_DIR = Path(__file__).resolve().parents[2] / "netem"
 
-_RATE_UNITS = {"bit": 1, "kbit": 1e3, "mbit": 1e6, "gbit": 1e9, "bps": 1, "kbps": 1e3,
-               "mbps": 1e6, "gbps": 1e9}
+_RATE_UNITS = {"bit": 1, "kbit": 1e3, "mbit": 1e6, "gbit": 1e9}
+# Units whose meaning depends on who reads them (tc: bytes per second; a data sheet: bits).
+_AMBIGUOUS_RATE_UNITS = {"bps": "bit", "kbps": "kbit", "mbps": "mbit", "gbps": "gbit"}
 _TIME_UNITS = {"us": 1e-6, "ms": 1e-3, "s": 1.0}
 _SIZE_UNITS = {"b": 1, "kb": 1e3, "mb": 1e6, "kib": 1024, "mib": 1024**2}
 _NUMBER_UNIT = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:e[+-]?[0-9]+)?)\s*([a-z%/]*)\s*$", re.I)
@@ -64,6 +67,11 @@ def _split(text: object, what: str) -> tuple[float, str]:
 def parse_rate_bps(text: object) -> int:
     """``'10mbit'``/``'10 Mbit/s'`` -> 10_000_000; a unit is required, bits per second inside."""
     value, unit = _split(text, "rate")
+    if unit in _AMBIGUOUS_RATE_UNITS:
+        number = f"{value:g}"
+        raise NetError(f"rate {text!r} is ambiguous (tc reads {unit!r} as bytes per second, "
+                       f"most people as bits): write {number}{_AMBIGUOUS_RATE_UNITS[unit]} "
+                       f"for bits per second")
     if unit not in _RATE_UNITS:
         raise NetError(f"rate {text!r} needs a unit among {sorted(_RATE_UNITS)}, e.g. '25mbit'")
     rate_bps = int(round(value * _RATE_UNITS[unit]))

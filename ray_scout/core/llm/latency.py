@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-import os
-import platform
 import statistics
 import time
 from pathlib import Path
@@ -20,6 +18,8 @@ from pathlib import Path
 import numpy as np
 import torch
 import yaml
+
+from ray_scout.provenance import cpu_name
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,17 +81,6 @@ def _interpolate(points: tuple[tuple[int, float], ...], tokens: int) -> float:
     i, j = (0, 1) if tokens < xs[0] else (-2, -1)
     slope = (ys[j] - ys[i]) / (xs[j] - xs[i])
     return max(float(ys[i] + slope * (tokens - xs[i])), float(ys.min()) * 0.5)
-
-
-def cpu_name() -> str:
-    """The processor's model name and core count, for provenance lines."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return f"{line.split(':', 1)[1].strip()} x{os.cpu_count()}"
-    except OSError:
-        pass
-    return f"{platform.machine()} x{os.cpu_count()}"
 
 
 def _synchronize(device: torch.device) -> None:

@@ -1,0 +1,216 @@
+"""The docs stay true: every command they show exists with the flags it names, every results
+file they cite is in the repository, and every table of measured figures names its raw data.
+
+Commands are found in code blocks and inline code of docs/*.md and README.md: ``scout ...``,
+``python3 -m ray_scout.cli ...`` (checked against the real parser) and
+``python3 bench/<script>.py ...`` (checked against the script's own ``add_argument`` calls,
+read from its source so no benchmark is imported).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import re
+import shlex
+from functools import cache
+from pathlib import Path
+
+import pytest
+
+from ray_scout.cli import build_parser
+
+REPO = Path(__file__).resolve().parents[1]
+DOCS = sorted((REPO / "docs").glob("*.md")) + [REPO / "README.md"]
+COMMAND = re.compile(r"(?<![\w/.-])(scout\s+[a-z]|python3\s+(?:-u\s+)?(?:-m\s+ray_scout\.cli|"
+                     r"bench/[\w.]+\.py)\b)")
+RESULTS_PATH = re.compile(r"(?:bench|experiments)/results/[\w./<>*{},-]*[\w>*/}]")
+# Options whose value is a file the command reads, or (for a benchmark) the raw data it
+# wrote and the doc's figures come from: such a file must be committed.
+INPUT_OPTIONS = ("--results", "--requests")
+RAW_OUTPUT_OPTIONS = ("--out", "--json")
+
+
+def _code_texts(text: str) -> list[str]:
+    """Fenced and indented code lines and inline code spans, continuation lines joined."""
+    text = re.sub(r"\\\n\s*", " ", text)
+    pieces, fenced = [], False
+    for line in text.splitlines():
+        if line.lstrip().startswith("```"):
+            fenced = not fenced
+            continue
+        if fenced or line.startswith("    "):
+            pieces.append(re.split(r"\s#\s", line)[0].strip())  # a shell comment is prose
+        else:
+            pieces += re.findall(r"`([^`]+)`", line)
+    return pieces
+
+
+def doc_commands(path: Path) -> list[str]:
+    commands = []
+    for piece in _code_texts(path.read_text()):
+        for match in COMMAND.finditer(piece):
+            command = piece[match.start():]
+            command = re.split(r"\s+#|\s*\||\s*;|\s*&&|\s*\)", command)[0]
+            commands.append(command.strip())
+    return commands
+
+
+ALL_COMMANDS = sorted({(path.relative_to(REPO).as_posix(), c)
+                       for path in DOCS for c in doc_commands(path)})
+
+
+def _words(command: str) -> list[str]:
+    try:
+        words = shlex.split(command)
+    except ValueError:
+        words = command.split()
+    # Placeholders (`<spec>`, `...`) and optional-argument brackets are the doc's notation.
+    return [w.strip("[]") for w in words if "<" not in w and w not in ("...", "…")]
+
+
+def _options(parser: argparse.ArgumentParser) -> set[str]:
+    return {o for action in parser._actions for o in action.option_strings}
+
+
+def _check_scout(words: list[str]) -> list[str]:
+    parser, problems = build_parser(), []
+    for word in words:
+        sub = next((a for a in parser._actions if isinstance(a, argparse._SubParsersAction)),
+                   None)
+        if sub is not None and not word.startswith("-"):
+            if word not in sub.choices:
+                return [f"no subcommand {word!r} (known: {', '.join(sub.choices)})"]
+            parser = sub.choices[word]
+        elif word.startswith("--") and word.split("=")[0] not in _options(parser):
+            problems.append(f"{parser.prog} has no option {word.split('=')[0]}")
+    return problems
+
+
+@cache
+def _script_arguments(script: Path) -> tuple[set[str], set[str]]:
+    """(option strings, subcommand names and positional choices) of a benchmark script."""
+    options, names = set(), set()
+    for node in ast.walk(ast.parse(script.read_text())):
+        if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)):
+            continue
+        strings = [a.value for a in node.args if isinstance(a, ast.Constant)
+                   and isinstance(a.value, str)]
+        if node.func.attr == "add_argument":
+            options.update(s for s in strings if s.startswith("-"))
+            for keyword in node.keywords:
+                if keyword.arg == "choices" and isinstance(keyword.value, (ast.List, ast.Tuple)):
+                    names.update(e.value for e in keyword.value.elts
+                                 if isinstance(e, ast.Constant))
+        elif node.func.attr == "add_parser":
+            names.update(strings[:1])
+    return options, names
+
+
+def _check_bench(words: list[str]) -> list[str]:
+    script = REPO / words[0]
+    if not script.is_file():
+        return [f"{words[0]} does not exist"]
+    options, names = _script_arguments(script)
+    problems = [f"{words[0]} has no option {w.split('=')[0]}" for w in words[1:]
+                if w.startswith("--") and w.split("=")[0] not in options]
+    if names and len(words) > 1 and not words[1].startswith("-") and words[1] not in names:
+        problems.append(f"{words[0]} has no subcommand {words[1]!r} ({sorted(names)})")
+    return problems
+
+
+def _check_paths(words: list[str], bench: bool) -> list[str]:
+    problems = []
+    checked = INPUT_OPTIONS + (RAW_OUTPUT_OPTIONS if bench else ())
+    for option, value in zip(words, words[1:]):
+        if option in checked and not (REPO / value).exists():
+            problems.append(f"{option} {value} is not in the repository (a fresh clone "
+                            "cannot reproduce the figure)")
+    return problems
+
+
+def check_command(command: str) -> list[str]:
+    words = _words(command)
+    if words[:3] == ["python3", "-m", "ray_scout.cli"]:
+        return _check_scout(words[3:]) + _check_paths(words, bench=False)
+    if words[0] == "scout":
+        return _check_scout(words[1:]) + _check_paths(words, bench=False)
+    words = words[1:] if words[1] != "-u" else words[2:]
+    return _check_bench(words) + _check_paths(words, bench=True)
+
+
+def test_the_docs_show_commands_at_all():
+    assert len(ALL_COMMANDS) > 50  # the extractor still finds them
+
+
+@pytest.mark.parametrize("doc, command", ALL_COMMANDS)
+def test_every_command_in_the_docs_exists_with_its_flags(doc, command):
+    assert check_command(command) == [], f"{doc}: {command}"
+
+
+def test_a_wrong_command_is_caught():
+    assert check_command("scout run x.yaml --fidelty simulated")
+    assert check_command("scout calibrat --n 3")
+    assert check_command("python3 bench/testbed_figures.py overhead --results results/x")
+    assert check_command("python3 bench/transport_overhead.py --json /tmp/t.json")
+    assert check_command("python3 bench/no_such.py")
+    assert check_command("python3 bench/links_figures.py goodput --rate 3") != []
+
+
+def test_every_results_file_a_doc_cites_is_in_the_repository():
+    missing = []
+    for path in DOCS:
+        for cited in set(RESULTS_PATH.findall(path.read_text())):
+            pattern = re.sub(r"<[^>]*>", "*", cited)
+            head, _, rest = pattern.partition("{")  # `x.{csv,parquet}`: each must exist
+            choices, _, tail = rest.partition("}")
+            for each in ([head + c + tail for c in choices.split(",")] if rest else [pattern]):
+                if not list(REPO.glob(each)):
+                    missing.append(f"{path.name}: {cited}")
+    assert missing == []
+
+
+# --- figure tables ----------------------------------------------------------------------
+RAW = re.compile(r"(?:bench|experiments)/results/|\.(?:json|csv|log|txt|jsonl)\b")
+MEASURED = re.compile(r"(?<![\w.])\d+\.\d+\s*(?:%|ms|s|x|Mbit/s|Gbit/s|GB/s|MB/s|MB|kB)?"
+                      r"(?![\w.])")
+
+
+def figure_tables(text: str) -> list[tuple[int, str]]:
+    """(first line, header) of each Markdown table under a heading of measured figures
+    whose body holds decimal numbers."""
+    lines, tables, section = text.splitlines(), [], ""
+    i = 0
+    while i < len(lines):
+        if lines[i].startswith("#"):
+            section = lines[i]
+        if lines[i].startswith("|") and i + 1 < len(lines) and lines[i + 1].startswith("|-"):
+            start = i
+            while i < len(lines) and lines[i].startswith("|"):
+                i += 1
+            body = "\n".join(lines[start + 2:i])
+            if len(MEASURED.findall(body)) >= 2:
+                tables.append((start, section))
+            continue
+        i += 1
+    return tables
+
+
+def _figure_tables_without_raw_data(path: Path) -> list[str]:
+    lines = path.read_text().splitlines()
+    missing = []
+    for start, section in figure_tables(path.read_text()):
+        # The raw file is named in the table's section: from the level-2 heading above it
+        # to the table's last line.
+        head = max((j for j in range(start) if lines[j].startswith("## ")), default=0)
+        end = start
+        while end < len(lines) and lines[end].startswith("|"):
+            end += 1
+        if not RAW.search("\n".join(lines[head:end])):
+            missing.append(f"{path.name}:{start + 1} ({section.strip('# ')}): {lines[start]}")
+    return missing
+
+
+def test_every_table_of_measured_figures_names_its_raw_data():
+    missing = [m for path in DOCS for m in _figure_tables_without_raw_data(path)]
+    assert missing == [], "\n".join(missing)
