@@ -76,6 +76,8 @@ def _options(parser: argparse.ArgumentParser) -> set[str]:
 def _check_scout(words: list[str]) -> list[str]:
     parser, problems = build_parser(), []
     for word in words:
+        if word == "--":  # what follows is another command's (scout net lab-kernel -- ...)
+            break
         sub = next((a for a in parser._actions if isinstance(a, argparse._SubParsersAction)),
                    None)
         if sub is not None and not word.startswith("-"):

@@ -188,7 +188,7 @@ def test_the_summary_says_where_quality_came_from_and_what_local_is(tmp_path: Pa
     run_experiment(parse_spec(BASE), tmp_path)
     text = (tmp_path / "summary.md").read_text()
     assert "(simulated fidelity)" in text
-    assert "Paper B's published per-mode quality (relative F1, BF16 = 1.0" in text
+    assert "Paper B, published (`paper_b:3b-7b`) (relative F1, BF16 = 1.0" in text
     assert "mean quality (profile's, BF16 = 1.0)" in text  # in the table's own header
     assert "| profile `paper_b:3b-7b` |" in text  # and on every row
     assert "`local`: nothing was sent" in text
