@@ -50,6 +50,22 @@ def spec_with(**changes):
                cloud={"models": {"y": {}}}), "not hosted"),
     (spec_with(cloud={"max_batch": 0}), "cloud.max_batch: must be > 0"),
     (spec_with(cloud={"batch_window_s": -0.1}), "cloud.batch_window_s: must be >= 0"),
+    # Issue 17, defect 5: no upper bounds; count 1e9 took 7.3 GB in 60 s with no message.
+    (spec_with(agents=[{**BASE["agents"][0], "count": 1_000_000_000}]),
+     "agents\\[0\\].count: 1000000000 is over the limit of 4096"),
+    (spec_with(agents=[{**BASE["agents"][0], "count": 3000}, {**BASE["agents"][1], "count": 3000}]),
+     "agents: 6000 agents in all groups, over the limit"),
+    (spec_with(agents=[{**BASE["agents"][0], "context_tokens": [10**9]}]),
+     "agents\\[0\\].context_tokens: 1000000000 is over the limit"),
+    (spec_with(agents=[{**BASE["agents"][0], "arrival_rate_hz": 1e12}]),
+     "agents\\[0\\].arrival_rate_hz: .* over the limit"),
+    (spec_with(agents=[{**BASE["agents"][0], "arrival_rate_hz": 1000, "count": 100}]),
+     "count x arrival_rate_hz x duration_s: about 1.2e\\+07 requests"),
+    (spec_with(duration_s=1e12), "duration_s: .* over the limit"),
+    (spec_with(duration_s=3600, epoch_s=1e-6), "epoch_s: .* allocator epochs"),
+    (spec_with(capacity={"kind": "constant", "rate": "9999gbit"}), "capacity.rate: .* out of range"),
+    (spec_with(network={"access_rate": "1000000gbit"}), "network.access_rate: .* out of range"),
+    (spec_with(capacity={"kind": "markov", "step_s": 1e-9}), "capacity.step_s: .* capacity steps"),
 ])
 def test_a_bad_spec_names_the_key_at_fault(doc, message):
     with pytest.raises(SpecError, match=message):

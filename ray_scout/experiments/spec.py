@@ -56,6 +56,17 @@ ESTIMATORS = ("grant", "last", "ewma", "robust")
 STRATEGIES = ("equal", "model_aware", "greedy", "quality_max", "optimal")
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
+# Upper bounds, so a typo (count: 1000000000) is a one-line error before any work, not a
+# machine swapping for a minute (issue 17). Each is far above what the project runs; raise
+# one here if a real experiment needs it (docs/RELIABILITY.md lists them).
+MAX_AGENTS = 4096  # in all groups; the simulator's bound (emulation: placement's per node)
+MAX_AGENTS_PER_NODE = 256  # namespaces, Ray actors and cloud connections of one machine
+MAX_CONTEXT_TOKENS = 1 << 20  # the scout decoder's cap (core.llm.scout.MAX_CONTEXT_TOKENS)
+MAX_DURATION_S = 7 * 24 * 3600.0
+MAX_ARRIVALS = 10_000_000  # expected requests per trial: the workload is built up front
+MAX_EPOCHS = 10_000_000  # allocator epochs per trial (duration_s / epoch_s)
+MAX_NEW_TOKENS = 32_768
+
 
 class SpecError(ValueError):
     """A spec that cannot run; the message names the key and what to write instead."""
@@ -130,10 +141,14 @@ def _number(value: Any, where: str, integer: bool) -> float:
         raise SpecError(f"{where}: {value!r} is not a number") from None
 
 
-def _positive(value: Any, where: str, integer: bool = False) -> float:
+def _positive(value: Any, where: str, integer: bool = False,
+              at_most: float | None = None) -> float:
     number = _number(value, where, integer)
     if not number > 0:
         raise SpecError(f"{where}: must be > 0, not {value!r}")
+    if at_most is not None and not number <= at_most:
+        raise SpecError(f"{where}: {value!r} is over the limit of {at_most:g}; a typo? "
+                        "(limits: experiments/spec.py, docs/RELIABILITY.md)")
     return number
 
 
@@ -156,7 +171,7 @@ def _agent(doc: dict, i: int) -> AgentGroup:
         raise SpecError(f"{where}: must be a mapping of agent settings")
     model = str(_need(doc, "model", where))
     tokens = doc.get("context_tokens", [1024])
-    tokens = tuple(int(_positive(t, f"{where}.context_tokens", True))
+    tokens = tuple(int(_positive(t, f"{where}.context_tokens", True, MAX_CONTEXT_TOKENS))
                    for t in (tokens if isinstance(tokens, list) else [tokens]))
     retention = float(doc.get("scout_retention", 0.5))
     if not 0 < retention <= 1:
@@ -165,17 +180,19 @@ def _agent(doc: dict, i: int) -> AgentGroup:
     if unknown:
         raise SpecError(f"{where}: unknown keys {sorted(unknown)}")
     return AgentGroup(
-        name=str(doc.get("name", f"a{i}_")), count=int(_positive(doc.get("count", 1),
-                                                                 f"{where}.count", True)),
+        name=str(doc.get("name", f"a{i}_")),
+        count=int(_positive(doc.get("count", 1), f"{where}.count", True, MAX_AGENTS)),
         model=model, cloud_model=str(doc.get("cloud_model", model)),
         edge_timing=str(doc.get("edge_timing", "paper_b")), context_tokens=tokens,
-        deadline_s=_positive(_need(doc, "deadline_s", where), f"{where}.deadline_s"),
+        deadline_s=_positive(_need(doc, "deadline_s", where), f"{where}.deadline_s",
+                             at_most=MAX_DURATION_S),
         arrival_rate_hz=_positive(_need(doc, "arrival_rate_hz", where),
-                                  f"{where}.arrival_rate_hz"),
+                                  f"{where}.arrival_rate_hz", at_most=MAX_ARRIVALS),
         quality=str(doc.get("quality", "paper_b:7b-14b")),
         estimator=_known(str(doc.get("estimator", "grant")), ESTIMATORS, f"{where}.estimator"),
         access=str(doc.get("access", "lab")),
-        new_tokens=int(_positive(doc.get("new_tokens", 24), f"{where}.new_tokens", True)),
+        new_tokens=int(_positive(doc.get("new_tokens", 24), f"{where}.new_tokens", True,
+                                 MAX_NEW_TOKENS)),
         scout_retention=retention,
         protected_layers=tuple(int(x) for x in doc.get("protected_layers", [0])),
         task=str(doc.get("task", "single_needle")))
@@ -232,7 +249,8 @@ def parse_spec(doc: Any, *, base: Path = REPO_ROOT, fidelity: str | None = None)
         name=str(_need(doc, "name", "spec")),
         fidelity=_known(fidelity or str(doc.get("fidelity", "profiled")), FIDELITIES,
                         "fidelity"),
-        duration_s=_positive(_need(doc, "duration_s", "spec"), "duration_s"),
+        duration_s=_positive(_need(doc, "duration_s", "spec"), "duration_s",
+                             at_most=MAX_DURATION_S),
         seed=int(doc.get("seed", 0)),
         epoch_s=_positive(doc.get("epoch_s", 0.1), "epoch_s"),
         agents=agents, cloud_models=cloud_models,
@@ -248,6 +266,7 @@ def parse_spec(doc: Any, *, base: Path = REPO_ROOT, fidelity: str | None = None)
         cloud_max_batch=int(_positive(cloud.get("max_batch", 1), "cloud.max_batch", True)),
         cloud_batch_window_s=_non_negative(cloud.get("batch_window_s", 0.0),
                                            "cloud.batch_window_s"))
+    _check_totals(spec)
     capacity_trace(spec)  # validates the capacity section now, not mid-run
     if spec.fidelity == "full":
         from ray_scout.core.evaluation.tasks import TASKS
@@ -257,6 +276,30 @@ def parse_spec(doc: Any, *, base: Path = REPO_ROOT, fidelity: str | None = None)
     for g in agents:
         quality_profile(spec, g)
     return spec
+
+
+def _check_totals(spec: Spec) -> None:
+    """Bounds on what the spec adds up to: agents, requests and epochs of one trial."""
+    total = sum(g.count for g in spec.agents)
+    if total > MAX_AGENTS:
+        raise SpecError(f"agents: {total} agents in all groups, over the limit of {MAX_AGENTS}; "
+                        "lower agents[*].count")
+    arrivals_ = sum(g.count * g.arrival_rate_hz for g in spec.agents) * spec.duration_s
+    if arrivals_ > MAX_ARRIVALS:
+        raise SpecError(f"agents[*].count x arrival_rate_hz x duration_s: about {arrivals_:.3g} "
+                        f"requests per trial, over the limit of {MAX_ARRIVALS:g}; lower one of them")
+    if spec.duration_s / spec.epoch_s > MAX_EPOCHS:
+        raise SpecError(f"epoch_s: {spec.epoch_s:g} s over duration_s={spec.duration_s:g} makes "
+                        f"over {MAX_EPOCHS:g} allocator epochs; raise epoch_s")
+
+
+def check_placement(agents_per_node: dict[str, int]) -> None:
+    """Raise unless every node can hold the agents placed on it (emulated fidelities)."""
+    for node, count in agents_per_node.items():
+        if count > MAX_AGENTS_PER_NODE:
+            raise SpecError(f"agents[*].count: {count} agents on {node}, over the limit of "
+                            f"{MAX_AGENTS_PER_NODE} per machine (one namespace, Ray actor and "
+                            "cloud connection each); add edge nodes or use --fidelity simulated")
 
 
 def load_spec(path: str | Path, fidelity: str | None = None) -> Spec:
@@ -275,7 +318,7 @@ def _rate(value: Any, where: str) -> float:
     text = str(value).strip().lower()
     if text[:1] == "0" and text.rstrip("kmgbit/s").strip(". ") in ("", "0"):
         return 0.0
-    try:
+    try:  # bounded there to what HTB can shape
         return float(parse_rate_bps(value))
     except (NetError, ValueError) as exc:
         raise SpecError(f"{where}: {exc}") from None
@@ -294,7 +337,11 @@ def capacity_trace(spec: Spec) -> cap.CapacityTrace:
         if kind == "markov":
             states = tuple(_rate(s, f"{where}.states") for s in doc.get("states", [])) \
                 or cap.PAPER_B_STATES_BPS
-            return cap.markov_chain(states, step_s=float(doc.get("step_s", 1.0)),
+            step_s = _positive(doc.get("step_s", 1.0), f"{where}.step_s")
+            if spec.duration_s / step_s > MAX_EPOCHS:
+                raise SpecError(f"{where}.step_s: {step_s:g} s over duration_s={spec.duration_s:g} "
+                                f"makes over {MAX_EPOCHS:g} capacity steps; raise step_s")
+            return cap.markov_chain(states, step_s=step_s,
                                     duration_s=spec.duration_s,
                                     seed=int(doc.get("seed", spec.seed)))
         if kind == "segments":
