@@ -38,8 +38,8 @@ from ray_scout.actors.recorder import read_table
 from ray_scout.core.control.allocation import Allocation, allocate
 from ray_scout.experiments.placement import Placement, alive_nodes, place
 from ray_scout.experiments.spec import (
-    REPO_ROOT, Spec, SpecError, arrivals, capacity_trace, check_allocators, load_spec,
-    quality_profile,
+    REPO_ROOT, Spec, SpecError, arrivals, capacity_trace, check_allocators, check_placement,
+    load_spec, quality_profile,
 )
 from ray_scout.net.profiles import load_profile
 from ray_scout.net.topology import CLOUD_ADDRESS
@@ -128,6 +128,52 @@ def demands(spec: Spec, shapes: dict, work: dict, policy: str) -> list:
                                   make_policy(policy, quality, spec.safety_margin),
                                   g.arrival_rate_hz))
     return out
+
+
+def validate(spec: Spec, address: str | None) -> None:
+    """Everything a run can check before it creates anything (output folder, Ray, links).
+
+    Raises ``SpecError`` naming the key at fault, or ``CapabilityError`` when this machine
+    must build links and the process is not root.
+    """
+    from ray_scout.core.stages.profiled import ComputeError
+    from ray_scout.net.errors import require_root
+
+    for g in spec.agents:
+        _timing(g.edge_timing, spec, f"agents[{g.name}].edge_timing")
+    for model, source in spec.cloud_models.items():
+        _timing(source, spec, f"cloud.models.{model}.timing")
+    try:
+        shapes = request_shapes(spec)
+    except ComputeError as exc:
+        raise SpecError(f"agents: {exc}") from None
+    if spec.fidelity == "simulated":
+        simulated_estimator(spec)
+        return
+    if address is None:  # the lab-in-a-box: this machine holds every agent and builds links
+        check_placement({"this machine": len(spec.agent_names)})
+        require_root()
+    work = workloads(spec)
+    for policy in spec.policies:
+        check_allocators(spec, demands(spec, shapes, work, policy))
+
+
+def _timing(source: str, spec: Spec, key: str) -> None:
+    from ray_scout.core.stages.profiled import ComputeError
+
+    try:
+        load_timing(source, spec.base)
+    except ComputeError as exc:
+        raise SpecError(f"{key}: {exc}") from None
+
+
+def simulated_estimator(spec: Spec) -> str:
+    """The one estimator simulated fidelity runs for every agent."""
+    estimators = {g.estimator for g in spec.agents}
+    if len(estimators) != 1:
+        raise SpecError(f"agents[*].estimator: simulated fidelity runs one estimator for all "
+                        f"agents; the spec has {sorted(estimators)}")
+    return next(iter(estimators))
 
 
 # --- Ray --------------------------------------------------------------------------------
@@ -319,20 +365,42 @@ def run_trial(spec: Spec, policy: str, allocator: str, index: int, out: Path,
                    for row in rows]
         cloud_stats = ray.get(cloud.stats.remote())
         ray.get(recorder.add_many.remote("rate_changes", changes))
-    finally:
-        if cloud is not None:
-            try:
-                ray.get(cloud.close.remote(), timeout=10)
-            except Exception:  # noqa: BLE001 - a dead cloud has nothing left to close
-                pass
-        if links is not None:
-            ray.get([m.teardown.remote() for m in links.managers])
-        ray.get(recorder.close.remote())
-        for actor in actors:
-            ray.kill(actor)
+    except BaseException as failure:
+        # The trial's own failure is what the user must see; a teardown that fails as well
+        # is added to it as a note, never raised in its place.
+        for problem in _tear_down(cloud, links, recorder, actors):
+            failure.add_note(f"tearing the trial down also failed: {problem}")
+        raise
+    problems = _tear_down(cloud, links, recorder, actors)
+    if problems:
+        raise problems[0]
     return {"policy": policy, "allocator": allocator, "raw": str(raw), "links": links_rows,
             "placement": where.describe(), "cloud": cloud_stats, "errors": errors,
             "wall_s": time.time() - started}
+
+
+def _tear_down(cloud, links: TrialLinks | None, recorder, actors: list) -> list[Exception]:
+    """Close the cloud, remove the links, flush the recorder, kill every actor; every step is
+    tried, and what failed is returned rather than raised."""
+    import ray
+
+    problems: list[Exception] = []
+    if cloud is not None:
+        try:
+            ray.get(cloud.close.remote(), timeout=10)
+        except Exception:  # noqa: BLE001 - a dead cloud has nothing left to close
+            pass
+    steps = []
+    if links is not None:
+        steps.append(lambda: ray.get([m.teardown.remote() for m in links.managers]))
+    steps.append(lambda: ray.get(recorder.close.remote()))
+    steps += [lambda actor=actor: ray.kill(actor) for actor in actors]
+    for step in steps:
+        try:
+            step()
+        except Exception as exc:  # noqa: BLE001 - returned to the caller, which reports it
+            problems.append(exc)
+    return problems
 
 
 def _collect(out: Path, trials: list[dict]) -> dict[str, pd.DataFrame]:
@@ -368,19 +436,18 @@ def run_emulated(spec: Spec, out: Path, address: str | None = None,
     import ray
     from tqdm import tqdm
 
-    from ray_scout.net.errors import require_root
-
-    if address is None:
-        require_root()
     shapes, work = request_shapes(spec), workloads(spec)
     texts = samples(spec, work) if spec.fidelity == "full" else {}
-    for policy in spec.policies:
-        check_allocators(spec, demands(spec, shapes, work, policy))
     total = sum(len(w) for w in work.values())
     started_ray = start_ray(spec, address, dashboard)
     trials = []
     try:
         where = placement(spec)
+        if where.cluster:
+            per_node: dict[str, int] = {}
+            for node in where.agent_node.values():
+                per_node[node.address] = per_node.get(node.address, 0) + 1
+            check_placement(per_node)
         for index, (policy, allocator) in enumerate(spec.combinations()):
             bar = tqdm(total=total, desc=f"{policy} / {allocator}", unit="req",
                        disable=not show_progress)
@@ -408,11 +475,7 @@ def run_simulated(spec: Spec, out: Path) -> dict[str, pd.DataFrame]:
     """The same spec through the discrete-event simulator (network and compute modelled)."""
     from ray_scout.experiments.simulate import AgentSpec, SimConfig, simulate
 
-    estimators = {g.estimator for g in spec.agents}
-    if len(estimators) != 1:
-        raise SpecError(f"simulated fidelity runs one estimator for all agents; the spec has "
-                        f"{sorted(estimators)}")
-    estimator = next(iter(estimators))
+    estimator = simulated_estimator(spec)
     shapes = request_shapes(spec)
     groups = spec.groups_by_agent()
     trace = capacity_trace(spec)
@@ -440,9 +503,13 @@ def run_simulated(spec: Spec, out: Path) -> dict[str, pd.DataFrame]:
 
 def run_experiment(spec: Spec, out: Path, address: str | None = None,
                    show_progress: bool = True, dashboard: bool = True) -> dict[str, pd.DataFrame]:
-    """Run ``spec`` at its fidelity, write tables, the summary and the plots to ``out``."""
+    """Run ``spec`` at its fidelity, write tables, the summary and the plots to ``out``.
+
+    Everything that can be checked is checked (``validate``) before ``out`` is created.
+    """
     from ray_scout.experiments.report import write_report
 
+    validate(spec, address)
     out.mkdir(parents=True, exist_ok=True)
     started = time.time()
     if spec.fidelity == "simulated":
@@ -469,12 +536,24 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    """``scout run``: exit 0 on success, 2 on a bad spec, 130 on Ctrl-C."""
+    """``scout run``: exit 0 on success, 2 on a bad spec, 77 without a needed privilege, 130
+    on Ctrl-C. Nothing is created (no output folder, no Ray) until the spec, its profiles and
+    the privileges it needs have been checked."""
+    from ray_scout.net.cli import EXIT_NO_PRIVILEGE
+    from ray_scout.net.errors import CapabilityError
+
     try:
         spec = load_spec(args.spec, args.fidelity)
+        validate(spec, args.address)
     except SpecError as exc:
         print(f"scout run: {exc}", file=sys.stderr)
         return 2
+    except CapabilityError:
+        print(f"scout run: --fidelity {spec.fidelity} builds network namespaces and qdiscs on this "
+              "machine, which needs root (CAP_NET_ADMIN and CAP_SYS_ADMIN); run `sudo scout run "
+              f"{args.spec}`, or `scout run {args.spec} --fidelity simulated`, which needs neither",
+              file=sys.stderr)
+        return EXIT_NO_PRIVILEGE
     out = args.out or REPO_ROOT / "results" / spec.name
     out.mkdir(parents=True, exist_ok=True)
     (out / "spec.yaml").write_text(args.spec.read_text())  # what `scout report` re-reads
