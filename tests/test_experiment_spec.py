@@ -140,3 +140,19 @@ def test_report_rewrites_the_summary_of_a_results_directory(tmp_path: Path):
     assert report.run(argparse.Namespace(results=tmp_path)) == 0
     assert "static:int4 | model_aware" in (tmp_path / "summary.md").read_text()
     assert report.run(argparse.Namespace(results=tmp_path / "missing")) == 2
+
+
+@pytest.mark.parametrize("doc, message", [
+    (spec_with(network=[1]), "network: must be a mapping"),
+    (spec_with(cloud={"models": 3}), "cloud.models: must be a mapping"),
+    (spec_with(policies="adaptive"), "policies: must be a list"),
+    (spec_with(seed="x"), "seed: 'x' is not a number"),
+    (spec_with(capacity=None), "capacity: must be a mapping"),
+    (spec_with(agents=[{**BASE["agents"][0], "count": float("inf")}]), "agents\\[0\\].count: inf is not"),
+    (spec_with(agents=[{**BASE["agents"][0], "protected_layers": 0}]),
+     "agents\\[0\\].protected_layers: must be a list"),
+])
+def test_a_value_of_the_wrong_shape_is_a_spec_error_naming_its_key(doc, message):
+    # Found by tests/test_fuzz.py: these escaped as TypeError / AttributeError / ValueError.
+    with pytest.raises(SpecError, match=message):
+        parse_spec(doc)

@@ -281,3 +281,20 @@ def test_400_silent_and_trickling_connections_hold_bounded_memory_and_a_good_age
                 sock.close()
         assert max(latencies) < 1.0, latencies
         assert peak < HELD_RSS_BOUND, f"RSS grew by {peak / MIB:.0f} MiB with 400 hostile connections"
+
+
+def test_the_cloud_actor_serves_only_connections_that_present_its_token():
+    from ray_scout.actors.cloud import CloudActor
+
+    cloud = CloudActor("c", [("127.0.0.1", 0)], None, lambda bodies: [{"text": "ok"} for _ in bodies],
+                       token=TOKEN)
+    try:
+        address = cloud.ready()[0]
+        with Connection(address) as stranger:
+            with pytest.raises(RemoteError) as caught:
+                stranger.request(b"x", deadline_s=5)
+            assert caught.value.code is ErrorCode.UNAUTHORIZED
+        with Connection(address, token=TOKEN) as agent:
+            assert b'"text": "ok"' in bytes(agent.request(b"x", deadline_s=5).body)
+    finally:
+        cloud.close()

@@ -87,6 +87,8 @@ class AgentConfig:
     model: str = ""
     edge_options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     samples: tuple[tuple[str, str, tuple[str, ...]], ...] = ()
+    # The experiment's token, presented to the cloud's port first on every connection.
+    token: bytes | None = None
 
     @property
     def fidelity(self) -> str:
@@ -261,7 +263,7 @@ class EdgeAgent:
                 # which would count as testbed overhead; the frame header stays checked.
                 self.connection = Connection(c.cloud_address, source_netns=c.netns, abort_on_close=True,
                                                      connect_timeout_s=min(left, 5.0),
-                                                     body_checksum=False)
+                                                     body_checksum=False, token=c.token)
             response = self.connection.request(body, deadline_s=left)
         except DeadlineExceeded as exc:
             if exc.acked_bytes and exc.sending_s:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import sys
 import time
 from dataclasses import dataclass
@@ -289,6 +290,9 @@ def run_trial(spec: Spec, policy: str, allocator: str, index: int, out: Path,
     names = list(groups)
     first = allocate(allocator, demands(spec, shapes, work, policy), trace.rate_at(0.0))
     run_id = f"{os.getpid() % 0xFFFF:04x}{index:02x}"
+    # Who may use the cloud's port: the actors this trial hands it to through Ray (the
+    # port itself is reachable from the lab network on a cluster; docs/LAB_GUIDE.md).
+    token = secrets.token_bytes(32)
     prefix = f"{spec.name}/{index}/"  # actor names: tests and operators find them by these
     recorder = ray.remote(Recorder).options(num_cpus=0, name=prefix + "recorder").remote(
         str(raw))
@@ -314,7 +318,8 @@ def run_trial(spec: Spec, policy: str, allocator: str, index: int, out: Path,
             name=prefix + "cloud", **links.cloud_options).remote(
             "cloud0", links.cloud_addresses, links.cloud_netns, service,
             slots=spec.cloud_slots, connections=len(names) + 4,
-            max_batch=spec.cloud_max_batch, batch_window_s=spec.cloud_batch_window_s)
+            max_batch=spec.cloud_max_batch, batch_window_s=spec.cloud_batch_window_s,
+            token=token)
         actors.append(cloud)
         ray.get(cloud.ready.remote())
         agents = {}
@@ -331,7 +336,7 @@ def run_trial(spec: Spec, policy: str, allocator: str, index: int, out: Path,
                 edge_options=dict(scout_retention=g.scout_retention,
                                   protected_layers=tuple(g.protected_layers),
                                   max_new_tokens=g.new_tokens),
-                samples=texts.get(name, ()))
+                samples=texts.get(name, ()), token=token)
             agents[name] = ray.remote(EdgeAgent).options(
                 num_cpus=0, max_restarts=2, max_task_retries=2, max_concurrency=4,
                 name=prefix + name, **links.agent_options[name]).remote(cfg, recorder)

@@ -37,9 +37,10 @@ Schema (units in the values: ``50mbit``; times in seconds)::
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import yaml
@@ -128,6 +129,39 @@ class Spec:
         return [(p, a) for p in self.policies for a in self.allocators]
 
 
+_SHAPE_ERRORS = (TypeError, ValueError, AttributeError, KeyError, IndexError, OverflowError)
+
+
+@contextlib.contextmanager
+def _about(where: str) -> Iterator[None]:
+    """Turn what Python cannot do with a value of the wrong shape into a SpecError at ``where``."""
+    try:
+        yield
+    except SpecError:
+        raise
+    except _SHAPE_ERRORS as exc:
+        raise SpecError(f"{where}: a value has the wrong type or shape ({type(exc).__name__}: "
+                        f"{exc}); see the schema at the top of ray_scout/experiments/spec.py") \
+            from None
+
+
+def _mapping(doc: dict, key: str, prefix: str = "", required: bool = False) -> dict:
+    """``doc[key]`` as a mapping ({} when absent or empty, unless ``required``)."""
+    value = _need(doc, key, prefix.rstrip(".") or "spec") if required else doc.get(key)
+    if value is None and not required:
+        return {}
+    if not isinstance(value, dict):
+        raise SpecError(f"{prefix}{key}: must be a mapping of settings, not {value!r}")
+    return dict(value)
+
+
+def _list(doc: dict, key: str, default: list, prefix: str = "") -> list:
+    value = doc.get(key, default)
+    if not isinstance(value, list):
+        raise SpecError(f"{prefix}{key}: must be a list, not {value!r}")
+    return value
+
+
 def _need(doc: dict, key: str, where: str) -> Any:
     if key not in doc:
         raise SpecError(f"{where}: missing key {key!r}")
@@ -137,7 +171,7 @@ def _need(doc: dict, key: str, where: str) -> Any:
 def _number(value: Any, where: str, integer: bool) -> float:
     try:
         return int(value) if integer else float(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         raise SpecError(f"{where}: {value!r} is not a number") from None
 
 
@@ -166,6 +200,11 @@ def _known(value: str, known: tuple[str, ...], where: str) -> str:
 
 
 def _agent(doc: dict, i: int) -> AgentGroup:
+    with _about(f"agents[{i}]"):
+        return _agent_group(doc, i)
+
+
+def _agent_group(doc: dict, i: int) -> AgentGroup:
     where = f"agents[{i}]"
     if not isinstance(doc, dict):
         raise SpecError(f"{where}: must be a mapping of agent settings")
@@ -173,7 +212,7 @@ def _agent(doc: dict, i: int) -> AgentGroup:
     tokens = doc.get("context_tokens", [1024])
     tokens = tuple(int(_positive(t, f"{where}.context_tokens", True, MAX_CONTEXT_TOKENS))
                    for t in (tokens if isinstance(tokens, list) else [tokens]))
-    retention = float(doc.get("scout_retention", 0.5))
+    retention = _number(doc.get("scout_retention", 0.5), f"{where}.scout_retention", False)
     if not 0 < retention <= 1:
         raise SpecError(f"{where}.scout_retention: must lie in (0, 1], not {retention}")
     unknown = set(doc) - {f.name for f in dataclasses.fields(AgentGroup)}
@@ -194,7 +233,8 @@ def _agent(doc: dict, i: int) -> AgentGroup:
         new_tokens=int(_positive(doc.get("new_tokens", 24), f"{where}.new_tokens", True,
                                  MAX_NEW_TOKENS)),
         scout_retention=retention,
-        protected_layers=tuple(int(x) for x in doc.get("protected_layers", [0])),
+        protected_layers=tuple(int(_non_negative(x, f"{where}.protected_layers"))
+                               for x in _list(doc, "protected_layers", [0], f"{where}.")),
         task=str(doc.get("task", "single_needle")))
 
 
@@ -212,7 +252,17 @@ def _policy(name: str, where: str) -> str:
 
 
 def parse_spec(doc: Any, *, base: Path = REPO_ROOT, fidelity: str | None = None) -> Spec:
-    """A validated spec from a YAML document; ``fidelity`` overrides the file's."""
+    """A validated spec from a YAML document; ``fidelity`` overrides the file's.
+
+    Every failure is a ``SpecError``: the checks below name the key at fault; a value of a
+    shape no check foresaw (a list where a number belongs, a null section) still ends as a
+    ``SpecError`` saying what Python could not do with it, never as a bare TypeError.
+    """
+    with _about("spec"):
+        return _parse_spec(doc, base, fidelity)
+
+
+def _parse_spec(doc: Any, base: Path, fidelity: str | None) -> Spec:
     if not isinstance(doc, dict):
         raise SpecError("a spec is a YAML mapping (name, agents, capacity, policies, ...)")
     known = {"name", "description", "fidelity", "duration_s", "seed", "epoch_s", "network",
@@ -227,22 +277,24 @@ def parse_spec(doc: Any, *, base: Path = REPO_ROOT, fidelity: str | None = None)
     names = [g.name for g in agents]
     if len(set(names)) != len(names):
         raise SpecError(f"agents: group names must be unique, got {names}")
-    network = doc.get("network", {}) or {}
+    network = _mapping(doc, "network")
     unknown = set(network) - {"bottleneck", "impairment", "borrow", "access_rate"}
     if unknown:
         raise SpecError(f"network: unknown keys {sorted(unknown)}; known: access_rate, "
                         "borrow, bottleneck, impairment (access profiles are per agent group)")
-    cloud = doc.get("cloud", {}) or {}
-    models = cloud.get("models") or {g.cloud_model: {"timing": "paper_b"} for g in agents}
-    cloud_models = {str(m): str((v or {}).get("timing", "paper_b")) for m, v in models.items()}
+    cloud = _mapping(doc, "cloud")
+    models = _mapping(cloud, "models", "cloud.") or {g.cloud_model: {"timing": "paper_b"}
+                                                     for g in agents}
+    cloud_models = {str(m): str(_mapping(models, m, "cloud.models.").get("timing", "paper_b"))
+                    for m in models}
     for g in agents:
         if g.cloud_model not in cloud_models:
             raise SpecError(f"agents[{g.name}].cloud_model: {g.cloud_model!r} is not hosted; "
                             f"cloud.models has {sorted(cloud_models)}")
     policies = tuple(_policy(str(p), f"policies[{i}]")
-                     for i, p in enumerate(doc.get("policies", ["adaptive"])))
+                     for i, p in enumerate(_list(doc, "policies", ["adaptive"])))
     allocators = tuple(_known(str(a), STRATEGIES, f"allocators[{i}]")
-                       for i, a in enumerate(doc.get("allocators", ["equal"])))
+                       for i, a in enumerate(_list(doc, "allocators", ["equal"])))
     if not policies or not allocators:
         raise SpecError("policies and allocators: give at least one of each")
     spec = Spec(
@@ -251,7 +303,7 @@ def parse_spec(doc: Any, *, base: Path = REPO_ROOT, fidelity: str | None = None)
                         "fidelity"),
         duration_s=_positive(_need(doc, "duration_s", "spec"), "duration_s",
                              at_most=MAX_DURATION_S),
-        seed=int(doc.get("seed", 0)),
+        seed=int(_number(doc.get("seed", 0), "seed", True)),
         epoch_s=_positive(doc.get("epoch_s", 0.1), "epoch_s"),
         agents=agents, cloud_models=cloud_models,
         cloud_slots=int(_positive(cloud.get("slots", 1), "cloud.slots", True)),
@@ -259,15 +311,17 @@ def parse_spec(doc: Any, *, base: Path = REPO_ROOT, fidelity: str | None = None)
         impairment=_known(str(network.get("impairment", "auto")),
                           ("auto", "netem", "tun", "none"), "network.impairment"),
         borrow=bool(network.get("borrow", False)),
-        capacity=dict(_need(doc, "capacity", "spec")),
+        capacity=_mapping(doc, "capacity", required=True),
         access_rate_bps=(_rate(network["access_rate"], "network.access_rate")
                          if "access_rate" in network else None), policies=policies,
-        allocators=allocators, safety_margin=float(doc.get("safety_margin", 0.1)), base=base,
+        allocators=allocators, safety_margin=_non_negative(doc.get("safety_margin", 0.1),
+                                                           "safety_margin"), base=base,
         cloud_max_batch=int(_positive(cloud.get("max_batch", 1), "cloud.max_batch", True)),
         cloud_batch_window_s=_non_negative(cloud.get("batch_window_s", 0.0),
                                            "cloud.batch_window_s"))
     _check_totals(spec)
-    capacity_trace(spec)  # validates the capacity section now, not mid-run
+    with _about("capacity"):
+        capacity_trace(spec)  # validates the capacity section now, not mid-run
     if spec.fidelity == "full":
         from ray_scout.core.evaluation.tasks import TASKS
 
@@ -302,14 +356,31 @@ def check_placement(agents_per_node: dict[str, int]) -> None:
                             "cloud connection each); add edge nodes or use --fidelity simulated")
 
 
+# A spec is a page of YAML; anything this long is not one (and YAML's aliases make a
+# short file expand, so the text is bounded before it is parsed).
+MAX_SPEC_BYTES = 1 << 20
+
+
 def load_spec(path: str | Path, fidelity: str | None = None) -> Spec:
     path = Path(path)
     if not path.exists():
         raise SpecError(f"spec {path} not found; the shipped ones are in experiments/*.yaml")
+    if path.stat().st_size > MAX_SPEC_BYTES:
+        raise SpecError(f"{path}: {path.stat().st_size} bytes, over the limit of {MAX_SPEC_BYTES} "
+                        "for a spec; is this the right file?")
     try:
-        doc = yaml.safe_load(path.read_text())
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SpecError(f"{path}: cannot be read as text ({exc})") from None
+    return parse_spec_text(text, str(path), fidelity)
+
+
+def parse_spec_text(text: str, where: str = "spec", fidelity: str | None = None) -> Spec:
+    """A validated spec from YAML text; ``SpecError`` for anything else."""
+    try:
+        doc = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        raise SpecError(f"{path}: not valid YAML ({exc})") from None
+        raise SpecError(f"{where}: not valid YAML ({exc})") from None
     return parse_spec(doc, base=REPO_ROOT, fidelity=fidelity)
 
 
