@@ -9,6 +9,7 @@ simulator share them). What it leaves to others: producing the tables.
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -80,9 +81,15 @@ def write_report(spec, out: Path, frames: dict[str, pd.DataFrame]) -> Path:
     """``summary.md`` and the PNG plots in ``out``; returns the summary's path."""
     requests = frames["requests"]
     table = summary(requests) if not requests.empty else pd.DataFrame()
-    text = [f"# {spec.name} ({spec.fidelity})", "",
-            f"{len(spec.agent_names)} agents, {spec.duration_s:g} s, seed {spec.seed}; "
-            "quality counts 0 for a missed deadline.", ""]
+    text = [f"# {spec.name} ({spec.fidelity})", ""]
+    meta_path = out / "meta.json"
+    meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
+    if meta.get("complete") is False:  # an interrupted run: say so before any figure
+        text += [f"**Incomplete run**: {meta.get('interrupted', 'interrupted')}. The tables hold "
+                 "the requests that finished; `scout run --resume <this folder>` continues it.",
+                 ""]
+    text += [f"{len(spec.agent_names)} agents, {spec.duration_s:g} s, seed {spec.seed}; "
+             "quality counts 0 for a missed deadline.", ""]
     text.append(_markdown(table) if not table.empty else "No requests were recorded.")
     if not requests.empty:
         stages = breakdown(requests)

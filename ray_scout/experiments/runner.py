@@ -46,6 +46,8 @@ from ray_scout.net.profiles import load_profile
 from ray_scout.net.topology import CLOUD_ADDRESS
 
 CLOUD_PORT = 7300
+# One JSON line per finished trial, appended as each ends: what `--resume` skips.
+FINISHED = "trials.jsonl"
 TABLES = ("requests", "epochs", "rate_changes", "events")
 # How long after the last arrival a trial may take before the driver stops waiting: the
 # longest deadline plus this slack (actor start-up, the last answer's way back).
@@ -269,6 +271,34 @@ def cluster_links(spec: Spec, where: Placement, first: Allocation) -> TrialLinks
                       {a: {"resources": {"edge": 1}, **on(n)} for a, n in where.agent_node.items()})
 
 
+def trial_dir(out: Path, index: int, policy: str, allocator: str) -> Path:
+    """Where a trial's recorder appends its rows (JSON lines, one per finished row)."""
+    return out / "raw" / f"{index:02d}_{policy.replace(':', '-')}_{allocator}"
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C during an emulated run, after teardown: the rows recorded until then ride along."""
+
+    def __init__(self, frames: dict[str, pd.DataFrame], trials: list[dict], detail: str):
+        super().__init__(detail)
+        self.frames = frames
+        self.trials = trials
+        self.detail = detail
+
+
+def finished_trials(out: Path) -> dict[int, dict]:
+    """The trials a run in ``out`` finished (``FINISHED``, one JSON line each, by index)."""
+    path = out / FINISHED
+    if not path.exists():
+        return {}
+    done = {}
+    for line in path.read_text().splitlines():
+        if line.strip():
+            trial = json.loads(line)
+            done[trial["index"]] = trial
+    return done
+
+
 def run_trial(spec: Spec, policy: str, allocator: str, index: int, out: Path,
               shapes: dict, work: dict, progress=None, texts: dict | None = None,
               where: Placement = Placement(cluster=False)) -> dict:
@@ -281,7 +311,7 @@ def run_trial(spec: Spec, policy: str, allocator: str, index: int, out: Path,
     from ray_scout.actors.recorder import Recorder
 
     texts = texts or {}
-    raw = out / "raw" / f"{index:02d}_{policy.replace(':', '-')}_{allocator}"
+    raw = trial_dir(out, index, policy, allocator)
     if raw.exists():
         for stale in raw.glob("*.jsonl"):
             stale.unlink()
@@ -432,11 +462,15 @@ def write_tables(out: Path, frames: dict[str, pd.DataFrame]) -> None:
 
 
 def run_emulated(spec: Spec, out: Path, address: str | None = None,
-                 show_progress: bool = True, dashboard: bool = True) -> dict[str, pd.DataFrame]:
+                 show_progress: bool = True, dashboard: bool = True,
+                 resume: bool = False) -> dict[str, pd.DataFrame]:
     """``full`` or ``profiled``: real links, real TCP, actors under Ray.
 
     Without ``address`` the lab-in-a-box is built on this machine, which needs root here; on a
-    cluster the link managers need it on their nodes (and say so if they lack it).
+    cluster the link managers need it on their nodes (and say so if they lack it). Each trial
+    that ends is appended to ``FINISHED``; ``resume`` skips the ones already there. Ctrl-C
+    tears the current trial down, stops the Ray this call started and raises ``Interrupted``
+    with the rows recorded so far (the unfinished trial's included).
     """
     import ray
     from tqdm import tqdm
@@ -444,9 +478,13 @@ def run_emulated(spec: Spec, out: Path, address: str | None = None,
     shapes, work = request_shapes(spec), workloads(spec)
     texts = samples(spec, work) if spec.fidelity == "full" else {}
     total = sum(len(w) for w in work.values())
-    started_ray = start_ray(spec, address, dashboard)
-    trials = []
+    done = finished_trials(out) if resume else {}
+    if not resume:
+        (out / FINISHED).unlink(missing_ok=True)
+    trials, current = [], None
+    started_ray = False
     try:
+        started_ray = start_ray(spec, address, dashboard)
         where = placement(spec)
         if where.cluster:
             per_node: dict[str, int] = {}
@@ -454,26 +492,52 @@ def run_emulated(spec: Spec, out: Path, address: str | None = None,
                 per_node[node.address] = per_node.get(node.address, 0) + 1
             check_placement(per_node)
         for index, (policy, allocator) in enumerate(spec.combinations()):
+            previous = done.get(index)
+            if previous is not None and (previous["policy"], previous["allocator"]) == (policy, allocator):
+                trials.append(previous)
+                continue
+            current = (index, policy, allocator)
             bar = tqdm(total=total, desc=f"{policy} / {allocator}", unit="req",
                        disable=not show_progress)
 
             def progress(n: int, bar=bar) -> None:
                 bar.update(n - bar.n)
 
-            trials.append(run_trial(spec, policy, allocator, index, out, shapes, work,
-                                    progress, texts, where))
-            bar.close()
+            try:
+                trial = run_trial(spec, policy, allocator, index, out, shapes, work, progress,
+                                  texts, where)
+            finally:
+                bar.close()
+            trial["index"] = index
+            with open(out / FINISHED, "a") as finished:
+                finished.write(json.dumps(trial, default=str) + "\n")
+            trials.append(trial)
+            current = None
+    except KeyboardInterrupt:
+        partial = []
+        if current is not None:
+            index, policy, allocator = current
+            partial = [{"index": index, "policy": policy, "allocator": allocator,
+                        "raw": str(trial_dir(out, index, policy, allocator)), "links": [],
+                        "unfinished": True}]
+        detail = (f"interrupted (Ctrl-C) during trial {current[0] + 1} of "
+                  f"{len(spec.combinations())} ({current[1]} / {current[2]})" if current
+                  else "interrupted (Ctrl-C) between trials")
+        raise Interrupted(_collect(out, trials + partial), trials + partial, detail) from None
     finally:
         if started_ray:
             ray.shutdown()
-    frames = _collect(out, trials)
+    _write_run_record(out, trials)
+    return _collect(out, trials)
+
+
+def _write_run_record(out: Path, trials: list[dict]) -> None:
     links = [dict(row, policy=t["policy"], allocator=t["allocator"])
              for t in trials for row in t["links"]]
     pd.DataFrame(links).to_csv(out / "links.csv", index=False)
     (out / "run.json").write_text(json.dumps(
         {"trials": [{k: v for k, v in t.items() if k != "links"} for t in trials]},
         indent=2, default=str))
-    return frames
 
 
 def run_simulated(spec: Spec, out: Path) -> dict[str, pd.DataFrame]:
@@ -507,31 +571,46 @@ def run_simulated(spec: Spec, out: Path) -> dict[str, pd.DataFrame]:
 
 
 def run_experiment(spec: Spec, out: Path, address: str | None = None,
-                   show_progress: bool = True, dashboard: bool = True) -> dict[str, pd.DataFrame]:
+                   show_progress: bool = True, dashboard: bool = True,
+                   resume: bool = False) -> dict[str, pd.DataFrame]:
     """Run ``spec`` at its fidelity, write tables, the summary and the plots to ``out``.
 
-    Everything that can be checked is checked (``validate``) before ``out`` is created.
+    Everything that can be checked is checked (``validate``) before ``out`` is created. On
+    Ctrl-C the rows recorded so far are written all the same, ``meta.json`` and the summary
+    say the run is incomplete, and ``KeyboardInterrupt`` (``Interrupted``) is raised.
     """
     from ray_scout.experiments.report import write_report
 
     validate(spec, address)
     out.mkdir(parents=True, exist_ok=True)
     started = time.time()
+    interrupted = None
     if spec.fidelity == "simulated":
         frames = run_simulated(spec, out)
     else:
-        frames = run_emulated(spec, out, address, show_progress, dashboard)
+        try:
+            frames = run_emulated(spec, out, address, show_progress, dashboard, resume)
+        except Interrupted as stop:
+            interrupted, frames = stop, stop.frames
+            _write_run_record(out, stop.trials)
     write_tables(out, frames)
     meta = {"spec": spec.name, "fidelity": spec.fidelity, "wall_s": time.time() - started,
-            "finished_unix_s": time.time()}
+            "finished_unix_s": time.time(), "complete": interrupted is None}
+    if interrupted is not None:
+        meta["interrupted"] = interrupted.detail
     (out / "meta.json").write_text(json.dumps(meta, indent=2))
     write_report(spec, out, frames)
+    if interrupted is not None:
+        raise interrupted
     return frames
 
 
 # --- CLI --------------------------------------------------------------------------------
 def add_arguments(parser) -> None:
-    parser.add_argument("spec", type=Path, help="experiments/<name>.yaml")
+    parser.add_argument("spec", type=Path, nargs="?",
+                        help="experiments/<name>.yaml (not with --resume: the folder has it)")
+    parser.add_argument("--resume", type=Path, metavar="OUT",
+                        help="continue the interrupted run in OUT, skipping its finished trials")
     parser.add_argument("--fidelity", choices=("full", "profiled", "simulated"),
                         help="override the spec's fidelity")
     parser.add_argument("--address", help="an existing Ray cluster ('auto'); default: a "
@@ -547,6 +626,14 @@ def run(args) -> int:
     from ray_scout.net.cli import EXIT_NO_PRIVILEGE
     from ray_scout.net.errors import CapabilityError
 
+    if (args.spec is None) == (args.resume is None):
+        print("scout run: give a spec, or --resume OUT (a folder an earlier run wrote)",
+              file=sys.stderr)
+        return 2
+    if args.resume is not None:
+        args.spec, args.out = args.resume / "spec.yaml", args.resume
+        if args.fidelity is None and (args.resume / "meta.json").exists():
+            args.fidelity = json.loads((args.resume / "meta.json").read_text()).get("fidelity")
     try:
         spec = load_spec(args.spec, args.fidelity)
         validate(spec, args.address)
@@ -561,14 +648,17 @@ def run(args) -> int:
         return EXIT_NO_PRIVILEGE
     out = args.out or REPO_ROOT / "results" / spec.name
     out.mkdir(parents=True, exist_ok=True)
-    (out / "spec.yaml").write_text(args.spec.read_text())  # what `scout report` re-reads
+    if args.resume is None:
+        (out / "spec.yaml").write_text(args.spec.read_text())  # what `scout report` re-reads
     try:
-        run_experiment(spec, out, args.address, not args.no_progress)
+        run_experiment(spec, out, args.address, not args.no_progress,
+                       resume=args.resume is not None)
     except SpecError as exc:
         print(f"scout run: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("scout run: interrupted; links and actors were torn down", file=sys.stderr)
+        print(f"scout run: interrupted; links and actors were torn down, the rows of finished "
+              f"requests are in {out}; `scout run --resume {out}` continues", file=sys.stderr)
         return 130
     print(f"results in {out} (summary.md)")
     return 0
