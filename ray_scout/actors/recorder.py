@@ -28,6 +28,7 @@ class Recorder:
         self.directory.mkdir(parents=True, exist_ok=True)
         self.files: dict = {}
         self.count: dict[str, int] = {}
+        self.request_ids: set[int] = set()
 
     def add(self, table: str, row: dict) -> None:
         handle = self.files.get(table)
@@ -36,6 +37,8 @@ class Recorder:
         handle.write(json.dumps({k: _clean(v) for k, v in row.items()}) + "\n")
         handle.flush()
         self.count[table] = self.count.get(table, 0) + 1
+        if table == "requests":
+            self.request_ids.add(row["request_id"])
 
     def add_many(self, table: str, rows: list[dict]) -> None:
         for row in rows:
@@ -43,6 +46,10 @@ class Recorder:
 
     def counts(self) -> dict[str, int]:
         return dict(self.count)
+
+    def recorded_request_ids(self) -> set[int]:
+        """Ids of the request rows recorded so far: the driver accounts for the others."""
+        return set(self.request_ids)
 
     def close(self) -> None:
         for handle in self.files.values():

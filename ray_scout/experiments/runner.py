@@ -372,7 +372,11 @@ def run_trial(spec: Spec, policy: str, allocator: str, index: int, out: Path,
                 name=prefix + name, **links.agent_options[name]).remote(cfg, recorder)
         actors += agents.values()
         ray.get([a.demand.remote() for a in agents.values()])
-        alloc = ray.remote(Allocator).options(num_cpus=0, max_concurrency=2).remote(
+        # Restarted like the agents: a dead allocator would freeze every link at its last
+        # split (zero, if it died in an outage) for the rest of the trial.
+        alloc = ray.remote(Allocator).options(num_cpus=0, max_concurrency=2, max_restarts=2,
+                                              max_task_retries=2,
+                                              name=prefix + "allocator").remote(
             allocator, trace, spec.epoch_s, spec.duration_s, agents, links.managers, recorder)
         actors.append(alloc)
         t0 = time.time() + 0.5
@@ -391,6 +395,7 @@ def run_trial(spec: Spec, policy: str, allocator: str, index: int, out: Path,
                 progress(counts.get("requests", 0))
         if pending:
             errors.append(f"{len(pending)} tasks still running at the drain limit; stopped")
+        lost = _account_for_every_request(recorder, work, spec, policy, allocator)
         for message in errors:
             recorder.add.remote("events", {"wall_time_s": time.time(), "source": "driver",
                                            "event": "task_failed", "detail": message})
@@ -410,8 +415,42 @@ def run_trial(spec: Spec, policy: str, allocator: str, index: int, out: Path,
     if problems:
         raise problems[0]
     return {"policy": policy, "allocator": allocator, "raw": str(raw), "links": links_rows,
+            "requests_issued": sum(len(w) for w in work.values()), "requests_lost": lost,
             "placement": where.describe(), "cloud": cloud_stats, "errors": errors,
             "wall_s": time.time() - started}
+
+
+# How long the driver waits for rows still on their way to the recorder (sent by agents
+# whose run has returned) before it counts a request as lost.
+SETTLE_S = 2.0
+
+
+def _account_for_every_request(recorder, work: dict, spec: Spec, policy: str,
+                               allocator: str) -> int:
+    """Record an error row for every arrival of the workload that has no row: a request
+    whose agent was killed mid-request (its state died with the process), skipped after a
+    restart, or still running at the drain limit. Returns how many there were, so that
+    requests issued always equal rows recorded."""
+    import ray
+
+    counts, settle_end = None, time.monotonic() + SETTLE_S
+    while time.monotonic() < settle_end:  # until the recorder's count stops moving
+        now = ray.get(recorder.counts.remote()).get("requests", 0)
+        if now == counts:
+            break
+        counts = now
+        time.sleep(0.2)
+    recorded = ray.get(recorder.recorded_request_ids.remote())
+    groups = spec.groups_by_agent()
+    lost = [dict(request_id=a.request_id, agent=agent, policy=policy, allocator=allocator,
+                 t_arrival_s=a.t_s, context_tokens=a.context_tokens, deadline_s=groups[agent].deadline_s,
+                 deadline_met=False, cancelled=False, outcome="error", quality=0.0,
+                 error="lost: no row was recorded for this request (its agent was killed or "
+                       "restarted before it finished, or it ran past the drain limit)")
+            for agent, arrivals_ in work.items() for a in arrivals_ if a.request_id not in recorded]
+    if lost:
+        ray.get(recorder.add_many.remote("requests", lost))
+    return len(lost)
 
 
 def _tear_down(cloud, links: TrialLinks | None, recorder, actors: list) -> list[Exception]:
