@@ -1,0 +1,175 @@
+"""Hostile peers and inputs against the data plane: the figures of docs/RELIABILITY.md.
+
+- port: a `Server` in this process holds 400 hostile connections (100 silent, 100 that sent
+  one header declaring a 255 MiB body and nothing more, 200 that sent such a header and then
+  trickle one body byte a second) while a well-behaved client sends 20 requests with a 1 s
+  deadline; its resident growth (VmRSS) and the client's latencies;
+- declared bodies: 10 connections that each send one header declaring 255 MiB (issue 17's
+  measurement: 16 MB -> 2,567 MB on the code before the fix);
+- decoders: the largest scout bitmap the cap allows, and zstd frames declaring 2**40 bytes;
+- fuzz: >= 10,000 mutated inputs per decoder (the mutator of tests/test_fuzz.py).
+
+    PYTHONPATH=. flock /tmp/rs-bench.lock python3 bench/hostile.py --json bench/results/hostile.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import statistics
+import sys
+import threading
+import time
+from pathlib import Path
+
+from ray_scout.core.llm.latency import cpu_name
+from ray_scout.transport.client import Connection
+from ray_scout.transport.server import Request, Server
+
+MIB = 1 << 20
+REPO = Path(__file__).resolve().parents[1]
+
+
+def rss_bytes() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmRSS")
+
+
+def big_header(request_id: int) -> bytes:
+    import zlib
+
+    from ray_scout.transport.framing import HEADER, HEADER_CRC, MAGIC, VERSION, MessageType
+
+    fields = HEADER.pack(MAGIC, VERSION, MessageType.REQUEST, 0, request_id, 0, 255 * MIB, 0)
+    return fields + HEADER_CRC.pack(zlib.crc32(fields))
+
+
+def echo(request: Request) -> bytes:
+    return bytes(request.body)
+
+
+def port(hold_s: float) -> dict:
+    with Server(echo, max_connections=512, max_connections_per_peer=450) as server:
+        before = rss_bytes()
+        hostile = []
+        for i in range(400):
+            sock = socket.create_connection(server.address, timeout=5)
+            if i % 2 == 0 or i >= 200:
+                sock.sendall(big_header(i + 1))
+            hostile.append(sock)
+        stop = threading.Event()
+
+        def trickle() -> None:
+            while not stop.wait(1.0):
+                for sock in hostile[200:]:
+                    try:
+                        sock.send(b"x")
+                    except OSError:
+                        pass
+
+        sender = threading.Thread(target=trickle, daemon=True)
+        sender.start()
+        latencies, peak = [], 0
+        good = Connection(server.address)
+        end = time.monotonic() + hold_s
+        while time.monotonic() < end:
+            started = time.monotonic()
+            good.request(b"request" * 100, deadline_s=1.0)
+            latencies.append(time.monotonic() - started)
+            peak = max(peak, rss_bytes() - before)
+            time.sleep(0.25)
+        good.close()
+        stop.set()
+        sender.join(2)
+        held = server.stats().connections
+        for sock in hostile:
+            sock.close()
+    return {"hostile_connections": 400, "held_s": hold_s, "accepted": held,
+            "rss_growth_peak_mib": peak / MIB, "good_requests": len(latencies),
+            "good_latency_median_s": statistics.median(latencies),
+            "good_latency_max_s": max(latencies), "good_deadline_s": 1.0}
+
+
+def declared_bodies() -> dict:
+    with Server(echo) as server:
+        before = rss_bytes()
+        socks = [socket.create_connection(server.address, timeout=5) for _ in range(10)]
+        for i, sock in enumerate(socks):
+            sock.sendall(big_header(i + 1))
+        time.sleep(1.0)
+        grown = rss_bytes() - before
+        for sock in socks:
+            sock.close()
+    return {"connections": 10, "declared_mib_each": 255, "rss_growth_mib": grown / MIB}
+
+
+def decoders() -> dict:
+    import struct
+
+    from ray_scout.core.llm import wire
+    from ray_scout.core.llm.scout import (
+        BITMAP, MAX_CONTEXT_TOKENS, ScoutFormatError, ScoutPayload, decode_indices, document_hash,
+    )
+
+    data = bytes([BITMAP]) + b"\x55" * (MAX_CONTEXT_TOKENS // 8)
+    times = []
+    for _ in range(5):
+        started = time.perf_counter()
+        decode_indices(data, MAX_CONTEXT_TOKENS)
+        times.append(time.perf_counter() - started)
+    bomb = bytes.fromhex("28b52ffd") + bytes([0xE0]) + struct.pack("<Q", 1 << 40) + b"\x01\x00\x00"
+    started = time.perf_counter()
+    try:
+        ScoutPayload(document_hash("x"), "q", 0, (), (), bomb).document()
+        refused = None
+    except ScoutFormatError as exc:
+        refused = str(exc)
+    bomb_s = time.perf_counter() - started
+    return {"bitmap_tokens": MAX_CONTEXT_TOKENS, "bitmap_bytes": len(data) - 1,
+            "bitmap_decode_median_s": statistics.median(times),
+            "zstd_2_40_refused": refused, "zstd_2_40_s": bomb_s,
+            "wire_zstd_cap": "frame_content_size checked against the sections' total",
+            "wire_default_max_bytes": wire.DEFAULT_MAX_BYTES}
+
+
+def fuzz_all(count: int) -> dict:
+    sys.path.insert(0, str(REPO / "tests"))
+    import test_fuzz
+
+    out = {}
+    for name, (decode, seeds, errors, reseal) in sorted(test_fuzz.DECODERS.items()):
+        started = time.perf_counter()
+        figures = test_fuzz.fuzz(decode, seeds(), errors, count, seed=17, reseal=reseal)
+        figures["wall_s"] = time.perf_counter() - started
+        out[name] = figures
+    started = time.perf_counter()
+    out["spec loader (values)"] = test_fuzz.fuzz_spec_tree(count, seed=17)
+    out["spec loader (values)"]["wall_s"] = time.perf_counter() - started
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--hold-s", type=float, default=30.0)
+    parser.add_argument("--fuzz-inputs", type=int, default=10_000)
+    parser.add_argument("--json", help="also write the results to this file")
+    args = parser.parse_args()
+    meta = {"machine": cpu_name(), "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
+            "load_avg_1m_at_start": os.getloadavg()[0],
+            "command": "PYTHONPATH=. flock /tmp/rs-bench.lock python3 bench/hostile.py "
+                       f"--hold-s {args.hold_s:g} --fuzz-inputs {args.fuzz_inputs}"}
+    results = {"meta": meta, "declared_bodies": declared_bodies(), "port": port(args.hold_s),
+               "decoders": decoders(), "fuzz": fuzz_all(args.fuzz_inputs)}
+    results["meta"]["load_avg_1m_at_end"] = os.getloadavg()[0]
+    text = json.dumps(results, indent=2)
+    print(text)
+    if args.json:
+        Path(args.json).write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
