@@ -20,78 +20,20 @@ import os
 import socket
 import statistics
 import sys
-import threading
 import time
 from pathlib import Path
 
 from ray_scout.core.llm.latency import cpu_name
-from ray_scout.transport.client import Connection
-from ray_scout.transport.server import Request, Server
+from ray_scout.transport.server import Server
 
-MIB = 1 << 20
 REPO = Path(__file__).resolve().parents[1]
-
-
-def rss_bytes() -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmRSS")
-
-
-def big_header(request_id: int) -> bytes:
-    import zlib
-
-    from ray_scout.transport.framing import HEADER, HEADER_CRC, MAGIC, VERSION, MessageType
-
-    fields = HEADER.pack(MAGIC, VERSION, MessageType.REQUEST, 0, request_id, 0, 255 * MIB, 0)
-    return fields + HEADER_CRC.pack(zlib.crc32(fields))
-
-
-def echo(request: Request) -> bytes:
-    return bytes(request.body)
+sys.path.insert(0, str(REPO / "tests"))  # the scenarios are the tests' own, held longer
+from test_transport_limits import MIB, big_header, echo, hold_hostile_connections, rss_bytes  # noqa: E402
 
 
 def port(hold_s: float) -> dict:
     with Server(echo, max_connections=512, max_connections_per_peer=450) as server:
-        before = rss_bytes()
-        hostile = []
-        for i in range(400):
-            sock = socket.create_connection(server.address, timeout=5)
-            if i % 2 == 0 or i >= 200:
-                sock.sendall(big_header(i + 1))
-            hostile.append(sock)
-        stop = threading.Event()
-
-        def trickle() -> None:
-            while not stop.wait(1.0):
-                for sock in hostile[200:]:
-                    try:
-                        sock.send(b"x")
-                    except OSError:
-                        pass
-
-        sender = threading.Thread(target=trickle, daemon=True)
-        sender.start()
-        latencies, peak = [], 0
-        good = Connection(server.address)
-        end = time.monotonic() + hold_s
-        while time.monotonic() < end:
-            started = time.monotonic()
-            good.request(b"request" * 100, deadline_s=1.0)
-            latencies.append(time.monotonic() - started)
-            peak = max(peak, rss_bytes() - before)
-            time.sleep(0.25)
-        good.close()
-        stop.set()
-        sender.join(2)
-        held = server.stats().connections
-        for sock in hostile:
-            sock.close()
-    return {"hostile_connections": 400, "held_s": hold_s, "accepted": held,
-            "rss_growth_peak_mib": peak / MIB, "good_requests": len(latencies),
-            "good_latency_median_s": statistics.median(latencies),
-            "good_latency_max_s": max(latencies), "good_deadline_s": 1.0}
+        return hold_hostile_connections(server, hold_s)
 
 
 def declared_bodies() -> dict:
@@ -137,7 +79,6 @@ def decoders() -> dict:
 
 
 def fuzz_all(count: int) -> dict:
-    sys.path.insert(0, str(REPO / "tests"))
     import test_fuzz
 
     out = {}
