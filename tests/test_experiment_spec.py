@@ -156,3 +156,15 @@ def test_a_value_of_the_wrong_shape_is_a_spec_error_naming_its_key(doc, message)
     # Found by tests/test_fuzz.py: these escaped as TypeError / AttributeError / ValueError.
     with pytest.raises(SpecError, match=message):
         parse_spec(doc)
+
+
+def test_more_agents_than_a_machine_holds_is_refused_before_any_work():
+    from ray_scout.experiments.runner import validate
+    from ray_scout.experiments.spec import MAX_AGENTS_PER_NODE, check_placement
+
+    check_placement({"edge-1": MAX_AGENTS_PER_NODE})
+    with pytest.raises(SpecError, match="300 agents on edge-1, over the limit of 256 per machine"):
+        check_placement({"edge-0": 3, "edge-1": 300})
+    doc = spec_with(fidelity="profiled", agents=[{**BASE["agents"][0], "count": 300}])
+    with pytest.raises(SpecError, match="300 agents on this machine"):
+        validate(parse_spec(doc), address=None)  # before the privilege check: root or not
