@@ -28,7 +28,9 @@ from ray_scout.transport.server import Server
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))  # the scenarios are the tests' own, held longer
-from test_transport_limits import MIB, big_header, echo, hold_hostile_connections, rss_bytes  # noqa: E402
+from test_transport_limits import (  # noqa: E402
+    MIB, big_header, echo, hold_hostile_connections, rss_bytes,
+)
 
 
 def port(hold_s: float) -> dict:

@@ -443,7 +443,8 @@ def _account_for_every_request(recorder, work: dict, spec: Spec, policy: str,
     recorded = ray.get(recorder.recorded_request_ids.remote())
     groups = spec.groups_by_agent()
     lost = [dict(request_id=a.request_id, agent=agent, policy=policy, allocator=allocator,
-                 t_arrival_s=a.t_s, context_tokens=a.context_tokens, deadline_s=groups[agent].deadline_s,
+                 t_arrival_s=a.t_s, context_tokens=a.context_tokens,
+                 deadline_s=groups[agent].deadline_s,
                  deadline_met=False, cancelled=False, outcome="error", quality=0.0,
                  error="lost: no row was recorded for this request (its agent was killed or "
                        "restarted before it finished, or it ran past the drain limit)")
@@ -532,7 +533,8 @@ def run_emulated(spec: Spec, out: Path, address: str | None = None,
             check_placement(per_node)
         for index, (policy, allocator) in enumerate(spec.combinations()):
             previous = done.get(index)
-            if previous is not None and (previous["policy"], previous["allocator"]) == (policy, allocator):
+            if previous is not None and (previous["policy"],
+                                         previous["allocator"]) == (policy, allocator):
                 trials.append(previous)
                 continue
             current = (index, policy, allocator)

@@ -211,8 +211,8 @@ class ScoutPayload:
         try:
             text = raw.decode("utf-8")
         except UnicodeDecodeError as error:
-            raise ScoutFormatError(f"carried document is not UTF-8 ({error}); the payload is corrupt") \
-                from None
+            raise ScoutFormatError(f"carried document is not UTF-8 ({error}); the payload is "
+                                   "corrupt") from None
         if document_hash(text) != self.doc_hash:
             raise ScoutFormatError("carried document does not match doc_hash; the payload is corrupt")
         return text
@@ -262,7 +262,8 @@ class ScoutPayload:
                 raise ScoutFormatError(f"carried document of {length} bytes exceeds {MAX_DOCUMENT_BYTES}")
             document = bytes(reader.take(length, "document"))
         reader.finish()
-        return cls(doc_hash, question, num_context, tuple(positions.tolist()), tuple(spans), document)
+        return cls(doc_hash, question, num_context, tuple(positions.tolist()), tuple(spans),
+                   document)
 
 
 def build_payload(context: str, question: str, offsets: torch.Tensor, positions: torch.Tensor,
