@@ -321,7 +321,7 @@ def _parse_spec(doc: Any, base: Path, fidelity: str | None) -> Spec:
                                            "cloud.batch_window_s"))
     _check_totals(spec)
     with _about("capacity"):
-        capacity_trace(spec)  # validates the capacity section now, not mid-run
+        capacity_trace(spec, first_step_only=True)  # the section is checked now, not mid-run
     if spec.fidelity == "full":
         from ray_scout.core.evaluation.tasks import TASKS
 
@@ -395,8 +395,12 @@ def _rate(value: Any, where: str) -> float:
         raise SpecError(f"{where}: {exc}") from None
 
 
-def capacity_trace(spec: Spec) -> cap.CapacityTrace:
-    """The bottleneck capacity over the run, from the spec's ``capacity`` section."""
+def capacity_trace(spec: Spec, *, first_step_only: bool = False) -> cap.CapacityTrace:
+    """The bottleneck capacity over the run, from the spec's ``capacity`` section.
+
+    ``first_step_only`` checks a Markov section by drawing its first step alone: a week at
+    1 s steps takes seconds to draw, and every check it could fail is made on the first.
+    """
     doc, where = spec.capacity, "capacity"
     kind = _known(str(doc.get("kind", "constant")),
                   ("constant", "markov", "segments", "mahimahi", "throughput_log", "file"),
@@ -413,7 +417,8 @@ def capacity_trace(spec: Spec) -> cap.CapacityTrace:
                 raise SpecError(f"{where}.step_s: {step_s:g} s over duration_s={spec.duration_s:g} "
                                 f"makes over {MAX_EPOCHS:g} capacity steps; raise step_s")
             return cap.markov_chain(states, step_s=step_s,
-                                    duration_s=spec.duration_s,
+                                    duration_s=min(step_s, spec.duration_s) if first_step_only
+                                    else spec.duration_s,
                                     seed=int(doc.get("seed", spec.seed)))
         if kind == "segments":
             segs = [(float(t), _rate(r, f"{where}.segments")) for t, r in
