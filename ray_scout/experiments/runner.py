@@ -23,7 +23,9 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -191,11 +193,21 @@ def start_ray(spec: Spec, address: str | None, dashboard: bool = True) -> bool:
         return False
     if address:  # every node of a cluster runs the ray_scout its setup installed
         ray.init(address=address, log_to_driver=False)
+        _give_ctrl_c_back_to_python()
         return True
     ray.init(resources={"edge": len(spec.agent_names), "cloud": 1},
              runtime_env={"env_vars": {"PYTHONPATH": str(REPO_ROOT)}},
              include_dashboard=dashboard, log_to_driver=False, configure_logging=False)
+    _give_ctrl_c_back_to_python()
     return True
+
+
+def _give_ctrl_c_back_to_python() -> None:
+    """Ray's core worker puts its own C-level SIGINT handler in place of Python's (ray 2.60:
+    a driver waiting in ``ray.wait`` never sees KeyboardInterrupt, and the run goes on to
+    its end). Reinstalling Python's makes Ctrl-C interrupt the run again."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def placement(spec: Spec) -> Placement:
