@@ -113,3 +113,35 @@ def test_ctrl_c_mid_run_leaves_rows_and_nothing_else_and_resume_finishes_it(tmp_
     assert set(requests.policy) == {"static:int4", "static:int8", "static:scout"}
     assert find_leftovers(f"rs-{resumed.pid % 0xFFFF:04x}").empty
     assert wait_gone(marker, 20) == []
+
+
+def test_sigkill_of_the_driver_leaves_finished_rows_and_net_cleanup_removes_its_links(tmp_path):
+    spec_path, out = tmp_path / "ctrl_c.yaml", tmp_path / "out"
+    spec_path.write_text(yaml.safe_dump(SPEC))
+    marker = f"rs-kill-{uuid.uuid4().hex}"
+    run = scout(["run", str(spec_path), "--out", str(out), "--no-progress"], marker)
+    first = out / "raw" / "00_static-int4_equal" / "requests.jsonl"
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and run.poll() is None and rows(first) < 3:
+        time.sleep(0.2)
+    assert run.poll() is None, f"the run ended before the signal: {run.communicate()}"
+    prefix = f"rs-{run.pid % 0xFFFF:04x}"
+    run.kill()
+    run.communicate(timeout=60)
+    # Rows are appended as they complete: what finished before the kill is on disk.
+    recorded = [json.loads(line) for line in first.read_text().splitlines()]
+    assert len(recorded) >= 3 and all("request_id" in row for row in recorded)
+    cleanup = subprocess.run([sys.executable, "-m", "ray_scout.cli", "net", "cleanup", "--prefix",
+                              prefix], capture_output=True, text=True, timeout=60,
+                             env=dict(os.environ, PYTHONPATH=str(REPO_ROOT)))
+    assert cleanup.returncode == 0, cleanup.stderr
+    assert find_leftovers(prefix).empty
+    # Ray's raylet and GCS follow their killed driver; its dashboard and runtime-env agents
+    # do not (ray 2.60: they live on with parent 1). Known and documented
+    # (docs/RELIABILITY.md); this test ends what it started.
+    left = wait_gone(marker, 30)
+    names = {pid: Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0] for pid in left
+             if Path(f"/proc/{pid}/cmdline").exists()}
+    for pid in names:
+        os.kill(pid, signal.SIGKILL)
+    assert set(names.values()) <= {b"ray::DashboardAgent", b"ray::RuntimeEnvAgent"}, names
