@@ -23,10 +23,10 @@ class _Recorder:
                 recorder.rows.append((table, row))
 
         class _Ids:
-            def remote(self, agents):
-                return list(recorded)
+            def remote(self):
+                return set(recorded)
 
-        self.add, self.request_ids = _Add(), _Ids()
+        self.add, self.recorded_request_ids = _Add(), _Ids()
 
     def table(self, name):
         return [row for table, row in self.rows if table == name]

@@ -50,6 +50,22 @@ def spec_with(**changes):
                cloud={"models": {"y": {}}}), "not hosted"),
     (spec_with(cloud={"max_batch": 0}), "cloud.max_batch: must be > 0"),
     (spec_with(cloud={"batch_window_s": -0.1}), "cloud.batch_window_s: must be >= 0"),
+    # Issue 17, defect 5: no upper bounds; count 1e9 took 7.3 GB in 60 s with no message.
+    (spec_with(agents=[{**BASE["agents"][0], "count": 1_000_000_000}]),
+     "agents\\[0\\].count: 1000000000 is over the limit of 4096"),
+    (spec_with(agents=[{**BASE["agents"][0], "count": 3000}, {**BASE["agents"][1], "count": 3000}]),
+     "agents: 6000 agents in all groups, over the limit"),
+    (spec_with(agents=[{**BASE["agents"][0], "context_tokens": [10**9]}]),
+     "agents\\[0\\].context_tokens: 1000000000 is over the limit"),
+    (spec_with(agents=[{**BASE["agents"][0], "arrival_rate_hz": 1e12}]),
+     "agents\\[0\\].arrival_rate_hz: .* over the limit"),
+    (spec_with(agents=[{**BASE["agents"][0], "arrival_rate_hz": 1000, "count": 100}]),
+     "count x arrival_rate_hz x duration_s: about 1.2e\\+07 requests"),
+    (spec_with(duration_s=1e12), "duration_s: .* over the limit"),
+    (spec_with(duration_s=3600, epoch_s=1e-6), "epoch_s: .* allocator epochs"),
+    (spec_with(capacity={"kind": "constant", "rate": "9999gbit"}), "capacity.rate: .* out of range"),
+    (spec_with(network={"access_rate": "1000000gbit"}), "network.access_rate: .* out of range"),
+    (spec_with(capacity={"kind": "markov", "step_s": 1e-9}), "capacity.step_s: .* capacity steps"),
 ])
 def test_a_bad_spec_names_the_key_at_fault(doc, message):
     with pytest.raises(SpecError, match=message):
@@ -208,3 +224,31 @@ def test_plots_are_drawn_when_a_combination_misses_everything(tmp_path: Path):
         assert (tmp_path / name).stat().st_size > 10_000, name
     assert not (tmp_path / "rates.png").exists()  # no epochs, no grants to draw
     assert "| static:bf16 | equal | 0 | - |" in (tmp_path / "summary.md").read_text()
+
+
+@pytest.mark.parametrize("doc, message", [
+    (spec_with(network=[1]), "network: must be a mapping"),
+    (spec_with(cloud={"models": 3}), "cloud.models: must be a mapping"),
+    (spec_with(policies="adaptive"), "policies: must be a list"),
+    (spec_with(seed="x"), "seed: 'x' is not a number"),
+    (spec_with(capacity=None), "capacity: must be a mapping"),
+    (spec_with(agents=[{**BASE["agents"][0], "count": float("inf")}]), "agents\\[0\\].count: inf is not"),
+    (spec_with(agents=[{**BASE["agents"][0], "protected_layers": 0}]),
+     "agents\\[0\\].protected_layers: must be a list"),
+])
+def test_a_value_of_the_wrong_shape_is_a_spec_error_naming_its_key(doc, message):
+    # Found by tests/test_fuzz.py: these escaped as TypeError / AttributeError / ValueError.
+    with pytest.raises(SpecError, match=message):
+        parse_spec(doc)
+
+
+def test_more_agents_than_a_machine_holds_is_refused_before_any_work():
+    from ray_scout.experiments.runner import validate
+    from ray_scout.experiments.spec import MAX_AGENTS_PER_NODE, check_placement
+
+    check_placement({"edge-1": MAX_AGENTS_PER_NODE})
+    with pytest.raises(SpecError, match="2001 agents on edge-1, over the limit of 2000 per machine"):
+        check_placement({"edge-0": 3, "edge-1": 2001})
+    doc = spec_with(fidelity="profiled", agents=[{**BASE["agents"][0], "count": 2001}])
+    with pytest.raises(SpecError, match="2001 agents on this machine"):
+        validate(parse_spec(doc), address=None)  # before the privilege check: root or not

@@ -56,6 +56,25 @@ def test_failed_build_removes_what_it_made():
     assert find_leftovers(f"rs-{run}-").empty
 
 
+def test_a_failed_build_surfaces_its_cause_even_when_the_cleanup_fails_too(monkeypatch):
+    # Issue 17, defect 7: the cleanup's error replaced the cause of the failure.
+    run = pid_run_id()
+    real_remove = netns.remove
+
+    def refuse(name):
+        raise OSError(16, f"cleanup refused {name}")
+
+    with monkeypatch.context() as patch:
+        patch.setattr("ray_scout.net.topology.netns.remove", refuse)
+        with pytest.raises(NetError, match="not available") as caught:
+            LabTopology([LAB], LAB, run_id=run, congestion_control="no-such-cc").build()
+    assert any("cleaning up after it also failed" in note and "cleanup refused" in note
+               for note in caught.value.__notes__)
+    for name in find_leftovers(f"rs-{run}-").namespaces:
+        real_remove(name)
+    assert find_leftovers(f"rs-{run}-").empty
+
+
 def test_impaired_profile_without_netem_or_backend_fails_clearly():
     if probe().netem:
         pytest.skip("this kernel has netem; the no-backend error is for kernels without it")

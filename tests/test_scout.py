@@ -194,3 +194,48 @@ def test_same_model_scout_at_full_retention_equals_full_answer(embedded_model):
 def test_scout_with_q2c_at_half_retention_still_finds_the_answer(embedded_model):
     payload = edge_scout(embedded_model, CONTEXT, QUESTION, retention=0.5, method="q2c")
     assert "Clara" in scout_answer(embedded_model, CONTEXT, QUESTION, payload).text
+
+
+def zstd_frame_declaring(size_bytes: int) -> bytes:
+    import struct
+
+    return bytes.fromhex("28b52ffd") + bytes([0xE0]) + struct.pack("<Q", size_bytes) + b"\x01\x00\x00"
+
+
+@pytest.mark.parametrize("declared", [1 << 40, 3 << 30])
+def test_carried_document_declaring_a_huge_size_is_a_format_error(declared):
+    # Issue 17, defect 2: a bare MemoryError (2**40) or a 3 GiB malloc came out of here.
+    payload = ScoutPayload(document_hash("x"), "q", 0, (), (), zstd_frame_declaring(declared))
+    with pytest.raises(ScoutFormatError, match=f"declares {declared} bytes"):
+        payload.document()
+
+
+def test_carried_document_that_is_not_utf8_is_a_format_error():
+    import zstandard
+
+    raw = b"\xff\xfe not text"
+    payload = ScoutPayload(document_hash("x"), "q", 0, (), (), zstandard.ZstdCompressor().compress(raw))
+    with pytest.raises(ScoutFormatError, match="not UTF-8"):
+        payload.document()
+
+
+def test_declared_context_over_the_cap_is_refused():
+    from ray_scout.core.llm.scout import MAX_CONTEXT_TOKENS
+
+    n = MAX_CONTEXT_TOKENS + 1
+    with pytest.raises(ScoutFormatError, match="num_context.*over the limit"):
+        decode_indices(bytes([BITMAP]) + bytes((n + 7) // 8), n)
+
+
+def test_the_largest_bitmap_decodes_in_well_under_a_second():
+    import time
+
+    from ray_scout.core.llm.scout import MAX_CONTEXT_TOKENS
+
+    n = MAX_CONTEXT_TOKENS
+    data = bytes([BITMAP]) + b"\x55" * (n // 8)  # every other position: the densest realistic
+    started = time.perf_counter()
+    positions = decode_indices(data, n)
+    elapsed = time.perf_counter() - started
+    assert positions.numel() == n // 2 and positions[:3].tolist() == [0, 2, 4]
+    assert elapsed < 0.5, f"{elapsed:.2f} s for a {n // 8} byte bitmap"

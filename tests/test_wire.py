@@ -210,3 +210,43 @@ def test_arbitrary_bytes_raise_only_wire_error(blob):
         decode_any(blob)
     except WireError:
         pass
+
+
+def zstd_frame_declaring(size_bytes: int) -> bytes:
+    """A 16-byte zstd frame whose header declares ``size_bytes`` of content (it holds none)."""
+    # magic, descriptor (8-byte content size, single segment), the size, one empty raw block
+    return bytes.fromhex("28b52ffd") + bytes([0xE0]) + struct.pack("<Q", size_bytes) + b"\x01\x00\x00"
+
+
+@pytest.mark.parametrize("declared", [1 << 40, 3 << 30, 10_001])
+def test_zstd_frame_declaring_more_than_the_sections_is_refused_before_allocating(declared):
+    # python-zstandard allocates a frame's declared size whatever max_output_size says:
+    # 2**40 raised a bare MemoryError, 3 GiB asked malloc for 3 GiB (issue 17, defect 2).
+    head = wire.encode_payload(Mode.SCOUT, "m", {"blob": b"\x00" * 10_000}, compress=True)
+    body_at = head.index(bytes.fromhex("28b52ffd"))  # the body length u64 sits right before
+    body = zstd_frame_declaring(declared)
+    out = head[:body_at - 8] + struct.pack("<Q", len(body)) + body
+    data = out + struct.pack("<I", zlib.crc32(out))
+    with pytest.raises(WireError, match=f"declares {declared} bytes"):
+        wire.decode_payload(data, max_bytes=1 << 20)
+
+
+def test_positions_that_wrap_in_int32_are_refused_naming_the_field():
+    # An int32 diff of (2**31 - 1, -5) wraps to a positive step (issue 17, defect 4).
+    snap = snapshot()
+    encoded = codec_for(Mode.INT8).encode(snap)
+    import dataclasses
+
+    crafted = encoded.positions.clone()
+    crafted[-2], crafted[-1] = 2**31 - 1, -5
+    data = wire.encode_kv(dataclasses.replace(encoded, positions=crafted), FACTS.model_id)
+    with pytest.raises(WireError, match=r"positions: must be strictly increasing.*-5 after 2147483647"):
+        wire.decode_kv(data, facts=FACTS)
+
+
+def test_negative_tail_token_ids_are_refused_naming_the_field():
+    data = kv_bytes()
+    payload = wire.decode_kv(data, facts=FACTS)
+    crafted = wire.encode_kv(payload.encoded, FACTS.model_id, tail_ids=(5, -3))
+    with pytest.raises(WireError, match="tail: token id -3"):
+        wire.decode_kv(crafted, facts=FACTS)

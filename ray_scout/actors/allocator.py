@@ -59,7 +59,12 @@ class Allocator:
         last: dict[str, float] | None = None
         last_capacity = None
         epochs = 0
-        for t in tick_times(self.trace, self.epoch_s, self.duration_s):
+        ticks = list(tick_times(self.trace, self.epoch_s, self.duration_s))
+        # After a restart (Ray retries this task on the new process) the past is not
+        # replayed: the split starts from the tick in force now, so links stuck at the old
+        # process's last split (an outage's, say) are set right at once.
+        past = sum(t0_unix_s + t <= time.time() for t in ticks)
+        for t in ticks[max(past - 1, 0):]:
             wait = t0_unix_s + t - time.time()
             if wait > 0:
                 time.sleep(wait)

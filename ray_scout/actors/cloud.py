@@ -57,7 +57,7 @@ class CloudActor:
 
     def __init__(self, name: str, addresses: Sequence[tuple[str, int]], netns: str | None,
                  service: Service, *, slots: int = 1, connections: int = 64,
-                 max_batch: int = 1, batch_window_s: float = 0.0):
+                 max_batch: int = 1, batch_window_s: float = 0.0, token: bytes | None = None):
         from ray_scout.actors.metrics import CloudMetrics
 
         if max_batch < 1 or batch_window_s < 0:
@@ -85,8 +85,12 @@ class CloudActor:
         self.servers: list[Server] = []
         try:
             for host, port in addresses:
+                # Every agent of an edge node shares its address: the per-peer cap is the
+                # agents' count, not the transport's default.
                 self.servers.append(Server(self._handle, host=host, port=port, netns=netns,
-                                           workers=connections))
+                                           workers=connections, token=token,
+                                           max_connections=max(256, 2 * connections),
+                                           max_connections_per_peer=connections))
         except BaseException:
             self.close()
             raise

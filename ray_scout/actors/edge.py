@@ -65,6 +65,8 @@ class AgentConfig:
     samples: tuple[tuple[str, str, tuple[str, ...]], ...] = ()
     # The agent's own address where it shares a namespace with others (a lab site).
     source_address: str | None = None
+    # The experiment's token, presented to the cloud's port first on every connection.
+    token: bytes | None = None
 
     @property
     def fidelity(self) -> str:
@@ -266,7 +268,7 @@ class EdgeAgent:
                                              source_address=c.source_address,
                                              abort_on_close=True,
                                              connect_timeout_s=min(left, 5.0),
-                                             body_checksum=False)
+                                             body_checksum=False, token=c.token)
             response = self.connection.request(body, deadline_s=left)
         except DeadlineExceeded as exc:
             if exc.acked_bytes and exc.sending_s:
@@ -355,7 +357,7 @@ class EdgeHost:
     def _recorded(self) -> frozenset[int]:
         import ray
 
-        ids = self.recorder.request_ids.remote(list(self.agents))
+        ids = self.recorder.recorded_request_ids.remote()
         return frozenset(ray.get(ids) if isinstance(ids, ray.ObjectRef) else ids)
 
     def set_grants(self, rates_bps: Mapping[str, float]) -> None:

@@ -29,6 +29,7 @@ class Recorder:
     def __init__(self, directory: str | None):
         self.files: dict = {}
         self.count: dict[str, int] = {}
+        self.request_ids: set[int] = set()
         self.directory: Path | None = None
         if directory is not None:
             self.open(directory)
@@ -38,6 +39,7 @@ class Recorder:
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
         self.count = {}
+        self.request_ids = set()
 
     def add(self, table: str, row: dict) -> None:
         if self.directory is None:
@@ -48,19 +50,19 @@ class Recorder:
         handle.write(json.dumps({k: _clean(v) for k, v in row.items()}) + "\n")
         handle.flush()
         self.count[table] = self.count.get(table, 0) + 1
+        if table == "requests":
+            self.request_ids.add(row["request_id"])
 
     def add_many(self, table: str, rows: list[dict]) -> None:
         for row in rows:
             self.add(table, row)
 
-    def request_ids(self, agents: list[str]) -> list[int]:
-        """Request ids of ``agents`` already on disk (a restarted edge host skips them)."""
-        wanted = set(agents)
-        return [row["request_id"] for row in read_table(self.directory, "requests")
-                if row.get("agent") in wanted]
-
     def counts(self) -> dict[str, int]:
         return dict(self.count)
+
+    def recorded_request_ids(self) -> set[int]:
+        """Ids of the request rows recorded so far: the driver accounts for the others."""
+        return set(self.request_ids)
 
     def close(self) -> None:
         for handle in self.files.values():

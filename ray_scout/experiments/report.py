@@ -11,6 +11,7 @@ simulator share them). What it leaves to others: producing the tables.
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -157,8 +158,14 @@ def write_report(spec, out: Path, frames: dict[str, pd.DataFrame]) -> Path:
     requests = frames["requests"]
     table = summary(requests) if not requests.empty else pd.DataFrame()
     label = "mean F1" if spec.fidelity == "full" else "mean quality (profile's, BF16 = 1.0)"
-    text = [f"# {spec.name} ({spec.fidelity} fidelity)", "",
-            f"{len(spec.agent_names)} agents, {spec.duration_s:g} s, seed {spec.seed}.", "",
+    text = [f"# {spec.name} ({spec.fidelity} fidelity)", ""]
+    meta_path = out / "meta.json"
+    meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
+    if meta.get("complete") is False:  # an interrupted run: say so before any figure
+        text += [f"**Incomplete run**: {meta.get('interrupted', 'interrupted')}. The tables hold "
+                 "the requests that finished; `scout run --resume <this folder>` continues it.",
+                 ""]
+    text += [f"{len(spec.agent_names)} agents, {spec.duration_s:g} s, seed {spec.seed}.", "",
             f"Quality: {quality_source(spec)}.", "",
             "Payload: exact wire bytes of the mode sent (median over the combination's "
             "requests, 0 for `local`). " + LOCAL_NOTE, ""]

@@ -23,7 +23,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import secrets
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,12 +44,14 @@ from ray_scout.core.stages.request import Arrival, RequestShape
 from ray_scout.experiments.placement import Placement, alive_nodes, edge_hosts, place
 from ray_scout.experiments.spec import (
     FIDELITIES, REPO_ROOT, Spec, SpecError, arrivals, capacity_trace, check_allocators,
-    load_spec, quality_profile, spec_path, spec_text_as_run,
+    check_placement, load_spec, quality_profile, spec_path, spec_text_as_run,
 )
 from ray_scout.net.profiles import load_profile
 from ray_scout.net.topology import CLOUD_ADDRESS
 
 CLOUD_PORT = 7300
+# One JSON line per finished trial, appended as each ends: what `--resume` skips.
+FINISHED = "trials.jsonl"
 TABLES = ("requests", "epochs", "rate_changes", "events")
 # Header of a table no row reached (a simulated run changes no link and restarts nothing):
 # a CSV without one is a 1-byte file that pandas cannot read.
@@ -138,6 +143,52 @@ def demands(spec: Spec, shapes: dict, work: dict, policy: str) -> list:
     return out
 
 
+def validate(spec: Spec, address: str | None) -> None:
+    """Everything a run can check before it creates anything (output folder, Ray, links).
+
+    Raises ``SpecError`` naming the key at fault, or ``CapabilityError`` when this machine
+    must build links and the process is not root.
+    """
+    from ray_scout.core.stages.profiled import ComputeError
+    from ray_scout.net.errors import require_root
+
+    for g in spec.agents:
+        _timing(g.edge_timing, spec, f"agents[{g.name}].edge_timing")
+    for model, source in spec.cloud_models.items():
+        _timing(source, spec, f"cloud.models.{model}.timing")
+    try:
+        shapes = request_shapes(spec)
+    except ComputeError as exc:
+        raise SpecError(f"agents: {exc}") from None
+    if spec.fidelity == "simulated":
+        simulated_estimator(spec)
+        return
+    if address is None:  # the lab-in-a-box: this machine holds every agent and builds links
+        check_placement({"this machine": len(spec.agent_names)})
+        require_root()
+    work = workloads(spec)
+    for policy in spec.policies:
+        check_allocators(spec, demands(spec, shapes, work, policy))
+
+
+def _timing(source: str, spec: Spec, key: str) -> None:
+    from ray_scout.core.stages.profiled import ComputeError
+
+    try:
+        load_timing(source, spec.base)
+    except ComputeError as exc:
+        raise SpecError(f"{key}: {exc}") from None
+
+
+def simulated_estimator(spec: Spec) -> str:
+    """The one estimator simulated fidelity runs for every agent."""
+    estimators = {g.estimator for g in spec.agents}
+    if len(estimators) != 1:
+        raise SpecError(f"agents[*].estimator: simulated fidelity runs one estimator for all "
+                        f"agents; the spec has {sorted(estimators)}")
+    return next(iter(estimators))
+
+
 # --- Ray --------------------------------------------------------------------------------
 def start_ray(spec: Spec, address: str | None, dashboard: bool = True) -> bool:
     """Connect to ``address`` or start a local Ray with ``edge``/``cloud`` resources.
@@ -150,11 +201,21 @@ def start_ray(spec: Spec, address: str | None, dashboard: bool = True) -> bool:
         return False
     if address:  # every node of a cluster runs the ray_scout its setup installed
         ray.init(address=address, log_to_driver=False)
+        _give_ctrl_c_back_to_python()
         return True
     ray.init(resources={"edge": len(spec.agent_names), "cloud": 1},
              runtime_env={"env_vars": {"PYTHONPATH": str(REPO_ROOT)}},
              include_dashboard=dashboard, log_to_driver=False, configure_logging=False)
+    _give_ctrl_c_back_to_python()
     return True
+
+
+def _give_ctrl_c_back_to_python() -> None:
+    """Ray's core worker puts its own C-level SIGINT handler in place of Python's (ray 2.60:
+    a driver waiting in ``ray.wait`` never sees KeyboardInterrupt, and the run goes on to
+    its end). Reinstalling Python's makes Ctrl-C interrupt the run again."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def placement(spec: Spec) -> Placement:
@@ -249,6 +310,34 @@ def edge_host_groups(spec: Spec, links: TrialLinks, cores: int) -> list[tuple[li
     return groups
 
 
+def trial_dir(out: Path, index: int, policy: str, allocator: str) -> Path:
+    """Where a trial's recorder appends its rows (JSON lines, one per finished row)."""
+    return out / "raw" / f"{index:02d}_{policy.replace(':', '-')}_{allocator}"
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C during an emulated run, after teardown: the rows recorded until then ride along."""
+
+    def __init__(self, frames: dict[str, pd.DataFrame], trials: list[dict], detail: str):
+        super().__init__(detail)
+        self.frames = frames
+        self.trials = trials
+        self.detail = detail
+
+
+def finished_trials(out: Path) -> dict[int, dict]:
+    """The trials a run in ``out`` finished (``FINISHED``, one JSON line each, by index)."""
+    path = out / FINISHED
+    if not path.exists():
+        return {}
+    done = {}
+    for line in path.read_text().splitlines():
+        if line.strip():
+            trial = json.loads(line)
+            done[trial["index"]] = trial
+    return done
+
+
 class Testbed:
     """One experiment's links, cloud, recorder and edge hosts: started once, reused by every
     trial (policy x allocator), which only resets them. ``close`` tears all of it down.
@@ -278,6 +367,9 @@ class Testbed:
             names = spec.agent_names
             equal = {n: trace.rate_at(0.0) / len(names) for n in names}
             self.run_id = f"{os.getpid() % 0xFFFF:04x}00"
+            # Who may use the cloud's port: the actors this experiment hands it to through
+            # Ray (the port itself is reachable from the lab network on a cluster).
+            self.token = secrets.token_bytes(32)
             self.links = (cluster_links(spec, where, equal) if where.cluster
                           else lab_links(spec, names, self.run_id))
             self.actors += self.links.managers
@@ -286,7 +378,8 @@ class Testbed:
                 name=self.prefix + "cloud", **self.links.cloud_options).remote(
                 "cloud0", self.links.cloud_addresses, self.links.cloud_netns,
                 cloud_service(spec, texts), slots=spec.cloud_slots, connections=len(names) + 4,
-                max_batch=spec.cloud_max_batch, batch_window_s=spec.cloud_batch_window_s)
+                max_batch=spec.cloud_max_batch, batch_window_s=spec.cloud_batch_window_s,
+                token=self.token)
             self.actors.append(self.cloud)
             ray.get(self.cloud.ready.remote())
             cores = int(ray.cluster_resources().get("CPU", 1))
@@ -302,21 +395,12 @@ class Testbed:
             raise
         self.start_s = time.time() - self.started
 
-    def close(self) -> None:
-        """Stop the cloud, remove the links, close the recorder, kill every actor."""
-        import ray
-
-        if self.cloud is not None:
-            try:
-                ray.get(self.cloud.close.remote(), timeout=10)
-            except Exception:  # noqa: BLE001 - a dead cloud has nothing left to close
-                pass
-        if self.links is not None:
-            ray.get([m.teardown.remote() for m in self.links.managers])
-            self.links = None
-        for actor in self.actors:
-            ray.kill(actor)
-        self.actors = []
+    def close(self) -> list[Exception]:
+        """Stop the cloud, remove the links, close the recorder, kill every actor; every
+        step is tried, and what failed is returned rather than raised."""
+        problems = _tear_down(self.cloud, self.links, self.recorder, self.actors)
+        self.cloud, self.links, self.actors = None, None, []
+        return problems
 
     def trial(self, policy: str, allocator: str, index: int, out: Path, shapes: dict,
               work: dict, progress=None, texts: dict | None = None) -> dict:
@@ -327,7 +411,7 @@ class Testbed:
 
         spec, links = self.spec, self.links
         texts = texts or {}
-        raw = out / "raw" / f"{index:02d}_{policy.replace(':', '-')}_{allocator}"
+        raw = trial_dir(out, index, policy, allocator)
         if raw.exists():
             for stale in raw.glob("*.jsonl"):
                 stale.unlink()
@@ -356,10 +440,14 @@ class Testbed:
                 edge_options=dict(scout_retention=g.scout_retention,
                                   protected_layers=tuple(g.protected_layers),
                                   max_new_tokens=g.new_tokens),
-                samples=texts.get(name, ()))
+                samples=texts.get(name, ()), token=self.token)
         hosts = [(ray.put([configs[a] for a in group]), host) for group, host in self.hosts]
         ray.get([host.prepare.remote(ref) for ref, host in hosts])  # models loaded before t0
-        alloc = ray.remote(Allocator).options(num_cpus=0, max_concurrency=2).remote(
+        # Restarted like the hosts: a dead allocator would freeze every link at its last
+        # split (zero, if it died in an outage) for the rest of the trial.
+        alloc = ray.remote(Allocator).options(
+            num_cpus=0, max_concurrency=2, max_restarts=2, max_task_retries=2,
+            name=f"{self.prefix}allocator{index}").remote(
             allocator, trace, spec.epoch_s, spec.duration_s, [h for _, h in hosts],
             links.managers, self.recorder)
         ray.get(alloc.__ray_ready__.remote())  # its process is up before the clock starts
@@ -383,6 +471,7 @@ class Testbed:
                 errors.append(f"{len(pending)} tasks still running at the drain limit; stopped")
                 for ref in pending:
                     ray.cancel(ref, force=False)
+            lost = _account_for_every_request(self.recorder, work, spec, policy, allocator)
         finally:
             ray.kill(alloc)
         for message in errors:
@@ -398,6 +487,7 @@ class Testbed:
         ray.get(self.recorder.add_many.remote("rate_changes", changes))
         ray.get(self.recorder.close.remote())
         return {"policy": policy, "allocator": allocator, "raw": str(raw), "links": links_rows,
+                "requests_issued": sum(len(w) for w in work.values()), "requests_lost": lost,
                 "placement": self.where.describe(), "cloud": cloud_stats, "errors": errors,
                 "wall_s": time.time() - started}
 
@@ -411,6 +501,64 @@ def cloud_service(spec: Spec, texts: dict):
         return FullService({m: m for m in spec.cloud_models}, documents,
                            max(g.new_tokens for g in spec.agents))
     return ProfiledService({m: load_timing(t, spec.base) for m, t in spec.cloud_models.items()})
+
+
+# How long the driver waits for rows still on their way to the recorder (sent by agents
+# whose run has returned) before it counts a request as lost.
+SETTLE_S = 2.0
+
+
+def _account_for_every_request(recorder, work: dict, spec: Spec, policy: str,
+                               allocator: str) -> int:
+    """Record an error row for every arrival of the workload that has no row: a request
+    whose agent was killed mid-request (its state died with the process), skipped after a
+    restart, or still running at the drain limit. Returns how many there were, so that
+    requests issued always equal rows recorded."""
+    import ray
+
+    counts, settle_end = None, time.monotonic() + SETTLE_S
+    while time.monotonic() < settle_end:  # until the recorder's count stops moving
+        now = ray.get(recorder.counts.remote()).get("requests", 0)
+        if now == counts:
+            break
+        counts = now
+        time.sleep(0.2)
+    recorded = ray.get(recorder.recorded_request_ids.remote())
+    groups = spec.groups_by_agent()
+    lost = [dict(request_id=a.request_id, agent=agent, policy=policy, allocator=allocator,
+                 t_arrival_s=a.t_s, context_tokens=a.context_tokens,
+                 deadline_s=groups[agent].deadline_s,
+                 deadline_met=False, cancelled=False, outcome="error", quality=0.0,
+                 error="lost: no row was recorded for this request (its agent was killed or "
+                       "restarted before it finished, or it ran past the drain limit)")
+            for agent, arrivals_ in work.items() for a in arrivals_ if a.request_id not in recorded]
+    if lost:
+        ray.get(recorder.add_many.remote("requests", lost))
+    return len(lost)
+
+
+def _tear_down(cloud, links: TrialLinks | None, recorder, actors: list) -> list[Exception]:
+    """Close the cloud, remove the links, flush the recorder, kill every actor; every step is
+    tried, and what failed is returned rather than raised."""
+    import ray
+
+    problems: list[Exception] = []
+    if cloud is not None:
+        try:
+            ray.get(cloud.close.remote(), timeout=10)
+        except Exception:  # noqa: BLE001 - a dead cloud has nothing left to close
+            pass
+    steps = []
+    if links is not None:
+        steps.append(lambda: ray.get([m.teardown.remote() for m in links.managers]))
+    steps.append(lambda: ray.get(recorder.close.remote()))
+    steps += [lambda actor=actor: ray.kill(actor) for actor in actors]
+    for step in steps:
+        try:
+            step()
+        except Exception as exc:  # noqa: BLE001 - returned to the caller, which reports it
+            problems.append(exc)
+    return problems
 
 
 def _collect(out: Path, trials: list[dict]) -> dict[str, pd.DataFrame]:
@@ -439,63 +587,102 @@ def write_tables(out: Path, frames: dict[str, pd.DataFrame]) -> None:
 
 
 def run_emulated(spec: Spec, out: Path, address: str | None = None,
-                 show_progress: bool = True, dashboard: bool = True) -> dict[str, pd.DataFrame]:
+                 show_progress: bool = True, dashboard: bool = True,
+                 resume: bool = False) -> dict[str, pd.DataFrame]:
     """``full`` or ``profiled``: real links, real TCP, actors under Ray.
 
     Without ``address`` the lab-in-a-box is built on this machine, which needs root here; on a
-    cluster the link managers need it on their nodes (and say so if they lack it).
+    cluster the link managers need it on their nodes (and say so if they lack it). Each trial
+    that ends is appended to ``FINISHED``; ``resume`` skips the ones already there. Ctrl-C
+    tears the current trial down, stops the Ray this call started and raises ``Interrupted``
+    with the rows recorded so far (the unfinished trial's included).
     """
     import ray
     from tqdm import tqdm
 
-    from ray_scout.net.errors import require_root
-
-    if address is None:
-        require_root()
     shapes, work = request_shapes(spec), workloads(spec)
     texts = samples(spec, work) if spec.fidelity == "full" else {}
-    for policy in spec.policies:
-        check_allocators(spec, demands(spec, shapes, work, policy))
     total = sum(len(w) for w in work.values())
-    started_ray = start_ray(spec, address, dashboard)
-    trials = []
-    testbed = None
+    done = finished_trials(out) if resume else {}
+    if not resume:
+        (out / FINISHED).unlink(missing_ok=True)
+    trials, current, testbed = [], None, None
+    started_ray = False
     try:
-        testbed = Testbed(spec, placement(spec), texts)
+        started_ray = start_ray(spec, address, dashboard)
+        where = placement(spec)
+        if where.cluster:
+            per_node: dict[str, int] = {}
+            for node in where.agent_node.values():
+                per_node[node.address] = per_node.get(node.address, 0) + 1
+            check_placement(per_node)
+        testbed = Testbed(spec, where, texts)
         for index, (policy, allocator) in enumerate(spec.combinations()):
+            previous = done.get(index)
+            if previous is not None and (previous["policy"],
+                                         previous["allocator"]) == (policy, allocator):
+                trials.append(previous)
+                continue
+            current = (index, policy, allocator)
             bar = tqdm(total=total, desc=f"{policy} / {allocator}", unit="req",
                        disable=not show_progress)
 
             def progress(n: int, bar=bar) -> None:
                 bar.update(n - bar.n)
 
-            trials.append(testbed.trial(policy, allocator, index, out, shapes, work,
-                                        progress, texts))
-            bar.close()
-    finally:
+            try:
+                trial = testbed.trial(policy, allocator, index, out, shapes, work, progress,
+                                      texts)
+            finally:
+                bar.close()
+            trial["index"] = index
+            with open(out / FINISHED, "a") as finished:
+                finished.write(json.dumps(trial, default=str) + "\n")
+            trials.append(trial)
+            current = None
+    except KeyboardInterrupt:
+        partial = []
+        if current is not None:
+            index, policy, allocator = current
+            partial = [{"index": index, "policy": policy, "allocator": allocator,
+                        "raw": str(trial_dir(out, index, policy, allocator)), "links": [],
+                        "unfinished": True}]
+        detail = (f"interrupted (Ctrl-C) during trial {current[0] + 1} of "
+                  f"{len(spec.combinations())} ({current[1]} / {current[2]})" if current
+                  else "interrupted (Ctrl-C) between trials")
+        raise Interrupted(_collect(out, trials + partial), trials + partial, detail) from None
+    except BaseException as failure:
+        # The run's own failure is what the user must see; a teardown that fails as well is
+        # added to it as a note, never raised in its place.
         if testbed is not None:
-            testbed.close()
+            for problem in testbed.close():
+                failure.add_note(f"tearing the testbed down also failed: {problem}")
+            testbed = None
+        raise
+    finally:
+        problems = testbed.close() if testbed is not None else []
         if started_ray:
             ray.shutdown()
-    frames = _collect(out, trials)
+    if problems:
+        raise problems[0]
+    _write_run_record(out, trials)
+    return _collect(out, trials)
+
+
+def _write_run_record(out: Path, trials: list[dict]) -> None:
     links = [dict(row, policy=t["policy"], allocator=t["allocator"])
              for t in trials for row in t["links"]]
     pd.DataFrame(links).to_csv(out / "links.csv", index=False)
     (out / "run.json").write_text(json.dumps(
         {"trials": [{k: v for k, v in t.items() if k != "links"} for t in trials]},
         indent=2, default=str))
-    return frames
 
 
 def run_simulated(spec: Spec, out: Path) -> dict[str, pd.DataFrame]:
     """The same spec through the discrete-event simulator (network and compute modelled)."""
     from ray_scout.experiments.simulate import AgentSpec, SimConfig, simulate
 
-    estimators = {g.estimator for g in spec.agents}
-    if len(estimators) != 1:
-        raise SpecError(f"simulated fidelity runs one estimator for all agents; the spec has "
-                        f"{sorted(estimators)}")
-    estimator = next(iter(estimators))
+    estimator = simulated_estimator(spec)
     shapes = request_shapes(spec)
     groups = spec.groups_by_agent()
     trace = capacity_trace(spec)
@@ -522,21 +709,37 @@ def run_simulated(spec: Spec, out: Path) -> dict[str, pd.DataFrame]:
 
 
 def run_experiment(spec: Spec, out: Path, address: str | None = None,
-                   show_progress: bool = True, dashboard: bool = True) -> dict[str, pd.DataFrame]:
-    """Run ``spec`` at its fidelity, write tables, the summary and the plots to ``out``."""
+                   show_progress: bool = True, dashboard: bool = True,
+                   resume: bool = False) -> dict[str, pd.DataFrame]:
+    """Run ``spec`` at its fidelity, write tables, the summary and the plots to ``out``.
+
+    Everything that can be checked is checked (``validate``) before ``out`` is created. On
+    Ctrl-C the rows recorded so far are written all the same, ``meta.json`` and the summary
+    say the run is incomplete, and ``KeyboardInterrupt`` (``Interrupted``) is raised.
+    """
     from ray_scout.experiments.report import write_report
 
+    validate(spec, address)
     out.mkdir(parents=True, exist_ok=True)
     started = time.time()
+    interrupted = None
     if spec.fidelity == "simulated":
         frames = run_simulated(spec, out)
     else:
-        frames = run_emulated(spec, out, address, show_progress, dashboard)
+        try:
+            frames = run_emulated(spec, out, address, show_progress, dashboard, resume)
+        except Interrupted as stop:
+            interrupted, frames = stop, stop.frames
+            _write_run_record(out, stop.trials)
     write_tables(out, frames)
     meta = {"spec": spec.name, "fidelity": spec.fidelity, "wall_s": time.time() - started,
-            "finished_unix_s": time.time()}
+            "finished_unix_s": time.time(), "complete": interrupted is None}
+    if interrupted is not None:
+        meta["interrupted"] = interrupted.detail
     (out / "meta.json").write_text(json.dumps(meta, indent=2))
     write_report(spec, out, frames)
+    if interrupted is not None:
+        raise interrupted
     return frames
 
 
@@ -555,8 +758,11 @@ def add_arguments(parser) -> None:
 
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.epilog = FIDELITY_HELP
-    parser.add_argument("spec", help="a spec file, or a shipped spec's name in experiments/ "
-                        "(demo, adaptive_vs_static, allocation_congestion, ...)")
+    parser.add_argument("spec", nargs="?",
+                        help="a spec file, or a shipped spec's name in experiments/ (demo, "
+                        "adaptive_vs_static, allocation_congestion, ...); not with --resume")
+    parser.add_argument("--resume", type=Path, metavar="OUT",
+                        help="continue the interrupted run in OUT, skipping its finished trials")
     parser.add_argument("--fidelity", choices=FIDELITIES,
                         help="run at this fidelity instead of the spec's (see below)")
     parser.add_argument("--address", help="an existing Ray cluster ('auto'); default: a "
@@ -567,24 +773,47 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    """``scout run``: exit 0 on success, 2 on a bad spec, 130 on Ctrl-C."""
+    """``scout run``: exit 0 on success, 2 on a bad spec, 77 without a needed privilege, 130
+    on Ctrl-C. Nothing is created (no output folder, no Ray) until the spec, its profiles and
+    the privileges it needs have been checked."""
+    from ray_scout.net.cli import EXIT_NO_PRIVILEGE
+    from ray_scout.net.errors import CapabilityError
+
+    if (args.spec is None) == (args.resume is None):
+        print("scout run: give a spec, or --resume OUT (a folder an earlier run wrote)",
+              file=sys.stderr)
+        return 2
+    if args.resume is not None:
+        args.spec, args.out = args.resume / "spec.yaml", args.resume
+        if args.fidelity is None and (args.resume / "meta.json").exists():
+            args.fidelity = json.loads((args.resume / "meta.json").read_text()).get("fidelity")
     try:
         path = spec_path(args.spec)
         spec = load_spec(path, args.fidelity)
+        validate(spec, args.address)
     except SpecError as exc:
         print(f"scout run: {exc}", file=sys.stderr)
         return 2
+    except CapabilityError:
+        print(f"scout run: --fidelity {spec.fidelity} builds network namespaces and qdiscs on this "
+              "machine, which needs root (CAP_NET_ADMIN and CAP_SYS_ADMIN); run `sudo scout run "
+              f"{args.spec}`, or `scout run {args.spec} --fidelity simulated`, which needs neither",
+              file=sys.stderr)
+        return EXIT_NO_PRIVILEGE
     out = args.out or REPO_ROOT / "results" / spec.name
     out.mkdir(parents=True, exist_ok=True)
-    # What `scout report` re-reads, and the record of what ran: --fidelity written in.
-    (out / "spec.yaml").write_text(spec_text_as_run(path.read_text(), spec.fidelity))
+    if args.resume is None:
+        # What `scout report` re-reads, and the record of what ran: --fidelity written in.
+        (out / "spec.yaml").write_text(spec_text_as_run(path.read_text(), spec.fidelity))
     try:
-        run_experiment(spec, out, args.address, not args.no_progress)
+        run_experiment(spec, out, args.address, not args.no_progress,
+                       resume=args.resume is not None)
     except SpecError as exc:
         print(f"scout run: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("scout run: interrupted; links and actors were torn down", file=sys.stderr)
+        print(f"scout run: interrupted; links and actors were torn down, the rows of finished "
+              f"requests are in {out}; `scout run --resume {out}` continues", file=sys.stderr)
         return 130
     print(f"results in {out} (summary.md)")
     return 0

@@ -39,9 +39,10 @@ Schema (units in the values: ``50mbit``; times in seconds)::
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import yaml
@@ -59,6 +60,19 @@ ESTIMATORS = ("grant", "last", "ewma", "robust")
 STRATEGIES = ("equal", "model_aware", "greedy", "quality_max", "optimal")
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SMALL_LAB_AGENTS = 64
+
+# Upper bounds, so a typo (count: 1000000000) is a one-line error before any work, not a
+# machine swapping for a minute (issue 17). Each is far above what the project runs; raise
+# one here if a real experiment needs it (docs/RELIABILITY.md lists them).
+MAX_AGENTS = 100_000  # in all groups; the simulator's bound (emulation: placement's per node)
+# Agents one machine holds: a thread in an edge host, an address and three HTB classes in
+# the lab's sites, a connection in the cloud each (1,000 run on a 2-core box: TESTBED.md).
+MAX_AGENTS_PER_NODE = 2_000
+MAX_CONTEXT_TOKENS = 1 << 20  # the scout decoder's cap (core.llm.scout.MAX_CONTEXT_TOKENS)
+MAX_DURATION_S = 7 * 24 * 3600.0
+MAX_ARRIVALS = 10_000_000  # expected requests per trial: the workload is built up front
+MAX_EPOCHS = 10_000_000  # allocator epochs per trial (duration_s / epoch_s)
+MAX_NEW_TOKENS = 32_768
 
 
 class SpecError(ValueError):
@@ -128,6 +142,39 @@ def _auto_site_size(agents: tuple[AgentGroup, ...]) -> int:
     return 1 if sum(g.count for g in agents) <= SMALL_LAB_AGENTS else MAX_SITE_SIZE
 
 
+_SHAPE_ERRORS = (TypeError, ValueError, AttributeError, KeyError, IndexError, OverflowError)
+
+
+@contextlib.contextmanager
+def _about(where: str) -> Iterator[None]:
+    """Turn what Python cannot do with a value of the wrong shape into a SpecError at ``where``."""
+    try:
+        yield
+    except SpecError:
+        raise
+    except _SHAPE_ERRORS as exc:
+        raise SpecError(f"{where}: a value has the wrong type or shape ({type(exc).__name__}: "
+                        f"{exc}); see the schema at the top of ray_scout/experiments/spec.py") \
+            from None
+
+
+def _mapping(doc: dict, key: str, prefix: str = "", required: bool = False) -> dict:
+    """``doc[key]`` as a mapping ({} when absent or empty, unless ``required``)."""
+    value = _need(doc, key, prefix.rstrip(".") or "spec") if required else doc.get(key)
+    if value is None and not required:
+        return {}
+    if not isinstance(value, dict):
+        raise SpecError(f"{prefix}{key}: must be a mapping of settings, not {value!r}")
+    return dict(value)
+
+
+def _list(doc: dict, key: str, default: list, prefix: str = "") -> list:
+    value = doc.get(key, default)
+    if not isinstance(value, list):
+        raise SpecError(f"{prefix}{key}: must be a list, not {value!r}")
+    return value
+
+
 def _need(doc: dict, key: str, where: str) -> Any:
     if key not in doc:
         raise SpecError(f"{where}: missing key {key!r}")
@@ -137,14 +184,18 @@ def _need(doc: dict, key: str, where: str) -> Any:
 def _number(value: Any, where: str, integer: bool) -> float:
     try:
         return int(value) if integer else float(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         raise SpecError(f"{where}: {value!r} is not a number") from None
 
 
-def _positive(value: Any, where: str, integer: bool = False) -> float:
+def _positive(value: Any, where: str, integer: bool = False,
+              at_most: float | None = None) -> float:
     number = _number(value, where, integer)
     if not number > 0:
         raise SpecError(f"{where}: must be > 0, not {value!r}")
+    if at_most is not None and not number <= at_most:
+        raise SpecError(f"{where}: {value!r} is over the limit of {at_most:g}; a typo? "
+                        "(limits: experiments/spec.py, docs/RELIABILITY.md)")
     return number
 
 
@@ -168,43 +219,43 @@ def _only_known(doc: dict, known: set[str], where: str, note: str = "") -> None:
                         f"{', '.join(sorted(known))}{note}")
 
 
-def _mapping(doc: Any, where: str) -> dict:
-    if doc is None:
-        return {}
-    if not isinstance(doc, dict):
-        raise SpecError(f"{where}: must be a mapping, not {doc!r}")
-    return doc
-
-
 CAPACITY_KEYS = {"kind", "rate", "states", "step_s", "seed", "segments", "path", "window_s"}
 
 
 def _agent(doc: dict, i: int) -> AgentGroup:
+    with _about(f"agents[{i}]"):
+        return _agent_group(doc, i)
+
+
+def _agent_group(doc: dict, i: int) -> AgentGroup:
     where = f"agents[{i}]"
     if not isinstance(doc, dict):
         raise SpecError(f"{where}: must be a mapping of agent settings")
     model = str(_need(doc, "model", where))
     tokens = doc.get("context_tokens", [1024])
-    tokens = tuple(int(_positive(t, f"{where}.context_tokens", True))
+    tokens = tuple(int(_positive(t, f"{where}.context_tokens", True, MAX_CONTEXT_TOKENS))
                    for t in (tokens if isinstance(tokens, list) else [tokens]))
-    retention = float(doc.get("scout_retention", 0.5))
+    retention = _number(doc.get("scout_retention", 0.5), f"{where}.scout_retention", False)
     if not 0 < retention <= 1:
         raise SpecError(f"{where}.scout_retention: must lie in (0, 1], not {retention}")
     _only_known(doc, {f.name for f in dataclasses.fields(AgentGroup)}, where)
     return AgentGroup(
-        name=str(doc.get("name", f"a{i}_")), count=int(_positive(doc.get("count", 1),
-                                                                 f"{where}.count", True)),
+        name=str(doc.get("name", f"a{i}_")),
+        count=int(_positive(doc.get("count", 1), f"{where}.count", True, MAX_AGENTS)),
         model=model, cloud_model=str(doc.get("cloud_model", model)),
         edge_timing=str(doc.get("edge_timing", "paper_b")), context_tokens=tokens,
-        deadline_s=_positive(_need(doc, "deadline_s", where), f"{where}.deadline_s"),
+        deadline_s=_positive(_need(doc, "deadline_s", where), f"{where}.deadline_s",
+                             at_most=MAX_DURATION_S),
         arrival_rate_hz=_positive(_need(doc, "arrival_rate_hz", where),
-                                  f"{where}.arrival_rate_hz"),
+                                  f"{where}.arrival_rate_hz", at_most=MAX_ARRIVALS),
         quality=str(doc.get("quality", "paper_b:7b-14b")),
         estimator=_known(str(doc.get("estimator", "grant")), ESTIMATORS, f"{where}.estimator"),
         access=str(doc.get("access", "lab")),
-        new_tokens=int(_positive(doc.get("new_tokens", 24), f"{where}.new_tokens", True)),
+        new_tokens=int(_positive(doc.get("new_tokens", 24), f"{where}.new_tokens", True,
+                                 MAX_NEW_TOKENS)),
         scout_retention=retention,
-        protected_layers=tuple(int(x) for x in doc.get("protected_layers", [0])),
+        protected_layers=tuple(int(_non_negative(x, f"{where}.protected_layers"))
+                               for x in _list(doc, "protected_layers", [0], f"{where}.")),
         task=str(doc.get("task", "single_needle")))
 
 
@@ -222,7 +273,17 @@ def _policy(name: str, where: str) -> str:
 
 
 def parse_spec(doc: Any, *, base: Path = REPO_ROOT, fidelity: str | None = None) -> Spec:
-    """A validated spec from a YAML document; ``fidelity`` overrides the file's."""
+    """A validated spec from a YAML document; ``fidelity`` overrides the file's.
+
+    Every failure is a ``SpecError``: the checks below name the key at fault; a value of a
+    shape no check foresaw (a list where a number belongs, a null section) still ends as a
+    ``SpecError`` saying what Python could not do with it, never as a bare TypeError.
+    """
+    with _about("spec"):
+        return _parse_spec(doc, base, fidelity)
+
+
+def _parse_spec(doc: Any, base: Path, fidelity: str | None) -> Spec:
     if not isinstance(doc, dict):
         raise SpecError("a spec is a YAML mapping (name, agents, capacity, policies, ...)")
     known = {"name", "description", "fidelity", "duration_s", "seed", "epoch_s", "network",
@@ -235,34 +296,35 @@ def parse_spec(doc: Any, *, base: Path = REPO_ROOT, fidelity: str | None = None)
     names = [g.name for g in agents]
     if len(set(names)) != len(names):
         raise SpecError(f"agents: group names must be unique, got {names}")
-    network = _mapping(doc.get("network"), "network")
-    _only_known(network, {"bottleneck", "impairment", "borrow", "access_rate", "site_size"}, "network",
-                " (access profiles are per agent group)")
-    cloud = _mapping(doc.get("cloud"), "cloud")
+    network = _mapping(doc, "network")
+    _only_known(network, {"bottleneck", "impairment", "borrow", "access_rate", "site_size"},
+                "network", " (access profiles are per agent group)")
+    cloud = _mapping(doc, "cloud")
     _only_known(cloud, {"slots", "models", "max_batch", "batch_window_s"}, "cloud")
-    models = _mapping(cloud.get("models"), "cloud.models") \
-        or {g.cloud_model: {"timing": "paper_b"} for g in agents}
-    for m, v in models.items():
-        _only_known(_mapping(v, f"cloud.models.{m}"), {"timing"}, f"cloud.models.{m}")
-    cloud_models = {str(m): str((v or {}).get("timing", "paper_b")) for m, v in models.items()}
-    _only_known(_mapping(_need(doc, "capacity", "spec"), "capacity"), CAPACITY_KEYS,
-                "capacity")
+    models = _mapping(cloud, "models", "cloud.") or {g.cloud_model: {"timing": "paper_b"}
+                                                     for g in agents}
+    for m in models:
+        _only_known(_mapping(models, m, "cloud.models."), {"timing"}, f"cloud.models.{m}")
+    cloud_models = {str(m): str(_mapping(models, m, "cloud.models.").get("timing", "paper_b"))
+                    for m in models}
+    _only_known(_mapping(doc, "capacity", required=True), CAPACITY_KEYS, "capacity")
     for g in agents:
         if g.cloud_model not in cloud_models:
             raise SpecError(f"agents[{g.name}].cloud_model: {g.cloud_model!r} is not hosted; "
                             f"cloud.models has {sorted(cloud_models)}")
     policies = tuple(_policy(str(p), f"policies[{i}]")
-                     for i, p in enumerate(doc.get("policies", ["adaptive"])))
+                     for i, p in enumerate(_list(doc, "policies", ["adaptive"])))
     allocators = tuple(_known(str(a), STRATEGIES, f"allocators[{i}]")
-                       for i, a in enumerate(doc.get("allocators", ["equal"])))
+                       for i, a in enumerate(_list(doc, "allocators", ["equal"])))
     if not policies or not allocators:
         raise SpecError("policies and allocators: give at least one of each")
     spec = Spec(
         name=str(_need(doc, "name", "spec")),
         fidelity=_known(fidelity or str(doc.get("fidelity", "profiled")), FIDELITIES,
                         "fidelity"),
-        duration_s=_positive(_need(doc, "duration_s", "spec"), "duration_s"),
-        seed=int(doc.get("seed", 0)),
+        duration_s=_positive(_need(doc, "duration_s", "spec"), "duration_s",
+                             at_most=MAX_DURATION_S),
+        seed=int(_number(doc.get("seed", 0), "seed", True)),
         epoch_s=_positive(doc.get("epoch_s", 0.1), "epoch_s"),
         agents=agents, cloud_models=cloud_models,
         cloud_slots=int(_positive(cloud.get("slots", 1), "cloud.slots", True)),
@@ -270,10 +332,11 @@ def parse_spec(doc: Any, *, base: Path = REPO_ROOT, fidelity: str | None = None)
         impairment=_known(str(network.get("impairment", "auto")),
                           ("auto", "netem", "tun", "none"), "network.impairment"),
         borrow=bool(network.get("borrow", False)),
-        capacity=dict(_need(doc, "capacity", "spec")),
+        capacity=_mapping(doc, "capacity", required=True),
         access_rate_bps=(_rate(network["access_rate"], "network.access_rate")
                          if "access_rate" in network else None), policies=policies,
-        allocators=allocators, safety_margin=float(doc.get("safety_margin", 0.1)), base=base,
+        allocators=allocators, safety_margin=_non_negative(doc.get("safety_margin", 0.1),
+                                                           "safety_margin"), base=base,
         cloud_max_batch=int(_positive(cloud.get("max_batch", 1), "cloud.max_batch", True)),
         cloud_batch_window_s=_non_negative(cloud.get("batch_window_s", 0.0),
                                            "cloud.batch_window_s"),
@@ -282,7 +345,9 @@ def parse_spec(doc: Any, *, base: Path = REPO_ROOT, fidelity: str | None = None)
     if spec.site_size > MAX_SITE_SIZE:
         raise SpecError(f"network.site_size: at most {MAX_SITE_SIZE} agents share a site, "
                         f"not {spec.site_size}")
-    capacity_trace(spec)  # validates the capacity section now, not mid-run
+    _check_totals(spec)
+    with _about("capacity"):
+        capacity_trace(spec, first_step_only=True)  # the section is checked now, not mid-run
     if spec.fidelity == "full":
         from ray_scout.core.evaluation.tasks import TASKS
 
@@ -307,12 +372,54 @@ def spec_path(name_or_path: str | Path) -> Path:
                     f"name: {names}")
 
 
+def _check_totals(spec: Spec) -> None:
+    """Bounds on what the spec adds up to: agents, requests and epochs of one trial."""
+    total = sum(g.count for g in spec.agents)
+    if total > MAX_AGENTS:
+        raise SpecError(f"agents: {total} agents in all groups, over the limit of {MAX_AGENTS}; "
+                        "lower agents[*].count")
+    arrivals_ = sum(g.count * g.arrival_rate_hz for g in spec.agents) * spec.duration_s
+    if arrivals_ > MAX_ARRIVALS:
+        raise SpecError(f"agents[*].count x arrival_rate_hz x duration_s: about {arrivals_:.3g} "
+                        f"requests per trial, over the limit of {MAX_ARRIVALS:g}; lower one of them")
+    if spec.duration_s / spec.epoch_s > MAX_EPOCHS:
+        raise SpecError(f"epoch_s: {spec.epoch_s:g} s over duration_s={spec.duration_s:g} makes "
+                        f"over {MAX_EPOCHS:g} allocator epochs; raise epoch_s")
+
+
+def check_placement(agents_per_node: dict[str, int]) -> None:
+    """Raise unless every node can hold the agents placed on it (emulated fidelities)."""
+    for node, count in agents_per_node.items():
+        if count > MAX_AGENTS_PER_NODE:
+            raise SpecError(f"agents[*].count: {count} agents on {node}, over the limit of "
+                            f"{MAX_AGENTS_PER_NODE} per machine (a thread, an address and its "
+                            "classes, a cloud connection each); add edge nodes or use "
+                            "--fidelity simulated")
+
+
+# A spec is a page of YAML; anything this long is not one (and YAML's aliases make a
+# short file expand, so the text is bounded before it is parsed).
+MAX_SPEC_BYTES = 1 << 20
+
+
 def load_spec(path: str | Path, fidelity: str | None = None) -> Spec:
     path = spec_path(path)
+    if path.stat().st_size > MAX_SPEC_BYTES:
+        raise SpecError(f"{path}: {path.stat().st_size} bytes, over the limit of {MAX_SPEC_BYTES} "
+                        "for a spec; is this the right file?")
     try:
-        doc = yaml.safe_load(path.read_text())
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SpecError(f"{path}: cannot be read as text ({exc})") from None
+    return parse_spec_text(text, str(path), fidelity)
+
+
+def parse_spec_text(text: str, where: str = "spec", fidelity: str | None = None) -> Spec:
+    """A validated spec from YAML text; ``SpecError`` for anything else."""
+    try:
+        doc = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        raise SpecError(f"{path}: not valid YAML ({exc})") from None
+        raise SpecError(f"{where}: not valid YAML ({exc})") from None
     return parse_spec(doc, base=REPO_ROOT, fidelity=fidelity)
 
 
@@ -340,14 +447,18 @@ def _rate(value: Any, where: str) -> float:
     text = str(value).strip().lower()
     if text[:1] == "0" and text.rstrip("kmgbit/s").strip(". ") in ("", "0"):
         return 0.0
-    try:
+    try:  # bounded there to what HTB can shape
         return float(parse_rate_bps(value))
     except (NetError, ValueError) as exc:
         raise SpecError(f"{where}: {exc}") from None
 
 
-def capacity_trace(spec: Spec) -> cap.CapacityTrace:
-    """The bottleneck capacity over the run, from the spec's ``capacity`` section."""
+def capacity_trace(spec: Spec, *, first_step_only: bool = False) -> cap.CapacityTrace:
+    """The bottleneck capacity over the run, from the spec's ``capacity`` section.
+
+    ``first_step_only`` checks a Markov section by drawing its first step alone: a week at
+    1 s steps takes seconds to draw, and every check it could fail is made on the first.
+    """
     doc, where = spec.capacity, "capacity"
     kind = _known(str(doc.get("kind", "constant")),
                   ("constant", "markov", "segments", "mahimahi", "throughput_log", "file"),
@@ -359,8 +470,13 @@ def capacity_trace(spec: Spec) -> cap.CapacityTrace:
         if kind == "markov":
             states = tuple(_rate(s, f"{where}.states") for s in doc.get("states", [])) \
                 or cap.PAPER_B_STATES_BPS
-            return cap.markov_chain(states, step_s=float(doc.get("step_s", 1.0)),
-                                    duration_s=spec.duration_s,
+            step_s = _positive(doc.get("step_s", 1.0), f"{where}.step_s")
+            if spec.duration_s / step_s > MAX_EPOCHS:
+                raise SpecError(f"{where}.step_s: {step_s:g} s over duration_s={spec.duration_s:g} "
+                                f"makes over {MAX_EPOCHS:g} capacity steps; raise step_s")
+            return cap.markov_chain(states, step_s=step_s,
+                                    duration_s=min(step_s, spec.duration_s) if first_step_only
+                                    else spec.duration_s,
                                     seed=int(doc.get("seed", spec.seed)))
         if kind == "segments":
             segs = [(float(t), _rate(r, f"{where}.segments")) for t, r in

@@ -12,7 +12,7 @@ import sys
 
 from ray_scout.net import PREFIX
 from ray_scout.net.cleanup import cleanup, find_leftovers
-from ray_scout.net.errors import NetError
+from ray_scout.net.errors import CapabilityError, NetError
 from ray_scout.net.probe import probe
 from ray_scout.net.profiles import LinkProfile, list_profiles, load_profile, parse_rate_bps
 from ray_scout.net.topology import LabTopology
@@ -88,6 +88,10 @@ def _up(args: argparse.Namespace) -> int:
     return 0
 
 
+# sysexits.h EX_NOPERM: what `scout run` also returns without a needed privilege.
+EXIT_NO_PRIVILEGE = 77
+
+
 def _lab_kernel(args: argparse.Namespace) -> int:
     from ray_scout.net.labkernel import run_in_lab
 
@@ -104,6 +108,9 @@ def _lab_kernel(args: argparse.Namespace) -> int:
 def run(args: argparse.Namespace) -> int:
     try:
         return _run(args)
+    except CapabilityError as error:
+        print(f"scout net {args.net_command}: {error}", file=sys.stderr)
+        return EXIT_NO_PRIVILEGE
     except NetError as error:  # the message already says what to do; no traceback needed
         print(f"scout net {args.net_command}: {error}", file=sys.stderr)
         return 2

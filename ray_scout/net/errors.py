@@ -28,5 +28,5 @@ def require_root() -> None:
     if os.geteuid() != 0:
         raise CapabilityError(
             "network namespaces and qdiscs need root (CAP_NET_ADMIN + CAP_SYS_ADMIN); "
-            "run as root, e.g. `sudo python3 -m ray_scout.cli net probe`"
+            "run this command as root (sudo)"
         )

@@ -184,8 +184,13 @@ class LabTopology:
             self._configure_namespaces()
             self.impairment = self._backend(self.impairment)
             self._shape()
-        except BaseException:
-            self.teardown()
+        except BaseException as error:
+            # The cause of the failure is what the user must see; a teardown that fails too
+            # rides along as a note, never in its place.
+            try:
+                self.teardown()
+            except Exception as cleanup:  # noqa: BLE001 - reported on the original error
+                error.add_note(f"cleaning up after it also failed: {cleanup}")
             raise
         self.build_s = time.perf_counter() - start
         return self

@@ -170,7 +170,9 @@ class Connection:
     `congestion_control` sets TCP_CONGESTION ("cubic", "bbr", "reno"); None keeps the
     kernel default. The algorithm in use is read back into `.congestion_control`.
     `body_checksum=False` sends request bodies without a CRC (framing.NO_BODY_CRC: saves
-    about 1 ms per MB on each side; the header CRC stays).
+    about 1 ms per MB on each side; the header CRC stays). `token` is the experiment's
+    token: sent in a HELLO right after each connect (a server with a token drops a connection
+    that does not start with it).
     """
 
     def __init__(
@@ -184,7 +186,9 @@ class Connection:
         max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
         body_checksum: bool = True,
         abort_on_close: bool = False,
+        token: bytes | None = None,
     ):
+        self.token = token
         self.body_checksum = body_checksum
         self.abort_on_close = abort_on_close
         self.address = (address[0], int(address[1]))
@@ -261,6 +265,12 @@ class Connection:
         except OSError as exc:
             sock.close()
             raise ConnectionLost(f"cannot connect to {self.address}: {exc}; is the server running?") from None
+        if self.token is not None:
+            try:  # a few dozen bytes into a fresh socket's buffer: no wait for the peer
+                self.bytes_sent += write_frame(sock.sendall, MessageType.HELLO, 0, self.token)
+            except OSError as exc:
+                sock.close()
+                raise ConnectionLost(f"cannot greet {self.address}: {exc}") from None
         self._sock = sock
         self._connect_end = time.time()
         self._fresh = True
@@ -358,7 +368,8 @@ class Connection:
         except FrameError as exc:
             self.close()
             return ProtocolError(f"unreadable ERROR frame from {self.address}: {exc}")
-        if code in (ErrorCode.TOO_LARGE, ErrorCode.BAD_FRAME, ErrorCode.SHUTDOWN):
+        if code in (ErrorCode.TOO_LARGE, ErrorCode.BAD_FRAME, ErrorCode.SHUTDOWN, ErrorCode.BUSY,
+                    ErrorCode.UNAUTHORIZED, ErrorCode.TIMEOUT):
             self.close()  # the server closes these connections
         if code is ErrorCode.DEADLINE:
             return DeadlineExceeded(message, remote=True)

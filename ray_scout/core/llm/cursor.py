@@ -2,7 +2,8 @@
 
 What lives here: writing LEB128 varints, and taking counted slices, struct fields, UTF-8
 text and varints off a buffer, each raising the caller's own error type (``WireError``,
-``ScoutFormatError``) with what was being read and where, instead of running off the end.
+``ScoutFormatError``) with what was being read and where, instead of running off the end;
+and ``decompress_zstd``, zstd with a hard cap on the output, for the same callers.
 What it leaves to the formats: their layout and their checks.
 """
 
@@ -70,3 +71,27 @@ class ByteCursor:
         """Raise unless every byte was read."""
         if self.remaining:
             raise self.error(f"{self.what}: {self.remaining} trailing bytes")
+
+
+def decompress_zstd(data: bytes | memoryview, max_bytes: int, what: str,
+                    error: type[Exception] = ValueError) -> bytes:
+    """One zstd frame decompressed to at most ``max_bytes``, or ``error`` saying why not.
+
+    python-zstandard ignores ``max_output_size`` when the frame header declares its content
+    size and allocates the declared size (a 17-byte frame can ask for 2**40 bytes), so the
+    declared size is checked first; a frame that declares none is held to the cap by
+    ``max_output_size``.
+    """
+    import zstandard
+
+    data = bytes(data)
+    try:
+        declared = zstandard.frame_content_size(data)
+    except zstandard.ZstdError as err:
+        raise error(f"{what} is not a zstd frame: {err}") from None
+    if declared > max_bytes:
+        raise error(f"{what} declares {declared} bytes decompressed, over the limit of {max_bytes}")
+    try:
+        return zstandard.ZstdDecompressor().decompress(data, max_output_size=max_bytes)
+    except zstandard.ZstdError as err:
+        raise error(f"{what} does not decompress within {max_bytes} bytes: {err}") from None

@@ -17,10 +17,11 @@ import dataclasses
 import hashlib
 from typing import Sequence
 
+import numpy as np
 import torch
 import zstandard
 
-from ray_scout.core.llm.cursor import ByteCursor, put_varint
+from ray_scout.core.llm.cursor import ByteCursor, decompress_zstd, put_varint
 from ray_scout.core.llm.generation import DEFAULT_MAX_NEW_TOKENS, Answer, answer_pruned, prefill
 from ray_scout.core.llm.models import LoadedModel
 from ray_scout.core.llm.prompt import build_prompt
@@ -33,6 +34,10 @@ ZSTD_LEVEL = 19
 # A bound on what one payload may make the cloud decompress: a document of a few thousand
 # tokens is tens of KB; anything near this limit is malformed or hostile.
 MAX_DOCUMENT_BYTES = 16 * 1024 * 1024
+# A bound on the context a position code may declare: 8x the longest context of the models
+# the project runs (128 K tokens). It bounds the decoder's work per payload (a bitmap of at
+# most 128 KiB, at most this many varints) whatever the bytes say.
+MAX_CONTEXT_TOKENS = 1 << 20
 
 
 class ScoutFormatError(ValueError):
@@ -73,23 +78,30 @@ def encode_indices(positions: Sequence[int] | torch.Tensor, num_context: int) ->
     return bytes(delta) if len(delta) <= len(bitmap) else bitmap
 
 
-def _decode_indices(reader: ByteCursor, num_context: int) -> list[int]:
+def _decode_indices(reader: ByteCursor, num_context: int) -> np.ndarray:
+    if num_context > MAX_CONTEXT_TOKENS:
+        raise ScoutFormatError(f"num_context: {num_context} tokens, over the limit of "
+                               f"{MAX_CONTEXT_TOKENS} (scout.MAX_CONTEXT_TOKENS)")
     flag = reader.take(1)[0]
     if flag == DELTA_VARINT:
         count = reader.varint()
         if count > num_context:
             raise ScoutFormatError(f"{count} positions for a context of {num_context} tokens")
+        if count > reader.remaining:  # every position takes at least one byte
+            raise ScoutFormatError(f"position code truncated: {count} positions declared, only "
+                                   f"{reader.remaining} bytes left")
         positions, previous = [], -1
         for _ in range(count):
             previous += reader.varint() + 1
             if previous >= num_context:
                 raise ScoutFormatError(f"position {previous} outside the context [0, {num_context})")
             positions.append(previous)
-        return positions
+        return np.array(positions, dtype=np.int64)
     if flag == BITMAP:
         bitmap = reader.take((num_context + 7) // 8, "bitmap")
-        positions = [i for i in range(len(bitmap) * 8) if bitmap[i >> 3] >> (i & 7) & 1]
-        if positions and positions[-1] >= num_context:
+        bits = np.unpackbits(np.frombuffer(bitmap, dtype=np.uint8), bitorder="little")
+        positions = np.flatnonzero(bits)
+        if positions.size and positions[-1] >= num_context:
             raise ScoutFormatError(f"bitmap sets bit {positions[-1]} past the context of {num_context} tokens")
         return positions
     raise ScoutFormatError(f"unknown position-code flag {flag}; expected {DELTA_VARINT} or {BITMAP}")
@@ -100,7 +112,7 @@ def decode_indices(data: bytes, num_context: int) -> torch.Tensor:
     reader = ByteCursor(data, "position code", ScoutFormatError)
     positions = _decode_indices(reader, num_context)
     reader.finish()
-    return torch.tensor(positions, dtype=torch.long)
+    return torch.from_numpy(positions.astype(np.int64, copy=False))
 
 
 def document_hash(text: str) -> bytes:
@@ -235,11 +247,13 @@ class ScoutPayload:
         """The carried document, decompressed and checked against ``doc_hash``."""
         if self.document_zstd is None:
             raise DocumentMissing("this payload carries no document; look it up by doc_hash")
+        raw = decompress_zstd(self.document_zstd, MAX_DOCUMENT_BYTES, "carried document",
+                              ScoutFormatError)
         try:
-            raw = zstandard.ZstdDecompressor().decompress(self.document_zstd, max_output_size=MAX_DOCUMENT_BYTES)
-        except zstandard.ZstdError as error:
-            raise ScoutFormatError(f"carried document does not decompress: {error}") from None
-        text = raw.decode("utf-8")
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as error:
+            raise ScoutFormatError(f"carried document is not UTF-8 ({error}); the payload is "
+                                   "corrupt") from None
         if document_hash(text) != self.doc_hash:
             raise ScoutFormatError("carried document does not match doc_hash; the payload is corrupt")
         return text
@@ -289,7 +303,8 @@ class ScoutPayload:
                 raise ScoutFormatError(f"carried document of {length} bytes exceeds {MAX_DOCUMENT_BYTES}")
             document = bytes(reader.take(length, "document"))
         reader.finish()
-        return cls(doc_hash, question, num_context, tuple(positions), tuple(spans), document)
+        return cls(doc_hash, question, num_context, tuple(positions.tolist()), tuple(spans),
+                   document)
 
 
 def build_payload(context: str, question: str, offsets: torch.Tensor, positions: torch.Tensor,

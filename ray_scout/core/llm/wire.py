@@ -33,7 +33,7 @@ import zlib
 
 import torch
 
-from ray_scout.core.llm.cursor import ByteCursor
+from ray_scout.core.llm.cursor import ByteCursor, decompress_zstd
 from ray_scout.core.llm.kvcodec import EncodedKV, KVLayout, encoded_size_bytes
 from ray_scout.core.llm.kvcodec.base import POSITION_DTYPE, RAW_DTYPE
 from ray_scout.core.llm.models import KVFacts
@@ -198,12 +198,7 @@ def decode_payload(data: bytes, *, max_bytes: int = DEFAULT_MAX_BYTES,
 
 
 def _decompress(body: memoryview, raw_total: int) -> bytes:
-    import zstandard
-
-    try:
-        out = zstandard.ZstdDecompressor().decompress(bytes(body), max_output_size=raw_total)
-    except zstandard.ZstdError as err:
-        raise WireError(f"zstd body does not decompress: {err}") from None
+    out = decompress_zstd(body, raw_total, "zstd body", WireError)
     if len(out) != raw_total:
         raise WireError(f"zstd body holds {len(out)} bytes, sections declare {raw_total}")
     return out
@@ -282,11 +277,19 @@ def decode_kv(data: bytes, *, facts: KVFacts, max_bytes: int = DEFAULT_MAX_BYTES
                         f"for {layout.num_tokens} tokens")
     if len(payload.sections["tail"]) % TAIL_DTYPE.itemsize:
         raise WireError("tail section is not a whole number of int32 token ids")
-    tail_ids = tuple(int(t) for t in _from_bytes(payload.sections["tail"], TAIL_DTYPE))
+    tail = _from_bytes(payload.sections["tail"], TAIL_DTYPE)
+    if tail.numel() and int(tail.min()) < 0:
+        raise WireError(f"tail: token id {int(tail.min())} is negative")
+    tail_ids = tuple(int(t) for t in tail)
     positions = _from_bytes(payload.sections["positions"], POSITION_DTYPE)
-    if positions.numel() and (int(positions[0]) < 0 or
-                              (positions.numel() > 1 and not bool((positions.diff() > 0).all()))):
-        raise WireError("positions must be non-negative and strictly increasing")
+    # In int64: an int32 diff of crafted values wraps and passes as increasing.
+    wide = positions.to(torch.int64)
+    if wide.numel() and int(wide[0]) < 0:
+        raise WireError(f"positions: the first position is {int(wide[0])}, must be >= 0")
+    if wide.numel() > 1 and not bool((wide.diff() > 0).all()):
+        at = int(torch.nonzero(wide.diff() <= 0)[0])
+        raise WireError(f"positions: must be strictly increasing, but position {at + 1} is "
+                        f"{int(wide[at + 1])} after {int(wide[at])}")
     return KVPayload(EncodedKV(layout, positions, _from_bytes(payload.sections["kv"], torch.uint8)),
                      tail_ids)
 
