@@ -52,7 +52,7 @@ def spec_with(**changes):
     (spec_with(cloud={"batch_window_s": -0.1}), "cloud.batch_window_s: must be >= 0"),
     # Issue 17, defect 5: no upper bounds; count 1e9 took 7.3 GB in 60 s with no message.
     (spec_with(agents=[{**BASE["agents"][0], "count": 1_000_000_000}]),
-     "agents\\[0\\].count: 1000000000 is over the limit of 4096"),
+     "agents\\[0\\].count: 1000000000 is over the limit of 100000"),
     (spec_with(agents=[{**BASE["agents"][0], "count": 3000}, {**BASE["agents"][1], "count": 3000}]),
      "agents: 6000 agents in all groups, over the limit"),
     (spec_with(agents=[{**BASE["agents"][0], "context_tokens": [10**9]}]),

@@ -79,7 +79,7 @@ def test_ctrl_c_mid_run_leaves_rows_and_nothing_else_and_resume_finishes_it(tmp_
     assert run.poll() is None, f"the run ended before the signal: {run.communicate()}"
     assert rows(out / "trials.jsonl") == 1, "the first trial is not recorded as finished"
     first_rows = (out / "raw" / "00_static-int4_equal" / "requests.jsonl").read_text()
-    # The driver's pid names its namespaces (runner.run_trial's run_id).
+    # The driver's pid names its namespaces (the runner's Testbed run_id).
     prefix = f"rs-{run.pid % 0xFFFF:04x}"
     signalled = time.monotonic()
     run.send_signal(signal.SIGINT)
