@@ -59,7 +59,7 @@ def test_quality_seeking_strategies_also_meet_every_deadline_in_the_example(stra
 
 def test_leftover_goes_in_proportion_to_the_square_root_of_planned_bytes():
     demands = four_agents_on_50_mbit()
-    alloc = allocate("optimal", demands, 50 * MBIT)
+    alloc = allocate("optimal", demands, 50 * MBIT, objective="mean_response")
     required = {d.agent_id: d.required_rate_bps(Mode.INT8) for d in demands}
     extra = {a: alloc.rate_bps[a] - required[a] for a in required}
     assert extra["large-1"] / extra["small-1"] == pytest.approx(3.5 ** 0.5)
@@ -69,7 +69,7 @@ def test_leftover_weighs_each_agent_by_its_arrival_rate_times_bytes():
     # Kleinrock's square-root assignment: a 4x busier agent gets twice the extra rate.
     demands = [dataclasses.replace(d, arrival_rate_hz=r)
                for d, r in zip(four_agents_on_50_mbit(), (0.1, 0.4, 0.1, 0.1))]
-    alloc = allocate("optimal", demands, 50 * MBIT)
+    alloc = allocate("optimal", demands, 50 * MBIT, objective="mean_response")
     extra = {d.agent_id: alloc.rate_bps[d.agent_id] - d.required_rate_bps(Mode.INT8)
              for d in demands}
     assert extra["small-2"] / extra["small-1"] == pytest.approx(2.0)
@@ -82,7 +82,7 @@ def test_a_scout_plan_gets_enough_of_the_leftover_to_send_at_once():
                 {Mode.MIXED_INT4: 0.5}, arrival_rate_hz=0.25)
     scout = Demand("scout", {Mode.SCOUT: 176}, {Mode.SCOUT: 0.81}, 2.5, {Mode.SCOUT: 0.575},
                    arrival_rate_hz=0.25)
-    alloc = allocate("quality_max", [kv, scout], 30 * MBIT)
+    alloc = allocate("quality_max", [kv, scout], 30 * MBIT, objective="mean_response")
     assert alloc.mode["scout"] == Mode.SCOUT
     assert 176 * 8 / alloc.rate_bps["scout"] < 0.05
 
@@ -329,14 +329,19 @@ def test_in_the_allocation_example_queue_aware_quality_max_plans_scout_for_one_l
                            arrival_rate_hz=rate_hz, safety_margin=margin)
                 for name, sizes in (("small", small), ("large", large)) for i in range(2)]
 
-    naive = allocate("optimal", demands(0.0, 0.0), 50 * MBIT)
+    old = dict(objective="mean_response")
+    naive = allocate("optimal", demands(0.0, 0.0), 50 * MBIT, **old)
     assert set(naive.mode.values()) == {Mode.MIXED_INT4}  # each ending at its deadline
-    aware = allocate("optimal", demands(0.25, 0.1), 50 * MBIT)
+    aware = allocate("optimal", demands(0.25, 0.1), 50 * MBIT, **old)
     modes = sorted(m.value for m in aware.mode.values())
     assert modes == ["mixed_int4", "mixed_int4", "mixed_int4", "scout"]
     assert aware.objective == pytest.approx(3 * 1.07 + profile.quality(Mode.SCOUT))
-    assert allocate("quality_max", demands(0.25, 0.1), 50 * MBIT).objective \
+    assert allocate("quality_max", demands(0.25, 0.1), 50 * MBIT, **old).objective \
         == pytest.approx(aware.objective)
+    # Both break the tie between the two large agents the same way: the first listed.
+    for strategy in ("quality_max", "optimal"):
+        assert allocate(strategy, demands(0.25, 0.1), 50 * MBIT, **old).mode["large0"] \
+            == Mode.MIXED_INT4
 
 
 def test_a_demand_lists_only_the_modes_the_agent_can_send():
