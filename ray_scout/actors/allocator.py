@@ -31,12 +31,14 @@ class Allocator:
     """``run(t0)`` drives capacity and allocation until ``duration_s``; rows go to the recorder."""
 
     def __init__(self, strategy: str, trace: CapacityTrace, epoch_s: float, duration_s: float,
-                 agents: dict[str, Any], link_managers: list[Any], recorder: Any):
+                 agents: dict[str, Any], link_managers: list[Any], recorder: Any,
+                 objective: str = "expected_hits"):
         from ray.util import metrics
 
         if epoch_s <= 0:
             raise ValueError(f"epoch_s must be positive, not {epoch_s}")
         self.strategy = strategy
+        self.objective = objective
         self.trace = trace
         self.epoch_s = epoch_s
         self.duration_s = duration_s
@@ -64,7 +66,8 @@ class Allocator:
             capacity = self.trace.rate_at(t)
             changed = capacity != last_capacity
             decide_start = time.perf_counter()
-            alloc = allocate(self.strategy, demands, capacity) if changed or last is None else None
+            alloc = (allocate(self.strategy, demands, capacity, self.objective)
+                     if changed or last is None else None)
             decide_s = time.perf_counter() - decide_start
             apply_s = 0.0
             if alloc is not None and (dict(alloc.rate_bps) != last or changed):

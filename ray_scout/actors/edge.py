@@ -29,7 +29,8 @@ from ray_scout.core.control.allocation import Demand, demand_for
 from ray_scout.core.control.estimators import GrantEstimator, make_estimator
 from ray_scout.core.modes import CLOUD_MODES, Mode
 from ray_scout.core.control.policy import (
-    AdaptivePolicy, LatencyModel, Policy, PolicyInput, QualityProfile, StaticPolicy,
+    AdaptivePolicy, LatencyModel, Policy, PolicyInput, QualityProfile, QueueAwarePolicy,
+    StaticPolicy,
 )
 from ray_scout.transport.client import (
     Connection, ConnectionLost, DeadlineExceeded, RemoteError, TransportError,
@@ -101,14 +102,18 @@ def request_shape(context_tokens: int, selected: int, payload_bytes: Mapping[Mod
 
 def make_policy(name: str, profile: QualityProfile, safety_margin: float) -> Policy:
     """``adaptive`` lets ``local`` compete on quality; ``adaptive:offload`` keeps it as the
-    fallback only (Paper B), for pairs whose edge model answers as well as the cloud's."""
+    fallback only (Paper B), for pairs whose edge model answers as well as the cloud's;
+    ``adaptive:queue`` also weighs the requests queued and arriving behind this one."""
     if name == "adaptive":
         return AdaptivePolicy(profile, safety_margin)
     if name == "adaptive:offload":
         return AdaptivePolicy(profile, safety_margin, modes=CLOUD_MODES)
+    if name == "adaptive:queue":
+        return QueueAwarePolicy(profile, safety_margin)
     if name.startswith("static:"):
         return StaticPolicy(Mode.parse(name.split(":", 1)[1]), profile)
-    raise ValueError(f"unknown policy {name!r}; use adaptive, adaptive:offload or static:<mode>")
+    raise ValueError(f"unknown policy {name!r}; use adaptive, adaptive:offload, adaptive:queue "
+                     "or static:<mode>")
 
 
 def typical_demand(name: str, shapes: Mapping[int, RequestShape], arrivals: Sequence[Arrival],
@@ -207,7 +212,11 @@ class EdgeAgent:
         decided = time.time()
         estimate = self.estimator.estimate(decided - t0_unix_s)
         budget = c.deadline_s - (decided - arrived)
-        decision = self.policy.decide(PolicyInput(estimate, max(budget, 0.0), sizes, latency))
+        waiting = tuple(c.deadline_s - (decided - t0_unix_s - a.t_s) for a in c.arrivals
+                        if a.request_id > arrival.request_id and t0_unix_s + a.t_s <= decided)
+        decision = self.policy.decide(PolicyInput(
+            estimate, max(budget, 0.0), sizes, latency, queue_deadlines_s=waiting,
+            arrival_rate_hz=self.demand().arrival_rate_hz, request_deadline_s=c.deadline_s))
         mode = decision.mode
         row = dict(
             request_id=arrival.request_id, agent=c.name, policy=c.policy, allocator=c.allocator,

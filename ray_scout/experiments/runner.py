@@ -241,7 +241,8 @@ def run_trial(spec: Spec, policy: str, allocator: str, index: int, out: Path,
     trace = capacity_trace(spec)
     groups = spec.groups_by_agent()
     names = list(groups)
-    first = allocate(allocator, demands(spec, shapes, work, policy), trace.rate_at(0.0))
+    first = allocate(allocator, demands(spec, shapes, work, policy), trace.rate_at(0.0),
+                     spec.allocation_objective)
     run_id = f"{os.getpid() % 0xFFFF:04x}{index:02x}"
     prefix = f"{spec.name}/{index}/"  # actor names: tests and operators find them by these
     recorder = ray.remote(Recorder).options(num_cpus=0, name=prefix + "recorder").remote(
@@ -292,7 +293,8 @@ def run_trial(spec: Spec, policy: str, allocator: str, index: int, out: Path,
         actors += agents.values()
         ray.get([a.demand.remote() for a in agents.values()])
         alloc = ray.remote(Allocator).options(num_cpus=0, max_concurrency=2).remote(
-            allocator, trace, spec.epoch_s, spec.duration_s, agents, links.managers, recorder)
+            allocator, trace, spec.epoch_s, spec.duration_s, agents, links.managers, recorder,
+            objective=spec.allocation_objective)
         actors.append(alloc)
         t0 = time.time() + 0.5
         refs = [alloc.run.remote(t0)] + [a.run.remote(t0) for a in agents.values()]
@@ -430,7 +432,7 @@ def run_simulated(spec: Spec, out: Path) -> dict[str, pd.DataFrame]:
                for name, g in groups.items()}
         req, ep = simulate(SimConfig(tuple(agents), trace, pol, allocator, estimator,
                                      epoch_s=spec.epoch_s, duration_s=spec.duration_s,
-                                     seed=spec.seed))
+                                     seed=spec.seed, objective=spec.allocation_objective))
         requests.append(req.assign(policy=policy, allocator=allocator))
         epochs.append(ep.assign(policy=policy, allocator=allocator))
     return {"requests": pd.concat(requests, ignore_index=True),

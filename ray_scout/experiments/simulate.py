@@ -77,6 +77,7 @@ class SimConfig:
     ``allocator``: a strategy name of ``allocation.allocate`` or None for fair sharing.
     ``estimator``: grant, last, ewma or robust (measured throughput of finished transfers),
     with ``estimator_options`` passed on (``alpha`` for ewma, ``window`` for robust).
+    ``objective``: the allocation objective (``allocation.OBJECTIVES``).
     """
 
     agents: tuple[AgentSpec, ...]
@@ -88,6 +89,7 @@ class SimConfig:
     epoch_s: float = 0.1
     duration_s: float | None = None
     seed: int = 0
+    objective: str = "expected_hits"
 
 
 def linear_payloads(reference_bytes: Mapping[Mode, int], reference_tokens: int) -> PayloadFn:
@@ -218,7 +220,7 @@ class _Sim:
                                             strategy="fair", rate_bps=rate,
                                             planned_mode="", objective=math.nan))
         else:
-            alloc = allocate(self.cfg.allocator, self.demands, capacity)
+            alloc = allocate(self.cfg.allocator, self.demands, capacity, self.cfg.objective)
             for a in self.agents:
                 self.grant[a] = alloc.rate_bps[a]
                 self.epoch_rows.append(dict(t_s=t, agent=a, capacity_bps=capacity,
@@ -250,8 +252,11 @@ class _Sim:
         left = spec.deadline_s - (t - req.t_arrival)
         req.t_start = t
         req.estimate_bps = self.estimators[spec.agent_id].estimate(t)
+        waiting = tuple(spec.deadline_s - (t - r.t_arrival) for r in self.queue[spec.agent_id])
         decision = self.policy_for(spec.agent_id).decide(
-            PolicyInput(req.estimate_bps, max(left, 0.0), sizes, spec.latency))
+            PolicyInput(req.estimate_bps, max(left, 0.0), sizes, spec.latency,
+                        queue_deadlines_s=waiting, arrival_rate_hz=spec.arrival_rate_hz,
+                        request_deadline_s=spec.deadline_s))
         req.mode, req.reason = decision.mode, decision.reason
         if req.mode != Mode.LOCAL and req.mode not in sizes:
             raise SimulationError(f"agent {spec.agent_id}: policy {decision.reason!r} chose "

@@ -30,8 +30,9 @@ Schema (units in the values: ``50mbit``; times in seconds)::
          estimator: grant | last | ewma | robust, access: lab, new_tokens: 24,
          scout_retention: 0.5, protected_layers: [0],
          task: single_needle | multi_needle | multi_hop}   # full fidelity's samples
-    policies: [adaptive, adaptive:offload, static:bf16, static:int8, static:int4, static:scout]
+    policies: [adaptive, adaptive:offload, adaptive:queue, static:bf16, static:int8, static:int4, static:scout]
     allocators: [equal, model_aware, greedy, quality_max, optimal]
+    allocation_objective: expected_hits | mean_response   # docs/POLICY.md, Allocation
     safety_margin: 0.1
 """
 
@@ -45,7 +46,7 @@ import numpy as np
 import yaml
 
 from ray_scout.core.control import capacity as cap
-from ray_scout.core.control.allocation import AllocationError, allocate
+from ray_scout.core.control.allocation import OBJECTIVES, AllocationError, allocate
 from ray_scout.core.modes import Mode
 from ray_scout.core.control.policy import ProfileError, QualityProfile, paper_b_profile
 from ray_scout.net.errors import NetError
@@ -101,6 +102,7 @@ class Spec:
     base: Path = REPO_ROOT
     cloud_max_batch: int = 1
     cloud_batch_window_s: float = 0.0
+    allocation_objective: str = "expected_hits"
 
     @property
     def agent_names(self) -> list[str]:
@@ -182,7 +184,7 @@ def _agent(doc: dict, i: int) -> AgentGroup:
 
 
 def _policy(name: str, where: str) -> str:
-    if name in ("adaptive", "adaptive:offload"):
+    if name in ("adaptive", "adaptive:offload", "adaptive:queue"):
         return name
     if name.startswith("static:"):
         try:
@@ -190,8 +192,8 @@ def _policy(name: str, where: str) -> str:
         except ValueError as exc:
             raise SpecError(f"{where}: {exc}") from None
         return f"static:{mode.value}"
-    raise SpecError(f"{where}: {name!r} is not a policy; use adaptive, adaptive:offload "
-                    "or static:<mode>")
+    raise SpecError(f"{where}: {name!r} is not a policy; use adaptive, adaptive:offload, "
+                    "adaptive:queue or static:<mode>")
 
 
 def parse_spec(doc: Any, *, base: Path = REPO_ROOT, fidelity: str | None = None) -> Spec:
@@ -199,7 +201,8 @@ def parse_spec(doc: Any, *, base: Path = REPO_ROOT, fidelity: str | None = None)
     if not isinstance(doc, dict):
         raise SpecError("a spec is a YAML mapping (name, agents, capacity, policies, ...)")
     known = {"name", "description", "fidelity", "duration_s", "seed", "epoch_s", "network",
-             "capacity", "cloud", "agents", "policies", "allocators", "safety_margin"}
+             "capacity", "cloud", "agents", "policies", "allocators", "safety_margin",
+             "allocation_objective"}
     unknown = set(doc) - known
     if unknown:
         raise SpecError(f"unknown top-level keys {sorted(unknown)}; known: {sorted(known)}")
@@ -247,7 +250,9 @@ def parse_spec(doc: Any, *, base: Path = REPO_ROOT, fidelity: str | None = None)
         allocators=allocators, safety_margin=float(doc.get("safety_margin", 0.1)), base=base,
         cloud_max_batch=int(_positive(cloud.get("max_batch", 1), "cloud.max_batch", True)),
         cloud_batch_window_s=_non_negative(cloud.get("batch_window_s", 0.0),
-                                           "cloud.batch_window_s"))
+                                           "cloud.batch_window_s"),
+        allocation_objective=_known(str(doc.get("allocation_objective", "expected_hits")),
+                                    OBJECTIVES, "allocation_objective"))
     capacity_trace(spec)  # validates the capacity section now, not mid-run
     if spec.fidelity == "full":
         from ray_scout.core.evaluation.tasks import TASKS
@@ -346,7 +351,7 @@ def check_allocators(spec: Spec, demands: list) -> None:
     first = capacity_trace(spec).rate_at(0.0)
     for strategy in spec.allocators:
         try:
-            allocate(strategy, demands, first)
+            allocate(strategy, demands, first, spec.allocation_objective)
         except AllocationError as exc:
             raise SpecError(f"allocators: {strategy} cannot split {first:.0f} bit/s: {exc}") \
                 from None
