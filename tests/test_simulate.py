@@ -225,7 +225,7 @@ def test_queue_aware_allocators_beat_the_equal_split_in_the_allocation_example()
     result = {}
     for allocator in ("equal", "quality_max", "optimal"):
         requests, epochs = simulate(SimConfig(specs, trace, AdaptivePolicy(PROFILE), allocator,
-                                              seed=3))
+                                              seed=3, objective="mean_response"))
         result[allocator] = requests.deadline_met.mean(), requests.quality.mean()
         if allocator != "equal":
             assert sorted(epochs[epochs.t_s == 0].planned_mode) == \

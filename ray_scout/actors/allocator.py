@@ -7,17 +7,27 @@ lab-in-a-box's one), telling every agent its grant, and one
 ``epochs`` row per agent each time the split is applied (capacity, rate, planned mode,
 decision and netlink call times). Demands are
 each agent's typical request (median context), gathered once: they do not change during a
-run, so only capacity changes move the split; the links and agents are touched only when the
-split changes. What it leaves to others: the strategies (core), shaping (the link managers).
+run; the split moves when the capacity changes or, every ``FEEDBACK_EVERY_S``, when an
+agent's link turns out to deliver a different share of its grant than planned with (closed
+loop: ``core.allocation.delivered_ratio`` over its latest transfers, read from the
+recorder); the links and agents are touched only when the split changes. What it leaves to others: the strategies (core), shaping (the link managers).
 """
 
 from __future__ import annotations
 
+import collections
+import dataclasses
+import math
 import time
 from typing import Any
 
-from ray_scout.core.control.allocation import allocate
+from ray_scout.core.control.allocation import allocate, delivered_ratio
 from ray_scout.core.control.capacity import CapacityTrace
+
+# Closed loop: how often the allocator reads the finished requests, and how many of an
+# agent's latest transfers tell it what the agent's link delivers of its grant.
+FEEDBACK_EVERY_S = 1.0
+FEEDBACK_TRANSFERS = 5
 
 
 def tick_times(trace: CapacityTrace, epoch_s: float, duration_s: float) -> list[float]:
@@ -56,6 +66,8 @@ class Allocator:
         import ray
 
         demands = ray.get([a.demand.remote() for a in self.agents.values()])
+        transfers = {d.agent_id: collections.deque(maxlen=FEEDBACK_TRANSFERS) for d in demands}
+        seen, next_feedback = 0, FEEDBACK_EVERY_S
         last: dict[str, float] | None = None
         last_capacity = None
         epochs = 0
@@ -65,6 +77,22 @@ class Allocator:
                 time.sleep(wait)
             capacity = self.trace.rate_at(t)
             changed = capacity != last_capacity
+            if t >= next_feedback:
+                next_feedback += FEEDBACK_EVERY_S
+                rows = ray.get(self.recorder.since.remote("requests", seen))
+                seen += len(rows)
+                for row in rows:
+                    size, tx_s, grant = (row.get(k) for k in ("payload_bytes", "tx_s",
+                                                              "grant_bps"))
+                    if row.get("agent") in transfers and None not in (size, tx_s, grant) \
+                            and math.isfinite(tx_s):
+                        transfers[row["agent"]].append((size, tx_s, grant))
+                for i, d in enumerate(demands):
+                    ratio = delivered_ratio(transfers[d.agent_id])
+                    if ratio is not None and abs(ratio - d.delivered_ratio) \
+                            > 0.01 * d.delivered_ratio:
+                        demands[i] = dataclasses.replace(d, delivered_ratio=ratio)
+                        changed = True
             decide_start = time.perf_counter()
             alloc = (allocate(self.strategy, demands, capacity, self.objective)
                      if changed or last is None else None)
@@ -79,10 +107,11 @@ class Allocator:
                 last, last_capacity = dict(alloc.rate_bps), capacity
                 self.capacity_gauge.set(capacity, tags={"strategy": self.strategy})
                 self.objective_gauge.set(alloc.objective, tags={"strategy": self.strategy})
+                ratio = {d.agent_id: d.delivered_ratio for d in demands}
                 rows = [dict(t_s=t, wall_time_s=time.time(), agent=name, capacity_bps=capacity,
                              strategy=alloc.strategy, rate_bps=alloc.rate_bps[name],
                              planned_mode=alloc.mode[name].value, objective=alloc.objective,
-                             decide_s=decide_s, apply_s=apply_s)
+                             delivered_ratio=ratio[name], decide_s=decide_s, apply_s=apply_s)
                         for name in self.agents]
                 self.recorder.add_many.remote("epochs", rows)
             epochs += 1

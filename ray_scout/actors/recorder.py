@@ -28,6 +28,7 @@ class Recorder:
         self.directory.mkdir(parents=True, exist_ok=True)
         self.files: dict = {}
         self.count: dict[str, int] = {}
+        self.rows: dict[str, list[dict]] = {}  # what ``since`` hands the allocator
 
     def add(self, table: str, row: dict) -> None:
         handle = self.files.get(table)
@@ -36,6 +37,7 @@ class Recorder:
         handle.write(json.dumps({k: _clean(v) for k, v in row.items()}) + "\n")
         handle.flush()
         self.count[table] = self.count.get(table, 0) + 1
+        self.rows.setdefault(table, []).append(row)
 
     def add_many(self, table: str, rows: list[dict]) -> None:
         for row in rows:
@@ -43,6 +45,10 @@ class Recorder:
 
     def counts(self) -> dict[str, int]:
         return dict(self.count)
+
+    def since(self, table: str, start: int) -> list[dict]:
+        """Rows of ``table`` from the ``start``-th on (the allocator's closed loop)."""
+        return self.rows.get(table, [])[start:]
 
     def close(self) -> None:
         for handle in self.files.values():

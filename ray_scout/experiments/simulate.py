@@ -34,7 +34,7 @@ from typing import Callable, Mapping
 import numpy as np
 import pandas as pd
 
-from ray_scout.core.control.allocation import allocate, demand_for
+from ray_scout.core.control.allocation import allocate, delivered_ratio, demand_for
 from ray_scout.core.control.capacity import CapacityTrace
 from ray_scout.core.control.estimators import GrantEstimator, make_estimator
 from ray_scout.core.modes import Mode
@@ -44,6 +44,8 @@ from ray_scout.core.control.policy import (
 )
 
 PayloadFn = Callable[[int], Mapping[Mode, int]]
+# How many of an agent's latest transfers tell the allocator what its link delivers.
+FEEDBACK_TRANSFERS = 5
 
 
 class SimulationError(ValueError):
@@ -179,6 +181,9 @@ class _Sim:
                        safety_margin=self.policy_for(s.agent_id).safety_margin,
                        modes=self.policy_for(s.agent_id).choices)
             for s in cfg.agents]
+        # Closed loop: each agent's recent transfers (bytes, wire seconds, grant), from which
+        # the allocator learns what its link delivers of the grant (``delivered_ratio``).
+        self.transfers = {a: collections.deque(maxlen=FEEDBACK_TRANSFERS) for a in self.agents}
         self.heap: list = []
         self.seq = 0
         # One request at a time per agent, the rest wait in its FIFO (as the EdgeAgent).
@@ -218,15 +223,22 @@ class _Sim:
                 self.grant[a] = rate
                 self.epoch_rows.append(dict(t_s=t, agent=a, capacity_bps=capacity,
                                             strategy="fair", rate_bps=rate,
-                                            planned_mode="", objective=math.nan))
+                                            planned_mode="", objective=math.nan,
+                                            delivered_ratio=math.nan))
         else:
+            for i, d in enumerate(self.demands):
+                ratio = delivered_ratio(self.transfers[d.agent_id])
+                if ratio is not None and abs(ratio - d.delivered_ratio) > 0.01 * d.delivered_ratio:
+                    self.demands[i] = dataclasses.replace(d, delivered_ratio=ratio)
             alloc = allocate(self.cfg.allocator, self.demands, capacity, self.cfg.objective)
+            ratio = {d.agent_id: d.delivered_ratio for d in self.demands}
             for a in self.agents:
                 self.grant[a] = alloc.rate_bps[a]
                 self.epoch_rows.append(dict(t_s=t, agent=a, capacity_bps=capacity,
                                             strategy=alloc.strategy, rate_bps=alloc.rate_bps[a],
                                             planned_mode=alloc.mode[a].value,
-                                            objective=alloc.objective))
+                                            objective=alloc.objective,
+                                            delivered_ratio=ratio[a]))
         for a, est in self.estimators.items():
             if isinstance(est, GrantEstimator):
                 est.set_grant(min(self.grant[a], self.agents[a].access_rate_bps))
@@ -319,6 +331,8 @@ class _Sim:
         req.done = True
         if req.payload > 0 and req.tx_s > 0:
             self.estimators[req.agent.agent_id].observe(req.payload, req.tx_s, t)
+            self.transfers[req.agent.agent_id].append(
+                (req.payload, req.tx_s, self.grant[req.agent.agent_id]))
         self.record(req, edge_s=lat.edge_s[req.mode], rtt_s=lat.rtt_s,
                     queue_s=lat.cloud_queue_s, cloud_s=lat.cloud_s[req.mode],
                     latency_s=answer_t - req.t_arrival, cancelled=False)
@@ -389,7 +403,7 @@ _REQUEST_COLUMNS = ["request_id", "agent", "t_arrival_s", "context_tokens", "mod
                     "cloud_queue_s", "cloud_s", "latency_s", "deadline_s", "deadline_met",
                     "cancelled", "quality", "reason"]
 _EPOCH_COLUMNS = ["t_s", "agent", "capacity_bps", "strategy", "rate_bps", "planned_mode",
-                  "objective"]
+                  "objective", "delivered_ratio"]
 
 
 def simulate(config: SimConfig) -> tuple[pd.DataFrame, pd.DataFrame]:

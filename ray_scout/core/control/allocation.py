@@ -49,6 +49,7 @@ import numpy as np
 
 from ray_scout.core.modes import CLOUD_MODES, Mode
 from ray_scout.core.control.policy import LatencyModel, QualityProfile
+from ray_scout.core.control.estimators import DEFAULT_MIN_SAMPLE_BYTES
 from ray_scout.core.control.queueing import hit_probability, service_for_hit_probability
 
 DEFAULT_GRID_CELLS = 2000
@@ -190,6 +191,23 @@ def _fill_ladders(demands: Sequence[Demand]) -> None:
     rows = np.hstack([service, hit]).tolist()
     for d, i in zip(todo, np.ravel(index).tolist()):
         object.__setattr__(d, "_ladder", tuple(rows[i]))
+
+
+def delivered_ratio(transfers: Sequence[tuple[int, float, float]],
+                    min_sample_bytes: int = DEFAULT_MIN_SAMPLE_BYTES) -> float | None:
+    """What an agent's link delivered of its grant: the wire time its grants promised over
+    the wire time its transfers took, ``sum(8 B / grant) / sum(seconds)``.
+
+    ``transfers``: (bytes, seconds on the wire, grant in bit/s) of recent transfers; those
+    under ``min_sample_bytes`` are dropped, since their time is round trips, not rate
+    (``estimators``, size floor). None without a usable transfer: keep what you had.
+    """
+    promised = taken = 0.0
+    for size, seconds, grant in transfers:
+        if size >= min_sample_bytes and seconds > 0 and grant > 0:
+            promised += size * 8 / grant
+            taken += seconds
+    return promised / taken if taken > 0 else None
 
 
 def demand_for(agent_id: str, payload_bytes: Mapping[Mode, int], profile: QualityProfile,
