@@ -491,15 +491,22 @@ def _greedy_only(p: _Problem, capacity_bps: float) -> Allocation:
     return p.result("greedy", capacity_bps, choice)
 
 
-def _best_plan(p: _Problem, plans: list[np.ndarray], capacity_bps: float) -> np.ndarray:
+Plan = tuple  # (option column per agent, rates per agent or None: the leftover rule's)
+
+
+def _best_plan(p: _Problem, plans: list[Plan], capacity_bps: float) -> Plan:
     # max() keeps the first of equal plans: the list's order is the tie-break.
-    return max(plans, key=lambda c: p.score(capacity_bps, c)[2])
+    return max(plans, key=lambda plan: p.score(capacity_bps, *plan)[2])
 
 
-def _heuristic_plans(p: _Problem, capacity_bps: float) -> list[np.ndarray]:
-    return [_greedy(p.rate, p.value, capacity_bps)[0],
-            p.plan_at(_equal_rates(p, capacity_bps)),
-            p.plan_at(_model_aware_rates(p, capacity_bps))]
+def _heuristic_plans(p: _Problem, capacity_bps: float) -> list[Plan]:
+    """The greedy's plan, then the equal and model-aware splits as those strategies plan
+    them (their rates, the best mode at each), so quality_max is never worse than either."""
+    plans = [(_greedy(p.rate, p.value, capacity_bps)[0], None)]
+    for rate in (_equal_rates(p, capacity_bps), _model_aware_rates(p, capacity_bps)):
+        plans.append((p.modes_at(rate), rate) if p.objective == "expected_hits"
+                     else (p.plan_at(rate), None))
+    return plans
 
 
 def _quality_max(p: _Problem, capacity_bps: float) -> Allocation:
@@ -507,7 +514,7 @@ def _quality_max(p: _Problem, capacity_bps: float) -> Allocation:
     # upgrade blocked by earlier small ones); both other plans are feasible and cheap to
     # score, so quality_max returns the best of the three.
     return p.result("quality_max", capacity_bps,
-                    _best_plan(p, _heuristic_plans(p, capacity_bps), capacity_bps))
+                    *_best_plan(p, _heuristic_plans(p, capacity_bps), capacity_bps))
 
 
 def _optimal_choice(p: _Problem, capacity_bps: float, grid_cells: int) -> np.ndarray:
@@ -642,8 +649,8 @@ def _optimal(p: _Problem, capacity_bps: float, grid_cells: int = DEFAULT_GRID_CE
     exact = _optimal_choice(p, capacity_bps, grid_cells)
     # Rounding rates up can make the DP lose a plan that fits the real capacity; the
     # heuristics' plans are feasible too, so the best of all is returned.
-    return p.result("optimal", capacity_bps,
-                    _best_plan(p, [exact] + _heuristic_plans(p, capacity_bps), capacity_bps))
+    return p.result("optimal", capacity_bps, *_best_plan(
+        p, [(exact, None)] + _heuristic_plans(p, capacity_bps), capacity_bps))
 
 
 STRATEGIES: dict[str, Callable[[_Problem, float], Allocation]] = {

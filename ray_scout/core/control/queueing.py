@@ -141,4 +141,5 @@ def service_for_hit_probability(deadline_s, arrival_rate_hz, probability,
         mid = (lo + hi) / 2
         ok = hit_probability(t, mid, lam) >= p
         lo, hi = np.where(ok, mid, lo), np.where(ok, hi, mid)
-    return lo
+    # The whole deadline, where it keeps the share (no arrivals; low shares): exactly T.
+    return np.where(hit_probability(t, t, lam) >= p, t, lo)
