@@ -287,3 +287,13 @@ def test_the_allocator_learns_what_a_slow_access_link_delivers():
                                    StaticPolicy(Mode.INT4, PROFILE), "optimal", seed=1))
     assert epochs.delivered_ratio.iloc[0] == 1.0
     assert epochs.delivered_ratio.iloc[-1] == pytest.approx(0.6, rel=0.01)
+
+
+def test_a_schedule_is_replayed_instead_of_drawn():
+    # The testbed's seeded arrivals: a simulated run then pairs with an emulated one.
+    schedule = ((0.5, 1), (0.7, 1), (4.0, 1))
+    lone = (dataclasses.replace(paper_b_agent("a0", 5.0, 2.5, pair="3b-7b"),
+                                schedule=schedule),)
+    requests, _ = simulate(SimConfig(lone, CapacityTrace.constant(50 * MBIT, 10),
+                                     AdaptivePolicy(PROFILE), "equal", seed=1))
+    assert requests.t_arrival_s.tolist() == [0.5, 0.7, 4.0]

@@ -407,7 +407,8 @@ def run_emulated(spec: Spec, out: Path, address: str | None = None,
 
 
 def run_simulated(spec: Spec, out: Path) -> dict[str, pd.DataFrame]:
-    """The same spec through the discrete-event simulator (network and compute modelled)."""
+    """The same spec through the discrete-event simulator (network and compute modelled),
+    replaying the testbed's seeded arrival schedule, so its rows pair with an emulated run's."""
     from ray_scout.experiments.simulate import AgentSpec, SimConfig, simulate
 
     estimators = {g.estimator for g in spec.agents}
@@ -418,6 +419,7 @@ def run_simulated(spec: Spec, out: Path) -> dict[str, pd.DataFrame]:
     shapes = request_shapes(spec)
     groups = spec.groups_by_agent()
     trace = capacity_trace(spec)
+    work = workloads(spec)
     agents = []
     for name, g in groups.items():
         table = {t: s.payload_bytes for t, s in shapes[g.name].items()}
@@ -425,7 +427,8 @@ def run_simulated(spec: Spec, out: Path) -> dict[str, pd.DataFrame]:
         access = spec.access_rate_bps or load_profile(g.access).up.rate_bps
         agents.append(AgentSpec(name, g.arrival_rate_hz, g.deadline_s, table.__getitem__,
                                 quality_profile(spec, g), shapes[g.name][median].latency,
-                                g.context_tokens, access_rate_bps=access))
+                                g.context_tokens, access_rate_bps=access,
+                                schedule=tuple((a.t_s, a.context_tokens) for a in work[name])))
     requests, epochs = [], []
     for policy, allocator in spec.combinations():
         pol = {name: make_policy(policy, quality_profile(spec, g), spec.safety_margin)

@@ -70,6 +70,9 @@ class AgentSpec:
     context_tokens: tuple[int, ...] = (1,)
     access_rate_bps: float = math.inf
     weight: float = 1.0
+    # (arrival s, context tokens) to replay instead of drawing Poisson arrivals: the testbed's
+    # seeded schedule, so a simulated run is paired request by request with an emulated one.
+    schedule: tuple[tuple[float, int], ...] | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -244,10 +247,12 @@ class _Sim:
                 est.set_grant(min(self.grant[a], self.agents[a].access_rate_bps))
 
     # --- requests ------------------------------------------------------------------------
-    def arrive(self, t: float, spec: AgentSpec) -> None:
+    def arrive(self, t: float, item: tuple[AgentSpec, int | None]) -> None:
+        spec, tokens = item
         self.next_rid += 1
         self.outstanding += 1
-        tokens = int(self.rng.choice(spec.context_tokens))
+        if tokens is None:
+            tokens = int(self.rng.choice(spec.context_tokens))
         self.queue[spec.agent_id].append(_Request(self.next_rid, spec, t, tokens))
         if self.busy[spec.agent_id] is None:
             self.start_next(t, spec.agent_id)
@@ -356,11 +361,16 @@ class _Sim:
     # --- loop ----------------------------------------------------------------------------
     def run(self) -> tuple[pd.DataFrame, pd.DataFrame]:
         for spec in self.cfg.agents:
+            if spec.schedule is not None:
+                for t, tokens in spec.schedule:
+                    if t < self.duration:
+                        self.push(t, "arrival", (spec, tokens))
+                continue
             if spec.arrival_rate_hz <= 0:
                 continue
             t = self.rng.exponential(1 / spec.arrival_rate_hz)
             while t < self.duration:
-                self.push(t, "arrival", spec)
+                self.push(t, "arrival", (spec, None))
                 t += self.rng.exponential(1 / spec.arrival_rate_hz)
         for change in self.cfg.capacity.change_times_s:
             if change < self.duration:
