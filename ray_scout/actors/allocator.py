@@ -10,7 +10,8 @@ each agent's typical request (median context), gathered once: they do not change
 run; the split moves when the capacity changes or, every ``FEEDBACK_EVERY_S``, when an
 agent's link turns out to deliver a different share of its grant than planned with (closed
 loop: ``core.allocation.delivered_ratio`` over its latest transfers, read from the
-recorder); the links and agents are touched only when the split changes. What it leaves to others: the strategies (core), shaping (the link managers).
+recorder); the links and agents are touched only when the split changes. What it leaves to
+others: the strategies (core), shaping (the link managers).
 """
 
 from __future__ import annotations

@@ -30,7 +30,8 @@ Schema (units in the values: ``50mbit``; times in seconds)::
          estimator: grant | last | ewma | robust, access: lab, new_tokens: 24,
          scout_retention: 0.5, protected_layers: [0],
          task: single_needle | multi_needle | multi_hop}   # full fidelity's samples
-    policies: [adaptive, adaptive:offload, adaptive:queue, static:bf16, static:int8, static:int4, static:scout]
+    policies: [adaptive, adaptive:offload, adaptive:queue, static:bf16, static:int8,
+               static:int4, static:scout]
     allocators: [equal, model_aware, greedy, quality_max, optimal]
     allocation_objective: expected_hits | mean_response   # docs/POLICY.md, Allocation
     safety_margin: 0.1

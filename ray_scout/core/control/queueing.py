@@ -11,7 +11,8 @@ criterion (the mean response, Pollaczek-Khinchine).
 Plain M/D/1. With arrival rate lambda, service D and load rho = lambda D < 1, the wait W of an
 arriving request (PASTA: it sees the time-average workload) has
 
-    P(W <= t) = (1 - rho) G(t),  G(t) = sum_{k=0}^{floor(t/D)} (lambda (k D - t))^k / k! e^{-lambda (k D - t)}
+    P(W <= t) = (1 - rho) G(t),
+    G(t) = sum_{k=0}^{floor(t/D)} (lambda (k D - t))^k / k! e^{-lambda (k D - t)}
 
 Erlang's M/D/1 waiting-time formula (Erlang 1909; Crommelin 1932; Iversen, *Teletraffic
 Engineering and Network Planning*, DTU 2015, ch. 13; Franx, "A simple solution for the M/D/c
