@@ -6,8 +6,8 @@ result through the link managers (one call each, all at once: one per lab node, 
 lab-in-a-box's one), telling every agent its grant, and one
 ``epochs`` row per agent each time the split is applied (capacity, rate, planned mode,
 decision and netlink call times). Demands are
-each agent's typical request (median context), gathered once: they do not change during a
-run; the split moves when the capacity changes or, every ``FEEDBACK_EVERY_S``, when an
+each agent's typical request (median context), gathered once; only their delivered share of
+the grant changes during a run. The split moves when the capacity changes or, every ``FEEDBACK_EVERY_S``, when an
 agent's link turns out to deliver a different share of its grant than planned with (closed
 loop: ``core.allocation.delivered_ratio`` over its latest transfers, read from the
 recorder); the links and agents are touched only when the split changes. What it leaves to
