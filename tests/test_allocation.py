@@ -459,3 +459,13 @@ def test_expected_hits_plans_fit_the_capacity_and_optimal_is_best(demands, capac
     assert objective["optimal"] >= objective["quality_max"] - 1e-9
     for s in ("greedy", "equal", "model_aware"):
         assert objective["quality_max"] >= objective[s] - 1e-9
+
+
+def test_expected_hits_values_an_adaptive_agent_with_its_scout_fallback():
+    # Adaptive agents (every mode, the policy's margin): a queued request gets scout instead
+    # of missing, so KV planned at a rate where only ~80% of requests could send it is still
+    # worth ~1.0 a request; optimal keeps three agents on KV, as the testbed measured best.
+    alloc = allocate("optimal", example_demands(margin=0.1), 50 * MBIT)
+    assert [alloc.mode[a].value for a in ("small0", "small1", "large0", "large1")] == \
+        ["mixed_int4", "mixed_int4", "mixed_int4", "scout"]
+    assert 0.95 < alloc.objective / 0.25 / 4 < 1.0

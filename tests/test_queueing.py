@@ -77,3 +77,31 @@ def test_the_service_for_a_hit_probability_is_the_longest_that_keeps_it(rate_hz)
     assert (hit_probability(2.5, service * 1.001, rate_hz) < levels).all()
     with pytest.raises(QueueingError, match=r"\(0, 1\)"):
         service_for_hit_probability(2.5, rate_hz, 1.0)
+
+
+def adaptive_simulated(services, qualities, rate_hz, deadline_s, n=100_000, seed=2):
+    """Mean quality when each request gets the best mode that fits its time left, and one
+    that no mode fits is not sent."""
+    gaps = np.random.default_rng(seed).exponential(1 / rate_hz, n)
+    order = np.argsort(qualities)[::-1]
+    v, total = 0.0, 0.0
+    for gap in gaps:
+        for j in order:
+            if v + services[j] <= deadline_s:
+                total += qualities[j]
+                v += services[j]
+                break
+        v = max(v - gap, 0.0)
+    return total / n
+
+
+@pytest.mark.parametrize("services, rate_hz", [
+    ((1.64, 0.575), 0.25),          # allocation_congestion's KV plan with its scout fallback
+    ((2.2, 0.575), 0.25), ((1.4, 1.0, 0.575), 1.0), ((1.0,), 0.8)])
+def test_adaptive_quality_matches_a_simulated_adaptive_agent(services, rate_hz):
+    from ray_scout.core.control.queueing import adaptive_quality
+
+    qualities = (1.07, 0.962, 0.813)[:len(services)]
+    expected = adaptive_simulated(services, qualities, rate_hz, 2.5)
+    got = float(adaptive_quality(2.5, rate_hz, [list(services)], [list(qualities)])[0])
+    assert got == pytest.approx(expected, abs=0.01)

@@ -50,7 +50,9 @@ import numpy as np
 from ray_scout.core.modes import CLOUD_MODES, Mode
 from ray_scout.core.control.policy import LatencyModel, QualityProfile
 from ray_scout.core.control.estimators import DEFAULT_MIN_SAMPLE_BYTES
-from ray_scout.core.control.queueing import hit_probability, service_for_hit_probability
+from ray_scout.core.control.queueing import (
+    adaptive_quality, hit_probability, service_for_hit_probability,
+)
 
 DEFAULT_GRID_CELLS = 2000
 # Column order of every allocation matrix: the rate-0 option first, then the cloud modes.
@@ -113,6 +115,9 @@ class Demand:
     # The expected_hits ladder (``hit_ladder``), filled on first use for many demands at once.
     _ladder: tuple[float, ...] | None = dataclasses.field(default=None, init=False,
                                                           repr=False, compare=False)
+    # An adaptive agent's expected quality at each column of that ladder (``_Problem``).
+    _adaptive: tuple[float, ...] | None = dataclasses.field(default=None, init=False,
+                                                            repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.weight < 0:
@@ -305,9 +310,51 @@ class _Problem:
         self.rate[:, 0] = 0.0
         self.quality = np.where(usable, quality * hit, 0.0)  # unweighted, per request
         self.size = np.where(usable, size, 0.0)
+        # An agent that can send more than one mode is the adaptive policy: a request that
+        # waited gets a cheaper mode instead of missing, so its options are worth the
+        # expected quality of that behaviour (``queueing.adaptive_quality``), not the planned
+        # mode's hit probability alone.
+        self.adaptive = np.zeros(n, dtype=bool)
+        if objective == "expected_hits":
+            self.adaptive = (~np.isnan(self.mode_size[:, 1:])).sum(axis=1) > 1
+            if self.adaptive.any():
+                self._adaptive_columns(demands)
         scale = self.weight * (self.requests if objective == "expected_hits" else 1.0)
         self.value = self.quality * scale[:, None]
 
+    def _adaptive_columns(self, demands: Sequence[Demand]) -> None:
+        """Expected quality of each adaptive agent's (top mode, rate) columns, cached on the
+        demands: at the column's rate the agent sends the best mode, among those no better
+        than the column's, that fits the time a request has left."""
+        rows = np.flatnonzero(self.adaptive)
+        todo = [a for a in rows if demands[a]._adaptive is None]
+        if todo:
+            cases_service, cases_quality, owner = [], [], []
+            for a in todo:
+                rates = np.where(np.isfinite(self.rate[a]), self.rate[a], np.nan)
+                with np.errstate(divide="ignore", invalid="ignore"):
+                    wire = self.mode_size[a][None, :] * 8 / (rates[:, None] * self.share[a])
+                service = self.mode_fixed[a][None, :] + np.where(
+                    self.mode_size[a][None, :] == 0, 0.0, wire)
+                service[:, 0] = self.mode_fixed[a, 0]
+                top = self.mode_quality[a][self.column_mode]
+                allowed = self.mode_quality[a][None, :] <= top[:, None] + 1e-12
+                cases_service.append(np.where(allowed, service, np.nan))
+                cases_quality.append(np.where(allowed, self.mode_quality[a][None, :], np.nan))
+                owner.append(np.full(len(rates), a))
+            service, quality = np.vstack(cases_service), np.vstack(cases_quality)
+            owner = np.concatenate(owner)
+            ok = np.isfinite(service).any(axis=1)
+            values = np.zeros(len(owner))
+            values[ok] = adaptive_quality(self.deadline[owner[ok]], self.arrival_rate[owner[ok]],
+                                          service[ok], quality[ok])
+            for a in todo:
+                object.__setattr__(demands[a], "_adaptive", tuple(values[owner == a].tolist()))
+        for a in rows:
+            cached = np.array(demands[a]._adaptive)
+            usable = np.isfinite(self.rate[a])
+            usable[0] = False  # the rate-0 column keeps its own (local) value
+            self.quality[a, usable] = cached[usable]
     def _ladder(self, demands: Sequence[Demand]) -> tuple[np.ndarray, np.ndarray]:
         """Per agent and column: the transfer budget (service less fixed latency) and the
         hit probability of each (mode, hit level) option."""
@@ -337,6 +384,14 @@ class _Problem:
             hit = (service <= budget[:, None] * (1 + 1e-12)).astype(float)
         out = np.nan_to_num(self.mode_quality) * hit
         out[:, 0] = np.where(np.isnan(self.mode_quality[:, 0]), 0.0, out[:, 0])
+        for a in np.flatnonzero(self.adaptive):
+            # Along each mode's ladder the expected quality rises with the rate: interpolate
+            # there; below the mode's lowest rung it is not planned (0), above its top rung
+            # it keeps the top value.
+            for m in range(1, len(OPTION_MODES)):
+                cols = np.flatnonzero((self.column_mode == m) & np.isfinite(self.rate[a]))
+                out[a, m] = (np.interp(rate_bps[a], self.rate[a, cols], self.quality[a, cols],
+                                       left=0.0) if len(cols) else 0.0)
         return out
 
     def plan_at(self, rate_bps: np.ndarray) -> np.ndarray:

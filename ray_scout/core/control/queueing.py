@@ -144,3 +144,49 @@ def service_for_hit_probability(deadline_s, arrival_rate_hz, probability,
         lo, hi = np.where(ok, mid, lo), np.where(ok, hi, mid)
     # The whole deadline, where it keeps the share (no arrivals; low shares): exactly T.
     return np.where(hit_probability(t, t, lam) >= p, t, lo)
+
+
+def adaptive_quality(deadline_s, arrival_rate_hz, service_s, quality,
+                     grid: int = 300) -> np.ndarray:
+    """Expected quality per request of an agent that sends, to each request, the best mode
+    that fits the time it has left, with abandonment at the deadline; one value per case.
+
+    ``service_s`` and ``quality`` are (cases, modes) arrays (NaN or inf service: a mode the
+    agent cannot send); ``deadline_s`` and ``arrival_rate_hz`` one per case. A request
+    arriving to workload v gets the mode of highest quality with service <= T - v (none:
+    it misses and adds nothing), so the jump is state-dependent. The workload density still
+    obeys the level-crossing equation (Brill & Posner 1977), now a Volterra equation,
+
+        f(x) = lambda [ p0 1(J(0) > x) + int_0^x f(v) 1(v + J(v) > x) dv ],  0 < x < T,
+
+    with J(v) the service chosen at workload v; it is solved forward on ``grid`` steps with
+    the atom p0 at 0 set to 1, then normalized. A request's mode is then that of the
+    workload it finds (PASTA). Unlike ``hit_probability``'s queue, a request that no mode
+    fits is not sent (the adaptive policy's fallback), so it adds no work.
+    ``tests/test_queueing.py`` checks it against a simulated queue.
+    """
+    service = np.atleast_2d(np.asarray(service_s, dtype=float))
+    q = np.atleast_2d(np.asarray(quality, dtype=float))
+    cases = service.shape[0]
+    t = np.broadcast_to(np.asarray(deadline_s, dtype=float), (cases,))
+    lam = np.broadcast_to(np.asarray(arrival_rate_hz, dtype=float), (cases,))
+    usable = np.isfinite(service) & np.isfinite(q)
+    steps = np.arange(grid + 1) / grid
+    x = t[:, None] * steps[None, :]                     # (cases, grid + 1)
+    h = t / grid
+    fits = usable[:, None, :] & (service[:, None, :] <= (t[:, None] - x)[:, :, None] + 1e-12)
+    score = np.where(fits, q[:, None, :], -np.inf)
+    chosen = score.argmax(axis=2)                       # (cases, grid + 1)
+    served = np.isfinite(score.max(axis=2))
+    rows = np.arange(cases)[:, None]
+    jump = np.where(served, service[rows, chosen], 0.0)
+    gain = np.where(served, q[rows, chosen], 0.0)
+    density = np.zeros((cases, grid + 1))
+    reach = x + jump                                    # where a jump from x lands
+    for i in range(1, grid + 1):
+        crossing = reach[:, :i] > x[:, i:i + 1]
+        density[:, i] = lam * ((jump[:, 0] > x[:, i])
+                               + (density[:, :i] * h[:, None] * crossing).sum(axis=1))
+    mass = density * h[:, None]
+    mass[:, 0] = 1.0                                    # the atom at an empty agent
+    return (mass * gain).sum(axis=1) / mass.sum(axis=1)
