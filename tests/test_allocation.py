@@ -8,7 +8,8 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from ray_scout.core.control.allocation import (
-    AllocationError, Demand, _optimal_choice, _Problem, allocate, delivered_ratio, demand_for,
+    AllocationError, Demand, _optimal_choice, _Problem, allocate, corrected_demands,
+    delivered_ratio, demand_for,
     service_budget_s,
 )
 from ray_scout.core.modes import Mode
@@ -469,3 +470,15 @@ def test_expected_hits_values_an_adaptive_agent_with_its_scout_fallback():
     assert [alloc.mode[a].value for a in ("small0", "small1", "large0", "large1")] == \
         ["mixed_int4", "mixed_int4", "mixed_int4", "scout"]
     assert 0.95 < alloc.objective / 0.25 / 4 < 1.0
+
+
+def test_an_agent_without_a_measured_transfer_takes_the_others_delivered_share():
+    # Its payloads were all cut off at the deadline: no sample of its own, yet its grant is
+    # as short as the others'.
+    demands = example_demands()
+    grant = 10 * MBIT
+    seen = {"small0": [(2_000_000, 2_000_000 * 8 / (0.95 * grant), grant)],
+            "small1": [(2_000_000, 2_000_000 * 8 / (0.97 * grant), grant)]}
+    ratios = [d.delivered_ratio for d in corrected_demands(demands, seen)]
+    assert ratios == pytest.approx([0.95, 0.97, 0.96, 0.96])
+    assert corrected_demands(demands, {}) == demands

@@ -17,12 +17,11 @@ others: the strategies (core), shaping (the link managers).
 from __future__ import annotations
 
 import collections
-import dataclasses
 import math
 import time
 from typing import Any
 
-from ray_scout.core.control.allocation import allocate, delivered_ratio
+from ray_scout.core.control.allocation import allocate, corrected_demands
 from ray_scout.core.control.capacity import CapacityTrace
 
 # Closed loop: how often the allocator reads the finished requests, and how many of an
@@ -88,12 +87,9 @@ class Allocator:
                     if row.get("agent") in transfers and None not in (size, tx_s, grant) \
                             and math.isfinite(tx_s):
                         transfers[row["agent"]].append((size, tx_s, grant))
-                for i, d in enumerate(demands):
-                    ratio = delivered_ratio(transfers[d.agent_id])
-                    if ratio is not None and abs(ratio - d.delivered_ratio) \
-                            > 0.01 * d.delivered_ratio:
-                        demands[i] = dataclasses.replace(d, delivered_ratio=ratio)
-                        changed = True
+                corrected = corrected_demands(demands, transfers)
+                changed |= corrected != demands  # a delivered_ratio moved
+                demands = corrected
             decide_start = time.perf_counter()
             alloc = (allocate(self.strategy, demands, capacity, self.objective)
                      if changed or last is None else None)

@@ -34,7 +34,7 @@ from typing import Callable, Mapping
 import numpy as np
 import pandas as pd
 
-from ray_scout.core.control.allocation import allocate, delivered_ratio, demand_for
+from ray_scout.core.control.allocation import allocate, corrected_demands, demand_for
 from ray_scout.core.control.capacity import CapacityTrace
 from ray_scout.core.control.estimators import GrantEstimator, make_estimator
 from ray_scout.core.modes import Mode
@@ -229,10 +229,7 @@ class _Sim:
                                             planned_mode="", objective=math.nan,
                                             delivered_ratio=math.nan))
         else:
-            for i, d in enumerate(self.demands):
-                ratio = delivered_ratio(self.transfers[d.agent_id])
-                if ratio is not None and abs(ratio - d.delivered_ratio) > 0.01 * d.delivered_ratio:
-                    self.demands[i] = dataclasses.replace(d, delivered_ratio=ratio)
+            self.demands = corrected_demands(self.demands, self.transfers)
             alloc = allocate(self.cfg.allocator, self.demands, capacity, self.cfg.objective)
             ratio = {d.agent_id: d.delivered_ratio for d in self.demands}
             for a in self.agents:

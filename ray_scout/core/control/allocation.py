@@ -215,6 +215,28 @@ def delivered_ratio(transfers: Sequence[tuple[int, float, float]],
     return promised / taken if taken > 0 else None
 
 
+def corrected_demands(demands: Sequence[Demand],
+                      transfers: Mapping[str, Sequence[tuple[int, float, float]]]
+                      ) -> list[Demand]:
+    """The demands with each agent's ``delivered_ratio`` from its recent transfers.
+
+    An agent with no transfer large enough to measure takes the median of the agents that
+    have one (their links are the same kind): an agent whose every payload was cut off at
+    its deadline would otherwise never tell the allocator that its grant is too small.
+    A ratio that moved by less than 1% is kept, so the plan does not churn.
+    """
+    ratios = {d.agent_id: delivered_ratio(transfers.get(d.agent_id, ())) for d in demands}
+    known = [r for r in ratios.values() if r is not None]
+    fallback = float(np.median(known)) if known else None
+    out = []
+    for d in demands:
+        ratio = ratios[d.agent_id] if ratios[d.agent_id] is not None else fallback
+        if ratio is not None and abs(ratio - d.delivered_ratio) > 0.01 * d.delivered_ratio:
+            d = dataclasses.replace(d, delivered_ratio=ratio)
+        out.append(d)
+    return out
+
+
 def demand_for(agent_id: str, payload_bytes: Mapping[Mode, int], profile: QualityProfile,
                latency: LatencyModel, deadline_s: float, weight: float = 1.0,
                arrival_rate_hz: float = 0.0, safety_margin: float = 0.0,
