@@ -6,6 +6,8 @@ the per-group and per-estimator tables of a run's results.
     python3 bench/testbed_figures.py scale --agents 32 --out bench/results/testbed_scale.json
     python3 bench/testbed_figures.py groups --results experiments/results/allocation_congestion
     python3 bench/testbed_figures.py estimators --results experiments/results/estimators
+    python3 bench/testbed_figures.py paired --results experiments/results/queue_pressure
+    python3 bench/testbed_figures.py fidelity --results experiments/results/allocation_congestion
 
 ``transfer``: one edge, one cloud, the access link at each rate (bottleneck 1 Gbit/s), one
 persistent connection; each payload is sent 5 times; the wire time (first byte handed to the
@@ -23,6 +25,14 @@ time); ``--requests`` picks another table of the same run (the simulated one).
 ``estimators``: per estimator of the spec's groups, requests, deadline hits and quality
 with bootstrap 95% intervals, the median estimate / grant, and the median measured
 throughput / grant of payloads over 1 MB.
+``paired``: per allocator, policy ``--a`` minus policy ``--b`` (default adaptive:queue minus
+adaptive) on the same requests (same request ids: every combination replays one workload):
+mean difference of quality and of deadline hits with a paired bootstrap 95% interval and
+the sign-flip permutation p-value (``core.metrics.paired_test``).
+``fidelity``: per (policy, allocator), the emulated hit rate (Wilson 95%) and quality
+(bootstrap 95%) beside the simulated point estimates of the same spec
+(``requests_simulated.csv``), and whether each simulated figure lies inside the emulated
+interval.
 
 Every result file records ``machine`` (read from /proc: for ``overhead``, ``groups`` and
 ``estimators`` the machine that read the results, not the one that ran the experiment, which
@@ -171,6 +181,48 @@ def estimators(results: Path) -> list[dict]:
     return rows
 
 
+def paired(results: Path, requests: Path | None, a: str, b: str) -> list[dict]:
+    from ray_scout.core.evaluation.metrics import paired_test
+
+    r = pd.read_csv(requests or results / "requests.csv")
+    rows = []
+    for allocator, g in r.groupby("allocator", sort=True):
+        left = g[g.policy == a].set_index("request_id")
+        right = g[g.policy == b].set_index("request_id")
+        ids = left.index.intersection(right.index)
+        if ids.empty:
+            continue
+        row = dict(allocator=allocator, a=a, b=b, n=int(len(ids)))
+        for column in ("quality", "deadline_met"):
+            x, y = (t.loc[ids, column].astype(float).to_numpy() for t in (left, right))
+            test = paired_test(x, y)
+            row[column] = dict(a=float(x.mean()), b=float(y.mean()), diff=test.mean_diff,
+                               ci=[test.low, test.high], p_value=test.p_value)
+        rows.append(row)
+    return rows
+
+
+def fidelity(results: Path) -> list[dict]:
+    from ray_scout.core.evaluation.metrics import bootstrap_ci
+    from ray_scout.experiments.report import wilson_ci
+
+    emulated = pd.read_csv(results / "requests.csv")
+    simulated = pd.read_csv(results / "requests_simulated.csv")
+    rows = []
+    for (policy, allocator), g in emulated.groupby(["policy", "allocator"], sort=True):
+        s = simulated[(simulated.policy == policy) & (simulated.allocator == allocator)]
+        hits = g.deadline_met.astype(bool)
+        lo, hi = wilson_ci(int(hits.sum()), len(g))
+        q, qlo, qhi = bootstrap_ci(g.quality.astype(float).to_numpy())
+        sim_hits, sim_q = float(s.deadline_met.astype(bool).mean()), float(s.quality.mean())
+        rows.append(dict(policy=policy, allocator=allocator, n=int(len(g)), n_sim=int(len(s)),
+                         hits=float(hits.mean()), hits_ci=[lo, hi], quality=q,
+                         quality_ci=[qlo, qhi], sim_hits=sim_hits, sim_quality=sim_q,
+                         hits_inside=bool(lo <= sim_hits <= hi),
+                         quality_inside=bool(qlo <= sim_q <= qhi)))
+    return rows
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="what", required=True)
@@ -188,7 +240,14 @@ def main() -> int:
     gr.add_argument("--requests", type=Path, help="default: <results>/requests.csv")
     e = sub.add_parser("estimators")
     e.add_argument("--results", type=Path, required=True)
-    for p in (t, o, s, gr, e):
+    pa = sub.add_parser("paired")
+    pa.add_argument("--results", type=Path, required=True)
+    pa.add_argument("--requests", type=Path, help="default: <results>/requests.csv")
+    pa.add_argument("--a", default="adaptive:queue")
+    pa.add_argument("--b", default="adaptive")
+    fi = sub.add_parser("fidelity")
+    fi.add_argument("--results", type=Path, required=True)
+    for p in (t, o, s, gr, e, pa, fi):
         p.add_argument("--out", type=Path)
     args = parser.parse_args()
     if args.what == "transfer":
@@ -202,6 +261,10 @@ def main() -> int:
         result = {"rows": groups(args.results, args.requests)}
     elif args.what == "estimators":
         result = {"rows": estimators(args.results)}
+    elif args.what == "paired":
+        result = {"rows": paired(args.results, args.requests, args.a, args.b)}
+    elif args.what == "fidelity":
+        result = {"rows": fidelity(args.results)}
     else:
         result = scale(args.agents, args.duration_s)
     result.update(provenance.record())  # the machine as measured, the commit, the load

@@ -5,7 +5,8 @@ import pytest
 from ray_scout.core.modes import Mode
 from ray_scout.core.control.policy import (
     PAPER_B_PAYLOAD_BYTES, AdaptivePolicy, LatencyModel, ModeQuality, PolicyInput,
-    ProfileError, QualityProfile, StaticPolicy, paper_b_latency, paper_b_profile,
+    ProfileError, QualityProfile, QueueAwarePolicy, StaticPolicy, paper_b_latency,
+    paper_b_profile,
 )
 
 MBIT = 1e6
@@ -117,3 +118,48 @@ def test_static_policy_sends_its_mode_whatever_the_link():
 def test_latency_model_without_a_mode_says_what_to_add():
     with pytest.raises(ProfileError, match="no edge_s for mode local"):
         paper_b_latency().fixed_s(Mode.LOCAL)
+
+
+# --- the queue-aware policy ---------------------------------------------------------------
+def queued_request(rate_mbit, deadline_s, queue=(), rate_hz=0.0):
+    return PolicyInput(rate_mbit * MBIT, deadline_s, PAPER_B_PAYLOAD_BYTES, paper_b_latency(),
+                       queue_deadlines_s=tuple(queue), arrival_rate_hz=rate_hz,
+                       request_deadline_s=deadline_s)
+
+
+@pytest.mark.parametrize("rate_mbit", [0, 5, 10, 18, 22, 60, 200])
+def test_queue_aware_policy_alone_decides_as_the_adaptive_one(rate_mbit):
+    profile = paper_b_profile("3b-7b")
+    req = queued_request(rate_mbit, 1.5)
+    assert QueueAwarePolicy(profile).decide(req).mode == AdaptivePolicy(profile).decide(req).mode
+
+
+def test_queue_aware_policy_sends_scout_when_kv_would_make_the_queued_request_miss():
+    # At 18 Mbit/s planned, mixed INT4 takes 1.68 s: it fits this request's 2.5 s, but the
+    # request waiting behind it (1.2 s left) would then miss; two scouts (0.575 s each) fit.
+    profile = paper_b_profile("3b-7b")
+    req = queued_request(20, 2.5, queue=(1.2,))
+    assert AdaptivePolicy(profile).decide(req).mode == Mode.MIXED_INT4
+    d = QueueAwarePolicy(profile).decide(req)
+    assert d.mode == Mode.SCOUT
+    assert "1 queued" in d.reason and "myopic mixed_int4" in d.reason
+    # With time enough for both, KV goes first.
+    assert QueueAwarePolicy(profile).decide(queued_request(20, 2.5, queue=(2.4,))).mode \
+        == Mode.MIXED_INT4
+
+
+def test_an_idle_queue_aware_agent_weighs_the_next_arrival():
+    # 9 Mbit/s planned, 3 s deadline: mixed INT4 takes 2.83 s, scout 0.575 s. Rarely
+    # anyone arrives in those 2.83 s at 0.05 Hz; at 2 Hz the next request almost surely
+    # does and would find 0.17 s + its arrival time left.
+    policy = QueueAwarePolicy(paper_b_profile("3b-7b"))
+    assert policy.decide(queued_request(10, 3.0, rate_hz=0.05)).mode == Mode.MIXED_INT4
+    busy = policy.decide(queued_request(10, 3.0, rate_hz=2.0))
+    assert busy.mode == Mode.SCOUT and "next arrival" in busy.reason
+
+
+def test_queue_aware_policy_keeps_the_local_fallback():
+    d = QueueAwarePolicy(paper_b_profile()).decide(queued_request(0, 2.5, queue=(2.0,)))
+    assert d.mode == Mode.LOCAL and "link down" in d.reason
+    d = QueueAwarePolicy(paper_b_profile()).decide(queued_request(200, 0.1, rate_hz=1.0))
+    assert d.mode == Mode.LOCAL and d.feasible == ()

@@ -6,18 +6,28 @@ result through the link managers (one call each, all at once: one per lab node, 
 lab-in-a-box's one), telling every agent its grant, and one
 ``epochs`` row per agent each time the split is applied (capacity, rate, planned mode,
 decision and netlink call times). Demands are
-each agent's typical request (median context), gathered once: they do not change during a
-run, so only capacity changes move the split; the links and agents are touched only when the
-split changes. What it leaves to others: the strategies (core), shaping (the link managers).
+each agent's typical request (median context), gathered once; only their delivered share of
+the grant changes during a run. The split moves when the capacity changes or, every ``FEEDBACK_EVERY_S``, when an
+agent's link turns out to deliver a different share of its grant than planned with (closed
+loop: ``core.allocation.delivered_ratio`` over its latest transfers, read from the
+recorder); the links and agents are touched only when the split changes. What it leaves to
+others: the strategies (core), shaping (the link managers).
 """
 
 from __future__ import annotations
 
+import collections
+import math
 import time
 from typing import Any
 
-from ray_scout.core.control.allocation import allocate
+from ray_scout.core.control.allocation import allocate, corrected_demands
 from ray_scout.core.control.capacity import CapacityTrace
+
+# Closed loop: how often the allocator reads the finished requests, and how many of an
+# agent's latest transfers tell it what the agent's link delivers of its grant.
+FEEDBACK_EVERY_S = 1.0
+FEEDBACK_TRANSFERS = 5
 
 
 def tick_times(trace: CapacityTrace, epoch_s: float, duration_s: float) -> list[float]:
@@ -31,12 +41,14 @@ class Allocator:
     """``run(t0)`` drives capacity and allocation until ``duration_s``; rows go to the recorder."""
 
     def __init__(self, strategy: str, trace: CapacityTrace, epoch_s: float, duration_s: float,
-                 hosts: list[Any], link_managers: list[Any], recorder: Any):
+                 hosts: list[Any], link_managers: list[Any], recorder: Any,
+                 objective: str = "expected_hits"):
         from ray.util import metrics
 
         if epoch_s <= 0:
             raise ValueError(f"epoch_s must be positive, not {epoch_s}")
         self.strategy = strategy
+        self.objective = objective
         self.trace = trace
         self.epoch_s = epoch_s
         self.duration_s = duration_s
@@ -56,6 +68,8 @@ class Allocator:
         demands = [d for by_agent in ray.get([h.demands.remote() for h in self.hosts])
                    for d in by_agent.values()]
         names = [d.agent_id for d in demands]
+        transfers = {name: collections.deque(maxlen=FEEDBACK_TRANSFERS) for name in names}
+        seen, next_feedback = 0, FEEDBACK_EVERY_S
         last: dict[str, float] | None = None
         last_capacity = None
         epochs = 0
@@ -70,8 +84,22 @@ class Allocator:
                 time.sleep(wait)
             capacity = self.trace.rate_at(t)
             changed = capacity != last_capacity
+            if t >= next_feedback:
+                next_feedback += FEEDBACK_EVERY_S
+                rows = ray.get(self.recorder.since.remote("requests", seen))
+                seen += len(rows)
+                for row in rows:
+                    size, tx_s, grant = (row.get(k) for k in ("payload_bytes", "tx_s",
+                                                              "grant_bps"))
+                    if row.get("agent") in transfers and None not in (size, tx_s, grant) \
+                            and math.isfinite(tx_s):
+                        transfers[row["agent"]].append((size, tx_s, grant))
+                corrected = corrected_demands(demands, transfers)
+                changed |= corrected != demands  # a delivered_ratio moved
+                demands = corrected
             decide_start = time.perf_counter()
-            alloc = allocate(self.strategy, demands, capacity) if changed or last is None else None
+            alloc = (allocate(self.strategy, demands, capacity, self.objective)
+                     if changed or last is None else None)
             decide_s = time.perf_counter() - decide_start
             apply_s = 0.0
             if alloc is not None and (dict(alloc.rate_bps) != last or changed):
@@ -83,10 +111,11 @@ class Allocator:
                 last, last_capacity = dict(alloc.rate_bps), capacity
                 self.capacity_gauge.set(capacity, tags={"strategy": self.strategy})
                 self.objective_gauge.set(alloc.objective, tags={"strategy": self.strategy})
+                ratio = {d.agent_id: d.delivered_ratio for d in demands}
                 rows = [dict(t_s=t, wall_time_s=time.time(), agent=name, capacity_bps=capacity,
                              strategy=alloc.strategy, rate_bps=alloc.rate_bps[name],
                              planned_mode=alloc.mode[name].value, objective=alloc.objective,
-                             decide_s=decide_s, apply_s=apply_s)
+                             delivered_ratio=ratio[name], decide_s=decide_s, apply_s=apply_s)
                         for name in names]
                 self.recorder.add_many.remote("epochs", rows)
             epochs += 1

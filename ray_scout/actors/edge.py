@@ -29,7 +29,8 @@ from typing import Any, Mapping, Sequence
 from ray_scout.core.control.allocation import Demand, demand_for
 from ray_scout.core.control.estimators import GrantEstimator, make_estimator
 from ray_scout.core.control.policy import (
-    AdaptivePolicy, Decision, LatencyModel, Policy, PolicyInput, QualityProfile, StaticPolicy,
+    AdaptivePolicy, Decision, LatencyModel, Policy, PolicyInput, QualityProfile,
+    QueueAwarePolicy, StaticPolicy,
 )
 from ray_scout.core.modes import CLOUD_MODES, Mode
 from ray_scout.core.stages.request import Arrival, Edge, EdgeOutcome, RequestShape
@@ -75,14 +76,18 @@ class AgentConfig:
 
 def make_policy(name: str, profile: QualityProfile, safety_margin: float) -> Policy:
     """``adaptive`` lets ``local`` compete on quality; ``adaptive:offload`` keeps it as the
-    fallback only (Paper B), for pairs whose edge model answers as well as the cloud's."""
+    fallback only (Paper B), for pairs whose edge model answers as well as the cloud's;
+    ``adaptive:queue`` also weighs the requests queued and arriving behind this one."""
     if name == "adaptive":
         return AdaptivePolicy(profile, safety_margin)
     if name == "adaptive:offload":
         return AdaptivePolicy(profile, safety_margin, modes=CLOUD_MODES)
+    if name == "adaptive:queue":
+        return QueueAwarePolicy(profile, safety_margin)
     if name.startswith("static:"):
         return StaticPolicy(Mode.parse(name.split(":", 1)[1]), profile)
-    raise ValueError(f"unknown policy {name!r}; use adaptive, adaptive:offload or static:<mode>")
+    raise ValueError(f"unknown policy {name!r}; use adaptive, adaptive:offload, adaptive:queue "
+                     "or static:<mode>")
 
 
 def typical_demand(name: str, shapes: Mapping[int, RequestShape], arrivals: Sequence[Arrival],
@@ -139,6 +144,7 @@ class EdgeAgent:
         self.metrics = AgentMetrics(config.name, config.policy, config.allocator)
         self.connection: Connection | None = None
         self.edge = make_edge(config)
+        self.arrival_rate_hz = self.demand().arrival_rate_hz
 
     # --- what the allocator asks and tells ---------------------------------------------
     def demand(self) -> Demand:
@@ -207,8 +213,13 @@ class EdgeAgent:
             now = time.time()
             estimate = self.estimator.estimate(now - t0_unix_s)
             budget = c.deadline_s - (now - arrived)
-            decision = self.policy.decide(PolicyInput(estimate, max(budget, 0.0), sizes,
-                                                      latency))
+            # Time left of each request already waiting behind this one (the queue-aware
+            # policy weighs them; the others ignore it).
+            waiting = tuple(c.deadline_s - (now - t0_unix_s - a.t_s) for a in c.arrivals
+                            if a.request_id > arrival.request_id and t0_unix_s + a.t_s <= now)
+            decision = self.policy.decide(PolicyInput(
+                estimate, max(budget, 0.0), sizes, latency, queue_deadlines_s=waiting,
+                arrival_rate_hz=self.arrival_rate_hz, request_deadline_s=c.deadline_s))
             mode = decision.mode
             row.update(mode=mode.value, reason=decision.reason, bandwidth_estimate_bps=estimate,
                        payload_bytes=0 if mode == Mode.LOCAL else sizes[mode],

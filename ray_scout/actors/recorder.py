@@ -29,7 +29,7 @@ class Recorder:
     def __init__(self, directory: str | None):
         self.files: dict = {}
         self.count: dict[str, int] = {}
-        self.request_ids: set[int] = set()
+        self.rows: dict[str, list[dict]] = {}  # what ``since`` hands the allocator
         self.directory: Path | None = None
         if directory is not None:
             self.open(directory)
@@ -39,7 +39,7 @@ class Recorder:
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
         self.count = {}
-        self.request_ids = set()
+        self.rows = {}
 
     def add(self, table: str, row: dict) -> None:
         if self.directory is None:
@@ -50,8 +50,7 @@ class Recorder:
         handle.write(json.dumps({k: _clean(v) for k, v in row.items()}) + "\n")
         handle.flush()
         self.count[table] = self.count.get(table, 0) + 1
-        if table == "requests":
-            self.request_ids.add(row["request_id"])
+        self.rows.setdefault(table, []).append(row)
 
     def add_many(self, table: str, rows: list[dict]) -> None:
         for row in rows:
@@ -62,7 +61,11 @@ class Recorder:
 
     def recorded_request_ids(self) -> set[int]:
         """Ids of the request rows recorded so far: the driver accounts for the others."""
-        return set(self.request_ids)
+        return {row["request_id"] for row in self.rows.get("requests", [])}
+
+    def since(self, table: str, start: int) -> list[dict]:
+        """Rows of ``table`` from the ``start``-th on (the allocator's closed loop)."""
+        return self.rows.get(table, [])[start:]
 
     def close(self) -> None:
         for handle in self.files.values():

@@ -418,7 +418,8 @@ class Testbed:
         ray.get(self.recorder.open.remote(str(raw)))
         trace = capacity_trace(spec)
         groups = spec.groups_by_agent()
-        first = allocate(allocator, demands(spec, shapes, work, policy), trace.rate_at(0.0))
+        first = allocate(allocator, demands(spec, shapes, work, policy), trace.rate_at(0.0),
+                         spec.allocation_objective)
         started = time.time()
         cloud_before = ray.get(self.cloud.stats.remote())
         # The links start with guarantees that may borrow up to the link rate; the first
@@ -449,7 +450,7 @@ class Testbed:
             num_cpus=0, max_concurrency=2, max_restarts=2, max_task_retries=2,
             name=f"{self.prefix}allocator{index}").remote(
             allocator, trace, spec.epoch_s, spec.duration_s, [h for _, h in hosts],
-            links.managers, self.recorder)
+            links.managers, self.recorder, objective=spec.allocation_objective)
         ray.get(alloc.__ray_ready__.remote())  # its process is up before the clock starts
         errors = []
         try:
@@ -679,13 +680,15 @@ def _write_run_record(out: Path, trials: list[dict]) -> None:
 
 
 def run_simulated(spec: Spec, out: Path) -> dict[str, pd.DataFrame]:
-    """The same spec through the discrete-event simulator (network and compute modelled)."""
+    """The same spec through the discrete-event simulator (network and compute modelled),
+    replaying the testbed's seeded arrival schedule, so its rows pair with an emulated run's."""
     from ray_scout.experiments.simulate import AgentSpec, SimConfig, simulate
 
     estimator = simulated_estimator(spec)
     shapes = request_shapes(spec)
     groups = spec.groups_by_agent()
     trace = capacity_trace(spec)
+    work = workloads(spec)
     agents = []
     for name, g in groups.items():
         table = {t: s.payload_bytes for t, s in shapes[g.name].items()}
@@ -693,14 +696,15 @@ def run_simulated(spec: Spec, out: Path) -> dict[str, pd.DataFrame]:
         access = spec.access_rate_bps or load_profile(g.access).up.rate_bps
         agents.append(AgentSpec(name, g.arrival_rate_hz, g.deadline_s, table.__getitem__,
                                 quality_profile(spec, g), shapes[g.name][median].latency,
-                                g.context_tokens, access_rate_bps=access))
+                                g.context_tokens, access_rate_bps=access,
+                                schedule=tuple((a.t_s, a.context_tokens) for a in work[name])))
     requests, epochs = [], []
     for policy, allocator in spec.combinations():
         pol = {name: make_policy(policy, quality_profile(spec, g), spec.safety_margin)
                for name, g in groups.items()}
         req, ep = simulate(SimConfig(tuple(agents), trace, pol, allocator, estimator,
                                      epoch_s=spec.epoch_s, duration_s=spec.duration_s,
-                                     seed=spec.seed))
+                                     seed=spec.seed, objective=spec.allocation_objective))
         requests.append(req.assign(policy=policy, allocator=allocator))
         epochs.append(ep.assign(policy=policy, allocator=allocator))
     return {"requests": pd.concat(requests, ignore_index=True),

@@ -34,7 +34,7 @@ from typing import Callable, Mapping
 import numpy as np
 import pandas as pd
 
-from ray_scout.core.control.allocation import allocate, demand_for
+from ray_scout.core.control.allocation import allocate, corrected_demands, demand_for
 from ray_scout.core.control.capacity import CapacityTrace
 from ray_scout.core.control.estimators import GrantEstimator, make_estimator
 from ray_scout.core.modes import Mode
@@ -44,6 +44,8 @@ from ray_scout.core.control.policy import (
 )
 
 PayloadFn = Callable[[int], Mapping[Mode, int]]
+# How many of an agent's latest transfers tell the allocator what its link delivers.
+FEEDBACK_TRANSFERS = 5
 
 
 class SimulationError(ValueError):
@@ -68,6 +70,9 @@ class AgentSpec:
     context_tokens: tuple[int, ...] = (1,)
     access_rate_bps: float = math.inf
     weight: float = 1.0
+    # (arrival s, context tokens) to replay instead of drawing Poisson arrivals: the testbed's
+    # seeded schedule, so a simulated run is paired request by request with an emulated one.
+    schedule: tuple[tuple[float, int], ...] | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,6 +82,7 @@ class SimConfig:
     ``allocator``: a strategy name of ``allocation.allocate`` or None for fair sharing.
     ``estimator``: grant, last, ewma or robust (measured throughput of finished transfers),
     with ``estimator_options`` passed on (``alpha`` for ewma, ``window`` for robust).
+    ``objective``: the allocation objective (``allocation.OBJECTIVES``).
     """
 
     agents: tuple[AgentSpec, ...]
@@ -88,6 +94,7 @@ class SimConfig:
     epoch_s: float = 0.1
     duration_s: float | None = None
     seed: int = 0
+    objective: str = "expected_hits"
 
 
 def linear_payloads(reference_bytes: Mapping[Mode, int], reference_tokens: int) -> PayloadFn:
@@ -182,6 +189,9 @@ class _Sim:
                        safety_margin=self.policy_for(s.agent_id).safety_margin,
                        modes=self.policy_for(s.agent_id).choices)
             for s in cfg.agents]
+        # Closed loop: each agent's recent transfers (bytes, wire seconds, grant), from which
+        # the allocator learns what its link delivers of the grant (``delivered_ratio``).
+        self.transfers = {a: collections.deque(maxlen=FEEDBACK_TRANSFERS) for a in self.agents}
         self.heap: list = []
         self.seq = 0
         # One request at a time per agent, the rest wait in its FIFO (as the EdgeAgent).
@@ -221,24 +231,30 @@ class _Sim:
                 self.grant[a] = rate
                 self.epoch_rows.append(dict(t_s=t, agent=a, capacity_bps=capacity,
                                             strategy="fair", rate_bps=rate,
-                                            planned_mode="", objective=math.nan))
+                                            planned_mode="", objective=math.nan,
+                                            delivered_ratio=math.nan))
         else:
-            alloc = allocate(self.cfg.allocator, self.demands, capacity)
+            self.demands = corrected_demands(self.demands, self.transfers)
+            alloc = allocate(self.cfg.allocator, self.demands, capacity, self.cfg.objective)
+            ratio = {d.agent_id: d.delivered_ratio for d in self.demands}
             for a in self.agents:
                 self.grant[a] = alloc.rate_bps[a]
                 self.epoch_rows.append(dict(t_s=t, agent=a, capacity_bps=capacity,
                                             strategy=alloc.strategy, rate_bps=alloc.rate_bps[a],
                                             planned_mode=alloc.mode[a].value,
-                                            objective=alloc.objective))
+                                            objective=alloc.objective,
+                                            delivered_ratio=ratio[a]))
         for a, est in self.estimators.items():
             if isinstance(est, GrantEstimator):
                 est.set_grant(min(self.grant[a], self.agents[a].access_rate_bps))
 
     # --- requests ------------------------------------------------------------------------
-    def arrive(self, t: float, spec: AgentSpec) -> None:
+    def arrive(self, t: float, item: tuple[AgentSpec, int | None]) -> None:
+        spec, tokens = item
         self.next_rid += 1
         self.outstanding += 1
-        tokens = int(self.rng.choice(spec.context_tokens))
+        if tokens is None:
+            tokens = int(self.rng.choice(spec.context_tokens))
         self.queue[spec.agent_id].append(_Request(self.next_rid, spec, t, tokens))
         if self.busy[spec.agent_id] is None:
             self.start_next(t, spec.agent_id)
@@ -255,8 +271,11 @@ class _Sim:
         left = spec.deadline_s - (t - req.t_arrival)
         req.t_start = t
         req.estimate_bps = self.estimators[spec.agent_id].estimate(t)
+        waiting = tuple(spec.deadline_s - (t - r.t_arrival) for r in self.queue[spec.agent_id])
         decision = self.policy_for(spec.agent_id).decide(
-            PolicyInput(req.estimate_bps, max(left, 0.0), sizes, spec.latency))
+            PolicyInput(req.estimate_bps, max(left, 0.0), sizes, spec.latency,
+                        queue_deadlines_s=waiting, arrival_rate_hz=spec.arrival_rate_hz,
+                        request_deadline_s=spec.deadline_s))
         req.mode, req.reason = decision.mode, decision.reason
         if req.mode != Mode.LOCAL and req.mode not in sizes:
             raise SimulationError(f"agent {spec.agent_id}: policy {decision.reason!r} chose "
@@ -319,6 +338,8 @@ class _Sim:
         req.done = True
         if req.payload > 0 and req.tx_s > 0:
             self.estimators[req.agent.agent_id].observe(req.payload, req.tx_s, t)
+            self.transfers[req.agent.agent_id].append(
+                (req.payload, req.tx_s, self.grant[req.agent.agent_id]))
         self.record(req, edge_s=lat.edge_s[req.mode], rtt_s=lat.rtt_s,
                     queue_s=lat.cloud_queue_s, cloud_s=lat.cloud_s[req.mode],
                     latency_s=answer_t - req.t_arrival, cancelled=False)
@@ -342,11 +363,16 @@ class _Sim:
     # --- loop ----------------------------------------------------------------------------
     def run(self) -> tuple[pd.DataFrame, pd.DataFrame]:
         for spec in self.cfg.agents:
+            if spec.schedule is not None:
+                for t, tokens in spec.schedule:
+                    if t < self.duration:
+                        self.push(t, "arrival", (spec, tokens))
+                continue
             if spec.arrival_rate_hz <= 0:
                 continue
             t = self.rng.exponential(1 / spec.arrival_rate_hz)
             while t < self.duration:
-                self.push(t, "arrival", spec)
+                self.push(t, "arrival", (spec, None))
                 t += self.rng.exponential(1 / spec.arrival_rate_hz)
         for change in self.cfg.capacity.change_times_s:
             if change < self.duration:
@@ -389,7 +415,7 @@ _REQUEST_COLUMNS = ["request_id", "agent", "t_arrival_s", "context_tokens", "mod
                     "cloud_queue_s", "cloud_s", "latency_s", "deadline_s", "deadline_met",
                     "cancelled", "quality", "reason"]
 _EPOCH_COLUMNS = ["t_s", "agent", "capacity_bps", "strategy", "rate_bps", "planned_mode",
-                  "objective"]
+                  "objective", "delivered_ratio"]
 
 
 def simulate(config: SimConfig) -> tuple[pd.DataFrame, pd.DataFrame]:

@@ -32,8 +32,10 @@ Schema (units in the values: ``50mbit``; times in seconds)::
          estimator: grant | last | ewma | robust, access: lab, new_tokens: 24,
          scout_retention: 0.5, protected_layers: [0],
          task: single_needle | multi_needle | multi_hop}   # full fidelity's samples
-    policies: [adaptive, adaptive:offload, static:bf16, static:int8, static:int4, static:scout]
+    policies: [adaptive, adaptive:offload, adaptive:queue, static:bf16, static:int8,
+               static:int4, static:scout]
     allocators: [equal, model_aware, greedy, quality_max, optimal]
+    allocation_objective: expected_hits | mean_response   # docs/POLICY.md, Allocation
     safety_margin: 0.1
 """
 
@@ -48,7 +50,7 @@ import numpy as np
 import yaml
 
 from ray_scout.core.control import capacity as cap
-from ray_scout.core.control.allocation import AllocationError, allocate
+from ray_scout.core.control.allocation import OBJECTIVES, AllocationError, allocate
 from ray_scout.core.modes import Mode
 from ray_scout.core.control.policy import ProfileError, QualityProfile, paper_b_profile
 from ray_scout.net.errors import NetError
@@ -120,6 +122,7 @@ class Spec:
     cloud_max_batch: int = 1
     cloud_batch_window_s: float = 0.0
     site_size: int = 1  # agents per edge namespace in the lab-in-a-box
+    allocation_objective: str = "expected_hits"
 
     @property
     def agent_names(self) -> list[str]:
@@ -260,7 +263,7 @@ def _agent_group(doc: dict, i: int) -> AgentGroup:
 
 
 def _policy(name: str, where: str) -> str:
-    if name in ("adaptive", "adaptive:offload"):
+    if name in ("adaptive", "adaptive:offload", "adaptive:queue"):
         return name
     if name.startswith("static:"):
         try:
@@ -268,8 +271,8 @@ def _policy(name: str, where: str) -> str:
         except ValueError as exc:
             raise SpecError(f"{where}: {exc}") from None
         return f"static:{mode.value}"
-    raise SpecError(f"{where}: {name!r} is not a policy; use adaptive, adaptive:offload "
-                    "or static:<mode>")
+    raise SpecError(f"{where}: {name!r} is not a policy; use adaptive, adaptive:offload, "
+                    "adaptive:queue or static:<mode>")
 
 
 def parse_spec(doc: Any, *, base: Path = REPO_ROOT, fidelity: str | None = None) -> Spec:
@@ -287,7 +290,8 @@ def _parse_spec(doc: Any, base: Path, fidelity: str | None) -> Spec:
     if not isinstance(doc, dict):
         raise SpecError("a spec is a YAML mapping (name, agents, capacity, policies, ...)")
     known = {"name", "description", "fidelity", "duration_s", "seed", "epoch_s", "network",
-             "capacity", "cloud", "agents", "policies", "allocators", "safety_margin"}
+             "capacity", "cloud", "agents", "policies", "allocators", "safety_margin",
+             "allocation_objective"}
     _only_known(doc, known, "spec (top level)")
     agents_doc = _need(doc, "agents", "spec")
     if not isinstance(agents_doc, list) or not agents_doc:
@@ -341,7 +345,9 @@ def _parse_spec(doc: Any, base: Path, fidelity: str | None) -> Spec:
         cloud_batch_window_s=_non_negative(cloud.get("batch_window_s", 0.0),
                                            "cloud.batch_window_s"),
         site_size=int(_positive(network.get("site_size", _auto_site_size(agents)),
-                                "network.site_size", True)))
+                                "network.site_size", True)),
+        allocation_objective=_known(str(doc.get("allocation_objective", "expected_hits")),
+                                    OBJECTIVES, "allocation_objective"))
     if spec.site_size > MAX_SITE_SIZE:
         raise SpecError(f"network.site_size: at most {MAX_SITE_SIZE} agents share a site, "
                         f"not {spec.site_size}")
@@ -527,7 +533,7 @@ def check_allocators(spec: Spec, demands: list) -> None:
     first = capacity_trace(spec).rate_at(0.0)
     for strategy in spec.allocators:
         try:
-            allocate(strategy, demands, first)
+            allocate(strategy, demands, first, spec.allocation_objective)
         except AllocationError as exc:
             raise SpecError(f"allocators: {strategy} cannot split {first:.0f} bit/s: {exc}") \
                 from None

@@ -18,8 +18,25 @@ T`` without arrivals). The policy plans at ``(1 - margin)`` of its rate, so agen
 needs ``rate = bytes*8 / ((1 - margin) (D* - fixed))``; a mode whose fixed latency alone
 exceeds ``D*`` is out. Each agent also has a rate-0 option, ``local``: worth its local
 quality if the profile has one and the edge answers within ``D*``, else 0 (a deadline miss
-counts as quality 0). Objective: the sum over agents of weight x expected quality of the
-planned mode.
+counts as quality 0).
+
+Two objectives (``allocate(..., objective=)``):
+
+- ``expected_hits`` (default): per agent, mode and rate, the probability that a request meets
+  its deadline from the M/D/1 response-time distribution (``queueing.hit_probability``, the
+  service taken at the rate the policy plans with), times the mode's quality, times the
+  agent's arrival rate: the expected quality delivered per second, so the plan counts
+  requests, not agents. An agent with no arrival rate counts as one request per second. The
+  knapsack strategies see each mode at a ladder of rates (the rate that keeps ``HIT_LEVELS``
+  of its requests in time), so a split in which every agent misses sometimes competes with
+  one that starves an agent; ``equal`` and ``model_aware`` keep their rates and plan the mode
+  of highest expected quality at them.
+- ``mean_response``: the earlier yes/no: a mode counts its full quality iff the M/D/1 mean
+  response meets the deadline (the rates above), else nothing.
+
+Ties go to the agent listed first, in every strategy. ``Demand.delivered_ratio`` (measured
+over granted rate, from the last epoch) closes the loop: a link that delivers less than its
+grant needs a larger grant for the same service.
 """
 
 from __future__ import annotations
@@ -32,10 +49,20 @@ import numpy as np
 
 from ray_scout.core.modes import CLOUD_MODES, Mode
 from ray_scout.core.control.policy import LatencyModel, QualityProfile
+from ray_scout.core.control.estimators import DEFAULT_MIN_SAMPLE_BYTES
+from ray_scout.core.control.queueing import (
+    adaptive_quality, hit_probability, service_for_hit_probability,
+)
 
 DEFAULT_GRID_CELLS = 2000
 # Column order of every allocation matrix: the rate-0 option first, then the cloud modes.
 OPTION_MODES = (Mode.LOCAL,) + CLOUD_MODES
+OBJECTIVES = ("expected_hits", "mean_response")
+# The shares of requests in time at which ``expected_hits`` offers each mode's rate: dense
+# near 1, where the last points of hit rate cost the most bandwidth, and low enough that a
+# split leaving every agent below half competes with one that starves an agent.
+HIT_LEVELS = (0.2, 0.35, 0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.93, 0.95, 0.97, 0.98, 0.99, 0.995,
+              0.999)
 
 
 class AllocationError(ValueError):
@@ -66,6 +93,9 @@ class Demand:
     ``arrival_rate_hz``: the agent's mean request rate (Poisson), which leaves room for the
     wait behind its own earlier requests; 0 plans one request alone. ``safety_margin``: the
     fraction of its rate the agent's policy keeps in reserve (``AdaptivePolicy``'s margin).
+    ``delivered_ratio``: the rate its transfers achieved over the rate it was granted, as
+    measured in the last epoch (1: the link delivers its grant; the lab's links deliver about
+    0.96, Ethernet/IP/TCP framing); its rates are sized for what the link will deliver.
     """
 
     agent_id: str
@@ -77,10 +107,17 @@ class Demand:
     kv_size_bytes: int | None = None
     arrival_rate_hz: float = 0.0
     safety_margin: float = 0.0
+    delivered_ratio: float = 1.0
     # Sizes, fixed latencies and qualities in ``OPTION_MODES`` order, then the KV size, the
     # service budget, the planned share of the rate and the arrival rate, gathered once here:
     # Enum-keyed dict lookups cost a Python call each, too slow to repeat per allocation.
     vector: tuple[float, ...] = dataclasses.field(init=False, repr=False, compare=False)
+    # The expected_hits ladder (``hit_ladder``), filled on first use for many demands at once.
+    _ladder: tuple[float, ...] | None = dataclasses.field(default=None, init=False,
+                                                          repr=False, compare=False)
+    # An adaptive agent's expected quality at each column of that ladder (``_Problem``).
+    _adaptive: tuple[float, ...] | None = dataclasses.field(default=None, init=False,
+                                                            repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.weight < 0:
@@ -90,13 +127,30 @@ class Demand:
         if not 0 <= self.safety_margin < 1:
             raise AllocationError(f"agent {self.agent_id}: safety_margin must lie in [0, 1), "
                                   f"not {self.safety_margin}")
+        if not (0 < self.delivered_ratio and math.isfinite(self.delivered_ratio)):
+            raise AllocationError(f"agent {self.agent_id}: delivered_ratio (measured over "
+                                  f"granted rate) must be finite and > 0, not "
+                                  f"{self.delivered_ratio}")
         nan = math.nan
         object.__setattr__(self, "vector", tuple(
             [0.0] + [float(self.payload_bytes.get(m, nan)) for m in CLOUD_MODES]
             + [self.fixed_s.get(m, nan) for m in OPTION_MODES]
             + [self.quality.get(m, nan) for m in OPTION_MODES]
-            + [self.model_size_bytes, self.service_budget_s, 1 - self.safety_margin,
+            + [self.model_size_bytes, self.service_budget_s, self.rate_share,
                self.arrival_rate_hz]))
+
+    @property
+    def hit_ladder(self) -> tuple[float, ...]:
+        """Per ``HIT_LEVELS`` entry, the longest service (fixed latency plus transfer) that
+        keeps at least that share of requests in time, then the exact share at each."""
+        if self._ladder is None:
+            _fill_ladders([self])
+        return self._ladder
+
+    @property
+    def rate_share(self) -> float:
+        """The part of a grant that the policy plans with and the link delivers."""
+        return (1 - self.safety_margin) * self.delivered_ratio
 
     @property
     def service_budget_s(self) -> float:
@@ -120,13 +174,67 @@ class Demand:
         size = 0 if mode == Mode.LOCAL else self.payload_bytes[mode]
         if budget_s < 0 or (budget_s == 0 and size > 0):
             return math.inf
-        return 0.0 if size == 0 else size * 8 / (budget_s * (1 - self.safety_margin))
+        return 0.0 if size == 0 else size * 8 / (budget_s * self.rate_share)
 
     def local_quality(self) -> float:
         """What the rate-0 option is worth: local quality if known and in time, else 0."""
         if Mode.LOCAL in self.quality and math.isfinite(self.required_rate_bps(Mode.LOCAL)):
             return self.quality[Mode.LOCAL]
         return 0.0
+
+
+def _fill_ladders(demands: Sequence[Demand]) -> None:
+    """Compute the hit ladders of the demands that lack one, once per (deadline, rate)."""
+    todo = [d for d in demands if d._ladder is None]
+    if not todo:
+        return
+    keys = np.array([(d.deadline_s, d.arrival_rate_hz) for d in todo])
+    pairs, index = np.unique(keys, axis=0, return_inverse=True)
+    levels = np.array(HIT_LEVELS)
+    service = service_for_hit_probability(pairs[:, :1], pairs[:, 1:], levels[None, :])
+    hit = hit_probability(pairs[:, :1], service, pairs[:, 1:])
+    rows = np.hstack([service, hit]).tolist()
+    for d, i in zip(todo, np.ravel(index).tolist()):
+        object.__setattr__(d, "_ladder", tuple(rows[i]))
+
+
+def delivered_ratio(transfers: Sequence[tuple[int, float, float]],
+                    min_sample_bytes: int = DEFAULT_MIN_SAMPLE_BYTES) -> float | None:
+    """What an agent's link delivered of its grant: the wire time its grants promised over
+    the wire time its transfers took, ``sum(8 B / grant) / sum(seconds)``.
+
+    ``transfers``: (bytes, seconds on the wire, grant in bit/s) of recent transfers; those
+    under ``min_sample_bytes`` are dropped, since their time is round trips, not rate
+    (``estimators``, size floor). None without a usable transfer: keep what you had.
+    """
+    promised = taken = 0.0
+    for size, seconds, grant in transfers:
+        if size >= min_sample_bytes and seconds > 0 and grant > 0:
+            promised += size * 8 / grant
+            taken += seconds
+    return promised / taken if taken > 0 else None
+
+
+def corrected_demands(demands: Sequence[Demand],
+                      transfers: Mapping[str, Sequence[tuple[int, float, float]]]
+                      ) -> list[Demand]:
+    """The demands with each agent's ``delivered_ratio`` from its recent transfers.
+
+    An agent with no transfer large enough to measure takes the median of the agents that
+    have one (their links are the same kind): an agent whose every payload was cut off at
+    its deadline would otherwise never tell the allocator that its grant is too small.
+    A ratio that moved by less than 1% is kept, so the plan does not churn.
+    """
+    ratios = {d.agent_id: delivered_ratio(transfers.get(d.agent_id, ())) for d in demands}
+    known = [r for r in ratios.values() if r is not None]
+    fallback = float(np.median(known)) if known else None
+    out = []
+    for d in demands:
+        ratio = ratios[d.agent_id] if ratios[d.agent_id] is not None else fallback
+        if ratio is not None and abs(ratio - d.delivered_ratio) > 0.01 * d.delivered_ratio:
+            d = dataclasses.replace(d, delivered_ratio=ratio)
+        out.append(d)
+    return out
 
 
 def demand_for(agent_id: str, payload_bytes: Mapping[Mode, int], profile: QualityProfile,
@@ -169,53 +277,184 @@ class Allocation:
 
 
 class _Problem:
-    """Demands as matrices: column 0 is the rate-0 option, the others the cloud modes."""
+    """Demands as matrices: column 0 is the rate-0 option, the others (mode, rate) options.
 
-    def __init__(self, demands: Sequence[Demand]):
+    ``mean_response``: one column per cloud mode, at the rate whose mean response meets the
+    deadline, worth the mode's quality. ``expected_hits``: per cloud mode one column per
+    ``HIT_LEVELS`` entry, at the rate that keeps that share of requests in time, worth
+    quality x hit probability x arrival rate. ``column_mode[c]`` indexes ``OPTION_MODES``.
+    """
+
+    def __init__(self, demands: Sequence[Demand], objective: str = "expected_hits"):
         ids = [d.agent_id for d in demands]
         if len(set(ids)) != len(ids):
             raise AllocationError("agent ids in one allocation must be unique")
+        if objective not in OBJECTIVES:
+            raise AllocationError(f"unknown objective {objective!r}; known: "
+                                  f"{', '.join(OBJECTIVES)}")
         self.demands = demands
+        self.objective = objective
         self.modes = list(OPTION_MODES)
         n, k = len(demands), len(OPTION_MODES)
         table = np.array([d.vector for d in demands]).reshape(n, 3 * k + 4)
         size, fixed, quality = table[:, :3 * k].reshape(n, 3, k).transpose(1, 0, 2)
         self.model_size = table[:, 3 * k]
+        self.deadline = np.array([d.deadline_s for d in demands], dtype=float)
+        self.share = table[:, 3 * k + 2]
         self.arrival_rate = table[:, 3 * k + 3]
-        budget = table[:, 3 * k + 1, None] - fixed
+        self.weight = np.array([d.weight for d in demands], dtype=float)
+        known = ~np.isnan(size) & ~np.isnan(quality)
+        self.mode_size = np.where(known, size, np.nan)
+        self.mode_fixed = fixed
+        self.mode_quality = np.where(known, quality, np.nan)
+        # Requests per second, what expected_hits counts (an agent alone: one per second).
+        self.requests = np.where(self.arrival_rate > 0, self.arrival_rate, 1.0)
+        if objective == "mean_response":
+            budget = table[:, 3 * k + 1, None] - fixed
+            self.column_mode = np.arange(k)
+            hit = np.ones((n, k))
+        else:
+            budget, hit = self._ladder(demands)
+            self.column_mode = np.concatenate([[0], np.repeat(np.arange(1, k), len(HIT_LEVELS))])
+            budget[:, 0] = self.deadline - fixed[:, 0]
+            hit[:, 0] = hit_probability(self.deadline, fixed[:, 0], self.arrival_rate)
+        cm = self.column_mode
+        size, quality = size[:, cm], quality[:, cm]
         with np.errstate(divide="ignore", invalid="ignore"):
-            rate = np.where(size == 0, 0.0, size * 8 / (budget * table[:, 3 * k + 2, None]))
+            rate = np.where(size == 0, 0.0, size * 8 / (budget * self.share[:, None]))
         usable = (~np.isnan(size) & ~np.isnan(quality) & (budget >= 0)
                   & ~((budget == 0) & (size > 0)))
+        if objective == "expected_hits":
+            usable &= hit > 0
         # The rate-0 column is always there: local quality where known and in time, else a
         # miss worth 0.
         self.rate = np.where(usable, rate, np.inf)
         self.rate[:, 0] = 0.0
-        self.quality = np.where(usable, quality, 0.0)  # unweighted
+        self.quality = np.where(usable, quality * hit, 0.0)  # unweighted, per request
         self.size = np.where(usable, size, 0.0)
-        self.weight = np.array([d.weight for d in demands], dtype=float)
-        self.value = self.quality * self.weight[:, None]
+        # An agent that can send more than one mode is the adaptive policy: a request that
+        # waited gets a cheaper mode instead of missing, so its options are worth the
+        # expected quality of that behaviour (``queueing.adaptive_quality``), not the planned
+        # mode's hit probability alone.
+        self.adaptive = np.zeros(n, dtype=bool)
+        if objective == "expected_hits":
+            self.adaptive = (~np.isnan(self.mode_size[:, 1:])).sum(axis=1) > 1
+            if self.adaptive.any():
+                self._adaptive_columns(demands)
+        scale = self.weight * (self.requests if objective == "expected_hits" else 1.0)
+        self.value = self.quality * scale[:, None]
+
+    def _adaptive_columns(self, demands: Sequence[Demand]) -> None:
+        """Expected quality of each adaptive agent's (top mode, rate) columns, cached on the
+        demands: at the column's rate the agent sends the best mode, among those no better
+        than the column's, that fits the time a request has left."""
+        rows = np.flatnonzero(self.adaptive)
+        todo = [a for a in rows if demands[a]._adaptive is None]
+        if todo:
+            cases_service, cases_quality, owner = [], [], []
+            for a in todo:
+                rates = np.where(np.isfinite(self.rate[a]), self.rate[a], np.nan)
+                with np.errstate(divide="ignore", invalid="ignore"):
+                    wire = self.mode_size[a][None, :] * 8 / (rates[:, None] * self.share[a])
+                service = self.mode_fixed[a][None, :] + np.where(
+                    self.mode_size[a][None, :] == 0, 0.0, wire)
+                service[:, 0] = self.mode_fixed[a, 0]
+                top = self.mode_quality[a][self.column_mode]
+                allowed = self.mode_quality[a][None, :] <= top[:, None] + 1e-12
+                cases_service.append(np.where(allowed, service, np.nan))
+                cases_quality.append(np.where(allowed, self.mode_quality[a][None, :], np.nan))
+                owner.append(np.full(len(rates), a))
+            service, quality = np.vstack(cases_service), np.vstack(cases_quality)
+            owner = np.concatenate(owner)
+            ok = np.isfinite(service).any(axis=1)
+            values = np.zeros(len(owner))
+            values[ok] = adaptive_quality(self.deadline[owner[ok]], self.arrival_rate[owner[ok]],
+                                          service[ok], quality[ok])
+            for a in todo:
+                object.__setattr__(demands[a], "_adaptive", tuple(values[owner == a].tolist()))
+        for a in rows:
+            cached = np.array(demands[a]._adaptive)
+            usable = np.isfinite(self.rate[a])
+            usable[0] = False  # the rate-0 column keeps its own (local) value
+            self.quality[a, usable] = cached[usable]
+    def _ladder(self, demands: Sequence[Demand]) -> tuple[np.ndarray, np.ndarray]:
+        """Per agent and column: the transfer budget (service less fixed latency) and the
+        hit probability of each (mode, hit level) option."""
+        _fill_ladders(demands)
+        levels = np.array([d.hit_ladder for d in demands]).reshape(len(demands), -1)
+        service, hit = levels[:, :len(HIT_LEVELS)], levels[:, len(HIT_LEVELS):]
+        budget = np.tile(service, len(CLOUD_MODES)) - np.repeat(self.mode_fixed[:, 1:],
+                                                                 len(HIT_LEVELS), axis=1)
+        hits = np.tile(hit, len(CLOUD_MODES))
+        zero = np.zeros((len(demands), 1))
+        return np.hstack([zero, budget]), np.hstack([zero, hits])
+
+    def mode_values_at(self, rate_bps: np.ndarray) -> np.ndarray:
+        """Expected quality per request of every mode (``OPTION_MODES`` order) at each
+        agent's rate: the mode's quality times its hit probability (expected_hits), or times
+        whether the mean response meets the deadline (mean_response)."""
+        with np.errstate(divide="ignore", invalid="ignore"):
+            wire = np.where(self.mode_size == 0, 0.0,
+                            self.mode_size * 8 / (rate_bps[:, None] * self.share[:, None]))
+        service = self.mode_fixed + wire
+        service[:, 0] = self.mode_fixed[:, 0]
+        if self.objective == "expected_hits":
+            hit = hit_probability(self.deadline[:, None], np.nan_to_num(service, nan=np.inf),
+                                  self.arrival_rate[:, None])
+        else:
+            budget = np.array([d.service_budget_s for d in self.demands])
+            hit = (service <= budget[:, None] * (1 + 1e-12)).astype(float)
+        out = np.nan_to_num(self.mode_quality) * hit
+        out[:, 0] = np.where(np.isnan(self.mode_quality[:, 0]), 0.0, out[:, 0])
+        for a in np.flatnonzero(self.adaptive):
+            # Along each mode's ladder the expected quality rises with the rate: interpolate
+            # there; below the mode's lowest rung it is not planned (0), above its top rung
+            # it keeps the top value.
+            for m in range(1, len(OPTION_MODES)):
+                cols = np.flatnonzero((self.column_mode == m) & np.isfinite(self.rate[a]))
+                out[a, m] = (np.interp(rate_bps[a], self.rate[a, cols], self.quality[a, cols],
+                                       left=0.0) if len(cols) else 0.0)
+        return out
 
     def plan_at(self, rate_bps: np.ndarray) -> np.ndarray:
-        """Per agent, the best-quality option its rate carries (ties: the cheaper rate)."""
+        """Per agent, the best option its rate carries (ties: the cheaper rate)."""
         fits = self.rate <= rate_bps[:, None] * (1 + 1e-12)
         q = np.where(fits, self.quality, -np.inf)
         best = q.max(axis=1)
         cheapest = np.where(fits & (q == best[:, None]), self.rate, np.inf)
         return cheapest.argmin(axis=1)
 
-    def result(self, strategy: str, capacity_bps: float, choice: np.ndarray,
-               rate_bps: np.ndarray | None = None) -> Allocation:
+    def modes_at(self, rate_bps: np.ndarray) -> np.ndarray:
+        """Per agent, a column of the mode of highest expected quality at exactly its rate
+        (ties: the earlier mode in ``OPTION_MODES``), for the strategies that fix rates."""
+        if self.objective == "mean_response":
+            return self.plan_at(rate_bps)
+        mode = self.mode_values_at(rate_bps).argmax(axis=1)
+        return np.searchsorted(self.column_mode, mode)  # the mode's first column
+
+    def score(self, capacity_bps: float, choice: np.ndarray,
+              rate_bps: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, float]:
+        """Rates, expected quality per request and the objective of a plan."""
         rows = np.arange(len(choice))
         if rate_bps is None:
             rate_bps = _spread_leftover(self.rate[rows, choice], self.size[rows, choice],
                                         self.arrival_rate, capacity_bps)
+        if self.objective == "mean_response":
+            quality = self.quality[rows, choice]
+            return rate_bps, quality, float(self.value[rows, choice].sum())
+        # The plan is scored at the rates it ends with (its options' rates plus the
+        # leftover), mode by mode, not at the ladder's rates.
+        quality = self.mode_values_at(rate_bps)[rows, self.column_mode[choice]]
+        return rate_bps, quality, float((quality * self.weight * self.requests).sum())
+
+    def result(self, strategy: str, capacity_bps: float, choice: np.ndarray,
+               rate_bps: np.ndarray | None = None) -> Allocation:
+        rate_bps, quality, objective = self.score(capacity_bps, choice, rate_bps)
         ids = [d.agent_id for d in self.demands]
-        quality = self.quality[rows, choice]
         return Allocation(
             strategy, capacity_bps, dict(zip(ids, rate_bps.tolist())),
-            {a: self.modes[c] for a, c in zip(ids, choice.tolist())},
-            dict(zip(ids, quality.tolist())), float(self.value[rows, choice].sum()))
+            {a: self.modes[c] for a, c in zip(ids, self.column_mode[choice].tolist())},
+            dict(zip(ids, quality.tolist())), objective)
 
 
 def _spread_leftover(required: np.ndarray, size: np.ndarray, arrival_rate: np.ndarray,
@@ -250,12 +489,12 @@ def _model_aware_rates(p: _Problem, capacity_bps: float) -> np.ndarray:
 
 def _equal(p: _Problem, capacity_bps: float) -> Allocation:
     rate = _equal_rates(p, capacity_bps)
-    return p.result("equal", capacity_bps, p.plan_at(rate), rate)
+    return p.result("equal", capacity_bps, p.modes_at(rate), rate)
 
 
 def _model_aware(p: _Problem, capacity_bps: float) -> Allocation:
     rate = _model_aware_rates(p, capacity_bps)
-    return p.result("model_aware", capacity_bps, p.plan_at(rate), rate)
+    return p.result("model_aware", capacity_bps, p.modes_at(rate), rate)
 
 
 def _hull_segments(rate: np.ndarray, value: np.ndarray):
@@ -329,15 +568,22 @@ def _greedy_only(p: _Problem, capacity_bps: float) -> Allocation:
     return p.result("greedy", capacity_bps, choice)
 
 
-def _best_plan(p: _Problem, plans: list[np.ndarray]) -> np.ndarray:
-    rows = np.arange(len(p.demands))
-    return max(plans, key=lambda c: float(p.value[rows, c].sum()))
+Plan = tuple  # (option column per agent, rates per agent or None: the leftover rule's)
 
 
-def _heuristic_plans(p: _Problem, capacity_bps: float) -> list[np.ndarray]:
-    return [_greedy(p.rate, p.value, capacity_bps)[0],
-            p.plan_at(_equal_rates(p, capacity_bps)),
-            p.plan_at(_model_aware_rates(p, capacity_bps))]
+def _best_plan(p: _Problem, plans: list[Plan], capacity_bps: float) -> Plan:
+    # max() keeps the first of equal plans: the list's order is the tie-break.
+    return max(plans, key=lambda plan: p.score(capacity_bps, *plan)[2])
+
+
+def _heuristic_plans(p: _Problem, capacity_bps: float) -> list[Plan]:
+    """The greedy's plan, then the equal and model-aware splits as those strategies plan
+    them (their rates, the best mode at each), so quality_max is never worse than either."""
+    plans = [(_greedy(p.rate, p.value, capacity_bps)[0], None)]
+    for rate in (_equal_rates(p, capacity_bps), _model_aware_rates(p, capacity_bps)):
+        plans.append((p.modes_at(rate), rate) if p.objective == "expected_hits"
+                     else (p.plan_at(rate), None))
+    return plans
 
 
 def _quality_max(p: _Problem, capacity_bps: float) -> Allocation:
@@ -345,7 +591,7 @@ def _quality_max(p: _Problem, capacity_bps: float) -> Allocation:
     # upgrade blocked by earlier small ones); both other plans are feasible and cheap to
     # score, so quality_max returns the best of the three.
     return p.result("quality_max", capacity_bps,
-                    _best_plan(p, _heuristic_plans(p, capacity_bps)))
+                    *_best_plan(p, _heuristic_plans(p, capacity_bps), capacity_bps))
 
 
 def _optimal_choice(p: _Problem, capacity_bps: float, grid_cells: int) -> np.ndarray:
@@ -396,8 +642,9 @@ def _optimal_choice(p: _Problem, capacity_bps: float, grid_cells: int) -> np.nda
     g = cells
     for (members, options, weights, _, counts), take in zip(units[::-1], takes[::-1]):
         point = int(take[g])
-        # Interchangeable agents: the first counts[0] take option 0, the next counts[1] ...
-        choice[members] = np.repeat(options, counts[point])
+        # Interchangeable agents: the best option goes to the first members (options are in
+        # rising cost), as the greedy's stable sort gives an upgrade to the first agent.
+        choice[members] = np.repeat(options[::-1], counts[point][::-1])
         g -= int(weights[point])
     return choice
 
@@ -479,8 +726,8 @@ def _optimal(p: _Problem, capacity_bps: float, grid_cells: int = DEFAULT_GRID_CE
     exact = _optimal_choice(p, capacity_bps, grid_cells)
     # Rounding rates up can make the DP lose a plan that fits the real capacity; the
     # heuristics' plans are feasible too, so the best of all is returned.
-    return p.result("optimal", capacity_bps,
-                    _best_plan(p, [exact] + _heuristic_plans(p, capacity_bps)))
+    return p.result("optimal", capacity_bps, *_best_plan(
+        p, [(exact, None)] + _heuristic_plans(p, capacity_bps), capacity_bps))
 
 
 STRATEGIES: dict[str, Callable[[_Problem, float], Allocation]] = {
@@ -490,8 +737,9 @@ STRATEGIES: dict[str, Callable[[_Problem, float], Allocation]] = {
 
 
 def allocate(strategy: str, demands: Sequence[Demand], capacity_bps: float,
-             **options) -> Allocation:
-    """Split ``capacity_bps`` among ``demands`` with the named strategy.
+             objective: str = "expected_hits", **options) -> Allocation:
+    """Split ``capacity_bps`` among ``demands`` with the named strategy and ``objective``
+    (``expected_hits`` or ``mean_response``, module docstring).
 
     ``optimal`` accepts ``grid_cells`` (default 2000): rates are rounded up to multiples of
     capacity / grid_cells, so its plan always fits the real capacity and is exact for the
@@ -503,9 +751,9 @@ def allocate(strategy: str, demands: Sequence[Demand], capacity_bps: float,
         raise AllocationError("nothing to allocate: no demands")
     if not (capacity_bps >= 0 and math.isfinite(capacity_bps)):
         raise AllocationError(f"capacity must be finite and >= 0 bit/s, not {capacity_bps}")
-    problem = _Problem(demands)
+    problem = _Problem(demands, objective)
     if capacity_bps == 0:
         rate = np.zeros(len(demands))
-        return problem.result(strategy, 0.0, problem.plan_at(rate), rate)
+        return problem.result(strategy, 0.0, problem.modes_at(rate), rate)
     return STRATEGIES[strategy](problem, capacity_bps, **options)
 

@@ -225,12 +225,21 @@ PAPER_B_PAYLOAD_BYTES = {Mode.BF16: 9_700_000, Mode.INT8: 4_700_000, Mode.INT4: 
 
 @dataclasses.dataclass(frozen=True)
 class PolicyInput:
-    """What an agent knows when a request arrives."""
+    """What an agent knows when it takes a request from its queue.
+
+    ``queue_deadlines_s``: the time left (from now) of each request waiting behind this one,
+    in the order the agent will serve them; ``arrival_rate_hz``: the agent's mean request
+    rate; ``request_deadline_s``: the whole deadline a new request gets (None: this one's
+    time left). The myopic policies ignore them; ``QueueAwarePolicy`` plans with them.
+    """
 
     bandwidth_bps: float
     deadline_s: float  # time left for this request, from now
     payload_bytes: Mapping[Mode, int]
     latency: LatencyModel
+    queue_deadlines_s: tuple[float, ...] = ()
+    arrival_rate_hz: float = 0.0
+    request_deadline_s: float | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -306,6 +315,91 @@ class AdaptivePolicy:
         return Decision(best, f"highest expected quality ({quality[best]:.3f}) of "
                         f"{len(feasible)} feasible at {rate / 1e6:.2f} Mbit/s",
                         latency, quality, feasible, rate)
+
+
+class QueueAwarePolicy(AdaptivePolicy):
+    """The mode of highest expected quality for this request *and* those behind it.
+
+    Each mode that meets this request's deadline (at the margin-discounted rate, as
+    ``AdaptivePolicy``) is valued as: its own quality; plus, serving the queued requests
+    after it in order, each with the best mode that fits the time it will have left (the
+    myopic rule: a one-step rollout), their qualities, 0 for one that no mode fits; plus the
+    expected quality of the next request to arrive (Poisson at ``arrival_rate_hz``): one that
+    arrives before the agent is free gets the best mode fitting its deadline less its wait,
+    one that arrives later its whole deadline. The last term is what an idle agent weighs:
+    a long transfer now leaves the next arrival less time. Ties: higher own quality, then the
+    smaller payload. Without arrivals and a queue it decides as ``AdaptivePolicy``; with
+    nothing feasible it falls back to ``local`` the same way.
+    """
+
+    def __init__(self, profile: QualityProfile, safety_margin: float = 0.1,
+                 modes: tuple[Mode, ...] = CLOUD_MODES + (Mode.LOCAL,)):
+        super().__init__(profile, safety_margin, modes)
+        self.name = f"adaptive:queue(margin={safety_margin:g})"
+
+    def decide(self, request: PolicyInput) -> Decision:
+        plain = super().decide(request)
+        if plain.mode == Mode.LOCAL and not plain.feasible:
+            return plain  # link down or nothing in time: the same fallback
+        latency, quality = plain.expected_latency_s, plain.expected_quality
+        # The myopic rule for the requests after this one: by rising latency, the best
+        # quality reachable so far (a step function of the time left).
+        steps, best = [], -math.inf
+        for m in sorted(self.modes, key=lambda m: (latency.get(m, math.inf),
+                                                     request.payload_bytes.get(m, 0))):
+            if m in latency and math.isfinite(latency[m]) and quality[m] > best:
+                best = quality[m]
+                steps.append((latency[m], m))
+
+        def myopic(time_left_s: float) -> Mode | None:
+            fits = [m for lat, m in steps if lat <= time_left_s]
+            return fits[-1] if fits else None
+
+        fresh_s = (request.deadline_s if request.request_deadline_s is None
+                   else request.request_deadline_s)
+        rate_hz = max(request.arrival_rate_hz, 0.0)
+
+        def value(mode: Mode) -> tuple[float, float, float]:
+            t, queued = latency[mode], 0.0
+            for left in request.queue_deadlines_s:
+                nxt = myopic(left - t)
+                if nxt is not None:
+                    queued += quality[nxt]
+                    t += latency[nxt]
+            return quality[mode], queued, self._next_arrival(t, fresh_s, rate_hz, steps,
+                                                             quality)
+
+        values = {m: value(m) for m in plain.feasible}
+        best = max(plain.feasible, key=lambda m: (sum(values[m]), quality[m],
+                                                  -request.payload_bytes.get(m, 0)))
+        own, queued, nxt = values[best]
+        reason = (f"queue-aware: {best.value} worth {own + queued + nxt:.3f} (own {own:.3f}, "
+                  f"{len(request.queue_deadlines_s)} queued {queued:.3f}, next arrival "
+                  f"{nxt:.3f} at {rate_hz:g} Hz)")
+        if best != plain.mode:
+            reason += (f"; myopic {plain.mode.value} worth "
+                       f"{sum(values[plain.mode]):.3f}")
+        return Decision(best, reason, latency, quality, plain.feasible,
+                        plain.planning_rate_bps)
+
+    @staticmethod
+    def _next_arrival(busy_s: float, deadline_s: float, rate_hz: float, steps,
+                      quality) -> float:
+        """Expected myopic quality of the next arrival when the agent is busy for
+        ``busy_s``: arriving at a < busy_s it has ``deadline_s - busy_s + a`` left."""
+        def best_at(time_left_s: float) -> float:
+            fits = [quality[m] for lat, m in steps if lat <= time_left_s]
+            return fits[-1] if fits else 0.0
+
+        if rate_hz == 0:
+            return best_at(deadline_s)
+        start = deadline_s - busy_s  # time left of an arrival at a = 0
+        cuts = [start] + [lat for lat, _ in steps if start < lat < deadline_s] + [deadline_s]
+        total = 0.0
+        for lo, hi in zip(cuts, cuts[1:]):
+            total += best_at(lo) * (math.exp(-rate_hz * (lo - start))
+                                    - math.exp(-rate_hz * (hi - start)))
+        return total + math.exp(-rate_hz * busy_s) * best_at(deadline_s)
 
 
 class StaticPolicy:
