@@ -149,6 +149,9 @@ class EncodedKV:
     pending: object | None = dataclasses.field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
+        if self.positions.dim() != 1 or self.positions.numel() != self.layout.num_tokens:
+            raise ValueError(f"{self.positions.numel()} positions for "
+                             f"{self.layout.num_tokens} tokens")
         want = data_size_bytes(self.layout)
         if self.data.dtype != torch.uint8 or self.data.dim() != 1 or self.data.numel() != want:
             raise ValueError(f"encoded data must be 1-D uint8 of {want} bytes for this layout, "
@@ -293,10 +296,11 @@ def encode_kv(keys, values, layout: KVLayout) -> tuple[torch.Tensor, object | No
     pending = triton_kernels.quantize_kv(
         [keys[i] for i in quantized], [values[i] for i in quantized], data, offsets, aligned,
         width, group_size, quant.SCALE_SLACK / ((1 << width) - 1))
-    for i, layer_bits in enumerate(bits):  # raw layers: copies queued behind the launch
-        if layer_bits == RAW_BITS:
-            for x, (start, length) in zip((keys[i], values[i]), spans[i]):
-                data[start:start + length].copy_(_raw_bytes(x))
+    raw = [(x, span) for i, layer_bits in enumerate(bits) if layer_bits == RAW_BITS
+           for x, span in zip((keys[i], values[i]), spans[i])]
+    if raw:  # raw layers: one batch of copies queued behind the launch
+        torch._foreach_copy_([data[start:start + length] for _, (start, length) in raw],
+                             [_raw_bytes(x) for x, _ in raw])
     return data, pending
 
 
@@ -385,7 +389,7 @@ class KVCodec:
         keys, values = decode_kv(encoded, dtype, device)
         # Positions stay on the CPU, as in every snapshot a prefill makes: they are
         # metadata, and on the GPU their validation and ``next_position`` would each sync.
-        return KVSnapshot(keys, values, encoded.positions.to(dtype=torch.long))
+        return KVSnapshot.of_one_shape(keys, values, encoded.positions.to(dtype=torch.long))
 
 
 _REGISTRY: dict[Mode, type[KVCodec]] = {}
