@@ -34,7 +34,6 @@ import os
 import socket
 import statistics
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -47,12 +46,11 @@ from ray_scout.net.labkernel import in_lab, timer_error  # noqa: E402
 from ray_scout.net.namespaces import add_veth, address_up, create_netns, in_netns, offloads_off  # noqa: E402
 from ray_scout.net.profiles import Impairment  # noqa: E402
 from ray_scout.net.shaping import HtbShaper, NetemBackend  # noqa: E402
-from ray_scout.net.traffic import BulkFlow, tcp_round_trips_s, udp_one_way_delays_s  # noqa: E402
+from ray_scout.net.traffic import BulkFlow, tcp_round_trips_s, udp_one_way_delays_s, udp_received  # noqa: E402
 
 EDGE_IP, CLOUD_IP = "10.81.0.1", "10.81.0.2"
 RATE_BPS, DELAY_S, JITTER_S, LOSS = 20_000_000, 0.020, 0.005, 0.01
 IDEAL = 1448 / 1514
-SO_RCVBUFFORCE = 33
 
 
 class Pair:
@@ -121,32 +119,8 @@ def _percentile(values: list[float], q: float) -> float:
 
 
 def _udp_loss(pair: Pair, count: int, port: int = 5500) -> float:
-    with in_netns(pair.netns["cloud"]):
-        receiver = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    with in_netns(pair.netns["edge"]):
-        sender = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    receiver.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, 32 << 20)
-    receiver.bind((CLOUD_IP, port))
-    receiver.settimeout(1.0)
-    got = set()
-
-    def receive():
-        while True:
-            try:
-                got.add(int.from_bytes(receiver.recv(64)[:4], "big"))
-            except TimeoutError:
-                return
-
-    thread = threading.Thread(target=receive)
-    thread.start()
-    for n in range(count):
-        sender.sendto(n.to_bytes(4, "big") + b"\0" * 60, (CLOUD_IP, port))
-        if n % 64 == 63:
-            time.sleep(0.001)  # ~64 datagrams per ms: well under the link rate, no queue drops
-    thread.join()
-    sender.close()
-    receiver.close()
-    return 1 - len(got) / count
+    # ~64 datagrams per ms: well under the link rate, so no queue drops.
+    return 1 - len(set(udp_received(pair, "edge", port=port, count=count, gap_s=0.001, burst=64))) / count
 
 
 def measure(mechanism: str, rtt_count: int, loss_count: int, window_s: float) -> dict:

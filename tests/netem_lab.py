@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -120,10 +121,15 @@ def pytest_terminal_summary(terminalreporter):
     if results is None:
         return
     facts = results["facts"]
+    # The console log is kept for a run that failed, removed otherwise.
+    failed = facts.get("returncode") != 0
+    if not failed:
+        shutil.rmtree(results["dir"], ignore_errors=True)
     terminalreporter.write_line(
         f"netem lab: {len(results['reports'])} tests ran in the guest kernel; command started "
         f"{facts.get('boot_s', float('nan')):.1f} s after QEMU, whole run {facts.get('wall_s', float('nan')):.1f} s; "
-        f"guest said: {facts.get('summary') or facts.get('error', '')} (console: {results['dir']}/console.log)")
+        f"guest said: {facts.get('summary') or facts.get('error', '')}"
+        + (f" (console: {results['dir']}/console.log)" if failed else ""))
 
 
 # --- guest half -------------------------------------------------------------------------

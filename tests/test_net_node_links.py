@@ -43,6 +43,15 @@ def test_path_impairment_adds_round_trip_delays_and_compounds_uplink_losses():
     assert path.jitter_distribution == "uniform"
 
 
+def test_path_impairment_carries_one_hops_netem_only_parameters_and_refuses_two():
+    reordering = LinkProfile("r", Direction(50 * MBIT, 100_000, Impairment(0.005, reorder=0.01, duplicate=0.02)),
+                             Direction(50 * MBIT, 100_000))
+    path = path_impairment(reordering, _profile(0.010))
+    assert (path.reorder, path.duplicate, path.delay_s) == (0.01, 0.02, 0.005 + 2 * 0.010)
+    with pytest.raises(NetError, match="one hop only"):
+        path_impairment(reordering, reordering)
+
+
 def test_path_impairment_of_rate_only_links_is_none():
     assert path_impairment(_profile(), _profile()).is_none
 

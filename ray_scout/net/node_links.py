@@ -54,10 +54,21 @@ def path_impairment(access: LinkProfile, bottleneck: LinkProfile) -> Impairment:
         raise NetError(f"the path's hops jitter with different distributions {sorted(distributions)}; "
                        "give access and bottleneck profiles the same jitter_distribution")
     survive = (1 - access.up.impairment.loss) * (1 - bottleneck.up.impairment.loss)
+    # What does not add up across hops (burst loss, correlation, duplication, reordering,
+    # corruption) may come from one hop only, and burst loss not beside another hop's loss.
+    special = [d.impairment for d in hops
+               if d.impairment.beyond_delay_and_loss or d.impairment.gilbert_elliott is not None]
+    if len(special) > 1 or (special and special[0].gilbert_elliott is not None and survive != 1):
+        raise NetError("on a lab node the path's hops become one netem: give burst loss, delay correlation, "
+                       "duplicate, reorder or corrupt on one hop only (and burst loss without random loss "
+                       "on the other hop)")
+    extra = special[0] if special else Impairment()
     return Impairment(delay_s=sum(d.impairment.delay_s for d in hops),
                       jitter_s=math.sqrt(sum(i.jitter_s ** 2 for i in jitters)),
                       jitter_distribution=jitters[0].jitter_distribution if jitters else "normal",
-                      loss=1 - survive)
+                      loss=1 - survive, delay_correlation=extra.delay_correlation,
+                      gilbert_elliott=extra.gilbert_elliott, duplicate=extra.duplicate, reorder=extra.reorder,
+                      corrupt=extra.corrupt)
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,9 @@ from typing import Protocol
 from ray_scout.net.errors import NetError
 
 CHUNK_BYTES = 128 * 1024
-SO_TIMESTAMPNS = 35  # <asm-generic/socket.h> (also the SCM type of its stamps); Python 3.11 lacks the name
+# <asm-generic/socket.h>; Python 3.11's socket module lacks both names.
+SO_TIMESTAMPNS = 35  # also the SCM type of its stamps
+SO_RCVBUFFORCE = 33
 
 
 class Nodes(Protocol):
@@ -104,6 +106,42 @@ def udp_one_way_delays_s(topology: Nodes, src: str, dst: str = "cloud", port: in
         sender.close()
         receiver.close()
     return delays
+
+
+def udp_received(topology: Nodes, src: str, dst: str = "cloud", port: int = 5400, count: int = 10_000,
+                 gap_s: float = 0.0, burst: int = 1) -> list[int]:
+    """Send ``count`` numbered datagrams ``src`` -> ``dst`` (``burst`` of them, then ``gap_s``);
+    return the numbers that arrived, in arrival order (loss, duplicates and reordering show).
+
+    The receiver's buffer is forced past ``rmem_max`` (root), so a slow receiving thread loses
+    nothing at its socket: what is missing was lost on the path.
+    """
+    receiver = topology.socket(dst, socket.SOCK_DGRAM)
+    sender = topology.socket(src, socket.SOCK_DGRAM)
+    receiver.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, 32 << 20)
+    receiver.bind((topology.address(dst), port))
+    receiver.settimeout(1.0)
+    got: list[int] = []
+
+    def receive() -> None:
+        while True:
+            try:
+                got.append(int.from_bytes(receiver.recv(64)[:4], "big"))
+            except TimeoutError:
+                return
+
+    thread = threading.Thread(target=receive)
+    thread.start()
+    try:
+        for n in range(count):
+            sender.sendto(n.to_bytes(4, "big") + b"\0" * 60, (topology.address(dst), port))
+            if gap_s and n % burst == burst - 1:
+                time.sleep(gap_s)
+    finally:
+        thread.join()
+        sender.close()
+        receiver.close()
+    return got
 
 
 @dataclass
