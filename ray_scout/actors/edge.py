@@ -126,6 +126,16 @@ class EdgeAgent:
         self.metrics = AgentMetrics(config.name, config.policy, config.allocator)
         self.connection: Connection | None = None
         self.edge = make_edge(config)
+        self.last_mode = "-"
+        self.hits = 0
+        self.answered = 0
+
+    def __repr__(self) -> str:
+        """The agent in a few words: Ray's Actors table shows it (taken as the actor starts:
+        Ray 2.60 reads an actor's repr once), each request's line in the agent's log."""
+        c = self.config
+        return (f"{c.name} {c.model or '-'} {c.policy}/{c.allocator}: mode {self.last_mode}, "
+                f"grant {self.grant_bps / 1e6:.1f} Mbit/s, hits {self.hits}/{self.answered}")
 
     # --- what the allocator asks and tells ---------------------------------------------
     def demand(self) -> Demand:
@@ -286,6 +296,10 @@ class EdgeAgent:
 
     def _finish(self, row: dict, mode: Mode) -> dict:
         row["done_unix_s"] = time.time()
+        self.last_mode = mode.value
+        self.answered += 1
+        self.hits += row["outcome"] == "hit"
+        print(repr(self), flush=True)  # the actor's log: live on the dashboard, in run.log
         self.metrics.request(mode, row["outcome"], row["payload_bytes"], row["latency_s"],
                              row["quality"], row["bandwidth_estimate_bps"],
                              None if math.isnan(row["measured_bps"]) else row["measured_bps"])

@@ -22,10 +22,14 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
+import threading
 import time
+import traceback
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TextIO
 
 import pandas as pd
 
@@ -131,21 +135,38 @@ def demands(spec: Spec, shapes: dict, work: dict, policy: str) -> list:
 
 
 # --- Ray --------------------------------------------------------------------------------
+# SIGTERM (``kill``, ``ray job stop``) ends a run as Ctrl-C does, links torn down. Ray's
+# waits turn any interrupt into a plain KeyboardInterrupt, so the signal is noted here.
+TERMINATED: list[int] = []
+
+
+def _terminate(signum, frame) -> None:
+    TERMINATED.append(signum)
+    raise KeyboardInterrupt
+
+
 def start_ray(spec: Spec, address: str | None, dashboard: bool = True) -> bool:
     """Connect to ``address`` or start a local Ray with ``edge``/``cloud`` resources.
 
-    Returns whether this call started Ray (and so must shut it down).
+    Returns whether this call started Ray (and so must shut it down). The actors' output
+    comes to this driver (``log_to_driver``): ``scout run`` writes it to the run's log.
     """
     import ray
+    from ray.job_config import JobConfig
 
     if ray.is_initialized():
         return False
+    # What the dashboard's Jobs tab shows beside this driver.
+    job = JobConfig(metadata={"ray_scout_spec": spec.name, "fidelity": spec.fidelity})
     if address:  # every node of a cluster runs the ray_scout its setup installed
-        ray.init(address=address, log_to_driver=False)
-        return True
-    ray.init(resources={"edge": len(spec.agent_names), "cloud": 1},
-             runtime_env={"env_vars": {"PYTHONPATH": str(REPO_ROOT)}},
-             include_dashboard=dashboard, log_to_driver=False, configure_logging=False)
+        ray.init(address=address, job_config=job, configure_logging=False)
+    else:
+        ray.init(resources={"edge": len(spec.agent_names), "cloud": 1},
+                 runtime_env={"env_vars": {"PYTHONPATH": str(REPO_ROOT)}},
+                 include_dashboard=dashboard, job_config=job, configure_logging=False)
+    # ray.init makes SIGTERM a bare exit; a run must tear its links down first.
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _terminate)
     return True
 
 
@@ -231,7 +252,7 @@ def run_trial(spec: Spec, policy: str, allocator: str, index: int, out: Path,
     from ray_scout.actors.allocator import Allocator
     from ray_scout.actors.cloud import CloudActor
     from ray_scout.actors.edge import EdgeAgent
-    from ray_scout.actors.recorder import Recorder
+    from ray_scout.actors.recorder import Recorder, RecorderRef
 
     texts = texts or {}
     raw = out / "raw" / f"{index:02d}_{policy.replace(':', '-')}_{allocator}"
@@ -290,7 +311,8 @@ def run_trial(spec: Spec, policy: str, allocator: str, index: int, out: Path,
                 samples=texts.get(name, ()))
             agents[name] = ray.remote(EdgeAgent).options(
                 num_cpus=0, max_restarts=2, max_task_retries=2, max_concurrency=4,
-                name=prefix + name, **links.agent_options[name]).remote(cfg, recorder)
+                name=prefix + name, **links.agent_options[name]).remote(
+                cfg, RecorderRef(prefix + "recorder"))
         actors += agents.values()
         ray.get([a.demand.remote() for a in agents.values()])
         alloc = ray.remote(Allocator).options(num_cpus=0, max_concurrency=2).remote(
@@ -361,8 +383,10 @@ def write_tables(out: Path, frames: dict[str, pd.DataFrame]) -> None:
 
 
 def run_emulated(spec: Spec, out: Path, address: str | None = None,
-                 show_progress: bool = True, dashboard: bool = True) -> dict[str, pd.DataFrame]:
-    """``full`` or ``profiled``: real links, real TCP, actors under Ray.
+                 show_progress: bool = True, dashboard: bool = True,
+                 progress_file: TextIO | None = None) -> dict[str, pd.DataFrame]:
+    """``full`` or ``profiled``: real links, real TCP, actors under Ray. Progress bars go to
+    ``progress_file`` (default: standard error).
 
     Without ``address`` the lab-in-a-box is built on this machine, which needs root here; on a
     cluster the link managers need it on their nodes (and say so if they lack it).
@@ -384,15 +408,15 @@ def run_emulated(spec: Spec, out: Path, address: str | None = None,
     try:
         where = placement(spec)
         for index, (policy, allocator) in enumerate(spec.combinations()):
-            bar = tqdm(total=total, desc=f"{policy} / {allocator}", unit="req",
-                       disable=not show_progress)
+            # Closed on the way out too: a bar left open redraws after the exit message.
+            with tqdm(total=total, desc=f"{policy} / {allocator}", unit="req",
+                      disable=not show_progress, file=progress_file) as bar:
 
-            def progress(n: int, bar=bar) -> None:
-                bar.update(n - bar.n)
+                def progress(n: int, bar=bar) -> None:
+                    bar.update(n - bar.n)
 
-            trials.append(run_trial(spec, policy, allocator, index, out, shapes, work,
-                                    progress, texts, where))
-            bar.close()
+                trials.append(run_trial(spec, policy, allocator, index, out, shapes, work,
+                                        progress, texts, where))
     finally:
         if started_ray:
             ray.shutdown()
@@ -441,7 +465,8 @@ def run_simulated(spec: Spec, out: Path) -> dict[str, pd.DataFrame]:
 
 
 def run_experiment(spec: Spec, out: Path, address: str | None = None,
-                   show_progress: bool = True, dashboard: bool = True) -> dict[str, pd.DataFrame]:
+                   show_progress: bool = True, dashboard: bool = True,
+                   progress_file: TextIO | None = None) -> dict[str, pd.DataFrame]:
     """Run ``spec`` at its fidelity, write tables, the summary and the plots to ``out``."""
     from ray_scout.experiments.report import write_report
 
@@ -450,7 +475,7 @@ def run_experiment(spec: Spec, out: Path, address: str | None = None,
     if spec.fidelity == "simulated":
         frames = run_simulated(spec, out)
     else:
-        frames = run_emulated(spec, out, address, show_progress, dashboard)
+        frames = run_emulated(spec, out, address, show_progress, dashboard, progress_file)
     write_tables(out, frames)
     meta = {"spec": spec.name, "fidelity": spec.fidelity, "wall_s": time.time() - started,
             "finished_unix_s": time.time()}
@@ -468,10 +493,15 @@ def add_arguments(parser) -> None:
                         "local Ray started for this run")
     parser.add_argument("--out", type=Path, help="results directory (default results/<name>)")
     parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="Ray's and the actors' output on the terminal too (otherwise "
+                        "it goes to <out>/run.log)")
 
 
 def run(args) -> int:
-    """``scout run``: exit 0 on success, 2 on a bad spec, 130 on Ctrl-C."""
+    """``scout run``: exit 0 on success, 2 on a bad spec, 130 on Ctrl-C, 143 on SIGTERM."""
+    from ray_scout.experiments.console import loud, quiet
+
     try:
         spec = load_spec(args.spec, args.fidelity)
     except SpecError as exc:
@@ -480,13 +510,22 @@ def run(args) -> int:
     out = args.out or REPO_ROOT / "results" / spec.name
     out.mkdir(parents=True, exist_ok=True)
     (out / "spec.yaml").write_text(args.spec.read_text())  # what `scout report` re-reads
+    console = loud() if args.verbose else quiet(out)
     try:
-        run_experiment(spec, out, args.address, not args.no_progress)
+        run_experiment(spec, out, args.address, not args.no_progress,
+                       progress_file=console.err)
     except SpecError as exc:
-        print(f"scout run: {exc}", file=sys.stderr)
+        print(f"scout run: {exc}", file=console.err)
         return 2
     except KeyboardInterrupt:
-        print("scout run: interrupted; links and actors were torn down", file=sys.stderr)
-        return 130
-    print(f"results in {out} (summary.md)")
+        why = "stopped (SIGTERM)" if TERMINATED else "interrupted"
+        print(f"scout run: {why}; links and actors were torn down", file=console.err)
+        return 143 if TERMINATED else 130
+    except Exception as exc:  # the traceback goes where Ray's messages go; a line here
+        traceback.print_exc()
+        where = f"; the traceback is in {console.log}" if console.log else ""
+        print(f"scout run: failed: {type(exc).__name__}: {exc}"[:2000] + where,
+              file=console.err)
+        return 1
+    print(f"results in {out} (summary.md)", file=console.out)
     return 0
