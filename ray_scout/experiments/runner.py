@@ -315,7 +315,8 @@ def run_trial(spec: Spec, policy: str, allocator: str, index: int, out: Path,
                 cfg, RecorderRef(prefix + "recorder"))
         actors += agents.values()
         ray.get([a.demand.remote() for a in agents.values()])
-        alloc = ray.remote(Allocator).options(num_cpus=0, max_concurrency=2).remote(
+        alloc = ray.remote(Allocator).options(num_cpus=0, max_concurrency=2,
+                                              name=prefix + "allocator").remote(
             allocator, trace, spec.epoch_s, spec.duration_s, agents, links.managers, recorder)
         actors.append(alloc)
         t0 = time.time() + 0.5
