@@ -121,7 +121,9 @@ def submit(spec_path: Path, address: str, fidelity: str | None = None,
             entrypoint=entrypoint, submission_id=submission_id,
             runtime_env={"working_dir": staging,
                          "env_vars": {"RAY_JOB_STOP_WAIT_TIME_S": str(STOP_WAIT_S)}},
-            metadata={"ray_scout_spec": spec.name, "spec_file": str(spec_path),
+            # job_name: the Name column of the dashboard's Jobs tab.
+            metadata={"job_name": spec.name, "ray_scout_spec": spec.name,
+                      "spec_file": str(spec_path),
                       "fidelity": spec.fidelity, "results": out,
                       "trials": ", ".join(f"{i}: {p}/{a}"
                                           for i, (p, a) in enumerate(spec.combinations()))}))

@@ -134,7 +134,8 @@ def test_dashboard_shows_the_job_and_its_actors_with_their_state(monkeypatch, ra
             if actor.class_name in WANTED:  # <spec>/<trial>/<who>
                 assert actor.name.startswith("dashboard_screenshot/0/"), actor
         metadata = client.get_job_info(job).metadata
-        assert metadata["ray_scout_spec"] == "dashboard_screenshot", metadata
+        assert metadata["ray_scout_spec"] == metadata["job_name"] == "dashboard_screenshot", (
+            metadata)
         assert metadata["trials"] == "0: adaptive/model_aware", metadata
         time.sleep(3)  # a few requests in, so the agents' rows show work
         for page, picture in PICTURES.items():

@@ -157,7 +157,8 @@ def start_ray(spec: Spec, address: str | None, dashboard: bool = True) -> bool:
     if ray.is_initialized():
         return False
     # What the dashboard's Jobs tab shows beside this driver.
-    job = JobConfig(metadata={"ray_scout_spec": spec.name, "fidelity": spec.fidelity})
+    job = JobConfig(metadata={"job_name": spec.name, "ray_scout_spec": spec.name,
+                              "fidelity": spec.fidelity})
     if address:  # every node of a cluster runs the ray_scout its setup installed
         ray.init(address=address, job_config=job, configure_logging=False)
     else:
