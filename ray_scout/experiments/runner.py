@@ -159,7 +159,8 @@ def start_ray(spec: Spec, address: str | None, dashboard: bool = True) -> bool:
     # What the dashboard's Jobs tab shows beside this driver.
     job = JobConfig(metadata={"job_name": spec.name, "ray_scout_spec": spec.name,
                               "fidelity": spec.fidelity})
-    if address:  # every node of a cluster runs the ray_scout its setup installed
+    # On a cluster every node runs the ray_scout its setup installed, or a job's working_dir.
+    if address:
         ray.init(address=address, job_config=job, configure_logging=False)
     else:
         ray.init(resources={"edge": len(spec.agent_names), "cloud": 1},
@@ -496,7 +497,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--out", type=Path, help="results directory (default results/<name>)")
     parser.add_argument("--no-progress", action="store_true")
     parser.add_argument("-v", "--verbose", action="store_true",
-                        help="Ray's and the actors' output on the terminal too (otherwise "
+                        help="Ray's and the actors' output on the terminal (by default "
                         "it goes to <out>/run.log)")
 
 
