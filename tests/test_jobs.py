@@ -64,3 +64,16 @@ def test_a_recorder_reference_pickles_as_its_name_only():
     ref._handle = object()  # what a lookup left behind stays on this side
     back = pickle.loads(pickle.dumps(ref))
     assert back.name == "spec/0/recorder" and back._handle is None
+
+
+def test_fetch_copies_a_local_heads_results_and_asks_for_the_cluster_otherwise(
+        tmp_path, monkeypatch):
+    on_head = tmp_path / "head" / "scout-x-1"
+    on_head.mkdir(parents=True)
+    (on_head / "summary.md").write_text("# x\n")
+    monkeypatch.setattr(jobs, "results_path", lambda job, address: str(on_head))
+    got = jobs.fetch("scout-x-1", "http://127.0.0.1:9", tmp_path / "results")
+    assert (got / "summary.md").read_text() == "# x\n"
+    monkeypatch.setattr(jobs, "results_path", lambda job, address: "~/nowhere/scout-x-1")
+    with pytest.raises(jobs.JobError, match="--cluster clusters/lab.yaml"):
+        jobs.fetch("scout-x-1", "http://127.0.0.1:9", tmp_path / "results")
