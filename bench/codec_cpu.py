@@ -78,7 +78,7 @@ def real_kv(lm, tokens: int) -> KVSnapshot:
     if ids.shape[1] < tokens:
         raise SystemExit(f"calibration text has only {ids.shape[1]} tokens, need {tokens}")
     with torch.no_grad():
-        return KVSnapshot.from_cache(lm.model(ids, use_cache=True).past_key_values)
+        return KVSnapshot.from_cache(lm.model(ids, use_cache=True).cache)
 
 
 def zstd_ratios(lm, snap: KVSnapshot, protected: tuple[int, ...]) -> list[dict]:

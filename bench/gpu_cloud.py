@@ -37,9 +37,9 @@ PAPER_B_SCOUT_TOKENS = 170  # Paper B: 57 ms for a 14B scout prefill at about th
 def decode_steps(lm, cache, ids: torch.Tensor, position: int, steps: int) -> torch.Tensor:
     """``steps`` greedy single-token passes from ``ids`` at ``position`` on."""
     for step in range(steps):
-        out = lm.model(input_ids=ids, past_key_values=cache, use_cache=True,
+        out = lm.model(input_ids=ids, cache=cache, use_cache=True,
                        position_ids=torch.tensor([[position + step]], device=ids.device))
-        cache = out.past_key_values
+        cache = out.cache
         ids = out.logits[:, -1:].argmax(-1)
     return ids
 
@@ -136,7 +136,7 @@ def bench_preset(preset: str, tokens: int, device: torch.device, repeats: int) -
 
         def scout_path(scout_prefill=scout_prefill):
             out = scout_prefill()
-            return decode_steps(lm, out.past_key_values, out.logits[:, -1:].argmax(-1), tokens,
+            return decode_steps(lm, out.cache, out.logits[:, -1:].argmax(-1), tokens,
                                 DECODE_STEPS)
 
         rows.append({"preset": preset, "path": name, "tokens": int(kept.numel()),

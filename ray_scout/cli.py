@@ -11,7 +11,8 @@ import argparse
 import importlib
 import sys
 
-# name -> (module, help); each module defines add_arguments(parser) and run(args) -> int.
+# name -> (module, help); each module defines add_arguments(parser) and run(args) -> int,
+# or, for "module:part", add_part_arguments(parser) and run_part(args) -> int.
 COMMANDS: dict[str, tuple[str, str]] = {
     "setup": ("ray_scout.setup_check", "convert the embedded model once and check the machine"),
     "quality": ("ray_scout.experiments.quality", "run a quality grid (selection x retention x mode) and summarize it"),
@@ -21,7 +22,18 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "run": ("ray_scout.experiments.runner", "run an experiment spec (experiments/<name>.yaml) and report it"),
     "report": ("ray_scout.experiments.report", "rewrite summary.md and plots of a results directory"),
     "cluster": ("ray_scout.cluster", "the lab cluster: check a `ray up` YAML before any ssh"),
+    "submit": ("ray_scout.jobs:submit", "run a spec on a Ray cluster as a Ray Job (Jobs tab)"),
+    "stop": ("ray_scout.jobs:stop", "stop a submitted job: links and actors torn down"),
+    "fetch": ("ray_scout.jobs:fetch", "bring a submitted job's results to this machine"),
 }
+
+
+def _entry(target: str, verb: str):
+    """The function for ``verb`` ("add_arguments" or "run") of a COMMANDS target."""
+    module, _, part = target.partition(":")
+    if part:
+        verb = f"run_{part}" if verb == "run" else f"add_{part}_arguments"
+    return getattr(importlib.import_module(module), verb)
 
 
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:
@@ -31,9 +43,9 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (module, help_text) in COMMANDS.items():
         command = sub.add_parser(name, help=help_text, description=help_text)
-        command.set_defaults(_module=module)
+        command.set_defaults(_target=module)
         if only is None or only == name:
-            importlib.import_module(module).add_arguments(command)
+            _entry(module, "add_arguments")(command)
     return parser
 
 
@@ -45,7 +57,7 @@ def _chosen(argv: list[str]) -> str:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser(only=_chosen(argv)).parse_args(argv)
-    return importlib.import_module(args._module).run(args)
+    return _entry(args._target, "run")(args)
 
 
 if __name__ == "__main__":

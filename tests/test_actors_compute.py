@@ -160,3 +160,17 @@ def test_a_static_agent_demands_its_one_mode_and_an_adaptive_one_every_mode_it_k
     adaptive = EdgeAgent(cfg, recorder=None).demand()
     assert set(adaptive.quality) == {Mode.BF16, Mode.INT8, Mode.INT4, Mode.MIXED_INT4,
                                      Mode.SCOUT}
+
+
+def test_an_agent_tells_its_state_in_its_repr():
+    from ray_scout.actors.edge import EdgeAgent
+
+    arrival = Arrival(0, 1.0, 170)
+    agent = EdgeAgent(_agent_config((arrival,), initial_bps=25e6), recorder=None)
+    assert repr(agent) == ("e0 - adaptive/quality_max: mode -, grant 25.0 Mbit/s, hits 0/0")
+    agent.set_grant(12.5e6)
+    row = agent._blank_row(arrival, 0.0, 0.0)
+    agent._finish(dict(row, outcome="hit"), Mode.INT8)
+    agent._finish(row, Mode.SCOUT)
+    assert repr(agent) == ("e0 - adaptive/quality_max: mode scout, grant 12.5 Mbit/s, "
+                           "hits 1/2")

@@ -532,13 +532,67 @@ CLUSTER_SPEC = {
 }
 
 
-def _run_experiment(lab: Lab) -> Path:
-    """`scout run --address auto` on the head; returns the results directory (on this host)."""
-    (lab.head.home / "cluster_e2e.yaml").write_text(yaml.safe_dump(CLUSTER_SPEC))
-    run = lab.exec("cd ~/ray-scout && python -m ray_scout.cli run ~/cluster_e2e.yaml "
-                   "--address auto --no-progress --out ~/cluster_e2e", timeout=300)
-    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
-    return lab.head.home / "cluster_e2e"
+@contextlib.contextmanager
+def forwarded_dashboard(lab: Lab) -> Iterator[str]:
+    """`ray dashboard <config>` on a free local port: the head's Jobs API from here, as a lab
+    user reaches it from the launcher (the head's dashboard listens on its 127.0.0.1)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    tunnel = subprocess.Popen([sys.executable, "-m", "ray.scripts.scripts", "dashboard", "-p",
+                               str(port), str(lab.config_path)], cwd=REPO, env=lab.env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              start_new_session=True)
+    address = f"http://127.0.0.1:{port}"
+    try:
+        from ray.job_submission import JobSubmissionClient
+
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                JobSubmissionClient(address).list_jobs()
+                break
+            except Exception:  # noqa: BLE001 - the tunnel is not up yet
+                assert tunnel.poll() is None, "ray dashboard exited"
+                assert time.monotonic() < deadline, f"no dashboard at {address} within 60 s"
+                time.sleep(1)
+        yield address
+    finally:
+        os.killpg(tunnel.pid, signal.SIGTERM)
+        tunnel.wait(30)
+
+
+def _submit(lab: Lab, address: str, spec: dict, tmp: Path) -> str:
+    """`scout submit` of ``spec`` from the launcher; returns the job's id."""
+    path = tmp / f"{spec['name']}.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    done = lab.scout("submit", str(path), "--address", address, timeout=180)
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+    return done.stdout.split()[1].rstrip(":")
+
+
+def _wait_for_job(address: str, job: str, timeout_s: float = 300) -> str:
+    from ray.job_submission import JobSubmissionClient
+
+    client = JobSubmissionClient(address)
+    deadline = time.monotonic() + timeout_s
+    while (status := str(client.get_job_status(job).value)) not in (
+            "SUCCEEDED", "FAILED", "STOPPED") and time.monotonic() < deadline:
+        time.sleep(1)
+    return status
+
+
+def _job_log(address: str, job: str) -> str:
+    from ray.job_submission import JobSubmissionClient
+
+    return JobSubmissionClient(address).get_job_logs(job)
+
+
+def _shaped(node: Node) -> str:
+    """The node's qdiscs on its interface toward the head (HTB while a trial shapes it)."""
+    shown = subprocess.run(["ip", "-n", node.netns, "qdisc", "show", "dev", NODE_IFNAME],
+                           capture_output=True, text=True, timeout=30)
+    return shown.stdout
 
 
 def test_ray_up_places_cloud_on_head_and_edge_on_worker_and_cluster_down_leaves_no_ray(lab):
@@ -550,7 +604,37 @@ def test_ray_up_places_cloud_on_head_and_edge_on_worker_and_cluster_down_leaves_
     assert placed["resources"].get("edge") == (
         lab.plan.edge_per_worker * len(lab.plan.worker_ips)), placed["resources"]
 
-    out = _run_experiment(lab)
+    with forwarded_dashboard(lab) as address:
+        tmp = lab.config_path.parent
+        job = _submit(lab, address, CLUSTER_SPEC, tmp)
+        status = _wait_for_job(address, job)
+        log = _job_log(address, job)
+        assert status == "SUCCEEDED", log[-4000:]
+        # The job's log is the run's console: its own lines only, Ray's went to run.log.
+        assert "results in" in log and "core_worker" not in log and "pid=" not in log, log
+        fetched = lab.scout("fetch", job, "--address", address, "--cluster",
+                            str(lab.config_path), "--to", str(tmp / "fetched"), timeout=300)
+        assert fetched.returncode == 0, fetched.stdout[-4000:] + fetched.stderr[-4000:]
+        out = tmp / "fetched" / job
+
+        # `scout stop` mid-trial: SIGTERM to the driver, which tears the worker's links and
+        # the actors down as on Ctrl-C before Ray's job stop gives up on it.
+        long_run = {**CLUSTER_SPEC, "name": "cluster_e2e_stop", "duration_s": 120}
+        stopping = _submit(lab, address, long_run, tmp)
+        rows = (lab.head.home / "ray-scout" / "results" / stopping / "raw"
+                / "00_static-int8_equal" / "requests.jsonl")
+        deadline = time.monotonic() + 180
+        while not rows.exists() and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert rows.exists(), _job_log(address, stopping)[-4000:]
+        assert "htb" in _shaped(lab.worker), "the trial runs but the worker is not shaped"
+        stopped = lab.scout("stop", stopping, "--address", address, timeout=120)
+        assert stopped.returncode == 0 and stopped.stdout.strip().endswith("STOPPED"), (
+            stopped.stdout + stopped.stderr)
+        assert "stopped (SIGTERM); links and actors were torn down" in _job_log(
+            address, stopping), _job_log(address, stopping)[-4000:]
+        assert "htb" not in _shaped(lab.worker), _shaped(lab.worker)
+
     trial = json.loads((out / "run.json").read_text())["trials"][0]
     assert trial["errors"] == [], trial["errors"]
     assert trial["placement"] == {

@@ -1,16 +1,20 @@
-"""A headless Chromium screenshot of the Ray dashboard's actors page during a real run.
+"""Headless Chromium screenshots of the Ray dashboard's Jobs and Actors pages during a real
+run submitted as a Ray Job.
 
 The test starts a Ray with the testbed's ``edge``/``cloud`` resources and its dashboard,
-runs `scout run` on a shortened allocation_congestion spec against it, waits until the
-EdgeAgents, the CloudActor and the Allocator are alive, and photographs the actors page.
-With RAY_SCOUT_UPDATE_SCREENSHOT=1 the picture replaces docs/img/ray-dashboard-actors.png.
+submits a shortened allocation_congestion spec with `scout submit` (the Jobs API, the
+project as the job's working_dir), waits until the EdgeAgents, the CloudActor and the
+Allocator are alive, checks what the Actors table and the job say about them (each actor's
+repr, its name, the job's metadata), photographs both pages, and ends the job with
+`scout stop`. With RAY_SCOUT_UPDATE_SCREENSHOT=1 the pictures replace
+docs/img/ray-dashboard-jobs.png and docs/img/ray-dashboard-actors.png.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -23,8 +27,16 @@ import yaml
 pytestmark = [pytest.mark.cluster, pytest.mark.ray, pytest.mark.root]
 
 REPO = Path(__file__).resolve().parents[1]
-PICTURE = REPO / "docs" / "img" / "ray-dashboard-actors.png"
+PICTURES = {"jobs": REPO / "docs" / "img" / "ray-dashboard-jobs.png",
+            "actors": REPO / "docs" / "img" / "ray-dashboard-actors.png"}
 WANTED = {"EdgeAgent", "CloudActor", "Allocator"}
+# What each class's repr says as the actor starts (the Actors table's Repr column).
+REPRS = {
+    "EdgeAgent": r"(small|large)\d qwen2\.5-(7|14)b adaptive/model_aware: mode -, "
+                 r"grant \d+\.\d Mbit/s, hits 0/0",
+    "CloudActor": r"cloud0: queue 0, batch 0/1, served 0, dropped 0",
+    "Allocator": r"Allocator model_aware: no split yet",
+}
 
 
 def _free_port() -> int:
@@ -33,71 +45,108 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _alive_classes(dashboard_url: str) -> set[str]:
+def _alive(dashboard: str) -> list:
     from ray.util.state import list_actors
 
     # The dashboard's address, named: other Rays may run on this machine.
-    return {a.class_name for a in list_actors(address=f"http://{dashboard_url}",
-                                              filters=[("state", "=", "ALIVE")], limit=1000)}
+    return list_actors(address=dashboard, filters=[("state", "=", "ALIVE")], limit=1000,
+                       detail=True)
 
 
-def test_dashboard_actors_page_shows_agents_cloud_and_allocator(monkeypatch, ray_temp_dir,
-                                                               missing):
+def _scout(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "ray_scout.cli", *args], cwd=REPO,
+                          capture_output=True, text=True, timeout=180,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
+
+
+def _screenshot(chromium: str, url: str, picture: Path) -> None:
+    shot = subprocess.run(
+        [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
+         "--window-size=1600,1000", "--virtual-time-budget=20000",
+         f"--screenshot={picture}", url], capture_output=True, text=True, timeout=120)
+    assert shot.returncode == 0 and picture.exists(), shot.stderr[-2000:]
+    from matplotlib.image import imread
+    pixels = imread(picture)
+    assert pixels.shape[:2] == (1000, 1600) and pixels.std() > 0.05, f"a blank page: {url}"
+
+
+def test_dashboard_shows_the_job_and_its_actors_with_their_state(monkeypatch, ray_temp_dir):
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     if chromium is None:
         missing("chromium missing: scripts/setup.sh installs Debian's chromium")
     if os.geteuid() != 0:
         pytest.skip("the run shapes links: needs root")
     import ray
+    from ray.job_submission import JobSubmissionClient
 
     if ray.is_initialized():
         pytest.skip("a Ray instance is already up in this process")
     # A private, loopback-only dashboard: without token auth the headless browser needs no
     # login (a lab's dashboard keeps it on: docs/LAB_GUIDE.md says how to log in).
     monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    # The dashboard agent, which runs submitted jobs, listens on a fixed port (52365) that
+    # ray.init cannot change: another Ray on this machine holding it leaves no agent to take
+    # the job ("No available agent"). A free one, through the parameters ray.init builds.
+    import ray._private.parameter as parameter
+
+    agent_port, params = _free_port(), parameter.RayParams
+    monkeypatch.setattr(parameter, "RayParams", lambda *args, **kwargs: params(
+        *args, **{"dashboard_agent_listen_port": agent_port, **kwargs}))
     tmp = ray_temp_dir
     spec = yaml.safe_load((REPO / "experiments" / "allocation_congestion.yaml").read_text())
     spec.update(name="dashboard_screenshot", duration_s=40, policies=["adaptive"],
                 allocators=["model_aware"])
-    (tmp / "spec.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
+    (tmp / "dashboard_screenshot.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
     agents = sum(a["count"] for a in spec["agents"])
-    run = None
+    job = None
     try:
         info = ray.init(num_cpus=2, resources={"edge": agents, "cloud": 1},
                         include_dashboard=True, dashboard_host="127.0.0.1",
                         dashboard_port=_free_port(), _temp_dir=str(tmp / "ray"),
                         log_to_driver=False)
-        run = subprocess.Popen(
-            [sys.executable, "-m", "ray_scout.cli", "run", str(tmp / "spec.yaml"),
-             "--address", info.address_info["address"], "--out", str(tmp / "results"),
-             "--no-progress"], cwd=REPO, stdout=open(tmp / "run.log", "wb"),
-            stderr=subprocess.STDOUT, start_new_session=True)
-        deadline = time.monotonic() + 120
-        while not WANTED <= (alive := _alive_classes(info.dashboard_url)):
-            assert run.poll() is None, (tmp / "run.log").read_text()[-4000:]
-            assert time.monotonic() < deadline, f"alive after 120 s: {alive}"
+        dashboard = f"http://{info.dashboard_url}"
+        # A job's driver finds its cluster (`--address auto`) in <temp dir>/ray_current_cluster,
+        # which `ray start` writes and ray.init does not: without it, it may join another Ray
+        # of this machine. Written here as `ray start` would.
+        from ray._private.utils import write_ray_address
+
+        write_ray_address(info.address_info["gcs_address"], str(tmp / "ray"))
+        submitted = _scout("submit", str(tmp / "dashboard_screenshot.yaml"), "--address",
+                           dashboard, "--results", str(tmp / "results"))
+        assert submitted.returncode == 0, submitted.stdout + submitted.stderr
+        job = submitted.stdout.split()[1].rstrip(":")
+        client = JobSubmissionClient(dashboard)
+        # The job starts a driver, which starts a worker per actor: minutes on a busy box.
+        deadline = time.monotonic() + 300
+        while True:
+            alive = _alive(dashboard)
+            if WANTED <= {a.class_name for a in alive}:
+                break
+            status = str(client.get_job_status(job).value)
+            assert status in ("PENDING", "RUNNING"), client.get_job_logs(job)[-4000:]
+            assert time.monotonic() < deadline, (
+                f"alive after 300 s: {[a.class_name for a in alive]}; the job's log:\n"
+                f"{client.get_job_logs(job)[-3000:]}")
             time.sleep(1)
+        for actor in alive:
+            if actor.class_name in REPRS:
+                assert re.fullmatch(REPRS[actor.class_name], actor.repr_name), actor
+            if actor.class_name in WANTED:  # <spec>/<trial>/<who>
+                assert actor.name.startswith("dashboard_screenshot/0/"), actor
+        metadata = client.get_job_info(job).metadata
+        assert metadata["ray_scout_spec"] == metadata["job_name"] == "dashboard_screenshot", (
+            metadata)
+        assert metadata["trials"] == "0: adaptive/model_aware", metadata
         time.sleep(3)  # a few requests in, so the agents' rows show work
-        picture = tmp / "actors.png"
-        shot = subprocess.run(
-            [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
-             "--window-size=1600,1000", "--virtual-time-budget=20000",
-             f"--screenshot={picture}", f"http://{info.dashboard_url}/#/actors"],
-            capture_output=True, text=True, timeout=120)
-        assert shot.returncode == 0 and picture.exists(), shot.stderr[-2000:]
-        assert WANTED <= _alive_classes(info.dashboard_url), "the run ended before the picture"
-        from matplotlib.image import imread
-        pixels = imread(picture)
-        assert pixels.shape[:2] == (1000, 1600) and pixels.std() > 0.05, "a blank page"
+        for page, picture in PICTURES.items():
+            _screenshot(chromium, f"{dashboard}/#/{page}", tmp / picture.name)
+        assert WANTED <= {a.class_name for a in _alive(dashboard)}, "the run ended early"
         if os.environ.get("RAY_SCOUT_UPDATE_SCREENSHOT") == "1":
-            PICTURE.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy(picture, PICTURE)
+            for picture in PICTURES.values():
+                picture.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy(tmp / picture.name, picture)
     finally:
-        if run is not None and run.poll() is None:
-            os.killpg(run.pid, signal.SIGINT)  # the runner tears links and actors down
-            try:
-                run.wait(60)
-            except subprocess.TimeoutExpired:
-                os.killpg(run.pid, signal.SIGKILL)
-                run.wait()
+        if job is not None:
+            stopped = _scout("stop", job, "--address", dashboard)  # links torn down
+            assert stopped.returncode == 0, stopped.stdout + stopped.stderr
         ray.shutdown()

@@ -185,7 +185,7 @@ def real_kv(embedded_model):
     ids = embedded_model.tokenizer(TEXT, return_tensors="pt").input_ids
     with torch.no_grad():
         out = embedded_model.model(ids, use_cache=True)
-    return KVSnapshot.from_cache(out.past_key_values), ids
+    return KVSnapshot.from_cache(out.cache), ids
 
 
 @pytest.mark.model
@@ -201,7 +201,7 @@ def greedy(model, snap: KVSnapshot, first_token: torch.Tensor, steps: int) -> li
     position, token, out = snap.next_position, first_token.view(1, 1), []
     with torch.no_grad():
         for _ in range(steps):
-            logits = model(token, past_key_values=cache,
+            logits = model(token, cache=cache,
                            position_ids=torch.tensor([[position]])).logits
             token = logits[:, -1].argmax(-1, keepdim=True)
             out.append(int(token))
@@ -218,7 +218,7 @@ def test_int8_decoded_cache_continues_with_the_same_greedy_answer(embedded_model
     ids = embedded_model.tokenizer(prompt, return_tensors="pt").input_ids
     with torch.no_grad():
         out = embedded_model.model(ids[:, :-1], use_cache=True)
-    snap = KVSnapshot.from_cache(out.past_key_values)
+    snap = KVSnapshot.from_cache(out.cache)
     codec = codec_for(Mode.INT8)
     decoded = codec.decode(codec.encode(snap))
     reference = greedy(embedded_model.model, snap, ids[0, -1], 12)

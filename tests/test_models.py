@@ -66,12 +66,12 @@ def test_kv_snapshot_roundtrip_continues_decoding_exactly(tiny_model):
     from ray_scout.core.llm.kv import KVSnapshot
 
     ids = torch.arange(1, 20).unsqueeze(0)
-    snapshot = KVSnapshot.from_cache(tiny_model.model(ids, use_cache=True).past_key_values)
+    snapshot = KVSnapshot.from_cache(tiny_model.model(ids, use_cache=True).cache)
     assert snapshot.num_tokens == 19 and snapshot.next_position == 19
     snapshot.check_matches(tiny_model.facts)
     nxt = torch.tensor([[5]])
     full = tiny_model.model(torch.cat([ids, nxt], 1)).logits[0, -1]
-    step = tiny_model.model(nxt, past_key_values=snapshot.to_cache(),
+    step = tiny_model.model(nxt, cache=snapshot.to_cache(tiny_model.model.config),
                             position_ids=torch.tensor([[19]])).logits[0, -1]
     torch.testing.assert_close(step, full, rtol=1e-4, atol=1e-4)
 

@@ -55,12 +55,22 @@ class Allocator:
         self.hosts = hosts  # edge hosts: each answers and takes its agents' share at once
         self.link_managers = link_managers
         self.recorder = recorder
+        self.capacity_bps: float | None = None
+        self.last_split_t_s: float | None = None
         self.capacity_gauge = metrics.Gauge("ray_scout_allocator_capacity_bps",
                                             "bottleneck capacity in force, bit/s",
                                             tag_keys=("strategy",))
         self.objective_gauge = metrics.Gauge("ray_scout_allocator_objective",
                                              "sum of planned expected quality",
                                              tag_keys=("strategy",))
+
+    def __repr__(self) -> str:
+        """The allocator in a few words (Ray's Actors table shows it as the actor starts;
+        the actor's log has a line per applied split)."""
+        if self.last_split_t_s is None:
+            return f"Allocator {self.strategy}: no split yet"
+        return (f"Allocator {self.strategy}: {self.capacity_bps / 1e6:.1f} Mbit/s split at "
+                f"t={self.last_split_t_s:.1f} s")
 
     def run(self, t0_unix_s: float) -> int:
         import ray
@@ -109,6 +119,8 @@ class Allocator:
                 for host in self.hosts:
                     host.set_grants.remote(dict(alloc.rate_bps))
                 last, last_capacity = dict(alloc.rate_bps), capacity
+                self.capacity_bps, self.last_split_t_s = capacity, t
+                print(repr(self), flush=True)
                 self.capacity_gauge.set(capacity, tags={"strategy": self.strategy})
                 self.objective_gauge.set(alloc.objective, tags={"strategy": self.strategy})
                 ratio = {d.agent_id: d.delivered_ratio for d in demands}

@@ -74,6 +74,7 @@ class CloudActor:
         self.jobs: queue.Queue[_Job | None] = queue.Queue()
         self.served = 0
         self.dropped = 0
+        self.last_batch = 0
         self.threads = [threading.Thread(target=self._compute_loop, name=f"cloud-compute-{i}",
                                          daemon=True) for i in range(slots)]
         for thread in self.threads:
@@ -94,6 +95,11 @@ class CloudActor:
         except BaseException:
             self.close()
             raise
+
+    def __repr__(self) -> str:
+        """The cloud in a few words (Ray's Actors table shows it as the actor starts)."""
+        return (f"{self.name}: queue {self.jobs.qsize()}, batch {self.last_batch}/"
+                f"{self.max_batch}, served {self.served}, dropped {self.dropped}")
 
     def ready(self) -> list[tuple[str, int]]:
         """The bound addresses, in the order given (port 0 resolved)."""
@@ -150,6 +156,7 @@ class CloudActor:
             except Exception as exc:  # the batch failed as a whole: every member gets it
                 answers = [exc] * len(live)
             end = time.time()
+            self.last_batch = len(live)
             queued = [start - job.arrived_unix_s for job in live]
             for job, answer, queue_s in zip(live, answers, queued):
                 if isinstance(answer, Exception):  # the agent gets it as a HANDLER error

@@ -18,6 +18,7 @@ testbed's own cost plus one propagation RTT.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
 import json
@@ -145,6 +146,16 @@ class EdgeAgent:
         self.connection: Connection | None = None
         self.edge = make_edge(config)
         self.arrival_rate_hz = self.demand().arrival_rate_hz
+        self.last_mode = "-"
+        self.hits = 0
+        self.answered = 0
+
+    def __repr__(self) -> str:
+        """The agent in a few words: Ray's Actors table shows it (taken as the actor starts:
+        Ray 2.60 reads an actor's repr once), each request's line in the agent's log."""
+        c = self.config
+        return (f"{c.name} {c.model or '-'} {c.policy}/{c.allocator}: mode {self.last_mode}, "
+                f"grant {self.grant_bps / 1e6:.1f} Mbit/s, hits {self.hits}/{self.answered}")
 
     # --- what the allocator asks and tells ---------------------------------------------
     def demand(self) -> Demand:
@@ -327,6 +338,10 @@ class EdgeAgent:
     def _finish(self, row: dict, mode: Mode | None) -> dict:
         row["done_unix_s"] = time.time()
         if mode is not None:
+            self.last_mode = mode.value
+            self.answered += 1
+            self.hits += row["outcome"] == "hit"
+            print(repr(self), flush=True)  # the actor's log: live on the dashboard, in run.log
             self.metrics.request(mode, row["outcome"], row["payload_bytes"], row["latency_s"],
                                  row["quality"], row["bandwidth_estimate_bps"],
                                  None if math.isnan(row["measured_bps"]) else
@@ -348,6 +363,15 @@ class EdgeHost:
         self.recorder = recorder
         self.agents: dict[str, EdgeAgent] = {}
         self.configs: Sequence[AgentConfig] = ()
+
+    def __repr__(self) -> str:
+        """The host in a few words for Ray's Actors table: its agents, what they last sent,
+        their hits (each agent prints its own line to the host's log as it finishes one)."""
+        agents = list(self.agents.values())
+        modes = collections.Counter(a.last_mode for a in agents)
+        return (f"{self.name}: {len(agents)} agents, hits "
+                f"{sum(a.hits for a in agents)}/{sum(a.answered for a in agents)}, last modes "
+                + ", ".join(f"{m} {n}" for m, n in modes.most_common()))
 
     def prepare(self, configs: Sequence[AgentConfig]) -> dict[str, Demand]:
         """The agents of a trial (their policy, first grant, arrivals); returns their demands.

@@ -28,8 +28,10 @@ import signal
 import sys
 import threading
 import time
+import traceback
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TextIO
 
 import pandas as pd
 
@@ -190,32 +192,49 @@ def simulated_estimator(spec: Spec) -> str:
 
 
 # --- Ray --------------------------------------------------------------------------------
+# SIGTERM (``kill``, ``ray job stop``) ends a run as Ctrl-C does, links torn down. Ray's
+# waits turn any interrupt into a plain KeyboardInterrupt, so the signal is noted here.
+TERMINATED: list[int] = []
+
+
+def _terminate(signum, frame) -> None:
+    TERMINATED.append(signum)
+    raise KeyboardInterrupt
+
+
 def start_ray(spec: Spec, address: str | None, dashboard: bool = True) -> bool:
     """Connect to ``address`` or start a local Ray with ``edge``/``cloud`` resources.
 
-    Returns whether this call started Ray (and so must shut it down).
+    Returns whether this call started Ray (and so must shut it down). The actors' output
+    comes to this driver (``log_to_driver``): ``scout run`` writes it to the run's log.
     """
     import ray
+    from ray.job_config import JobConfig
 
     if ray.is_initialized():
         return False
-    if address:  # every node of a cluster runs the ray_scout its setup installed
-        ray.init(address=address, log_to_driver=False)
-        _give_ctrl_c_back_to_python()
-        return True
-    ray.init(resources={"edge": len(spec.agent_names), "cloud": 1},
-             runtime_env={"env_vars": {"PYTHONPATH": str(REPO_ROOT)}},
-             include_dashboard=dashboard, log_to_driver=False, configure_logging=False)
-    _give_ctrl_c_back_to_python()
+    # What the dashboard's Jobs tab shows beside this driver.
+    job = JobConfig(metadata={"job_name": spec.name, "ray_scout_spec": spec.name,
+                              "fidelity": spec.fidelity})
+    # On a cluster every node runs the ray_scout its setup installed, or a job's working_dir.
+    if address:
+        ray.init(address=address, job_config=job, configure_logging=False)
+    else:
+        ray.init(resources={"edge": len(spec.agent_names), "cloud": 1},
+                 runtime_env={"env_vars": {"PYTHONPATH": str(REPO_ROOT)}},
+                 include_dashboard=dashboard, job_config=job, configure_logging=False)
+    _take_signals_back()
     return True
 
 
-def _give_ctrl_c_back_to_python() -> None:
+def _take_signals_back() -> None:
     """Ray's core worker puts its own C-level SIGINT handler in place of Python's (ray 2.60:
     a driver waiting in ``ray.wait`` never sees KeyboardInterrupt, and the run goes on to
-    its end). Reinstalling Python's makes Ctrl-C interrupt the run again."""
+    its end), and makes SIGTERM a bare exit. Ctrl-C interrupts the run again, SIGTERM ends
+    it the same way; both tear the links down."""
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGTERM, _terminate)
 
 
 def placement(spec: Spec) -> Placement:
@@ -351,7 +370,7 @@ class Testbed:
 
         from ray_scout.actors.cloud import CloudActor
         from ray_scout.actors.edge import EdgeHost
-        from ray_scout.actors.recorder import Recorder
+        from ray_scout.actors.recorder import Recorder, RecorderRef
 
         self.spec, self.where = spec, where
         self.prefix = f"{spec.name}/"  # actor names: tests and operators find them by these
@@ -388,7 +407,8 @@ class Testbed:
                 name = f"host{len(self.hosts)}"
                 self.hosts.append((group, ray.remote(EdgeHost).options(
                     num_cpus=0, max_restarts=2, max_task_retries=2, max_concurrency=4,
-                    name=self.prefix + name, **options).remote(name, self.recorder)))
+                    name=self.prefix + name, **options).remote(
+                    name, RecorderRef(self.prefix + "recorder"))))
             self.actors += [h for _, h in self.hosts]
         except BaseException:
             self.close()
@@ -589,8 +609,10 @@ def write_tables(out: Path, frames: dict[str, pd.DataFrame]) -> None:
 
 def run_emulated(spec: Spec, out: Path, address: str | None = None,
                  show_progress: bool = True, dashboard: bool = True,
-                 resume: bool = False) -> dict[str, pd.DataFrame]:
-    """``full`` or ``profiled``: real links, real TCP, actors under Ray.
+                 resume: bool = False,
+                 progress_file: TextIO | None = None) -> dict[str, pd.DataFrame]:
+    """``full`` or ``profiled``: real links, real TCP, actors under Ray. Progress bars go to
+    ``progress_file`` (default: standard error).
 
     Without ``address`` the lab-in-a-box is built on this machine, which needs root here; on a
     cluster the link managers need it on their nodes (and say so if they lack it). Each trial
@@ -625,11 +647,12 @@ def run_emulated(spec: Spec, out: Path, address: str | None = None,
                 trials.append(previous)
                 continue
             current = (index, policy, allocator)
+            # Closed on the way out too: a bar left open redraws after the exit message.
             bar = tqdm(total=total, desc=f"{policy} / {allocator}", unit="req",
-                       disable=not show_progress)
+                       disable=not show_progress, file=progress_file)
 
-            def progress(n: int, bar=bar) -> None:
-                bar.update(n - bar.n)
+                def progress(n: int, bar=bar) -> None:
+                    bar.update(n - bar.n)
 
             try:
                 trial = testbed.trial(policy, allocator, index, out, shapes, work, progress,
@@ -714,7 +737,8 @@ def run_simulated(spec: Spec, out: Path) -> dict[str, pd.DataFrame]:
 
 def run_experiment(spec: Spec, out: Path, address: str | None = None,
                    show_progress: bool = True, dashboard: bool = True,
-                   resume: bool = False) -> dict[str, pd.DataFrame]:
+                   resume: bool = False,
+                   progress_file: TextIO | None = None) -> dict[str, pd.DataFrame]:
     """Run ``spec`` at its fidelity, write tables, the summary and the plots to ``out``.
 
     Everything that can be checked is checked (``validate``) before ``out`` is created. On
@@ -731,7 +755,8 @@ def run_experiment(spec: Spec, out: Path, address: str | None = None,
         frames = run_simulated(spec, out)
     else:
         try:
-            frames = run_emulated(spec, out, address, show_progress, dashboard, resume)
+            frames = run_emulated(spec, out, address, show_progress, dashboard, resume,
+                                  progress_file)
         except Interrupted as stop:
             interrupted, frames = stop, stop.frames
             _write_run_record(out, stop.trials)
@@ -774,12 +799,16 @@ def add_arguments(parser) -> None:
     parser.add_argument("--out", type=Path, help="results directory (default results/<name>)")
     parser.add_argument("--no-progress", action="store_true",
                         help="no progress bars (for logs)")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="Ray's and the actors' output on the terminal (by default "
+                        "it goes to <out>/run.log)")
 
 
 def run(args) -> int:
     """``scout run``: exit 0 on success, 2 on a bad spec, 77 without a needed privilege, 130
-    on Ctrl-C. Nothing is created (no output folder, no Ray) until the spec, its profiles and
-    the privileges it needs have been checked."""
+    on Ctrl-C, 143 on SIGTERM. Nothing is created (no output folder, no Ray) until the spec,
+    its profiles and the privileges it needs have been checked."""
+    from ray_scout.experiments.console import loud, quiet
     from ray_scout.net.cli import EXIT_NO_PRIVILEGE
     from ray_scout.net.errors import CapabilityError
 
@@ -809,15 +838,23 @@ def run(args) -> int:
     if args.resume is None:
         # What `scout report` re-reads, and the record of what ran: --fidelity written in.
         (out / "spec.yaml").write_text(spec_text_as_run(path.read_text(), spec.fidelity))
+    console = loud() if args.verbose else quiet(out)
     try:
         run_experiment(spec, out, args.address, not args.no_progress,
-                       resume=args.resume is not None)
+                       resume=args.resume is not None, progress_file=console.err)
     except SpecError as exc:
-        print(f"scout run: {exc}", file=sys.stderr)
+        print(f"scout run: {exc}", file=console.err)
         return 2
     except KeyboardInterrupt:
-        print(f"scout run: interrupted; links and actors were torn down, the rows of finished "
-              f"requests are in {out}; `scout run --resume {out}` continues", file=sys.stderr)
-        return 130
-    print(f"results in {out} (summary.md)")
+        why = "stopped (SIGTERM)" if TERMINATED else "interrupted"
+        print(f"scout run: {why}; links and actors were torn down, the rows of finished "
+              f"requests are in {out}; `scout run --resume {out}` continues", file=console.err)
+        return 143 if TERMINATED else 130
+    except Exception as exc:  # the traceback goes where Ray's messages go; a line here
+        traceback.print_exc()
+        where = f"; the traceback is in {console.log}" if console.log else ""
+        print(f"scout run: failed: {type(exc).__name__}: {exc}"[:2000] + where,
+              file=console.err)
+        return 1
+    print(f"results in {out} (summary.md)", file=console.out)
     return 0

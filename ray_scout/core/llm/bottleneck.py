@@ -71,7 +71,7 @@ def _continuation_logprobs(lm: models.LoadedModel, snap: KVSnapshot,
                            continuation: torch.Tensor) -> torch.Tensor:
     positions = torch.arange(continuation.shape[1], device=lm.device) + snap.next_position
     with torch.no_grad():
-        logits = lm.model(continuation, past_key_values=snap.to_cache(),
+        logits = lm.model(continuation, cache=snap.to_cache(lm.model.config),
                           position_ids=positions.unsqueeze(0)).logits[0]
     return torch.log_softmax(logits.float(), dim=-1)
 
@@ -102,7 +102,7 @@ def diagnose_bottleneck_layers(lm: models.LoadedModel, prompts: list[str] | None
                              f"give at least {2 * CONTINUATION_TOKENS}")
         context, continuation = ids[:, :-CONTINUATION_TOKENS], ids[:, -CONTINUATION_TOKENS:]
         with torch.no_grad():
-            exact = KVSnapshot.from_cache(lm.model(context, use_cache=True).past_key_values)
+            exact = KVSnapshot.from_cache(lm.model(context, use_cache=True).cache)
         quantized = codec.decode(codec.encode(exact), dtype=exact.dtype, device=lm.device)
         reference = _continuation_logprobs(lm, exact, continuation)
         all_layers += _kl(reference, _continuation_logprobs(lm, quantized, continuation))

@@ -166,7 +166,7 @@ def prefill(lm: LoadedModel, layout: PromptLayout, *, capture: str = "last",
         out = lm.model(input_ids=ids.unsqueeze(0), past_key_values=full_cache(),
                        use_cache=True, logits_to_keep=1)
     elapsed = _finished_s(lm, start)
-    snapshot = KVSnapshot.from_cache(out.past_key_values)
+    snapshot = KVSnapshot.from_cache(out.cache)
     return Prefill(layout, snapshot, out.logits[0, -1].float(), queries, scaling, elapsed)
 
 
@@ -218,10 +218,10 @@ def greedy_answer(
             input_ids=torch.tensor([[token]], device=lm.device),
             position_ids=torch.tensor([[position]], device=lm.device),
             attention_mask=torch.ones(1, kv_length, dtype=torch.long, device=lm.device),
-            past_key_values=cache,
+            cache=cache,
             use_cache=True,
         )
-        cache = out.past_key_values
+        cache = out.cache
         position += 1
         token = int(out.logits[0, -1].argmax())
     elapsed = time.perf_counter() - start
@@ -262,11 +262,11 @@ def continue_after(
         position_ids=tail_positions.unsqueeze(0).to(lm.device),
         attention_mask=torch.ones(1, snapshot.num_tokens + len(tail_ids), dtype=torch.long,
                                   device=lm.device),
-        past_key_values=snapshot.to_cache(),
+        cache=snapshot.to_cache(lm.model.config),
         use_cache=True,
     )
     step_s = time.perf_counter() - start
-    grown = KVSnapshot.from_cache(out.past_key_values,
+    grown = KVSnapshot.from_cache(out.cache,
                                   torch.cat([snapshot.positions.cpu(), tail_positions]))
     answer = greedy_answer(lm, grown, out.logits[0, -1], max_new_tokens=max_new_tokens)
     return dataclasses.replace(answer, decode_s=answer.decode_s + step_s)
@@ -330,7 +330,7 @@ def prefill_batch(lm: LoadedModel, layouts: Sequence[PromptLayout]
                    position_ids=positions.to(lm.device), past_key_values=full_cache(),
                    use_cache=True, logits_to_keep=1)
     elapsed = time.perf_counter() - start
-    layers = out.past_key_values.layers
+    layers = out.cache.layers
     snapshots = [
         KVSnapshot(tuple(layer.keys[row, :, width - n:] for layer in layers),
                    tuple(layer.values[row, :, width - n:] for layer in layers),
@@ -396,8 +396,8 @@ def continue_after_batch(
     mask = torch.cat([mask, mask.new_ones(len(snapshots), tail_len)], dim=1)
     out = lm.model(input_ids=torch.tensor([list(t) for t in tails], device=device),
                    position_ids=next_positions.unsqueeze(1) + step, attention_mask=mask,
-                   past_key_values=cache, use_cache=True)
-    cache = out.past_key_values
+                   cache=cache, use_cache=True)
+    cache = out.cache
     logits = out.logits[:, -1]
     next_positions = next_positions + tail_len
     rows = list(range(len(snapshots)))  # batch row -> request index
@@ -423,8 +423,8 @@ def continue_after_batch(
         mask = torch.cat([mask, mask.new_ones(len(rows), 1)], dim=1)
         out = lm.model(input_ids=torch.tensor(choices, device=device).unsqueeze(1),
                        position_ids=next_positions.unsqueeze(1), attention_mask=mask,
-                       past_key_values=cache, use_cache=True)
-        cache = out.past_key_values
+                       cache=cache, use_cache=True)
+        cache = out.cache
         logits = out.logits[:, -1]
         next_positions = next_positions + 1
     elapsed = time.perf_counter() - start

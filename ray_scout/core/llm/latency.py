@@ -127,7 +127,7 @@ def measure(lm, prompt_lengths: list[int], *, decode_steps: int = 8, repeats: in
             if extra:  # back to the prefilled prompt, so every repeat decodes alike
                 cache.crop(-extra)
             for step in range(decode_steps):
-                lm.model(step_ids, past_key_values=cache, use_cache=True,
+                lm.model(step_ids, cache=cache, use_cache=True,
                          position_ids=torch.tensor([[n + step]], device=device))
 
         decode.append((n, _median_seconds(run_decode, device, repeats) / decode_steps))
