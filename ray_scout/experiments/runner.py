@@ -647,17 +647,16 @@ def run_emulated(spec: Spec, out: Path, address: str | None = None,
                 trials.append(previous)
                 continue
             current = (index, policy, allocator)
-            # Closed on the way out too: a bar left open redraws after the exit message.
             bar = tqdm(total=total, desc=f"{policy} / {allocator}", unit="req",
                        disable=not show_progress, file=progress_file)
 
-                def progress(n: int, bar=bar) -> None:
-                    bar.update(n - bar.n)
+            def progress(n: int, bar=bar) -> None:
+                bar.update(n - bar.n)
 
             try:
                 trial = testbed.trial(policy, allocator, index, out, shapes, work, progress,
                                       texts)
-            finally:
+            finally:  # closed on the way out too: a bar left open redraws after the exit line
                 bar.close()
             trial["index"] = index
             with open(out / FINISHED, "a") as finished:
