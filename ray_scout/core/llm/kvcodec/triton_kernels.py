@@ -282,7 +282,7 @@ def _encode_key_tile(src, codes_ptr, scales_ptr, zeros_ptr, flag_ptr, head, tb, 
     _flag_non_finite(flag_ptr, step, zero.to(tl.float32), valid)
     codes = tl.minimum(tl.maximum(tl.math.fma(x, inverse[:, None, :], bias[:, None, :]), 0.0),
                        QMAX).to(tl.uint8)
-    # Which shape to store from was chosen by timing (bench/gpu_codec.py --sweep, 14B):
+    # Which shape to store from was chosen by timing (round 2 sweep at 14B, docs/PERFORMANCE.md):
     # int8 codes stored as the [groups, GS, D] tile they were computed in ran 3x faster than
     # after a reshape to [BT, D]; 4-bit packing after that reshape was the fast variant.
     if PACK:
