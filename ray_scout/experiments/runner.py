@@ -406,37 +406,48 @@ def run_emulated(spec: Spec, out: Path, address: str | None = None,
     return frames
 
 
-def run_simulated(spec: Spec, out: Path) -> dict[str, pd.DataFrame]:
-    """The same spec through the discrete-event simulator (network and compute modelled)."""
-    from ray_scout.experiments.simulate import AgentSpec, SimConfig, simulate
+def simulated_agents(spec: Spec) -> tuple:
+    """The simulator's agents for ``spec`` (what every simulated trial of it shares)."""
+    from ray_scout.experiments.simulate import AgentSpec
 
     estimators = {g.estimator for g in spec.agents}
     if len(estimators) != 1:
         raise SpecError(f"simulated fidelity runs one estimator for all agents; the spec has "
                         f"{sorted(estimators)}")
-    estimator = next(iter(estimators))
     shapes = request_shapes(spec)
-    groups = spec.groups_by_agent()
-    trace = capacity_trace(spec)
     agents = []
-    for name, g in groups.items():
+    for name, g in spec.groups_by_agent().items():
         table = {t: s.payload_bytes for t, s in shapes[g.name].items()}
         median = sorted(g.context_tokens)[len(g.context_tokens) // 2]
         access = spec.access_rate_bps or load_profile(g.access).up.rate_bps
         agents.append(AgentSpec(name, g.arrival_rate_hz, g.deadline_s, table.__getitem__,
                                 quality_profile(spec, g), shapes[g.name][median].latency,
                                 g.context_tokens, access_rate_bps=access))
-    requests, epochs = [], []
-    for policy, allocator in spec.combinations():
-        pol = {name: make_policy(policy, quality_profile(spec, g), spec.safety_margin)
-               for name, g in groups.items()}
-        req, ep = simulate(SimConfig(tuple(agents), trace, pol, allocator, estimator,
-                                     epoch_s=spec.epoch_s, duration_s=spec.duration_s,
-                                     seed=spec.seed))
-        requests.append(req.assign(policy=policy, allocator=allocator))
-        epochs.append(ep.assign(policy=policy, allocator=allocator))
-    return {"requests": pd.concat(requests, ignore_index=True),
-            "epochs": pd.concat(epochs, ignore_index=True),
+    return tuple(agents)
+
+
+def simulated_trial(spec: Spec, policy: str, allocator: str,
+                    agents: tuple | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """One combination through the discrete-event simulator: (requests, epochs)."""
+    from ray_scout.experiments.simulate import SimConfig, simulate
+
+    agents = agents or simulated_agents(spec)
+    pol = {name: make_policy(policy, quality_profile(spec, g), spec.safety_margin)
+           for name, g in spec.groups_by_agent().items()}
+    req, ep = simulate(SimConfig(agents, capacity_trace(spec), pol, allocator,
+                                 spec.agents[0].estimator, epoch_s=spec.epoch_s,
+                                 duration_s=spec.duration_s, seed=spec.seed))
+    return (req.assign(policy=policy, allocator=allocator),
+            ep.assign(policy=policy, allocator=allocator))
+
+
+def run_simulated(spec: Spec, out: Path) -> dict[str, pd.DataFrame]:
+    """The same spec through the discrete-event simulator (network and compute modelled)."""
+    agents = simulated_agents(spec)
+    trials = [simulated_trial(spec, policy, allocator, agents)
+              for policy, allocator in spec.combinations()]
+    return {"requests": pd.concat([r for r, _ in trials], ignore_index=True),
+            "epochs": pd.concat([e for _, e in trials], ignore_index=True),
             "rate_changes": pd.DataFrame(), "events": pd.DataFrame()}
 
 

@@ -33,6 +33,11 @@ Schema (units in the values: ``50mbit``; times in seconds)::
     policies: [adaptive, adaptive:offload, static:bf16, static:int8, static:int4, static:scout]
     allocators: [equal, model_aware, greedy, quality_max, optimal]
     safety_margin: 0.1
+    baseline: static:int4         # optional: verdicts judge every policy against it too
+    sweep:                        # optional (``plan``): dotted keys, one trial per point x
+      grid: {capacity.rate: [5mbit, 50mbit], agents.a.count: [2, 8]}   # cartesian
+      zip: {agents.a.deadline_s: [0.5, 1.0], duration_s: [30, 60]}     # side by side
+    replications: 5               # seeds derived from ``seed``; replication 0 keeps it
 """
 
 from __future__ import annotations
@@ -55,6 +60,17 @@ FIDELITIES = ("full", "profiled", "simulated")
 ESTIMATORS = ("grant", "last", "ewma", "robust")
 STRATEGIES = ("equal", "model_aware", "greedy", "quality_max", "optimal")
 REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+# The keys each section takes: parse_spec refuses others, and a sweep may set exactly these
+# (``plan``). ``sweep`` and ``replications`` belong to the plan, not to one point.
+TOP_KEYS = frozenset({"name", "description", "fidelity", "duration_s", "seed", "epoch_s",
+                      "network", "capacity", "cloud", "agents", "policies", "allocators",
+                      "safety_margin", "baseline", "sweep", "replications"})
+NETWORK_KEYS = frozenset({"bottleneck", "impairment", "borrow", "access_rate"})
+CAPACITY_KEYS = frozenset({"kind", "rate", "states", "step_s", "segments", "path", "window_s",
+                           "seed"})
+CLOUD_KEYS = frozenset({"slots", "models", "max_batch", "batch_window_s"})
 
 
 class SpecError(ValueError):
@@ -101,6 +117,8 @@ class Spec:
     base: Path = REPO_ROOT
     cloud_max_batch: int = 1
     cloud_batch_window_s: float = 0.0
+    baseline: str | None = None  # the policy every other is judged against (besides the
+    # best static arm); see ``verdict``
 
     @property
     def agent_names(self) -> list[str]:
@@ -198,11 +216,9 @@ def parse_spec(doc: Any, *, base: Path = REPO_ROOT, fidelity: str | None = None)
     """A validated spec from a YAML document; ``fidelity`` overrides the file's."""
     if not isinstance(doc, dict):
         raise SpecError("a spec is a YAML mapping (name, agents, capacity, policies, ...)")
-    known = {"name", "description", "fidelity", "duration_s", "seed", "epoch_s", "network",
-             "capacity", "cloud", "agents", "policies", "allocators", "safety_margin"}
-    unknown = set(doc) - known
+    unknown = set(doc) - TOP_KEYS
     if unknown:
-        raise SpecError(f"unknown top-level keys {sorted(unknown)}; known: {sorted(known)}")
+        raise SpecError(f"unknown top-level keys {sorted(unknown)}; known: {sorted(TOP_KEYS)}")
     agents_doc = _need(doc, "agents", "spec")
     if not isinstance(agents_doc, list) or not agents_doc:
         raise SpecError("agents: give a list of at least one agent group")
@@ -211,11 +227,14 @@ def parse_spec(doc: Any, *, base: Path = REPO_ROOT, fidelity: str | None = None)
     if len(set(names)) != len(names):
         raise SpecError(f"agents: group names must be unique, got {names}")
     network = doc.get("network", {}) or {}
-    unknown = set(network) - {"bottleneck", "impairment", "borrow", "access_rate"}
+    unknown = set(network) - NETWORK_KEYS
     if unknown:
         raise SpecError(f"network: unknown keys {sorted(unknown)}; known: access_rate, "
                         "borrow, bottleneck, impairment (access profiles are per agent group)")
     cloud = doc.get("cloud", {}) or {}
+    unknown = set(cloud) - CLOUD_KEYS
+    if unknown:
+        raise SpecError(f"cloud: unknown keys {sorted(unknown)}; known: {sorted(CLOUD_KEYS)}")
     models = cloud.get("models") or {g.cloud_model: {"timing": "paper_b"} for g in agents}
     cloud_models = {str(m): str((v or {}).get("timing", "paper_b")) for m, v in models.items()}
     for g in agents:
@@ -228,6 +247,12 @@ def parse_spec(doc: Any, *, base: Path = REPO_ROOT, fidelity: str | None = None)
                        for i, a in enumerate(doc.get("allocators", ["equal"])))
     if not policies or not allocators:
         raise SpecError("policies and allocators: give at least one of each")
+    baseline = doc.get("baseline")
+    if baseline is not None:
+        baseline = _policy(str(baseline), "baseline")
+        if baseline not in policies:
+            raise SpecError(f"baseline: {baseline!r} is not among the policies "
+                            f"{list(policies)}; add it there or name one of them")
     spec = Spec(
         name=str(_need(doc, "name", "spec")),
         fidelity=_known(fidelity or str(doc.get("fidelity", "profiled")), FIDELITIES,
@@ -247,7 +272,8 @@ def parse_spec(doc: Any, *, base: Path = REPO_ROOT, fidelity: str | None = None)
         allocators=allocators, safety_margin=float(doc.get("safety_margin", 0.1)), base=base,
         cloud_max_batch=int(_positive(cloud.get("max_batch", 1), "cloud.max_batch", True)),
         cloud_batch_window_s=_non_negative(cloud.get("batch_window_s", 0.0),
-                                           "cloud.batch_window_s"))
+                                           "cloud.batch_window_s"),
+        baseline=baseline)
     capacity_trace(spec)  # validates the capacity section now, not mid-run
     if spec.fidelity == "full":
         from ray_scout.core.evaluation.tasks import TASKS
