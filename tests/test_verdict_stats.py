@@ -9,7 +9,10 @@ import pytest
 from scipy import stats
 
 from ray_scout.core.evaluation.metrics import (
-    mcnemar_exact, mcnemar_pairs_needed, paired_pairs_needed, paired_test,
+    mcnemar_exact,
+    mcnemar_pairs_needed,
+    paired_pairs_needed,
+    paired_test,
 )
 
 

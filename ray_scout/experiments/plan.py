@@ -27,7 +27,14 @@ import numpy as np
 import yaml
 
 from ray_scout.experiments.spec import (
-    CAPACITY_KEYS, CLOUD_KEYS, NETWORK_KEYS, REPO_ROOT, TOP_KEYS, AgentGroup, Spec, SpecError,
+    CAPACITY_KEYS,
+    CLOUD_KEYS,
+    NETWORK_KEYS,
+    REPO_ROOT,
+    TOP_KEYS,
+    AgentGroup,
+    Spec,
+    SpecError,
     parse_spec,
 )
 

@@ -479,20 +479,31 @@ def add_arguments(parser) -> None:
                         "local Ray started for this run")
     parser.add_argument("--out", type=Path, help="results directory (default results/<name>)")
     parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--serial", action="store_true", help="a simulated sweep's trials "
+                        "in this process, one after another (default: Ray tasks on every core)")
 
 
 def run(args) -> int:
     """``scout run``: exit 0 on success, 2 on a bad spec, 130 on Ctrl-C."""
+    from ray_scout.experiments.plan import load_plan
+
     try:
-        spec = load_spec(args.spec, args.fidelity)
+        plan = load_plan(args.spec, args.fidelity)
     except SpecError as exc:
         print(f"scout run: {exc}", file=sys.stderr)
         return 2
+    spec = plan.base
     out = args.out or REPO_ROOT / "results" / spec.name
     out.mkdir(parents=True, exist_ok=True)
     (out / "spec.yaml").write_text(args.spec.read_text())  # what `scout report` re-reads
     try:
-        run_experiment(spec, out, args.address, not args.no_progress)
+        if plan.is_sweep:  # finished trials in ``out`` are kept, not rerun (``ledger``)
+            from ray_scout.experiments.sweep import run_sweep
+
+            run_sweep(plan, out, address=args.address, serial=args.serial,
+                      show_progress=not args.no_progress, command="scout " + " ".join(sys.argv[1:]))
+        else:
+            run_experiment(spec, out, args.address, not args.no_progress)
     except SpecError as exc:
         print(f"scout run: {exc}", file=sys.stderr)
         return 2

@@ -3,8 +3,9 @@
 What lives here: SQuAD-official answer normalization with exact match and token F1 (the v2.0
 evaluation script's semantics, unanswerable questions included), percentile-bootstrap
 confidence intervals of a mean, a paired test between two methods scored on the same
-samples, the exact McNemar test of paired hits, and the pairs a difference needs to show. What it knows: strings and arrays of per-sample scores. What it leaves to others:
-where predictions come from (the harness and the actors) and which samples they answer
+samples, the exact McNemar test of paired hits, and the pairs a difference needs to show.
+What it knows: strings and arrays of per-sample scores. What it leaves to others: where
+predictions come from (the harness and the actors) and which samples they answer
 (``tasks``).
 """
 
