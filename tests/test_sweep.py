@@ -137,3 +137,33 @@ def test_a_rerun_skips_finished_trials_and_a_changed_spec_is_refused(tmp_path):
     other = parse_plan(doc_with(seed=12, sweep={"grid": {"agents.s.count": [1, 2]}}))
     with pytest.raises(SpecError, match="another plan"):
         run_sweep(other, tmp_path, serial=True, show_progress=False)
+
+
+def test_ray_tasks_give_the_serial_results_trial_for_trial(tmp_path):
+    plan = parse_plan(doc_with(duration_s=20, sweep={"grid": {"agents.s.count": [1, 2]}}))
+    serial = run_sweep(plan, tmp_path / "serial", serial=True, show_progress=False)
+    on_ray = run_sweep(plan, tmp_path / "ray", show_progress=False)
+    order = ["trial_id", "request_id"]
+    columns = ["trial_id", "request_id", "agent", "mode", "deadline_met", "quality", "reason"]
+    pd.testing.assert_frame_equal(
+        serial["requests"].sort_values(order)[columns].reset_index(drop=True),
+        on_ray["requests"].sort_values(order)[columns].reset_index(drop=True))
+    assert '"mode": "ray"' in (tmp_path / "ray" / "meta.json").read_text()
+
+
+def test_a_companion_puts_its_verdict_at_the_top_of_the_showcase_summary(tmp_path):
+    from ray_scout.experiments.sweep import run_companion
+
+    plan = parse_plan(doc_with(fidelity="profiled", companion={
+        "fidelity": "simulated", "replications": 3,
+        "policies": ["adaptive", "static:int4", "static:scout", "static:bf16"]}))
+    assert plan.companion.base.fidelity == "simulated"
+    assert plan.companion.replications == 3 and len(plan.companion.trials()) == 12
+    (tmp_path / "summary.md").write_text("# sw (profiled)\n\nthe showcase's table\n")
+    text = run_companion(plan.companion, tmp_path, show_progress=False).read_text()
+    lines = text.splitlines()
+    assert lines[0] == "# sw (simulated): verdicts"
+    assert lines[4].startswith("- **adaptive vs the best static arm")
+    assert text.index("verdicts") < text.index("# sw (profiled)")
+    with pytest.raises(SpecError, match="companion: give fidelity"):
+        parse_plan(doc_with(companion={"replications": 3}))

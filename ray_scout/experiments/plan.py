@@ -40,7 +40,8 @@ from ray_scout.experiments.spec import (
 
 _SECTION_KEYS = {"network": NETWORK_KEYS, "capacity": CAPACITY_KEYS, "cloud": CLOUD_KEYS}
 _AGENT_KEYS = frozenset(f.name for f in dataclasses.fields(AgentGroup))
-_PLAN_KEYS = ("sweep", "replications")
+_PLAN_KEYS = ("sweep", "replications", "companion")
+_COMPANION_KEYS = frozenset({"fidelity", "replications", "policies"})
 
 
 def replication_seed(seed: int, replication: int) -> int:
@@ -89,6 +90,7 @@ class Plan:
     points: tuple[Point, ...]  # every point x replication, point-major
     replications: int
     digest: str  # of the document: a results directory resumes only the same plan
+    companion: Plan | None = None  # the same conditions at another fidelity (``companion``)
 
     @property
     def is_sweep(self) -> bool:
@@ -196,7 +198,24 @@ def parse_plan(doc: Any, *, base: Path = REPO_ROOT, fidelity: str | None = None)
             points.append(Point(index, values, replication, spec))
     text = json.dumps(doc, sort_keys=True, default=str) + f"|{fidelity}"
     return Plan(base_spec, tuple(keys), tuple(points), replications,
-                hashlib.sha256(text.encode()).hexdigest()[:16])
+                hashlib.sha256(text.encode()).hexdigest()[:16],
+                _companion(doc, base) if "companion" in doc else None)
+
+
+def _companion(doc: dict, base: Path) -> Plan:
+    """The plan of ``companion``: the document with its fidelity, replications and
+    policies in place of the spec's (a showcase's verdict at the same conditions)."""
+    block = doc["companion"]
+    if not isinstance(block, dict) or set(block) - _COMPANION_KEYS or "fidelity" not in block:
+        raise SpecError(f"companion: give fidelity and optionally replications and policies "
+                        f"({sorted(_COMPANION_KEYS)}), e.g. {{fidelity: simulated, "
+                        "replications: 20}")
+    other = {k: v for k, v in doc.items() if k != "companion"}
+    other.update({k: v for k, v in block.items() if k != "fidelity"})
+    try:
+        return parse_plan(other, base=base, fidelity=str(block["fidelity"]))
+    except SpecError as exc:
+        raise SpecError(f"companion: {exc}") from None
 
 
 def load_plan(path: str | Path, fidelity: str | None = None) -> Plan:

@@ -501,9 +501,15 @@ def run(args) -> int:
             from ray_scout.experiments.sweep import run_sweep
 
             run_sweep(plan, out, address=args.address, serial=args.serial,
-                      show_progress=not args.no_progress, command="scout " + " ".join(sys.argv[1:]))
+                      show_progress=not args.no_progress,
+                      command="scout " + " ".join(sys.argv[1:]))
         else:
             run_experiment(spec, out, args.address, not args.no_progress)
+        if plan.companion is not None:  # its verdict heads the summary just written
+            from ray_scout.experiments.sweep import run_companion
+
+            run_companion(plan.companion, out, show_progress=not args.no_progress,
+                          command="scout " + " ".join(sys.argv[1:]))
     except SpecError as exc:
         print(f"scout run: {exc}", file=sys.stderr)
         return 2

@@ -38,6 +38,9 @@ Schema (units in the values: ``50mbit``; times in seconds)::
       grid: {capacity.rate: [5mbit, 50mbit], agents.a.count: [2, 8]}   # cartesian
       zip: {agents.a.deadline_s: [0.5, 1.0], duration_s: [30, 60]}     # side by side
     replications: 5               # seeds derived from ``seed``; replication 0 keeps it
+    companion: {fidelity: simulated, replications: 20, policies: [...]}   # optional: the
+                                  # same conditions again at another fidelity, more requests;
+                                  # its verdict heads this run's summary (``plan``)
 """
 
 from __future__ import annotations
@@ -63,10 +66,11 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 # The keys each section takes: parse_spec refuses others, and a sweep may set exactly these
-# (``plan``). ``sweep`` and ``replications`` belong to the plan, not to one point.
+# (``plan``). ``sweep``, ``replications`` and ``companion`` belong to the plan, not to one
+# point.
 TOP_KEYS = frozenset({"name", "description", "fidelity", "duration_s", "seed", "epoch_s",
                       "network", "capacity", "cloud", "agents", "policies", "allocators",
-                      "safety_margin", "baseline", "sweep", "replications"})
+                      "safety_margin", "baseline", "sweep", "replications", "companion"})
 NETWORK_KEYS = frozenset({"bottleneck", "impairment", "borrow", "access_rate"})
 CAPACITY_KEYS = frozenset({"kind", "rate", "states", "step_s", "segments", "path", "window_s",
                            "seed"})

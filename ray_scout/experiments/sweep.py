@@ -31,30 +31,41 @@ IN_FLIGHT_PER_CPU = 4
 
 
 def _simulate(spec, policy: str, allocator: str) -> tuple:
+    """One simulated trial: (requests, epochs, wall seconds, where it ran)."""
     from ray_scout.experiments.runner import simulated_trial
 
     started = time.perf_counter()
     requests, epochs = simulated_trial(spec, policy, allocator)
-    return requests, epochs, time.perf_counter() - started
+    return requests, epochs, time.perf_counter() - started, _node()
 
 
-def _facts(trial: Trial, requests: pd.DataFrame, wall_s: float) -> dict:
+def _node() -> str:
+    import sys
+
+    if "ray" in sys.modules:  # inside a Ray worker: the node's address
+        import ray
+
+        if ray.is_initialized():
+            return ray.util.get_node_ip_address()
+    return platform.node()
+
+
+def _facts(trial: Trial, requests: pd.DataFrame, wall_s: float, node: str) -> dict:
     hits = requests["deadline_met"].fillna(False).astype(bool)
     return {**trial.columns(), "n": len(requests), "hit_rate": float(hits.mean()),
-            "quality": float(requests["quality"].mean()), "wall_s": wall_s}
+            "quality": float(requests["quality"].mean()), "wall_s": wall_s, "node": node}
 
 
 def _store(ledger: Ledger, trial: Trial, requests: pd.DataFrame, epochs: pd.DataFrame,
-           wall_s: float) -> None:
+           wall_s: float, node: str) -> None:
     columns = trial.columns()
     ledger.record(trial.trial_id, requests.assign(**columns), epochs.assign(**columns),
-                  _facts(trial, requests, wall_s))
+                  _facts(trial, requests, wall_s, node))
 
 
 def _run_serial(todo: list[Trial], ledger: Ledger, bar) -> None:
     for trial in todo:
-        requests, epochs, wall_s = _simulate(trial.point.spec, trial.policy, trial.allocator)
-        _store(ledger, trial, requests, epochs, wall_s)
+        _store(ledger, trial, *_simulate(trial.point.spec, trial.policy, trial.allocator))
         bar.update(1)
 
 
@@ -74,8 +85,7 @@ def _run_on_ray(todo: list[Trial], ledger: Ledger, bar, address: str | None) -> 
                 pending[task.remote(trial.point.spec, trial.policy, trial.allocator)] = trial
             done, _ = ray.wait(list(pending), num_returns=1)
             for ref in done:
-                requests, epochs, wall_s = ray.get(ref)
-                _store(ledger, pending.pop(ref), requests, epochs, wall_s)
+                _store(ledger, pending.pop(ref), *ray.get(ref))
                 bar.update(1)
     finally:
         if started:
@@ -105,7 +115,8 @@ def _run_emulated(plan: Plan, todo: list[Trial], ledger: Ledger, out: Path, bar,
         wall_s = (time.perf_counter() - started) / len(trials)
         requests, epochs = frames["requests"], frames["epochs"]
         for trial in trials:
-            _store(ledger, trial, _arm(requests, trial), _arm(epochs, trial), wall_s)
+            _store(ledger, trial, _arm(requests, trial), _arm(epochs, trial), wall_s,
+                   "lab")
             bar.update(1)
 
 
@@ -213,3 +224,20 @@ def run_sweep(plan: Plan, out: Path, *, address: str | None = None, serial: bool
     (out / "meta.json").write_text(json.dumps(meta, indent=2))
     report(plan, out, frames, meta)
     return frames
+
+
+def run_companion(plan: Plan, out: Path, *, show_progress: bool = True,
+                  command: str = "") -> Path:
+    """Run a showcase's companion plan into ``out/companion`` and put its verdict at the top
+    of ``out/summary.md``. A companion is a few hundred requests per arm, so it runs in this
+    process: no Ray start-up to pay."""
+    where = out / "companion"
+    run_sweep(plan, where, serial=True, show_progress=show_progress,
+              command=f"{command} (companion: {plan.base.fidelity}, "
+                      f"{plan.replications} replications)")
+    verdict_text = (where / "summary.md").read_text().split("\n## Every verdict")[0]
+    summary = out / "summary.md"
+    rest = summary.read_text() if summary.exists() else ""
+    summary.write_text(verdict_text.rstrip() + "\n\nEvery verdict and point: "
+                       "companion/summary.md; the showcase's own requests follow.\n\n" + rest)
+    return summary

@@ -133,38 +133,49 @@ def miss_reasons(requests: pd.DataFrame, limit: int = 4) -> list[str]:
 
 
 def headline(table: pd.DataFrame, requests: pd.DataFrame, keys: list[str]) -> list[str]:
-    """The summary's first lines: for each policy and comparator, where it wins, ties and
-    loses; every loss with its numbers and the reasons behind the policy's misses there."""
+    """The summary's first lines: for each adapting policy and comparator, where it wins,
+    ties and loses, with the numbers of every point (of every loss where there are many)
+    and the recorded reasons behind its misses where it loses; static arms against the
+    baseline follow as one line each."""
     if table.empty:
         return ["No verdicts: the spec has no static arm and no baseline to judge against."]
     allocators = table["allocator"].nunique()
+    order = table.assign(_static=table["policy"].map(_is_static)).sort_values(
+        "_static", kind="stable")
     lines = []
-    for (policy, role), g in table.groupby(["policy", "role"], sort=False):
+    for (policy, role), g in order.groupby(["policy", "role"], sort=False):
         counts = g["verdict"].value_counts()
         tally = ", ".join(f"{v} at {counts[v]}" for v in VERDICTS if v in counts)
         against = (f"the best static arm ({', '.join(sorted(set(g['against'])))})"
                    if role == "best static" else f"the baseline {g['against'].iloc[0]}")
         lines.append(f"- **{policy} vs {against}**, {len(g)} point(s): {tally}. "
                      f"Median {int(g['n_pairs'].median())} paired requests per arm.")
+        if _is_static(policy):
+            continue
         for _, row in g.iterrows():  # not itertuples: swept keys have dots in their names
             r = row.to_dict()
-            where = _where(r, keys, allocators)
+            lost = r["verdict"] in ("lose", "trade-off")
+            if not lost and len(g) > 12:
+                continue
             numbers = (f"hits {r['hit_rate_a']:.1%} vs {r['hit_rate_b']:.1%} "
                        f"(diff {r['hits_diff']:+.1%}, CI {r['hits_ci_low']:+.1%} to "
                        f"{r['hits_ci_high']:+.1%}, McNemar p={r['mcnemar_p']:.3g}); quality "
                        f"{r['quality_a']:.3f} vs {r['quality_b']:.3f} (diff "
                        f"{r['quality_diff']:+.3f}, CI {r['quality_ci_low']:+.3f} to "
                        f"{r['quality_ci_high']:+.3f})")
-            if r["verdict"] in ("lose", "trade-off"):
+            where = _where(r, keys, allocators)
+            if lost:
                 lines.append(f"  - {r['verdict'].upper()} against {r['against']} at {where}: "
                              f"{numbers}. Its misses there:")
                 arm = requests[(requests["point"] == r["point"])
                                & (requests["allocator"] == r["allocator"])
                                & (requests["policy"] == policy)]
                 lines += [f"    - {m}" for m in miss_reasons(arm)] or ["    - none"]
-            elif r["verdict"] == "tie" and len(g) <= 12:
-                lines.append(f"  - tie at {where}: {numbers}; to separate: "
-                             f"{_need(r['pairs_to_separate'])}")
+            else:
+                extra = (f"; to separate: {_need(r['pairs_to_separate'])}"
+                         if r["verdict"] == "tie" else "")
+                lines.append(f"  - {r['verdict']} against {r['against']} at {where}: "
+                             f"{numbers}{extra}")
         ties = g[g["verdict"] == "tie"]
         if len(g) > 12 and not ties.empty:
             lines.append(f"  - ties would need a median {_need(ties['pairs_to_separate'].median())}"
