@@ -11,7 +11,6 @@ producing the tables (``sweep``), judging them (``verdict``).
 
 from __future__ import annotations
 
-import itertools
 import math
 from pathlib import Path
 
@@ -50,15 +49,37 @@ def points(requests: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def _ticks(values: pd.Series) -> dict[str, float]:
+    """Where each swept value sits on the axis: its number, or its rank if any is not one."""
+    distinct = list(dict.fromkeys(values.astype(str)))
+    numbers = {v: axis_value(values[values.astype(str) == v].iloc[0])[0] for v in distinct}
+    if any(math.isnan(x) for x in numbers.values()):
+        return {v: float(i) for i, v in enumerate(distinct)}
+    return numbers
+
+
+def _axis_column(table: pd.DataFrame, axis: tuple[str, ...]) -> pd.Series:
+    """One axis' values: the key's own, or the zipped keys' joined by " / "."""
+    if len(axis) == 1:
+        return table[axis[0]]
+    return table[list(axis)].astype(str).agg(" / ".join, axis=1)
+
+
+def _short(key: str) -> str:
+    """``agents.a.model / agents.a.quality`` -> ``model / quality``: panel titles that fit."""
+    return " / ".join(part.split(".")[-1] for part in key.split(" / "))
+
+
 def _label(row, policies: int, allocators: int) -> str:
     if allocators > 1 and policies > 1:
         return f"{row['policy']} / {row['allocator']}"
     return row["allocator"] if allocators > 1 else row["policy"]
 
 
-def plot(table: pd.DataFrame, keys: list[str], out: Path,
+def plot(table: pd.DataFrame, axes_keys: list[tuple[str, ...]], out: Path,
          reference: pd.DataFrame | None = None, labels: tuple[str, str] = ("", "")) -> list[Path]:
-    """``curves_<key>.png`` per swept key from ``points`` tables; returns the paths."""
+    """``curves_<key>.png`` per sweep axis (a grid key, or a zip under its first key) from
+    ``points`` tables; returns the paths."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -69,22 +90,27 @@ def plot(table: pd.DataFrame, keys: list[str], out: Path,
     if reference is not None and not reference.empty:
         runs.append((reference, "--", labels[1]))
     policies, allocators = table["policy"].nunique(), table["allocator"].nunique()
-    for key in keys:
-        others = [k for k in keys if k != key]
-        facets = (list(itertools.product(*[sorted(table[k].unique(), key=str) for k in others]))
-                  or [()])[:MAX_PANEL_ROWS]
+    names = {axis: " / ".join(axis) for axis in axes_keys}
+    with_axes = [frame.assign(**{names[a]: _axis_column(frame, a) for a in axes_keys})
+                 for frame, _, _ in runs]
+    runs = [(frame, style, label) for frame, (_, style, label) in zip(with_axes, runs)]
+    table = with_axes[0]
+    for axis in axes_keys:
+        key = names[axis]
+        others = [names[a] for a in axes_keys if a != axis]
+        facets = (sorted({tuple(r) for r in table[others].astype(str).itertuples(index=False)})
+                  if others else [()])[:MAX_PANEL_ROWS]
         fig, axes = plt.subplots(len(facets), 2, figsize=(11, 3.2 * len(facets)),
                                  squeeze=False)
-        unit = ""
+        unit, ticks = "", _ticks(table[key])
         for row_axes, facet in zip(axes, facets):
             for frame, style, run_label in runs:
                 sel = frame
                 for k, v in zip(others, facet):
                     sel = sel[sel[k].astype(str) == str(v)]
                 for i, (_, arm) in enumerate(sel.groupby(["policy", "allocator"], sort=True)):
-                    xs = arm[key].map(lambda v: axis_value(v)[0])
+                    arm = arm.assign(x=arm[key].astype(str).map(ticks)).sort_values("x")
                     unit = axis_value(arm[key].iloc[0])[1]
-                    arm = arm.assign(x=xs).sort_values("x")
                     name = _label(arm.iloc[0], policies, allocators)
                     for ax, col in zip(row_axes, ("hit_rate", "quality")):
                         line, = ax.plot(arm["x"], arm[col], style, marker="o", markersize=3,
@@ -93,15 +119,17 @@ def plot(table: pd.DataFrame, keys: list[str], out: Path,
                         ax.fill_between(arm["x"], arm[f"{col.split('_')[0]}_ci_low"],
                                         arm[f"{col.split('_')[0]}_ci_high"],
                                         color=line.get_color(), alpha=0.15)
-            title = ", ".join(f"{k}={v}" for k, v in zip(others, facet))
+            title = ", ".join(f"{_short(k)}={v}" for k, v in zip(others, facet))
             for ax, what in zip(row_axes, ("deadline-hit rate", "mean quality (0 on a miss)")):
                 ax.set_title(f"{what}{' | ' + title if title else ''}", fontsize=8)
                 ax.set_xlabel(f"{key}{f' ({unit})' if unit else ''}")
                 if unit == "Mbit/s":
                     ax.set_xscale("log")
+                if any(math.isnan(axis_value(v)[0]) for v in table[key]):
+                    ax.set_xticks(list(ticks.values()), list(ticks), fontsize=6, rotation=15)
         axes[0, 1].legend(fontsize=7)
         fig.tight_layout()
-        path = out / f"curves_{key.replace('.', '_')}.png"
+        path = out / f"curves_{axis[0].replace('.', '_')}.png"
         fig.savefig(path, dpi=110)
         plt.close(fig)
         paths.append(path)

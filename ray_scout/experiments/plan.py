@@ -87,6 +87,7 @@ class Trial:
 class Plan:
     base: Spec  # the spec as written, nothing swept (what names the run)
     keys: tuple[str, ...]  # swept keys, grid's first, then zip's
+    axes: tuple[tuple[str, ...], ...]  # keys that move together: one per grid key, the zip
     points: tuple[Point, ...]  # every point x replication, point-major
     replications: int
     digest: str  # of the document: a results directory resumes only the same plan
@@ -197,7 +198,9 @@ def parse_plan(doc: Any, *, base: Path = REPO_ROOT, fidelity: str | None = None)
                 raise SpecError(f"sweep point {values}: {exc}") from None
             points.append(Point(index, values, replication, spec))
     text = json.dumps(doc, sort_keys=True, default=str) + f"|{fidelity}"
-    return Plan(base_spec, tuple(keys), tuple(points), replications,
+    zipped = tuple(k for k in keys if k in (doc.get("sweep") or {}).get("zip", {}) or {})
+    axes = tuple((k,) for k in keys if k not in zipped) + ((zipped,) if zipped else ())
+    return Plan(base_spec, tuple(keys), axes, tuple(points), replications,
                 hashlib.sha256(text.encode()).hexdigest()[:16],
                 _companion(doc, base) if "companion" in doc else None)
 

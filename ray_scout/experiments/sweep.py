@@ -146,7 +146,7 @@ def report(plan: Plan, out: Path, frames: dict[str, pd.DataFrame], meta: dict,
     per_point.to_csv(out / "points.csv", index=False)
     if keys:
         other = pd.read_csv(reference / "points.csv") if reference else None
-        curves.plot(per_point, keys, out, other,
+        curves.plot(per_point, list(plan.axes), out, other,
                     (plan.base.fidelity, meta.get("reference_fidelity", "reference")))
     spec = plan.base
     text = [f"# {spec.name} ({spec.fidelity}): verdicts", "",

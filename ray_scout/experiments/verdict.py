@@ -148,7 +148,8 @@ def headline(table: pd.DataFrame, requests: pd.DataFrame, keys: list[str]) -> li
         tally = ", ".join(f"{v} at {counts[v]}" for v in VERDICTS if v in counts)
         against = (f"the best static arm ({', '.join(sorted(set(g['against'])))})"
                    if role == "best static" else f"the baseline {g['against'].iloc[0]}")
-        lines.append(f"- **{policy} vs {against}**, {len(g)} point(s): {tally}. "
+        cells = "point x allocator pair(s)" if allocators > 1 else "point(s)"
+        lines.append(f"- **{policy} vs {against}**, {len(g)} {cells}: {tally}. "
                      f"Median {int(g['n_pairs'].median())} paired requests per arm.")
         if _is_static(policy):
             continue
@@ -178,8 +179,12 @@ def headline(table: pd.DataFrame, requests: pd.DataFrame, keys: list[str]) -> li
                              f"{numbers}{extra}")
         ties = g[g["verdict"] == "tie"]
         if len(g) > 12 and not ties.empty:
-            lines.append(f"  - ties would need a median {_need(ties['pairs_to_separate'].median())}"
-                         " to separate (per point in verdicts.csv)")
+            seen = ties[ties["pairs_to_separate"].map(math.isfinite)]
+            need = (f"; the other {len(seen)} would need a median "
+                    f"{_need(seen['pairs_to_separate'].median())} to separate"
+                    if len(seen) else "")
+            lines.append(f"  - of {len(ties)} ties, {len(ties) - len(seen)} show no difference "
+                         f"at all{need} (each in verdicts.csv)")
     return lines
 
 
