@@ -135,6 +135,12 @@ def test_a_rerun_skips_finished_trials_and_a_changed_spec_is_refused(tmp_path):
     assert {p: p.stat().st_mtime_ns for p in finished[2:]} == stamps
     meta = (tmp_path / "meta.json").read_text()
     assert '"ran": 2' in meta and '"skipped": 4' in meta
+    # Another run of the plan (here the same fidelity) drawn dashed on the same curves.
+    overlay = tmp_path / "overlay"
+    run_sweep(plan, overlay, serial=True, show_progress=False, reference=tmp_path)
+    assert '"reference_fidelity": "simulated"' in (overlay / "meta.json").read_text()
+    with pytest.raises(SpecError, match="no points.csv"):
+        run_sweep(plan, overlay, serial=True, show_progress=False, reference=overlay / "x")
     other = parse_plan(doc_with(seed=12, sweep={"grid": {"agents.s.count": [1, 2]}}))
     with pytest.raises(SpecError, match="another plan"):
         run_sweep(other, tmp_path, serial=True, show_progress=False)

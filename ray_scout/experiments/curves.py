@@ -65,6 +65,13 @@ def _axis_column(table: pd.DataFrame, axis: tuple[str, ...]) -> pd.Series:
     return table[list(axis)].astype(str).agg(" / ".join, axis=1)
 
 
+def _order(value: str) -> tuple:
+    """Facets in the order of their numbers ("2 / 2" before "16 / 16"), else by name."""
+    first = value.split(" / ")[0]
+    number = axis_value(float(first) if first.replace(".", "", 1).isdigit() else first)[0]
+    return (0, number, value) if not math.isnan(number) else (1, 0.0, value)
+
+
 def _short(key: str) -> str:
     """``agents.a.model / agents.a.quality`` -> ``model / quality``: panel titles that fit."""
     return " / ".join(part.split(".")[-1] for part in key.split(" / "))
@@ -86,10 +93,11 @@ def plot(table: pd.DataFrame, axes_keys: list[tuple[str, ...]], out: Path,
     import matplotlib.pyplot as plt
 
     paths = []
-    runs = [(table, "-", labels[0])]
-    if reference is not None and not reference.empty:
-        runs.append((reference, "--", labels[1]))
+    runs = [(table, "-", "")]
+    if reference is not None and not reference.empty:  # name the runs only when two
+        runs = [(table, "-", labels[0]), (reference, "--", labels[1])]
     policies, allocators = table["policy"].nunique(), table["allocator"].nunique()
+    palette = plt.get_cmap("tab10" if policies * allocators <= 10 else "tab20")
     names = {axis: " / ".join(axis) for axis in axes_keys}
     with_axes = [frame.assign(**{names[a]: _axis_column(frame, a) for a in axes_keys})
                  for frame, _, _ in runs]
@@ -98,7 +106,8 @@ def plot(table: pd.DataFrame, axes_keys: list[tuple[str, ...]], out: Path,
     for axis in axes_keys:
         key = names[axis]
         others = [names[a] for a in axes_keys if a != axis]
-        facets = (sorted({tuple(r) for r in table[others].astype(str).itertuples(index=False)})
+        facets = (sorted({tuple(r) for r in table[others].astype(str).itertuples(index=False)},
+                         key=lambda f: [_order(v) for v in f])
                   if others else [()])[:MAX_PANEL_ROWS]
         fig, axes = plt.subplots(len(facets), 2, figsize=(11, 3.2 * len(facets)),
                                  squeeze=False)
@@ -114,7 +123,7 @@ def plot(table: pd.DataFrame, axes_keys: list[tuple[str, ...]], out: Path,
                     name = _label(arm.iloc[0], policies, allocators)
                     for ax, col in zip(row_axes, ("hit_rate", "quality")):
                         line, = ax.plot(arm["x"], arm[col], style, marker="o", markersize=3,
-                                        color=f"C{i % 10}",
+                                        color=palette(i % palette.N),
                                         label=f"{name} {run_label}".strip())
                         ax.fill_between(arm["x"], arm[f"{col.split('_')[0]}_ci_low"],
                                         arm[f"{col.split('_')[0]}_ci_high"],

@@ -481,6 +481,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--no-progress", action="store_true")
     parser.add_argument("--serial", action="store_true", help="a simulated sweep's trials "
                         "in this process, one after another (default: Ray tasks on every core)")
+    parser.add_argument("--reference", type=Path, help="a sweep's results directory of the "
+                        "same plan at another fidelity: drawn dashed on this sweep's curves")
 
 
 def run(args) -> int:
@@ -502,7 +504,7 @@ def run(args) -> int:
 
             run_sweep(plan, out, address=args.address, serial=args.serial,
                       show_progress=not args.no_progress,
-                      command="scout " + " ".join(sys.argv[1:]))
+                      command="scout " + " ".join(sys.argv[1:]), reference=args.reference)
         else:
             run_experiment(spec, out, args.address, not args.no_progress)
         if plan.companion is not None:  # its verdict heads the summary just written

@@ -24,6 +24,7 @@ import pandas as pd
 from ray_scout.experiments import curves, verdict
 from ray_scout.experiments.ledger import Ledger
 from ray_scout.experiments.plan import Plan, Trial
+from ray_scout.experiments.spec import SpecError
 
 # Tasks in flight at once per CPU: enough to keep workers busy, few enough that finished
 # results do not pile up in the object store.
@@ -190,8 +191,13 @@ def machine() -> str:
 
 
 def run_sweep(plan: Plan, out: Path, *, address: str | None = None, serial: bool = False,
-              show_progress: bool = True, command: str = "") -> dict[str, pd.DataFrame]:
-    """Run every unfinished trial of ``plan`` into ``out``, then write tables and report."""
+              show_progress: bool = True, command: str = "",
+              reference: Path | None = None) -> dict[str, pd.DataFrame]:
+    """Run every unfinished trial of ``plan`` into ``out``, then write tables and report
+    (with ``reference``, another fidelity's run of the plan, on the same curves)."""
+    if reference is not None and not (reference / "points.csv").exists():
+        raise SpecError(f"--reference {reference}: no points.csv there; give a directory "
+                        "a sweep of this spec wrote")
     from tqdm import tqdm
 
     out.mkdir(parents=True, exist_ok=True)
@@ -221,8 +227,12 @@ def run_sweep(plan: Plan, out: Path, *, address: str | None = None, serial: bool
             "wall_s": wall_s, "mode": "serial" if serial else "ray",
             "machine": machine(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
             "command": command or f"scout run (sweep of {plan.base.name})"}
+    if reference is not None:
+        meta["reference"] = str(reference)
+        meta["reference_fidelity"] = json.loads(
+            (reference / "meta.json").read_text()).get("fidelity", "reference")
     (out / "meta.json").write_text(json.dumps(meta, indent=2))
-    report(plan, out, frames, meta)
+    report(plan, out, frames, meta, reference)
     return frames
 
 

@@ -23,6 +23,7 @@ import re
 import pandas as pd
 
 from ray_scout.core.evaluation.metrics import (
+    bootstrap_ci,
     mcnemar_exact,
     mcnemar_pairs_needed,
     paired_pairs_needed,
@@ -60,12 +61,13 @@ def compare(pairs: pd.DataFrame, seed: int = 0) -> dict:
     hits_b = pairs["deadline_met_b"].fillna(False).astype(bool).to_numpy()
     known = pairs["quality_a"].notna() & pairs["quality_b"].notna()
     qa, qb = pairs.loc[known, "quality_a"].to_numpy(), pairs.loc[known, "quality_b"].to_numpy()
-    hits = paired_test(hits_a.astype(float), hits_b.astype(float), seed=seed)
+    # Hits: the bootstrap interval of the difference; their test is McNemar's, exact.
+    hits = bootstrap_ci(hits_a.astype(float) - hits_b.astype(float), seed=seed)
     mc = mcnemar_exact(hits_a, hits_b)
     quality = paired_test(qa, qb, seed=seed) if known.any() else None
-    better = {"hits": hits.mean_diff > 0 and mc.p_value < ALPHA,
+    better = {"hits": hits.mean > 0 and mc.p_value < ALPHA,
               "quality": quality is not None and quality.low > 0}
-    worse = {"hits": hits.mean_diff < 0 and mc.p_value < ALPHA,
+    worse = {"hits": hits.mean < 0 and mc.p_value < ALPHA,
              "quality": quality is not None and quality.high < 0}
     if any(better.values()):
         verdict = "trade-off" if any(worse.values()) else "win"
@@ -76,7 +78,7 @@ def compare(pairs: pd.DataFrame, seed: int = 0) -> dict:
                paired_pairs_needed(qa - qb) if len(qa) > 1 else math.inf)
     return dict(
         n_pairs=n, hit_rate_a=hits_a.mean(), hit_rate_b=hits_b.mean(),
-        hits_diff=hits.mean_diff, hits_ci_low=hits.low, hits_ci_high=hits.high,
+        hits_diff=hits.mean, hits_ci_low=hits.low, hits_ci_high=hits.high,
         mcnemar_p=mc.p_value, a_only_hits=mc.a_only, b_only_hits=mc.b_only,
         quality_a=qa.mean() if len(qa) else math.nan, quality_b=qb.mean() if len(qb) else math.nan,
         quality_diff=quality.mean_diff if quality else math.nan,
