@@ -24,7 +24,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import yaml
 
 from ray_scout.experiments.spec import (
     CAPACITY_KEYS,
@@ -36,6 +35,7 @@ from ray_scout.experiments.spec import (
     Spec,
     SpecError,
     parse_spec,
+    read_document,
 )
 
 _SECTION_KEYS = {"network": NETWORK_KEYS, "capacity": CAPACITY_KEYS, "cloud": CLOUD_KEYS}
@@ -222,12 +222,5 @@ def _companion(doc: dict, base: Path) -> Plan:
 
 
 def load_plan(path: str | Path, fidelity: str | None = None) -> Plan:
-    path = Path(path)
-    if not path.exists():
-        raise SpecError(f"spec {path} not found; the shipped ones are in experiments/*.yaml")
-    try:
-        doc = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise SpecError(f"{path}: not valid YAML ({exc})") from None
-    return parse_plan(doc, base=REPO_ROOT, fidelity=fidelity)
+    return parse_plan(read_document(path), base=REPO_ROOT, fidelity=fidelity)
 

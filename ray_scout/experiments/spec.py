@@ -289,15 +289,19 @@ def parse_spec(doc: Any, *, base: Path = REPO_ROOT, fidelity: str | None = None)
     return spec
 
 
-def load_spec(path: str | Path, fidelity: str | None = None) -> Spec:
+def read_document(path: str | Path) -> Any:
+    """The YAML document of a spec file (``parse_spec`` or ``plan.parse_plan`` reads it)."""
     path = Path(path)
     if not path.exists():
         raise SpecError(f"spec {path} not found; the shipped ones are in experiments/*.yaml")
     try:
-        doc = yaml.safe_load(path.read_text())
+        return yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:
         raise SpecError(f"{path}: not valid YAML ({exc})") from None
-    return parse_spec(doc, base=REPO_ROOT, fidelity=fidelity)
+
+
+def load_spec(path: str | Path, fidelity: str | None = None) -> Spec:
+    return parse_spec(read_document(path), base=REPO_ROOT, fidelity=fidelity)
 
 
 def _rate(value: Any, where: str) -> float:
