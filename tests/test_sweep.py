@@ -135,6 +135,17 @@ def test_a_rerun_skips_finished_trials_and_a_changed_spec_is_refused(tmp_path):
     assert {p: p.stat().st_mtime_ns for p in finished[2:]} == stamps
     meta = (tmp_path / "meta.json").read_text()
     assert '"ran": 2' in meta and '"skipped": 4' in meta
+    # `scout report` of a sweep's directory rewrites the sweep's summary, timing kept.
+    import argparse
+
+    from ray_scout.experiments.report import run as report_run
+
+    (tmp_path / "spec.yaml").write_text(yaml.safe_dump(
+        doc_with(sweep={"grid": {"agents.s.count": [1, 2]}})))
+    (tmp_path / "summary.md").unlink()
+    assert report_run(argparse.Namespace(results=tmp_path)) == 0
+    assert (tmp_path / "summary.md").read_text().startswith("# sw (simulated): verdicts")
+    assert '"ran": 2' in (tmp_path / "meta.json").read_text()
     # Another run of the plan (here the same fidelity) drawn dashed on the same curves.
     overlay = tmp_path / "overlay"
     run_sweep(plan, overlay, serial=True, show_progress=False, reference=tmp_path)

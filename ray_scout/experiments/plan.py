@@ -197,7 +197,7 @@ def parse_plan(doc: Any, *, base: Path = REPO_ROOT, fidelity: str | None = None)
             except SpecError as exc:
                 raise SpecError(f"sweep point {values}: {exc}") from None
             points.append(Point(index, values, replication, spec))
-    text = json.dumps(doc, sort_keys=True, default=str) + f"|{fidelity}"
+    text = json.dumps(doc, sort_keys=True, default=str) + f"|{base_spec.fidelity}"
     zipped = tuple(k for k in keys if k in (doc.get("sweep") or {}).get("zip", {}) or {})
     axes = tuple((k,) for k in keys if k not in zipped) + ((zipped,) if zipped else ())
     return Plan(base_spec, tuple(keys), axes, tuple(points), replications,

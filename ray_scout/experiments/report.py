@@ -174,6 +174,16 @@ def run(args) -> int:
     from ray_scout.experiments.spec import SpecError, load_spec
 
     out = args.results
+    if (out / "plan.json").exists():  # a sweep's directory: its own report
+        from ray_scout.experiments.sweep import rewrite_report
+
+        try:
+            print(rewrite_report(out))
+        except (OSError, KeyError, ValueError, SpecError) as exc:
+            print(f"scout report: {out} is not a complete sweep directory ({exc}); rerun "
+                  "its `scout run` to finish it", file=sys.stderr)
+            return 2
+        return 0
     try:
         meta = json.loads((out / "meta.json").read_text())
         spec = load_spec(out / "spec.yaml", meta["fidelity"])

@@ -38,7 +38,7 @@ from ray_scout.core.stages.profiled import (
 from ray_scout.core.stages.request import Arrival, RequestShape
 from ray_scout.experiments.placement import Placement, alive_nodes, place
 from ray_scout.experiments.spec import (
-    REPO_ROOT, Spec, SpecError, arrivals, capacity_trace, check_allocators, load_spec,
+    REPO_ROOT, Spec, SpecError, arrivals, capacity_trace, check_allocators,
     quality_profile,
 )
 from ray_scout.net.profiles import load_profile

@@ -251,3 +251,15 @@ def run_companion(plan: Plan, out: Path, *, show_progress: bool = True,
     summary.write_text(verdict_text.rstrip() + "\n\nEvery verdict and point: "
                        "companion/summary.md; the showcase's own requests follow.\n\n" + rest)
     return summary
+
+
+def rewrite_report(out: Path) -> Path:
+    """``scout report`` of a sweep's directory: the summary, verdicts and curves again from
+    its stored trials, with its run's facts (``meta.json``) kept."""
+    from ray_scout.experiments.plan import load_plan
+
+    meta = json.loads((out / "meta.json").read_text())
+    plan = load_plan(out / "spec.yaml", meta["fidelity"])
+    frames = collect(plan, Ledger(out, plan.digest, plan.base.name))
+    reference = Path(meta["reference"]) if meta.get("reference") else None
+    return report(plan, out, frames, meta, reference)
