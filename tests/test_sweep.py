@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import os
 
 import pandas as pd
 import pytest
@@ -202,3 +203,28 @@ def test_at_the_demos_conditions_adaptive_loses_to_no_static_arm(tmp_path):
     verdicts = pd.read_csv(tmp_path / "verdicts.csv")
     mine = verdicts[verdicts["policy"] == "adaptive:offload"]
     assert len(mine) == 2 and not set(mine["verdict"]) & {"lose", "trade-off"}, mine.T
+
+
+@pytest.mark.ray
+@pytest.mark.root
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root: profiled trials build namespaces "
+                    "and HTB links")
+def test_a_profiled_sweep_runs_one_lab_per_point_and_records_every_arm(tmp_path):
+    doc = doc_with(fidelity="profiled", duration_s=4, capacity={"kind": "constant",
+                                                                 "rate": "20mbit"},
+                   policies=["adaptive", "static:int8"],
+                   sweep={"grid": {"capacity.rate": ["10mbit", "40mbit"]}})
+    doc["agents"][0].update(arrival_rate_hz=1.0, context_tokens=[64], deadline_s=3.0)
+    plan = parse_plan(doc)
+    frames = run_sweep(plan, tmp_path, show_progress=False)
+    trials = frames["trials"]
+    assert sorted(trials["trial_id"]) == sorted(t.trial_id for t in plan.trials())
+    assert trials["n"].gt(0).all() and set(trials["node"]) == {"lab"}
+    assert sorted((tmp_path / "points").iterdir()) == [tmp_path / "points" / "p000-r00",
+                                                       tmp_path / "points" / "p001-r00"]
+    req = frames["requests"]
+    for _, g in req.groupby("point"):  # both arms replayed the point's arrivals
+        arms = [a.sort_values("request_id")["t_arrival_s"].to_numpy()
+                for _, a in g.groupby("policy")]
+        assert len(arms) == 2 and list(arms[0]) == list(arms[1])
+    assert '"mode": "lab, one point at a time"' in (tmp_path / "meta.json").read_text()

@@ -102,23 +102,32 @@ def _arm(frame: pd.DataFrame, trial: Trial) -> pd.DataFrame:
 def _run_emulated(plan: Plan, todo: list[Trial], ledger: Ledger, out: Path, bar,
                   address: str | None, show_progress: bool) -> None:
     """One point x replication at a time, all its arms, so one lab stands at a time."""
-    from ray_scout.experiments.runner import run_emulated
+    import ray
+
+    from ray_scout.experiments.runner import run_emulated, start_ray
 
     by_point: dict[tuple, list[Trial]] = {}
     for trial in todo:
         by_point.setdefault((trial.point.index, trial.point.replication), []).append(trial)
-    for (index, replication), trials in by_point.items():
-        spec = trials[0].point.spec
-        where = out / "points" / f"p{index:03d}-r{replication:02d}"
-        where.mkdir(parents=True, exist_ok=True)
-        started = time.perf_counter()
-        frames = run_emulated(spec, where, address, show_progress, dashboard=False)
-        wall_s = (time.perf_counter() - started) / len(trials)
-        requests, epochs = frames["requests"], frames["epochs"]
-        for trial in trials:
-            _store(ledger, trial, _arm(requests, trial), _arm(epochs, trial), wall_s,
-                   "lab")
-            bar.update(1)
+    # One Ray for the sweep (run_emulated reuses a running one), sized for its largest point:
+    # a local Ray's ``edge`` resources are one per agent.
+    largest = max((t.point.spec for t in todo), key=lambda spec: len(spec.agent_names))
+    started_ray = start_ray(largest, address, dashboard=False)
+    try:
+        for (index, replication), trials in by_point.items():
+            where = out / "points" / f"p{index:03d}-r{replication:02d}"
+            where.mkdir(parents=True, exist_ok=True)
+            started = time.perf_counter()
+            frames = run_emulated(trials[0].point.spec, where, address, show_progress,
+                                  dashboard=False)
+            wall_s = (time.perf_counter() - started) / len(trials)
+            for trial in trials:
+                _store(ledger, trial, _arm(frames["requests"], trial),
+                       _arm(frames["epochs"], trial), wall_s, "lab")
+                bar.update(1)
+    finally:
+        if started_ray:
+            ray.shutdown()
 
 
 def collect(plan: Plan, ledger: Ledger) -> dict[str, pd.DataFrame]:
@@ -224,7 +233,9 @@ def run_sweep(plan: Plan, out: Path, *, address: str | None = None, serial: bool
         frames["epochs"].to_parquet(out / "epochs.parquet", index=False)
     meta = {"spec": plan.base.name, "fidelity": plan.base.fidelity, "digest": plan.digest,
             "trials": len(trials), "ran": len(todo), "skipped": len(trials) - len(todo),
-            "wall_s": wall_s, "mode": "serial" if serial else "ray",
+            "wall_s": wall_s,
+            "mode": ("lab, one point at a time" if plan.base.fidelity != "simulated"
+                     else "serial" if serial else "ray"),
             "machine": machine(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
             "command": command or f"scout run (sweep of {plan.base.name})"}
     if reference is not None:
