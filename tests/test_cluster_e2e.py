@@ -595,6 +595,23 @@ def _shaped(node: Node) -> str:
     return shown.stdout
 
 
+# 4 capacities x 2 replications x 2 policies = 16 simulated trials, more than the head's
+# CPUs hold at once, so Ray hands some to the worker.
+SWEEP_SPEC = {**CLUSTER_SPEC, "name": "cluster_sweep", "fidelity": "simulated",
+              "duration_s": 60, "policies": ["adaptive", "static:int8"],
+              "sweep": {"grid": {"capacity.rate": ["10mbit", "20mbit", "40mbit", "80mbit"]}},
+              "replications": 2}
+
+
+def _run_sweep(lab: Lab) -> pd.DataFrame:
+    """`scout run --address auto` of ``SWEEP_SPEC`` on the head; returns its trials table."""
+    (lab.head.home / "cluster_sweep.yaml").write_text(yaml.safe_dump(SWEEP_SPEC))
+    run = lab.exec("cd ~/ray-scout && python -m ray_scout.cli run ~/cluster_sweep.yaml "
+                   "--address auto --no-progress --out ~/cluster_sweep", timeout=300)
+    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
+    return pd.read_csv(lab.head.home / "cluster_sweep" / "trials.csv")
+
+
 def test_ray_up_places_cloud_on_head_and_edge_on_worker_and_cluster_down_leaves_no_ray(lab):
     placed = _placement(lab)
     assert placed["cloud"] == {"ip": lab.head.ip, "module": _installed_module(lab.head)}, placed
@@ -653,6 +670,11 @@ def test_ray_up_places_cloud_on_head_and_edge_on_worker_and_cluster_down_leaves_
     # these payloads at Gbit/s.
     ratio = (sent["measured_bps"] / sent["grant_bps"]).median()
     assert 0.85 <= ratio <= 1.0, f"measured/granted {ratio:.3f}\n{sent.to_string()}"
+
+    # A small simulated sweep on the same cluster: its trials are Ray tasks on both nodes.
+    trials = _run_sweep(lab)
+    assert len(trials) == 16 and trials["n"].gt(0).all(), trials.to_string()
+    assert set(trials["node"]) == {lab.head.ip, lab.worker.ip}, trials["node"].value_counts()
 
     config = str(lab.config_path)
     ray_down = lab.ray("down", "-y", config, timeout=180)

@@ -163,3 +163,20 @@ def test_queue_aware_policy_keeps_the_local_fallback():
     assert d.mode == Mode.LOCAL and "link down" in d.reason
     d = QueueAwarePolicy(paper_b_profile()).decide(queued_request(200, 0.1, rate_hz=1.0))
     assert d.mode == Mode.LOCAL and d.feasible == ()
+
+
+def test_modes_within_the_best_modes_measured_interval_tie_and_the_smaller_payload_wins():
+    # As the embedded pair's calibrated profile: BF16 1.0, INT8 and INT4 within n=100
+    # intervals that reach 1.0, scout clearly worse. A 2% quality gap that was never
+    # measured as a gap does not justify 2-4x the bytes exposed to a falling rate.
+    measured = QualityProfile("m", "e", "c", "relative_f1", {
+        Mode.BF16: ModeQuality(1.0, 100, 1.0, 1.0),
+        Mode.INT8: ModeQuality(0.99, 100, 0.964, 1.008),
+        Mode.INT4: ModeQuality(0.979, 100, 0.944, 1.005),
+        Mode.MIXED_INT4: ModeQuality(0.977, 100, 0.946, 0.999),
+        Mode.SCOUT: ModeQuality(0.79, 100, 0.70, 0.87)})
+    d = AdaptivePolicy(measured).decide(request(200))
+    assert d.mode == Mode.INT4
+    assert "smallest payload of 3 within the best's measured quality" in d.reason
+    # Below INT4's rate the next tie set is empty of KV modes: scout, not a miss.
+    assert AdaptivePolicy(measured, safety_margin=0.0).decide(request(10)).mode == Mode.SCOUT

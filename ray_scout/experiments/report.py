@@ -410,6 +410,16 @@ def run(args) -> int:
     from ray_scout.experiments.spec import SpecError, load_spec
 
     results = args.results
+    if (results / "plan.json").exists():  # a sweep's directory: its own report
+        from ray_scout.experiments.sweep import rewrite_report
+
+        try:
+            print(rewrite_report(results))
+        except (OSError, KeyError, ValueError, SpecError) as exc:
+            print(f"scout report: {results} is not a complete sweep directory ({exc}); rerun "
+                  "its `scout run` to finish it", file=sys.stderr)
+            return 2
+        return 0
     try:
         # meta.json says the fidelity that ran; a folder without one (reference results
         # committed with their tables only) has it in spec.yaml, which `scout run` writes.

@@ -46,7 +46,7 @@ from ray_scout.core.stages.request import Arrival, RequestShape
 from ray_scout.experiments.placement import Placement, alive_nodes, edge_hosts, place
 from ray_scout.experiments.spec import (
     FIDELITIES, REPO_ROOT, Spec, SpecError, arrivals, capacity_trace, check_allocators,
-    check_placement, load_spec, quality_profile, spec_path, spec_text_as_run,
+    check_placement, quality_profile, spec_path, spec_text_as_run,
 )
 from ray_scout.net.profiles import load_profile
 from ray_scout.net.topology import CLOUD_ADDRESS
@@ -701,18 +701,16 @@ def _write_run_record(out: Path, trials: list[dict]) -> None:
         indent=2, default=str))
 
 
-def run_simulated(spec: Spec, out: Path) -> dict[str, pd.DataFrame]:
-    """The same spec through the discrete-event simulator (network and compute modelled),
+def simulated_agents(spec: Spec) -> tuple:
+    """The simulator's agents for ``spec`` (what every simulated trial of it shares),
     replaying the testbed's seeded arrival schedule, so its rows pair with an emulated run's."""
-    from ray_scout.experiments.simulate import AgentSpec, SimConfig, simulate
+    from ray_scout.experiments.simulate import AgentSpec
 
-    estimator = simulated_estimator(spec)
+    simulated_estimator(spec)
     shapes = request_shapes(spec)
-    groups = spec.groups_by_agent()
-    trace = capacity_trace(spec)
     work = workloads(spec)
     agents = []
-    for name, g in groups.items():
+    for name, g in spec.groups_by_agent().items():
         table = {t: s.payload_bytes for t, s in shapes[g.name].items()}
         median = sorted(g.context_tokens)[len(g.context_tokens) // 2]
         access = spec.access_rate_bps or load_profile(g.access).up.rate_bps
@@ -720,17 +718,32 @@ def run_simulated(spec: Spec, out: Path) -> dict[str, pd.DataFrame]:
                                 quality_profile(spec, g), shapes[g.name][median].latency,
                                 g.context_tokens, access_rate_bps=access,
                                 schedule=tuple((a.t_s, a.context_tokens) for a in work[name])))
-    requests, epochs = [], []
-    for policy, allocator in spec.combinations():
-        pol = {name: make_policy(policy, quality_profile(spec, g), spec.safety_margin)
-               for name, g in groups.items()}
-        req, ep = simulate(SimConfig(tuple(agents), trace, pol, allocator, estimator,
-                                     epoch_s=spec.epoch_s, duration_s=spec.duration_s,
-                                     seed=spec.seed, objective=spec.allocation_objective))
-        requests.append(req.assign(policy=policy, allocator=allocator))
-        epochs.append(ep.assign(policy=policy, allocator=allocator))
-    return {"requests": pd.concat(requests, ignore_index=True),
-            "epochs": pd.concat(epochs, ignore_index=True),
+    return tuple(agents)
+
+
+def simulated_trial(spec: Spec, policy: str, allocator: str,
+                    agents: tuple | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """One combination through the discrete-event simulator: (requests, epochs)."""
+    from ray_scout.experiments.simulate import SimConfig, simulate
+
+    agents = agents or simulated_agents(spec)
+    pol = {name: make_policy(policy, quality_profile(spec, g), spec.safety_margin)
+           for name, g in spec.groups_by_agent().items()}
+    req, ep = simulate(SimConfig(agents, capacity_trace(spec), pol, allocator,
+                                 simulated_estimator(spec), epoch_s=spec.epoch_s,
+                                 duration_s=spec.duration_s, seed=spec.seed,
+                                 objective=spec.allocation_objective))
+    return (req.assign(policy=policy, allocator=allocator),
+            ep.assign(policy=policy, allocator=allocator))
+
+
+def run_simulated(spec: Spec, out: Path) -> dict[str, pd.DataFrame]:
+    """The same spec through the discrete-event simulator (network and compute modelled)."""
+    agents = simulated_agents(spec)
+    trials = [simulated_trial(spec, policy, allocator, agents)
+              for policy, allocator in spec.combinations()]
+    return {"requests": pd.concat([r for r, _ in trials], ignore_index=True),
+            "epochs": pd.concat([e for _, e in trials], ignore_index=True),
             "rate_changes": pd.DataFrame(), "events": pd.DataFrame()}
 
 
@@ -801,6 +814,10 @@ def add_arguments(parser) -> None:
     parser.add_argument("-v", "--verbose", action="store_true",
                         help="Ray's and the actors' output on the terminal (by default "
                         "it goes to <out>/run.log)")
+    parser.add_argument("--serial", action="store_true", help="a simulated sweep's trials "
+                        "in this process, one after another (default: Ray tasks on every core)")
+    parser.add_argument("--reference", type=Path, help="a sweep's results directory of the "
+                        "same plan at another fidelity: drawn dashed on this sweep's curves")
 
 
 def run(args) -> int:
@@ -808,6 +825,7 @@ def run(args) -> int:
     on Ctrl-C, 143 on SIGTERM. Nothing is created (no output folder, no Ray) until the spec,
     its profiles and the privileges it needs have been checked."""
     from ray_scout.experiments.console import loud, quiet
+    from ray_scout.experiments.plan import load_plan
     from ray_scout.net.cli import EXIT_NO_PRIVILEGE
     from ray_scout.net.errors import CapabilityError
 
@@ -821,8 +839,10 @@ def run(args) -> int:
             args.fidelity = json.loads((args.resume / "meta.json").read_text()).get("fidelity")
     try:
         path = spec_path(args.spec)
-        spec = load_spec(path, args.fidelity)
-        validate(spec, args.address)
+        plan = load_plan(path, args.fidelity)
+        spec = plan.base
+        if not plan.is_sweep:  # a sweep checks each of its points as it plans them
+            validate(spec, args.address)
     except SpecError as exc:
         print(f"scout run: {exc}", file=sys.stderr)
         return 2
@@ -839,8 +859,20 @@ def run(args) -> int:
         (out / "spec.yaml").write_text(spec_text_as_run(path.read_text(), spec.fidelity))
     console = loud() if args.verbose else quiet(out)
     try:
-        run_experiment(spec, out, args.address, not args.no_progress,
-                       resume=args.resume is not None, progress_file=console.err)
+        if plan.is_sweep:  # finished trials in ``out`` are kept, not rerun (``ledger``)
+            from ray_scout.experiments.sweep import run_sweep
+
+            run_sweep(plan, out, address=args.address, serial=args.serial,
+                      show_progress=not args.no_progress,
+                      command="scout " + " ".join(sys.argv[1:]), reference=args.reference)
+        else:
+            run_experiment(spec, out, args.address, not args.no_progress,
+                           resume=args.resume is not None, progress_file=console.err)
+        if plan.companion is not None:  # its verdict heads the summary just written
+            from ray_scout.experiments.sweep import run_companion
+
+            run_companion(plan.companion, out, show_progress=not args.no_progress,
+                          command="scout " + " ".join(sys.argv[1:]))
     except SpecError as exc:
         print(f"scout run: {exc}", file=console.err)
         return 2

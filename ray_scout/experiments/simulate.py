@@ -121,6 +121,11 @@ def paper_b_agent(agent_id: str, arrival_rate_hz: float = 1.0, deadline_s: float
                      paper_b_latency(rtt_s))
 
 
+def _median_length(lengths: tuple[int, ...]) -> int:
+    """One of the lengths (the upper median), so the payload function knows its size."""
+    return sorted(lengths)[len(lengths) // 2]
+
+
 def _max_min_share(capacity_bps: float, caps: dict[str, float]) -> dict[str, float]:
     """Water-filling: equal shares, with agents capped by their access link giving back."""
     share, left, todo = {}, capacity_bps, dict(caps)
@@ -179,12 +184,7 @@ class _Sim:
         # send, its arrival rate and its policy's margin once: demands do not track
         # individual requests, so they stay fixed and only the capacity moves the split.
         self.demands = [
-            # The middle one of its lengths (upper middle for an even count, as the runner
-            # picks the latency model): np.median would average two lengths into one that
-            # no request has.
-            demand_for(s.agent_id,
-                       s.payload_bytes(sorted(s.context_tokens)[len(s.context_tokens) // 2]),
-                       s.quality,
+            demand_for(s.agent_id, s.payload_bytes(_median_length(s.context_tokens)), s.quality,
                        s.latency, s.deadline_s, s.weight, arrival_rate_hz=s.arrival_rate_hz,
                        safety_margin=self.policy_for(s.agent_id).safety_margin,
                        modes=self.policy_for(s.agent_id).choices)

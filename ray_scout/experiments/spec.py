@@ -37,6 +37,14 @@ Schema (units in the values: ``50mbit``; times in seconds)::
     allocators: [equal, model_aware, greedy, quality_max, optimal]
     allocation_objective: expected_hits | mean_response   # docs/POLICY.md, Allocation
     safety_margin: 0.1
+    baseline: static:int4         # optional: verdicts judge every policy against it too
+    sweep:                        # optional (``plan``): dotted keys, one trial per point x
+      grid: {capacity.rate: [5mbit, 50mbit], agents.a.count: [2, 8]}   # cartesian
+      zip: {agents.a.deadline_s: [0.5, 1.0], duration_s: [30, 60]}     # side by side
+    replications: 5               # seeds derived from ``seed``; replication 0 keeps it
+    companion: {fidelity: simulated, replications: 20, policies: [...]}   # optional: the
+                                  # same conditions again at another fidelity, more requests;
+                                  # its verdict heads this run's summary (``plan``)
 """
 
 from __future__ import annotations
@@ -75,6 +83,19 @@ MAX_DURATION_S = 7 * 24 * 3600.0
 MAX_ARRIVALS = 10_000_000  # expected requests per trial: the workload is built up front
 MAX_EPOCHS = 10_000_000  # allocator epochs per trial (duration_s / epoch_s)
 MAX_NEW_TOKENS = 32_768
+
+
+# The keys each section takes: parse_spec refuses others, and a sweep may set exactly these
+# (``plan``). ``sweep``, ``replications`` and ``companion`` belong to the plan, not to one
+# point.
+TOP_KEYS = frozenset({"name", "description", "fidelity", "duration_s", "seed", "epoch_s",
+                      "network", "capacity", "cloud", "agents", "policies", "allocators",
+                      "safety_margin", "baseline", "sweep", "replications", "companion",
+                      "allocation_objective"})
+NETWORK_KEYS = frozenset({"bottleneck", "impairment", "borrow", "access_rate", "site_size"})
+CAPACITY_KEYS = frozenset({"kind", "rate", "states", "step_s", "segments", "path", "window_s",
+                           "seed"})
+CLOUD_KEYS = frozenset({"slots", "models", "max_batch", "batch_window_s"})
 
 
 class SpecError(ValueError):
@@ -123,6 +144,8 @@ class Spec:
     cloud_batch_window_s: float = 0.0
     site_size: int = 1  # agents per edge namespace in the lab-in-a-box
     allocation_objective: str = "expected_hits"
+    baseline: str | None = None  # the policy every other is judged against (besides the
+    # best static arm); see ``verdict``
 
     @property
     def agent_names(self) -> list[str]:
@@ -222,9 +245,6 @@ def _only_known(doc: dict, known: set[str], where: str, note: str = "") -> None:
                         f"{', '.join(sorted(known))}{note}")
 
 
-CAPACITY_KEYS = {"kind", "rate", "states", "step_s", "seed", "segments", "path", "window_s"}
-
-
 def _agent(doc: dict, i: int) -> AgentGroup:
     with _about(f"agents[{i}]"):
         return _agent_group(doc, i)
@@ -289,10 +309,7 @@ def parse_spec(doc: Any, *, base: Path = REPO_ROOT, fidelity: str | None = None)
 def _parse_spec(doc: Any, base: Path, fidelity: str | None) -> Spec:
     if not isinstance(doc, dict):
         raise SpecError("a spec is a YAML mapping (name, agents, capacity, policies, ...)")
-    known = {"name", "description", "fidelity", "duration_s", "seed", "epoch_s", "network",
-             "capacity", "cloud", "agents", "policies", "allocators", "safety_margin",
-             "allocation_objective"}
-    _only_known(doc, known, "spec (top level)")
+    _only_known(doc, TOP_KEYS, "spec (top level)")
     agents_doc = _need(doc, "agents", "spec")
     if not isinstance(agents_doc, list) or not agents_doc:
         raise SpecError("agents: give a list of at least one agent group")
@@ -301,10 +318,9 @@ def _parse_spec(doc: Any, base: Path, fidelity: str | None) -> Spec:
     if len(set(names)) != len(names):
         raise SpecError(f"agents: group names must be unique, got {names}")
     network = _mapping(doc, "network")
-    _only_known(network, {"bottleneck", "impairment", "borrow", "access_rate", "site_size"},
-                "network", " (access profiles are per agent group)")
+    _only_known(network, NETWORK_KEYS, "network", " (access profiles are per agent group)")
     cloud = _mapping(doc, "cloud")
-    _only_known(cloud, {"slots", "models", "max_batch", "batch_window_s"}, "cloud")
+    _only_known(cloud, CLOUD_KEYS, "cloud")
     models = _mapping(cloud, "models", "cloud.") or {g.cloud_model: {"timing": "paper_b"}
                                                      for g in agents}
     for m in models:
@@ -322,6 +338,12 @@ def _parse_spec(doc: Any, base: Path, fidelity: str | None) -> Spec:
                        for i, a in enumerate(_list(doc, "allocators", ["equal"])))
     if not policies or not allocators:
         raise SpecError("policies and allocators: give at least one of each")
+    baseline = doc.get("baseline")
+    if baseline is not None:
+        baseline = _policy(str(baseline), "baseline")
+        if baseline not in policies:
+            raise SpecError(f"baseline: {baseline!r} is not among the policies "
+                            f"{list(policies)}; add it there or name one of them")
     spec = Spec(
         name=str(_need(doc, "name", "spec")),
         fidelity=_known(fidelity or str(doc.get("fidelity", "profiled")), FIDELITIES,
@@ -347,7 +369,8 @@ def _parse_spec(doc: Any, base: Path, fidelity: str | None) -> Spec:
         site_size=int(_positive(network.get("site_size", _auto_site_size(agents)),
                                 "network.site_size", True)),
         allocation_objective=_known(str(doc.get("allocation_objective", "expected_hits")),
-                                    OBJECTIVES, "allocation_objective"))
+                                    OBJECTIVES, "allocation_objective"),
+        baseline=baseline)
     if spec.site_size > MAX_SITE_SIZE:
         raise SpecError(f"network.site_size: at most {MAX_SITE_SIZE} agents share a site, "
                         f"not {spec.site_size}")
@@ -408,7 +431,9 @@ def check_placement(agents_per_node: dict[str, int]) -> None:
 MAX_SPEC_BYTES = 1 << 20
 
 
-def load_spec(path: str | Path, fidelity: str | None = None) -> Spec:
+def read_document(path: str | Path) -> Any:
+    """The YAML document of a spec file, by path or by a shipped spec's name (``parse_spec``
+    or ``plan.parse_plan`` reads it)."""
     path = spec_path(path)
     if path.stat().st_size > MAX_SPEC_BYTES:
         raise SpecError(f"{path}: {path.stat().st_size} bytes, over the limit of {MAX_SPEC_BYTES} "
@@ -417,16 +442,23 @@ def load_spec(path: str | Path, fidelity: str | None = None) -> Spec:
         text = path.read_text()
     except (OSError, UnicodeDecodeError) as exc:
         raise SpecError(f"{path}: cannot be read as text ({exc})") from None
-    return parse_spec_text(text, str(path), fidelity)
+    return _yaml(text, str(path))
+
+
+def _yaml(text: str, where: str) -> Any:
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise SpecError(f"{where}: not valid YAML ({exc})") from None
 
 
 def parse_spec_text(text: str, where: str = "spec", fidelity: str | None = None) -> Spec:
     """A validated spec from YAML text; ``SpecError`` for anything else."""
-    try:
-        doc = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise SpecError(f"{where}: not valid YAML ({exc})") from None
-    return parse_spec(doc, base=REPO_ROOT, fidelity=fidelity)
+    return parse_spec(_yaml(text, where), base=REPO_ROOT, fidelity=fidelity)
+
+
+def load_spec(path: str | Path, fidelity: str | None = None) -> Spec:
+    return parse_spec(read_document(path), base=REPO_ROOT, fidelity=fidelity)
 
 
 def spec_text_as_run(text: str, fidelity: str) -> str:

@@ -296,6 +296,10 @@ class AdaptivePolicy:
         self.choices = tuple(dict.fromkeys(self.modes + (Mode.LOCAL,)))
         self.name = f"adaptive(margin={safety_margin:g})"
 
+    def _upper(self, mode: Mode) -> float:
+        q = self.profile.modes[mode]
+        return q.mean if q.ci_high is None else max(q.mean, q.ci_high)
+
     def decide(self, request: PolicyInput) -> Decision:
         rate = max(request.bandwidth_bps, 0.0) * (1 - self.safety_margin)
         latency = _expected(request, rate, tuple(dict.fromkeys(self.modes + (Mode.LOCAL,))))
@@ -311,9 +315,16 @@ class AdaptivePolicy:
         if not feasible:
             return fallback(f"no mode meets the {request.deadline_s:.3f} s deadline at "
                             f"{rate / 1e6:.2f} Mbit/s")
-        best = max(feasible, key=lambda m: (quality[m], -request.payload_bytes.get(m, 0)))
-        return Decision(best, f"highest expected quality ({quality[best]:.3f}) of "
-                        f"{len(feasible)} feasible at {rate / 1e6:.2f} Mbit/s",
+        # A mode whose measured interval reaches the best mean is not known to be worse
+        # than the best: among those the smallest payload wins, as it is the least exposed
+        # to the rate falling during its transfer (profiles without intervals: exact ties).
+        top = max(quality[m] for m in feasible)
+        tied = [m for m in feasible if self._upper(m) >= top]
+        best = min(tied, key=lambda m: (request.payload_bytes.get(m, 0), -quality[m]))
+        why = (f"highest expected quality ({quality[best]:.3f})" if len(tied) == 1 else
+               f"smallest payload of {len(tied)} within the best's measured quality "
+               f"({quality[best]:.3f} vs {top:.3f})")
+        return Decision(best, f"{why} of {len(feasible)} feasible at {rate / 1e6:.2f} Mbit/s",
                         latency, quality, feasible, rate)
 
 

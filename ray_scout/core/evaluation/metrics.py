@@ -2,9 +2,10 @@
 
 What lives here: SQuAD-official answer normalization with exact match and token F1 (the v2.0
 evaluation script's semantics, unanswerable questions included), percentile-bootstrap
-confidence intervals of a mean, and a paired test between two methods scored on the same
-samples. What it knows: strings and arrays of per-sample scores. What it leaves to others:
-where predictions come from (the harness and the actors) and which samples they answer
+confidence intervals of a mean, a paired test between two methods scored on the same
+samples, the exact McNemar test of paired hits, and the pairs a difference needs to show.
+What it knows: strings and arrays of per-sample scores. What it leaves to others: where
+predictions come from (the harness and the actors) and which samples they answer
 (``tasks``).
 """
 
@@ -13,6 +14,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import itertools
+import math
 import re
 import string
 from typing import NamedTuple, Sequence
@@ -250,3 +252,81 @@ def paired_test(
     else:
         p_value = _wilcoxon_p_value(diffs)
     return PairedResult(interval.mean, interval.low, interval.high, p_value, method, diffs.size)
+
+
+@dataclasses.dataclass(frozen=True)
+class McNemarResult:
+    """Two methods' hits on the same samples: the discordant pairs and the exact p-value.
+
+    ``a_only``: pairs A hit and B missed; ``b_only``: the reverse; ``n``: all pairs.
+    """
+
+    a_only: int
+    b_only: int
+    p_value: float
+    n: int
+
+
+def _as_hits(values: Sequence[bool], name: str) -> np.ndarray:
+    array = np.asarray(values)
+    if array.ndim != 1 or not np.isin(array, (0, 1)).all():
+        raise ValueError(f"{name} must be a flat sequence of hits (True/False or 1/0)")
+    return array.astype(bool)
+
+
+def mcnemar_exact(a: Sequence[bool], b: Sequence[bool]) -> McNemarResult:
+    """Exact McNemar test of "A and B hit equally often" on paired hits, two-sided.
+
+    Only discordant pairs carry evidence; under the null each is A's with probability 1/2,
+    so the p-value is twice the smaller binomial tail (capped at 1), summed in log space so
+    that tens of thousands of pairs neither overflow nor underflow.
+    """
+    first, second = _as_hits(a, "a"), _as_hits(b, "b")
+    if first.shape != second.shape:
+        raise ValueError(f"mcnemar_exact needs hits of the same samples in the same order: "
+                         f"got {first.size} and {second.size}")
+    a_only, b_only = int((first & ~second).sum()), int((~first & second).sum())
+    m, k = a_only + b_only, min(a_only, b_only)
+    if m == 0:
+        return McNemarResult(0, 0, 1.0, first.size)
+    i = np.arange(1, k + 1)
+    log_comb = np.concatenate(([0.0], np.cumsum(np.log(m - i + 1) - np.log(i))))
+    log_terms = log_comb - m * np.log(2.0)
+    top = log_terms.max()
+    tail = float(np.exp(top) * np.exp(log_terms - top).sum())
+    return McNemarResult(a_only, b_only, min(1.0, 2.0 * tail), first.size)
+
+
+def _z(alpha: float, power: float) -> tuple[float, float]:
+    from statistics import NormalDist
+
+    if not (0 < alpha < 1 and 0 < power < 1):
+        raise ValueError(f"alpha and power must lie in (0, 1), got {alpha} and {power}")
+    return NormalDist().inv_cdf(1 - alpha / 2), NormalDist().inv_cdf(power)
+
+
+def mcnemar_pairs_needed(a_only_rate: float, b_only_rate: float, *, alpha: float = 0.05,
+                         power: float = 0.8) -> float:
+    """Pairs for McNemar's test to find a difference this size with ``power`` (Connor 1987).
+
+    ``a_only_rate``/``b_only_rate``: the fractions of pairs where only A, only B hit. Returns
+    inf when they are equal: no difference was seen, so no number of pairs separates them.
+    """
+    z_a, z_b = _z(alpha, power)
+    discordant, delta = a_only_rate + b_only_rate, abs(a_only_rate - b_only_rate)
+    if delta == 0:
+        return math.inf
+    return (z_a * math.sqrt(discordant) + z_b * math.sqrt(discordant - delta ** 2)) ** 2 \
+        / delta ** 2
+
+
+def paired_pairs_needed(diffs: Sequence[float], *, alpha: float = 0.05,
+                        power: float = 0.8) -> float:
+    """Pairs for a paired test of the mean difference to find the observed one with
+    ``power`` (normal approximation: ((z_a + z_b) sd / mean)^2); inf for a zero mean."""
+    array = _as_scores(diffs, "diffs")
+    z_a, z_b = _z(alpha, power)
+    mean = float(array.mean())
+    if mean == 0:
+        return math.inf
+    return ((z_a + z_b) * float(array.std(ddof=1) if array.size > 1 else 0.0) / mean) ** 2
