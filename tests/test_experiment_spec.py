@@ -53,8 +53,9 @@ def spec_with(**changes):
     # Issue 17, defect 5: no upper bounds; count 1e9 took 7.3 GB in 60 s with no message.
     (spec_with(agents=[{**BASE["agents"][0], "count": 1_000_000_000}]),
      "agents\\[0\\].count: 1000000000 is over the limit of 100000"),
-    (spec_with(agents=[{**BASE["agents"][0], "count": 3000}, {**BASE["agents"][1], "count": 3000}]),
-     "agents: 6000 agents in all groups, over the limit"),
+    (spec_with(agents=[{**BASE["agents"][0], "count": 60_000},
+                       {**BASE["agents"][1], "count": 60_000}]),
+     "agents: 120000 agents in all groups, over the limit"),
     (spec_with(agents=[{**BASE["agents"][0], "context_tokens": [10**9]}]),
      "agents\\[0\\].context_tokens: 1000000000 is over the limit"),
     (spec_with(agents=[{**BASE["agents"][0], "arrival_rate_hz": 1e12}]),

@@ -254,18 +254,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--a", default="embedded", help="model A (load_model source); "
                         "its tokenizer sizes the contexts")
     parser.add_argument("--b", default="embedded:gemma3-270m", help="model B")
-    parser.add_argument("--task", default="single_needle", choices=sorted(tasks.TASKS))
-    parser.add_argument("--context-tokens", type=int, default=256)
-    parser.add_argument("--n", type=int, default=200)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--max-new-tokens", type=int, default=20)
+    parser.add_argument("--task", default="single_needle", choices=sorted(tasks.TASKS),
+                        help="the synthetic task the samples come from")
+    parser.add_argument("--context-tokens", type=int, default=256,
+                        help="approximate context length of each sample")
+    parser.add_argument("--n", type=int, default=200, help="samples per cell")
+    parser.add_argument("--seed", type=int, default=0, help="the task generator's seed")
+    parser.add_argument("--max-new-tokens", type=int, default=20,
+                        help="longest answer decoded")
     parser.add_argument("--results", type=Path, required=True,
                         help="CSV to append to and resume from")
     parser.add_argument("--merge", type=Path, nargs="*", default=[],
                         help="more results CSVs to include in the summary")
     parser.add_argument("--summary", type=Path, help="Markdown summary (default: beside the CSV)")
     parser.add_argument("--no-run", action="store_true", help="summarize the rows on file")
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
 
 
 def run(args: argparse.Namespace) -> int:
