@@ -407,12 +407,10 @@ class EdgeHost:
         ``configs`` are the trial's, as ``prepare`` had them: a host restarted by Ray comes
         back empty and rebuilds its agents from them when the run is retried, and its agents
         then account for the requests that died with the old process. ``restarted`` None:
-        ask Ray whether this actor was reconstructed.
+        the host has no agents yet, so this process is not the one ``prepare`` built them in.
         """
         if restarted is None:
-            import ray
-
-            restarted = ray.get_runtime_context().was_current_actor_reconstructed
+            restarted = not self.agents
         if list(self.configs) != list(configs):
             self.prepare(configs)
         recorded = self._recorded() if restarted else None
