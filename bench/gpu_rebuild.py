@@ -71,7 +71,7 @@ def bench_mode(preset: str, mode: Mode, tokens: int, device: torch.device,
 
     def rebuild(encoded):
         restored = codec.decode(encoded, dtype=torch.bfloat16, device=device)
-        return restored.to_cache(config)
+        return restored.to_cache()
 
     def from_bytes():
         return rebuild(wire.decode_kv(data, facts=facts).encoded)

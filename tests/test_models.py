@@ -71,7 +71,7 @@ def test_kv_snapshot_roundtrip_continues_decoding_exactly(tiny_model):
     snapshot.check_matches(tiny_model.facts)
     nxt = torch.tensor([[5]])
     full = tiny_model.model(torch.cat([ids, nxt], 1)).logits[0, -1]
-    step = tiny_model.model(nxt, cache=snapshot.to_cache(tiny_model.model.config),
+    step = tiny_model.model(nxt, cache=snapshot.to_cache(),
                             position_ids=torch.tensor([[19]])).logits[0, -1]
     torch.testing.assert_close(step, full, rtol=1e-4, atol=1e-4)
 

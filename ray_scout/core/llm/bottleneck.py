@@ -71,7 +71,7 @@ def _continuation_logprobs(lm: models.LoadedModel, snap: KVSnapshot,
                            continuation: torch.Tensor) -> torch.Tensor:
     positions = torch.arange(continuation.shape[1], device=lm.device) + snap.next_position
     with torch.no_grad():
-        logits = lm.model(continuation, cache=snap.to_cache(lm.model.config),
+        logits = lm.model(continuation, cache=snap.to_cache(),
                           position_ids=positions.unsqueeze(0)).logits[0]
     return torch.log_softmax(logits.float(), dim=-1)
 

@@ -262,7 +262,7 @@ def continue_after(
         position_ids=tail_positions.unsqueeze(0).to(lm.device),
         attention_mask=torch.ones(1, snapshot.num_tokens + len(tail_ids), dtype=torch.long,
                                   device=lm.device),
-        cache=snapshot.to_cache(lm.model.config),
+        cache=snapshot.to_cache(),
         use_cache=True,
     )
     step_s = time.perf_counter() - start
