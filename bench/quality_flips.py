@@ -32,7 +32,7 @@ def _first_logits(lm, snapshot: KVSnapshot, tail: list[int]) -> torch.Tensor:
     out = lm.model(input_ids=torch.tensor([tail]),
                    position_ids=torch.tensor([[snapshot.next_position]]),
                    attention_mask=torch.ones(1, snapshot.num_tokens + 1, dtype=torch.long),
-                   cache=snapshot.to_cache(lm.model.config), use_cache=True)
+                   cache=snapshot.to_cache(), use_cache=True)
     return out.logits[0, -1].float()
 
 

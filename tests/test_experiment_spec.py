@@ -253,3 +253,20 @@ def test_more_agents_than_a_machine_holds_is_refused_before_any_work():
     doc = spec_with(fidelity="profiled", agents=[{**BASE["agents"][0], "count": 2001}])
     with pytest.raises(SpecError, match="2001 agents on this machine"):
         validate(parse_spec(doc), address=None)  # before the privilege check: root or not
+
+
+def test_a_cell_draws_its_first_agents_grants_and_says_how_many_there_are(tmp_path: Path):
+    from matplotlib.image import imread
+
+    from ray_scout.experiments.report import RATES_AGENTS, write_report
+
+    agents = [f"s{i}" for i in range(RATES_AGENTS + 8)]
+    epochs = pd.DataFrame([dict(policy="adaptive", allocator="equal", agent=a, t_s=0.0,
+                                rate_bps=1e6, capacity_bps=50e6) for a in agents])
+    requests = pd.concat([_requests(policy="adaptive", agent=a, mode="scout",
+                                    deadline_met=True, quality=0.8, latency_s=0.5,
+                                    overhead_s=0.01) for a in agents], ignore_index=True)
+    write_report(parse_spec(BASE), tmp_path, {"requests": requests, "epochs": epochs})
+    height, width = imread(tmp_path / "rates.png").shape[:2]
+    # One row of panels per drawn agent: 12 rows, not 20 (2 inches each at 120 dpi).
+    assert height < 120 * (1.4 + 2.0 * (RATES_AGENTS + 1))
