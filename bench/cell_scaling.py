@@ -10,8 +10,9 @@ and load average:
   processes and peak RSS of this run's processes (sampled every 0.5 s), requests, hits,
   testbed overhead p50/p99 of answered requests, the allocator's decision and apply times,
   errors, leftovers, wall time.
-- ``decisions``: the allocators' decision time on the same cell's demands at larger N,
-  as the simulator and the allocator actor call them (``allocate`` end to end).
+- ``decisions``: the allocators' decision time (CPU time of the calling thread) on the same
+  cell's demands at larger N, as the simulator and the allocator actor call them
+  (``allocate`` end to end), with the spec's allocation objective or ``--objective``.
 
 Needs root (namespaces) for the first two. Run it alone on the machine.
 
@@ -141,23 +142,26 @@ def run(agents: int, duration_s: float, allocator: str) -> dict:
             "modes": r["mode"].value_counts(normalize=True).round(3).to_dict()}
 
 
-def decisions(agents: int, strategies: list[str], repeats: int) -> list[dict]:
+def decisions(agents: int, strategies: list[str], repeats: int,
+              objective: str | None) -> list[dict]:
     doc = scaled_doc(agents, 60, strategies)
     doc["fidelity"] = "simulated"
     spec = parse_spec(doc, base=REPO_ROOT)
+    objective = objective or spec.allocation_objective
     built = time.perf_counter()
     demand = demands(spec, request_shapes(spec), workloads(spec), "adaptive")
     build_s = time.perf_counter() - built
     rows = []
     for strategy in strategies:
         for capacity in (200e6, 800e6):
-            allocate(strategy, demand, capacity)  # warm-up
+            allocate(strategy, demand, capacity, objective)  # warm-up
             times = []
             for _ in range(repeats):
                 start = time.thread_time()
-                allocate(strategy, demand, capacity)
+                allocate(strategy, demand, capacity, objective)
                 times.append(time.thread_time() - start)
-            rows.append({"agents": agents, "strategy": strategy, "capacity_bps": capacity,
+            rows.append({"agents": agents, "strategy": strategy, "objective": objective,
+                         "capacity_bps": capacity,
                          "cpu_ms_median": 1e3 * statistics.median(times),
                          "cpu_ms_max": 1e3 * max(times), "demands_build_s": build_s})
             print(json.dumps(rows[-1]), flush=True)
@@ -174,6 +178,8 @@ def main() -> None:
     parser.add_argument("--strategies", nargs="+",
                         default=["equal", "model_aware", "greedy", "quality_max", "optimal"])
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--objective", choices=("expected_hits", "mean_response"),
+                        help="the decisions' allocation objective (default: the cell spec's)")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     result = {
@@ -189,7 +195,7 @@ def main() -> None:
         result["runs"].append(run(n, args.duration, args.allocator))
         print(json.dumps(result["runs"][-1]), flush=True)
     for n in args.decide:
-        result["decisions"] += decisions(n, args.strategies, args.repeats)
+        result["decisions"] += decisions(n, args.strategies, args.repeats, args.objective)
     result["loadavg_after"] = os.getloadavg()
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1))
