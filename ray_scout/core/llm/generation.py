@@ -163,7 +163,7 @@ def prefill(lm: LoadedModel, layout: PromptLayout, *, capture: str = "last",
     start = time.perf_counter()
     with _query_hooks(lm, layers, queries):
         # Only the last row's logits are needed: skips a [T, vocab] projection.
-        out = lm.model(input_ids=ids.unsqueeze(0), past_key_values=full_cache(),
+        out = lm.model(input_ids=ids.unsqueeze(0), cache=full_cache(),
                        use_cache=True, logits_to_keep=1)
     elapsed = _finished_s(lm, start)
     snapshot = KVSnapshot.from_cache(out.cache)
@@ -327,7 +327,7 @@ def prefill_batch(lm: LoadedModel, layouts: Sequence[PromptLayout]
     positions = (mask.cumsum(1) - 1).clamp(min=0)
     start = time.perf_counter()
     out = lm.model(input_ids=ids.to(lm.device), attention_mask=mask.to(lm.device),
-                   position_ids=positions.to(lm.device), past_key_values=full_cache(),
+                   position_ids=positions.to(lm.device), cache=full_cache(),
                    use_cache=True, logits_to_keep=1)
     elapsed = time.perf_counter() - start
     layers = out.cache.layers
