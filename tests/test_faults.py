@@ -29,7 +29,7 @@ FLAP_AT_S, FLAP_S = 6.0, 2.0
 
 
 def test_kills_and_a_link_flap_under_32_agents_lose_no_request_and_hang_none(tmp_path):
-    ray = pytest.importorskip("ray")
+    import ray
     from pyroute2 import netns
 
     from ray_scout.experiments.runner import run_experiment, workloads

@@ -30,10 +30,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                      "this directory as the working directory; exit with its exit code.")
     lab.add_argument("--writable", action="append", default=[], metavar="DIR",
                      help="a host directory the command may write (repeatable); the rest is read-only")
-    lab.add_argument("--memory-mib", type=int, default=2048)
-    lab.add_argument("--cpus", type=int, default=2)
-    lab.add_argument("--timeout-s", type=float, default=600.0)
-    lab.add_argument("lab_command", nargs=argparse.REMAINDER, metavar="-- COMMAND")
+    lab.add_argument("--memory-mib", type=int, default=2048, help="the guest's memory")
+    lab.add_argument("--cpus", type=int, default=2, help="the guest's virtual CPUs")
+    lab.add_argument("--timeout-s", type=float, default=600.0,
+                     help="stop the guest after this long")
+    lab.add_argument("lab_command", nargs=argparse.REMAINDER, metavar="-- COMMAND",
+                     help="the command to run inside the guest, after --")
     up = sub.add_parser("up", help="build the lab topology and hold it until Ctrl-C")
     up.add_argument("--edges", type=int, default=2, help="edge namespaces, one access link "
                     "each (default 2)")
