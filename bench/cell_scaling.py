@@ -1,7 +1,7 @@
 """How ray-scout scales with the number of agents in one cell on this machine.
 
-Three measurements, written as one JSON document (``--out``) with the machine, date, commit
-and load average:
+Three measurements, written to ``--out`` as JSON lines as each is measured, after a first
+line with the machine, date, commit and load average:
 
 - ``topology``: the lab-in-a-box at N agents (sites of 250 above 64 agents, as specs do):
   build and teardown seconds, and one whole split applied in one netlink batch.
@@ -17,7 +17,7 @@ and load average:
 Needs root (namespaces) for the first two. Run it alone on the machine.
 
     python3 bench/cell_scaling.py --agents 10 100 300 1000 --duration 30 \\
-        --decide 1000 10000 100000 --out bench/results/cell_scaling.json
+        --decide 1000 10000 100000 --out bench/results/cell_scaling.jsonl
 """
 
 from __future__ import annotations
@@ -164,7 +164,6 @@ def decisions(agents: int, strategies: list[str], repeats: int,
                          "capacity_bps": capacity,
                          "cpu_ms_median": 1e3 * statistics.median(times),
                          "cpu_ms_max": 1e3 * max(times), "demands_build_s": build_s})
-            print(json.dumps(rows[-1]), flush=True)
     return rows
 
 
@@ -180,25 +179,30 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--objective", choices=("expected_hits", "mean_response"),
                         help="the decisions' allocation objective (default: the cell spec's)")
-    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--out", type=Path, required=True,
+                        help="JSON lines: the provenance first, then one line per result as "
+                        "it is measured (an interrupted run keeps what it measured)")
     args = parser.parse_args()
-    result = {
-        "machine": cpu_name(), "date": datetime.date.today().isoformat(),
-        "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT,
-                                 capture_output=True, text=True).stdout.strip(),
-        "command": "python3 bench/cell_scaling.py " + " ".join(sys.argv[1:]),
-        "loadavg_before": os.getloadavg(), "topology": [], "runs": [], "decisions": []}
-    for n in args.topology:
-        result["topology"].append(topology(n))
-        print(json.dumps(result["topology"][-1]), flush=True)
-    for n in args.agents:
-        result["runs"].append(run(n, args.duration, args.allocator))
-        print(json.dumps(result["runs"][-1]), flush=True)
-    for n in args.decide:
-        result["decisions"] += decisions(n, args.strategies, args.repeats, args.objective)
-    result["loadavg_after"] = os.getloadavg()
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=1))
+    with open(args.out, "w") as out:
+        def emit(kind: str, row: dict) -> None:
+            out.write(json.dumps({"kind": kind, **row}) + "\n")
+            out.flush()
+            print(json.dumps(row), flush=True)
+
+        emit("provenance", {
+            "machine": cpu_name(), "date": datetime.date.today().isoformat(),
+            "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT,
+                                     capture_output=True, text=True).stdout.strip(),
+            "command": "python3 bench/cell_scaling.py " + " ".join(sys.argv[1:]),
+            "loadavg_before": os.getloadavg()})
+        for n in args.topology:
+            emit("topology", topology(n))
+        for n in args.agents:
+            emit("run", run(n, args.duration, args.allocator) | {"loadavg": os.getloadavg()})
+        for n in args.decide:
+            for row in decisions(n, args.strategies, args.repeats, args.objective):
+                emit("decision", row)
 
 
 if __name__ == "__main__":
