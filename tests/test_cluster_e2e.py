@@ -590,9 +590,11 @@ def _job_log(address: str, job: str) -> str:
 
 def _shaped(node: Node) -> str:
     """The node's qdiscs on its interface toward the head (HTB while a trial shapes it)."""
-    shown = subprocess.run(["ip", "-n", node.netns, "qdisc", "show", "dev", NODE_IFNAME],
-                           capture_output=True, text=True, timeout=30)
-    return shown.stdout
+    from pyroute2 import NetNS
+
+    with NetNS(node.netns) as ns:
+        index = ns.link_lookup(ifname=NODE_IFNAME)[0]
+        return " ".join(msg.get_attr("TCA_KIND") for msg in ns.get_qdiscs(index=index))
 
 
 # 4 capacities x 2 replications x 2 policies = 16 simulated trials, more than the head's
