@@ -2,7 +2,7 @@
 
     PYTHONPATH=. python3 bench/gpu_pipeline.py [--preset qwen2.5-3b] [--repeats 3]
 
-Runs core.pipeline exactly as the actors do (EdgeStage.encode -> bytes -> CloudStage.answer)
+Runs core.stages.full exactly as the actors do (EdgeStage.encode -> bytes -> CloudStage.answer)
 with a random-weight model at a preset's shape on CUDA; it checks that the GPU paths
 (Triton codecs, SDPA prefill, Q2C, cache rebuild, scout re-prefill) work together and times
 them. Random weights make the answers meaningless; the timings and sizes are exact.

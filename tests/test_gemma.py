@@ -96,7 +96,7 @@ def test_scout_across_families_through_the_wire_equals_the_cloud_model_alone(emb
                                                                             gemma):
     # At 100% retention the edge's character spans must land on every cloud token, so the
     # cloud model answers exactly as it does alone: token for token, in both directions.
-    from ray_scout.core.stages.pipeline import CloudStage, EdgeOptions, EdgeStage
+    from ray_scout.core.stages.full import CloudStage, EdgeOptions, EdgeStage
     from ray_scout.core.modes import Mode
 
     for edge_lm, cloud_lm in ((embedded_model, gemma), (gemma, embedded_model)):
