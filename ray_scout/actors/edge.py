@@ -368,6 +368,8 @@ class EdgeHost:
         """The host in a few words for Ray's Actors table: its agents, what they last sent,
         their hits (each agent prints its own line to the host's log as it finishes one)."""
         agents = list(self.agents.values())
+        if not agents:
+            return f"{self.name}: waiting for its agents"
         modes = collections.Counter(a.last_mode for a in agents)
         return (f"{self.name}: {len(agents)} agents, hits "
                 f"{sum(a.hits for a in agents)}/{sum(a.answered for a in agents)}, last modes "
