@@ -590,9 +590,9 @@ def _job_log(address: str, job: str) -> str:
 
 def _shaped(node: Node) -> str:
     """The node's qdiscs on its interface toward the head (HTB while a trial shapes it)."""
-    from pyroute2 import NetNS
+    from ray_scout.net.namespaces import netlink
 
-    with NetNS(node.netns) as ns:
+    with netlink(node.netns) as ns:
         index = ns.link_lookup(ifname=NODE_IFNAME)[0]
         return " ".join(msg.get_attr("TCA_KIND") for msg in ns.get_qdiscs(index=index))
 

@@ -12,14 +12,16 @@ root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (CAP_NET_ADMIN) 
 
 @pytest.fixture
 def veth():
+    from ray_scout.net.namespaces import create_netns
+
     name = f"rs-t{os.getpid():x}-shape"
-    netns.create(name)
+    ipr = create_netns(name)  # in a thread, no fork: a forked pytest must never run on
     try:
-        with IPRoute(netns=name, flags=0) as ipr:
-            ipr.link("add", ifname="rs-a", kind="veth", peer="rs-b")
-            ipr.link("set", index=ipr.link_lookup(ifname="rs-a")[0], state="up")
-            yield ipr, name
+        ipr.link("add", ifname="rs-a", kind="veth", peer="rs-b")
+        ipr.link("set", index=ipr.link_lookup(ifname="rs-a")[0], state="up")
+        yield ipr, name
     finally:
+        ipr.close()
         netns.remove(name)
 
 

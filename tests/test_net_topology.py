@@ -87,8 +87,10 @@ def test_impaired_profile_without_netem_or_backend_fails_clearly():
 def test_cleanup_removes_only_its_prefix():
     run = pid_run_id()
     mine, other = f"rs-{run}-x", f"rs-{run}z-y"
-    netns.create(mine)
-    netns.create(other)
+    from ray_scout.net.namespaces import create_netns
+
+    for name in (mine, other):
+        create_netns(name).close()
     try:
         removed = cleanup(f"rs-{run}-")
         assert removed.namespaces == (mine,)

@@ -18,6 +18,7 @@ from pyroute2.netlink.exceptions import NetlinkError
 
 from ray_scout.net import PREFIX
 from ray_scout.net.errors import NETEM_MISSING, require_root
+from ray_scout.net.namespaces import create_netns, in_netns
 from ray_scout.net.netem import NetemParams  # also registers the complete netem encoder with pyroute2
 
 QDISCS = ("htb", "netem", "tbf", "pfifo", "bfifo", "fq_codel", "fq", "sfq", "cake", "clsact", "ingress")
@@ -100,9 +101,11 @@ def probe() -> Capabilities:
     """Probe qdiscs, classifiers and TCP congestion controls in a throwaway namespace."""
     require_root()
     name = f"{PREFIX}probe-{os.getpid()}"
-    netns.create(name)
+    # In a thread of ours (create_netns), not pyroute2's forked helper: a probe runs inside
+    # Ray workers and pytest, whose forked copies must never go on running.
+    create_netns(name).close()
     try:
-        with IPRoute(netns=name, ext_ack=True) as ns:
+        with in_netns(name), IPRoute(ext_ack=True) as ns:  # the socket is made in there
             ns.link("add", ifname="probe0", kind="veth", peer="probe1")
             index = ns.link_lookup(ifname="probe0")[0]
             ns.link("set", index=index, state="up")
