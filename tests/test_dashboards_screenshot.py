@@ -12,9 +12,11 @@ docs/img/ray-dashboard-jobs.png and docs/img/ray-dashboard-actors.png.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -54,10 +56,38 @@ def _alive(dashboard: str) -> list:
                        detail=True)
 
 
-def _scout(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "ray_scout.cli", *args], cwd=REPO,
-                          capture_output=True, text=True, timeout=180,
-                          env={**os.environ, "PYTHONPATH": str(REPO)})
+def _scout(env: dict, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "ray_scout.cli", *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=120)
+
+
+def _wait_for_jobs_api(dashboard: str, head: subprocess.Popen) -> None:
+    from ray.job_submission import JobSubmissionClient
+
+    deadline = time.monotonic() + 120
+    while True:
+        assert head.poll() is None, f"`ray start --head` exited with {head.returncode}"
+        try:
+            JobSubmissionClient(dashboard).list_jobs()
+            return
+        except Exception:  # noqa: BLE001 - not up yet
+            assert time.monotonic() < deadline, f"no Jobs API at {dashboard} after 120 s"
+            time.sleep(1)
+
+
+def _stop_head(head: subprocess.Popen, tmp: Path) -> None:
+    """End the head and every process of its Ray (each names the temp dir on its command
+    line); `ray stop` would end every Ray of this machine."""
+    head.terminate()
+    head.wait(timeout=30)
+    for signum in (signal.SIGTERM, signal.SIGKILL):
+        for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+            try:
+                if str(tmp).encode() in cmdline.read_bytes():
+                    os.kill(int(cmdline.parent.name), signum)
+            except (OSError, ValueError):
+                pass  # already gone
+        time.sleep(2)
 
 
 def _screenshot(chromium: str, url: str, picture: Path) -> None:
@@ -71,48 +101,42 @@ def _screenshot(chromium: str, url: str, picture: Path) -> None:
     assert pixels.shape[:2] == (1000, 1600) and pixels.std() > 0.05, f"a blank page: {url}"
 
 
-def test_dashboard_shows_the_job_and_its_actors_with_their_state(monkeypatch, ray_temp_dir):
+def test_dashboard_shows_the_job_and_its_actors_with_their_state(ray_temp_dir, missing):
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     if chromium is None:
         missing("chromium missing: scripts/setup.sh installs Debian's chromium")
     if os.geteuid() != 0:
         pytest.skip("the run shapes links: needs root")
-    import ray
     from ray.job_submission import JobSubmissionClient
 
-    if ray.is_initialized():
-        pytest.skip("a Ray instance is already up in this process")
-    # A private, loopback-only dashboard: without token auth the headless browser needs no
-    # login (a lab's dashboard keeps it on: docs/LAB_GUIDE.md says how to log in).
-    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
-    # The dashboard agent, which runs submitted jobs, listens on a fixed port (52365) that
-    # ray.init cannot change: another Ray on this machine holding it leaves no agent to take
-    # the job ("No available agent"). A free one, through the parameters ray.init builds.
-    import ray._private.parameter as parameter
-
-    agent_port, params = _free_port(), parameter.RayParams
-    monkeypatch.setattr(parameter, "RayParams", lambda *args, **kwargs: params(
-        *args, **{"dashboard_agent_listen_port": agent_port, **kwargs}))
     tmp = ray_temp_dir
     spec = yaml.safe_load((REPO / "experiments" / "allocation_congestion.yaml").read_text())
     spec.update(name="dashboard_screenshot", duration_s=40, policies=["adaptive"],
                 allocators=["model_aware"])
     (tmp / "dashboard_screenshot.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
     agents = sum(a["count"] for a in spec["agents"])
+    # A private, loopback-only dashboard: without token auth the headless browser needs no
+    # login (a lab's dashboard keeps it on: docs/LAB_GUIDE.md says how to log in). The Ray runs
+    # in its own process: Ray reads RAY_AUTH_MODE once per process, so a Ray started here
+    # would leave every later Ray of this test session disagreeing with its GCS.
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONPATH": str(REPO)}
+    dashboard_port = _free_port()
+    dashboard = f"http://127.0.0.1:{dashboard_port}"
+    # The dashboard agent, which runs submitted jobs, listens on a fixed port (52365) by
+    # default: another Ray of this machine holding it leaves no agent to take the job.
+    head = subprocess.Popen(
+        [sys.executable, "-c", "from ray.scripts.scripts import main; main()", "start", "--head",
+         "--block", "--port", str(_free_port()),
+         "--num-cpus", "2", "--resources", json.dumps({"edge": agents, "cloud": 1}),
+         "--include-dashboard", "true", "--dashboard-host", "127.0.0.1",
+         "--dashboard-port", str(dashboard_port),
+         "--dashboard-agent-listen-port", str(_free_port()), "--temp-dir", str(tmp / "ray"),
+         "--disable-usage-stats"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     job = None
     try:
-        info = ray.init(num_cpus=2, resources={"edge": agents, "cloud": 1},
-                        include_dashboard=True, dashboard_host="127.0.0.1",
-                        dashboard_port=_free_port(), _temp_dir=str(tmp / "ray"),
-                        log_to_driver=False)
-        dashboard = f"http://{info.dashboard_url}"
-        # A job's driver finds its cluster (`--address auto`) in <temp dir>/ray_current_cluster,
-        # which `ray start` writes and ray.init does not: without it, it may join another Ray
-        # of this machine. Written here as `ray start` would.
-        from ray._private.utils import write_ray_address
-
-        write_ray_address(info.address_info["gcs_address"], str(tmp / "ray"))
-        submitted = _scout("submit", str(tmp / "dashboard_screenshot.yaml"), "--address",
+        _wait_for_jobs_api(dashboard, head)
+        submitted = _scout(env, "submit", str(tmp / "dashboard_screenshot.yaml"), "--address",
                            dashboard, "--results", str(tmp / "results"))
         assert submitted.returncode == 0, submitted.stdout + submitted.stderr
         job = submitted.stdout.split()[1].rstrip(":")
@@ -148,6 +172,6 @@ def test_dashboard_shows_the_job_and_its_actors_with_their_state(monkeypatch, ra
                 shutil.copy(tmp / picture.name, picture)
     finally:
         if job is not None:
-            stopped = _scout("stop", job, "--address", dashboard)  # links torn down
+            stopped = _scout(env, "stop", job, "--address", dashboard)  # links torn down
             assert stopped.returncode == 0, stopped.stdout + stopped.stderr
-        ray.shutdown()
+        _stop_head(head, tmp)
