@@ -19,7 +19,6 @@ round trip).
 from __future__ import annotations
 
 import argparse
-import csv
 import sys
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -29,6 +28,7 @@ from ray_scout.core.evaluation import metrics, tasks
 from ray_scout.core.llm import generation, scout, selection
 from ray_scout.core.llm.models import LoadedModel
 from ray_scout.core.llm.prompt import build_prompt
+from ray_scout.experiments.rowstore import RowStore
 
 RETENTIONS = (0.25, 0.5, 0.75)
 FULL, OWN, MAPPED = "full", "own_q2c", "mapped_q2c"
@@ -130,41 +130,9 @@ def measure_rows(models: Sequence[tuple[str, LoadedModel]], task: str, context_t
 
 # --------------------------------------------------------------------------- storage
 
-def read_rows(path: Path) -> list[dict]:
-    if not path.exists():
-        return []
-    with path.open(newline="") as handle:
-        reader = csv.DictReader(handle)
-        if list(reader.fieldnames or []) != list(FIELDS):
-            raise CrossFamilyError(f"{path} has columns {reader.fieldnames}, expected "
-                                   f"{list(FIELDS)}; write to a new file")
-        rows = list(reader)
-    for row in rows:
-        row.update({k: float(row[k]) for k in _FLOATS})
-        row.update({k: int(row[k]) for k in _INTS})
-    return rows
-
-
-def append_rows(path: Path, rows: Iterable[dict]) -> int:
-    """Append as measured; a sample's rows are flushed together, so a stop loses at most one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    new = not path.exists() or path.stat().st_size == 0
-    count = 0
-    with path.open("a", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=FIELDS)
-        if new:
-            writer.writeheader()
-        pending: list[dict] = []
-        for row in rows:
-            if pending and row["sample_id"] != pending[0]["sample_id"]:
-                writer.writerows(pending)
-                handle.flush()
-                count += len(pending)
-                pending = []
-            pending.append({k: row[k] for k in FIELDS})
-        writer.writerows(pending)
-        count += len(pending)
-    return count
+STORE = RowStore(fields=FIELDS, ints=_INTS, floats=_FLOATS, error=CrossFamilyError,
+                 flush_by="sample_id")
+read_rows, append_rows = STORE.read, STORE.append
 
 
 def complete_samples(rows: Sequence[Mapping], model_a: str, model_b: str, task: str,

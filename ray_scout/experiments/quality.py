@@ -13,7 +13,6 @@ Row columns (one row per sample x cell): ``core.evaluation.quality.ROW_FIELDS``;
 from __future__ import annotations
 
 import argparse
-import csv
 import dataclasses
 import sys
 import time
@@ -22,9 +21,11 @@ from pathlib import Path
 
 import yaml
 
+from ray_scout.core.evaluation.quality import (FULL, REFERENCE, ROW_FIELDS, SCORES, Cell,
+                                               CellSummary, Grid, QualityError, paired,
+                                               row_key, run_grid, summarize)
 from ray_scout.core.modes import Mode
-from ray_scout.core.evaluation.quality import (FULL, REFERENCE, ROW_FIELDS, SCORES, Cell, CellSummary,
-                                    Grid, QualityError, paired, row_key, run_grid, summarize)
+from ray_scout.experiments.rowstore import RowStore
 
 # Scratch by default (git-ignored); committed results name their file with --results.
 RESULTS_DIR = Path("results/quality")
@@ -94,44 +95,13 @@ def load_grid(spec: str) -> Grid:
 
 # --------------------------------------------------------------------------- storage
 
-_INT_FIELDS = ("context_tokens", "max_new_tokens", "sample_index", "payload_bytes",
-               "payload_with_document_bytes", "kept_context_tokens", "num_context_tokens")
-_FLOAT_FIELDS = ("retention", "em", "f1", "contains", "edge_prefill_s", "select_s", "encode_s",
-                 "cloud_payload_s", "cloud_prefill_s", "cloud_decode_s")
-
-
-def _typed(row: dict) -> dict:
-    row.update({k: int(row[k]) for k in _INT_FIELDS})
-    row.update({k: float(row[k]) for k in _FLOAT_FIELDS})
-    return row
-
-
-def read_rows(path: Path) -> list[dict]:
-    """Rows of a results CSV with numbers typed (empty when the file does not exist)."""
-    if not path.exists():
-        return []
-    with path.open(newline="") as handle:
-        reader = csv.DictReader(handle)
-        if reader.fieldnames is None or list(reader.fieldnames) != list(ROW_FIELDS):
-            raise QualityError(f"{path} has columns {reader.fieldnames}, expected "
-                               f"{list(ROW_FIELDS)}; write to a new file")
-        return [_typed(row) for row in reader]
-
-
-def append_rows(path: Path, rows: Iterable[dict]) -> int:
-    """Append rows as they come (flushed each), so an interrupted run loses one sample."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    new = not path.exists() or path.stat().st_size == 0
-    count = 0
-    with path.open("a", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=ROW_FIELDS)
-        if new:
-            writer.writeheader()
-        for row in rows:
-            writer.writerow({k: row[k] for k in ROW_FIELDS})
-            handle.flush()
-            count += 1
-    return count
+STORE = RowStore(
+    fields=ROW_FIELDS, error=QualityError,
+    ints=("context_tokens", "max_new_tokens", "sample_index", "payload_bytes",
+          "payload_with_document_bytes", "kept_context_tokens", "num_context_tokens"),
+    floats=("retention", "em", "f1", "contains", "edge_prefill_s", "select_s", "encode_s",
+            "cloud_payload_s", "cloud_prefill_s", "cloud_decode_s"))
+read_rows, append_rows = STORE.read, STORE.append
 
 
 def write_parquet(rows: Sequence[Mapping], path: Path) -> None:
