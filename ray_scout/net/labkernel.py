@@ -9,7 +9,8 @@ The console streams back; the command's exit code is the run's.
 What it knows: the guest has only a loopback interface, so every namespace, veth and qdisc a
 test makes stays inside it. Writable places in the guest are tmpfs (``/tmp``, ``/run``,
 ``/dev/shm``) plus the host paths given as ``writable`` (shared read-write over 9p at the same
-path). Kernel modules load on demand from the host's ``/lib/modules`` (the guest's
+path; a working directory under ``/tmp`` or ``/run`` is shared read-only the same way, so a
+checkout there stays visible). Kernel modules load on demand from the host's ``/lib/modules`` (the guest's
 ``kernel.modprobe`` helper chroots into the host root). TCG, not KVM: on these machines
 ``/dev/kvm`` is a nested hypervisor in which guests hang in early boot, and TCG slows the
 guest's clock-sensitive work; ``guest_timer_error`` measures how much (its figures go beside
@@ -152,9 +153,10 @@ mount -t cgroup2 cgroup2 $H/sys/fs/cgroup 2>/dev/null
 mount -t debugfs debugfs $H/sys/kernel/debug 2>/dev/null
 mount -t bpf bpf $H/sys/fs/bpf 2>/dev/null
 mount -t 9p -o trans=virtio,version=9p2000.L,msize=524288 rsjob $H/run/rs-lab
-while read -r tag path; do
-    mkdir -p "$H$path"; mount -t 9p -o trans=virtio,version=9p2000.L,msize=524288 "$tag" "$H$path"
-done < $H/run/rs-lab/writable
+while read -r tag access path; do
+    mkdir -p "$H$path"
+    mount -t 9p -o "trans=virtio,version=9p2000.L,msize=524288,$access" "$tag" "$H$path"
+done < $H/run/rs-lab/shares
 # Modules (qdiscs, veth, ...) load on demand from the host's /lib/modules.
 printf '#!/bin/busybox sh\nexec /bin/busybox chroot /host /sbin/modprobe "$@"\n' > /bin/rs-modprobe
 chmod 755 /bin/rs-modprobe; echo /bin/rs-modprobe > /proc/sys/kernel/modprobe
@@ -208,9 +210,10 @@ def _command_script(command: list[str], cwd: Path, env: dict[str, str]) -> str:
     return f"{exports}cd {shlex.quote(str(cwd))} || exit 125\n{shlex.join(command)}\n"
 
 
-def qemu_command(kernel: LabKernel, initramfs: Path, job_dir: Path, writable: list[Path], *,
-                 memory_mib: int, cpus: int) -> list[str]:
-    """The QEMU invocation: TCG, no network device, serial console on stdio, 9p shares."""
+def qemu_command(kernel: LabKernel, initramfs: Path, job_dir: Path,
+                 shares: list[tuple[Path, bool]], *, memory_mib: int, cpus: int) -> list[str]:
+    """The QEMU invocation: TCG, no network device, serial console on stdio, 9p shares
+    (``shares``: host directories mounted at the same path, each with whether it is writable)."""
     share = "local,security_model=none,multidevs=remap"
     command = [QEMU, "-accel", "tcg", "-cpu", "qemu64", "-m", str(memory_mib), "-smp", str(cpus),
                "-nographic", "-no-reboot", "-nic", "none",
@@ -219,9 +222,22 @@ def qemu_command(kernel: LabKernel, initramfs: Path, job_dir: Path, writable: li
                "-append", "console=ttyS0 quiet loglevel=3 panic=-1 rdinit=/init tsc=reliable clocksource=tsc",
                "-virtfs", f"{share},path=/,mount_tag=rsroot,readonly=on",
                "-virtfs", f"{share},path={job_dir},mount_tag=rsjob"]
-    for n, path in enumerate(writable):
-        command += ["-virtfs", f"{share},path={path},mount_tag=rsw{n}"]
+    for n, (path, writable) in enumerate(shares):
+        command += ["-virtfs", f"{share},path={path},mount_tag=rsw{n}"
+                    + ("" if writable else ",readonly=on")]
     return command
+
+
+# The guest mounts its own tmpfs here, over what the host has there.
+GUEST_TMPFS = (Path("/tmp"), Path("/run"))
+
+
+def _shares(cwd: Path, writable: list[Path]) -> list[tuple[Path, bool]]:
+    """The writable directories, plus ``cwd`` read-only where the guest's tmpfs would hide it
+    (a checkout under /tmp) and no writable share holds it."""
+    hidden = any(cwd.is_relative_to(tmp) for tmp in GUEST_TMPFS)
+    held = any(cwd.is_relative_to(path) for path in writable)
+    return [(path, True) for path in writable] + ([(cwd, False)] if hidden and not held else [])
 
 
 def run_in_lab(command: list[str], *, cwd: Path | str | None = None, writable: tuple[Path | str, ...] = (),
@@ -239,14 +255,17 @@ def run_in_lab(command: list[str], *, cwd: Path | str | None = None, writable: t
     kernel = check_lab()
     initramfs = build_initramfs(kernel)
     cwd = Path(cwd or os.getcwd()).resolve()
-    shares = [Path(p).resolve() for p in writable]
-    for path in shares:
+    writable_dirs = [Path(p).resolve() for p in writable]
+    for path in writable_dirs:
         if not path.is_dir():
             raise ValueError(f"writable path {path} is not a directory on this host; create it first")
+    shares = _shares(cwd, writable_dirs)
     with tempfile.TemporaryDirectory(prefix="rs-lab-") as job:
         job_dir = Path(job)
         (job_dir / "command.sh").write_text(_command_script(command, cwd, env or {}))
-        (job_dir / "writable").write_text("".join(f"rsw{n} {path}\n" for n, path in enumerate(shares)))
+        (job_dir / "shares").write_text("".join(
+            f"rsw{n} {'rw' if writable else 'ro'} {path}\n"
+            for n, (path, writable) in enumerate(shares)))
         qemu = qemu_command(kernel, initramfs, job_dir, shares, memory_mib=memory_mib, cpus=cpus)
         start = time.monotonic()
         process = subprocess.Popen(qemu, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
