@@ -206,6 +206,7 @@ def launch_costs(codec, kv, device: torch.device) -> dict:
     graphs would pay)."""
     kernels = base.triton_kernels
     layout = codec.layout_for(kv)
+    device = kv.keys[0].device  # indexed, as the codec's own calls key their plan
     plan = base.plan_for(layout, device)
     if device.type != "cuda" or plan.encoder is None:
         return {}

@@ -29,7 +29,7 @@ import threading
 import time
 
 import torch
-from gpu_codec import check_against_float64, protected_for
+from gpu_codec import check_against_float64, host_ms, protected_for
 from gpu_common import (
     median_ms,
     outlier_kv,
@@ -115,6 +115,7 @@ def bench_mode(preset: str, mode: Mode, tokens: int, device: torch.device,
                 raise AssertionError(f"layer {layer}: the rebuilt cache differs from the decode")
         del cache
     del decoded
+    restored = codec.decode(pinned.encoded, dtype=torch.bfloat16, device=device)
     # The floor of a rebuild from host memory: the encoded buffer's host-to-device copy.
     host, host_pinned = parsed.encoded.data, pinned.encoded.data
     copy_pageable_ms = median_ms(lambda: host.to(device, copy=True), device, repeats=repeats)
@@ -132,7 +133,13 @@ def bench_mode(preset: str, mode: Mode, tokens: int, device: torch.device,
                                                        device=device), device, repeats=repeats),
            "from_pinned_ms": median_ms(from_pinned, device, repeats=repeats),
            "from_pageable_ms": median_ms(from_pageable, device, repeats=repeats),
-           "from_bytes_ms": median_ms(from_bytes, device, repeats=repeats)}
+           "from_bytes_ms": median_ms(from_bytes, device, repeats=repeats),
+           # Host time of each step with the GPU idle at the start: a step whose host time
+           # reaches the copy's waits for it somewhere inside.
+           "decode_host_ms": host_ms(lambda: codec.decode(pinned.encoded, dtype=torch.bfloat16,
+                                                          device=device), device, repeats),
+           "from_pinned_host_ms": host_ms(from_pinned, device, repeats),
+           "to_cache_host_ms": host_ms(restored.to_cache, device, repeats)}
     for payloads in CONCURRENCY:
         requests = max(2 * payloads, 32)
         for name, work in (("pinned", from_pinned), ("pageable", from_pageable)):
@@ -170,7 +177,9 @@ def main() -> int:
                ("edge_ms", "edge ms", ".2f"), ("parse_ms", "parse ms", ".2f"),
                ("decode_ms", "decode ms", ".2f"), ("from_pinned_ms", "pinned→cache", ".2f"),
                ("from_pageable_ms", "pageable→cache", ".2f"),
-               ("from_bytes_ms", "bytes→cache", ".2f")]
+               ("from_bytes_ms", "bytes→cache", ".2f"), ("decode_host_ms", "decode host", ".2f"),
+               ("from_pinned_host_ms", "pinned→cache host", ".2f"),
+               ("to_cache_host_ms", "to_cache host", ".2f")]
     for payloads in CONCURRENCY:
         columns += [(f"pinned_rps_{payloads}", f"rps {payloads} pinned", ".1f")]
         if payloads > 1:

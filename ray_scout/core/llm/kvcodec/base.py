@@ -280,11 +280,14 @@ PLANS_KEPT = 64  # layouts (one per prompt length and mode) whose plans stay on 
 
 
 def plan_for(layout: KVLayout, device: torch.device) -> Plan:
+    """The plan of ``layout`` on ``device`` (made at the first call)."""
     key = (layout, device)
     plan = _plans.get(key)
     if plan is None:
         if len(_plans) >= PLANS_KEPT:
             _plans.pop(next(iter(_plans)), None)
+        if device.type == "cuda" and device.index is None:  # launches need the index
+            device = torch.device("cuda", torch.cuda.current_device())
         plan = _plans[key] = Plan(layout, device)
     return plan
 
