@@ -242,8 +242,15 @@ def test_pinned_payload_decodes_exactly_as_a_pageable_one(mode):
 @needs_triton
 def test_layout_plan_made_once_and_torch_path_still_taken_when_asked(monkeypatch):
     # The plan (offsets, launches) is per layout; patching Triton away must still route
-    # the next call of a planned layout through torch.
+    # the next call of a planned layout through torch, and a layout first planned with
+    # Triton patched away must take the kernels once it is back.
     device = _device()
+    late = outlier_snapshot(2, 2, 96, 16, device, seed=17)
+    late_codec = codec_for(Mode.INT8, group_size=8)
+    with monkeypatch.context() as patch:
+        patch.setattr(base, "triton_kernels", None)
+        late_codec.encode(late)
+    assert late_codec.encode(late).pending is not None  # the kernels' pending check
     codec = codec_for(Mode.INT8, group_size=8)
     first = outlier_snapshot(2, 2, 64, 16, device, seed=15)
     codec.encode(first)

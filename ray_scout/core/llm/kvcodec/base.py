@@ -280,8 +280,10 @@ PLANS_KEPT = 64  # layouts (one per prompt length and mode) whose plans stay on 
 
 
 def plan_for(layout: KVLayout, device: torch.device) -> Plan:
-    """The plan of ``layout`` on ``device`` (made at the first call)."""
-    key = (layout, device)
+    """The plan of ``layout`` on ``device`` (made at the first call). Keyed by the kernels
+    module too: a plan made while ``triton_kernels`` is None (the torch path forced, as
+    benchmarks and tests do) has no launches and must not serve once it is back."""
+    key = (layout, device, triton_kernels)
     plan = _plans.get(key)
     if plan is None:
         if len(_plans) >= PLANS_KEPT:
@@ -304,7 +306,7 @@ def encode_kv(keys, values, layout: KVLayout) -> tuple[torch.Tensor, object | No
     device = keys[0].device
     plan = plan_for(layout, device)
     data = torch.empty(plan.size_bytes, dtype=torch.uint8, device=device)
-    if plan.encoder is not None and triton_kernels is not None:
+    if plan.encoder is not None:
         tensors = plan.inputs(keys, values)
         if triton_kernels.supports(tensors, layout.group_size):
             return data, plan.encoder(tensors, data)
@@ -341,7 +343,7 @@ def decode_kv(encoded: EncodedKV, dtype: torch.dtype, device
         device = torch.device("cuda", torch.cuda.current_device())
     plan = plan_for(layout, device)
     shape = layout.tensor_shape
-    if plan.decoder is None or triton_kernels is None or dtype != torch.bfloat16:
+    if plan.decoder is None or dtype != torch.bfloat16:
         return (tuple(decode_tensor(e, shape, layout.group_size, KEY_GROUP_DIM, dtype, device)
                       for e in encoded.keys),
                 tuple(decode_tensor(e, shape, layout.group_size, VALUE_GROUP_DIM, dtype, device)
