@@ -11,7 +11,9 @@ the Python call alone, which returns before the GPU is done), the kernels' GPU t
 output written once; at encode, mixed_int4's bf16 layers copied into the encoded buffer
 too) over the copy bandwidth measured in the same run. The first Triton
 call of each shape picks the launch shape for this device (``triton_kernels.launch_shape``);
-its time and the shapes picked are reported. Every run first checks, on fresh random KV
+its time and the shapes picked are reported. For each Triton row, also the bare launch
+(the compiled kernel's launcher, what a call does after its checks) against the same launch
+replayed from a CUDA graph: host microseconds and wall time. Every run first checks, on fresh random KV
 with outlier channels, that every decoded element lies within the quantization bound of a
 float64 reference (|x̂ - x| <= step/2 + fp16 zero rounding + bf16 output rounding), that
 the Triton scales equal the torch ones and the codes differ by at most one, and explains
