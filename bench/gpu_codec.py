@@ -11,7 +11,9 @@ the Python call alone, which returns before the GPU is done), the kernels' GPU t
 output written once; at encode, mixed_int4's bf16 layers copied into the encoded buffer
 too) over the copy bandwidth measured in the same run. The first Triton
 call of each shape picks the launch shape for this device (``triton_kernels.launch_shape``);
-its time and the shapes picked are reported. Every run first checks, on fresh random KV
+its time and the shapes picked are reported. For each Triton row, also the bare launch
+(the compiled kernel's launcher, what a call does after its checks) against the same launch
+replayed from a CUDA graph: host microseconds and wall time. Every run first checks, on fresh random KV
 with outlier channels, that every decoded element lies within the quantization bound of a
 float64 reference (|x̂ - x| <= step/2 + fp16 zero rounding + bf16 output rounding), that
 the Triton scales equal the torch ones and the codes differ by at most one, and explains
@@ -194,6 +196,55 @@ def first_call_ms(fn, device: torch.device) -> float:
 
 
 TORCH_REPEATS = 3  # the torch path is 20 to 60 ms a call and only a reference here
+LAUNCH_REPEATS = 50  # bare launches and graph replays: tens of microseconds each
+
+
+def launch_costs(codec, kv, device: torch.device) -> dict:
+    """What one bare encode and decode launch costs, straight through the compiled kernel's
+    launcher (what ``codec.encode``/``decode`` do after their checks) and replayed from a
+    CUDA graph that holds the same launch, captured once: host microseconds of the call
+    and wall milliseconds between CUDA events. A graph saves per-call host work only where
+    it replaces several launches; each call here is one launch (issue 15 asked whether
+    graphs would pay)."""
+    kernels = base.triton_kernels
+    layout = codec.layout_for(kv)
+    device = kv.keys[0].device  # indexed, as the codec's own calls key their plan
+    plan = base.plan_for(layout, device)
+    if device.type != "cuda" or plan.encoder is None:
+        return {}
+    encoder, decoder = plan.encoder, plan.decoder
+    tensors = plan.inputs(kv.keys, kv.values)
+    data = torch.empty(plan.size_bytes, dtype=torch.uint8, device=device)
+    encoder(tensors, data).failed()  # tuned and compiled by now
+    out = decoder(data)
+    table = kernels.address_table(device, tensors)
+    ring = kernels.flag_ring(device)
+    _, slot = ring.acquire()
+    dims = (encoder.layers, *encoder.shape, encoder.group_size)
+    enc_shape = kernels.launch_shape("encode", encoder.bits, device, dims, None)
+    dec_shape = kernels.launch_shape("decode", decoder.bits, device, dims, None)
+    aligned = data.data_ptr() % kernels.ALIGN_BYTES == 0
+    launches = {
+        "enc": lambda: encoder.launch_at(enc_shape, None, aligned, table, data, ring.values, slot),
+        "dec": lambda: decoder.launch_at(dec_shape, data.data_ptr() % kernels.ALIGN_BYTES == 0,
+                                       data, out)}
+    result = {}
+    for stage, launch in launches.items():
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            launch()
+        torch.cuda.current_stream(device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            launch()
+        result[f"{stage}_launch_host_us"] = host_ms(launch, device, LAUNCH_REPEATS) * 1e3
+        result[f"{stage}_replay_host_us"] = host_ms(graph.replay, device, LAUNCH_REPEATS) * 1e3
+        result[f"{stage}_launch_wall_ms"] = median_ms(launch, device, repeats=LAUNCH_REPEATS)
+        result[f"{stage}_replay_wall_ms"] = median_ms(graph.replay, device,
+                                                      repeats=LAUNCH_REPEATS)
+    sync(device)
+    return result
 
 
 def bench_preset(preset: str, tokens: int, device: torch.device, repeats: int,
@@ -265,6 +316,7 @@ def bench_preset(preset: str, tokens: int, device: torch.device, repeats: int,
             if path == "triton":  # what each call's GPU time is made of
                 row["enc_events"] = device_events(encode, device)
                 row["dec_events"] = device_events(decode, device)
+                row.update(launch_costs(codec, timing_kv, device))
             rows.append(row)
         if "triton" in per_path:
             agree = compare_paths(per_path["triton"][0], per_path["torch"][0],
@@ -307,6 +359,10 @@ def main() -> int:
                        ("dec_busy_ms", "dec gpu", ".3f"), ("dec_busy_ratio", "gpu/floor", ".2f"),
                        ("dec_wall_ratio", "wall/floor", ".2f"),
                        ("enc_first_ms", "enc 1st", ".0f"), ("dec_first_ms", "dec 1st", ".0f"),
+                       ("enc_launch_host_us", "enc launch us", ".0f"),
+                       ("enc_replay_host_us", "enc replay us", ".0f"),
+                       ("dec_launch_host_us", "dec launch us", ".0f"),
+                       ("dec_replay_host_us", "dec replay us", ".0f"),
                        ("relative_error", "rel err", ".4f"), ("bound_ratio_max", "bound", ".2f"),
                        ("code_mismatches", "code diff", "d"),
                        ("decode_beyond_1ulp", ">1ulp", "d")])

@@ -46,30 +46,33 @@ def half_bytes(layers: int, heads: int, tokens: int, head_dim: int, bits: int,
             None: 2 * moved + 4 * (key_groups + value_groups)}
 
 
-def encoded_buffer(kv, bits: int) -> tuple:
-    """(layout, an empty encoded buffer, its offset table, whether its parts are aligned)."""
+def encoded_buffer(kernels, kv, bits: int) -> tuple:
+    """(layout, an empty encoded buffer, the encode launch of ``kernels`` for it)."""
     layers, (heads, tokens, head_dim) = len(kv.keys), kv.keys[0].shape
+    device = kv.keys[0].device
     layout = KVLayout(Mode.INT8 if bits == 8 else Mode.INT4, layers, heads, tokens, head_dim,
                       GROUP_SIZE)
-    data = torch.empty(base.data_size_bytes(layout), dtype=torch.uint8,
-                       device=kv.keys[0].device)
-    return (layout, data, *base.offset_table(layout, data))
+    data = torch.empty(base.data_size_bytes(layout), dtype=torch.uint8, device=device)
+    plan = base.plan_for(layout, device)  # its offset table
+    encoder = kernels.Encoder(device, layers, 0, (heads, tokens, head_dim), bits, GROUP_SIZE,
+                              base.quant.SCALE_SLACK / ((1 << bits) - 1),
+                              plan.encoder.offsets, plan.encoder.aligned_parts)
+    return layout, data, encoder
 
 
-def encode(kernels, kv, bits: int, buffer, only=None) -> None:
-    _, data, offsets, aligned = buffer
-    kernels.quantize_kv(kv.keys, kv.values, data, offsets, aligned, bits, GROUP_SIZE,
-                        base.quant.SCALE_SLACK / ((1 << bits) - 1), only=only)
+def encode(kv, buffer, only=None) -> None:
+    _, data, encoder = buffer
+    encoder(list(kv.keys) + list(kv.values), data, only=only)
 
 
 def check_halves(kernels, kv, bits: int) -> None:
     """Each half launched alone writes exactly what the whole launch writes for it."""
-    whole = encoded_buffer(kv, bits)
-    encode(kernels, kv, bits, whole)
+    whole = encoded_buffer(kernels, kv, bits)
+    encode(kv, whole)
     spans = base.part_spans(whole[0])
     for first, only in ((0, "keys"), (3, "values")):
-        alone = encoded_buffer(kv, bits)
-        encode(kernels, kv, bits, alone, only=only)
+        alone = encoded_buffer(kernels, kv, bits)
+        encode(kv, alone, only=only)
         for layer in spans:
             for start, length in layer[first:first + 3]:
                 if not torch.equal(alone[1][start:start + length],
@@ -80,8 +83,8 @@ def check_halves(kernels, kv, bits: int) -> None:
 def time_halves(kernels, kv, bits: int, device: torch.device, repeats: int) -> dict:
     """GPU ms of the launch with the key tiles only, the value tiles only, and both."""
     check_halves(kernels, kv, bits)
-    buffer = encoded_buffer(kv, bits)
-    return {only: device_busy_ms(lambda only=only: encode(kernels, kv, bits, buffer, only=only),
+    buffer = encoded_buffer(kernels, kv, bits)
+    return {only: device_busy_ms(lambda only=only: encode(kv, buffer, only=only),
                                  device,
                                  repeats=repeats) for only in HALVES}
 

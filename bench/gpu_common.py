@@ -140,6 +140,8 @@ def outlier_kv(num_layers: int, heads: int, tokens: int, head_dim: int, device,
 def provenance(device: torch.device) -> dict:
     return {
         "device": device_label(device),
+        # Whole-call wall times are host-bound at these shapes: the host's processor counts.
+        "host_cpu": cpu_name(),
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "command": "python3 " + " ".join(sys.argv),
     }

@@ -14,6 +14,7 @@ import torch
 from ray_scout.core.llm import wire
 from ray_scout.core.llm.kv import KVSnapshot
 from ray_scout.core.llm.kvcodec import base, codec_for, relative_error
+from ray_scout.core.llm.models import KVFacts
 from ray_scout.core.modes import Mode
 
 
@@ -190,7 +191,7 @@ def test_group_wider_than_head_dim_sends_keys_and_values_through_torch(monkeypat
     snapshot = outlier_snapshot(2, 2, 64, 16, device, seed=8)
     codec = codec_for(Mode.INT4, group_size=32)
     calls = []
-    monkeypatch.setattr(base.triton_kernels, "quantize_kv",
+    monkeypatch.setattr(base.triton_kernels.Encoder, "__call__",
                         lambda *args: calls.append(args) or None)
     fast = codec.encode(snapshot)
     with monkeypatch.context() as patch:
@@ -211,7 +212,7 @@ def test_tensor_off_a_16_byte_boundary_sends_the_snapshot_through_torch(monkeypa
     shifted.copy_(snapshot.values[1])
     snapshot = KVSnapshot(snapshot.keys, (snapshot.values[0], shifted), snapshot.positions)
     calls = []
-    monkeypatch.setattr(base.triton_kernels, "quantize_kv",
+    monkeypatch.setattr(base.triton_kernels.Encoder, "__call__",
                         lambda *args: calls.append(args) or None)
     codec = codec_for(Mode.INT4, group_size=8)
     fast = codec.encode(snapshot)
@@ -219,3 +220,48 @@ def test_tensor_off_a_16_byte_boundary_sends_the_snapshot_through_torch(monkeypa
         patch.setattr(base, "triton_kernels", None)
         slow = codec.encode(snapshot)
     assert not calls and _same_encoding(fast, slow)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="pinned memory needs CUDA")
+@pytest.mark.parametrize("mode", [Mode.INT4, Mode.MIXED_INT4])
+def test_pinned_payload_decodes_exactly_as_a_pageable_one(mode):
+    # The cloud parses payloads into pinned memory so that the upload is one DMA; the
+    # decoded KV must not depend on where the parse put the bytes.
+    snapshot = outlier_snapshot(3, 2, 64, 16, "cuda", seed=14)
+    codec = codec_for(mode, group_size=8, protected_layers=(1,) if mode == Mode.MIXED_INT4 else ())
+    data = wire.encode_kv(codec.encode(snapshot), "model", tail_ids=(3,))
+    facts = KVFacts("model", 3, 2, 16, 4)
+    pinned = wire.decode_kv(data, facts=facts, pin_memory=True).encoded
+    pageable = wire.decode_kv(data, facts=facts).encoded
+    assert pinned.data.is_pinned() and not pageable.data.is_pinned()
+    a = codec.decode(pinned, dtype=torch.bfloat16, device="cuda")
+    b = codec.decode(pageable, dtype=torch.bfloat16, device="cuda")
+    assert all(torch.equal(x, y) for x, y in zip(a.keys + a.values, b.keys + b.values))
+
+
+@needs_triton
+def test_layout_plan_made_once_and_torch_path_still_taken_when_asked(monkeypatch):
+    # The plan (offsets, launches) is per layout; patching Triton away must still route
+    # the next call of a planned layout through torch, and a layout first planned with
+    # Triton patched away must take the kernels once it is back.
+    device = _device()
+    late = outlier_snapshot(2, 2, 96, 16, device, seed=17)
+    late_codec = codec_for(Mode.INT8, group_size=8)
+    with monkeypatch.context() as patch:
+        patch.setattr(base, "triton_kernels", None)
+        late_codec.encode(late)
+    assert late_codec.encode(late).pending is not None  # the kernels' pending check
+    codec = codec_for(Mode.INT8, group_size=8)
+    first = outlier_snapshot(2, 2, 64, 16, device, seed=15)
+    codec.encode(first)
+    plan = base.plan_for(codec.layout_for(first), first.keys[0].device)
+    second = outlier_snapshot(2, 2, 64, 16, device, seed=16)
+    fast = codec.encode(second)
+    assert base.plan_for(codec.layout_for(second), second.keys[0].device) is plan
+    calls = []
+    monkeypatch.setattr(base.triton_kernels.Encoder, "__call__",
+                        lambda *args: calls.append(args) or None)
+    with monkeypatch.context() as patch:
+        patch.setattr(base, "triton_kernels", None)
+        slow = codec.encode(second)
+    assert not calls and torch.equal(fast.keys[0].scales, slow.keys[0].scales)

@@ -31,6 +31,7 @@ import dataclasses
 import struct
 import zlib
 
+import numpy
 import torch
 
 from ray_scout.core.llm.cursor import ByteCursor, decompress_zstd
@@ -260,8 +261,12 @@ def encode_kv(encoded: EncodedKV, model_id: str, *, tail_ids: tuple[int, ...] = 
                           compress=compress, zstd_level=zstd_level)
 
 
-def decode_kv(data: bytes, *, facts: KVFacts, max_bytes: int = DEFAULT_MAX_BYTES) -> KVPayload:
-    """Parse and validate a KV payload for the model of ``facts``."""
+def decode_kv(data: bytes, *, facts: KVFacts, max_bytes: int = DEFAULT_MAX_BYTES,
+              pin_memory: bool = False) -> KVPayload:
+    """Parse and validate a KV payload for the model of ``facts``. With ``pin_memory`` (a
+    receiver that decodes on a GPU), the encoded KV lands in pinned host memory: the copy
+    the parse makes anyway goes there, and the decoder's host-to-device copy is then one
+    DMA, with no staging copy on the calling thread (issue 15)."""
     payload = decode_payload(data, max_bytes=max_bytes, expected_model=facts)
     layout = payload.layout
     if layout is None:
@@ -290,11 +295,16 @@ def decode_kv(data: bytes, *, facts: KVFacts, max_bytes: int = DEFAULT_MAX_BYTES
         at = int(torch.nonzero(wide.diff() <= 0)[0])
         raise WireError(f"positions: must be strictly increasing, but position {at + 1} is "
                         f"{int(wide[at + 1])} after {int(wide[at])}")
-    return KVPayload(EncodedKV(layout, positions, _from_bytes(payload.sections["kv"], torch.uint8)),
-                     tail_ids)
+    kv = _from_bytes(payload.sections["kv"], torch.uint8, pin_memory=pin_memory)
+    return KVPayload(EncodedKV(layout, positions, kv), tail_ids)
 
 
-def _from_bytes(data: bytes, dtype: torch.dtype) -> torch.Tensor:
+def _from_bytes(data: bytes, dtype: torch.dtype, *, pin_memory: bool = False) -> torch.Tensor:
+    """A tensor that owns a copy of ``data``, in pinned memory if asked."""
     if not data:  # torch.frombuffer refuses an empty buffer
         return torch.empty(0, dtype=dtype)
-    return torch.frombuffer(bytearray(data), dtype=dtype)
+    if not pin_memory:
+        return torch.frombuffer(bytearray(data), dtype=dtype)
+    out = torch.empty(len(data) // dtype.itemsize, dtype=dtype, pin_memory=True)
+    out.view(torch.uint8).numpy()[:] = numpy.frombuffer(data, dtype=numpy.uint8)
+    return out

@@ -206,7 +206,9 @@ class CloudStage:
 
     def _kv_request(self, lm: LoadedModel, payload: wire.Payload,
                     data: bytes) -> tuple[KVSnapshot, list[int]]:
-        request = wire.decode_kv(data, facts=lm.facts, max_bytes=self.max_payload_bytes)
+        # On a GPU the KV lands in pinned memory: its upload is then one DMA (issue 15).
+        request = wire.decode_kv(data, facts=lm.facts, max_bytes=self.max_payload_bytes,
+                                 pin_memory=lm.device.type == "cuda")
         codec = codec_for(payload.mode, group_size=payload.layout.group_size,
                           protected_layers=payload.layout.protected_layers)
         snapshot = codec.decode(request.encoded, dtype=lm.model.dtype, device=lm.device)

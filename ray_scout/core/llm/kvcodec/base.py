@@ -227,47 +227,71 @@ def decode_tensor(encoded: EncodedTensor, shape: tuple[int, int, int], group_siz
                             group_size, dim, dtype)
 
 
-def _fast_width(keys, values, bits, group_size: int) -> int | None:
-    """The quantized bit width when every quantized layer's keys and values can take the
-    Triton path together (one width, one device, one shape); None when torch must do it."""
-    widths = set(bits) - {RAW_BITS}
-    if triton_kernels is None or len(widths) != 1 or widths - {4, 8}:
-        return None
-    quantized = [i for i, width in enumerate(bits) if width != RAW_BITS]
-    tensors = [keys[i] for i in quantized] + [values[i] for i in quantized]
-    return widths.pop() if triton_kernels.supports(tensors, group_size) else None
-
-
 def _merge(bits, fast, raw) -> tuple:
     """Per layer: the next item of ``fast`` where the layer is quantized, else ``raw(i)``."""
     fast = iter(fast)
     return tuple(raw(i) if width == RAW_BITS else next(fast) for i, width in enumerate(bits))
 
 
-_offset_tables: dict[tuple, tuple[torch.Tensor, bool]] = {}
-OFFSET_TABLES_KEPT = 64  # layouts (one per prompt length) whose tables stay on the device
+class Plan:
+    """What encoding or decoding one layout on one device needs besides the tensors, made
+    once per (layout, device) by ``plan_for``: the layers' widths and spans, and on a GPU
+    with Triton the offset table and the one-launch ``Encoder``/``Decoder``.
+
+    Why: at 7B a call is about 0.1 ms of GPU work, so what the host does per call before
+    the launch is the caller's wall time (issue 15); here it is done once per layout.
+    """
+
+    def __init__(self, layout: KVLayout, device: torch.device):
+        self.bits = layout.layer_bits()
+        self.spans = part_spans(layout)
+        self.size_bytes = data_size_bytes(layout)
+        self.quantized = tuple(i for i, width in enumerate(self.bits) if width != RAW_BITS)
+        self.raw = tuple(i for i, width in enumerate(self.bits) if width == RAW_BITS)
+        widths = {self.bits[i] for i in self.quantized}
+        self.encoder = self.decoder = None
+        if (triton_kernels is None or len(widths) != 1 or widths - {4, 8}
+                or not triton_kernels.device_ok(device)
+                or not triton_kernels.shape_ok(layout.tensor_shape, layout.group_size)):
+            return
+        width = widths.pop()
+        # Byte offsets of every quantized layer's six parts ([6, layers], row-major), then
+        # of the raw layers' key data and value data.
+        starts = ([self.spans[i][part][0] for part in range(6) for i in self.quantized]
+                  + [self.spans[i][half][0] for half in range(2) for i in self.raw])
+        offsets = torch.tensor(starts, dtype=torch.int64).to(device)
+        aligned = all(start % triton_kernels.ALIGN_BYTES == 0 for start in starts)
+        shape = layout.tensor_shape
+        self.encoder = triton_kernels.Encoder(
+            device, len(self.quantized), len(self.raw), shape, width, layout.group_size,
+            quant.SCALE_SLACK / ((1 << width) - 1), offsets, aligned)
+        self.decoder = triton_kernels.Decoder(device, len(self.quantized), shape, width,
+                                              layout.group_size, offsets)
+
+    def inputs(self, keys, values) -> list:
+        """The tensors in the order ``Encoder`` takes them."""
+        quantized, raw = self.quantized, self.raw
+        return ([keys[i] for i in quantized] + [values[i] for i in quantized]
+                + [keys[i] for i in raw] + [values[i] for i in raw])
 
 
-def offset_table(layout: KVLayout, data: torch.Tensor) -> tuple[torch.Tensor, bool]:
-    """The kernels' [6, quantized layers] int64 byte offsets of the quantized layers' parts
-    on ``data``'s device (made once per layout and device), and whether every part of
-    ``data`` starts on a 16-byte boundary."""
-    key = (layout, data.device)
-    found = _offset_tables.get(key)
-    if found is None:
-        starts = [[start for start, _ in spans] for spans in part_spans(layout)
-                  if len(spans) == 6]
-        table = torch.tensor(starts, dtype=torch.int64).t().contiguous().to(data.device)
-        if len(_offset_tables) >= OFFSET_TABLES_KEPT:
-            _offset_tables.pop(next(iter(_offset_tables)), None)
-        found = _offset_tables[key] = (table, all(
-            start % triton_kernels.ALIGN_BYTES == 0 for row in starts for start in row))
-    table, parts_aligned = found
-    return table, parts_aligned and data.data_ptr() % triton_kernels.ALIGN_BYTES == 0
+_plans: dict[tuple, Plan] = {}
+PLANS_KEPT = 64  # layouts (one per prompt length and mode) whose plans stay on the device
 
 
-def _raw_bytes(x: torch.Tensor) -> torch.Tensor:
-    return x.to(RAW_DTYPE).contiguous().view(-1).view(torch.uint8)
+def plan_for(layout: KVLayout, device: torch.device) -> Plan:
+    """The plan of ``layout`` on ``device`` (made at the first call). Keyed by the kernels
+    module too: a plan made while ``triton_kernels`` is None (the torch path forced, as
+    benchmarks and tests do) has no launches and must not serve once it is back."""
+    key = (layout, device, triton_kernels)
+    plan = _plans.get(key)
+    if plan is None:
+        if len(_plans) >= PLANS_KEPT:
+            _plans.pop(next(iter(_plans)), None)
+        if device.type == "cuda" and device.index is None:  # launches need the index
+            device = torch.device("cuda", torch.cuda.current_device())
+        plan = _plans[key] = Plan(layout, device)
+    return plan
 
 
 def encode_kv(keys, values, layout: KVLayout) -> tuple[torch.Tensor, object | None]:
@@ -275,39 +299,31 @@ def encode_kv(keys, values, layout: KVLayout) -> tuple[torch.Tensor, object | No
     bit width, as the encoded buffer (``part_spans``) on the keys' device, and the pending
     finiteness check of a GPU launch (None when the check already passed).
 
-    On a GPU with Triton, the keys and values of every quantized layer are quantized in one
-    kernel launch that writes straight into the buffer, and the call returns without
-    waiting for it; elsewhere through ``quant``, which checks as it goes.
+    On a GPU with Triton, one kernel launch quantizes the keys and values of every
+    quantized layer and copies the raw ones, straight into the buffer, and the call returns
+    without waiting for it; elsewhere through ``quant``, which checks as it goes.
     """
-    bits = layout.layer_bits()
-    spans = part_spans(layout)
-    group_size = layout.group_size
-    data = torch.empty(data_size_bytes(layout), dtype=torch.uint8, device=keys[0].device)
-    width = _fast_width(keys, values, bits, group_size)
-    if width is None:
-        for i, layer_bits in enumerate(bits):
-            parts = (encode_tensor(keys[i], layer_bits, group_size, KEY_GROUP_DIM).parts()
-                     + encode_tensor(values[i], layer_bits, group_size, VALUE_GROUP_DIM).parts())
-            for part, (start, length) in zip(parts, spans[i]):
-                data[start:start + length].copy_(part.reshape(-1).view(torch.uint8))
-        return data, None
-    quantized = [i for i, b in enumerate(bits) if b == width]
-    offsets, aligned = offset_table(layout, data)
-    pending = triton_kernels.quantize_kv(
-        [keys[i] for i in quantized], [values[i] for i in quantized], data, offsets, aligned,
-        width, group_size, quant.SCALE_SLACK / ((1 << width) - 1))
-    raw = [(x, span) for i, layer_bits in enumerate(bits) if layer_bits == RAW_BITS
-           for x, span in zip((keys[i], values[i]), spans[i])]
-    if raw:  # raw layers: one batch of copies queued behind the launch
-        torch._foreach_copy_([data[start:start + length] for _, (start, length) in raw],
-                             [_raw_bytes(x) for x, _ in raw])
-    return data, pending
+    device = keys[0].device
+    plan = plan_for(layout, device)
+    data = torch.empty(plan.size_bytes, dtype=torch.uint8, device=device)
+    if plan.encoder is not None:
+        tensors = plan.inputs(keys, values)
+        if triton_kernels.supports(tensors, layout.group_size):
+            return data, plan.encoder(tensors, data)
+    for i, layer_bits in enumerate(plan.bits):
+        parts = (encode_tensor(keys[i], layer_bits, layout.group_size, KEY_GROUP_DIM).parts()
+                 + encode_tensor(values[i], layer_bits, layout.group_size,
+                                 VALUE_GROUP_DIM).parts())
+        for part, (start, length) in zip(parts, plan.spans[i]):
+            data[start:start + length].copy_(part.reshape(-1).view(torch.uint8))
+    return data, None
 
 
 def _device_data(data: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """``data`` on ``device``: from host memory through a pinned staging buffer, so the
-    host-to-device copy runs at full speed and leaves the calling thread at once (the
-    caching host allocator keeps the buffer until the copy has completed)."""
+    """``data`` on ``device``: from pinned host memory (``wire.decode_kv(pin_memory=True)``)
+    by one DMA that leaves the calling thread at once; from pageable host memory through a
+    pinned staging buffer, so the DMA still runs at full speed (the calling thread pays the
+    staging copy; the caching host allocator keeps the buffer until the DMA has completed)."""
     if data.device == device:
         return data
     if device.type != "cuda" or data.device.type != "cpu" or data.is_pinned():
@@ -322,28 +338,24 @@ def decode_kv(encoded: EncodedKV, dtype: torch.dtype, device
     """Inverse of ``encode_kv`` into ``dtype`` on ``device``: bf16 on a GPU with Triton from
     one copy of the buffer and one launch for keys and values, else through ``quant``."""
     layout = encoded.layout
-    bits = layout.layer_bits()
-    shape = layout.tensor_shape
     device = torch.device(device)
-    widths = set(bits) - {RAW_BITS}
-    if (triton_kernels is None or dtype != torch.bfloat16 or len(widths) != 1
-            or widths - {4, 8} or not triton_kernels.device_ok(device)
-            or not triton_kernels.shape_ok(shape, layout.group_size)):
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    plan = plan_for(layout, device)
+    shape = layout.tensor_shape
+    if plan.decoder is None or dtype != torch.bfloat16:
         return (tuple(decode_tensor(e, shape, layout.group_size, KEY_GROUP_DIM, dtype, device)
                       for e in encoded.keys),
                 tuple(decode_tensor(e, shape, layout.group_size, VALUE_GROUP_DIM, dtype, device)
                       for e in encoded.values))
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", torch.cuda.current_device())
     data = _device_data(encoded.data, device)
-    offsets, _ = offset_table(layout, data)
-    out = triton_kernels.dequantize_kv(data, offsets, len(bits) - bits.count(RAW_BITS), shape,
-                                       widths.pop(), layout.group_size)
-    spans = part_spans(layout)
+    out = plan.decoder(data)
+    # After the launch, while the GPU works: per-layer views. Raw layers are views of the
+    # buffer on the device: bf16 already, nothing to copy.
+    spans = plan.spans
 
     def layers(half: int) -> tuple[torch.Tensor, ...]:
-        # Raw layers are views of the buffer on the device: bf16 already, nothing to copy.
-        return _merge(bits, out[half].unbind(), lambda i: _view(
+        return _merge(plan.bits, out[half].unbind(), lambda i: _view(
             data, *spans[i][half], RAW_DTYPE).view(shape))
 
     return layers(0), layers(1)

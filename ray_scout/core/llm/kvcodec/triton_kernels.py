@@ -2,13 +2,15 @@
 
 What lives here: fused encode (min/max, fp16 scale and zero, codes, 4-bit packing) and
 decode (unpacking, code * scale + zero, bf16 output) of the keys AND values of many layers
-in one launch each, keys grouped along tokens and values along channels, in exactly the
-layout of ``quant`` (codes ``[heads, tokens, head_dim]``, 4-bit codes flat with the low
+in one launch each (the encoder also copies a mixed snapshot's bf16 layers in that launch),
+keys grouped along tokens and values along channels, in exactly the layout of ``quant`` (codes ``[heads, tokens, head_dim]``, 4-bit codes flat with the low
 nibble first, scales and zeros with the grouped axis shrunk). The encoded parts of every
 layer live in one byte buffer, in the wire's order, found through a table of byte offsets
 (``base.part_spans``); a snapshot's layers are found through a table of their addresses, so
-neither side stacks or copies. Also here: the launch shape of each kernel, chosen per device
-and shape at first use (``launch_shape``), and the pinned flags through which the encoder
+neither side stacks or copies. ``Encoder`` and ``Decoder`` hold one layout's launch, made
+once per layout (``base.Plan``), and launch the compiled kernel directly after the first
+call. Also here: the launch shape of each kernel, chosen per device and shape at first use
+(``launch_shape``), and the pinned flags through which the encoder
 reports non-finite input without the caller waiting for the GPU (``FlagRing``). What it
 knows: the arithmetic of ``quant.quantize``/``quant.dequantize``, step for step (fp32
 min/max, the same scale slack, ``fma`` where torch's ``addcmul`` contracts to one), so the
@@ -21,12 +23,14 @@ tensor; at 7B shapes it reaches a small fraction of the GPU's copy bandwidth
 (docs/PERFORMANCE.md). Keys and values share one launch (a grid over both halves of the
 table) because at 7B a call is only about 0.1 ms of GPU work and each launch's ramp and
 tail cost a few percent of it; for the same reason a call does no host work it can avoid
-(no sync, no per-layer tensors). Importing this module needs Triton; ``base`` treats
+(no sync, no per-layer tensors, nothing per call that a layout fixes): whole-call wall time
+is host time before the launch plus the kernel (issue 15). Importing this module needs Triton; ``base`` treats
 ImportError as "use torch".
 """
 
 from __future__ import annotations
 
+import operator
 import os
 import threading
 import weakref
@@ -52,9 +56,9 @@ LAUNCH: dict[tuple[str, int], tuple[int, int, int]] = {}
 # Timed launches per candidate at first use (after one that compiles it).
 TUNE_REPEATS = 10
 # Alignment of every input layer's start (``supports`` checks it; the kernel relies on it),
-# and of the encoded buffer's parts where the layout allows it (``base.offset_table``).
+# and of the encoded buffer's parts where the layout allows it (``base.Plan``).
 ALIGN_BYTES = 16
-# Address tables kept on the device, by the addresses they hold (see ``_table``).
+# Address tables kept on the device, by the addresses they hold (see ``address_table``).
 TABLE_CACHE_SIZE = 64
 # Encodes whose finiteness flag may be unread at once (``FlagRing``).
 FLAG_SLOTS = 256
@@ -81,37 +85,52 @@ def shape_ok(shape, group_size: int) -> bool:
             and _power_of_two(group_size) and head_dim % group_size == 0)
 
 
+_DTYPE = operator.attrgetter("dtype")
+
+
 def supports(tensors, group_size: int) -> bool:
-    """Whether these ``[heads, tokens, head_dim]`` tensors (keys and values) can be encoded
-    together here: contiguous bf16 of one shape on one device that ``device_ok`` accepts,
-    each starting on a 16-byte boundary (the encoder promises Triton that alignment)."""
+    """Whether these ``[heads, tokens, head_dim]`` tensors (the layers of one snapshot,
+    which ``KVSnapshot`` guarantees to share a shape) can be encoded together here: the
+    first's shape fits the kernels, and each is contiguous bf16 of as many elements on one
+    device that ``device_ok`` accepts, starting on a 16-byte boundary (the encoder
+    promises Triton that alignment). Those are what keeps every access in bounds.
+
+    Runs before every GPU encode, over 56 to 96 tensors: each check is a ``map`` over a C
+    getter, not a Python expression per tensor (24 to 15 us per 7B call on the dev box;
+    issue 15: host time is the wall time)."""
     if not tensors:
         return False
     first = tensors[0]
-    shape, device = first.shape, first.device
-    return (device_ok(device) and shape_ok(shape, group_size)
-            and all(t.dtype == torch.bfloat16 and t.is_contiguous() and t.shape == shape
-                    and t.device == device and t.data_ptr() % ALIGN_BYTES == 0
-                    for t in tensors))
+    count, where = first.numel(), first.get_device()
+    return (device_ok(first.device) and shape_ok(first.shape, group_size)
+            and all(map(torch.Tensor.is_contiguous, tensors))
+            and set(map(_DTYPE, tensors)) == {torch.bfloat16}
+            and all(map(count.__eq__, map(torch.Tensor.numel, tensors)))
+            and all(map(where.__eq__, map(torch.Tensor.get_device, tensors)))
+            and not any(map(ALIGN_BYTES.__rmod__, map(torch.Tensor.data_ptr, tensors))))
 
 
 _tables: dict[tuple, torch.Tensor] = {}
 
 
-def _table(tensors) -> torch.Tensor:
-    """int64 addresses of ``tensors``, on their device.
+def address_table(device: torch.device, tensors) -> torch.Tensor:
+    """int64 addresses of ``tensors``, on ``device``.
 
     Memoized by the addresses themselves: a table's content is a function of its key, so a
     hit is never stale, and a repeated layout (the caching allocator hands the same blocks
     to the next request of the same size) costs no host-to-device copy and no host work.
+    A miss copies through pinned memory without waiting (a pageable copy would wait for
+    the stream, i.e. for every launch queued before it).
     """
-    device = tensors[0].device
-    key = (device, *(t.data_ptr() for t in tensors))
+    key = (device, *map(torch.Tensor.data_ptr, tensors))
     table = _tables.get(key)
     if table is None:
         if len(_tables) >= TABLE_CACHE_SIZE:
             _tables.pop(next(iter(_tables)), None)
-        table = _tables[key] = torch.tensor(key[1:], dtype=torch.int64, device=device)
+        host = torch.tensor(key[1:], dtype=torch.int64)
+        if device.type == "cuda":
+            host = host.pin_memory()
+        table = _tables[key] = host.to(device, non_blocking=True)
     return table
 
 
@@ -148,7 +167,6 @@ class FlagRing:
         cuda = device.type == "cuda"
         self.values = torch.zeros(FLAG_SLOTS, dtype=torch.int32, pin_memory=cuda)
         self._host = self.values.numpy()  # element access without torch's dispatch
-        self._views = [self.values[i:i + 1] for i in range(FLAG_SLOTS)]
         self._events = [torch.cuda.Event() if cuda else None for _ in range(FLAG_SLOTS)]
         self._used = [False] * FLAG_SLOTS
         self._owners: list = [None] * FLAG_SLOTS
@@ -159,8 +177,9 @@ class FlagRing:
             self._events[slot].synchronize()
         return bool(self._host[slot])
 
-    def acquire(self) -> tuple[torch.Tensor, PendingCheck, int]:
-        """A zeroed flag for the next launch, its check, and its slot (for ``launched``)."""
+    def acquire(self) -> tuple[PendingCheck, int]:
+        """The check of a zeroed flag for the next launch and its slot (the kernel writes
+        ``values[slot]``; ``launched`` takes it)."""
         with self.lock:
             slot = self._next
             self._next = (slot + 1) % FLAG_SLOTS
@@ -173,7 +192,7 @@ class FlagRing:
             check = PendingCheck(self, slot)
             self._owners[slot] = weakref.ref(check)
             self._used[slot] = True
-        return self._views[slot], check, slot
+        return check, slot
 
     def launched(self, slot: int) -> None:
         """Mark where the launch that writes ``slot`` ends on the current stream."""
@@ -348,21 +367,54 @@ def _tile(tile, key_tiles, key_blocks, value_blocks, H):
     return is_key, (lh // H).to(tl.int64), lh % H, rest % blocks
 
 
+@triton.jit
+def _copy_raw_tile(src, dst, block, N, B: tl.constexpr):
+    """Bytes [block * B, block * B + B) of the N at ``src`` to ``dst``."""
+    offs = block.to(tl.int64) * B + tl.arange(0, B)
+    inside = offs < N
+    tl.store(dst + offs, tl.load(src + offs, mask=inside), mask=inside)
+
+
 # Layer and head counts are not specialized on (a compile for each divisibility by 16 would
-# buy nothing: they only pick a tile's layer and head). The token count is: knowing it a
-# multiple of 16 lets Triton drop per-row mask work (120 of 1,950 PTX instructions of the
-# 8-bit encoder, offline compile for sm_90).
+# buy nothing: they only pick a tile's layer and head), nor the flag's slot (it changes
+# every call). The token count is: knowing it a multiple of 16 lets Triton drop per-row
+# mask work (120 of 1,950 PTX instructions of the 8-bit encoder, offline compile for sm_90).
 SIZES = ["L", "H"]
 
 
-@triton.jit(do_not_specialize=SIZES)
-def _encode_kv(inputs, base, offsets, flag_ptr, L, H, T, G, key_blocks, value_blocks,
-               scale_factor, D: tl.constexpr, GS: tl.constexpr, QMAX: tl.constexpr,
-               PACK: tl.constexpr, BTK: tl.constexpr, BTV: tl.constexpr, ALIGN: tl.constexpr):
-    # One program per tile. ``inputs``: the L key addresses, then the L value addresses;
-    # ``offsets``: [6, L] byte offsets of each quantized layer's parts from ``base``.
-    is_key, layer, head, block = _tile(tl.program_id(0), L * H * key_blocks, key_blocks,
-                                       value_blocks, H)
+@triton.jit(do_not_specialize=SIZES + ["R", "slot"])
+def _encode_kv(inputs, base, offsets, flags, slot, L, H, T, G, key_blocks, value_blocks, R,
+               raw_blocks, raw_bytes, scale_factor, D: tl.constexpr, GS: tl.constexpr,
+               QMAX: tl.constexpr, PACK: tl.constexpr, BTK: tl.constexpr, BTV: tl.constexpr,
+               ALIGN: tl.constexpr, BRAW: tl.constexpr):
+    # One program per tile. ``inputs``: the L quantized layers' key addresses, their value
+    # addresses, then the R raw (bf16) layers' key and value addresses; ``offsets``: [6, L]
+    # byte offsets of each quantized layer's parts from ``base``, then the raw layers' key
+    # and value data offsets. Raw layers are copied by the last tiles, ``BRAW`` bytes each,
+    # so a mixed snapshot is still one launch (with torch's copies after the launch, 7B
+    # mixed_int4 encode was 0.78 of its floor: issue 15).
+    tile = tl.program_id(0)
+    key_tiles = L * H * key_blocks
+    quantized_tiles = key_tiles + L * H * value_blocks
+    if tile >= quantized_tiles:
+        rest = tile - quantized_tiles
+        raw = rest // raw_blocks
+        src = tl.load(inputs + 2 * L + raw).to(tl.pointer_type(tl.uint8))
+        _copy_raw_tile(tl.multiple_of(src, 16),
+                       tl.multiple_of(base + tl.load(offsets + 6 * L + raw), ALIGN),
+                       rest % raw_blocks, raw_bytes, BRAW)
+    else:
+        _encode_quantized_tile(inputs, base, offsets, flags + slot, tile, key_tiles, L, H, T,
+                               G, key_blocks, value_blocks, scale_factor, D, GS, QMAX, PACK,
+                               BTK, BTV, ALIGN)
+
+
+@triton.jit
+def _encode_quantized_tile(inputs, base, offsets, flag_ptr, tile, key_tiles, L, H, T, G,
+                           key_blocks, value_blocks, scale_factor, D: tl.constexpr,
+                           GS: tl.constexpr, QMAX: tl.constexpr, PACK: tl.constexpr,
+                           BTK: tl.constexpr, BTV: tl.constexpr, ALIGN: tl.constexpr):
+    is_key, layer, head, block = _tile(tile, key_tiles, key_blocks, value_blocks, H)
     if is_key:
         src = tl.load(inputs + layer).to(tl.pointer_type(tl.bfloat16))
         _encode_key_tile(src, _part(base, offsets, 0, L, layer, tl.uint8, ALIGN),
@@ -433,12 +485,14 @@ def _decode_value_tile(codes, scales, zeros, out_ptr, layer, head, tb, H, T,
 
 
 @triton.jit(do_not_specialize=SIZES)
-def _decode_kv(base, offsets, kout, vout, L, H, T, G, key_blocks, value_blocks, D: tl.constexpr,
+def _decode_kv(base, offsets, kout, L, H, T, G, key_blocks, value_blocks, D: tl.constexpr,
                GS: tl.constexpr, PACK: tl.constexpr, BTK: tl.constexpr, BTV: tl.constexpr):
     # Tiles as ``_encode_kv``'s; parts found as there. Their loads stay scalar (no alignment
     # promise): decode met its goal without one (docs/PERFORMANCE.md) and was not retimed.
+    # ``kout``: [2, L, H, T, D], keys then values (one argument: no view made per call).
     is_key, layer, head, block = _tile(tl.program_id(0), L * H * key_blocks, key_blocks,
                                        value_blocks, H)
+    vout = kout + L.to(tl.int64) * H * T * D
     if is_key:
         _decode_key_tile(_part(base, offsets, 0, L, layer, tl.uint8, 1),
                          _part(base, offsets, 1, L, layer, tl.float16, 1),
@@ -455,33 +509,24 @@ def _blocks(tokens: int, block: int) -> int:
     return -(-tokens // block)
 
 
-_compiled: dict[tuple, object] = {}
-
-
-def _launch(kernel, grid: int, args: tuple, constants: dict, warps: int,
-            device: torch.device) -> None:
-    """``kernel[(grid,)](*args, **constants, num_warps=warps)``, through Triton's JIT the
-    first time per specialization and through the compiled kernel's own launcher after.
+def _jit_launch(kernel, grid: int, args: tuple, constants: dict, warps: int):
+    """``kernel[(grid,)](*args, **constants, num_warps=warps)`` through Triton's JIT, and a
+    function ``run(stream, *args)`` that launches the same compiled kernel again on the
+    same grid with arguments of the same specialization (None under the interpreter).
 
     Triton's JIT binds the arguments, builds its specialization key and checks globals on
     every call: tens of microseconds of host time, against about 0.1 ms of GPU work per
-    call at 7B shapes (issue 15). What it specializes a compile on is in our key instead:
-    the constants, the warps, the device, each tensor's 16-byte alignment and each
-    integer's being 1, a multiple of 16 or past 32 bits.
+    call at 7B shapes (issue 15). ``Encoder`` and ``Decoder`` keep ``run`` per launch
+    shape and per alignment of the one tensor argument whose alignment can change (the
+    encoded buffer); every other argument that Triton specializes on (integers being 1, a
+    multiple of 16 or past 32 bits, the tables' and flags' alignment) is fixed per layout.
     """
-    if device.type != "cuda":  # the interpreter runs the Python function itself
-        kernel[(grid,)](*args, **constants, num_warps=warps)
-        return
-    key = (kernel, device, warps, *constants.values(),
-           *(a.data_ptr() % 16 == 0 if isinstance(a, torch.Tensor)
-             else (a == 1, a % 16 == 0, a >= 1 << 31) if isinstance(a, int) else None
-             for a in args))
-    compiled = _compiled.get(key)
-    if compiled is None:
-        _compiled[key] = kernel[(grid,)](*args, **constants, num_warps=warps)
-        return
-    compiled[(grid, 1, 1)](*args, *constants.values(),
-                           stream=torch.cuda.current_stream(device).cuda_stream)
+    compiled = kernel[(grid,)](*args, **constants, num_warps=warps)
+    if INTERPRET:
+        return None
+    launch = compiled[(grid, 1, 1)]
+    tail = tuple(constants.values())  # the compiled launcher takes the constexprs too
+    return lambda stream, *call_args: launch(*call_args, *tail, stream=stream)
 
 
 _names: dict[torch.device, str] = {}
@@ -551,77 +596,128 @@ def _tile_counts(shape, tokens: int, group_size: int) -> tuple[int, int, int, in
     return block_keys, block_values, _blocks(tokens, block_keys), _blocks(tokens, block_values)
 
 
-def quantize_kv(keys, values, data: torch.Tensor, offsets: torch.Tensor, aligned_parts: bool,
-                bits: int, group_size: int, scale_factor: float,
-                only: str | None = None) -> PendingCheck:
-    """Codes, scales and zeros of every given layer's keys and values, written into the
-    uint8 buffer ``data`` by one launch; returns the check of its finiteness flag.
+# Bytes of a raw (bf16) layer's keys or values that one program of the encoder copies.
+RAW_TILE_BYTES = 16384
 
-    ``offsets`` (int64 ``[6, layers]`` on the device): byte offsets in ``data`` of each
-    layer's key codes, key scales, key zeros, value codes, value scales and value zeros,
-    each in ``quant``'s layout (codes ``[heads, tokens, head_dim]`` uint8, or flat packed
-    when 4-bit; fp16 scales and zeros with the grouped axis shrunk); ``aligned_parts``: all
-    of them start on 16-byte boundaries. ``scale_factor`` is the slack over
-    ``qmax`` that ``quant`` uses. The call does not wait for the GPU. ``only`` ("keys" or
-    "values") launches that half's tiles alone and leaves the other half's outputs
-    unwritten: it times each half of the kernel (bench/gpu_codec_halves.py).
+
+class Encoder:
+    """The encode launch of one layout on one device: the codes, scales and zeros of
+    ``layers`` quantized layers and a copy of ``raw_layers`` bf16 layers, written into a
+    uint8 buffer by one launch that the call does not wait for.
+
+    ``offsets`` (int64 on the device): [6, layers] byte offsets in the buffer of each
+    quantized layer's key codes, key scales, key zeros, value codes, value scales and value
+    zeros, each in ``quant``'s layout (codes ``[heads, tokens, head_dim]`` uint8, or flat
+    packed when 4-bit; fp16 scales and zeros with the grouped axis shrunk), then the raw
+    layers' key data and value data offsets; ``aligned_parts``: all of them start on
+    16-byte boundaries. ``scale_factor`` is the slack over ``qmax`` that ``quant`` uses.
+    Made once per layout (``base``): what a call needs besides the tensors is computed
+    here, and after the first call a launch goes straight to the compiled kernel.
     """
-    if bits not in (4, 8):
-        raise ValueError(f"Triton kernels quantize to 8 or 4 bits, not {bits}")
-    if only not in (None, "keys", "values"):
-        raise ValueError(f"only= takes 'keys', 'values' or None, not {only!r}")
-    if len(keys) != len(values):
-        raise ValueError(f"{len(keys)} key layers but {len(values)} value layers")
-    layers = len(keys)
-    heads, tokens, head_dim = keys[0].shape
-    device = keys[0].device
-    inputs = _table(list(keys) + list(values))
-    groups = _blocks(tokens, group_size)
-    ring = flag_ring(device)
-    flag, check, slot = ring.acquire()
 
-    def launch(shape):
+    def __init__(self, device: torch.device, layers: int, raw_layers: int,
+                 shape: tuple[int, int, int], bits: int, group_size: int, scale_factor: float,
+                 offsets: torch.Tensor, aligned_parts: bool):
+        if bits not in (4, 8):
+            raise ValueError(f"Triton kernels quantize to 8 or 4 bits, not {bits}")
+        self.device, self.layers, self.raw_layers, self.shape = device, layers, raw_layers, shape
+        self.bits, self.group_size, self.scale_factor = bits, group_size, scale_factor
+        self.offsets, self.aligned_parts = offsets, aligned_parts
+        heads, tokens, head_dim = shape
+        self.raw_bytes = 2 * heads * tokens * head_dim
+        self._runs: dict[tuple, tuple] = {}
+
+    def launch_at(self, shape, only: str | None, data_aligned: bool, table: torch.Tensor,
+                  data: torch.Tensor, flags: torch.Tensor, slot: int) -> None:
+        """One launch at launch shape ``shape`` (``__call__`` and benchmarks);
+        ``data_aligned``: ``data`` starts on a 16-byte boundary."""
+        found = self._runs.get((shape, only, data_aligned))
+        if found is not None:
+            run, fixed = found
+            run(torch._C._cuda_getCurrentRawStream(self.device.index), table, data,
+                self.offsets, flags, slot, *fixed)
+            return
+        heads, tokens, head_dim = self.shape
         block_keys, block_values, key_blocks, value_blocks = _tile_counts(shape, tokens,
-                                                                          group_size)
-        grid = layers * heads * (key_blocks + value_blocks)
-        if only == "keys":  # the key tiles come first: a shorter grid stops before the values
-            grid = layers * heads * key_blocks
-        elif only == "values":  # no key tiles: every program's tile is a value tile
-            key_blocks, grid = 0, layers * heads * value_blocks
-        _launch(_encode_kv, grid, (inputs, data, offsets, flag, layers, heads, tokens, groups,
-                                   key_blocks, value_blocks, scale_factor),
-                {"D": head_dim, "GS": group_size, "QMAX": (1 << bits) - 1, "PACK": bits == 4,
-                 "BTK": block_keys, "BTV": block_values,
-                 "ALIGN": ALIGN_BYTES if aligned_parts else 1}, shape[2], device)
+                                                                          self.group_size)
+        raw_blocks = max(1, _blocks(self.raw_bytes, RAW_TILE_BYTES))
+        quantized = self.layers * heads
+        grid = quantized * (key_blocks + value_blocks) + 2 * self.raw_layers * raw_blocks
+        if only == "keys":  # the key tiles come first: a shorter grid stops before the rest
+            grid = quantized * key_blocks
+        elif only == "values":  # no key tiles: the first tiles are the value tiles
+            key_blocks, grid = 0, quantized * value_blocks
+        fixed = (self.layers, heads, tokens, _blocks(tokens, self.group_size), key_blocks,
+                 value_blocks, self.raw_layers, raw_blocks, self.raw_bytes, self.scale_factor)
+        run = _jit_launch(_encode_kv, grid, (table, data, self.offsets, flags, slot, *fixed),
+                          {"D": head_dim, "GS": self.group_size, "QMAX": (1 << self.bits) - 1,
+                           "PACK": self.bits == 4, "BTK": block_keys, "BTV": block_values,
+                           "ALIGN": ALIGN_BYTES if self.aligned_parts and data_aligned else 1,
+                           "BRAW": RAW_TILE_BYTES}, shape[2])
+        if run is not None:
+            self._runs[(shape, only, data_aligned)] = (run, fixed)
 
-    launch(launch_shape("encode", bits, device, (layers, heads, tokens, head_dim, group_size),
-                        launch))
-    ring.launched(slot)
-    return check
+    def __call__(self, tensors, data: torch.Tensor, only: str | None = None) -> PendingCheck:
+        """Encode ``tensors`` (the quantized layers' keys, their values, then the raw
+        layers' keys and values; ``supports`` must accept them) into ``data``; returns the
+        check of the launch's finiteness flag. ``only`` ("keys" or "values") launches that
+        half's quantized tiles alone and leaves everything else unwritten: it times each
+        half of the kernel (bench/gpu_codec_halves.py)."""
+        if only not in (None, "keys", "values"):
+            raise ValueError(f"only= takes 'keys', 'values' or None, not {only!r}")
+        table = address_table(self.device, tensors)
+        ring = flag_ring(self.device)
+        check, slot = ring.acquire()
+        data_aligned = data.data_ptr() % ALIGN_BYTES == 0  # Triton specializes on it
+
+        def launch(shape):
+            self.launch_at(shape, only, data_aligned, table, data, ring.values, slot)
+
+        launch(launch_shape("encode", self.bits, self.device,
+                            (self.layers, *self.shape, self.group_size), launch))
+        ring.launched(slot)
+        return check
 
 
-def dequantize_kv(data: torch.Tensor, offsets: torch.Tensor, layers: int,
-                  shape: tuple[int, int, int], bits: int, group_size: int) -> torch.Tensor:
-    """bf16 ``[2, layers, heads, tokens, head_dim]`` (keys, then values) from one launch.
+class Decoder:
+    """The decode launch of one layout on one device: bf16 ``[2, layers, heads, tokens,
+    head_dim]`` (keys, then values) of the quantized layers from an encoded buffer and
+    ``offsets`` as ``Encoder``'s, in one launch that the call does not wait for."""
 
-    ``data`` and ``offsets`` as ``quantize_kv``'s, on the device; the call does not wait
-    for the GPU.
-    """
-    heads, tokens, head_dim = shape
-    out = torch.empty((2, layers, heads, tokens, head_dim), dtype=torch.bfloat16,
-                      device=data.device)
-    groups = _blocks(tokens, group_size)
-    keys, values = out[0], out[1]
+    def __init__(self, device: torch.device, layers: int, shape: tuple[int, int, int],
+                 bits: int, group_size: int, offsets: torch.Tensor):
+        self.device, self.layers, self.shape = device, layers, shape
+        self.bits, self.group_size, self.offsets = bits, group_size, offsets
+        self._runs: dict[tuple, tuple] = {}
 
-    def launch(launch_shape_):
-        block_keys, block_values, key_blocks, value_blocks = _tile_counts(
-            launch_shape_, tokens, group_size)
-        _launch(_decode_kv, layers * heads * (key_blocks + value_blocks),
-                (data, offsets, keys, values, layers, heads, tokens, groups, key_blocks,
-                 value_blocks),
-                {"D": head_dim, "GS": group_size, "PACK": bits == 4, "BTK": block_keys,
-                 "BTV": block_values}, launch_shape_[2], data.device)
+    def launch_at(self, shape, aligned: bool, data: torch.Tensor, out: torch.Tensor) -> None:
+        """One launch at launch shape ``shape`` (``__call__`` and benchmarks)."""
+        found = self._runs.get((shape, aligned))
+        if found is not None:
+            run, fixed = found
+            run(torch._C._cuda_getCurrentRawStream(self.device.index), data, self.offsets,
+                out, *fixed)
+            return
+        heads, tokens, head_dim = self.shape
+        block_keys, block_values, key_blocks, value_blocks = _tile_counts(shape, tokens,
+                                                                          self.group_size)
+        fixed = (self.layers, heads, tokens, _blocks(tokens, self.group_size), key_blocks,
+                 value_blocks)
+        run = _jit_launch(_decode_kv, self.layers * heads * (key_blocks + value_blocks),
+                          (data, self.offsets, out, *fixed),
+                          {"D": head_dim, "GS": self.group_size, "PACK": self.bits == 4,
+                           "BTK": block_keys, "BTV": block_values}, shape[2])
+        if run is not None:
+            self._runs[(shape, aligned)] = (run, fixed)
 
-    launch(launch_shape("decode", bits, data.device, (layers, heads, tokens, head_dim,
-                                                      group_size), launch))
-    return out
+    def __call__(self, data: torch.Tensor) -> torch.Tensor:
+        out = torch.empty((2, self.layers, *self.shape), dtype=torch.bfloat16,
+                          device=self.device)
+        aligned = data.data_ptr() % ALIGN_BYTES == 0  # Triton specializes on it
+
+        def launch(shape):
+            self.launch_at(shape, aligned, data, out)
+
+        launch(launch_shape("decode", self.bits, self.device,
+                            (self.layers, *self.shape, self.group_size), launch))
+        return out
