@@ -91,9 +91,18 @@ def _check_scout(words: list[str]) -> list[str]:
 
 @cache
 def _script_arguments(script: Path) -> tuple[set[str], set[str]]:
-    """(option strings, subcommand names and positional choices) of a benchmark script."""
+    """(option strings, subcommand names and positional choices) of a benchmark script,
+    including those a helper module beside it adds (``bench/gpu_common.py``)."""
     options, names = set(), set()
-    for node in ast.walk(ast.parse(script.read_text())):
+    tree = ast.parse(script.read_text())
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            helper = script.parent / f"{node.module}.py"
+            if helper.is_file() and helper != script:
+                more_options, more_names = _script_arguments(helper)
+                options |= more_options
+                names |= more_names
+    for node in ast.walk(tree):
         if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)):
             continue
         strings = [a.value for a in node.args if isinstance(a, ast.Constant)

@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import platform
 from pathlib import Path
 
 from ray_scout.core.evaluation.quality import Grid, calibration_cells, profile_from_rows, reference_cell
+from ray_scout import provenance
 from ray_scout.experiments import quality as harness
 
 
@@ -57,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
     date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
     source = (f"scout calibrate --edge {args.edge} --cloud {args.cloud} --task {args.task} "
               f"--context-tokens {args.context_tokens} --n {args.n} --seed {args.seed} "
-              f"--scout-retention {args.scout_retention}; {date}; {platform.machine()} "
+              f"--scout-retention {args.scout_retention}; {date}; {provenance.cpu_name()} "
               f"torch {torch.__version__}; F1 relative to the cloud model's full-precision F1")
     profile = profile_from_rows(rows, calibration_cells(args.scout_retention, args.scorer),
                                 name=f"quality-{args.edge}-{args.cloud}", edge_model=args.edge,

@@ -166,7 +166,9 @@ def write_report(spec, out: Path, frames: dict[str, pd.DataFrame]) -> Path:
         text += [f"**Incomplete run**: {meta.get('interrupted', 'interrupted')}. The tables hold "
                  "the requests that finished; `scout run --resume <this folder>` continues it.",
                  ""]
-    text += [f"{len(spec.agent_names)} agents, {spec.duration_s:g} s, seed {spec.seed}.", "",
+    ran = (f" Ran on {meta['machine']}, {meta['date']}, commit {meta['commit']}, "
+           f"{meta['wall_s']:.0f} s wall." if "machine" in meta else "")
+    text += [f"{len(spec.agent_names)} agents, {spec.duration_s:g} s, seed {spec.seed}.{ran}", "",
             f"Quality: {quality_source(spec)}.", "",
             "Payload: exact wire bytes of the mode sent (median over the combination's "
             "requests, 0 for `local`). " + LOCAL_NOTE, ""]

@@ -35,6 +35,7 @@ from typing import TextIO
 
 import pandas as pd
 
+from ray_scout import provenance
 from ray_scout.actors.edge import AgentConfig, make_policy, typical_demand
 from ray_scout.actors.link_manager import LinkChange
 from ray_scout.actors.recorder import read_table
@@ -774,7 +775,8 @@ def run_experiment(spec: Spec, out: Path, address: str | None = None,
             _write_run_record(out, stop.trials)
     write_tables(out, frames)
     meta = {"spec": spec.name, "fidelity": spec.fidelity, "wall_s": time.time() - started,
-            "finished_unix_s": time.time(), "complete": interrupted is None}
+            "finished_unix_s": time.time(), "complete": interrupted is None,
+            **provenance.record()}
     if interrupted is not None:
         meta["interrupted"] = interrupted.detail
     (out / "meta.json").write_text(json.dumps(meta, indent=2))

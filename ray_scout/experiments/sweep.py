@@ -14,13 +14,13 @@ pictures (``curves``).
 from __future__ import annotations
 
 import json
-import os
 import platform
 import time
 from pathlib import Path
 
 import pandas as pd
 
+from ray_scout import provenance
 from ray_scout.experiments import curves, verdict
 from ray_scout.experiments.ledger import Ledger
 from ray_scout.experiments.plan import Plan, Trial
@@ -186,19 +186,6 @@ def _markdown(frame: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
-def machine() -> str:
-    """The CPU as /proc/cpuinfo names it, and how many this process may use."""
-    name = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                name = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{name} x{os.cpu_count()}"
-
-
 def run_sweep(plan: Plan, out: Path, *, address: str | None = None, serial: bool = False,
               show_progress: bool = True, command: str = "",
               reference: Path | None = None) -> dict[str, pd.DataFrame]:
@@ -236,7 +223,7 @@ def run_sweep(plan: Plan, out: Path, *, address: str | None = None, serial: bool
             "wall_s": wall_s,
             "mode": ("lab, one point at a time" if plan.base.fidelity != "simulated"
                      else "serial" if serial else "ray"),
-            "machine": machine(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+            "machine": provenance.machine(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
             "command": command or f"scout run (sweep of {plan.base.name})"}
     if reference is not None:
         meta["reference"] = str(reference)
