@@ -10,7 +10,8 @@ line with the machine, date, commit and load average:
   build and teardown seconds, and one whole split applied in one netlink batch.
 - ``runs``: ``experiments/cell_1000.yaml`` scaled to N agents (the same 3B/7B/14B mix and
   per-agent arrival rate), profiled fidelity on real links, one allocator: Ray worker
-  processes and peak RSS of this run's processes (sampled every 0.5 s), requests, hits,
+  processes and peak RSS of this run's processes (sampled every 0.5 s), the testbed's start
+  (links, cloud, recorder, edge hosts: once per experiment), requests, hits,
   testbed overhead p50/p99 of requests the cloud answered, the allocator's decision and
   apply times, errors, leftovers, wall time; and where the time and the CPU went: each
   outcome's latency split (``split``), the cloud's counters, CPU seconds per process role
@@ -207,7 +208,8 @@ def run(agents: int, duration_s: float, allocator: str, cell: Path = CELL,
             "rss_peak_gib": sampler.rss / 2**30,
             "decide_p50_ms": 1e3 * epochs.decide_s.median(),
             "apply_p50_ms": 1e3 * epochs.apply_s[epochs.apply_s > 0].median(),
-            "trial_wall_s": trial["wall_s"], "wall_s": wall,
+            "testbed_start_s": trial["testbed_start_s"], "trial_wall_s": trial["wall_s"],
+            "wall_s": wall,
             "leftovers": int(not find_leftovers(f"rs-{os.getpid() % 0xFFFF:04x}").empty),
             "modes": r["mode"].value_counts(normalize=True).round(3).to_dict(),
             "cloud": trial["cloud"], "cpu_s": sampler.cpu_by_role(), "box_cpu": sampler.box,
