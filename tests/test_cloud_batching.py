@@ -124,7 +124,8 @@ def _send(actor, bodies, deadline_unix_s=None):
         now = time.time()
         try:
             replies[index] = json.loads(actor._handle(
-                Request(body, index, deadline_unix_s, ("x", 0), now, now, len(body))))
+                Request(body, index, deadline_unix_s, ("x", 0), now, now, len(body)))
+                .result(timeout=10))
         except Exception as exc:  # noqa: BLE001 -- the test inspects it
             replies[index] = exc
 

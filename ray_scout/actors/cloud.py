@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+from concurrent.futures import Future
 import json
 import threading
 import time
@@ -47,9 +48,9 @@ class _Job:
     body: bytes | bytearray
     arrived_unix_s: float
     deadline_unix_s: float | None
-    done: threading.Event = dataclasses.field(default_factory=threading.Event)
-    answer: dict | None = None
-    error: BaseException | None = None
+    # The answer's bytes or the error, set by the compute thread, which the transport then
+    # sends from that thread (no handler thread waits per request).
+    reply: Future = dataclasses.field(default_factory=Future)
     key: Hashable = None  # what the service batches by (its ``batch_key``), if anything
 
 
@@ -138,7 +139,8 @@ class CloudActor:
         for thread in self.threads:
             thread.start()
         # One server worker per connection: a request must reach the queue at once, or it
-        # would wait in the transport's pool, where no one measures it.
+        # would wait in the transport's pool, where no one measures it. The worker hands the
+        # job over and is free; the compute thread sends the answer (``_Job.reply``).
         if not addresses:
             raise ValueError("CloudActor needs at least one address to serve on")
         self.servers: list[Server] = []
@@ -165,7 +167,7 @@ class CloudActor:
         """The bound addresses, in the order given (port 0 resolved)."""
         return [server.address for server in self.servers]
 
-    def _handle(self, request: Request) -> bytes:
+    def _handle(self, request: Request) -> Future:
         # The transport made this buffer for this frame alone: no copy (a copy of a KV
         # payload holds the GIL for milliseconds, which every other connection would wait).
         body = request.body
@@ -173,10 +175,7 @@ class CloudActor:
                    key=self.batch_key(body) if self.batch_key is not None else None)
         self.jobs.put(job)
         self.metrics.depth(self.jobs.qsize())
-        job.done.wait()
-        if job.error is not None:
-            raise job.error
-        return json.dumps(job.answer).encode()
+        return job.reply
 
     def _collect(self) -> tuple[list[_Job], bool]:
         """The next batch (blocking for its first job) and whether close() was asked."""
@@ -204,9 +203,9 @@ class CloudActor:
             for job in batch:
                 if job.deadline_unix_s is not None and start >= job.deadline_unix_s:
                     self.dropped += 1
-                    job.error = CloudBusy(f"deadline passed after {start - job.arrived_unix_s:.3f}"
-                                          " s in the cloud queue; dropped unserved")
-                    job.done.set()
+                    job.reply.set_exception(CloudBusy(
+                        f"deadline passed after {start - job.arrived_unix_s:.3f} s in the cloud "
+                        "queue; dropped unserved"))
                 else:
                     live.append(job)
             if not live:
@@ -220,13 +219,12 @@ class CloudActor:
             queued = [start - job.arrived_unix_s for job in live]
             for job, answer, queue_s in zip(live, answers, queued):
                 if isinstance(answer, Exception):  # the agent gets it as a HANDLER error
-                    job.error = answer
+                    job.reply.set_exception(answer)
                 else:
                     answer.update(cloud=self.name, cloud_queue_s=queue_s,
                                   cloud_compute_s=end - start, batch_size=len(live))
-                    job.answer = answer
                     self.served += 1
-                job.done.set()
+                    job.reply.set_result(json.dumps(answer).encode())
             self.metrics.served(len(live), queued, end - start)
 
     def stats(self) -> dict:
