@@ -24,8 +24,10 @@ line with the machine, date, commit and load average:
 
 Needs root (namespaces) for the first two. Run it alone on the machine.
 
-    python3 bench/cell_scaling.py --agents 10 100 300 1000 --duration 30 \\
-        --decide 1000 10000 100000 --out bench/results/cell_scaling.jsonl
+    python3 bench/cell_scaling.py --full experiments/results/cell_1000 \\
+        --agents 10 100 300 1000 --duration 20 --topology 100 1000 \\
+        --simulate 1000 10000 100000 --decide 1000 10000 100000 --repeats 3 \\
+        --out bench/results/cell_scaling.jsonl
 """
 
 from __future__ import annotations
