@@ -22,7 +22,8 @@ line with the machine, date, commit and load average:
   cell's demands at larger N, as the simulator and the allocator actor call them
   (``allocate`` end to end), with the spec's allocation objective or ``--objective``.
 
-Needs root (namespaces) for the first two. Run it alone on the machine.
+Needs root (namespaces) for ``full`` (but simulated), ``topology`` and ``runs``. Run it alone on
+the machine (under /work/team/quiet here).
 
     python3 bench/cell_scaling.py --full experiments/results/cell_1000 \\
         --agents 10 100 300 1000 --duration 20 --topology 100 1000 \\
