@@ -124,7 +124,8 @@ def _send(actor, bodies, deadline_unix_s=None):
         now = time.time()
         try:
             replies[index] = json.loads(actor._handle(
-                Request(body, index, deadline_unix_s, ("x", 0), now, now, len(body))))
+                Request(body, index, deadline_unix_s, ("x", 0), now, now, len(body)))
+                .result(timeout=10))
         except Exception as exc:  # noqa: BLE001 -- the test inspects it
             replies[index] = exc
 
@@ -198,3 +199,29 @@ def test_profiled_batch_model_sums_prefill_tokens_and_keeps_the_longest_decode()
     assert batch < cloud.service_s(scout) + cloud.service_s(kv)
     paper = ProfiledRequest(Mode.INT8, "p", 512, 256, 24)
     assert cloud.batch_service_s([paper, paper]) == pytest.approx(2 * cloud.service_s(paper))
+
+
+def test_actor_batches_one_key_at_a_time_and_keeps_the_others_in_order():
+    seen: list[list[bytes]] = []
+
+    def serve(bodies):
+        seen.append(list(bodies))
+        return [{"text": b.decode()} for b in bodies]
+
+    serve.batch_key = lambda body: body[:1]  # a body's model: its first letter
+    actor = _actor(serve, max_batch=8, batch_window_s=0.3)
+    try:
+        replies = _send(actor, [b"a1", b"b1", b"a2", b"b2", b"a3"])
+    finally:
+        actor.close()
+    assert sorted(r["text"] for r in replies) == ["a1", "a2", "a3", "b1", "b2"]
+    assert all(len({body[:1] for body in batch}) == 1 for batch in seen)  # one model each
+    assert sum(len(batch) for batch in seen) == 5 and len(seen) <= 3
+
+
+def test_profiled_service_batches_by_cloud_model():
+    from ray_scout.core.stages.profiled import ProfiledRequest, ProfiledService
+
+    body = ProfiledRequest(Mode.SCOUT, "qwen2.5-7b", 256, 128, 24).to_body(200)
+    assert ProfiledService.batch_key(body) == "qwen2.5-7b"
+    assert ProfiledService.batch_key(b"not a profiled body") is None

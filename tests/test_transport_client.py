@@ -75,6 +75,22 @@ def test_silent_server_gives_deadline_exceeded_at_the_deadline():
         conn.close()
 
 
+def test_giving_up_with_body_bytes_unacknowledged_closes_instead_of_cancelling():
+    """The body left the caller but not the kernel (a link whose rate fell): a CANCEL and the
+    next request would queue behind it, so the connection is dropped, bytes and all."""
+    with socket.socket() as listener:
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # the peer's window
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        conn = Connection(listener.getsockname())
+        conn._sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 20)
+        accepted, _ = listener.accept()  # never reads
+        with pytest.raises(DeadlineExceeded, match="still unacknowledged"):
+            conn.request(b"k" * 200_000, deadline_s=0.3)  # fits the send buffer: sendall returns
+        assert not conn.connected
+        accepted.close()
+
+
 def test_deadline_while_sending_closes_the_connection():
     with socket.create_server(("127.0.0.1", 0)) as listener:
         conn = Connection(listener.getsockname())

@@ -262,3 +262,38 @@ def test_close_returns_promptly_with_a_handler_stuck_and_clients_connected():
 def test_server_rejects_zero_workers():
     with pytest.raises(ValueError, match="workers"):
         Server(echo, workers=0)
+
+
+def test_a_handler_may_answer_later_from_the_thread_that_completes_its_future():
+    from concurrent.futures import Future
+
+    waiting: list[tuple[Request, Future]] = []
+
+    def later(request: Request) -> Future:
+        future: Future = Future()
+        waiting.append((request, future))
+        return future
+
+    def complete() -> None:  # another thread, as the cloud's compute threads
+        while len(waiting) < 2:
+            time.sleep(0.01)
+        (first, f1), (second, f2) = waiting
+        f1.set_result(b"late:" + bytes(first.body))
+        f2.set_exception(ValueError("no answer for this one"))
+
+    with Server(later, workers=1) as server, Connection(server.address) as a, \
+            Connection(server.address) as b:
+        threading.Thread(target=complete, daemon=True).start()
+        replies: dict = {}
+        sender = threading.Thread(target=lambda: replies.update(
+            a=a.request(b"one", deadline_s=5).body))
+        sender.start()
+        while not waiting:
+            time.sleep(0.01)
+        # One worker, yet the second request is served: no worker waits for the first.
+        with pytest.raises(RemoteError, match="no answer for this one"):
+            b.request(b"two", deadline_s=5)
+        sender.join(5)
+        assert bytes(replies["a"]) == b"late:one"
+        stats = server.stats()
+    assert stats.responses == 1 and stats.handler_errors == 1

@@ -511,7 +511,7 @@ class Testbed:
         return {"policy": policy, "allocator": allocator, "raw": str(raw), "links": links_rows,
                 "requests_issued": sum(len(w) for w in work.values()), "requests_lost": lost,
                 "placement": self.where.describe(), "cloud": cloud_stats, "errors": errors,
-                "wall_s": time.time() - started}
+                "wall_s": time.time() - started, "testbed_start_s": self.start_s}
 
 
 def cloud_service(spec: Spec, texts: dict):

@@ -153,7 +153,10 @@ class _Request:
     estimate_bps: float = math.nan
     reason: str = ""
     t_start: float = math.nan
-    remaining: float = 0.0
+    remaining: float = 0.0  # bytes still to send, as of ``t_rate``
+    rate_bps: float = 0.0  # the transfer's rate since ``t_rate`` (allocated runs)
+    t_rate: float = 0.0
+    version: int = 0  # bumped when its rate changes: older completion events are stale
     t_tx_start: float = math.nan
     tx_s: float = math.nan
     done: bool = False
@@ -198,7 +201,12 @@ class _Sim:
         self.queue: dict[str, collections.deque[_Request]] = {
             a: collections.deque() for a in self.agents}
         self.busy: dict[str, _Request | None] = {a: None for a in self.agents}
-        self.active: list[_Request] = []
+        # Transfers on the wire, by request id. With an allocator each moves at its agent's
+        # grant alone (a hard cap), so its last byte is an event, rescheduled only when that
+        # grant changes: the run costs O(events), not O(events x transfers), which is what
+        # takes a cell to 100,000 agents. Fair sharing couples every transfer's rate to the
+        # others', so there the fluid steps from event to event over all of them.
+        self.active: dict[int, _Request] = {}
         self.outstanding = 0
         self.next_rid = -1
         self.rows: list[dict] = []
@@ -216,11 +224,30 @@ class _Sim:
     def rates(self, t: float) -> dict[int, float]:
         """Each transfer's rate: its agent has at most one on the wire, at its whole share."""
         if self.cfg.allocator is None:
-            caps = {r.agent.agent_id: r.agent.access_rate_bps for r in self.active}
+            caps = {r.agent.agent_id: r.agent.access_rate_bps for r in self.active.values()}
             share = _max_min_share(self.cfg.capacity.rate_at(t), caps)
-            return {r.rid: share[r.agent.agent_id] for r in self.active}
-        return {r.rid: min(self.grant[r.agent.agent_id], r.agent.access_rate_bps)
-                for r in self.active}
+            return {r.rid: share[r.agent.agent_id] for r in self.active.values()}
+        return {r.rid: self.rate(r.agent.agent_id) for r in self.active.values()}
+
+    def rate(self, agent_id: str) -> float:
+        """An agent's transfer rate under an allocator: its grant, capped by its access."""
+        return min(self.grant[agent_id], self.agents[agent_id].access_rate_bps)
+
+    def move(self, t: float, req: _Request, rate_bps: float) -> None:
+        """Allocated runs: bring ``req``'s bytes up to ``t`` and go on at ``rate_bps``, its
+        last byte scheduled at that rate (an older schedule goes stale)."""
+        req.remaining = max(0.0, req.remaining - req.rate_bps * (t - req.t_rate) / 8)
+        req.rate_bps, req.t_rate = rate_bps, t
+        req.version += 1
+        if rate_bps > 0:
+            self.push(t + req.remaining * 8 / rate_bps, "tx_done", (req, req.version))
+
+    def tx_done(self, t: float, item: tuple[_Request, int]) -> None:
+        req, version = item
+        if version != req.version or self.active.pop(req.rid, None) is None:
+            return  # rescheduled since, or cut off at its deadline
+        req.remaining = 0.0
+        self.transferred(t, req)
 
     def epoch(self, t: float) -> None:
         capacity = self.cfg.capacity.rate_at(t)
@@ -244,6 +271,10 @@ class _Sim:
                                             planned_mode=alloc.mode[a].value,
                                             objective=alloc.objective,
                                             delivered_ratio=ratio[a]))
+            for req in list(self.active.values()):
+                rate = self.rate(req.agent.agent_id)
+                if rate != req.rate_bps:
+                    self.move(t, req, rate)
         for a, est in self.estimators.items():
             if isinstance(est, GrantEstimator):
                 est.set_grant(min(self.grant[a], self.agents[a].access_rate_bps))
@@ -325,8 +356,11 @@ class _Sim:
         req.remaining = float(req.payload)
         if req.remaining == 0:
             self.transferred(t, req)
-        else:
-            self.active.append(req)
+            return
+        self.active[req.rid] = req
+        if self.cfg.allocator is not None:
+            req.rate_bps, req.t_rate = 0.0, t
+            self.move(t, req, self.rate(req.agent.agent_id))
 
     def transferred(self, t: float, req: _Request) -> None:
         """Last byte on the wire: the answer comes after RTT, cloud queue and compute."""
@@ -349,8 +383,10 @@ class _Sim:
         if req.done:
             return
         req.done = True
-        if req in self.active:  # cut off mid-transfer: what got through is still a sample
-            self.active.remove(req)
+        if self.active.pop(req.rid, None) is not None:
+            # Cut off mid-transfer: what got through is still a sample.
+            if self.cfg.allocator is not None:
+                self.move(t, req, 0.0)
             sent = req.payload - req.remaining
             if sent > 0 and t > req.t_tx_start:
                 self.estimators[req.agent.agent_id].observe(int(sent), t - req.t_tx_start, t)
@@ -361,6 +397,20 @@ class _Sim:
         self.free(t, req)
 
     # --- loop ----------------------------------------------------------------------------
+    def fair_step(self, t: float) -> float:
+        """Fair sharing: every transfer moves at its share until the next event or the
+        first last byte, whichever comes first; returns that time."""
+        rates = self.rates(t)
+        finish = [r.remaining * 8 / rates[r.rid] for r in self.active.values()
+                  if rates[r.rid] > 0]
+        t_next = min(self.heap[0][0], t + min(finish, default=math.inf))
+        for r in self.active.values():
+            r.remaining -= rates[r.rid] * (t_next - t) / 8
+        for r in [r for r in self.active.values() if r.remaining <= 1e-6]:
+            del self.active[r.rid]
+            self.transferred(t_next, r)
+        return t_next
+
     def run(self) -> tuple[pd.DataFrame, pd.DataFrame]:
         for spec in self.cfg.agents:
             if spec.schedule is not None:
@@ -379,21 +429,13 @@ class _Sim:
                 self.push(change, "epoch")
         self.push(0.0, "epoch_tick", 0)
         handlers = {"arrival": self.arrive, "tx_start": self.tx_start,
-                    "deadline": self.deadline, "free": self.free}
+                    "deadline": self.deadline, "free": self.free, "tx_done": self.tx_done}
         t = 0.0
         while self.heap:
-            rates = self.rates(t)
-            finish = [(r.remaining * 8 / rates[r.rid], r) for r in self.active
-                      if rates[r.rid] > 0]
-            t_next_event = self.heap[0][0]
-            dt_done = min((d for d, _ in finish), default=math.inf)
-            t_next = min(t_next_event, t + dt_done)
-            for r in self.active:
-                r.remaining -= rates[r.rid] * (t_next - t) / 8
-            t = t_next
-            for r in [r for r in self.active if r.remaining <= 1e-6]:
-                self.active.remove(r)
-                self.transferred(t, r)
+            if self.cfg.allocator is None:
+                t = self.fair_step(t)
+            else:
+                t = self.heap[0][0]
             while self.heap and self.heap[0][0] <= t:
                 _, _, kind, item = heapq.heappop(self.heap)
                 if kind in handlers:

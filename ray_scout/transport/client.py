@@ -392,6 +392,17 @@ class Connection:
             self.close()
             return "connection closed (an answer was half read, so the stream is out of step)"
         try:
+            unacked = _unacked_bytes(self._sock)
+        except OSError:
+            unacked = None  # cannot say: the CANCEL goes, as before
+        if unacked:
+            # Part of the body still waits in the kernel: a CANCEL (and the next request)
+            # would queue behind it, and a link whose rate fell since would carry it for
+            # minutes. Closing with SO_LINGER 0 discards it, as a cancelled send does.
+            self.close()
+            return (f"connection closed ({unacked} bytes of the body were still unacknowledged; "
+                    "a CANCEL would have queued behind them)")
+        try:
             self._sock.settimeout(0.1)
             self.bytes_sent += write_frame(self._sock.sendall, MessageType.CANCEL, request_id)
         except OSError:
@@ -402,15 +413,11 @@ class Connection:
     @staticmethod
     def _wait_acked(sock: socket.socket, deadline: float) -> float | None:
         interval = 50e-6
-        buf = bytearray(4)
         while True:
-            try:
-                fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, buf)
-            except OSError as exc:
-                if exc.errno in (errno.ENOTTY, errno.EINVAL):
-                    return None
-                raise
-            if int.from_bytes(buf, sys.byteorder) == 0:
+            unacked = _unacked_bytes(sock)
+            if unacked is None:
+                return None
+            if unacked == 0:
                 return time.time()
             left = deadline - time.time()
             if left <= 0:
@@ -419,3 +426,16 @@ class Connection:
             if readable:
                 return None
             interval = min(interval * 2, 2e-3)
+
+
+def _unacked_bytes(sock: socket.socket) -> int | None:
+    """Bytes written to ``sock`` that its peer has not acknowledged (SIOCOUTQ); None where
+    the socket cannot say."""
+    buf = bytearray(4)
+    try:
+        fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, buf)
+    except OSError as exc:
+        if exc.errno in (errno.ENOTTY, errno.EINVAL):
+            return None
+        raise
+    return int.from_bytes(buf, sys.byteorder)

@@ -34,7 +34,7 @@ import socket
 import struct
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable
 
@@ -68,7 +68,9 @@ class Request:
     size_bytes: int  # whole frame, header included
 
 
-Handler = Callable[[Request], bytes]
+# A handler answers with bytes, or with a Future of bytes that another thread completes
+# (the cloud's compute threads): the answer is then sent from the thread that completes it.
+Handler = Callable[[Request], "bytes | Future[bytes]"]
 
 
 @dataclass(frozen=True)
@@ -436,6 +438,7 @@ class Server:
 
     def _serve(self, conn: _Connection, pending: _Pending) -> None:
         request = pending.request
+        deferred = False
         try:
             with conn.state_lock:
                 if pending.cancelled:
@@ -453,18 +456,48 @@ class Server:
                 return
             try:
                 body = self._handler(request)
-                if not isinstance(body, (bytes, bytearray, memoryview)):
-                    raise TypeError(f"handler returned {type(body).__name__}, expected bytes")
             except Exception as exc:  # the handler's failure goes back to the client, not to a log
                 self._count("handler_errors")
                 self._reply_error(conn, request.request_id, ErrorCode.HANDLER, f"{type(exc).__name__}: {exc}")
                 return
-            self._send(conn, MessageType.RESPONSE, request.request_id, body)
-            self._count("responses")
+            if isinstance(body, Future):
+                # Answered later by whoever completes it, in that thread: no worker waits,
+                # and the answer leaves without another thread's wake-up.
+                deferred = True
+                body.add_done_callback(lambda future: self._answer_later(conn, pending, future))
+                return
+            self._answer(conn, request.request_id, body)
         finally:
-            with conn.state_lock:
-                conn.pending.pop(request.request_id, None)
-            conn.body_slot.release()
+            if not deferred:
+                self._done(conn, pending)
+
+    def _answer(self, conn: _Connection, request_id: int, body) -> None:
+        if not isinstance(body, (bytes, bytearray, memoryview)):
+            self._count("handler_errors")
+            self._reply_error(conn, request_id, ErrorCode.HANDLER,
+                              f"TypeError: handler returned {type(body).__name__}, expected bytes")
+            return
+        self._send(conn, MessageType.RESPONSE, request_id, body)
+        self._count("responses")
+
+    def _answer_later(self, conn: _Connection, pending: _Pending, future: Future) -> None:
+        request_id = pending.request.request_id
+        try:
+            try:
+                body = future.result()
+            except Exception as exc:  # noqa: BLE001 -- the handler's failure, as above
+                self._count("handler_errors")
+                self._reply_error(conn, request_id, ErrorCode.HANDLER, f"{type(exc).__name__}: {exc}")
+                return
+            self._answer(conn, request_id, body)
+        finally:
+            self._done(conn, pending)
+
+    def _done(self, conn: _Connection, pending: _Pending) -> None:
+        """The request is answered (or dropped): the connection may read its next body."""
+        with conn.state_lock:
+            conn.pending.pop(pending.request.request_id, None)
+        conn.body_slot.release()
 
     def _send(self, conn: _Connection, msg_type: MessageType, request_id: int, body: bytes) -> None:
         try:

@@ -12,6 +12,7 @@ profiles and the wire format's closed-form sizes. What it leaves to others: send
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import struct
@@ -259,6 +260,24 @@ class ProfiledCloud:
         return total
 
 
+# Bodies up to this size are kept (at most 16: a cell's shapes times the modes its policies
+# pick are a handful), so an edge host holds at most 1 GiB of them.
+_KEPT_BODY_BYTES = 64 << 20
+
+
+def _padded(request: ProfiledRequest, size_bytes: int) -> bytes:
+    """A profiled body, made once per process for each request shape and mode: building
+    tens of MB holds the GIL for milliseconds, which every agent of an edge host would wait."""
+    if size_bytes > _KEPT_BODY_BYTES:
+        return request.to_body(size_bytes)
+    return _kept_body(request, size_bytes)
+
+
+@functools.lru_cache(maxsize=16)
+def _kept_body(request: ProfiledRequest, size_bytes: int) -> bytes:
+    return request.to_body(size_bytes)
+
+
 class ProfiledEdge:
     """The edge stage of profiled fidelity: the profile's edge time is slept, not computed.
 
@@ -287,7 +306,7 @@ class ProfiledEdge:
             return EdgeOutcome(decision, answer="")
         body = ProfiledRequest(mode, self.cloud_model, shape.context_tokens,
                                shape.selected_tokens, self.new_tokens)
-        return EdgeOutcome(decision, body=body.to_body(shape.payload_bytes[mode]))
+        return EdgeOutcome(decision, body=_padded(body, shape.payload_bytes[mode]))
 
     def score(self, arrival: Arrival, mode: Mode, answer: str) -> Score:
         quality = self.quality.quality(mode)
@@ -297,12 +316,24 @@ class ProfiledEdge:
 class ProfiledService:
     """The cloud of profiled fidelity: a batch of bodies sleeps its modelled service time.
 
+    Batches hold one cloud model each (``batch_key``): ``batch_service_s`` of a batch that
+    mixed models would run them one after another, which no cloud serving a cell would do.
+
     Slot ``i`` of a call's answer holds body ``i``'s answer, or its error for a body that is
     not a profiled request.
     """
 
     def __init__(self, timings: Mapping[str, Timing]):
         self.cloud = ProfiledCloud(timings)
+
+    @staticmethod
+    def batch_key(body: bytes) -> str | None:
+        """What the cloud batches by: the request's model (a GPU runs one model's batch at a
+        time). None for a body that is no profiled request (its batch answers its error)."""
+        try:
+            return ProfiledRequest.from_body(body).cloud_model
+        except ComputeError:
+            return None
 
     def __call__(self, bodies: list[bytes]) -> list:
         requests: list[ProfiledRequest | Exception] = []
