@@ -41,6 +41,7 @@ grant needs a larger grant for the same service.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import math
 from typing import Callable, Collection, Mapping, Sequence
@@ -119,6 +120,8 @@ class Demand:
     # service budget, the planned share of the rate and the arrival rate, gathered once here:
     # Enum-keyed dict lookups cost a Python call each, too slow to repeat per allocation.
     vector: tuple[float, ...] = dataclasses.field(init=False, repr=False, compare=False)
+    # ``shape_key``, gathered once here for the same reason.
+    shape_key: tuple = dataclasses.field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.weight < 0:
@@ -139,6 +142,12 @@ class Demand:
             + [self.quality.get(m, nan) for m in OPTION_MODES]
             + [self.model_size_bytes, self.service_budget_s, self.rate_share,
                self.arrival_rate_hz]))
+        # What an adaptive agent's expected quality along its ladder depends on: deadline,
+        # arrival rate, the policy's guard, and per mode fixed latency, bytes and quality
+        # (not the rate share: a column's rate is sized by it, so it cancels).
+        object.__setattr__(self, "shape_key", (
+            self.deadline_s, self.arrival_rate_hz, self.guards_next_arrival,
+            *(-1.0 if math.isnan(v) else v for v in self.vector[:3 * len(OPTION_MODES)])))
 
     @property
     def hit_ladder(self) -> tuple[float, ...]:
@@ -146,13 +155,6 @@ class Demand:
         keeps at least that share of requests in time, then the exact share at each."""
         return tuple(_fill_ladders([self])[0].tolist())
 
-    @property
-    def shape_key(self) -> tuple:
-        """What an adaptive agent's expected quality along its ladder depends on: deadline,
-        arrival rate, the policy's guard, and per mode fixed latency, bytes and quality
-        (not the rate share: a column's rate is sized by it, so it cancels)."""
-        return (self.deadline_s, self.arrival_rate_hz, self.guards_next_arrival,
-                *(-1.0 if math.isnan(v) else v for v in self.vector[:3 * len(OPTION_MODES)]))
 
     @property
     def rate_share(self) -> float:
@@ -311,7 +313,7 @@ class _Problem:
         if objective not in OBJECTIVES:
             raise AllocationError(f"unknown objective {objective!r}; known: "
                                   f"{', '.join(OBJECTIVES)}")
-        self.demands = demands
+        self.demands = tuple(demands)
         self.objective = objective
         self.modes = list(OPTION_MODES)
         n, k = len(demands), len(OPTION_MODES)
@@ -362,6 +364,14 @@ class _Problem:
                 self._adaptive_columns(demands)
         scale = self.weight * (self.requests if objective == "expected_hits" else 1.0)
         self.value = self.quality * scale[:, None]
+        self._steps = None
+        self._ladders = None
+
+    def greedy_steps(self):
+        """``_greedy_steps`` of the problem's options, once (a re-split reuses them)."""
+        if self._steps is None:
+            self._steps = _greedy_steps(self.rate, self.value)
+        return self._steps
 
     def _adaptive_columns(self, demands: Sequence[Demand]) -> None:
         """Expected quality of each adaptive agent's (top mode, rate) columns, cached per
@@ -426,8 +436,15 @@ class _Problem:
         service = self.mode_fixed + wire
         service[:, 0] = self.mode_fixed[:, 0]
         if self.objective == "expected_hits":
-            hit = hit_probability(self.deadline[:, None], np.nan_to_num(service, nan=np.inf),
-                                  self.arrival_rate[:, None])
+            # Adaptive agents' cloud modes are valued along their ladders below: the M/D/1
+            # sums (the cost of a split at scale) only for the rest.
+            needed = ~np.isnan(self.mode_quality) & ~self.adaptive[:, None]
+            needed[:, 0] = ~np.isnan(self.mode_quality[:, 0])
+            hit = np.zeros(service.shape)
+            rows, cols = np.nonzero(needed)
+            hit[rows, cols] = hit_probability(self.deadline[rows],
+                                              np.nan_to_num(service[rows, cols], nan=np.inf),
+                                              self.arrival_rate[rows])
         else:
             budget = np.array([d.service_budget_s for d in self.demands])
             hit = (service <= budget[:, None] * (1 + 1e-12)).astype(float)
@@ -444,11 +461,16 @@ class _Problem:
         lowest rung it is not planned (0), above its top rung it keeps the top value (all
         agents and modes at once; ``np.interp`` per agent and mode was the cost at scale)."""
         levels = len(HIT_LEVELS)
-        rate = self.rate[rows, 1:].reshape(len(rows), -1, levels)
-        value = self.quality[rows, 1:].reshape(len(rows), -1, levels)
-        order = np.argsort(rate, axis=2, kind="stable")  # inf (not offered) last
-        rate = np.take_along_axis(rate, order, axis=2)
-        value = np.take_along_axis(value, order, axis=2)
+        if self._ladders is None:  # sorted once per problem: only the rates change
+            every = np.flatnonzero(self.adaptive)
+            rate = self.rate[every, 1:].reshape(len(every), -1, levels)
+            value = self.quality[every, 1:].reshape(len(every), -1, levels)
+            order = np.argsort(rate, axis=2, kind="stable")  # inf (not offered) last
+            self._ladders = (np.cumsum(self.adaptive) - 1,
+                             np.take_along_axis(rate, order, axis=2),
+                             np.take_along_axis(value, order, axis=2))
+        index, rate, value = self._ladders
+        rate, value = rate[index[rows]], value[index[rows]]
         r = rate_bps[:, None, None]
         above = (rate <= r * (1 + 1e-12)).sum(axis=2, keepdims=True)  # rungs at or below r
         offered = np.isfinite(rate).sum(axis=2, keepdims=True)
@@ -549,39 +571,49 @@ def _hull_segments(rate: np.ndarray, value: np.ndarray):
     slopes never increase, which is what makes a global sort by slope a valid greedy order.
     """
     n, k = rate.shape
-    rows = np.arange(n)
     cur = np.zeros(n, dtype=int)
     parts = []
+    active = np.arange(n)  # agents whose hull goes on: each step looks at those alone
     for step in range(k - 1):
-        cur_r, cur_v = rate[rows, cur], value[rows, cur]
-        d_r = rate - cur_r[:, None]
-        d_v = value - cur_v[:, None]
-        ok = (d_v > 0) & np.isfinite(rate)
+        r, v = rate[active], value[active]
+        at = np.arange(len(active))
+        d_r = r - r[at, cur[active]][:, None]
+        d_v = v - v[at, cur[active]][:, None]
+        ok = (d_v > 0) & np.isfinite(r)
         with np.errstate(divide="ignore", invalid="ignore"):
             slope = np.where(ok, np.where(d_r > 0, d_v / d_r, np.inf), -np.inf)
         nxt = slope.argmax(axis=1)
-        has = ok[rows, nxt]
+        has = ok[at, nxt]
         if not has.any():
             break
-        a = rows[has]
-        to = nxt[has]
-        parts.append((a, np.full(len(a), step), d_r[a, to], d_v[a, to], slope[a, to], to))
-        cur = np.where(has, nxt, cur)
+        at, to = at[has], nxt[has]
+        active = active[has]
+        parts.append((active, np.full(len(active), step), d_r[at, to], d_v[at, to],
+                      slope[at, to], to))
+        cur[active] = to
     if not parts:
         empty = np.zeros(0)
         return (empty.astype(int),) * 2 + (empty,) * 3 + (empty.astype(int),)
     return tuple(np.concatenate(x) for x in zip(*parts))
 
 
-def _greedy(rate: np.ndarray, value: np.ndarray, capacity: float):
+def _greedy_steps(rate: np.ndarray, value: np.ndarray):
+    """The hull steps of every agent in the greedy's order (best slope first; ties: the
+    earlier step, then the agent listed first): (agent, d_rate, slope, to_column)."""
+    agent, step, d_r, _, slope, to = _hull_segments(rate, value)
+    order = np.lexsort((step, -slope))
+    return agent[order], d_r[order], slope[order], to[order]
+
+
+def _greedy(rate: np.ndarray, value: np.ndarray, capacity: float, steps=None):
     """Paper B's greedy: upgrade by best marginal value per rate unit while it fits.
 
     Returns (choice per agent, break slope). The break slope is the efficiency of the first
     upgrade that did not fit: the LP relaxation's multiplier, which ``optimal`` reuses.
+    ``steps``: ``_greedy_steps(rate, value)`` when already known (they do not depend on the
+    capacity).
     """
-    agent, step, d_r, _, slope, to = _hull_segments(rate, value)
-    order = np.lexsort((step, -slope))
-    agent, d_r, slope, to = agent[order], d_r[order], slope[order], to[order]
+    agent, d_r, slope, to = _greedy_steps(rate, value) if steps is None else steps
     choice = np.zeros(rate.shape[0], dtype=int)
     used = np.cumsum(d_r)
     stop = int(np.searchsorted(used, capacity * (1 + 1e-12), side="right"))
@@ -609,7 +641,7 @@ def _greedy(rate: np.ndarray, value: np.ndarray, capacity: float):
 
 
 def _greedy_only(p: _Problem, capacity_bps: float) -> Allocation:
-    choice, _ = _greedy(p.rate, p.value, capacity_bps)
+    choice, _ = _greedy(p.rate, p.value, capacity_bps, p.greedy_steps())
     return p.result("greedy", capacity_bps, choice)
 
 
@@ -624,7 +656,7 @@ def _best_plan(p: _Problem, plans: list[Plan], capacity_bps: float) -> Plan:
 def _heuristic_plans(p: _Problem, capacity_bps: float) -> list[Plan]:
     """The greedy's plan, then the equal and model-aware splits as those strategies plan
     them (their rates, the best mode at each), so quality_max is never worse than either."""
-    plans = [(_greedy(p.rate, p.value, capacity_bps)[0], None)]
+    plans = [(_greedy(p.rate, p.value, capacity_bps, p.greedy_steps())[0], None)]
     for rate in (_equal_rates(p, capacity_bps), _model_aware_rates(p, capacity_bps)):
         plans.append((p.modes_at(rate), rate) if p.objective == "expected_hits"
                      else (p.plan_at(rate), None))
@@ -708,12 +740,16 @@ def _interchangeable_units(free, keep, w, v, cells):
     1,000 identical agents from 1,000 DP steps into one. A group whose count vectors would
     exceed ``_MAX_POINTS_PER_GROUP`` is split into single agents instead.
     """
-    signature = np.hstack([np.where(keep[free], w[free], -1.0),
-                           np.where(keep[free], v[free], -np.inf)])
-    _, group_of = np.unique(signature, axis=0, return_inverse=True)
+    signature = np.ascontiguousarray(np.hstack([np.where(keep[free], w[free], -1.0),
+                                                np.where(keep[free], v[free], -np.inf)]))
+    # Grouped by the bytes of each row (a sort of the rows cost tens of ms at 1,000 agents),
+    # in the order of each group's first agent.
+    groups: dict[bytes, list[int]] = {}
+    for agent, row in zip(free.tolist(), signature):
+        groups.setdefault(row.tobytes(), []).append(agent)
     units = []
-    for gi in range(int(group_of.max()) + 1):
-        members = free[group_of.ravel() == gi]
+    for group in groups.values():
+        members = np.array(group)
         a = members[0]
         opts = np.flatnonzero(keep[a] & (w[a] <= cells))
         # Pareto-prune the options: by weight, keep each only if it is worth more than all
@@ -724,6 +760,9 @@ def _interchangeable_units(free, keep, w, v, cells):
         ahead = np.maximum.accumulate(np.concatenate([[-np.inf], vals[:-1]]))
         opts = opts[vals > ahead]
         ws, vs = w[a, opts].astype(np.int64), v[a, opts]
+        if len(members) == 1:  # its pruned options are its front, each taken by the one
+            units.append((members, opts, ws, vs, np.eye(len(opts), dtype=np.int64)))
+            continue
         points = _count_points(ws, vs, len(members), cells)
         if points is None:
             units += [(np.array([m]), opts) + _count_points(ws, vs, 1, cells) for m in members]
@@ -775,6 +814,25 @@ def _optimal(p: _Problem, capacity_bps: float, grid_cells: int = DEFAULT_GRID_CE
         p, [(exact, None)] + _heuristic_plans(p, capacity_bps), capacity_bps))
 
 
+# The last few problems, by the identity of their demands and the objective: an allocator
+# re-splits the same demands at every capacity change, and building the matrices and the
+# greedy's hull steps is most of a split's cost at scale. Demands are frozen and a problem
+# holds its own, so the same objects (their ids taken while they live) mean the same problem.
+_PROBLEMS: collections.OrderedDict[tuple, "_Problem"] = collections.OrderedDict()
+_PROBLEMS_KEPT = 4
+
+
+def _problem(demands: Sequence[Demand], objective: str) -> "_Problem":
+    key = (objective, tuple(map(id, demands)))
+    problem = _PROBLEMS.get(key)
+    if problem is None:
+        problem = _PROBLEMS[key] = _Problem(demands, objective)
+        if len(_PROBLEMS) > _PROBLEMS_KEPT:
+            _PROBLEMS.popitem(last=False)
+    _PROBLEMS.move_to_end(key)
+    return problem
+
+
 STRATEGIES: dict[str, Callable[[_Problem, float], Allocation]] = {
     "equal": _equal, "model_aware": _model_aware, "greedy": _greedy_only,
     "quality_max": _quality_max, "optimal": _optimal,
@@ -796,7 +854,7 @@ def allocate(strategy: str, demands: Sequence[Demand], capacity_bps: float,
         raise AllocationError("nothing to allocate: no demands")
     if not (capacity_bps >= 0 and math.isfinite(capacity_bps)):
         raise AllocationError(f"capacity must be finite and >= 0 bit/s, not {capacity_bps}")
-    problem = _Problem(demands, objective)
+    problem = _problem(demands, objective)
     if capacity_bps == 0:
         rate = np.zeros(len(demands))
         return problem.result(strategy, 0.0, problem.modes_at(rate), rate)
