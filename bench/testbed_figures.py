@@ -183,11 +183,20 @@ def estimators(results: Path) -> list[dict]:
     return rows
 
 
+def _requests(results: Path, requests: Path | None) -> pd.DataFrame:
+    """``--requests``, else the run's ``requests.csv``, else its ``requests.parquet`` (a
+    replicated run commits only the parquet)."""
+    path = requests or results / "requests.csv"
+    if requests is None and not path.exists():
+        path = results / "requests.parquet"
+    return pd.read_parquet(path) if path.suffix == ".parquet" else pd.read_csv(path)
+
+
 def paired(results: Path, requests: Path | None, a: str, b: str,
            allocators: list[str] | None = None) -> list[dict]:
     from ray_scout.core.evaluation.metrics import paired_test
 
-    r = pd.read_csv(requests or results / "requests.csv")
+    r = _requests(results, requests)
     # A replicated run (a sweep's requests) repeats request ids per replication.
     keys = [k for k in ("replication", "request_id") if k in r.columns]
     # Policy a minus policy b per allocator, or allocator a minus allocator b per policy.

@@ -542,9 +542,9 @@ def test_an_agent_without_a_measured_transfer_takes_the_others_delivered_share()
 
 def test_expected_hits_starves_no_always_int4_agent_at_the_lab_delivered_rate():
     # The lab's links deliver 0.956 of a grant (framing). There the best split keeps all
-    # four always-INT4 agents sending (about 8.5 / 16.5 Mbit/s, 63.2% expected; the
+    # four always-INT4 agents sending (about 8.5 / 16.5 Mbit/s, 65.7% hits expected; the
     # independent search below); with the earlier 15 hit levels the knapsack could not reach
-    # it and gave one 14B agent rate 0 (62.1%, under the proportional split's 64% measured).
+    # it and gave one 14B agent rate 0 (64.6%; measured 62% against the proportional 64%).
     demands = [dataclasses.replace(d, delivered_ratio=1448 / 1514)
                for d in example_demands(modes=(Mode.INT4,))]
     alloc = allocate("optimal", demands, 50 * MBIT)
