@@ -820,7 +820,7 @@ def _optimal(p: _Problem, capacity_bps: float, grid_cells: int = DEFAULT_GRID_CE
 # greedy's hull steps is most of a split's cost at scale. Demands are frozen and a problem
 # holds its own, so the same objects (their ids taken while they live) mean the same problem.
 _PROBLEMS: collections.OrderedDict[tuple, "_Problem"] = collections.OrderedDict()
-_PROBLEMS_KEPT = 4
+_PROBLEMS_KEPT = 2
 
 
 def _problem(demands: Sequence[Demand], objective: str) -> "_Problem":
