@@ -218,11 +218,11 @@ def paper_b_latency(rtt_s: float = 0.0) -> LatencyModel:
     return LatencyModel(edge, cloud, rtt_s=rtt_s)
 
 
-# Paper B modes table (Qwen2.5-7B context): payload bytes per mode.
 # Expected hits closer than this count as equal (``QueueAwarePolicy``): float noise, not a
 # request more in time.
 HIT_TOLERANCE = 1e-9
 
+# Paper B modes table (Qwen2.5-7B context): payload bytes per mode.
 PAPER_B_PAYLOAD_BYTES = {Mode.BF16: 9_700_000, Mode.INT8: 4_700_000, Mode.INT4: 2_300_000,
                          Mode.MIXED_INT4: 2_600_000, Mode.SCOUT: 336}
 
