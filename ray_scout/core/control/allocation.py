@@ -761,12 +761,11 @@ def _interchangeable_units(free, keep, w, v, cells):
         ahead = np.maximum.accumulate(np.concatenate([[-np.inf], vals[:-1]]))
         opts = opts[vals > ahead]
         ws, vs = w[a, opts].astype(np.int64), v[a, opts]
-        if len(members) == 1:  # its pruned options are its front, each taken by the one
-            units.append((members, opts, ws, vs, np.eye(len(opts), dtype=np.int64)))
-            continue
-        points = _count_points(ws, vs, len(members), cells)
+        # One agent's pruned options are its front, each taken by that agent.
+        points = (None if len(members) == 1 else _count_points(ws, vs, len(members), cells))
         if points is None:
-            units += [(np.array([m]), opts) + _count_points(ws, vs, 1, cells) for m in members]
+            single = (ws, vs, np.eye(len(opts), dtype=np.int64))
+            units += [(np.array([m]), opts) + single for m in members.tolist()]
         else:
             units.append((members, opts) + points)
     return units
