@@ -613,3 +613,16 @@ def test_adaptive_values_are_computed_once_per_agent_shape(monkeypatch):
     assert len(calls) == 1
     assert again.objective == pytest.approx(first.objective, rel=0.2)
     assert sum(again.rate_bps.values()) == pytest.approx(50 * MBIT)
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_a_re_split_of_the_same_demands_reuses_the_problem_and_plans_as_a_fresh_one(strategy):
+    import ray_scout.core.control.allocation as allocation
+
+    demands = example_demands(margin=0.1)
+    allocate(strategy, demands, 50 * MBIT)
+    kept = allocation._PROBLEMS[("expected_hits", tuple(map(id, demands)))]
+    again = allocate(strategy, demands, 30 * MBIT)
+    assert allocation._PROBLEMS[("expected_hits", tuple(map(id, demands)))] is kept
+    allocation._PROBLEMS.clear()
+    assert allocate(strategy, demands, 30 * MBIT) == again
