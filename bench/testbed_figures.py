@@ -26,7 +26,9 @@ time); ``--requests`` picks another table of the same run (the simulated one).
 with bootstrap 95% intervals, the median estimate / grant, and the median measured
 throughput / grant of payloads over 1 MB.
 ``paired``: per allocator, policy ``--a`` minus policy ``--b`` (default adaptive:queue minus
-adaptive) on the same requests (same request ids: every combination replays one workload):
+adaptive), or with ``--allocators A B`` per policy allocator A minus allocator B, on the same
+requests (same request ids, and replication in a replicated run: every combination replays
+one workload):
 mean difference of quality and of deadline hits with a paired bootstrap 95% interval and
 the sign-flip permutation p-value (``core.metrics.paired_test``).
 ``fidelity``: per (policy, allocator), the emulated hit rate (Wilson 95%) and quality
@@ -181,18 +183,33 @@ def estimators(results: Path) -> list[dict]:
     return rows
 
 
-def paired(results: Path, requests: Path | None, a: str, b: str) -> list[dict]:
+def _requests(results: Path, requests: Path | None) -> pd.DataFrame:
+    """``--requests``, else the run's ``requests.csv``, else its ``requests.parquet`` (a
+    replicated run commits only the parquet)."""
+    path = requests or results / "requests.csv"
+    if requests is None and not path.exists():
+        path = results / "requests.parquet"
+    return pd.read_parquet(path) if path.suffix == ".parquet" else pd.read_csv(path)
+
+
+def paired(results: Path, requests: Path | None, a: str, b: str,
+           allocators: list[str] | None = None) -> list[dict]:
     from ray_scout.core.evaluation.metrics import paired_test
 
-    r = pd.read_csv(requests or results / "requests.csv")
+    r = _requests(results, requests)
+    # A replicated run (a sweep's requests) repeats request ids per replication.
+    keys = [k for k in ("replication", "request_id") if k in r.columns]
+    # Policy a minus policy b per allocator, or allocator a minus allocator b per policy.
+    within, arm = ("policy", "allocator") if allocators else ("allocator", "policy")
+    a, b = allocators if allocators else (a, b)
     rows = []
-    for allocator, g in r.groupby("allocator", sort=True):
-        left = g[g.policy == a].set_index("request_id")
-        right = g[g.policy == b].set_index("request_id")
+    for name, g in r.groupby(within, sort=True):
+        left = g[g[arm] == a].set_index(keys)
+        right = g[g[arm] == b].set_index(keys)
         ids = left.index.intersection(right.index)
         if ids.empty:
             continue
-        row = dict(allocator=allocator, a=a, b=b, n=int(len(ids)))
+        row = {within: name, "a": a, "b": b, "n": int(len(ids))}
         for column in ("quality", "deadline_met"):
             x, y = (t.loc[ids, column].astype(float).to_numpy() for t in (left, right))
             test = paired_test(x, y)
@@ -245,6 +262,8 @@ def main() -> int:
     pa.add_argument("--requests", type=Path, help="default: <results>/requests.csv")
     pa.add_argument("--a", default="adaptive:queue")
     pa.add_argument("--b", default="adaptive")
+    pa.add_argument("--allocators", nargs=2, metavar=("A", "B"),
+                    help="allocator A minus allocator B per policy, instead of --a minus --b")
     fi = sub.add_parser("fidelity")
     fi.add_argument("--results", type=Path, required=True)
     for p in (t, o, s, gr, e, pa, fi):
@@ -262,7 +281,8 @@ def main() -> int:
     elif args.what == "estimators":
         result = {"rows": estimators(args.results)}
     elif args.what == "paired":
-        result = {"rows": paired(args.results, args.requests, args.a, args.b)}
+        result = {"rows": paired(args.results, args.requests, args.a, args.b,
+                                 args.allocators)}
     elif args.what == "fidelity":
         result = {"rows": fidelity(args.results)}
     else:

@@ -149,13 +149,36 @@ def test_queue_aware_policy_sends_scout_when_kv_would_make_the_queued_request_mi
 
 
 def test_an_idle_queue_aware_agent_weighs_the_next_arrival():
-    # 9 Mbit/s planned, 3 s deadline: mixed INT4 takes 2.83 s, scout 0.575 s. Rarely
-    # anyone arrives in those 2.83 s at 0.05 Hz; at 2 Hz the next request almost surely
-    # does and would find 0.17 s + its arrival time left.
+    # 9 Mbit/s planned: mixed INT4 takes 2.83 s, scout 0.575 s. With a 3 s deadline the
+    # transfer ends 0.17 s before it: a request arriving in its first 0.4 s would wait and
+    # then find less than scout's time. Rare at 0.05 Hz (2%), but the deadline comes first:
+    # scout. With 3.5 s the transfer leaves scout's time to anyone arriving during it: KV,
+    # even at 2 Hz; without arrivals nobody can come: KV with 3 s as well.
     policy = QueueAwarePolicy(paper_b_profile("3b-7b"))
-    assert policy.decide(queued_request(10, 3.0, rate_hz=0.05)).mode == Mode.MIXED_INT4
-    busy = policy.decide(queued_request(10, 3.0, rate_hz=2.0))
-    assert busy.mode == Mode.SCOUT and "next arrival" in busy.reason
+    rare = policy.decide(queued_request(10, 3.0, rate_hz=0.05))
+    assert AdaptivePolicy(paper_b_profile("3b-7b")).decide(
+        queued_request(10, 3.0, rate_hz=0.05)).mode == Mode.MIXED_INT4
+    assert rare.mode == Mode.SCOUT and "next arrival" in rare.reason
+    assert "myopic mixed_int4 keeps 1.98" in rare.reason  # 1 - e^(-0.05 x 0.405) in time
+    assert policy.decide(queued_request(10, 3.5, rate_hz=0.05)).mode == Mode.MIXED_INT4
+    assert policy.decide(queued_request(10, 3.5, rate_hz=2.0)).mode == Mode.MIXED_INT4
+    assert policy.decide(queued_request(10, 3.0)).mode == Mode.MIXED_INT4
+
+
+def test_the_queue_aware_policy_puts_the_deadline_before_expected_quality():
+    # allocation_congestion under model_aware: a 7B agent at 5.65 Mbit/s (5.08 planned),
+    # 0.25 Hz, 2.5 s. Mixed INT4 (1.22 MB) takes 2.44 s and ends 0.06 s before the deadline;
+    # the next request misses if it arrives in the following 0.515 s (12%). In expected
+    # quality KV still wins (1.07 + 0.88 x 0.81 against 0.81 + 0.81), which is what the
+    # earlier rule sent; hits first, scout keeps both requests in time.
+    sizes = {Mode.MIXED_INT4: 1_219_739, Mode.INT4: 1_131_097, Mode.SCOUT: 176}
+    req = PolicyInput(5.65 * MBIT, 2.5, sizes, paper_b_latency(), arrival_rate_hz=0.25,
+                      request_deadline_s=2.5)
+    d = QueueAwarePolicy(paper_b_profile("3b-7b")).decide(req)
+    assert d.mode == Mode.SCOUT
+    assert "keeps 2.000 of 2" in d.reason and "myopic mixed_int4 keeps 1.879" in d.reason
+    worth = float(d.reason.split("myopic mixed_int4 keeps 1.879, worth ")[1])
+    assert worth > 0.813 * 2  # the old objective's choice was worth more in quality
 
 
 def test_queue_aware_policy_keeps_the_local_fallback():

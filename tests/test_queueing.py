@@ -79,14 +79,19 @@ def test_the_service_for_a_hit_probability_is_the_longest_that_keeps_it(rate_hz)
         service_for_hit_probability(2.5, rate_hz, 1.0)
 
 
-def adaptive_simulated(services, qualities, rate_hz, deadline_s, n=100_000, seed=2):
+def adaptive_simulated(services, qualities, rate_hz, deadline_s, n=100_000, seed=2,
+                       guard=False):
     """Mean quality when each request gets the best mode that fits its time left, and one
-    that no mode fits is not sent."""
+    that no mode fits is not sent; with ``guard``, a mode other than the fastest only if it
+    leaves the fastest one's time before the deadline."""
     gaps = np.random.default_rng(seed).exponential(1 / rate_hz, n)
     order = np.argsort(qualities)[::-1]
+    fastest = min(services)
     v, total = 0.0, 0.0
     for gap in gaps:
         for j in order:
+            if guard and services[j] > deadline_s - fastest and services[j] != fastest:
+                continue
             if v + services[j] <= deadline_s:
                 total += qualities[j]
                 v += services[j]
@@ -105,3 +110,22 @@ def test_adaptive_quality_matches_a_simulated_adaptive_agent(services, rate_hz):
     expected = adaptive_simulated(services, qualities, rate_hz, 2.5)
     got = float(adaptive_quality(2.5, rate_hz, [list(services)], [list(qualities)])[0])
     assert got == pytest.approx(expected, abs=0.01)
+
+
+@pytest.mark.parametrize("services, rate_hz", [
+    ((2.44, 0.575), 0.25),          # model_aware's KV, ending 0.06 s before the deadline
+    ((1.8, 0.575), 0.25), ((2.2, 1.4, 0.575), 1.0)])
+def test_adaptive_quality_of_a_guarding_agent_matches_a_simulated_one(services, rate_hz):
+    from ray_scout.core.control.queueing import adaptive_quality
+
+    qualities = (1.07, 0.962, 0.813)[-len(services):]
+    expected = adaptive_simulated(services, qualities, rate_hz, 2.5, guard=True)
+    got = float(adaptive_quality(2.5, rate_hz, [list(services)], [list(qualities)],
+                                 guard=True)[0])
+    assert got == pytest.approx(expected, abs=0.01)
+    # Where every KV mode leaves less than scout's time the agent sends scout to everyone,
+    # where the unguarded one sends KV and misses some.
+    if min(services[:-1]) > 2.5 - 0.575:
+        assert got == pytest.approx(0.813, abs=1e-4)
+        assert float(adaptive_quality(2.5, rate_hz, [list(services)], [list(qualities)])[0]) \
+            != pytest.approx(0.813, abs=0.01)

@@ -314,3 +314,22 @@ def test_a_schedule_is_replayed_instead_of_drawn():
     requests, _ = simulate(SimConfig(lone, CapacityTrace.constant(50 * MBIT, 10),
                                      AdaptivePolicy(PROFILE), "equal", seed=1))
     assert requests.t_arrival_s.tolist() == [0.5, 0.7, 4.0]
+
+
+def test_a_link_delivering_part_of_its_rate_stretches_transfers_and_the_loop_learns_it():
+    # The lab's HTB shapes whole frames, so TCP payload gets 1448/1514 of a grant: the
+    # simulator's links do the same when asked, and the closed loop measures that share.
+    lone = (paper_b_agent("a0", 0.2, 5.0, pair="3b-7b"),)
+    ratio = 1448 / 1514
+    runs = {r: simulate(SimConfig(lone, CapacityTrace.constant(50 * MBIT, 60),
+                                  StaticPolicy(Mode.INT8, PROFILE), "equal", seed=3,
+                                  delivered_ratio=r)) for r in (1.0, ratio)}
+    full, framed = (runs[r][0] for r in (1.0, ratio))
+    idle = (full.agent_queue_s == 0) & (framed.agent_queue_s == 0)
+    assert idle.sum() > 3
+    assert (framed.tx_s[idle] / full.tx_s[idle]).to_numpy() == pytest.approx(1 / ratio)
+    assert runs[ratio][1].delivered_ratio.iloc[-1] == pytest.approx(ratio)
+    assert runs[1.0][1].delivered_ratio.iloc[-1] == 1.0
+    with pytest.raises(SimulationError, match=r"delivered_ratio must lie in \(0, 1\]"):
+        simulate(SimConfig(lone, CapacityTrace.constant(50 * MBIT, 60),
+                           StaticPolicy(Mode.INT8), delivered_ratio=1.5))

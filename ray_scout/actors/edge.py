@@ -105,7 +105,8 @@ def typical_demand(name: str, shapes: Mapping[int, RequestShape], arrivals: Sequ
         arrival_rate_hz = len(arrivals) / last if last > 0 else 0.0
     return demand_for(name, shape.payload_bytes, quality, shape.latency, deadline_s,
                       arrival_rate_hz=arrival_rate_hz, safety_margin=policy.safety_margin,
-                      modes=policy.choices)
+                      modes=policy.choices,
+                      guards_next_arrival=policy.guards_next_arrival)
 
 
 @functools.lru_cache(maxsize=2)

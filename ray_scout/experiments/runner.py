@@ -49,7 +49,7 @@ from ray_scout.experiments.spec import (
     FIDELITIES, REPO_ROOT, Spec, SpecError, arrivals, capacity_trace, check_allocators,
     check_placement, quality_profile, spec_path, spec_text_as_run,
 )
-from ray_scout.net.profiles import load_profile
+from ray_scout.net.profiles import TCP_PAYLOAD_PER_FRAME, load_profile
 from ray_scout.net.topology import CLOUD_ADDRESS
 
 CLOUD_PORT = 7300
@@ -733,7 +733,9 @@ def simulated_trial(spec: Spec, policy: str, allocator: str,
     req, ep = simulate(SimConfig(agents, capacity_trace(spec), pol, allocator,
                                  simulated_estimator(spec), epoch_s=spec.epoch_s,
                                  duration_s=spec.duration_s, seed=spec.seed,
-                                 objective=spec.allocation_objective))
+                                 objective=spec.allocation_objective,
+                                 # A spec's rates are the lab's: HTB rates of whole frames.
+                                 delivered_ratio=TCP_PAYLOAD_PER_FRAME))
     return (req.assign(policy=policy, allocator=allocator),
             ep.assign(policy=policy, allocator=allocator))
 

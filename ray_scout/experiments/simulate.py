@@ -7,7 +7,8 @@ does (a request waits in its agent's FIFO, is decided on the time left when the 
 it, holds the agent until its answer arrives or its deadline passes, and expires unsent if
 it waited past its deadline), and a fluid network: an agent's transfer moves at the
 allocator's grant (a hard cap, as an HTB class without borrowing) or, with no allocator, a
-max-min fair share of the bottleneck; both capped by the agent's access link.
+max-min fair share of the bottleneck; both capped by the agent's access link, and of that
+rate the payload gets ``SimConfig.delivered_ratio`` (HTB shapes whole frames).
 
 What it models and what it does not (review critique 2.3 asks for the list): RTT is paid
 once per request and cloud queue and compute are the latency model's constants; scout pays
@@ -83,6 +84,8 @@ class SimConfig:
     ``estimator``: grant, last, ewma or robust (measured throughput of finished transfers),
     with ``estimator_options`` passed on (``alpha`` for ewma, ``window`` for robust).
     ``objective``: the allocation objective (``allocation.OBJECTIVES``).
+    ``delivered_ratio``: payload bits a link delivers per bit of its rate (1: a fluid link;
+    a shaped Ethernet link delivers TCP payload only, ``net.profiles.TCP_PAYLOAD_PER_FRAME``).
     """
 
     agents: tuple[AgentSpec, ...]
@@ -95,6 +98,7 @@ class SimConfig:
     duration_s: float | None = None
     seed: int = 0
     objective: str = "expected_hits"
+    delivered_ratio: float = 1.0
 
 
 def linear_payloads(reference_bytes: Mapping[Mode, int], reference_tokens: int) -> PayloadFn:
@@ -168,6 +172,9 @@ class _Sim:
             raise SimulationError("a simulation needs at least one agent")
         if cfg.epoch_s <= 0:
             raise SimulationError(f"epoch_s must be positive, not {cfg.epoch_s}")
+        if not 0 < cfg.delivered_ratio <= 1:
+            raise SimulationError(f"delivered_ratio must lie in (0, 1], not "
+                                  f"{cfg.delivered_ratio}")
         self.cfg = cfg
         self.duration = cfg.capacity.duration_s if cfg.duration_s is None else cfg.duration_s
         self.agents = {a.agent_id: a for a in cfg.agents}
@@ -190,7 +197,8 @@ class _Sim:
             demand_for(s.agent_id, s.payload_bytes(_median_length(s.context_tokens)), s.quality,
                        s.latency, s.deadline_s, s.weight, arrival_rate_hz=s.arrival_rate_hz,
                        safety_margin=self.policy_for(s.agent_id).safety_margin,
-                       modes=self.policy_for(s.agent_id).choices)
+                       modes=self.policy_for(s.agent_id).choices,
+                       guards_next_arrival=self.policy_for(s.agent_id).guards_next_arrival)
             for s in cfg.agents]
         # Closed loop: each agent's recent transfers (bytes, wire seconds, grant), from which
         # the allocator learns what its link delivers of the grant (``delivered_ratio``).
@@ -222,16 +230,20 @@ class _Sim:
 
     # --- network -------------------------------------------------------------------------
     def rates(self, t: float) -> dict[int, float]:
-        """Each transfer's rate: its agent has at most one on the wire, at its whole share."""
+        """Each transfer's payload rate: its agent has at most one on the wire, at its whole
+        share, of which the link delivers ``delivered_ratio`` as payload."""
+        ratio = self.cfg.delivered_ratio
         if self.cfg.allocator is None:
             caps = {r.agent.agent_id: r.agent.access_rate_bps for r in self.active.values()}
             share = _max_min_share(self.cfg.capacity.rate_at(t), caps)
-            return {r.rid: share[r.agent.agent_id] for r in self.active.values()}
+            return {r.rid: share[r.agent.agent_id] * ratio for r in self.active.values()}
         return {r.rid: self.rate(r.agent.agent_id) for r in self.active.values()}
 
     def rate(self, agent_id: str) -> float:
-        """An agent's transfer rate under an allocator: its grant, capped by its access."""
-        return min(self.grant[agent_id], self.agents[agent_id].access_rate_bps)
+        """An agent's payload rate under an allocator: its grant, capped by its access, of
+        which the link delivers ``delivered_ratio``."""
+        return (min(self.grant[agent_id], self.agents[agent_id].access_rate_bps)
+                * self.cfg.delivered_ratio)
 
     def move(self, t: float, req: _Request, rate_bps: float) -> None:
         """Allocated runs: bring ``req``'s bytes up to ``t`` and go on at ``rate_bps``, its

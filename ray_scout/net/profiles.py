@@ -44,6 +44,9 @@ from ray_scout.net.errors import NetError
 MIN_RATE_BPS = 8_000
 MAX_RATE_BPS = 10_000_000_000
 FRAME_BYTES = 1514  # Ethernet frame of a 1500-byte MTU packet, as HTB counts it on a veth
+# TCP payload of such a frame (20 B IP, 20 B TCP, 12 B timestamp option): what an application
+# gets of a shaped rate, 1448/1514 = 0.956 (the lab measures 0.953-0.959, docs/TESTBED.md).
+TCP_PAYLOAD_PER_FRAME = 1448 / FRAME_BYTES
 MIN_QUEUE_BYTES = 10 * FRAME_BYTES
 MIN_QUEUE_S = 0.020
 JITTER_DISTRIBUTIONS = ("uniform", "normal", "pareto", "paretonormal")

@@ -218,6 +218,10 @@ def paper_b_latency(rtt_s: float = 0.0) -> LatencyModel:
     return LatencyModel(edge, cloud, rtt_s=rtt_s)
 
 
+# Expected hits closer than this count as equal (``QueueAwarePolicy``): float noise, not a
+# request more in time.
+HIT_TOLERANCE = 1e-9
+
 # Paper B modes table (Qwen2.5-7B context): payload bytes per mode.
 PAPER_B_PAYLOAD_BYTES = {Mode.BF16: 9_700_000, Mode.INT8: 4_700_000, Mode.INT4: 2_300_000,
                          Mode.MIXED_INT4: 2_600_000, Mode.SCOUT: 336}
@@ -260,6 +264,10 @@ class Policy(Protocol):
     # The fraction of the bandwidth estimate kept in reserve when planning; an allocator
     # sizes the agent's rate with it (``allocation.demand_for``).
     safety_margin: float
+    # Whether it sends a mode other than its fastest only when a request arriving during
+    # the transfer could still be served in time (``QueueAwarePolicy``); the allocator's
+    # model of an adaptive agent follows it.
+    guards_next_arrival: bool
 
     def decide(self, request: PolicyInput) -> Decision: ...
 
@@ -283,6 +291,8 @@ class AdaptivePolicy:
     payload. ``local`` competes like any mode when the profile knows its quality and the
     latency model its time; with the link down or nothing feasible it is the answer anyway.
     """
+
+    guards_next_arrival = False
 
     def __init__(self, profile: QualityProfile, safety_margin: float = 0.1,
                  modes: tuple[Mode, ...] = CLOUD_MODES + (Mode.LOCAL,)):
@@ -329,19 +339,30 @@ class AdaptivePolicy:
 
 
 class QueueAwarePolicy(AdaptivePolicy):
-    """The mode of highest expected quality for this request *and* those behind it.
+    """The mode that keeps the most requests in time, this one *and* those behind it, and
+    among those the one of highest expected quality.
 
     Each mode that meets this request's deadline (at the margin-discounted rate, as
-    ``AdaptivePolicy``) is valued as: its own quality; plus, serving the queued requests
-    after it in order, each with the best mode that fits the time it will have left (the
-    myopic rule: a one-step rollout), their qualities, 0 for one that no mode fits; plus the
-    expected quality of the next request to arrive (Poisson at ``arrival_rate_hz``): one that
-    arrives before the agent is free gets the best mode fitting its deadline less its wait,
-    one that arrives later its whole deadline. The last term is what an idle agent weighs:
-    a long transfer now leaves the next arrival less time. Ties: higher own quality, then the
-    smaller payload. Without arrivals and a queue it decides as ``AdaptivePolicy``; with
-    nothing feasible it falls back to ``local`` the same way.
+    ``AdaptivePolicy``) is scored on the requests it affects: this one; the queued requests,
+    served after it in order, each with the best mode that fits the time it will have left
+    (the myopic rule: a one-step rollout), a hit or a miss; and the next request to arrive
+    (Poisson at ``arrival_rate_hz``), which, arriving at ``a`` before the agent is free, has
+    its deadline less its wait left and, arriving later, its whole deadline. The deadline
+    comes first: the modes keeping the most requests in time (expected hits, within
+    ``HIT_TOLERANCE``) compete, and of those the highest expected quality (own, queued, next
+    arrival) wins; ties: higher own quality, then the smaller payload.
+
+    Maximizing expected quality alone, misses counting 0, sends a KV transfer that ends
+    0.2-0.4 s before the deadline whenever its gain outweighs the chance (about 10% at 0.25
+    Hz) that the next request arrives during it and then finds no mode in time. Putting hits
+    first, an idle agent sends a mode other than its fastest only if, when it ends, a request
+    that arrived during it still has time for the fastest one: ``guards_next_arrival``, which
+    the allocator's model of the agent assumes too (``queueing.adaptive_quality``). Without
+    arrivals and a queue every feasible mode keeps the same hits and it decides on quality;
+    with nothing feasible it falls back to ``local`` as ``AdaptivePolicy``.
     """
+
+    guards_next_arrival = True
 
     def __init__(self, profile: QualityProfile, safety_margin: float = 0.1,
                  modes: tuple[Mode, ...] = CLOUD_MODES + (Mode.LOCAL,)):
@@ -370,53 +391,63 @@ class QueueAwarePolicy(AdaptivePolicy):
                    else request.request_deadline_s)
         rate_hz = max(request.arrival_rate_hz, 0.0)
 
-        def value(mode: Mode) -> tuple[float, float, float]:
-            t, queued = latency[mode], 0.0
+        def value(mode: Mode) -> tuple[float, tuple[float, float, float]]:
+            t, hits, queued = latency[mode], 1.0, 0.0
             for left in request.queue_deadlines_s:
                 nxt = myopic(left - t)
                 if nxt is not None:
+                    hits += 1
                     queued += quality[nxt]
                     t += latency[nxt]
-            return quality[mode], queued, self._next_arrival(t, fresh_s, rate_hz, steps,
-                                                             quality)
+            next_hit, next_quality = self._next_arrival(t, fresh_s, rate_hz, steps, quality)
+            return hits + next_hit, (quality[mode], queued, next_quality)
 
         values = {m: value(m) for m in plain.feasible}
-        best = max(plain.feasible, key=lambda m: (sum(values[m]), quality[m],
-                                                  -request.payload_bytes.get(m, 0)))
-        own, queued, nxt = values[best]
-        reason = (f"queue-aware: {best.value} worth {own + queued + nxt:.3f} (own {own:.3f}, "
+        most = max(hits for hits, _ in values.values())
+        keeps = [m for m in plain.feasible if values[m][0] >= most - HIT_TOLERANCE]
+        best = max(keeps, key=lambda m: (sum(values[m][1]), quality[m],
+                                         -request.payload_bytes.get(m, 0)))
+        hits, (own, queued, nxt) = values[best]
+        served = 2 + len(request.queue_deadlines_s)
+        reason = (f"queue-aware: {best.value} keeps {hits:.3f} of {served} requests in time, "
+                  f"worth {own + queued + nxt:.3f} (own {own:.3f}, "
                   f"{len(request.queue_deadlines_s)} queued {queued:.3f}, next arrival "
                   f"{nxt:.3f} at {rate_hz:g} Hz)")
         if best != plain.mode:
-            reason += (f"; myopic {plain.mode.value} worth "
-                       f"{sum(values[plain.mode]):.3f}")
+            reason += (f"; myopic {plain.mode.value} keeps {values[plain.mode][0]:.3f}, "
+                       f"worth {sum(values[plain.mode][1]):.3f}")
         return Decision(best, reason, latency, quality, plain.feasible,
                         plain.planning_rate_bps)
 
     @staticmethod
     def _next_arrival(busy_s: float, deadline_s: float, rate_hz: float, steps,
-                      quality) -> float:
-        """Expected myopic quality of the next arrival when the agent is busy for
-        ``busy_s``: arriving at a < busy_s it has ``deadline_s - busy_s + a`` left."""
-        def best_at(time_left_s: float) -> float:
+                      quality) -> tuple[float, float]:
+        """(probability it meets its deadline, expected quality) of the next arrival under
+        the myopic rule when the agent is busy for ``busy_s``: arriving at a < busy_s it has
+        ``deadline_s - busy_s + a`` left, later its whole deadline."""
+        def best_at(time_left_s: float) -> tuple[float, float]:
             fits = [quality[m] for lat, m in steps if lat <= time_left_s]
-            return fits[-1] if fits else 0.0
+            return (1.0, fits[-1]) if fits else (0.0, 0.0)
 
         if rate_hz == 0:
             return best_at(deadline_s)
         start = deadline_s - busy_s  # time left of an arrival at a = 0
         cuts = [start] + [lat for lat, _ in steps if start < lat < deadline_s] + [deadline_s]
-        total = 0.0
+        hit = value = 0.0
         for lo, hi in zip(cuts, cuts[1:]):
-            total += best_at(lo) * (math.exp(-rate_hz * (lo - start))
-                                    - math.exp(-rate_hz * (hi - start)))
-        return total + math.exp(-rate_hz * busy_s) * best_at(deadline_s)
+            odds = math.exp(-rate_hz * (lo - start)) - math.exp(-rate_hz * (hi - start))
+            h, q = best_at(lo)
+            hit, value = hit + h * odds, value + q * odds
+        h, q = best_at(deadline_s)
+        after = math.exp(-rate_hz * busy_s)
+        return hit + after * h, value + after * q
 
 
 class StaticPolicy:
     """Always the same mode, whatever the link says: the baseline every run compares to."""
 
     safety_margin = 0.0  # it plans nothing, so it keeps nothing in reserve
+    guards_next_arrival = False
 
     def __init__(self, mode: Mode, profile: QualityProfile | None = None):
         self.mode = mode

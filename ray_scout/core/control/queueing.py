@@ -83,7 +83,8 @@ def erlang_sum(t, service_s, arrival_rate_hz) -> np.ndarray:
                             "times not NaN")
     out = np.where(t >= 0, 1.0, 0.0)  # no arrivals or no service: G = 1
     todo = (t >= 0) & (lam > 0) & (d > 0)
-    slow = todo & (lam * t > _FLOAT_LOAD)
+    with np.errstate(over="ignore"):  # a vast t (a near-zero rate's service) is just slow
+        slow = todo & (lam * t > _FLOAT_LOAD)
     fast = todo & ~slow
     if fast.any():
         tf, df, lf = t[fast], d[fast], lam[fast]
@@ -146,16 +147,20 @@ def service_for_hit_probability(deadline_s, arrival_rate_hz, probability,
     return np.where(hit_probability(t, t, lam) >= p, t, lo)
 
 
-def adaptive_quality(deadline_s, arrival_rate_hz, service_s, quality,
+def adaptive_quality(deadline_s, arrival_rate_hz, service_s, quality, guard=False,
                      grid: int = 300) -> np.ndarray:
     """Expected quality per request of an agent that sends, to each request, the best mode
     that fits the time it has left, with abandonment at the deadline; one value per case.
 
     ``service_s`` and ``quality`` are (cases, modes) arrays (NaN or inf service: a mode the
-    agent cannot send); ``deadline_s`` and ``arrival_rate_hz`` one per case. A request
-    arriving to workload v gets the mode of highest quality with service <= T - v (none:
-    it misses and adds nothing), so the jump is state-dependent. The workload density still
-    obeys the level-crossing equation (Brill & Posner 1977), now a Volterra equation,
+    agent cannot send); ``deadline_s``, ``arrival_rate_hz`` and ``guard`` one per case (or
+    one for all). A request arriving to workload v gets the mode of highest quality with
+    service <= T - v (none: it misses and adds nothing), so the jump is state-dependent. With
+    ``guard`` (the queue-aware policy, ``policy.QueueAwarePolicy``) and arrivals, a mode other
+    than the fastest is sent only if its service leaves the fastest one's time before the
+    deadline (service <= T - fastest), so that a request arriving during it can still be
+    served. The workload density still obeys the level-crossing equation (Brill & Posner
+    1977), now a Volterra equation,
 
         f(x) = lambda [ p0 1(J(0) > x) + int_0^x f(v) 1(v + J(v) > x) dv ],  0 < x < T,
 
@@ -163,30 +168,65 @@ def adaptive_quality(deadline_s, arrival_rate_hz, service_s, quality,
     the atom p0 at 0 set to 1, then normalized. A request's mode is then that of the
     workload it finds (PASTA). Unlike ``hit_probability``'s queue, a request that no mode
     fits is not sent (the adaptive policy's fallback), so it adds no work.
-    ``tests/test_queueing.py`` checks it against a simulated queue.
+
+    The integral is kept as a running sum: the mass at v enters when x passes v and leaves
+    when x reaches v + J(v), so each step costs O(cases), the whole solve O(grid x cases).
+    ``tests/test_queueing.py`` checks it against simulated queues.
     """
     service = np.atleast_2d(np.asarray(service_s, dtype=float))
     q = np.atleast_2d(np.asarray(quality, dtype=float))
     cases = service.shape[0]
     t = np.broadcast_to(np.asarray(deadline_s, dtype=float), (cases,))
     lam = np.broadcast_to(np.asarray(arrival_rate_hz, dtype=float), (cases,))
+    guarded = np.broadcast_to(np.asarray(guard, dtype=bool), (cases,)) & (lam > 0)
     usable = np.isfinite(service) & np.isfinite(q)
-    steps = np.arange(grid + 1) / grid
-    x = t[:, None] * steps[None, :]                     # (cases, grid + 1)
+    fastest = np.where(usable, service, np.inf).min(axis=1)
+    usable &= ~guarded[:, None] | (service <= (t - fastest)[:, None] + 1e-12) | (
+        service == fastest[:, None])
+    out = np.empty(cases)
+    for lo in range(0, cases, _CASES_PER_SOLVE):
+        part = slice(lo, lo + _CASES_PER_SOLVE)
+        out[part] = _adaptive_solve(t[part], lam[part], np.where(usable[part], service[part],
+                                                                 np.nan), q[part], grid)
+    return out
+
+
+# Cases solved together: the (cases, grid) arrays stay in tens of MB.
+_CASES_PER_SOLVE = 8192
+
+
+def _adaptive_solve(t, lam, service, q, grid: int) -> np.ndarray:
+    """``adaptive_quality`` for one block of cases (NaN service: a mode not sent). Arrays
+    are (grid + 1, cases): the forward solve reads one grid row at a time."""
+    cases = len(t)
+    x = (np.arange(grid + 1) / grid)[:, None] * t[None, :]
     h = t / grid
-    fits = usable[:, None, :] & (service[:, None, :] <= (t[:, None] - x)[:, :, None] + 1e-12)
-    score = np.where(fits, q[:, None, :], -np.inf)
-    chosen = score.argmax(axis=2)                       # (cases, grid + 1)
-    served = np.isfinite(score.max(axis=2))
-    rows = np.arange(cases)[:, None]
-    jump = np.where(served, service[rows, chosen], 0.0)
-    gain = np.where(served, q[rows, chosen], 0.0)
-    density = np.zeros((cases, grid + 1))
-    reach = x + jump                                    # where a jump from x lands
+    # The mode chosen at each workload: the best quality that fits T - x (ties: the first).
+    best = np.full(x.shape, -np.inf)
+    jump = np.zeros(x.shape)
+    for k in range(service.shape[1]):
+        better = (service[None, :, k] <= t[None, :] - x + 1e-12) & (q[None, :, k] > best)
+        best = np.where(better, q[None, :, k], best)
+        jump = np.where(better, service[None, :, k], jump)
+    gain = np.where(np.isfinite(best), best, 0.0)
+    cols = np.arange(cases)
+    # The first grid index at or beyond where a jump from each point lands: the mass at
+    # point j counts for the points j < i < leaves[j].
+    with np.errstate(divide="ignore", invalid="ignore"):
+        leaves = np.ceil((x + jump) / np.where(h > 0, h, np.inf)[None, :] - 1e-9)
+    leaves = np.clip(np.nan_to_num(leaves), 0, grid + 1).astype(np.int64)
+    density = np.zeros((grid + 1, cases))
+    expiring = np.zeros((grid + 2, cases))
+    active = np.zeros(cases)
+    starts = (jump[0][None, :] > x).astype(float)       # the atom at 0's jump covers x
     for i in range(1, grid + 1):
-        crossing = reach[:, :i] > x[:, i:i + 1]
-        density[:, i] = lam * ((jump[:, 0] > x[:, i])
-                               + (density[:, :i] * h[:, None] * crossing).sum(axis=1))
-    mass = density * h[:, None]
-    mass[:, 0] = 1.0                                    # the atom at an empty agent
-    return (mass * gain).sum(axis=1) / mass.sum(axis=1)
+        j = i - 1
+        if j:  # the atom at 0 enters through ``starts``, not the integral
+            mass_j = density[j] * h
+            active += mass_j
+            expiring[np.maximum(leaves[j], i), cols] += mass_j
+        active -= expiring[i]
+        density[i] = lam * (starts[i] + np.maximum(active, 0.0))
+    mass = density * h[None, :]
+    mass[0] = 1.0                                       # the atom at an empty agent
+    return (mass * gain).sum(axis=0) / mass.sum(axis=0)
