@@ -23,11 +23,9 @@ Needs root (namespaces) for the first two. Run it alone on the machine.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -40,7 +38,7 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from ray_scout.core.control.allocation import allocate  # noqa: E402
-from ray_scout.core.llm.latency import cpu_name  # noqa: E402
+from ray_scout import provenance  # noqa: E402
 from ray_scout.experiments.runner import (  # noqa: E402
     demands, request_shapes, run_experiment, workloads,
 )
@@ -169,11 +167,11 @@ def decisions(agents: int, strategies: list[str], repeats: int,
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--agents", type=int, nargs="+", default=[10, 100, 300, 1000])
+    parser.add_argument("--agents", type=int, nargs="*", default=[10, 100, 300, 1000])
     parser.add_argument("--duration", type=float, default=30.0)
     parser.add_argument("--allocator", default="quality_max")
-    parser.add_argument("--topology", type=int, nargs="+", default=[100, 1000])
-    parser.add_argument("--decide", type=int, nargs="+", default=[1000, 10000, 100000])
+    parser.add_argument("--topology", type=int, nargs="*", default=[100, 1000])
+    parser.add_argument("--decide", type=int, nargs="*", default=[1000, 10000, 100000])
     parser.add_argument("--strategies", nargs="+",
                         default=["equal", "model_aware", "greedy", "quality_max", "optimal"])
     parser.add_argument("--repeats", type=int, default=5)
@@ -191,11 +189,8 @@ def main() -> None:
             print(json.dumps(row), flush=True)
 
         emit("provenance", {
-            "machine": cpu_name(), "date": datetime.date.today().isoformat(),
-            "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT,
-                                     capture_output=True, text=True).stdout.strip(),
-            "command": "python3 bench/cell_scaling.py " + " ".join(sys.argv[1:]),
-            "loadavg_before": os.getloadavg()})
+            **provenance.record(),
+            "command": "python3 bench/cell_scaling.py " + " ".join(sys.argv[1:])})
         for n in args.topology:
             emit("topology", topology(n))
         for n in args.agents:
