@@ -188,6 +188,14 @@ def test_a_companion_puts_its_verdict_at_the_top_of_the_showcase_summary(tmp_pat
         parse_plan(doc_with(companion={"replications": 3}))
 
 
+def test_a_companion_may_take_its_own_epoch_and_nothing_else_of_the_spec():
+    plan = parse_plan(doc_with(epoch_s=0.1, companion={"fidelity": "simulated",
+                                                       "epoch_s": 1.0}))
+    assert plan.base.epoch_s == 0.1 and plan.companion.base.epoch_s == 1.0
+    with pytest.raises(SpecError, match="epoch_s"):
+        parse_plan(doc_with(companion={"fidelity": "simulated", "duration_s": 5}))
+
+
 def test_at_the_demos_conditions_adaptive_loses_to_no_static_arm(tmp_path):
     # The demo's companion, cut to 4 replications: with the embedded pair's calibrated
     # profile the policy used to chase BF16's unmeasurable 2% on a link that changes every
