@@ -205,7 +205,8 @@ def test_at_the_demos_conditions_adaptive_loses_to_no_static_arm(tmp_path):
     companion = load_plan(REPO_ROOT / "experiments" / "demo.yaml").companion
     doc = yaml.safe_load((REPO_ROOT / "experiments" / "demo.yaml").read_text())
     doc.pop("companion")
-    doc.update(replications=4, policies=companion.base.policies)
+    doc.update(replications=4, policies=list(companion.base.policies),
+               epoch_s=companion.base.epoch_s)
     plan = parse_plan(doc, fidelity="simulated")
     run_sweep(plan, tmp_path, serial=True, show_progress=False)
     verdicts = pd.read_csv(tmp_path / "verdicts.csv")
