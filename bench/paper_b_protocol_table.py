@@ -71,8 +71,8 @@ def beside(out: Path, other: Path) -> str:
     both = mine.merge(theirs, on=["point", *keys, "policy", "allocator"],
                       suffixes=("", "_other"))
     lines = [f"| {' | '.join(keys)} | strategy | n ({fidelity[0]} / {fidelity[1]}) | hits, "
-             f"{fidelity[0]} | hits, {fidelity[1]} | hits, Paper B | quality (0 on a miss), {fidelity[0]} | "
-             f"quality (0 on a miss), {fidelity[1]} | quality, Paper B |",
+             f"{fidelity[0]} | hits, {fidelity[1]} | hits, Paper B | quality (0 on a miss), "
+             f"{fidelity[0]} | quality (0 on a miss), {fidelity[1]} | quality, Paper B |",
              "|" + "---|" * (len(keys) + 8)]
     for _, row in both.sort_values(["point", "policy"]).iterrows():
         other_row = {k.removesuffix("_other"): v for k, v in row.items() if k.endswith("_other")}
