@@ -34,11 +34,9 @@ the machine (under /work/team/quiet here).
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -51,7 +49,7 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from ray_scout.core.control.allocation import allocate  # noqa: E402
-from ray_scout.core.llm.latency import cpu_name  # noqa: E402
+from ray_scout import provenance  # noqa: E402
 from ray_scout.experiments.runner import (  # noqa: E402
     demands, request_shapes, run_experiment, simulated_agents, simulated_trial, workloads,
 )
@@ -324,11 +322,8 @@ def main() -> None:
             print(json.dumps(row), flush=True)
 
         emit("provenance", {
-            "machine": cpu_name(), "date": datetime.date.today().isoformat(),
-            "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT,
-                                     capture_output=True, text=True).stdout.strip(),
-            "command": "python3 bench/cell_scaling.py " + " ".join(sys.argv[1:]),
-            "loadavg_before": os.getloadavg()})
+            **provenance.record(),
+            "command": "python3 bench/cell_scaling.py " + " ".join(sys.argv[1:])})
         if args.full is not None:
             emit("full", full_run(args.full, args.cell, args.fidelity)
                  | {"loadavg": os.getloadavg()})

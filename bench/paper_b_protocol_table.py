@@ -8,11 +8,20 @@ reports (its strategy table, as the research repository's explainer quotes it; t
 own deadlines and its quality's treatment of misses are not in our seeds).
 
     python3 bench/paper_b_protocol_table.py experiments/results/paper_b_protocol
+
+With ``--beside SIM`` (a run of the same plan at another fidelity, say the profiled subset
+``experiments/paper_b_protocol_profiled.yaml`` and its ``--fidelity simulated`` twin), it
+writes instead, per point and strategy, both runs' hits (Wilson 95%) and quality
+(bootstrap 95%) from their ``points.csv``, with Paper B's published ranges:
+
+    python3 bench/paper_b_protocol_table.py experiments/results/paper_b_protocol_profiled \
+        --beside experiments/results/paper_b_protocol_profiled_sim
 """
 
 from __future__ import annotations
 
-import sys
+import argparse
+import json
 from pathlib import Path
 
 import pandas as pd
@@ -45,14 +54,54 @@ def table(requests: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
-def main(out: Path) -> None:
-    requests = pd.read_parquet(out / "requests.parquet")
-    text = table(requests)
-    (out / "paper_b_table.md").write_text(
+def _ci(row, key: str, percent: bool) -> str:
+    value = row["hit_rate" if key == "hit" else key]
+    low, high = row[f"{key}_ci_low"], row[f"{key}_ci_high"]
+    if percent:
+        return f"{value:.0%} ({low:.0%}-{high:.0%})"
+    return f"{value:.3f} ({low:.3f}-{high:.3f})"
+
+
+def beside(out: Path, other: Path) -> str:
+    """Per point and strategy: this run and ``other`` (same plan, another fidelity)."""
+    mine, theirs = (pd.read_csv(d / "points.csv") for d in (out, other))
+    fidelity = [json.loads((d / "meta.json").read_text())["fidelity"] for d in (out, other)]
+    keys = [c for c in mine.columns if c not in ("point", "policy", "allocator", "n")
+            and not c.startswith(("hit_", "quality"))]
+    both = mine.merge(theirs, on=["point", *keys, "policy", "allocator"],
+                      suffixes=("", "_other"))
+    lines = [f"| {' | '.join(keys)} | strategy | n ({fidelity[0]} / {fidelity[1]}) | hits, "
+             f"{fidelity[0]} | hits, {fidelity[1]} | hits, Paper B | quality (0 on a miss), "
+             f"{fidelity[0]} | quality (0 on a miss), {fidelity[1]} | quality, Paper B |",
+             "|" + "---|" * (len(keys) + 8)]
+    for _, row in both.sort_values(["point", "policy"]).iterrows():
+        other_row = {k.removesuffix("_other"): v for k, v in row.items() if k.endswith("_other")}
+        paper_q, paper_hits = PAPER_B.get(row["policy"], ("not reported", "not reported"))
+        lines.append(
+            f"| {' | '.join(str(row[k]) for k in keys)} | {row['policy']} | {row['n']} / "
+            f"{row['n_other']} | {_ci(row, 'hit', True)} | {_ci(other_row, 'hit', True)} | "
+            f"{paper_hits} | {_ci(row, 'quality', False)} | {_ci(other_row, 'quality', False)} "
+            f"| {paper_q} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("out", type=Path, nargs="?",
+                        default=Path("experiments/results/paper_b_protocol"),
+                        help="a results directory of the study (or of --beside's twin)")
+    parser.add_argument("--beside", type=Path, help="the same plan's run at another "
+                        "fidelity: both side by side per point instead of the range table")
+    args = parser.parse_args()
+    command = f"python3 bench/paper_b_protocol_table.py {args.out}" + (
+        f" --beside {args.beside}" if args.beside else "")
+    text = (beside(args.out, args.beside) if args.beside
+            else table(pd.read_parquet(args.out / "requests.parquet")))
+    (args.out / "paper_b_table.md").write_text(
         "# Paper B's protocol table beside ours\n\n"
-        f"`python3 bench/paper_b_protocol_table.py {out}`\n\n{text}\n")
+        f"`{command}`\n\n{text}\n")
     print(text)
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1] if len(sys.argv) > 1 else "experiments/results/paper_b_protocol"))
+    main()

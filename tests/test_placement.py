@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from ray_scout.experiments.placement import Node, alive_nodes, place
+from ray_scout.experiments.placement import Lane, Node, alive_nodes, lanes, place
 from ray_scout.experiments.spec import SpecError
 
 
@@ -42,3 +42,37 @@ def test_agents_spread_round_robin_over_edge_nodes_and_get_ports_in_order():
 def test_a_cluster_without_a_cloud_node_says_how_to_mark_one():
     with pytest.raises(SpecError, match="--resources='{\"cloud\": 1}'"):
         place(["a"], [Node("w", "10.0.0.2", 0, 4)], 7300)
+
+
+# --- a sweep's emulated points over the edge nodes: one lab per node at a time ----------
+def _three_edge_nodes():
+    return alive_nodes([_row("h", "10.0.0.1", cloud=1), _row("w1", "10.0.0.2", edge=4),
+                        _row("w2", "10.0.0.3", edge=2), _row("w3", "10.0.0.4", edge=4)])
+
+
+def test_points_take_turns_over_the_edge_nodes_that_hold_all_their_agents():
+    nodes = _three_edge_nodes()
+    w1, w2, w3 = nodes[1:]
+    spread, alone = lanes([2, 2, 2, 2, 4, 3, 6], nodes, 7300)
+    # Fewest points first among the nodes with room (ties: node order); 4 and 3 agents do
+    # not fit w2's 2 slots, 6 fit no node and run alone over the whole cluster.
+    assert spread == [Lane(w1, 7300, (0, 3, 5)), Lane(w2, 7304, (1,)), Lane(w3, 7306, (2, 4))]
+    assert alone == [6]
+
+
+def test_a_lanes_points_are_placed_on_its_node_alone_with_ports_no_other_lane_uses():
+    nodes = _three_edge_nodes()
+    cloud = nodes[0]
+    spread, _ = lanes([4, 2, 4], nodes, 7300)
+    ports = []
+    for lane, agents in zip(spread, (["a", "b", "c", "d"], ["e", "f"], ["g", "h", "i", "j"])):
+        where = place(agents, [cloud, lane.node], lane.first_port)
+        assert where.cluster and where.cloud == cloud and where.nodes() == [lane.node]
+        ports += where.cloud_port.values()
+    assert sorted(ports) == list(range(7300, 7310))
+
+
+def test_a_lab_in_a_box_or_a_cluster_without_a_cloud_node_spreads_nothing():
+    local = alive_nodes([_row("n0", "127.0.0.1", cloud=1, edge=4)])
+    assert lanes([2, 2], local, 7300) == ([], [0, 1])
+    assert lanes([1], [Node("w", "10.0.0.2", 0, 4)], 7300) == ([], [0])

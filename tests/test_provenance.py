@@ -33,3 +33,16 @@ def test_testbed_figures_records_the_machine_that_ran_it_and_the_commit(tmp_path
     # The committed CSV reproduces docs/TESTBED.md's figure, at the resolution it states.
     assert (result["n"], round(result["median_ms"], 2)) == (296, 0.16)
     assert result["resolution_ms"] == 2.0
+
+
+def test_cell_scaling_records_the_machine_and_the_commit_with_its_dirty_mark(tmp_path):
+    # Decisions only (no namespaces, no root): the provenance line comes first either way.
+    out = tmp_path / "cell.jsonl"
+    subprocess.run([sys.executable, "bench/cell_scaling.py", "--agents", "--topology",
+                    "--decide", "10", "--strategies", "equal", "--repeats", "1",
+                    "--out", str(out)], cwd=REPO, check=True, capture_output=True, timeout=300)
+    first, *rows = (json.loads(line) for line in out.read_text().splitlines())
+    assert first["kind"] == "provenance"
+    assert first["machine"] == provenance.machine()
+    assert first["commit"] == provenance.git_commit()
+    assert rows and all(r["kind"] == "decision" for r in rows)

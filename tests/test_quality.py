@@ -11,7 +11,8 @@ from ray_scout.core.modes import Mode
 from ray_scout.core.control.policy import QualityProfile
 from ray_scout.core.evaluation.quality import (FULL, REFERENCE, ROW_FIELDS, Cell, Grid, QualityError,
                                     calibration_cells, profile_from_rows, relative_to_reference,
-                                    row_key, run_grid, summarize)
+                                    row_key, summarize)
+from ray_scout.core.evaluation.harness import run_grid
 from ray_scout.experiments import calibrate
 from ray_scout.experiments import quality as harness
 

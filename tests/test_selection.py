@@ -48,6 +48,10 @@ def test_every_scorer_gives_one_finite_or_pinned_score_per_context_token(tiny_mo
     assert name in CAPTURE
 
 
+def test_the_torch_free_scorer_names_are_the_scorers():
+    assert set(CAPTURE) == set(SCORERS)
+
+
 def test_q2c_from_query_states_equals_eager_attention_on_tiny(tiny_model, tiny_prefill):
     layout = tiny_prefill.layout
     torch.testing.assert_close(q2c(tiny_prefill), q2c_eager_reference(tiny_model, layout), atol=1e-5, rtol=1e-4)

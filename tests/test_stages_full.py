@@ -15,10 +15,55 @@ def edge(tiny_model):
     return stage, stage.analyze(CONTEXT, QUESTION)
 
 
-@pytest.mark.parametrize("mode", CLOUD_MODES)
-def test_payload_sizes_equal_the_encoded_bytes(edge, mode):
+@pytest.mark.parametrize("mode", [m for m in CLOUD_MODES if m != Mode.SCOUT])
+def test_kv_payload_sizes_from_the_formula_equal_the_encoded_bytes(edge, mode):
     stage, analysis = edge
     assert stage.payload_sizes(analysis)[mode] == len(stage.encode(analysis, mode).data)
+
+
+def _varint_bytes(value: int) -> int:
+    return max(1, -(-value.bit_length() // 7))
+
+
+def _merged_spans(offsets, positions) -> list[tuple[int, int]]:
+    spans: list[list[int]] = []
+    for p in sorted(int(p) for p in positions):
+        start, end = (int(x) for x in offsets[p])
+        if spans and start <= spans[-1][1]:
+            spans[-1][1] = max(spans[-1][1], end)
+        else:
+            spans.append([start, end])
+    return [(s, e) for s, e in spans]
+
+
+def test_scout_payload_size_and_content_follow_the_format_from_the_analysis(edge):
+    # The size is derived here from the documented layout (wire container around the scout
+    # body: flags, sha256, varint counts, the smaller of delta-varint and bitmap position
+    # codes, delta-coded spans, the question), not from the code that builds the payload.
+    stage, analysis = edge
+    layout = analysis.layout
+    positions = sorted(int(p) for p in analysis.scout_positions)
+    gaps = [p - q - 1 for p, q in zip(positions, [-1] + positions[:-1])]
+    delta_code = 1 + _varint_bytes(len(positions)) + sum(map(_varint_bytes, gaps))
+    code = min(delta_code, 1 + -(-layout.num_context // 8))
+    spans = _merged_spans(layout.context_offsets, positions)
+    ends = [0] + [e for _, e in spans[:-1]]
+    span_bytes = sum(_varint_bytes(s - prev) + _varint_bytes(e - s)
+                     for (s, e), prev in zip(spans, ends))
+    question = len(QUESTION.encode())
+    body = (1 + 32 + _varint_bytes(layout.num_context) + _varint_bytes(code) + code
+            + _varint_bytes(len(spans)) + span_bytes + _varint_bytes(question) + question)
+    container = (37 + len(stage.cloud_model_id.encode())  # fixed header + crc, model id
+                 + 1 + len(b"scout") + 8)                 # one section: name length, name, size
+    data = stage.encode(analysis, Mode.SCOUT).data
+    assert stage.payload_sizes(analysis)[Mode.SCOUT] == len(data) == container + body
+
+    decoded = wire.decode_payload(data)
+    assert decoded.mode == Mode.SCOUT and decoded.model_id == stage.cloud_model_id
+    carried = scout.ScoutPayload.from_bytes(decoded.sections["scout"])
+    assert list(carried.positions) == positions and list(carried.char_spans) == spans
+    assert carried.question == QUESTION and carried.document_zstd is None
+    assert carried.doc_hash == scout.document_hash(CONTEXT)
 
 
 @pytest.mark.parametrize("mode", CLOUD_MODES)

@@ -188,6 +188,14 @@ def test_a_companion_puts_its_verdict_at_the_top_of_the_showcase_summary(tmp_pat
         parse_plan(doc_with(companion={"replications": 3}))
 
 
+def test_a_companion_may_take_its_own_epoch_and_nothing_else_of_the_spec():
+    plan = parse_plan(doc_with(epoch_s=0.1, companion={"fidelity": "simulated",
+                                                       "epoch_s": 1.0}))
+    assert plan.base.epoch_s == 0.1 and plan.companion.base.epoch_s == 1.0
+    with pytest.raises(SpecError, match="epoch_s"):
+        parse_plan(doc_with(companion={"fidelity": "simulated", "duration_s": 5}))
+
+
 def test_at_the_demos_conditions_adaptive_loses_to_no_static_arm(tmp_path):
     # The demo's companion, cut to 4 replications: with the embedded pair's calibrated
     # profile the policy used to chase BF16's unmeasurable 2% on a link that changes every
@@ -197,7 +205,8 @@ def test_at_the_demos_conditions_adaptive_loses_to_no_static_arm(tmp_path):
     companion = load_plan(REPO_ROOT / "experiments" / "demo.yaml").companion
     doc = yaml.safe_load((REPO_ROOT / "experiments" / "demo.yaml").read_text())
     doc.pop("companion")
-    doc.update(replications=4, policies=list(companion.base.policies))
+    doc.update(replications=4, policies=list(companion.base.policies),
+               epoch_s=companion.base.epoch_s)
     plan = parse_plan(doc, fidelity="simulated")
     run_sweep(plan, tmp_path, serial=True, show_progress=False)
     verdicts = pd.read_csv(tmp_path / "verdicts.csv")
@@ -227,4 +236,54 @@ def test_a_profiled_sweep_runs_one_lab_per_point_and_records_every_arm(tmp_path)
         arms = [a.sort_values("request_id")["t_arrival_s"].to_numpy()
                 for _, a in g.groupby("policy")]
         assert len(arms) == 2 and list(arms[0]) == list(arms[1])
-    assert '"mode": "lab, one point at a time"' in (tmp_path / "meta.json").read_text()
+    assert '"mode": "lab, one point per lab at a time"' in (tmp_path / "meta.json").read_text()
+
+
+def _lanes_run(monkeypatch, lanes_points, fail=None):
+    """Run ``sweep._run_lanes`` with a point that sleeps and notes where and when it ran."""
+    import threading
+    import time
+
+    from ray_scout.experiments import sweep
+    from ray_scout.experiments.placement import Lane, Node
+
+    ran, lock = [], threading.Lock()
+
+    def fake_point(trials, ledger, out, bar, address, show, lane, share):
+        start = time.monotonic()
+        if trials == fail:  # soon, while the other lanes' first points still run
+            time.sleep(0.1)
+            ran.append((lane.node.address, trials, start, time.monotonic(), share))
+            raise RuntimeError(f"point {fail} failed")
+        time.sleep(0.4)
+        with lock:
+            ran.append((lane.node.address, trials, start, time.monotonic(), share))
+
+    monkeypatch.setattr(sweep, "_run_point", fake_point)
+    spread = [Lane(Node(f"w{k}", f"10.0.0.{k}", 0, 2), 7300 + 2 * k, tuple(points))
+              for k, points in enumerate(lanes_points)]
+    points = list(range(sum(len(p) for p in lanes_points)))
+    return ran, (lambda: sweep._run_lanes(spread, points, None, None, None, None))
+
+
+def test_lanes_run_at_once_and_each_nodes_points_one_after_another(monkeypatch):
+    ran, go = _lanes_run(monkeypatch, [[0, 2, 4], [1, 3]])
+    go()
+    by_node = {}
+    for node, point, start, end, share in ran:
+        by_node.setdefault(node, []).append((start, end, point))
+        assert share == 0.5  # two clouds at once on the cloud node, half of it each
+    assert {n: [p for *_, p in sorted(v)] for n, v in by_node.items()} == {
+        "10.0.0.0": [0, 2, 4], "10.0.0.1": [1, 3]}
+    for runs in by_node.values():  # one lab per node at a time
+        assert all(a[1] <= b[0] for a, b in zip(sorted(runs), sorted(runs)[1:]))
+    first = [min(runs) for runs in by_node.values()]  # the nodes' first points overlapped
+    assert max(start for start, _, _ in first) < min(end for _, end, _ in first)
+
+
+def test_a_failing_lane_stops_the_others_after_their_running_point(monkeypatch):
+    ran, go = _lanes_run(monkeypatch, [[0, 2, 4], [1, 3, 5]], fail=0)
+    with pytest.raises(RuntimeError, match="point 0 failed"):
+        go()
+    # Point 1 was running on the other node when point 0 failed: it ended; nothing after.
+    assert sorted(point for _, point, *_ in ran) == [0, 1]

@@ -23,12 +23,13 @@ import sys
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ray_scout.core.evaluation import metrics, tasks
-from ray_scout.core.llm import generation, scout, selection
-from ray_scout.core.llm.models import LoadedModel
-from ray_scout.core.llm.prompt import build_prompt
 from ray_scout.experiments.rowstore import RowStore
+
+if TYPE_CHECKING:
+    from ray_scout.core.llm.models import LoadedModel
 
 RETENTIONS = (0.25, 0.5, 0.75)
 FULL, OWN, MAPPED = "full", "own_q2c", "mapped_q2c"
@@ -57,6 +58,10 @@ def sample_rows(models: Sequence[tuple[str, LoadedModel]], sample: tasks.Sample,
                 retentions: Sequence[float], max_new_tokens: int) -> Iterator[dict]:
     """Every row of one sample: per cloud model, full context, own Q2C and the other
     model's Q2C mapped, at every retention."""
+    # torch and the models come in with the first sample, so --help and --no-run need neither.
+    from ray_scout.core.llm import generation, scout, selection
+    from ray_scout.core.llm.prompt import build_prompt
+
     context = sample.context
     prefills, own = {}, {}
     for name, lm in models:

@@ -6,7 +6,9 @@ behind an emulated bottleneck: a local Ray, or a cluster whose only ``edge`` slo
 cloud node) or across lab nodes (the cloud actor on the node with the ``cloud`` resource, agents
 spread over the other nodes' ``edge`` slots, each node shaping its real interface toward the
 cloud node); and, on a cluster, which cloud port each agent sends to (its traffic class on its
-node). What it leaves to others: starting actors there (the runner), shaping (link managers).
+node). On a cluster, a sweep's emulated points go one lab per edge node at a time, each
+point's agents on one node (``lanes``). What it leaves to others: starting actors there (the
+runner, the sweep), shaping (link managers).
 """
 
 from __future__ import annotations
@@ -108,3 +110,43 @@ def place(agents: Sequence[str], nodes: Sequence[Node], first_port: int) -> Plac
                 slots[node] -= 1
     ports = {agent: first_port + i for i, agent in enumerate(agents)}
     return Placement(True, cloud, placed, ports)
+
+
+@dataclass(frozen=True)
+class Lane:
+    """One edge node's share of a sweep: the points it runs one after another (indices into
+    the caller's list), its agents' cloud ports counting from ``first_port``."""
+
+    node: Node
+    first_port: int
+    points: tuple[int, ...]
+
+
+def lanes(agent_counts: Sequence[int], nodes: Sequence[Node],
+          first_port: int) -> tuple[list[Lane], list[int]]:
+    """Spread a sweep's points (given by their agent counts) over a cluster's edge nodes, one
+    lab per node at a time; returns the lanes and the points that fit on no single node.
+
+    Each point goes to the edge node with the fewest points so far among those whose ``edge``
+    slots hold all its agents (ties: node order), so M equal nodes take turns. Node ``k``'s
+    cloud ports start after the slots of the nodes before it: points running at once on
+    different nodes never share a port of the cloud node. A point that fits on no single
+    node, and every point on a machine without edge nodes of its own (the lab-in-a-box) or
+    without a cloud node, is left for the caller to run alone over the whole cluster.
+    """
+    clouds = [n for n in nodes if n.cloud > 0]
+    edges = [n for n in nodes if clouds and n.edge > 0 and n.address != clouds[0].address]
+    assigned: dict[Node, list[int]] = {n: [] for n in edges}
+    alone = []
+    for index, count in enumerate(agent_counts):
+        fitting = [n for n in edges if int(n.edge) >= count]
+        if not fitting:
+            alone.append(index)
+            continue
+        assigned[min(fitting, key=lambda n: len(assigned[n]))].append(index)
+    out, port = [], first_port
+    for node in edges:
+        if assigned[node]:
+            out.append(Lane(node, port, tuple(assigned[node])))
+        port += int(node.edge)
+    return out, alone

@@ -41,7 +41,7 @@ from ray_scout.experiments.spec import (
 _SECTION_KEYS = {"network": NETWORK_KEYS, "capacity": CAPACITY_KEYS, "cloud": CLOUD_KEYS}
 _AGENT_KEYS = frozenset(f.name for f in dataclasses.fields(AgentGroup))
 _PLAN_KEYS = ("sweep", "replications", "companion")
-_COMPANION_KEYS = frozenset({"fidelity", "replications", "policies"})
+_COMPANION_KEYS = frozenset({"fidelity", "replications", "policies", "epoch_s"})
 
 
 def replication_seed(seed: int, replication: int) -> int:
@@ -206,11 +206,11 @@ def parse_plan(doc: Any, *, base: Path = REPO_ROOT, fidelity: str | None = None)
 
 
 def _companion(doc: dict, base: Path) -> Plan:
-    """The plan of ``companion``: the document with its fidelity, replications and
-    policies in place of the spec's (a showcase's verdict at the same conditions)."""
+    """The plan of ``companion``: the document with its fidelity, replications, policies and
+    epoch in place of the spec's (a showcase's verdict at the same conditions)."""
     block = doc["companion"]
     if not isinstance(block, dict) or set(block) - _COMPANION_KEYS or "fidelity" not in block:
-        raise SpecError(f"companion: give fidelity and optionally replications and policies "
+        raise SpecError(f"companion: give fidelity and optionally replications, policies, epoch_s "
                         f"({sorted(_COMPANION_KEYS)}), e.g. {{fidelity: simulated, "
                         "replications: 20}")
     other = {k: v for k, v in doc.items() if k != "companion"}

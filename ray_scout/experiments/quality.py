@@ -4,7 +4,7 @@ What lives here: the named grids (``GRIDS``), reading a grid from YAML, the CSV 
 makes runs resumable (rows are appended as they are measured; a rerun skips what the file
 already holds), the Parquet copy, and the Markdown summary (Paper A Table 2-like selection x
 retention, Table 5-like modes, paired tests against full BF16). What it leaves to others:
-running cells (``ray_scout.core.evaluation.quality``) and the statistics themselves.
+running cells (``ray_scout.core.evaluation.harness``) and the statistics themselves.
 
 Row columns (one row per sample x cell): ``core.evaluation.quality.ROW_FIELDS``; ``em``/``f1``/
 ``contains`` are 0..1 per sample, sizes in bytes, times in seconds.
@@ -23,7 +23,7 @@ import yaml
 
 from ray_scout.core.evaluation.quality import (FULL, REFERENCE, ROW_FIELDS, SCORES, Cell,
                                                CellSummary, Grid, QualityError, paired,
-                                               row_key, run_grid, summarize)
+                                               row_key, summarize)
 from ray_scout.core.modes import Mode
 from ray_scout.experiments.rowstore import RowStore
 
@@ -262,6 +262,9 @@ def merge_results(results: Path, others: Sequence[Path]) -> int:
 
 def measure(grid: Grid, results: Path, *, log=print) -> list[dict]:
     """Run what ``results`` lacks of ``grid`` and return all of the grid's rows."""
+    # The runner needs torch and the models: imported here, so --help and --no-run need neither.
+    from ray_scout.core.evaluation.harness import run_grid
+
     done = {row_key(r) for r in read_rows(results)}
     edge, cloud, protected = _load(grid)
     log(f"{grid.name}: {grid.edge_model} -> {grid.cloud_model}, {len(grid.cells)} cells x "

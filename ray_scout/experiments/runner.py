@@ -285,8 +285,11 @@ def lab_links(spec: Spec, names: list[str], run_id: str) -> TrialLinks:
                       {n: {"resources": {"edge": 1}} for n in names})
 
 
-def cluster_links(spec: Spec, where: Placement, rates_bps: dict[str, float]) -> TrialLinks:
-    """A cluster: one ``NodeLinkManager`` per edge node shapes its interface to the cloud node."""
+def cluster_links(spec: Spec, where: Placement, rates_bps: dict[str, float],
+                  cloud_share: float = 1.0) -> TrialLinks:
+    """A cluster: one ``NodeLinkManager`` per edge node shapes its interface to the cloud node.
+    ``cloud_share`` of the ``cloud`` resource goes to this trial's cloud actor (a sweep spread
+    over M edge nodes runs M clouds at once on the cloud node, 1/M each)."""
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
@@ -309,7 +312,7 @@ def cluster_links(spec: Spec, where: Placement, rates_bps: dict[str, float]) -> 
             access_rate_bps=spec.access_rate_bps))
     ray.get([m.node.remote() for m in managers])  # built (or failed) before anything starts
     return TrialLinks(managers, [(cloud_ip, where.cloud_port[a]) for a in where.agent_node], None,
-                      {"resources": {"cloud": 1}, **on(where.cloud)},
+                      {"resources": {"cloud": cloud_share}, **on(where.cloud)},
                       {a: ((cloud_ip, where.cloud_port[a]), None, None) for a in where.agent_node},
                       {a: {"resources": {"edge": 1}, **on(n)} for a, n in where.agent_node.items()})
 
@@ -366,7 +369,8 @@ class Testbed:
     grant); the hosts rebuild their agents from it (models stay loaded in their processes).
     """
 
-    def __init__(self, spec: Spec, where: Placement, texts: dict):
+    def __init__(self, spec: Spec, where: Placement, texts: dict, prefix: str | None = None,
+                 cloud_share: float = 1.0):
         import ray
 
         from ray_scout.actors.cloud import CloudActor
@@ -374,7 +378,9 @@ class Testbed:
         from ray_scout.actors.recorder import Recorder, RecorderRef
 
         self.spec, self.where = spec, where
-        self.prefix = f"{spec.name}/"  # actor names: tests and operators find them by these
+        # Actor names: tests and operators find them by these (a sweep's points running at
+        # once each have their own).
+        self.prefix = prefix or f"{spec.name}/"
         self.actors: list = []
         self.links: TrialLinks | None = None
         self.cloud = None
@@ -390,11 +396,12 @@ class Testbed:
             # Who may use the cloud's port: the actors this experiment hands it to through
             # Ray (the port itself is reachable from the lab network on a cluster).
             self.token = secrets.token_bytes(32)
-            self.links = (cluster_links(spec, where, equal) if where.cluster
+            self.links = (cluster_links(spec, where, equal, cloud_share) if where.cluster
                           else lab_links(spec, names, self.run_id))
             self.actors += self.links.managers
             self.cloud = ray.remote(CloudActor).options(
-                num_cpus=0, num_gpus=min(1, _gpu_count()), max_restarts=2, max_concurrency=4,
+                num_cpus=0, num_gpus=min(1, _gpu_count()) * cloud_share, max_restarts=2,
+                max_concurrency=4,
                 name=self.prefix + "cloud", **self.links.cloud_options).remote(
                 "cloud0", self.links.cloud_addresses, self.links.cloud_netns,
                 cloud_service(spec, texts), slots=spec.cloud_slots, connections=len(names) + 4,
@@ -610,8 +617,9 @@ def write_tables(out: Path, frames: dict[str, pd.DataFrame]) -> None:
 
 def run_emulated(spec: Spec, out: Path, address: str | None = None,
                  show_progress: bool = True, dashboard: bool = True,
-                 resume: bool = False,
-                 progress_file: TextIO | None = None) -> dict[str, pd.DataFrame]:
+                 resume: bool = False, progress_file: TextIO | None = None,
+                 where: Placement | None = None, prefix: str | None = None,
+                 cloud_share: float = 1.0) -> dict[str, pd.DataFrame]:
     """``full`` or ``profiled``: real links, real TCP, actors under Ray. Progress bars go to
     ``progress_file`` (default: standard error).
 
@@ -620,6 +628,10 @@ def run_emulated(spec: Spec, out: Path, address: str | None = None,
     that ends is appended to ``FINISHED``; ``resume`` skips the ones already there. Ctrl-C
     tears the current trial down, stops the Ray this call started and raises ``Interrupted``
     with the rows recorded so far (the unfinished trial's included).
+
+    ``where`` overrides the placement over the whole cluster, ``prefix`` the actors' names and
+    ``cloud_share`` the cloud actor's share of the cloud node: a sweep running several points
+    at once, one per edge node, passes all three (``sweep._run_emulated``).
     """
     import ray
     from tqdm import tqdm
@@ -634,13 +646,13 @@ def run_emulated(spec: Spec, out: Path, address: str | None = None,
     started_ray = False
     try:
         started_ray = start_ray(spec, address, dashboard)
-        where = placement(spec)
+        where = where or placement(spec)
         if where.cluster:
             per_node: dict[str, int] = {}
             for node in where.agent_node.values():
                 per_node[node.address] = per_node.get(node.address, 0) + 1
             check_placement(per_node)
-        testbed = Testbed(spec, where, texts)
+        testbed = Testbed(spec, where, texts, prefix, cloud_share)
         for index, (policy, allocator) in enumerate(spec.combinations()):
             previous = done.get(index)
             if previous is not None and (previous["policy"],

@@ -3,7 +3,8 @@
 What lives here: the driver of a sweep. Simulated trials run as Ray tasks (one CPU each, so
 every core of every node works; ``serial`` runs them in this process, for comparison and
 for machines without Ray). Profiled and full trials run one point x replication at a time
-through the runner's emulated path, so one lab is built at a time. One progress bar with an
+per lab through the runner's emulated path: on one machine one lab-in-a-box at a time, on a
+cluster one point on each edge node at once (its agents on that node's real link). One progress bar with an
 ETA counts trials over the whole sweep; the ``Ledger`` stores each finished trial, and a
 rerun into the same directory skips them. Then the tidy tables (``trials``: one row per
 trial; ``requests``: one per request; the point's keys as columns), the verdicts and the
@@ -101,33 +102,97 @@ def _arm(frame: pd.DataFrame, trial: Trial) -> pd.DataFrame:
 
 def _run_emulated(plan: Plan, todo: list[Trial], ledger: Ledger, out: Path, bar,
                   address: str | None, show_progress: bool) -> None:
-    """One point x replication at a time, all its arms, so one lab stands at a time."""
+    """One point x replication at a time per lab, all its arms. On a cluster with several
+    edge nodes, one point runs on each edge node at once (``placement.lanes``); a point
+    that fits on no single node, and every point of a lab-in-a-box, runs alone."""
     import ray
 
-    from ray_scout.experiments.runner import run_emulated, start_ray
+    from ray_scout.experiments.placement import alive_nodes, lanes
+    from ray_scout.experiments.runner import CLOUD_PORT, start_ray
 
     by_point: dict[tuple, list[Trial]] = {}
     for trial in todo:
         by_point.setdefault((trial.point.index, trial.point.replication), []).append(trial)
+    points = list(by_point.values())
     # One Ray for the sweep (run_emulated reuses a running one), sized for its largest point:
     # a local Ray's ``edge`` resources are one per agent.
     largest = max((t.point.spec for t in todo), key=lambda spec: len(spec.agent_names))
     started_ray = start_ray(largest, address, dashboard=False)
     try:
-        for (index, replication), trials in by_point.items():
-            where = out / "points" / f"p{index:03d}-r{replication:02d}"
-            where.mkdir(parents=True, exist_ok=True)
-            started = time.perf_counter()
-            frames = run_emulated(trials[0].point.spec, where, address, show_progress,
-                                  dashboard=False)
-            wall_s = (time.perf_counter() - started) / len(trials)
-            for trial in trials:
-                _store(ledger, trial, _arm(frames["requests"], trial),
-                       _arm(frames["epochs"], trial), wall_s, "lab")
-                bar.update(1)
+        spread, alone = lanes([len(p[0].point.spec.agent_names) for p in points],
+                              alive_nodes(ray.nodes()), CLOUD_PORT)
+        _run_lanes(spread, points, ledger, out, bar, address)
+        for index in alone:
+            _run_point(points[index], ledger, out, bar, address, show_progress)
     finally:
         if started_ray:
             ray.shutdown()
+
+
+def _run_point(trials: list[Trial], ledger: Ledger, out: Path, bar, address: str | None,
+               show_progress: bool, lane=None, cloud_share: float = 1.0) -> None:
+    """Every arm of one point x replication on one lab: ``lane``'s node, or the whole
+    cluster (the lab-in-a-box on one machine) without one."""
+    from ray_scout.experiments.placement import alive_nodes, place
+    from ray_scout.experiments.runner import run_emulated
+
+    point = trials[0].point
+    name = f"p{point.index:03d}-r{point.replication:02d}"
+    where, prefix, node = None, None, "lab"
+    if lane is not None:
+        import ray
+
+        cloud = next(n for n in alive_nodes(ray.nodes()) if n.cloud > 0)
+        where = place(list(point.spec.groups_by_agent()), [cloud, lane.node], lane.first_port)
+        prefix, node = f"{point.spec.name}/{name}/", lane.node.address
+    here = out / "points" / name
+    here.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    frames = run_emulated(point.spec, here, address, show_progress, dashboard=False,
+                          where=where, prefix=prefix, cloud_share=cloud_share)
+    wall_s = (time.perf_counter() - started) / len(trials)
+    for trial in trials:
+        _store(ledger, trial, _arm(frames["requests"], trial), _arm(frames["epochs"], trial),
+               wall_s, node)
+        bar.update(1)
+
+
+def _run_lanes(spread: list, points: list[list[Trial]], ledger: Ledger, out: Path, bar,
+               address: str | None) -> None:
+    """Each lane's points one after another, the lanes at once (a thread each: the work is
+    on the nodes). Ctrl-C, or a lane's failure, lets the running points finish (their trials
+    are kept, so the sweep resumes after them) and starts no more; a second Ctrl-C abandons
+    them."""
+    if not spread:
+        return
+    import threading
+    from concurrent.futures import ThreadPoolExecutor, wait
+
+    stop = threading.Event()
+    share = 1.0 / len(spread)
+
+    def run_lane(lane) -> None:
+        for index in lane.points:
+            if stop.is_set():
+                return
+            _run_point(points[index], ledger, out, bar, address, False, lane, share)
+
+    pool = ThreadPoolExecutor(max_workers=len(spread), thread_name_prefix="lane")
+    futures = [pool.submit(run_lane, lane) for lane in spread]
+    try:
+        for future in futures:
+            future.result()
+    except BaseException as failure:
+        # A lane's failure or Ctrl-C: the other lanes' running points end and tear their labs
+        # down before this raises (and Ray, with their actors, is shut down).
+        stop.set()
+        if isinstance(failure, KeyboardInterrupt):
+            print(f"interrupted: finishing the points running on {len(spread)} edge node(s); "
+                  "Ctrl-C again to abandon them", flush=True)
+        wait(futures)
+        raise
+    finally:
+        pool.shutdown(wait=False)
 
 
 def collect(plan: Plan, ledger: Ledger) -> dict[str, pd.DataFrame]:
@@ -221,7 +286,7 @@ def run_sweep(plan: Plan, out: Path, *, address: str | None = None, serial: bool
     meta = {"spec": plan.base.name, "fidelity": plan.base.fidelity, "digest": plan.digest,
             "trials": len(trials), "ran": len(todo), "skipped": len(trials) - len(todo),
             "wall_s": wall_s,
-            "mode": ("lab, one point at a time" if plan.base.fidelity != "simulated"
+            "mode": ("lab, one point per lab at a time" if plan.base.fidelity != "simulated"
                      else "serial" if serial else "ray"),
             "machine": provenance.machine(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
             "command": command or f"scout run (sweep of {plan.base.name})"}

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from ray_scout.core.llm.generation import Prefill
 from ray_scout.core.llm.models import LoadedModel
 from ray_scout.core.llm.prompt import PromptLayout
+from ray_scout.core.llm.scorers import CAPTURE  # noqa: F401  (re-exported beside SCORERS)
 
 # Rows of attention computed at once: bounds the [heads, rows, tokens] block in memory.
 ROW_CHUNK = 512
@@ -175,12 +176,6 @@ SCORERS: dict[str, Callable[..., torch.Tensor]] = {
     "h2o": h2o,
     "streaming": streaming,
     "random": random_scores,
-}
-
-# What each scorer needs the prefill to capture.
-CAPTURE: dict[str, str] = {
-    "q2c": "last", "q2c_all_layers": "all", "snapkv": "last", "h2o": "last",
-    "streaming": "none", "random": "none",
 }
 
 
