@@ -38,7 +38,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -46,6 +45,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ray_scout import provenance
 from ray_scout.core.control import allocation
 from ray_scout.core.control.allocation import Demand, allocate, demand_for
 from ray_scout.core.llm.models import facts_for
@@ -133,14 +133,10 @@ def main() -> None:
             sink.write(json.dumps(row) + "\n")
             sink.flush()
 
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
-                if line.startswith("model name")), platform.processor())
-    emit({"kind": "provenance", "argv": sys.argv, "cpu": cpu, "cores": os.cpu_count(),
-          "python": platform.python_version(), "numpy": np.__version__,
-          "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-          "load_start": os.getloadavg()})
-    print(f"# allocator speed, objective {args.objective}: {cpu} x{os.cpu_count()}, Python "
-          f"{platform.python_version()}, load average {os.getloadavg()[0]:.1f} at start")
+    where = provenance.record()  # at the start: the load before the runs
+    emit({"kind": "provenance", **where, "argv": sys.argv, "numpy": np.__version__})
+    print(f"# allocator speed, objective {args.objective}: {where['machine']}, commit "
+          f"{where['commit']}, load average {where['load_average_1_5_15'][0]:.1f} at start")
     print("| population | agents | strategy | capacity (Mbit/s per agent) | first split, new "
           "shapes CPU (ms) | first split, known shapes CPU (ms) | re-split CPU median (ms) "
           "| re-split CPU p99 (ms) | re-split wall median (ms) | objective |")

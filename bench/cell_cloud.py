@@ -31,6 +31,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from ray_scout import provenance  # noqa: E402
 from ray_scout.core.modes import Mode  # noqa: E402
 from ray_scout.core.stages.profiled import ProfiledRequest  # noqa: E402
 from ray_scout.experiments.runner import cloud_service, request_shapes, workloads  # noqa: E402
@@ -125,10 +126,12 @@ def main() -> None:
                         "by model, at commit 9404696)")
     parser.add_argument("--out", type=Path, help="append one JSON line per spec here too")
     args = parser.parse_args()
+    # Each appended line says which machine, commit and date it came from on its own.
+    where = provenance.record()
     for path in args.specs:
         row = replay(load_spec(path, fidelity="profiled"), Mode.parse(args.mode),
                      args.mix_models)
-        row["spec_file"] = str(path)
+        row = {**row, "spec_file": str(path), **where}
         print(json.dumps(row), flush=True)
         if args.out is not None:
             with open(args.out, "a") as out:

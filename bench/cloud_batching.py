@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from ray_scout import provenance
 from ray_scout.core.evaluation import tasks
 from ray_scout.core.llm import latency, models
 from ray_scout.core.modes import Mode
@@ -104,10 +105,10 @@ def main() -> int:
                              + max(profile.decode_s(kept_tokens[i], steps[i]) for i in chunk))
         row["modelled_batch_s_median"] = statistics.median(predicted)
     result = {
-        "machine": latency.cpu_name(), "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
-        "command": command, "model": lm.model_id, "threads": torch.get_num_threads(),
+        **provenance.record(), "command": command, "model": lm.model_id, "threads": torch.get_num_threads(),
         "prompt_tokens_median": statistics.median(prompt_tokens),
-        "loadavg_before": load_before, "loadavg_after": os.getloadavg(),
+        # provenance.record()'s load average is the one at the end.
+        "loadavg_before": load_before,
         "decode_steps": steps,
         "profile_prefill_points": profile.prefill_points,
         "profile_decode_points": profile.decode_points,
@@ -115,7 +116,7 @@ def main() -> int:
     }
     OUT.write_text(json.dumps(result, indent=1) + "\n")
     print(f"{lm.model_id}, prompts ~{result['prompt_tokens_median']} tokens, "
-          f"load {load_before[0]:.1f} -> {result['loadavg_after'][0]:.1f}")
+          f"load {load_before[0]:.1f} -> {result['load_average_1_5_15'][0]:.1f}")
     print(f"{'batch':>5} {'req/s':>7} {'speed-up':>8} {'lat med s':>9} {'lat max s':>9} "
           f"{'equal':>5} {'model s':>8}")
     for row in rows:

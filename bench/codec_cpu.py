@@ -16,14 +16,13 @@ from __future__ import annotations
 import argparse
 import inspect
 import json
-import os
-import platform
 import statistics
 import time
 from pathlib import Path
 
 import torch
 
+from ray_scout import provenance
 from ray_scout.core.llm import bottleneck, wire
 from ray_scout.core.llm.kv import KVSnapshot
 from ray_scout.core.llm.kvcodec import codec_for, relative_error
@@ -129,8 +128,10 @@ def throughput(repeats: int) -> list[dict]:
 
 
 def markdown(results: dict) -> str:
-    out = [f"machine: {results['machine']}; date: {results['date']}; torch threads: "
-           f"{results['threads']}; load average at start: {results['loadavg']}", ""]
+    load = " ".join(f"{x:.1f}" for x in results["load_average_1_5_15"])
+    out = [f"machine: {results['machine']}; commit: {results['commit']}; date: "
+           f"{results['date']}; torch threads: {results['threads']}; load average at start: "
+           f"{load}", ""]
     out += ["### Payload bytes (uncompressed wire = formula)", "",
             "| model | tokens | bf16 | int8 | int4 | mixed_int4 (protected) | checked |",
             "|---|---|---|---|---|---|---|"]
@@ -192,10 +193,8 @@ def main() -> None:
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    results = dict(machine=platform.platform(), date=time.strftime("%Y-%m-%d %H:%M UTC",
-                                                                   time.gmtime()),
-                   threads=args.threads, repeats=args.repeats,
-                   loadavg=" ".join(f"{x:.1f}" for x in os.getloadavg()))
+    # record() runs before the model loads: its load average is the one at the start.
+    results = dict(**provenance.record(), threads=args.threads, repeats=args.repeats)
     lm = load_model("embedded")
     # Reuses the per-model cache when it was computed for the same prompts and group size.
     bottleneck.protected_layers_for(lm)

@@ -11,11 +11,10 @@ Run as root:  PYTHONPATH=. nice python3 bench/emulator_bpf_loss.py --out bench/r
 from __future__ import annotations
 
 import argparse
-import platform
-import time
 
 from emulator_fidelity import table, write_json  # bench/ is on sys.path when run as a script
 
+from ray_scout import provenance
 from ray_scout.net.emulator_bpf import BpfLoss
 from ray_scout.net.emulator_line import EmulatorLine
 from ray_scout.net.emulator_probe import tcp_transfer, udp_round_trips
@@ -27,7 +26,7 @@ def main() -> None:
     parser.add_argument("--tcp-duration-s", type=float, default=10.0)
     parser.add_argument("--out", help="write all rows as JSON here")
     args = parser.parse_args()
-    results = {"machine": platform.platform(), "started": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+    results = provenance.record()  # at the start: the date and load before the runs
     rows = []
     # Segmentation offload off: the hook runs once per skb, and TCP's skbs would otherwise be
     # 64 KB aggregates, making 1% per skb far less than 1% per segment.

@@ -21,10 +21,9 @@ import itertools
 import json
 import math
 import os
-import platform
 import statistics
-import time
 
+from ray_scout import provenance
 from ray_scout.net.emulator import TunImpairment
 from ray_scout.net.emulator_line import EmulatorLine
 from ray_scout.net.emulator_probe import tcp_transfer, udp_round_trips
@@ -223,10 +222,8 @@ def main() -> None:
     global RT_PRIORITY
     if args.no_realtime:
         RT_PRIORITY = None
-    results = {
-        "machine": platform.platform(), "realtime_priority": RT_PRIORITY,
-        "started": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-    }
+    # At the start: the date and load before the runs.
+    results = {**provenance.record(), "realtime_priority": RT_PRIORITY}
     with EmulatorLine() as line:
         results["rtt"] = rtt_rows(line, args.rtt_probes)
         print("## RTT vs configured one-way delay\n" + table(results["rtt"]) + "\n", flush=True)

@@ -9,7 +9,6 @@ outlier channels, and where results go ($OUT on the device machine, else bench/r
 
 from __future__ import annotations
 
-import datetime
 import json
 import os
 import statistics
@@ -20,7 +19,7 @@ from pathlib import Path
 import torch
 
 from ray_scout.core.llm.kv import KVSnapshot
-from ray_scout.provenance import cpu_name
+from ray_scout import provenance as _provenance
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -112,7 +111,7 @@ def matmul_tflops(device: torch.device, n: int = 8192) -> float:
 def device_label(device: torch.device) -> str:
     if device.type == "cuda":
         return f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}"
-    return f"{cpu_name()}, torch {torch.__version__}"
+    return f"{_provenance.cpu_name()}, torch {torch.__version__}"
 
 
 def outlier_kv(num_layers: int, heads: int, tokens: int, head_dim: int, device,
@@ -138,11 +137,11 @@ def outlier_kv(num_layers: int, heads: int, tokens: int, head_dim: int, device,
 
 
 def provenance(device: torch.device) -> dict:
+    """``ray_scout.provenance.record()`` (the host as measured, the commit, the date, the
+    load) with the device and the command."""
     return {
+        **_provenance.record(),
         "device": device_label(device),
-        # Whole-call wall times are host-bound at these shapes: the host's processor counts.
-        "host_cpu": cpu_name(),
-        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "command": "python3 " + " ".join(sys.argv),
     }
 

@@ -26,7 +26,7 @@ import sys
 import time
 from pathlib import Path
 
-from ray_scout.core.llm.latency import cpu_name
+from ray_scout import provenance
 from ray_scout.transport.server import Server
 
 REPO = Path(__file__).resolve().parents[1]
@@ -100,8 +100,8 @@ def main() -> None:
     parser.add_argument("--fuzz-inputs", type=int, default=10_000)
     parser.add_argument("--json", help="also write the results to this file")
     args = parser.parse_args()
-    meta = {"machine": cpu_name(), "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
-            "load_avg_1m_at_start": os.getloadavg()[0],
+    # At the start: record()'s load average is the one before the runs.
+    meta = {**provenance.record(),
             "command": "PYTHONPATH=. python3 bench/hostile.py "
                        f"--hold-s {args.hold_s:g} --fuzz-inputs {args.fuzz_inputs}"}
     results = {"meta": meta, "declared_bodies": declared_bodies(), "port": port(args.hold_s),

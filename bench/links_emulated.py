@@ -21,6 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from ray_scout import provenance  # noqa: E402
 from ray_scout.net.cleanup import find_leftovers  # noqa: E402
 from ray_scout.net.profiles import load_profile, profile_from_dict  # noqa: E402
 from ray_scout.net.topology import LabTopology, pid_run_id  # noqa: E402
@@ -56,6 +57,7 @@ def main() -> None:
     parser.add_argument("--window-s", type=float, default=10.0)
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
+    where = provenance.record()  # at the start: the load before the runs
     rows = [one_run(cc, args.window_s) for cc in ("cubic", "bbr") for _ in range(args.runs)]
     print("| cc | mechanisms | RTT median ms | RTT min ms | goodput Mbit/s | Mathis Mbit/s | uplink drop |")
     print("|---|---|---|---|---|---|---|")
@@ -63,7 +65,8 @@ def main() -> None:
         print(f"| {r['cc']} | {' '.join(r['mechanisms'])} | {r['rtt_median_ms']:.2f} | {r['rtt_min_ms']:.2f} | "
               f"{r['goodput_mbit']:.2f} | {r['mathis_mbit']:.2f} | {r['uplink_dropped']:.3%} |")
     if args.out:
-        args.out.write_text(json.dumps(rows, indent=1))
+        args.out.write_text(json.dumps({**where, "command": "python3 " + " ".join(sys.argv),
+                                        "rows": rows}, indent=1))
 
 
 if __name__ == "__main__":

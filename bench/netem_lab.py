@@ -28,7 +28,6 @@ record's ``misses``.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
 import socket
@@ -41,6 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pyroute2 import IPRoute, netns  # noqa: E402
 
+from ray_scout import provenance  # noqa: E402
 from ray_scout.net.backends import TunEmulatorBackend  # noqa: E402
 from ray_scout.net.labkernel import in_lab, timer_error  # noqa: E402
 from ray_scout.net.namespaces import add_veth, address_up, create_netns, in_netns, offloads_off  # noqa: E402
@@ -174,14 +174,6 @@ def measure(mechanism: str, rtt_count: int, loss_count: int, window_s: float) ->
     return record
 
 
-def machine() -> dict:
-    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                  if line.startswith("model name")), "unknown")
-    return {"cpu": model, "cpus": os.cpu_count(), "kernel": os.uname().release, "in_lab": in_lab(),
-            "loadavg": Path("/proc/loadavg").read_text().split()[:3],
-            "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
-
-
 def table(paths: list[str]) -> str:
     rows = ["| mechanism (where) | timer overshoot 1 ms / 20 ms sleep, median (p99) | TCP RTT added, median / p99 "
             "(configured 20 ms) | one-way added, median / p99 | jitter std (configured 5 ms) | loss (configured 1%) "
@@ -189,7 +181,10 @@ def table(paths: list[str]) -> str:
     for path in paths:
         data = json.loads(Path(path).read_text())
         r, t1, t20 = data["result"], data["timer_1ms"], data["timer_20ms"]
-        where = f"{data['machine']['kernel']}, {'lab guest' if data['machine']['in_lab'] else 'host'}"
+        # Files from before provenance.record() kept the kernel and in_lab in a "machine" dict.
+        host = data["machine"] if isinstance(data["machine"], dict) else data
+        kernel = host.get("kernel") or data["machine"].split(", kernel ")[1].split(",")[0]
+        where = f"{kernel}, {'lab guest' if host['in_lab'] else 'host'}"
         rows.append(
             f"| {r['mechanism']} ({where}) | {t1['median_s'] * 1e3:.2f} ({t1['p99_s'] * 1e3:.1f}) / "
             f"{t20['median_s'] * 1e3:.2f} ({t20['p99_s'] * 1e3:.1f}) ms | {r['delay_median_ms']:.2f} / "
@@ -211,8 +206,8 @@ def main() -> int:
     if args.table:
         print(table(args.table))
         return 0
-    started = machine()
-    data = {"command": " ".join(sys.argv), "machine": started,
+    # At the start: record()'s load average is the one before the runs.
+    data = {**provenance.record(), "in_lab": in_lab(), "command": " ".join(sys.argv),
             "timer_1ms": timer_error(0.001, 300).as_row(), "timer_20ms": timer_error(0.020, 50).as_row(),
             "result": measure(args.mechanism, args.rtt_count, args.loss_count, args.window_s),
             "loadavg_after": Path("/proc/loadavg").read_text().split()[:3]}

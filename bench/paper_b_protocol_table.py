@@ -26,6 +26,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from ray_scout import provenance
+
 # Paper B, adaptive-policy table (Markov bandwidth, 3 pairs x 4 deadlines, n=50 each):
 # strategy -> (quality range, deadline-hit range), as published (percent).
 PAPER_B = {
@@ -97,9 +99,12 @@ def main() -> None:
         f" --beside {args.beside}" if args.beside else "")
     text = (beside(args.out, args.beside) if args.beside
             else table(pd.read_parquet(args.out / "requests.parquet")))
+    # The machine that made the table from the results, not the one that ran the study.
+    where = provenance.record()
     (args.out / "paper_b_table.md").write_text(
         "# Paper B's protocol table beside ours\n\n"
-        f"`{command}`\n\n{text}\n")
+        f"`{command}`\n\nTable made on {where['machine']}; commit {where['commit']}; "
+        f"{where['date']}.\n\n{text}\n")
     print(text)
 
 

@@ -19,19 +19,23 @@ scores six variants that separate the two:
 
 and records, at 25/50/75% retention, the share of the evidence sentence's tokens kept and
 whether every token of the answer span is kept. Appends to the CSV (resumable by sample)
-and prints a Markdown table of means with bootstrap CIs and paired differences to q2c.
+and prints a Markdown table of means with bootstrap CIs and paired differences to q2c. Each
+run that adds samples appends its provenance (``ray_scout.provenance.record()``, the command,
+the samples added) to ``<out>.provenance.jsonl`` beside the CSV, whose columns stay as they were.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import json
 import sys
 import time
 from pathlib import Path
 
 import torch
 
+from ray_scout import provenance
 from ray_scout.core.evaluation import metrics, tasks
 from ray_scout.core.llm import generation, selection
 from ray_scout.core.llm.models import load_model
@@ -122,6 +126,8 @@ def main() -> int:
         new = not args.out.exists()
         args.out.parent.mkdir(parents=True, exist_ok=True)
         start = time.perf_counter()
+        added = 0
+        where = provenance.record()  # at the start: the load before the run
         with args.out.open("a", newline="") as handle:
             writer = csv.DictWriter(handle, fieldnames=FIELDS)
             if new:
@@ -135,8 +141,13 @@ def main() -> int:
                 writer.writerows(rows)
                 handle.flush()
                 mine += rows
+                added += 1
                 print(f"[{time.perf_counter() - start:7.1f} s] sample {index + 1}/{args.n}",
                       flush=True)
+        if added:
+            with args.out.with_suffix(".provenance.jsonl").open("a") as handle:
+                handle.write(json.dumps({**where, "command": "python3 " + " ".join(sys.argv),
+                                         "samples_added": added}) + "\n")
     print(f"{args.model}, {args.task}, {args.context_tokens} tokens:\n")
     print(summary(mine))
     return 0

@@ -16,11 +16,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import time
 
 import torch
 
+from ray_scout import provenance
 from ray_scout.core.evaluation import metrics, tasks
 from ray_scout.core.llm.models import load_model
 
@@ -98,7 +98,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     model = load_model("embedded")
-    result = dict(machine=platform.platform(), torch=torch.__version__,
+    result = dict(**provenance.record(), torch=torch.__version__,
                   lengths=length_check(model.tokenizer, args.n_length, args.length_tokens),
                   answers=answer_check(model, args.n_answer, args.answer_tokens))
     if args.json:

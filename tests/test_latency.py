@@ -1,5 +1,7 @@
 import pytest
 
+from ray_scout import provenance
+
 from ray_scout.core.llm.latency import LatencyProfile, measure
 
 
@@ -27,9 +29,12 @@ def test_rejects_unsorted_points():
 
 
 def test_measure_times_prefill_and_decode_of_a_real_model(tiny_model):
-    p = measure(tiny_model, [72, 128], decode_steps=2, repeats=1)
+    p = measure(tiny_model, [72, 128], decode_steps=2, repeats=1, command="bench/x.py")
     assert [t for t, _ in p.prefill_points] == [72, 128]
     assert all(s > 0 for _, s in p.decode_points)
+    # The profile's provenance line: the machine as measured, the commit, the command.
+    assert p.provenance.startswith(provenance.machine() + "; commit " + provenance.git_commit())
+    assert p.provenance.endswith("; bench/x.py")
 
 
 def test_measure_refuses_prompts_too_short_for_a_prompt_layout(tiny_model):

@@ -10,7 +10,6 @@ policy uses them for its latency estimates. What it leaves to others: when compu
 from __future__ import annotations
 
 import dataclasses
-import datetime
 import statistics
 import time
 from pathlib import Path
@@ -19,7 +18,7 @@ import numpy as np
 import torch
 import yaml
 
-from ray_scout.provenance import cpu_name
+from ray_scout.provenance import record
 
 
 @dataclasses.dataclass(frozen=True)
@@ -131,7 +130,9 @@ def measure(lm, prompt_lengths: list[int], *, decode_steps: int = 8, repeats: in
                          position_ids=torch.tensor([[n + step]], device=device))
 
         decode.append((n, _median_seconds(run_decode, device, repeats) / decode_steps))
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
-    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
-    provenance = f"{name}; {stamp}; {command}".strip("; ")
+    # The same fields as every bench result file (ray_scout.provenance), on one line.
+    where = record()
+    gpu = f"{torch.cuda.get_device_name(device)} on " if device.type == "cuda" else ""
+    provenance = (f"{gpu}{where['machine']}; commit {where['commit']}; {where['date']}; "
+                  f"{command}").strip("; ")
     return LatencyProfile(lm.model_id, device.type, tuple(prefill), tuple(decode), provenance)
