@@ -23,7 +23,6 @@ import dataclasses
 import functools
 import json
 import math
-import sys
 import threading
 import time
 from typing import Any, Mapping, Sequence
@@ -39,8 +38,6 @@ from ray_scout.core.stages.request import Arrival, Edge, EdgeOutcome, RequestSha
 from ray_scout.transport.client import (
     Connection, ConnectionLost, DeadlineExceeded, RemoteError, TransportError,
 )
-
-GIL_SWITCH_INTERVAL_S = 0.0005
 
 
 @dataclasses.dataclass(frozen=True)
@@ -379,9 +376,6 @@ class EdgeHost:
     """
 
     def __init__(self, name: str, recorder: Any):
-        # Hundreds of agent threads share one GIL: a thread woken by its answer waits for the
-        # running one to yield, at most this long (Python's default is 5 ms).
-        sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
         self.name = name
         self.recorder = recorder
         self.agents: dict[str, EdgeAgent] = {}
