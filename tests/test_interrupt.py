@@ -67,16 +67,23 @@ def wait_gone(marker: str, within_s: float) -> list[int]:
     return left
 
 
-def test_ctrl_c_mid_run_leaves_rows_and_nothing_else_and_resume_finishes_it(tmp_path):
+def start_run(tmp_path, marker: str, watched: str):
+    """Start `scout run` on SPEC and wait until trial ``watched`` (a raw folder name) has
+    recorded 3 requests; return the running process and the output folder."""
     spec_path, out = tmp_path / "ctrl_c.yaml", tmp_path / "out"
     spec_path.write_text(yaml.safe_dump(SPEC))
-    marker = f"rs-ctrl-c-{uuid.uuid4().hex}"
     run = scout(["run", str(spec_path), "--out", str(out), "--no-progress"], marker)
-    second = out / "raw" / "01_static-int8_equal" / "requests.jsonl"
+    requests = out / "raw" / watched / "requests.jsonl"
     deadline = time.monotonic() + 240
-    while time.monotonic() < deadline and run.poll() is None and rows(second) < 3:
+    while time.monotonic() < deadline and run.poll() is None and rows(requests) < 3:
         time.sleep(0.2)
     assert run.poll() is None, f"the run ended before the signal: {run.communicate()}"
+    return run, out
+
+
+def test_ctrl_c_mid_run_leaves_rows_and_nothing_else_and_resume_finishes_it(tmp_path):
+    marker = f"rs-ctrl-c-{uuid.uuid4().hex}"
+    run, out = start_run(tmp_path, marker, "01_static-int8_equal")
     assert rows(out / "trials.jsonl") == 1, "the first trial is not recorded as finished"
     first_rows = (out / "raw" / "00_static-int4_equal" / "requests.jsonl").read_text()
     # The driver's pid names its namespaces (the runner's Testbed run_id).
@@ -116,19 +123,13 @@ def test_ctrl_c_mid_run_leaves_rows_and_nothing_else_and_resume_finishes_it(tmp_
 
 
 def test_sigkill_of_the_driver_leaves_finished_rows_and_net_cleanup_removes_its_links(tmp_path):
-    spec_path, out = tmp_path / "ctrl_c.yaml", tmp_path / "out"
-    spec_path.write_text(yaml.safe_dump(SPEC))
     marker = f"rs-kill-{uuid.uuid4().hex}"
-    run = scout(["run", str(spec_path), "--out", str(out), "--no-progress"], marker)
-    first = out / "raw" / "00_static-int4_equal" / "requests.jsonl"
-    deadline = time.monotonic() + 240
-    while time.monotonic() < deadline and run.poll() is None and rows(first) < 3:
-        time.sleep(0.2)
-    assert run.poll() is None, f"the run ended before the signal: {run.communicate()}"
+    run, out = start_run(tmp_path, marker, "00_static-int4_equal")
     prefix = f"rs-{run.pid % 0xFFFF:04x}"
     run.kill()
     run.communicate(timeout=60)
     # Rows are appended as they complete: what finished before the kill is on disk.
+    first = out / "raw" / "00_static-int4_equal" / "requests.jsonl"
     recorded = [json.loads(line) for line in first.read_text().splitlines()]
     assert len(recorded) >= 3 and all("request_id" in row for row in recorded)
     cleanup = subprocess.run([sys.executable, "-m", "ray_scout.cli", "net", "cleanup", "--prefix",
