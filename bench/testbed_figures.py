@@ -30,7 +30,7 @@ adaptive), or with ``--allocators A B`` per policy allocator A minus allocator B
 requests (same request ids, and replication in a replicated run: every combination replays
 one workload):
 mean difference of quality and of deadline hits with a paired bootstrap 95% interval and
-the sign-flip permutation p-value (``core.metrics.paired_test``).
+the sign-flip permutation p-value (``core.evaluation.metrics.paired_test``).
 ``fidelity``: per (policy, allocator), the emulated hit rate (Wilson 95%) and quality
 (bootstrap 95%) beside the simulated point estimates of the same spec
 (``requests_simulated.csv``), and whether each simulated figure lies inside the emulated

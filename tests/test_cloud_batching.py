@@ -5,7 +5,7 @@ import torch
 
 from ray_scout.core.llm import generation, wire
 from ray_scout.core.modes import Mode
-from ray_scout.core.stages.full import CloudStage, EdgeOptions, EdgeStage, PipelineError
+from ray_scout.core.stages.full import CloudStage, EdgeOptions, EdgeStage, StageError
 
 CONTEXTS = [
     "The harbour of Velmora was rebuilt in 1911. The code word for the vault is amberline. " * 2,
@@ -53,7 +53,7 @@ def test_a_bad_payload_fails_only_its_own_slot(tiny_model):
     foreign = wire.encode_payload(Mode.SCOUT, "not-hosted", {"scout": b""})
     results = _cloud(tiny_model, 4).answer_batch([good[0], corrupt, foreign, good[1]])
     assert isinstance(results[1], wire.WireError)
-    assert isinstance(results[2], PipelineError) and "does not host" in str(results[2])
+    assert isinstance(results[2], StageError) and "does not host" in str(results[2])
     assert results[0].mode == Mode.SCOUT and results[3].mode == Mode.INT8
 
 

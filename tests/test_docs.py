@@ -1,5 +1,6 @@
 """The docs stay true: every command they show exists with the flags it names, every results
-file they cite is in the repository, and every table of measured figures names its raw data.
+file they cite is in the repository, every module they name (and the code's own prose names)
+is where they say, and every table of measured figures names its raw data.
 
 Commands are found in code blocks and inline code of docs/*.md and README.md: ``scout ...``,
 ``python3 -m ray_scout.cli ...`` (checked against the real parser) and
@@ -11,8 +12,10 @@ from __future__ import annotations
 
 import argparse
 import ast
+import io
 import re
 import shlex
+import tokenize
 from functools import cache
 from pathlib import Path
 
@@ -179,6 +182,144 @@ def test_every_results_file_a_doc_cites_is_in_the_repository():
                 if not list(REPO.glob(each)):
                     missing.append(f"{path.name}: {cited}")
     assert missing == []
+
+
+# --- modules named ----------------------------------------------------------------------
+# A module by path (`core/llm/wire.py`, `bench/x.py`), a package's folder
+# (`ray_scout/core/llm/kvcodec/`) or a dotted name (`core.llm.wire.payload_size_bytes`,
+# `ray_scout.net.profiles`), the name after a module included. Paths of `core/`, `actors/`,
+# `net/` and `transport/` are the package's, under ray_scout/; `experiments/` at the root is
+# the specs' folder, so the package's modules there are `ray_scout/experiments/...`. Other
+# folders are left alone: the docs name some that a run makes (`experiments/submitted/`).
+MODULE_PATH = re.compile(r"(?<![\w./<-])((?:ray_scout|core|actors|net|transport|experiments|bench"
+                         r"|tests|scripts)/[\w/]*\w\.py\b|(?:ray_scout|core|actors|transport)"
+                         r"/(?:\w+/)+)")
+MODULE_NAME = re.compile(r"(?<![\w./-])((?:ray_scout\.)?(?:core|actors|net|transport|experiments)"
+                         r"(?:\.[A-Za-z_]\w*)+)")
+# In the code only names of the package are checked, and in the tests only their docstrings
+# and comments: there `net.`, `bench/` and the like also name local variables, and a test
+# names modules that do not exist on purpose.
+CODE_MODULE_PATH = re.compile(r"(?<![\w./<-])((?:ray_scout|core)/[\w/]*\w\.py)\b")
+CODE_MODULE_NAME = re.compile(r"(?<![\w./-])((?:ray_scout|core)(?:\.[A-Za-z_]\w*)+)")
+CODE = sorted((REPO / "ray_scout").rglob("*.py")) + sorted((REPO / "bench").glob("*.py"))
+TESTS = sorted((REPO / "tests").glob("*.py"))
+
+
+def prose(source: str) -> str:
+    """The comments and docstrings of ``source``, each on its own line; other lines blank."""
+    lines = [""] * len(source.splitlines())
+    for token in tokenize.generate_tokens(io.StringIO(source).readline):
+        if token.type == tokenize.COMMENT:
+            lines[token.start[0] - 1] = token.string
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) \
+                and ast.get_docstring(node) is not None:
+            doc = node.body[0]
+            for row in range(doc.lineno, doc.end_lineno + 1):
+                lines[row - 1] = source.splitlines()[row - 1]
+    return "\n".join(lines)
+
+
+def _top_level_names(body: list[ast.stmt]) -> dict[str, ast.AST]:
+    names: dict[str, ast.AST] = {}
+    for node in body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            names[node.name] = node
+        elif isinstance(node, (ast.Assign, ast.AnnAssign)):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            names.update((n.id, node) for t in targets for n in ast.walk(t)
+                         if isinstance(n, ast.Name))
+        elif isinstance(node, (ast.Import, ast.ImportFrom)):
+            names.update(((a.asname or a.name).split(".")[0], node) for a in node.names)
+        elif isinstance(node, (ast.If, ast.Try, ast.With)):  # TYPE_CHECKING, optional imports
+            for block in ("body", "orelse", "handlers", "finalbody"):
+                for inner in getattr(node, block, []):
+                    names.update(_top_level_names(getattr(inner, "body", [inner])
+                                                  if isinstance(inner, ast.ExceptHandler)
+                                                  else [inner]))
+    return names
+
+
+@cache
+def _defined(module: Path) -> dict[str, ast.AST]:
+    return _top_level_names(ast.parse(module.read_text()).body)
+
+
+def check_module_name(name: str) -> str | None:
+    """Why ``name`` (dotted) names nothing in the package, or None where it does."""
+    parts = name.split(".")
+    parts = parts if parts[0] == "ray_scout" else ["ray_scout", *parts]
+    for i in range(len(parts), 1, -1):
+        base = REPO.joinpath(*parts[:i])
+        module = base.with_suffix(".py") if base.with_suffix(".py").is_file() else (
+            base / "__init__.py")
+        if not module.is_file():
+            continue
+        rest = parts[i:]
+        if not rest:
+            return None
+        defined = _defined(module)
+        if rest[0] not in defined:
+            return f"{module.relative_to(REPO)} defines no {rest[0]}"
+        node = defined[rest[0]]
+        if len(rest) > 1 and isinstance(node, ast.ClassDef) and rest[1] not in \
+                _top_level_names(node.body):
+            return f"{module.relative_to(REPO)}: {rest[0]} has no {rest[1]}"
+        return None
+    return "no such module"
+
+
+def check_module_path(path: str) -> str | None:
+    """Why ``path`` names no file or folder of the repository, or None where it does."""
+    root = path.split("/")[0]
+    where = REPO / path if root in ("ray_scout", "experiments", "bench", "tests", "scripts") \
+        else REPO / "ray_scout" / path
+    return None if where.exists() else f"{where.relative_to(REPO)} does not exist"
+
+
+def stale_module_references(text: str, names: re.Pattern, paths: re.Pattern) -> list[str]:
+    problems = []
+    for number, line in enumerate(text.splitlines(), 1):
+        for name in names.findall(line):
+            if (why := check_module_name(name)) is not None:
+                problems.append(f"{number}: {name}: {why}")
+        for path in paths.findall(line):
+            if (why := check_module_path(path)) is not None:
+                problems.append(f"{number}: {path}: {why}")
+    return problems
+
+
+def test_every_module_the_docs_name_exists():
+    """One hop from the README to any concept: a module the docs name is where they say."""
+    stale = [f"{path.name}:{p}" for path in DOCS
+             for p in stale_module_references(path.read_text(), MODULE_NAME, MODULE_PATH)]
+    assert stale == [], "\n".join(stale)
+
+
+def test_every_module_the_code_names_in_its_prose_exists():
+    """Docstrings, comments and messages point at the package's modules as they are now (a
+    module that moved leaves no old path behind)."""
+    texts = [(path, path.read_text()) for path in CODE] + [
+        (path, prose(path.read_text())) for path in TESTS]
+    stale = [f"{path.relative_to(REPO)}:{p}" for path, text in texts
+             for p in stale_module_references(text, CODE_MODULE_NAME, CODE_MODULE_PATH)]
+    assert stale == [], "\n".join(stale)
+
+
+@pytest.mark.parametrize("text", [
+    "`core/pipeline.py`", "`core.metrics.paired_test`", "(``core.allocation.delivered_ratio``)",
+    "`experiments/plan.py`", "`core.llm.wire.no_such_function`", "`ray_scout/core/nowhere/`",
+    "`core.stages.full.FullEdge.no_such_method`", "`actors/compute.py`",
+])
+def test_a_stale_module_reference_is_caught(text):
+    assert stale_module_references(text, MODULE_NAME, MODULE_PATH)
+
+
+def test_a_module_reference_that_holds_passes():
+    text = ("`core.llm.wire.payload_size_bytes`, `ray_scout/core/llm/kvcodec/`, "
+            "`core.stages.full.FullEdge.handle`, `ray_scout.net.profiles`, `bench/codec_cpu.py`, "
+            "`experiments/demo.yaml`, `net/ipv4/ip_forward`")
+    assert stale_module_references(text, MODULE_NAME, MODULE_PATH) == []
 
 
 # --- figure tables ----------------------------------------------------------------------

@@ -13,7 +13,7 @@ from ray_scout.core.llm.scout import (
 )
 
 def edge_scout(lm, context, question, *, retention, method="q2c", include_document=False):
-    """The edge end of scout, as the testbed runs it (pipeline.EdgeStage)."""
+    """The edge end of scout, as the testbed runs it (``core.stages.full.EdgeStage``)."""
     from ray_scout.core.stages.full import EdgeOptions, EdgeStage
 
     analysis = EdgeStage(lm, EdgeOptions(scorer=method, scout_retention=retention)).analyze(

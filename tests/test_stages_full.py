@@ -2,7 +2,7 @@ import pytest
 
 from ray_scout.core.llm import scout, wire
 from ray_scout.core.modes import CLOUD_MODES, Mode
-from ray_scout.core.stages.full import CloudStage, EdgeOptions, EdgeStage, PipelineError
+from ray_scout.core.stages.full import CloudStage, EdgeOptions, EdgeStage, StageError
 
 CONTEXT = ("The harbour of Velmora was rebuilt in 1911. Its lighthouse keeper, Ana Brist, "
            "kept a log of every ship. The code word for the vault is amberline. ") * 3
@@ -94,7 +94,7 @@ def test_scout_carries_the_document_only_when_the_cloud_lacks_it(edge, tiny_mode
 def test_cloud_refuses_models_it_does_not_host_and_corrupt_payloads(edge, tiny_model):
     stage, analysis = edge
     data = stage.encode(analysis, Mode.INT8).data
-    with pytest.raises(PipelineError, match="does not host"):
+    with pytest.raises(StageError, match="does not host"):
         CloudStage({"other": tiny_model}).answer(data)
     corrupt = data[:100] + bytes([data[100] ^ 0xFF]) + data[101:]
     with pytest.raises(wire.WireError, match="checksum"):
@@ -105,7 +105,7 @@ def test_mixed_int4_without_protected_layers_is_a_clear_error(tiny_model):
     stage = EdgeStage(tiny_model)
     analysis = stage.analyze(CONTEXT, QUESTION)
     assert Mode.MIXED_INT4 not in stage.payload_sizes(analysis)
-    with pytest.raises(PipelineError, match="bottleneck"):
+    with pytest.raises(StageError, match="bottleneck"):
         stage.encode(analysis, Mode.MIXED_INT4)
 
 

@@ -1,15 +1,15 @@
 """Allocator: the epoch loop that splits the bottleneck among the agents.
 
 What lives here: the clock of a run's capacity (ticks every ``epoch_s`` and at every change
-time of the trace), gathering the agents' demands, ``core.control.allocation.allocate``, applying the
-result through the link managers (one call each, all at once: one per lab node, or the
-lab-in-a-box's one), telling every agent its grant, and one
+time of the trace), gathering the agents' demands, ``core.control.allocation.allocate``,
+applying the result through the link managers (one call each, all at once: one per lab node,
+or the lab-in-a-box's one), telling every agent its grant, and one
 ``epochs`` row per agent each time the split is applied (capacity, rate, planned mode,
 decision and netlink call times). Demands are
 each agent's typical request (median context), gathered once; only their delivered share of
 the grant changes during a run. The split moves when the capacity changes or, every ``FEEDBACK_EVERY_S``, when an
 agent's link turns out to deliver a different share of its grant than planned with (closed
-loop: ``core.allocation.delivered_ratio`` over its latest transfers, read from the
+loop: ``core.control.allocation.delivered_ratio`` over its latest transfers, read from the
 recorder); the links and agents are touched only when the split changes. What it leaves to
 others: the strategies (core), shaping (the link managers).
 """

@@ -1,7 +1,8 @@
 """The pure core: everything that computes or decides, nothing that needs Ray or root.
 
-Four rooms, imports pointing one way (``stages`` and ``evaluation`` may use ``llm`` and
-``control``; ``control`` uses neither; ``net`` and ``transport`` use none of them):
+Four rooms, imports pointing one way (``stages`` may use ``llm`` and ``control``,
+``evaluation`` those and ``stages``; ``llm`` and ``control`` use neither each other nor the
+rooms above them; ``net`` and ``transport`` use none of core; tests/test_layout.py holds it):
 
 - ``llm``: the language-model trade: models, prefill and decoding, KV snapshots, codecs and
   the wire format, prompt layout, position selection (Q2C and baselines), scout payloads.

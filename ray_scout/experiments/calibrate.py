@@ -4,7 +4,8 @@ What lives here: the calibration grid (BF16, INT8, INT4, mixed INT4 of the full 
 scout at the configured retention; the edge model alone), run through the quality harness
 (same CSV store, so rows already measured by ``scout quality`` are reused), and the
 ``QualityProfile`` YAML the policy and the testbed load. What it leaves to others: the
-harness (``core.evaluation.quality``, ``experiments.quality``) and the policy that reads the profile.
+harness (``core.evaluation.quality``, ``experiments.quality``) and the policy that reads the
+profile.
 """
 
 from __future__ import annotations
@@ -13,8 +14,10 @@ import argparse
 import datetime
 from pathlib import Path
 
-from ray_scout.core.evaluation.quality import Grid, calibration_cells, profile_from_rows, reference_cell
 from ray_scout import provenance
+from ray_scout.core.evaluation.quality import (
+    Grid, calibration_cells, profile_from_rows, reference_cell,
+)
 from ray_scout.experiments import quality as harness
 
 

@@ -221,7 +221,7 @@ def _positive(value: Any, where: str, integer: bool = False,
         raise SpecError(f"{where}: must be > 0, not {value!r}")
     if at_most is not None and not number <= at_most:
         raise SpecError(f"{where}: {value!r} is over the limit of {at_most:g}; a typo? "
-                        "(limits: experiments/spec.py, docs/RELIABILITY.md)")
+                        "(limits: ray_scout/experiments/spec.py, docs/RELIABILITY.md)")
     return number
 
 

@@ -14,8 +14,8 @@ emulator), and every link records which mechanisms shaped it. Everything created
 the ``rs-`` prefix (namespaces, interfaces) or the HTB major ``0x7273`` ("rs") so that
 ``scout net cleanup`` can find it.
 
-What it leaves to others: parsing capacity traces (``ray_scout.core.control.capacity``), deciding rates (the allocator), and
-moving bytes (``ray_scout.transport``). No Ray here.
+What it leaves to others: parsing capacity traces (``ray_scout.core.control.capacity``),
+deciding rates (the allocator), and moving bytes (``ray_scout.transport``). No Ray here.
 """
 
 PREFIX = "rs-"

@@ -28,8 +28,8 @@ from ray_scout.core.modes import CLOUD_MODES, KV_MODES, Mode
 from ray_scout.core.stages.request import Arrival, Decide, EdgeOutcome, RequestShape, Score
 
 
-class PipelineError(ValueError):
-    """A request the pipeline cannot serve; the message says what is missing."""
+class StageError(ValueError):
+    """A request a full-fidelity stage cannot serve; the message says what is missing."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,11 +51,11 @@ class EdgeOptions:
 
     def __post_init__(self) -> None:
         if self.scorer not in selection.SCORERS:
-            raise PipelineError(f"unknown scorer {self.scorer!r}; known: "
-                                f"{', '.join(sorted(selection.SCORERS))}")
+            raise StageError(f"unknown scorer {self.scorer!r}; known: "
+                             f"{', '.join(sorted(selection.SCORERS))}")
         for name in ("scout_retention", "kv_retention"):
             if not 0.0 < getattr(self, name) <= 1.0:
-                raise PipelineError(f"{name} must be in (0, 1], got {getattr(self, name)}")
+                raise StageError(f"{name} must be in (0, 1], got {getattr(self, name)}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -147,8 +147,8 @@ class EdgeStage:
         if mode != Mode.MIXED_INT4:
             return ()
         if not self.options.protected_layers:
-            raise PipelineError("mixed_int4 needs protected_layers (the bottleneck layers): "
-                                "run the bottleneck diagnosis and pass its top layers")
+            raise StageError("mixed_int4 needs protected_layers (the bottleneck layers): "
+                             "run the bottleneck diagnosis and pass its top layers")
         return self.options.protected_layers
 
     def encode(self, analysis: EdgeAnalysis, mode: Mode, *,
@@ -166,7 +166,7 @@ class EdgeStage:
             data = wire.encode_kv(codec.encode(snapshot), self.lm.model_id, tail_ids=tail,
                                   compress=self.options.compress)
         else:
-            raise PipelineError(f"mode {mode.value} sends nothing; use answer_locally")
+            raise StageError(f"mode {mode.value} sends nothing; use answer_locally")
         return EncodedRequest(mode, data, time.perf_counter() - start)
 
     def answer_locally(self, analysis: EdgeAnalysis) -> Answer:
@@ -185,7 +185,7 @@ class CloudStage:
                  max_payload_bytes: int = wire.DEFAULT_MAX_BYTES,
                  max_new_tokens: int = generation.DEFAULT_MAX_NEW_TOKENS):
         if not models:
-            raise PipelineError("the cloud needs at least one model")
+            raise StageError("the cloud needs at least one model")
         self.models = models
         self.documents = documents if documents is not None else scout.DocumentStore()
         self.max_payload_bytes = max_payload_bytes
@@ -195,13 +195,13 @@ class CloudStage:
         try:
             return self.models[model_id]
         except KeyError:
-            raise PipelineError(f"this cloud does not host model {model_id!r}; it hosts "
-                                f"{', '.join(sorted(self.models))}") from None
+            raise StageError(f"this cloud does not host model {model_id!r}; it hosts "
+                             f"{', '.join(sorted(self.models))}") from None
 
     def _validate(self, data: bytes) -> tuple[wire.Payload, LoadedModel]:
         payload = wire.decode_payload(data, max_bytes=self.max_payload_bytes)
         if payload.mode not in CLOUD_MODES:
-            raise PipelineError(f"mode {payload.mode.value} is not served by the cloud")
+            raise StageError(f"mode {payload.mode.value} is not served by the cloud")
         return payload, self._model(payload.model_id)
 
     def _kv_request(self, lm: LoadedModel, payload: wire.Payload,
@@ -216,8 +216,8 @@ class CloudStage:
 
     def _scout_request(self, payload: wire.Payload) -> tuple[scout.ScoutPayload, str]:
         if tuple(payload.sections) != ("scout",):
-            raise PipelineError(f"scout payload sections {tuple(payload.sections)}, "
-                                "expected ('scout',)")
+            raise StageError(f"scout payload sections {tuple(payload.sections)}, "
+                             "expected ('scout',)")
         body = scout.ScoutPayload.from_bytes(payload.sections["scout"])
         if body.document_zstd is not None:
             context = body.document()
@@ -227,7 +227,7 @@ class CloudStage:
         return body, context
 
     def answer(self, data: bytes) -> CloudAnswer:
-        """Validate ``data`` (raises ``wire.WireError`` or ``PipelineError``) and answer it."""
+        """Validate ``data`` (raises ``wire.WireError`` or ``StageError``) and answer it."""
         start = time.perf_counter()
         payload, lm = self._validate(data)
         if payload.mode == Mode.SCOUT:
@@ -374,7 +374,7 @@ class FullService:
 
     def __call__(self, bodies: list[bytes]) -> list:
         if self.stage is None:
-            raise PipelineError("FullService.prepare() loads the models before the first call")
+            raise StageError("FullService.prepare() loads the models before the first call")
         if len(bodies) == 1:  # one request at a time: the unbatched path
             try:
                 answers = [self.stage.answer(bodies[0])]
