@@ -264,15 +264,17 @@ class TrialLinks:
     agent_options: dict[str, dict]  # agent -> its Ray placement (one edge slot each)
 
 
-def lab_links(spec: Spec, names: list[str], run_id: str) -> TrialLinks:
-    """One machine: a ``LinkManager`` builds the lab-in-a-box's namespaces and bottleneck."""
+def lab_links(spec: Spec, names: list[str], run_id: str, prefix: str) -> TrialLinks:
+    """One machine: a ``LinkManager`` builds the lab-in-a-box's namespaces and bottleneck.
+    ``prefix`` starts its actor's name (``<prefix>links``)."""
     import ray
 
     from ray_scout.actors.link_manager import LinkManager
 
     groups = spec.groups_by_agent()
     trace = capacity_trace(spec)
-    manager = ray.remote(LinkManager).options(num_cpus=0, max_restarts=0).remote(
+    manager = ray.remote(LinkManager).options(num_cpus=0, max_restarts=0,
+                                              name=f"{prefix}links").remote(
         {n: groups[n].access for n in names}, spec.bottleneck, trace.rate_at(0.0),
         run_id=run_id, impairment=spec.impairment, borrow=spec.borrow,
         access_rate_bps=spec.access_rate_bps, site_size=spec.site_size)
@@ -285,9 +287,10 @@ def lab_links(spec: Spec, names: list[str], run_id: str) -> TrialLinks:
                       {n: {"resources": {"edge": 1}} for n in names})
 
 
-def cluster_links(spec: Spec, where: Placement, rates_bps: dict[str, float],
+def cluster_links(spec: Spec, where: Placement, rates_bps: dict[str, float], prefix: str,
                   cloud_share: float = 1.0) -> TrialLinks:
-    """A cluster: one ``NodeLinkManager`` per edge node shapes its interface to the cloud node.
+    """A cluster: one ``NodeLinkManager`` per edge node shapes its interface to the cloud node
+    (actor ``<prefix>links@<node address>``).
     ``cloud_share`` of the ``cloud`` resource goes to this trial's cloud actor (a sweep spread
     over M edge nodes runs M clouds at once on the cloud node, 1/M each)."""
     import ray
@@ -304,8 +307,8 @@ def cluster_links(spec: Spec, where: Placement, rates_bps: dict[str, float],
     managers = []
     for node in where.nodes():
         agents = where.agents_on(node)
-        managers.append(ray.remote(NodeLinkManager).options(num_cpus=0, max_restarts=0,
-                                                            **on(node)).remote(
+        managers.append(ray.remote(NodeLinkManager).options(
+            num_cpus=0, max_restarts=0, name=f"{prefix}links@{node.address}", **on(node)).remote(
             cloud_ip, {a: where.cloud_port[a] for a in agents},
             {a: groups[a].access for a in agents}, spec.bottleneck, capacity,
             dict(rates_bps), impairment=spec.impairment, borrow=spec.borrow,
@@ -396,8 +399,8 @@ class Testbed:
             # Who may use the cloud's port: the actors this experiment hands it to through
             # Ray (the port itself is reachable from the lab network on a cluster).
             self.token = secrets.token_bytes(32)
-            self.links = (cluster_links(spec, where, equal, cloud_share) if where.cluster
-                          else lab_links(spec, names, self.run_id))
+            self.links = (cluster_links(spec, where, equal, self.prefix, cloud_share)
+                          if where.cluster else lab_links(spec, names, self.run_id, self.prefix))
             self.actors += self.links.managers
             self.cloud = ray.remote(CloudActor).options(
                 num_cpus=0, num_gpus=min(1, _gpu_count()) * cloud_share, max_restarts=2,
@@ -416,7 +419,7 @@ class Testbed:
                 self.hosts.append((group, ray.remote(EdgeHost).options(
                     num_cpus=0, max_restarts=2, max_task_retries=2, max_concurrency=4,
                     name=self.prefix + name, **options).remote(
-                    name, RecorderRef(self.prefix + "recorder"))))
+                    name, RecorderRef(self.prefix + "recorder"), group)))
             self.actors += [h for _, h in self.hosts]
         except BaseException:
             self.close()
