@@ -36,6 +36,7 @@ from typing import TextIO
 import pandas as pd
 
 from ray_scout import provenance
+from ray_scout.actors.by_name import ActorByName
 from ray_scout.actors.edge import AgentConfig, make_policy, typical_demand
 from ray_scout.actors.link_manager import LinkChange
 from ray_scout.actors.recorder import read_table
@@ -256,6 +257,7 @@ class TrialLinks:
     """A trial's shaped links and how its actors reach each other over them."""
 
     managers: list  # link manager actors: the Allocator applies every split through all
+    manager_names: list[str]  # their actor names, what the Allocator gets (``ActorByName``)
     cloud_addresses: list[tuple[str, int]]  # the cloud actor serves on each
     cloud_netns: str | None
     cloud_options: dict  # Ray placement of the cloud actor
@@ -281,7 +283,7 @@ def lab_links(spec: Spec, names: list[str], run_id: str, prefix: str) -> TrialLi
     addresses = ray.get(manager.addresses.remote())
     cloud = (CLOUD_ADDRESS, CLOUD_PORT)
     shared = spec.site_size > 1
-    return TrialLinks([manager], [cloud], addresses["cloud"][1], {"resources": {"cloud": 1}},
+    return TrialLinks([manager], [f"{prefix}links"], [cloud], addresses["cloud"][1], {"resources": {"cloud": 1}},
                       {n: (cloud, addresses[n][1], addresses[n][0] if shared else None)
                        for n in names},
                       {n: {"resources": {"edge": 1}} for n in names})
@@ -304,17 +306,19 @@ def cluster_links(spec: Spec, where: Placement, rates_bps: dict[str, float], pre
     groups = spec.groups_by_agent()
     capacity = capacity_trace(spec).rate_at(0.0)
     cloud_ip = where.cloud.address
-    managers = []
+    managers, names = [], []
     for node in where.nodes():
         agents = where.agents_on(node)
+        names.append(f"{prefix}links@{node.address}")
         managers.append(ray.remote(NodeLinkManager).options(
-            num_cpus=0, max_restarts=0, name=f"{prefix}links@{node.address}", **on(node)).remote(
+            num_cpus=0, max_restarts=0, name=names[-1], **on(node)).remote(
             cloud_ip, {a: where.cloud_port[a] for a in agents},
             {a: groups[a].access for a in agents}, spec.bottleneck, capacity,
             dict(rates_bps), impairment=spec.impairment, borrow=spec.borrow,
             access_rate_bps=spec.access_rate_bps))
     ray.get([m.node.remote() for m in managers])  # built (or failed) before anything starts
-    return TrialLinks(managers, [(cloud_ip, where.cloud_port[a]) for a in where.agent_node], None,
+    return TrialLinks(managers, names,
+                      [(cloud_ip, where.cloud_port[a]) for a in where.agent_node], None,
                       {"resources": {"cloud": cloud_share}, **on(where.cloud)},
                       {a: ((cloud_ip, where.cloud_port[a]), None, None) for a in where.agent_node},
                       {a: {"resources": {"edge": 1}, **on(n)} for a, n in where.agent_node.items()})
@@ -378,7 +382,7 @@ class Testbed:
 
         from ray_scout.actors.cloud import CloudActor
         from ray_scout.actors.edge import EdgeHost
-        from ray_scout.actors.recorder import Recorder, RecorderRef
+        from ray_scout.actors.recorder import Recorder
 
         self.spec, self.where = spec, where
         # Actor names: tests and operators find them by these (a sweep's points running at
@@ -414,12 +418,14 @@ class Testbed:
             ray.get(self.cloud.ready.remote())
             cores = int(ray.cluster_resources().get("CPU", 1))
             self.hosts = []
+            self.host_names: list[str] = []
             for group, options in edge_host_groups(spec, self.links, cores):
                 name = f"host{len(self.hosts)}"
+                self.host_names.append(self.prefix + name)
                 self.hosts.append((group, ray.remote(EdgeHost).options(
                     num_cpus=0, max_restarts=2, max_task_retries=2, max_concurrency=4,
                     name=self.prefix + name, **options).remote(
-                    name, RecorderRef(self.prefix + "recorder"), group)))
+                    name, ActorByName(self.prefix + "recorder"), group)))
             self.actors += [h for _, h in self.hosts]
         except BaseException:
             self.close()
@@ -480,8 +486,12 @@ class Testbed:
         alloc = ray.remote(Allocator).options(
             num_cpus=0, max_concurrency=2, max_restarts=2, max_task_retries=2,
             name=f"{self.prefix}allocator{index}").remote(
-            allocator, trace, spec.epoch_s, spec.duration_s, [h for _, h in hosts],
-            links.managers, self.recorder, objective=spec.allocation_objective)
+            # Names, not handles: an actor with restarts given handles draws Ray's #53727
+            # warning, and its restart may not find them (actors/by_name.py).
+            allocator, trace, spec.epoch_s, spec.duration_s,
+            [ActorByName(n) for n in self.host_names],
+            [ActorByName(n) for n in links.manager_names],
+            ActorByName(self.prefix + "recorder"), objective=spec.allocation_objective)
         ray.get(alloc.__ray_ready__.remote())  # its process is up before the clock starts
         errors = []
         try:
