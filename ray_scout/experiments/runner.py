@@ -283,7 +283,8 @@ def lab_links(spec: Spec, names: list[str], run_id: str, prefix: str) -> TrialLi
     addresses = ray.get(manager.addresses.remote())
     cloud = (CLOUD_ADDRESS, CLOUD_PORT)
     shared = spec.site_size > 1
-    return TrialLinks([manager], [f"{prefix}links"], [cloud], addresses["cloud"][1], {"resources": {"cloud": 1}},
+    return TrialLinks([manager], [f"{prefix}links"], [cloud], addresses["cloud"][1],
+                      {"resources": {"cloud": 1}},
                       {n: (cloud, addresses[n][1], addresses[n][0] if shared else None)
                        for n in names},
                       {n: {"resources": {"edge": 1}} for n in names})
