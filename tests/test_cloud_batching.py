@@ -147,11 +147,14 @@ def _echo(seen):
 def test_actor_collects_up_to_max_batch_within_the_window():
     seen = []
     actor = _actor(_echo(seen), max_batch=4, batch_window_s=0.5)
+    # The cloud in a few words (Ray's Actors table shows it as the actor starts).
+    assert repr(actor) == "c: queue 0, batch 0/4, served 0, dropped 0"
     try:
         replies = _send(actor, [b"a", b"b", b"bad", b"d"])
     finally:
         actor.close()
     assert seen == [4]
+    assert repr(actor) == "c: queue 0, batch 4/4, served 3, dropped 0"  # "bad" failed
     assert isinstance(replies[2], ValueError)
     ok = [r for r in replies if isinstance(r, dict)]
     assert sorted(r["text"] for r in ok) == ["a", "b", "d"]

@@ -78,9 +78,7 @@ REAPER = textwrap.dedent("""
 """)
 
 
-def _missing() -> str | None:
-    if os.geteuid() != 0:
-        return "needs root: network/PID/mount namespaces, a private sshd with root login by key"
+def _missing_tool() -> str | None:
     for tool in ("/usr/sbin/sshd", "ssh", "ssh-keygen", "rsync", "unshare", "nsenter", "setpriv"):
         if shutil.which(tool) is None:
             return (f"{tool} missing: scripts/setup.sh installs openssh-server and rsync; "
@@ -418,17 +416,21 @@ def _wait_for_nodes(lab: Lab, want: int) -> None:
 
 
 @contextlib.contextmanager
-def two_node_lab() -> Iterator[Lab]:
+def two_node_lab(missing) -> Iterator[Lab]:
     """clusters/lab.yaml on this machine: `ray up` done and both nodes alive in Ray.
 
-    Skips (with the reason) without root or the tools. On the way out, whatever happened:
+    Skips without root; a missing tool goes to ``missing`` (conftest: a skip on a developer's
+    machine, a failure in CI, which must run this test). On the way out, whatever happened:
     the nodes' sshds stopped (and with them every process in their PID namespaces, Ray's
     included), the proxy closed, the namespaces and links removed, every file made here
     deleted.
     """
-    reason = _missing()
+    if os.geteuid() != 0:
+        pytest.skip("needs root: network/PID/mount namespaces, a private sshd with root login "
+                    "by key")
+    reason = _missing_tool()
     if reason:
-        pytest.skip(reason)
+        missing(reason)
     # Not pytest's tmp_path, which outlives the test: every file made here goes at the end.
     tmp_path = Path(tempfile.mkdtemp(prefix="ray-scout-cluster-"))
     made_ray_tmp = not Path("/tmp/ray").exists()
@@ -483,8 +485,8 @@ def two_node_lab() -> Iterator[Lab]:
 
 
 @pytest.fixture
-def lab() -> Iterator[Lab]:
-    with two_node_lab() as running:
+def lab(missing) -> Iterator[Lab]:
+    with two_node_lab(missing) as running:
         yield running
 
 
@@ -650,9 +652,18 @@ def test_ray_up_places_cloud_on_head_and_edge_on_worker_and_cluster_down_leaves_
         stopped = lab.scout("stop", stopping, "--address", address, timeout=120)
         assert stopped.returncode == 0 and stopped.stdout.strip().endswith("STOPPED"), (
             stopped.stdout + stopped.stderr)
-        assert "stopped (SIGTERM); links and actors were torn down" in _job_log(
-            address, stopping), _job_log(address, stopping)[-4000:]
+        stop_log = _job_log(address, stopping)
+        assert "stopped (SIGTERM); links and actors were torn down" in stop_log, stop_log[-4000:]
+        # Ray's own lines on SIGTERM (its logging.cc stack dump, task retries) went to run.log.
+        assert not [s for s in ("core_worker", "logging.cc", "pid=", "retries remaining")
+                    if s in stop_log], stop_log
         assert "htb" not in _shaped(lab.worker), _shaped(lab.worker)
+        from ray.util.state import list_actors
+
+        left = [(a.class_name, a.name) for a in list_actors(
+            address=address, filters=[("state", "=", "ALIVE")], limit=1000)
+            if (a.name or "").startswith("cluster_e2e_stop/")]
+        assert left == [], f"actors of the stopped job still alive: {left}"
 
     trial = json.loads((out / "run.json").read_text())["trials"][0]
     assert trial["errors"] == [], trial["errors"]

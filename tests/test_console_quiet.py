@@ -1,6 +1,6 @@
 """`scout run`'s console holds the project's own lines and progress bars only: Ray's messages
 (its C++ core worker's, its loggers', the actors' output) go to the run's log, on a normal
-run, on Ctrl-C and on SIGTERM.
+run, on Ctrl-C and on SIGTERM; `-v` puts them on the terminal instead.
 
 Each case runs the real command on a short profiled spec (two agents, 3 s of arrivals) in
 its own session and process group, as a terminal would. Once the first request is recorded,
@@ -47,14 +47,15 @@ def _console_lines(text: str) -> list[str]:
             if part.strip()]
 
 
-def _run(tmp_path: Path, stop: signal.Signals | None) -> tuple[int, list[str], Path, int]:
+def _run(tmp_path: Path, stop: signal.Signals | None,
+         *flags: str) -> tuple[int, list[str], Path, int]:
     spec = tmp_path / "quiet.yaml"
     spec.write_text(yaml.safe_dump(SPEC))
     out = tmp_path / "out"
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     env.pop("RAY_ADDRESS", None)
     run = subprocess.Popen([sys.executable, "-m", "ray_scout.cli", "run", str(spec),
-                            "--out", str(out)], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                            "--out", str(out), *flags], cwd=REPO, env=env, stdout=subprocess.PIPE,
                            stderr=subprocess.STDOUT, start_new_session=True)
     try:
         if stop is not None:
@@ -90,6 +91,19 @@ def test_a_normal_run_prints_progress_and_the_results_line_only(tmp_path):
     assert re.search(r"a0 qwen2.5-7b static:int4/equal: mode int4, grant 25\.0 Mbit/s, "
                      r"hits \d+/\d+", log), log[-3000:]
     assert "Allocator equal: 50.0 Mbit/s split at t=0.0 s" in log, log[-3000:]
+    # Actors with restarts get other actors by name: no #53727 warning, even in the log.
+    assert "constructor arguments in the object store" not in log, log[-3000:]
+
+
+def test_verbose_puts_the_actors_lines_on_the_terminal_instead(tmp_path):
+    rc, lines, out, _ = _run(tmp_path, None, "-v")
+    assert rc == 0, lines
+    console = "\n".join(lines)
+    assert re.search(r"a0 qwen2.5-7b static:int4/equal: mode int4, grant 25\.0 Mbit/s, "
+                     r"hits \d+/\d+", console), console[-3000:]
+    assert "Allocator equal: 50.0 Mbit/s split at t=0.0 s" in console, console[-3000:]
+    assert f"results in {out} (summary.md)" in lines, lines[-5:]
+    assert not (out / "run.log").exists()
 
 
 @pytest.mark.parametrize("stop, rc, said", [

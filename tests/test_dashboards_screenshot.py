@@ -32,11 +32,14 @@ REPO = Path(__file__).resolve().parents[1]
 PICTURES = {"jobs": REPO / "docs" / "img" / "ray-dashboard-jobs.png",
             "actors": REPO / "docs" / "img" / "ray-dashboard-actors.png"}
 WANTED = {"EdgeHost", "CloudActor", "Allocator"}
+# Every actor the run starts, named <spec>/<who> (Ray's Actors table, Name column).
+NAMED = WANTED | {"LinkManager", "Recorder"}
 # What each class's repr says as the actor starts (the Actors table's Repr column).
 REPRS = {
-    # Hosts start before the trial hands them their agents (each agent then logs its own
-    # line per request, `small0 qwen2.5-7b adaptive/model_aware: mode ...`).
-    "EdgeHost": r"host\d+: waiting for its agents",
+    # Hosts start before the trial hands them their agents: the repr names them (two
+    # hosts for the four agents on this Ray's two CPUs; each agent then logs its own line
+    # per request, `small0 qwen2.5-7b adaptive/model_aware: mode ...`).
+    "EdgeHost": r"host[01]: 2 agents \((small0, small1|large0, large1)\), waiting for a trial",
     "CloudActor": r"cloud0: queue 0, batch 0/1, served 0, dropped 0",
     "Allocator": r"Allocator model_aware: no split yet",
 }
@@ -156,8 +159,9 @@ def test_dashboard_shows_the_job_and_its_actors_with_their_state(ray_temp_dir, m
         for actor in alive:
             if actor.class_name in REPRS:
                 assert re.fullmatch(REPRS[actor.class_name], actor.repr_name), actor
-            if actor.class_name in WANTED:  # <spec>/<who>
+            if actor.class_name in NAMED:  # <spec>/<who>
                 assert actor.name.startswith("dashboard_screenshot/"), actor
+        assert NAMED <= {a.class_name for a in alive}, [a.class_name for a in alive]
         metadata = client.get_job_info(job).metadata
         assert metadata["ray_scout_spec"] == metadata["job_name"] == "dashboard_screenshot", (
             metadata)
@@ -170,8 +174,15 @@ def test_dashboard_shows_the_job_and_its_actors_with_their_state(ray_temp_dir, m
             for picture in PICTURES.values():
                 picture.parent.mkdir(parents=True, exist_ok=True)
                 shutil.copy(tmp / picture.name, picture)
+        stopped = _scout(env, "stop", job, "--address", dashboard)  # links torn down ...
+        job = None
+        assert stopped.returncode == 0 and stopped.stdout.strip().endswith("STOPPED"), (
+            stopped.stdout + stopped.stderr)
+        # ... and the actors: none of the run's is left alive once the job is STOPPED.
+        left = [a.name for a in _alive(dashboard)
+                if (a.name or "").startswith("dashboard_screenshot/")]
+        assert left == [], left
     finally:
         if job is not None:
-            stopped = _scout(env, "stop", job, "--address", dashboard)  # links torn down
-            assert stopped.returncode == 0, stopped.stdout + stopped.stderr
+            _scout(env, "stop", job, "--address", dashboard)
         _stop_head(head, tmp)

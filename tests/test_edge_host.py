@@ -84,7 +84,9 @@ def test_one_host_runs_fifty_agents_concurrently_and_records_every_request():
     try:
         configs, work = _configs(spec, cloud.ready()[0])
         recorder = _Recorder()
-        host = EdgeHost("h", recorder)
+        host = EdgeHost("h", recorder, spec.agent_names)
+        # What Ray's Actors table shows (it reads the repr once, as the actor starts).
+        assert repr(host) == "h: 50 agents (a0 .. a49), waiting for a trial"
         assert set(host.prepare(configs)) == set(spec.agent_names)
         host.set_grants({name: 2e6 for name in spec.agent_names})
         assert {a.grant_bps for a in host.agents.values()} == {2e6}
@@ -98,6 +100,10 @@ def test_one_host_runs_fifty_agents_concurrently_and_records_every_request():
     assert sorted(r["request_id"] for r in rows) == issued
     assert sum(done.values()) == len(issued) > 50
     assert all(r["outcome"] == "hit" for r in rows), {r["error"] for r in rows}
+    # The host's tally, as it prints it at the end of a trial.
+    idle = sum(not arrivals for arrivals in work.values())  # no arrival in 4 s: mode "-"
+    assert repr(host) == (f"h: 50 agents, hits {len(rows)}/{len(rows)}, last modes scout "
+                          f"{50 - idle}" + (f", - {idle}" if idle else ""))
     # Sequential agents would take the sum of their schedules; threads take the longest.
     assert wall < spec.duration_s + 3 * spec.agents[0].deadline_s
 
@@ -114,7 +120,7 @@ def test_a_restarted_host_records_past_arrivals_without_rows_as_lost():
     # past arrivals remain, so all that happens is the restart's bookkeeping.
     configs = [dataclasses.replace(c, arrivals=tuple(a for a in c.arrivals if a.t_s < 2.0))
                for c in configs]
-    EdgeHost("h", recorder).run(configs, time.time() - 2.5, restarted=True)
+    EdgeHost("h", recorder, spec.agent_names).run(configs, time.time() - 2.5, restarted=True)
     lost = recorder.table("requests")
     assert sorted(r["request_id"] for r in lost) == sorted(
         a.request_id for a in past if a.request_id not in kept)
@@ -131,7 +137,7 @@ def test_a_first_start_serves_arrivals_already_due_instead_of_calling_them_lost(
         configs, work = _configs(spec, cloud.ready()[0])
         recorder = _Recorder()
         # The host starts a second late (a loaded box starting hundreds of threads).
-        EdgeHost("h", recorder).run(configs, time.time() - 1.0, restarted=False)
+        EdgeHost("h", recorder, spec.agent_names).run(configs, time.time() - 1.0, restarted=False)
     finally:
         cloud.close()
     rows = recorder.table("requests")
@@ -143,4 +149,4 @@ def test_a_host_needs_agents():
     from ray_scout.actors.edge import EdgeHost
 
     with pytest.raises(ValueError, match="at least one agent"):
-        EdgeHost("h", _Recorder()).prepare([])
+        EdgeHost("h", _Recorder(), ["a0"]).prepare([])

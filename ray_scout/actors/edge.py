@@ -375,18 +375,25 @@ class EdgeHost:
     agents. The allocator asks and tells all of a host's agents in one call each.
     """
 
-    def __init__(self, name: str, recorder: Any):
+    def __init__(self, name: str, recorder: Any, agent_names: Sequence[str]):
         self.name = name
         self.recorder = recorder
+        # Which agents every trial gives this host (the runner groups them once per run).
+        self.agent_names = tuple(agent_names)
         self.agents: dict[str, EdgeAgent] = {}
         self.configs: Sequence[AgentConfig] = ()
 
     def __repr__(self) -> str:
-        """The host in a few words for Ray's Actors table: its agents, what they last sent,
-        their hits (each agent prints its own line to the host's log as it finishes one)."""
+        """The host in a few words. Ray's Actors table (and the prefix of the host's log
+        lines) shows it as the actor starts: which agents it runs. Once a trial runs: how many
+        answered in time and what they last sent; the host prints it as a trial ends, and each
+        agent prints its own line as it finishes a request."""
         agents = list(self.agents.values())
         if not agents:
-            return f"{self.name}: waiting for its agents"
+            names = self.agent_names
+            which = (", ".join(names) if len(names) <= 3
+                     else f"{names[0]} .. {names[-1]}")
+            return f"{self.name}: {len(names)} agents ({which}), waiting for a trial"
         modes = collections.Counter(a.last_mode for a in agents)
         return (f"{self.name}: {len(agents)} agents, hits "
                 f"{sum(a.hits for a in agents)}/{sum(a.answered for a in agents)}, last modes "
@@ -450,4 +457,5 @@ class EdgeHost:
             thread.start()
         for thread in threads:
             thread.join()
+        print(repr(self), flush=True)  # the host's log: the trial's tally, in run.log
         return done

@@ -73,35 +73,6 @@ class Recorder:
         self.files.clear()
 
 
-class RecorderRef:
-    """A recorder actor by name, looked up where it is used (picklable, holds no handle).
-
-    What an actor with restarts gets instead of the handle: Ray keeps a handle passed to a
-    constructor in its object store, where it may be gone by the time the actor restarts
-    (ray-project/ray#53727, and a core_worker line on the console per actor); a name is
-    plain data. ``add``/``add_many``/``counts`` are the recorder's own methods.
-    """
-
-    def __init__(self, name: str):
-        self.name = name
-        self._handle = None
-
-    def __getstate__(self) -> dict:
-        return {"name": self.name}
-
-    def __setstate__(self, state: dict) -> None:
-        self.__init__(state["name"])
-
-    def __getattr__(self, method: str):
-        if method.startswith("_"):
-            raise AttributeError(method)
-        if self._handle is None:
-            import ray
-
-            self._handle = ray.get_actor(self.name)
-        return getattr(self._handle, method)
-
-
 def read_table(directory: str | Path, table: str) -> list[dict]:
     path = Path(directory) / f"{table}.jsonl"
     if not path.exists():

@@ -36,6 +36,7 @@ from typing import TextIO
 import pandas as pd
 
 from ray_scout import provenance
+from ray_scout.actors.by_name import ActorByName
 from ray_scout.actors.edge import AgentConfig, make_policy, typical_demand
 from ray_scout.actors.link_manager import LinkChange
 from ray_scout.actors.recorder import read_table
@@ -256,6 +257,7 @@ class TrialLinks:
     """A trial's shaped links and how its actors reach each other over them."""
 
     managers: list  # link manager actors: the Allocator applies every split through all
+    manager_names: list[str]  # their actor names, what the Allocator gets (``ActorByName``)
     cloud_addresses: list[tuple[str, int]]  # the cloud actor serves on each
     cloud_netns: str | None
     cloud_options: dict  # Ray placement of the cloud actor
@@ -264,30 +266,34 @@ class TrialLinks:
     agent_options: dict[str, dict]  # agent -> its Ray placement (one edge slot each)
 
 
-def lab_links(spec: Spec, names: list[str], run_id: str) -> TrialLinks:
-    """One machine: a ``LinkManager`` builds the lab-in-a-box's namespaces and bottleneck."""
+def lab_links(spec: Spec, names: list[str], run_id: str, prefix: str) -> TrialLinks:
+    """One machine: a ``LinkManager`` builds the lab-in-a-box's namespaces and bottleneck.
+    ``prefix`` starts its actor's name (``<prefix>links``)."""
     import ray
 
     from ray_scout.actors.link_manager import LinkManager
 
     groups = spec.groups_by_agent()
     trace = capacity_trace(spec)
-    manager = ray.remote(LinkManager).options(num_cpus=0, max_restarts=0).remote(
+    manager = ray.remote(LinkManager).options(num_cpus=0, max_restarts=0,
+                                              name=f"{prefix}links").remote(
         {n: groups[n].access for n in names}, spec.bottleneck, trace.rate_at(0.0),
         run_id=run_id, impairment=spec.impairment, borrow=spec.borrow,
         access_rate_bps=spec.access_rate_bps, site_size=spec.site_size)
     addresses = ray.get(manager.addresses.remote())
     cloud = (CLOUD_ADDRESS, CLOUD_PORT)
     shared = spec.site_size > 1
-    return TrialLinks([manager], [cloud], addresses["cloud"][1], {"resources": {"cloud": 1}},
+    return TrialLinks([manager], [f"{prefix}links"], [cloud], addresses["cloud"][1],
+                      {"resources": {"cloud": 1}},
                       {n: (cloud, addresses[n][1], addresses[n][0] if shared else None)
                        for n in names},
                       {n: {"resources": {"edge": 1}} for n in names})
 
 
-def cluster_links(spec: Spec, where: Placement, rates_bps: dict[str, float],
+def cluster_links(spec: Spec, where: Placement, rates_bps: dict[str, float], prefix: str,
                   cloud_share: float = 1.0) -> TrialLinks:
-    """A cluster: one ``NodeLinkManager`` per edge node shapes its interface to the cloud node.
+    """A cluster: one ``NodeLinkManager`` per edge node shapes its interface to the cloud node
+    (actor ``<prefix>links@<node address>``).
     ``cloud_share`` of the ``cloud`` resource goes to this trial's cloud actor (a sweep spread
     over M edge nodes runs M clouds at once on the cloud node, 1/M each)."""
     import ray
@@ -301,17 +307,19 @@ def cluster_links(spec: Spec, where: Placement, rates_bps: dict[str, float],
     groups = spec.groups_by_agent()
     capacity = capacity_trace(spec).rate_at(0.0)
     cloud_ip = where.cloud.address
-    managers = []
+    managers, names = [], []
     for node in where.nodes():
         agents = where.agents_on(node)
-        managers.append(ray.remote(NodeLinkManager).options(num_cpus=0, max_restarts=0,
-                                                            **on(node)).remote(
+        names.append(f"{prefix}links@{node.address}")
+        managers.append(ray.remote(NodeLinkManager).options(
+            num_cpus=0, max_restarts=0, name=names[-1], **on(node)).remote(
             cloud_ip, {a: where.cloud_port[a] for a in agents},
             {a: groups[a].access for a in agents}, spec.bottleneck, capacity,
             dict(rates_bps), impairment=spec.impairment, borrow=spec.borrow,
             access_rate_bps=spec.access_rate_bps))
     ray.get([m.node.remote() for m in managers])  # built (or failed) before anything starts
-    return TrialLinks(managers, [(cloud_ip, where.cloud_port[a]) for a in where.agent_node], None,
+    return TrialLinks(managers, names,
+                      [(cloud_ip, where.cloud_port[a]) for a in where.agent_node], None,
                       {"resources": {"cloud": cloud_share}, **on(where.cloud)},
                       {a: ((cloud_ip, where.cloud_port[a]), None, None) for a in where.agent_node},
                       {a: {"resources": {"edge": 1}, **on(n)} for a, n in where.agent_node.items()})
@@ -375,7 +383,7 @@ class Testbed:
 
         from ray_scout.actors.cloud import CloudActor
         from ray_scout.actors.edge import EdgeHost
-        from ray_scout.actors.recorder import Recorder, RecorderRef
+        from ray_scout.actors.recorder import Recorder
 
         self.spec, self.where = spec, where
         # Actor names: tests and operators find them by these (a sweep's points running at
@@ -396,8 +404,8 @@ class Testbed:
             # Who may use the cloud's port: the actors this experiment hands it to through
             # Ray (the port itself is reachable from the lab network on a cluster).
             self.token = secrets.token_bytes(32)
-            self.links = (cluster_links(spec, where, equal, cloud_share) if where.cluster
-                          else lab_links(spec, names, self.run_id))
+            self.links = (cluster_links(spec, where, equal, self.prefix, cloud_share)
+                          if where.cluster else lab_links(spec, names, self.run_id, self.prefix))
             self.actors += self.links.managers
             self.cloud = ray.remote(CloudActor).options(
                 num_cpus=0, num_gpus=min(1, _gpu_count()) * cloud_share, max_restarts=2,
@@ -411,12 +419,14 @@ class Testbed:
             ray.get(self.cloud.ready.remote())
             cores = int(ray.cluster_resources().get("CPU", 1))
             self.hosts = []
+            self.host_names: list[str] = []
             for group, options in edge_host_groups(spec, self.links, cores):
                 name = f"host{len(self.hosts)}"
+                self.host_names.append(self.prefix + name)
                 self.hosts.append((group, ray.remote(EdgeHost).options(
                     num_cpus=0, max_restarts=2, max_task_retries=2, max_concurrency=4,
                     name=self.prefix + name, **options).remote(
-                    name, RecorderRef(self.prefix + "recorder"))))
+                    name, ActorByName(self.prefix + "recorder"), group)))
             self.actors += [h for _, h in self.hosts]
         except BaseException:
             self.close()
@@ -477,8 +487,12 @@ class Testbed:
         alloc = ray.remote(Allocator).options(
             num_cpus=0, max_concurrency=2, max_restarts=2, max_task_retries=2,
             name=f"{self.prefix}allocator{index}").remote(
-            allocator, trace, spec.epoch_s, spec.duration_s, [h for _, h in hosts],
-            links.managers, self.recorder, objective=spec.allocation_objective)
+            # Names, not handles: an actor with restarts given handles draws Ray's #53727
+            # warning, and its restart may not find them (actors/by_name.py).
+            allocator, trace, spec.epoch_s, spec.duration_s,
+            [ActorByName(n) for n in self.host_names],
+            [ActorByName(n) for n in links.manager_names],
+            ActorByName(self.prefix + "recorder"), objective=spec.allocation_objective)
         ray.get(alloc.__ray_ready__.remote())  # its process is up before the clock starts
         errors = []
         try:
