@@ -199,6 +199,9 @@ class Demand:
 _LADDERS: dict[tuple[float, float], np.ndarray] = {}
 _ADAPTIVE: dict[tuple, np.ndarray] = {}
 _CACHE_ENTRIES = 100_000
+# Rate vectors whose mode values one problem keeps: a split scores at most four plans
+# (the exact one, the greedy's, the equal and the model-aware split's) and then its winner.
+_VALUES_KEPT = 5
 
 
 def _fill_ladders(demands: Sequence[Demand]) -> np.ndarray:
@@ -367,6 +370,10 @@ class _Problem:
         self.value = self.quality * scale[:, None]
         self._steps = None
         self._ladders = None
+        # mode_values_at per rate vector within one split (``allocate`` empties it): a split
+        # asks for the same rates several times (a fixed-rate plan's modes, then its score,
+        # then the winner's result).
+        self.values_at: dict[bytes, np.ndarray] = {}
 
     def greedy_steps(self):
         """``_greedy_steps`` of the problem's options, once (a re-split reuses them)."""
@@ -431,6 +438,14 @@ class _Problem:
         """Expected quality per request of every mode (``OPTION_MODES`` order) at each
         agent's rate: the mode's quality times its hit probability (expected_hits), or times
         whether the mean response meets the deadline (mean_response)."""
+        key = rate_bps.tobytes()
+        if key not in self.values_at:
+            if len(self.values_at) >= _VALUES_KEPT:
+                self.values_at.clear()
+            self.values_at[key] = self._mode_values_at(rate_bps)
+        return self.values_at[key]
+
+    def _mode_values_at(self, rate_bps: np.ndarray) -> np.ndarray:
         with np.errstate(divide="ignore", invalid="ignore"):
             wire = np.where(self.mode_size == 0, 0.0,
                             self.mode_size * 8 / (rate_bps[:, None] * self.share[:, None]))
@@ -855,6 +870,7 @@ def allocate(strategy: str, demands: Sequence[Demand], capacity_bps: float,
     if not (capacity_bps >= 0 and math.isfinite(capacity_bps)):
         raise AllocationError(f"capacity must be finite and >= 0 bit/s, not {capacity_bps}")
     problem = _problem(demands, objective)
+    problem.values_at.clear()  # a re-split is timed and computed as a new one
     if capacity_bps == 0:
         rate = np.zeros(len(demands))
         return problem.result(strategy, 0.0, problem.modes_at(rate), rate)
