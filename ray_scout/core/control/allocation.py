@@ -34,9 +34,14 @@ Two objectives (``allocate(..., objective=)``):
 - ``mean_response``: the earlier yes/no: a mode counts its full quality iff the M/D/1 mean
   response meets the deadline (the rates above), else nothing.
 
-Ties go to the agent listed first, in every strategy. ``Demand.delivered_ratio`` (measured
-over granted rate, from the last epoch) closes the loop: a link that delivers less than its
-grant needs a larger grant for the same service.
+Ties go to the agent listed first, in every strategy. Two measurements close the loop.
+``Demand.delivered_ratio`` (measured over granted rate, from an agent's latest transfers): a
+link that delivers less than its grant needs a larger grant for the same service. A transfer
+that misses its deadline is cut off and never measured, so an agent whose link is too slow
+for its plan would teach the allocator nothing; ``Demand.share_from_hits`` (the share of the
+measured rate that its latest requests' hits and misses make most likely,
+``share_from_hits``) covers it: with fewer hits than planned, by more than chance, the agent
+gets more rate or a cheaper mode.
 """
 
 from __future__ import annotations
@@ -113,6 +118,10 @@ class Demand:
     arrival_rate_hz: float = 0.0
     safety_margin: float = 0.0
     delivered_ratio: float = 1.0
+    # What the agent's measured hits say its link delivers, as a share of ``delivered_ratio``
+    # (``share_from_hits``; 1: its hits are those planned): a link whose transfers miss
+    # their deadline is never measured by ``delivered_ratio``, only by its misses.
+    share_from_hits: float = 1.0
     # Whether the agent's policy sends a mode other than its fastest only when a request
     # arriving during the transfer can still be served (``policy.QueueAwarePolicy``):
     # ``expected_hits`` values an adaptive agent with that rule.
@@ -136,6 +145,9 @@ class Demand:
             raise AllocationError(f"agent {self.agent_id}: delivered_ratio (measured over "
                                   f"granted rate) must be finite and > 0, not "
                                   f"{self.delivered_ratio}")
+        if not 0 < self.share_from_hits <= 1:
+            raise AllocationError(f"agent {self.agent_id}: share_from_hits must lie in (0, 1], "
+                                  f"not {self.share_from_hits}")
         nan = math.nan
         object.__setattr__(self, "vector", tuple(
             [0.0] + [float(self.payload_bytes.get(m, nan)) for m in CLOUD_MODES]
@@ -160,7 +172,7 @@ class Demand:
     @property
     def rate_share(self) -> float:
         """The part of a grant that the policy plans with and the link delivers."""
-        return (1 - self.safety_margin) * self.delivered_ratio
+        return (1 - self.safety_margin) * self.delivered_ratio * self.share_from_hits
 
     @property
     def service_budget_s(self) -> float:
@@ -256,6 +268,72 @@ def corrected_demands(demands: Sequence[Demand],
         if ratio is not None and abs(ratio - d.delivered_ratio) > 0.01 * d.delivered_ratio:
             d = dataclasses.replace(d, delivered_ratio=ratio)
         out.append(d)
+    return out
+
+
+# Closed loop on hits (``share_from_hits``): the shares of the measured delivered rate that
+# an agent's hits are weighed at (below a quarter, a link is broken, not slow), and the gain
+# in log-likelihood that moves the estimate: 1.92, half the 95% point of chi-square with one
+# degree of freedom (a likelihood-ratio test), so that chance misses do not move the plan.
+HIT_SHARES = tuple(round(0.25 + 0.01 * i, 2) for i in range(76))
+HIT_EVIDENCE_LOGLIK = 1.92
+
+
+@dataclasses.dataclass(frozen=True)
+class Outcome:
+    """One finished request of an agent, as the closed loop on hits weighs it."""
+
+    mode: Mode
+    payload_bytes: int
+    grant_bps: float  # the agent's grant while it was sent
+    deadline_met: bool
+
+
+def share_from_hits(demand: Demand, outcomes: Sequence[Outcome]) -> float:
+    """The share of its measured delivered rate that best explains an agent's hits.
+
+    Each request sent in a mode with a payload met its deadline with probability
+    ``hit_probability(T, fixed + 8 B / (grant x delivered_ratio x s), lambda)`` (M/D/1 with
+    abandonment, as the plan reckons); over ``HIT_SHARES`` the share ``s`` of greatest
+    likelihood is taken, but only if it beats the agent's current share by
+    ``HIT_EVIDENCE_LOGLIK`` (a likelihood-ratio test); otherwise the current share stays.
+    Of equally likely shares the largest is taken, the least correction the hits call for:
+    misses alone are as likely at every share too small for the transfer to fit, and the
+    smallest would starve the agent (at rate 0 it sends nothing and can never show that
+    its link recovered); the next plan's misses, at the larger grant, lower it further. Local answers and payloads
+    too small to depend on the rate carry no evidence; neither does a request without a
+    grant. Misses the model already expects (its hit probability, its queue) move nothing.
+    """
+    rows = [o for o in outcomes if o.mode != Mode.LOCAL and o.payload_bytes > 0
+            and o.grant_bps > 0 and math.isfinite(o.grant_bps) and o.mode in demand.fixed_s]
+    if not rows:
+        return demand.share_from_hits
+    shares = np.array(HIT_SHARES)
+    fixed = np.array([demand.fixed_s[o.mode] for o in rows])
+    wire = np.array([o.payload_bytes * 8 / (o.grant_bps * demand.delivered_ratio)
+                     for o in rows])
+    p = hit_probability(demand.deadline_s, fixed[:, None] + wire[:, None] / shares,
+                        demand.arrival_rate_hz)
+    met = np.array([o.deadline_met for o in rows])[:, None]
+    # Probabilities kept off 0 and 1: one request the model calls certain must not decide.
+    loglik = np.log(np.clip(np.where(met, p, 1 - p), 1e-6, 1.0)).sum(axis=0)
+    best = int(np.flatnonzero(loglik >= loglik.max() - 1e-9)[-1])
+    now = int(np.abs(shares - demand.share_from_hits).argmin())
+    if loglik[best] - loglik[now] > HIT_EVIDENCE_LOGLIK:
+        return float(shares[best])
+    return demand.share_from_hits
+
+
+def hit_corrected_demands(demands: Sequence[Demand],
+                          outcomes: Mapping[str, Sequence[Outcome]]) -> list[Demand]:
+    """The demands with each agent's ``share_from_hits`` from its latest finished requests:
+    closing the loop on hits, so that a link that delivers less than its grant, unseen by
+    ``delivered_ratio`` because its transfers miss, gets more rate or a cheaper mode."""
+    out = []
+    for d in demands:
+        share = share_from_hits(d, outcomes.get(d.agent_id, ()))
+        out.append(d if share == d.share_from_hits
+                   else dataclasses.replace(d, share_from_hits=share))
     return out
 
 
