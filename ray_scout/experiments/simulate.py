@@ -36,7 +36,8 @@ import numpy as np
 import pandas as pd
 
 from ray_scout.core.control.allocation import (
-    Outcome, allocate, corrected_demands, demand_for, hit_corrected_demands,
+    HIT_FEEDBACK_REQUESTS, Outcome, allocate, corrected_demands, demand_for,
+    hit_corrected_demands,
 )
 from ray_scout.core.control.capacity import CapacityTrace
 from ray_scout.core.control.estimators import GrantEstimator, make_estimator
@@ -47,10 +48,8 @@ from ray_scout.core.control.policy import (
 )
 
 PayloadFn = Callable[[int], Mapping[Mode, int]]
-# How many of an agent's latest transfers tell the allocator what its link delivers, and
-# how many of its latest finished requests what its hits say (``share_from_hits``).
+# How many of an agent's latest transfers tell the allocator what its link delivers.
 FEEDBACK_TRANSFERS = 5
-FEEDBACK_REQUESTS = 20
 
 
 class SimulationError(ValueError):
@@ -221,7 +220,7 @@ class _Sim:
         # the allocator learns what its link delivers of the grant (``delivered_ratio``).
         self.transfers = {a: collections.deque(maxlen=FEEDBACK_TRANSFERS) for a in self.agents}
         # ... and its latest finished requests that went on the wire, hit or miss.
-        self.outcomes = {a: collections.deque(maxlen=FEEDBACK_REQUESTS) for a in self.agents}
+        self.outcomes = {a: collections.deque(maxlen=HIT_FEEDBACK_REQUESTS) for a in self.agents}
         self.heap: list = []
         self.seq = 0
         # One request at a time per agent, the rest wait in its FIFO (as the EdgeAgent).

@@ -277,6 +277,9 @@ def corrected_demands(demands: Sequence[Demand],
 # degree of freedom (a likelihood-ratio test), so that chance misses do not move the plan.
 HIT_SHARES = tuple(round(0.25 + 0.01 * i, 2) for i in range(76))
 HIT_EVIDENCE_LOGLIK = 1.92
+# How many of an agent's latest requests sent the loop weighs (simulator and allocator
+# actor alike): at 0.5 Hz, the last 40 s.
+HIT_FEEDBACK_REQUESTS = 20
 
 
 @dataclasses.dataclass(frozen=True)
