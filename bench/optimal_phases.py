@@ -33,24 +33,14 @@ from ray_scout.core.control import allocation as A  # noqa: E402
 
 def phases(p, capacity_bps: float, cells: int = A.DEFAULT_GRID_CELLS) -> dict:
     clock = [time.thread_time()]
-    unit = capacity_bps / cells
-    with np.errstate(invalid="ignore"):
-        w = np.ceil(p.rate / unit - 1e-9)
-    w[~np.isfinite(w) | (w > cells)] = np.inf
-    v, rows = p.value, np.arange(len(p.value))
-    greedy, lam = A._greedy(w, v, float(cells))
+    w, greedy, lam = A._rounded_greedy(p, capacity_bps, cells)
     clock.append(time.thread_time())
+    v, rows = p.value, np.arange(len(p.value))
     lower = float(v[rows, greedy].sum())
-    reduced = np.where(np.isfinite(w), v - lam * np.where(np.isfinite(w), w, 0), -np.inf)
-    best = reduced.max(axis=1)
-    bound = best.sum() - best[:, None] + reduced + lam * cells
-    keep = np.isfinite(w) & (bound >= lower - 1e-9 * (1 + abs(lower)))
-    keep[rows, greedy] = True
+    keep, upper = A._kept_options(w, v, greedy, lam, cells, lower)
     free = np.flatnonzero(keep.sum(axis=1) > 1)
     fixed = np.setdiff1d(rows, free)
-    choice = greedy.copy()
-    choice[fixed] = keep[fixed].argmax(axis=1)
-    left = cells - int(w[fixed, choice[fixed]].sum())
+    left = cells - int(w[fixed, keep[fixed].argmax(axis=1)].sum())
     clock.append(time.thread_time())
     units = A._interchangeable_units(free, keep, w, v, left) if len(free) else []
     clock.append(time.thread_time())
@@ -59,18 +49,16 @@ def phases(p, capacity_bps: float, cells: int = A.DEFAULT_GRID_CELLS) -> dict:
     A._optimal(p, capacity_bps)
     clock.append(time.thread_time())
     optimum = float(v[rows, exact].sum())
-    ideal = np.isfinite(w) & (bound >= optimum - 1e-9 * (1 + abs(optimum)))
-    ideal[rows, greedy] = True
-    ideal_free = np.flatnonzero(ideal.sum(axis=1) > 1)
+    ideal, _ = A._kept_options(w, v, greedy, lam, cells, optimum)
     dt = np.diff(clock) * 1e3
     points = int(sum(len(u[2]) for u in units))
     return {"greedy_rounded_ms": dt[0], "bound_ms": dt[1], "units_ms": dt[2],
-            "exact_total_ms": dt[3], "split_total_ms": dt[4], "free_agents": len(free), "dp_units": len(units),
-            "dp_points": points, "dp_cells": left, "dp_updates": points * (left + 1),
-            "free_agents_with_exact_lower_bound": len(ideal_free),
-            "lower": lower, "optimum": optimum, "upper": float(best.sum() + lam * cells),
-            "greedy_gap_of_upper": float((best.sum() + lam * cells - lower)
-                                         / (best.sum() + lam * cells))}
+            "exact_total_ms": dt[3], "split_total_ms": dt[4], "free_agents": len(free),
+            "dp_units": len(units), "dp_points": points, "dp_cells": left,
+            "dp_updates": points * (left + 1),
+            "free_agents_with_exact_lower_bound": int((ideal.sum(axis=1) > 1).sum()),
+            "lower": lower, "optimum": optimum, "upper": upper,
+            "greedy_gap_of_upper": (upper - lower) / upper}
 
 
 def main() -> None:

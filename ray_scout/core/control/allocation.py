@@ -768,6 +768,29 @@ def _quality_max(p: _Problem, capacity_bps: float) -> Allocation:
                     *_best_plan(p, _heuristic_plans(p, capacity_bps), capacity_bps))
 
 
+def _rounded_greedy(p: _Problem, capacity_bps: float, grid_cells: int):
+    """Rates rounded up to cells of ``capacity / grid_cells`` (inf: over the capacity), and
+    the greedy on them: (cells per option, its choice, its LP multiplier per cell)."""
+    unit = capacity_bps / grid_cells
+    with np.errstate(invalid="ignore"):
+        w = np.ceil(p.rate / unit - 1e-9)
+    w[~np.isfinite(w) | (w > grid_cells)] = np.inf
+    greedy, lam = _greedy(w, p.value, float(grid_cells))
+    return w, greedy, lam
+
+
+def _kept_options(w: np.ndarray, v: np.ndarray, greedy: np.ndarray, lam: float,
+                  grid_cells: int, lower: float) -> tuple[np.ndarray, float]:
+    """The options whose Lagrangian bound reaches ``lower`` (the others are in no optimum),
+    and the Lagrangian upper bound of the whole problem."""
+    reduced = np.where(np.isfinite(w), v - lam * np.where(np.isfinite(w), w, 0), -np.inf)
+    best = reduced.max(axis=1)
+    bound = best.sum() - best[:, None] + reduced + lam * grid_cells
+    keep = np.isfinite(w) & (bound >= lower - 1e-9 * (1 + abs(lower)))
+    keep[np.arange(len(v)), greedy] = True
+    return keep, float(best.sum() + lam * grid_cells)
+
+
 def _optimal_choice(p: _Problem, capacity_bps: float, grid_cells: int) -> np.ndarray:
     """Exact multiple-choice knapsack with rates rounded up to ``capacity / grid_cells``.
 
@@ -778,20 +801,11 @@ def _optimal_choice(p: _Problem, capacity_bps: float, grid_cells: int) -> np.nda
        option are fixed; a DP over the remaining capacity cells solves the rest exactly,
        taking agents with identical options together (see ``_interchangeable_units``).
     """
-    unit = capacity_bps / grid_cells
-    with np.errstate(invalid="ignore"):
-        w = np.ceil(p.rate / unit - 1e-9)
-    w[~np.isfinite(w) | (w > grid_cells)] = np.inf
+    w, greedy, lam = _rounded_greedy(p, capacity_bps, grid_cells)
     v = p.value
-    n = len(v)
-    rows = np.arange(n)
-    greedy, lam = _greedy(w, v, float(grid_cells))
-    lower = float(v[rows, greedy].sum())
-    reduced = np.where(np.isfinite(w), v - lam * np.where(np.isfinite(w), w, 0), -np.inf)
-    best = reduced.max(axis=1)
-    bound = best.sum() - best[:, None] + reduced + lam * grid_cells
-    keep = np.isfinite(w) & (bound >= lower - 1e-9 * (1 + abs(lower)))
-    keep[rows, greedy] = True
+    rows = np.arange(len(v))
+    keep, _ = _kept_options(w, v, greedy, lam, grid_cells,
+                            float(v[rows, greedy].sum()))
     free = np.flatnonzero(keep.sum(axis=1) > 1)
     choice = greedy.copy()
     fixed = np.setdiff1d(rows, free)
