@@ -3,8 +3,10 @@
 For each population of ``bench/allocator_speed.py`` and capacity (0.1, 1, 10 Mbit/s per
 agent), on a problem already built (a re-split): the greedy on the rounded weights (its
 hull is rebuilt at every capacity, since the rounding depends on it), the Lagrangian bound
-and the pruning, the grouping into DP units, the DP, and the rest of the split (the
-heuristics' plans and the scores); then what the pruning leaves: free agents, their kept
+and the pruning, the grouping into DP units, the whole exact solve (those three and the
+DP), and the whole split (the exact solve, the heuristics' plans and the scores; from the
+second repeat on, the mode values at those plans' rates are the problem's from the repeat
+before, so it is below ``allocator_speed``'s re-split, which computes them); then what the pruning leaves: free agents, their kept
 options, the DP's points and cells (its work is at least points x cells updates), the same
 with the exact optimum as the lower bound (the best any lower bound could prune), and the
 gap between the greedy's value and the Lagrangian upper bound. CPU time of the calling
