@@ -8,7 +8,10 @@ it, holds the agent until its answer arrives or its deadline passes, and expires
 it waited past its deadline), and a fluid network: an agent's transfer moves at the
 allocator's grant (a hard cap, as an HTB class without borrowing) or, with no allocator, a
 max-min fair share of the bottleneck; both capped by the agent's access link, and of that
-rate the payload gets ``SimConfig.delivered_ratio`` (HTB shapes whole frames).
+rate the payload gets ``SimConfig.delivered_ratio`` (HTB shapes whole frames) times the
+agent's ``AgentSpec.link_share`` (a link worse than the others). The allocator closes its
+loop as the testbed's does: each agent's delivered ratio from its latest transfers and its
+``share_from_hits`` from its latest requests sent (``core.control.allocation``).
 
 What it models and what it does not (review critique 2.3 asks for the list): RTT is paid
 once per request and cloud queue and compute are the latency model's constants; scout pays
