@@ -302,10 +302,11 @@ def share_from_hits(demand: Demand, outcomes: Sequence[Outcome]) -> float:
     ``HIT_EVIDENCE_LOGLIK`` (a likelihood-ratio test); otherwise the current share stays.
     Of equally likely shares the largest is taken, the least correction the hits call for:
     misses alone are as likely at every share too small for the transfer to fit, and the
-    smallest would starve the agent (at rate 0 it sends nothing and can never show that
-    its link recovered); the next plan's misses, at the larger grant, lower it further. Local answers and payloads
-    too small to depend on the rate carry no evidence; neither does a request without a
-    grant. Misses the model already expects (its hit probability, its queue) move nothing.
+    smallest would starve the agent (at rate 0 it sends nothing and can never show that its
+    link recovered); the next plan's misses, at the larger grant, lower it further. Local
+    answers and requests without a grant carry no evidence, and scout's few hundred bytes
+    almost none (their hit probability hardly depends on the rate). Misses the model
+    already expects (its hit probability, its queue) move nothing.
     """
     rows = [o for o in outcomes if o.mode != Mode.LOCAL and o.payload_bytes > 0
             and o.grant_bps > 0 and math.isfinite(o.grant_bps) and o.mode in demand.fixed_s]
