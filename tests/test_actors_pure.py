@@ -9,7 +9,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from ray_scout.actors.allocator import tick_times
+from ray_scout.actors.allocator import sent_outcome, tick_times
+from ray_scout.core.control.allocation import Outcome
 from ray_scout.actors.link_manager import split_for_htb
 from ray_scout.core.control.capacity import CapacityTrace
 from ray_scout.core.modes import Mode
@@ -108,3 +109,20 @@ def test_an_agent_tells_its_state_in_its_repr():
     agent._finish(row, Mode.SCOUT)
     assert repr(agent) == ("e0 - adaptive/quality_max: mode scout, grant 12.5 Mbit/s, "
                            "hits 1/2")
+
+
+def test_the_hit_loop_weighs_the_requests_whose_payload_went_on_the_wire():
+    # The same requests the simulator weighs: hits, and misses cut off on the wire; not a
+    # local answer, an error, nor a request whose deadline passed before it was sent.
+    sent = dict(agent="a0", mode="int8", payload_bytes=5_000, grant_bps=8e6, error="")
+    assert sent_outcome({**sent, "outcome": "hit", "deadline_met": True}) == Outcome(
+        Mode.INT8, 5_000, 8e6, True)
+    assert sent_outcome({**sent, "outcome": "miss", "cancelled": True,
+                         "error": "deadline passed after 1.2 s"}).deadline_met is False
+    for before in ("deadline passed during edge compute",
+                   "deadline of 1.500 s passed before request 3 was sent",
+                   "deadline passed while connecting to ('10.0.0.1', 9000)"):
+        assert sent_outcome({**sent, "outcome": "miss", "error": before}) is None
+    assert sent_outcome({**sent, "outcome": "error"}) is None
+    assert sent_outcome({**sent, "mode": "local", "payload_bytes": 0, "outcome": "hit"}) is None
+    assert sent_outcome({**sent, "mode": "", "outcome": "expired"}) is None

@@ -8,9 +8,8 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from ray_scout.core.control.allocation import (
-    AllocationError, Demand, _optimal_choice, _Problem, allocate, corrected_demands,
-    delivered_ratio, demand_for,
-    service_budget_s,
+    AllocationError, Demand, Outcome, _optimal_choice, _Problem, allocate, corrected_demands,
+    delivered_ratio, demand_for, hit_corrected_demands, service_budget_s, share_from_hits,
 )
 from ray_scout.core.modes import Mode
 from ray_scout.core.control.queueing import hit_probability
@@ -626,3 +625,77 @@ def test_a_re_split_of_the_same_demands_reuses_the_problem_and_plans_as_a_fresh_
     assert allocation._PROBLEMS[("expected_hits", tuple(map(id, demands)))] is kept
     allocation._PROBLEMS.clear()
     assert allocate(strategy, demands, 30 * MBIT) == again
+
+
+@pytest.mark.parametrize("strategy", ["quality_max", "optimal"])
+def test_a_split_values_each_rate_vector_once(strategy, monkeypatch):
+    # The fixed-rate plans' modes, every plan's score and the winner's result all ask for
+    # the mode values at a rate vector: computing them once per vector was half of
+    # quality_max's time at 1,000 agents. The answer is the one computed afresh.
+    import ray_scout.core.control.allocation as allocation
+
+    demands = example_demands(margin=0.1, rate_hz=0.2)
+    allocation._PROBLEMS.clear()
+    fresh = allocate(strategy, demands, 40 * MBIT)
+    seen = []
+    compute = allocation._Problem._mode_values_at
+    monkeypatch.setattr(allocation._Problem, "_mode_values_at",
+                        lambda self, rate: seen.append(rate.tobytes()) or compute(self, rate))
+    allocation._PROBLEMS.clear()
+    assert allocate(strategy, demands, 40 * MBIT) == fresh
+    assert seen and len(seen) == len(set(seen))
+
+
+def _kv_or_scout(agent_id, **options):
+    """INT8 KV (quality 1) or scout (0.8) at 0.5 Hz: INT8 fits 1.5 s at 6 Mbit/s."""
+    return Demand(agent_id, {Mode.INT8: 600_000, Mode.SCOUT: 200},
+                  {Mode.INT8: 1.0, Mode.SCOUT: 0.8}, 1.5, {Mode.INT8: 0.5, Mode.SCOUT: 0.6},
+                  kv_size_bytes=600_000, arrival_rate_hz=0.5, **options)
+
+
+def test_misses_of_a_link_too_slow_for_its_plan_give_its_agent_a_cheaper_mode():
+    # At 6 Mbit/s INT8 takes 0.5 + 0.8 s; a link that delivers 70% of it takes 0.5 + 1.14 s,
+    # so every transfer is cut off at 1.5 s and none tells delivered_ratio anything. The
+    # misses do: the largest share that explains eight of them is 0.79 (0.5 + 0.8/s > 1.5).
+    demands = [_kv_or_scout("slow"), _kv_or_scout("fine")]
+    before = allocate("quality_max", demands, 12 * MBIT)
+    assert before.mode == {"slow": Mode.INT8, "fine": Mode.INT8}
+    grant = before.rate_bps["slow"]
+    missed = [Outcome(Mode.INT8, 600_000, grant, False)] * 8
+    assert share_from_hits(demands[0], missed) == pytest.approx(0.79)
+    corrected = hit_corrected_demands(demands, {"slow": missed})
+    assert corrected[1] is demands[1]
+    after = allocate("quality_max", corrected, 12 * MBIT)
+    assert after.mode == {"slow": Mode.SCOUT, "fine": Mode.INT8}
+
+
+def test_misses_give_an_agent_more_rate_when_the_capacity_has_it():
+    # With room to spare the plan keeps INT8 for the slow link and sizes its rate for 79%.
+    demands = [_kv_or_scout("slow"), _kv_or_scout("fine")]
+    before = allocate("quality_max", demands, 12 * MBIT)
+    missed = [Outcome(Mode.INT8, 600_000, before.rate_bps["slow"], False)] * 8
+    corrected = hit_corrected_demands(demands, {"slow": missed})
+    roomy = [allocate("quality_max", d, 40 * MBIT) for d in (demands, corrected)]
+    assert roomy[1].mode["slow"] == Mode.INT8
+    assert (roomy[1].rate_bps["slow"] / roomy[1].rate_bps["fine"]
+            > roomy[0].rate_bps["slow"] / roomy[0].rate_bps["fine"])
+
+
+def test_hits_as_planned_and_chance_misses_keep_the_share():
+    demand = _kv_or_scout("a")
+    grant = 6 * MBIT
+    hit, miss = (Outcome(Mode.INT8, 600_000, grant, met) for met in (True, False))
+    assert share_from_hits(demand, [hit] * 10) == 1.0
+    assert share_from_hits(demand, [hit] * 9 + [miss]) == 1.0  # M/D/1 expects some
+    assert share_from_hits(demand, [hit] + [miss] * 2) == 1.0  # too few to tell
+    # Local answers and scout's bytes say nothing about the link's rate.
+    assert share_from_hits(demand, [Outcome(Mode.SCOUT, 200, grant, False)] * 20) == 1.0
+    assert share_from_hits(demand, [Outcome(Mode.LOCAL, 0, grant, False)] * 20) == 1.0
+    # A lowered share comes back once hits show the link delivers again.
+    slow = dataclasses.replace(demand, share_from_hits=0.5)
+    assert share_from_hits(slow, [Outcome(Mode.INT8, 600_000, 9 * MBIT, True)] * 20) > 0.5
+
+
+def test_share_from_hits_outside_zero_to_one_is_refused():
+    with pytest.raises(AllocationError, match="share_from_hits"):
+        _kv_or_scout("a", share_from_hits=1.2)

@@ -333,3 +333,27 @@ def test_a_link_delivering_part_of_its_rate_stretches_transfers_and_the_loop_lea
     with pytest.raises(SimulationError, match=r"delivered_ratio must lie in \(0, 1\]"):
         simulate(SimConfig(lone, CapacityTrace.constant(50 * MBIT, 60),
                            StaticPolicy(Mode.INT8), delivered_ratio=1.5))
+
+
+def test_the_allocator_learns_from_misses_what_a_link_never_shows_in_its_transfers():
+    # a0's link delivers 70% of its grant: at the rate planned for INT4 every transfer runs
+    # past the deadline and is cut off, so no transfer is measured and delivered_ratio
+    # takes the other agents' 1.0. Only the hits tell: with them the allocator grants a0
+    # more and its requests start to hit; without them it never does.
+    specs = tuple(dataclasses.replace(paper_b_agent(f"a{i}", 0.5, 1.5, pair="3b-7b"),
+                                      link_share=0.7 if i == 0 else 1.0) for i in range(4))
+    runs = {fb: simulate(SimConfig(specs, CapacityTrace.constant(100 * MBIT, 30),
+                                   StaticPolicy(Mode.INT4, PROFILE), "quality_max", seed=0,
+                                   hit_feedback=fb)) for fb in (False, True)}
+    (off, off_epochs), (on, on_epochs) = runs[False], runs[True]
+    assert (on.request_id == off.request_id).all()
+    assert off[off.agent == "a0"].deadline_met.sum() == 0 and (off.agent == "a0").sum() > 8
+    assert on[on.agent == "a0"].deadline_met.sum() >= 3
+    assert on.deadline_met.mean() > off.deadline_met.mean()
+    grants = {fb: e[e.agent == "a0"].rate_bps for fb, e in ((False, off_epochs),
+                                                             (True, on_epochs))}
+    assert grants[False].max() == grants[False].iloc[0]
+    assert grants[True].iloc[-1] > 1.1 * grants[True].iloc[0]
+    with pytest.raises(SimulationError, match="link_share"):
+        simulate(SimConfig((dataclasses.replace(specs[0], link_share=0.0),),
+                           CapacityTrace.constant(50 * MBIT, 5), StaticPolicy(Mode.INT4)))

@@ -9,8 +9,9 @@ decision and netlink call times). Demands are
 each agent's typical request (median context), gathered once; only their delivered share of
 the grant changes during a run. The split moves when the capacity changes or, every ``FEEDBACK_EVERY_S``, when an
 agent's link turns out to deliver a different share of its grant than planned with (closed
-loop: ``core.control.allocation.delivered_ratio`` over its latest transfers, read from the
-recorder); the links and agents are touched only when the split changes. What it leaves to
+loop: ``core.control.allocation.delivered_ratio`` over its latest transfers, and
+``core.control.allocation.share_from_hits`` over its latest requests sent, hit or miss, both read
+from the recorder); the links and agents are touched only when the split changes. What it leaves to
 others: the strategies (core), shaping (the link managers).
 """
 
@@ -21,13 +22,38 @@ import math
 import time
 from typing import Any
 
-from ray_scout.core.control.allocation import allocate, corrected_demands
+from ray_scout.core.control.allocation import (
+    HIT_FEEDBACK_REQUESTS, Outcome, allocate, corrected_demands, hit_corrected_demands,
+)
 from ray_scout.core.control.capacity import CapacityTrace
+from ray_scout.core.modes import Mode
 
 # Closed loop: how often the allocator reads the finished requests, and how many of an
-# agent's latest transfers tell it what the agent's link delivers of its grant.
+# agent's latest transfers tell it what the agent's link delivers of its grant (its
+# latest requests sent: ``HIT_FEEDBACK_REQUESTS``).
 FEEDBACK_EVERY_S = 1.0
 FEEDBACK_TRANSFERS = 5
+
+
+# What the edge and the transport say of a deadline that passed before the first byte:
+# such a request never reached the link, and the simulator does not weigh it either.
+_BEFORE_THE_WIRE = ("during edge compute", "to connect", "while connecting", "was sent")
+
+
+def sent_outcome(row: dict) -> Outcome | None:
+    """A finished request's row as the hit loop weighs it, if its payload went on the wire:
+    not a local answer, not expired or failed before the send (the simulator counts the
+    same requests)."""
+    error = str(row.get("error", ""))
+    if (row.get("outcome") not in ("hit", "miss") or not row.get("mode")
+            or not row.get("payload_bytes") or row.get("grant_bps") is None
+            or any(marker in error for marker in _BEFORE_THE_WIRE)):
+        return None
+    mode = Mode(row["mode"])
+    if mode == Mode.LOCAL:
+        return None
+    return Outcome(mode, int(row["payload_bytes"]), float(row["grant_bps"]),
+                   bool(row.get("deadline_met")))
 
 
 def tick_times(trace: CapacityTrace, epoch_s: float, duration_s: float) -> list[float]:
@@ -79,6 +105,7 @@ class Allocator:
                    for d in by_agent.values()]
         names = [d.agent_id for d in demands]
         transfers = {name: collections.deque(maxlen=FEEDBACK_TRANSFERS) for name in names}
+        outcomes = {name: collections.deque(maxlen=HIT_FEEDBACK_REQUESTS) for name in names}
         seen, next_feedback = 0, FEEDBACK_EVERY_S
         last: dict[str, float] | None = None
         last_capacity = None
@@ -104,7 +131,11 @@ class Allocator:
                     if row.get("agent") in transfers and None not in (size, tx_s, grant) \
                             and math.isfinite(tx_s):
                         transfers[row["agent"]].append((size, tx_s, grant))
-                corrected = corrected_demands(demands, transfers)
+                    sent = sent_outcome(row) if row.get("agent") in outcomes else None
+                    if sent is not None:
+                        outcomes[row["agent"]].append(sent)
+                corrected = hit_corrected_demands(corrected_demands(demands, transfers),
+                                                  outcomes)
                 changed |= corrected != demands  # a delivered_ratio moved
                 demands = corrected
             decide_start = time.perf_counter()

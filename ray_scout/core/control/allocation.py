@@ -34,9 +34,14 @@ Two objectives (``allocate(..., objective=)``):
 - ``mean_response``: the earlier yes/no: a mode counts its full quality iff the M/D/1 mean
   response meets the deadline (the rates above), else nothing.
 
-Ties go to the agent listed first, in every strategy. ``Demand.delivered_ratio`` (measured
-over granted rate, from the last epoch) closes the loop: a link that delivers less than its
-grant needs a larger grant for the same service.
+Ties go to the agent listed first, in every strategy. Two measurements close the loop.
+``Demand.delivered_ratio`` (measured over granted rate, from an agent's latest transfers): a
+link that delivers less than its grant needs a larger grant for the same service. A transfer
+that misses its deadline is cut off and never measured, so an agent whose link is too slow
+for its plan would teach the allocator nothing; ``Demand.share_from_hits`` (the share of the
+measured rate that its latest requests' hits and misses make most likely,
+``share_from_hits``) covers it: with fewer hits than planned, by more than chance, the agent
+gets more rate or a cheaper mode.
 """
 
 from __future__ import annotations
@@ -113,6 +118,10 @@ class Demand:
     arrival_rate_hz: float = 0.0
     safety_margin: float = 0.0
     delivered_ratio: float = 1.0
+    # What the agent's measured hits say its link delivers, as a share of ``delivered_ratio``
+    # (``share_from_hits``; 1: its hits are those planned): a link whose transfers miss
+    # their deadline is never measured by ``delivered_ratio``, only by its misses.
+    share_from_hits: float = 1.0
     # Whether the agent's policy sends a mode other than its fastest only when a request
     # arriving during the transfer can still be served (``policy.QueueAwarePolicy``):
     # ``expected_hits`` values an adaptive agent with that rule.
@@ -136,6 +145,9 @@ class Demand:
             raise AllocationError(f"agent {self.agent_id}: delivered_ratio (measured over "
                                   f"granted rate) must be finite and > 0, not "
                                   f"{self.delivered_ratio}")
+        if not 0 < self.share_from_hits <= 1:
+            raise AllocationError(f"agent {self.agent_id}: share_from_hits must lie in (0, 1], "
+                                  f"not {self.share_from_hits}")
         nan = math.nan
         object.__setattr__(self, "vector", tuple(
             [0.0] + [float(self.payload_bytes.get(m, nan)) for m in CLOUD_MODES]
@@ -160,7 +172,7 @@ class Demand:
     @property
     def rate_share(self) -> float:
         """The part of a grant that the policy plans with and the link delivers."""
-        return (1 - self.safety_margin) * self.delivered_ratio
+        return (1 - self.safety_margin) * self.delivered_ratio * self.share_from_hits
 
     @property
     def service_budget_s(self) -> float:
@@ -199,6 +211,9 @@ class Demand:
 _LADDERS: dict[tuple[float, float], np.ndarray] = {}
 _ADAPTIVE: dict[tuple, np.ndarray] = {}
 _CACHE_ENTRIES = 100_000
+# Rate vectors whose mode values one problem keeps: a split scores at most four plans
+# (the exact one, the greedy's, the equal and the model-aware split's) and then its winner.
+_VALUES_KEPT = 5
 
 
 def _fill_ladders(demands: Sequence[Demand]) -> np.ndarray:
@@ -253,6 +268,76 @@ def corrected_demands(demands: Sequence[Demand],
         if ratio is not None and abs(ratio - d.delivered_ratio) > 0.01 * d.delivered_ratio:
             d = dataclasses.replace(d, delivered_ratio=ratio)
         out.append(d)
+    return out
+
+
+# Closed loop on hits (``share_from_hits``): the shares of the measured delivered rate that
+# an agent's hits are weighed at (below a quarter, a link is broken, not slow), and the gain
+# in log-likelihood that moves the estimate: 1.92, half the 95% point of chi-square with one
+# degree of freedom (a likelihood-ratio test), so that chance misses do not move the plan.
+HIT_SHARES = tuple(round(0.25 + 0.01 * i, 2) for i in range(76))
+HIT_EVIDENCE_LOGLIK = 1.92
+# How many of an agent's latest requests sent the loop weighs (simulator and allocator
+# actor alike): at 0.5 Hz, the last 40 s.
+HIT_FEEDBACK_REQUESTS = 20
+
+
+@dataclasses.dataclass(frozen=True)
+class Outcome:
+    """One finished request of an agent, as the closed loop on hits weighs it."""
+
+    mode: Mode
+    payload_bytes: int
+    grant_bps: float  # the agent's grant while it was sent
+    deadline_met: bool
+
+
+def share_from_hits(demand: Demand, outcomes: Sequence[Outcome]) -> float:
+    """The share of its measured delivered rate that best explains an agent's hits.
+
+    Each request sent in a mode with a payload met its deadline with probability
+    ``hit_probability(T, fixed + 8 B / (grant x delivered_ratio x s), lambda)`` (M/D/1 with
+    abandonment, as the plan reckons); over ``HIT_SHARES`` the share ``s`` of greatest
+    likelihood is taken, but only if it beats the agent's current share by
+    ``HIT_EVIDENCE_LOGLIK`` (a likelihood-ratio test); otherwise the current share stays.
+    Of equally likely shares the largest is taken, the least correction the hits call for:
+    misses alone are as likely at every share too small for the transfer to fit, and the
+    smallest would starve the agent (at rate 0 it sends nothing and can never show that its
+    link recovered); the next plan's misses, at the larger grant, lower it further. Local
+    answers and requests without a grant carry no evidence, and scout's few hundred bytes
+    almost none (their hit probability hardly depends on the rate). Misses the model
+    already expects (its hit probability, its queue) move nothing.
+    """
+    rows = [o for o in outcomes if o.mode != Mode.LOCAL and o.payload_bytes > 0
+            and o.grant_bps > 0 and math.isfinite(o.grant_bps) and o.mode in demand.fixed_s]
+    if not rows:
+        return demand.share_from_hits
+    shares = np.array(HIT_SHARES)
+    fixed = np.array([demand.fixed_s[o.mode] for o in rows])
+    wire = np.array([o.payload_bytes * 8 / (o.grant_bps * demand.delivered_ratio)
+                     for o in rows])
+    p = hit_probability(demand.deadline_s, fixed[:, None] + wire[:, None] / shares,
+                        demand.arrival_rate_hz)
+    met = np.array([o.deadline_met for o in rows])[:, None]
+    # Probabilities kept off 0 and 1: one request the model calls certain must not decide.
+    loglik = np.log(np.clip(np.where(met, p, 1 - p), 1e-6, 1.0)).sum(axis=0)
+    best = int(np.flatnonzero(loglik >= loglik.max() - 1e-9)[-1])
+    now = int(np.abs(shares - demand.share_from_hits).argmin())
+    if loglik[best] - loglik[now] > HIT_EVIDENCE_LOGLIK:
+        return float(shares[best])
+    return demand.share_from_hits
+
+
+def hit_corrected_demands(demands: Sequence[Demand],
+                          outcomes: Mapping[str, Sequence[Outcome]]) -> list[Demand]:
+    """The demands with each agent's ``share_from_hits`` from its latest finished requests:
+    closing the loop on hits, so that a link that delivers less than its grant, unseen by
+    ``delivered_ratio`` because its transfers miss, gets more rate or a cheaper mode."""
+    out = []
+    for d in demands:
+        share = share_from_hits(d, outcomes.get(d.agent_id, ()))
+        out.append(d if share == d.share_from_hits
+                   else dataclasses.replace(d, share_from_hits=share))
     return out
 
 
@@ -367,6 +452,10 @@ class _Problem:
         self.value = self.quality * scale[:, None]
         self._steps = None
         self._ladders = None
+        # mode_values_at per rate vector within one split (``allocate`` empties it): a split
+        # asks for the same rates several times (a fixed-rate plan's modes, then its score,
+        # then the winner's result).
+        self.values_at: dict[bytes, np.ndarray] = {}
 
     def greedy_steps(self):
         """``_greedy_steps`` of the problem's options, once (a re-split reuses them)."""
@@ -431,6 +520,14 @@ class _Problem:
         """Expected quality per request of every mode (``OPTION_MODES`` order) at each
         agent's rate: the mode's quality times its hit probability (expected_hits), or times
         whether the mean response meets the deadline (mean_response)."""
+        key = rate_bps.tobytes()
+        if key not in self.values_at:
+            if len(self.values_at) >= _VALUES_KEPT:
+                self.values_at.clear()
+            self.values_at[key] = self._mode_values_at(rate_bps)
+        return self.values_at[key]
+
+    def _mode_values_at(self, rate_bps: np.ndarray) -> np.ndarray:
         with np.errstate(divide="ignore", invalid="ignore"):
             wire = np.where(self.mode_size == 0, 0.0,
                             self.mode_size * 8 / (rate_bps[:, None] * self.share[:, None]))
@@ -672,6 +769,29 @@ def _quality_max(p: _Problem, capacity_bps: float) -> Allocation:
                     *_best_plan(p, _heuristic_plans(p, capacity_bps), capacity_bps))
 
 
+def _rounded_greedy(p: _Problem, capacity_bps: float, grid_cells: int):
+    """Rates rounded up to cells of ``capacity / grid_cells`` (inf: over the capacity), and
+    the greedy on them: (cells per option, its choice, its LP multiplier per cell)."""
+    unit = capacity_bps / grid_cells
+    with np.errstate(invalid="ignore"):
+        w = np.ceil(p.rate / unit - 1e-9)
+    w[~np.isfinite(w) | (w > grid_cells)] = np.inf
+    greedy, lam = _greedy(w, p.value, float(grid_cells))
+    return w, greedy, lam
+
+
+def _kept_options(w: np.ndarray, v: np.ndarray, greedy: np.ndarray, lam: float,
+                  grid_cells: int, lower: float) -> tuple[np.ndarray, float]:
+    """The options whose Lagrangian bound reaches ``lower`` (the others are in no optimum),
+    and the Lagrangian upper bound of the whole problem."""
+    reduced = np.where(np.isfinite(w), v - lam * np.where(np.isfinite(w), w, 0), -np.inf)
+    best = reduced.max(axis=1)
+    bound = best.sum() - best[:, None] + reduced + lam * grid_cells
+    keep = np.isfinite(w) & (bound >= lower - 1e-9 * (1 + abs(lower)))
+    keep[np.arange(len(v)), greedy] = True
+    return keep, float(best.sum() + lam * grid_cells)
+
+
 def _optimal_choice(p: _Problem, capacity_bps: float, grid_cells: int) -> np.ndarray:
     """Exact multiple-choice knapsack with rates rounded up to ``capacity / grid_cells``.
 
@@ -682,20 +802,11 @@ def _optimal_choice(p: _Problem, capacity_bps: float, grid_cells: int) -> np.nda
        option are fixed; a DP over the remaining capacity cells solves the rest exactly,
        taking agents with identical options together (see ``_interchangeable_units``).
     """
-    unit = capacity_bps / grid_cells
-    with np.errstate(invalid="ignore"):
-        w = np.ceil(p.rate / unit - 1e-9)
-    w[~np.isfinite(w) | (w > grid_cells)] = np.inf
+    w, greedy, lam = _rounded_greedy(p, capacity_bps, grid_cells)
     v = p.value
-    n = len(v)
-    rows = np.arange(n)
-    greedy, lam = _greedy(w, v, float(grid_cells))
-    lower = float(v[rows, greedy].sum())
-    reduced = np.where(np.isfinite(w), v - lam * np.where(np.isfinite(w), w, 0), -np.inf)
-    best = reduced.max(axis=1)
-    bound = best.sum() - best[:, None] + reduced + lam * grid_cells
-    keep = np.isfinite(w) & (bound >= lower - 1e-9 * (1 + abs(lower)))
-    keep[rows, greedy] = True
+    rows = np.arange(len(v))
+    keep, _ = _kept_options(w, v, greedy, lam, grid_cells,
+                            float(v[rows, greedy].sum()))
     free = np.flatnonzero(keep.sum(axis=1) > 1)
     choice = greedy.copy()
     fixed = np.setdiff1d(rows, free)
@@ -855,6 +966,7 @@ def allocate(strategy: str, demands: Sequence[Demand], capacity_bps: float,
     if not (capacity_bps >= 0 and math.isfinite(capacity_bps)):
         raise AllocationError(f"capacity must be finite and >= 0 bit/s, not {capacity_bps}")
     problem = _problem(demands, objective)
+    problem.values_at.clear()  # a re-split is timed and computed as a new one
     if capacity_bps == 0:
         rate = np.zeros(len(demands))
         return problem.result(strategy, 0.0, problem.modes_at(rate), rate)
