@@ -1,7 +1,7 @@
 """The server against hostile peers: what they can make it hold, and for how long.
 
 Every test here runs the server in this process and reads this process's resident memory
-(VmRSS) to show that a peer's declared lengths and held connections cost what the module
+(its peak, VmHWM: tests/resident.py) to show that a peer's declared lengths and held connections cost what the module
 doc says, not what the peer asks for.
 """
 
@@ -28,17 +28,9 @@ from ray_scout.transport.framing import (
     read_frame,
 )
 from ray_scout.transport.server import Request, Server
+from resident import MIB, peak_rss_bytes, reset_peak
 
-MIB = 1 << 20
 DECLARED = 255 * MIB
-
-
-def rss_bytes() -> int:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmRSS in /proc/self/status")
 
 
 def echo(request: Request) -> bytes:
@@ -64,12 +56,12 @@ def error_of(sock: socket.socket) -> ErrorCode:
 def test_a_declared_body_costs_memory_only_as_its_bytes_arrive():
     # Defect 1 of issue 17: 10 such headers took a server from 16 MB to 2.5 GB resident.
     with Server(echo) as server:
-        before = rss_bytes()
+        before = reset_peak()
         socks = [socket.create_connection(server.address, timeout=5) for _ in range(10)]
         for sock in socks:
             sock.sendall(big_header())
         time.sleep(0.5)  # the readers have parsed the headers and wait for the bodies
-        grown = rss_bytes() - before
+        grown = peak_rss_bytes() - before
         for sock in socks:
             sock.close()
     assert grown < 32 * MIB, f"10 headers declaring 255 MiB each grew RSS by {grown / MIB:.0f} MiB"
@@ -242,7 +234,7 @@ def hold_hostile_connections(server: Server, hold_s: float) -> dict:
     well-behaved client sends a request with a 1 s deadline every 0.25 s for ``hold_s``.
     Returns the server process's peak RSS growth and the client's latencies
     (bench/hostile.py reports the same scenario held longer)."""
-    before = rss_bytes()
+    before = reset_peak()
     hostile = []
     for i in range(400):
         sock = socket.create_connection(server.address, timeout=5)
@@ -261,7 +253,7 @@ def hold_hostile_connections(server: Server, hold_s: float) -> dict:
 
     sender = threading.Thread(target=trickle, daemon=True)
     sender.start()
-    latencies, peak = [], 0
+    latencies = []
     try:
         with Connection(server.address) as good:
             end = time.monotonic() + hold_s
@@ -270,9 +262,9 @@ def hold_hostile_connections(server: Server, hold_s: float) -> dict:
                 body = f"request {len(latencies)}".encode() * 100
                 assert bytes(good.request(body, deadline_s=1.0).body) == body
                 latencies.append(time.monotonic() - started)
-                peak = max(peak, rss_bytes() - before)
                 time.sleep(0.25)
         accepted = server.stats().connections
+        peak = peak_rss_bytes() - before
     finally:
         stop.set()
         sender.join(2)
