@@ -13,6 +13,7 @@ import time
 import zlib
 
 import pytest
+from resident import MIB, peak_rss_bytes, reset_peak
 
 from ray_scout.transport.client import Connection, RemoteError
 from ray_scout.transport.framing import (
@@ -28,7 +29,6 @@ from ray_scout.transport.framing import (
     read_frame,
 )
 from ray_scout.transport.server import Request, Server
-from resident import MIB, peak_rss_bytes, reset_peak
 
 DECLARED = 255 * MIB
 
@@ -290,6 +290,8 @@ def test_the_cloud_actor_serves_only_connections_that_present_its_token():
                        token=TOKEN)
     try:
         address = cloud.ready()[0]
+        # Bound where it is told (on a cluster, the cloud node's address), never 0.0.0.0.
+        assert address[0] == "127.0.0.1"
         with Connection(address) as stranger:
             with pytest.raises(RemoteError) as caught:
                 stranger.request(b"x", deadline_s=5)
