@@ -5,6 +5,8 @@ the test sends it SIGINT while its second trial of three is recording rows (abou
 the run) and checks what it leaves: exit code 130 soon after, the finished rows on disk, a
 summary that says the run is incomplete, and nothing else (no namespace, link, qdiscs or
 emulator rule of its run, no process it started). `--resume` then runs only what is missing.
+A second test SIGKILLs the driver instead: the rows finished before the kill are on disk, and
+the next `scout run` on the machine removes the namespaces the killed run left.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import yaml
 
 from ray_scout.experiments.spec import REPO_ROOT
 from ray_scout.net.cleanup import find_leftovers
+from ray_scout.net.emulator import TUN_PREFIX
 
 pytestmark = [pytest.mark.ray, pytest.mark.root,
               pytest.mark.skipif(os.geteuid() != 0, reason="needs root for namespaces and HTB")]
@@ -105,6 +108,11 @@ def test_ctrl_c_mid_run_leaves_rows_and_nothing_else_and_resume_finishes_it(tmp_
     assert by_policy["static:int4"] == len(first_rows.splitlines())
     assert by_policy["static:int8"] >= 3 and "static:scout" not in by_policy
     assert find_leftovers(prefix).empty, find_leftovers(prefix)
+    # Its qdiscs, veths and TUN devices lived in those namespaces; none escaped to the host
+    # (HTB of ours on a host interface, a TUN device or an emulator rule outside them).
+    host = find_leftovers()
+    assert not host.qdiscs and not host.rules, host
+    assert not [link for link in host.links if link.startswith(TUN_PREFIX)], host
     assert wait_gone(marker, 20) == [], "processes of the interrupted run are still alive"
 
     resumed = scout(["run", "--resume", str(out), "--no-progress"], marker)
@@ -152,7 +160,7 @@ def test_sigkill_of_the_driver_leaves_finished_rows_and_the_next_run_removes_its
     spec_path.write_text(yaml.safe_dump(NEXT_SPEC))
     following = scout(["run", str(spec_path), "--out", str(tmp_path / "next"), "--no-progress"],
                       marker)
-    stdout, stderr = following.communicate(timeout=300)
+    _, stderr = following.communicate(timeout=300)
     assert following.returncode == 0, stderr
     assert f"namespaces that a dead run left ({prefix}*)" in stderr
     assert find_leftovers(prefix).empty, find_leftovers(prefix)
