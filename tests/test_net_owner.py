@@ -100,3 +100,20 @@ def test_stale_cleanup_takes_a_dead_runs_namespaces_only_and_cleanup_spares_live
             if name in netns.listnetns():
                 netns.remove(name)
         mine.release(forget=True)
+
+
+def test_a_run_whose_stale_cleanup_fails_says_so_in_one_line_and_goes_on(monkeypatch):
+    import io
+
+    from ray_scout.experiments import runner
+    from ray_scout.net import cleanup
+
+    def refuse():
+        raise OSError(16, "Device or resource busy")
+
+    monkeypatch.setattr(cleanup, "remove_stale", refuse)
+    said = io.StringIO()
+    runner._remove_stale_links(said)
+    assert said.getvalue().count("\n") == 1
+    assert "could not remove what a dead run left" in said.getvalue()
+    assert "scout net cleanup --stale" in said.getvalue()

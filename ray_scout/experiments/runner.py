@@ -713,7 +713,13 @@ def _remove_stale_links(report_to: TextIO | None) -> None:
     builds its own. Live runs' and other tools' are never touched (``net.owner``)."""
     from ray_scout.net.cleanup import remove_stale
 
-    for prefix, found in remove_stale().items():
+    try:
+        removed = remove_stale()
+    except Exception as exc:  # noqa: BLE001 - another run's leftovers must not stop this one
+        print(f"scout run: could not remove what a dead run left ({type(exc).__name__}: {exc}); "
+              "`scout net cleanup --stale` tries again", file=report_to or sys.stderr)
+        return
+    for prefix, found in removed.items():
         print(f"scout run: removed {len(found.namespaces)} namespaces that a dead run left "
               f"({prefix}*)", file=report_to or sys.stderr)
 
