@@ -283,6 +283,29 @@ def test_400_silent_and_trickling_connections_hold_bounded_memory_and_a_good_age
     assert figures["rss_growth_peak_mib"] * MIB < HELD_RSS_BOUND, figures
 
 
+def test_with_the_default_caps_one_hostile_host_cannot_crowd_out_an_agent_on_another():
+    # The 400-connection test raises the caps to hold them all; with the defaults a host
+    # keeps at most 64 connections (each held by a header declaring 255 MiB), the rest are
+    # refused at once, and an agent on another address is served within its deadlines.
+    with Server(echo) as server:
+        hostile = []
+        for i in range(100):
+            sock = socket.create_connection(server.address, timeout=5)
+            sock.sendall(big_header(request_id=i + 1))
+            hostile.append(sock)
+        deadline = time.monotonic() + 10
+        while server.stats().refused < 36 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert server.stats().refused == 36
+        with Connection(server.address, source_address="127.0.0.2") as good:
+            for k in range(10):
+                started = time.monotonic()
+                assert bytes(good.request(b"%d" % k, deadline_s=1.0).body) == b"%d" % k
+                assert time.monotonic() - started < 1.0
+        for sock in hostile:
+            sock.close()
+
+
 def test_the_cloud_actor_serves_only_connections_that_present_its_token():
     from ray_scout.actors.cloud import CloudActor
 
