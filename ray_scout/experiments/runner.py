@@ -652,7 +652,7 @@ def run_emulated(spec: Spec, out: Path, address: str | None = None,
             for node in where.agent_node.values():
                 per_node[node.address] = per_node.get(node.address, 0) + 1
             check_placement(per_node)
-        else:
+        elif address is None:  # the lab-in-a-box on this machine, as root (``validate``)
             _remove_stale_links(progress_file)
         testbed = Testbed(spec, where, texts, prefix, cloud_share)
         for index, (policy, allocator) in enumerate(spec.combinations()):
