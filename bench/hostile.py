@@ -3,7 +3,7 @@
 - port: a `Server` in this process holds 400 hostile connections (100 silent, 100 that sent
   one header declaring a 255 MiB body and nothing more, 200 that sent such a header and then
   trickle one body byte a second) while a well-behaved client sends 20 requests with a 1 s
-  deadline; its resident growth (VmRSS) and the client's latencies;
+  deadline; its peak resident growth (VmHWM) and the client's latencies;
 - declared bodies: 10 connections that each send one header declaring 255 MiB (issue 17's
   measurement: 16 MB -> 2,567 MB on the code before the fix);
 - decoders: the largest scout bitmap the cap allows, and zstd frames declaring 2**40 bytes;
@@ -31,9 +31,8 @@ from ray_scout.transport.server import Server
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))  # the scenarios are the tests' own, held longer
-from test_transport_limits import (  # noqa: E402
-    MIB, big_header, echo, hold_hostile_connections, rss_bytes,
-)
+from resident import MIB, peak_rss_bytes, reset_peak  # noqa: E402
+from test_transport_limits import big_header, echo, hold_hostile_connections  # noqa: E402
 
 
 def port(hold_s: float) -> dict:
@@ -45,12 +44,12 @@ def port(hold_s: float) -> dict:
 
 def declared_bodies() -> dict:
     with Server(echo) as server:
-        before = rss_bytes()
+        before = reset_peak()
         socks = [socket.create_connection(server.address, timeout=5) for _ in range(10)]
         for i, sock in enumerate(socks):
             sock.sendall(big_header(i + 1))
         time.sleep(1.0)
-        grown = rss_bytes() - before
+        grown = peak_rss_bytes() - before
         for sock in socks:
             sock.close()
     return {"connections": 10, "declared_mib_each": 255, "rss_growth_mib": grown / MIB}
@@ -69,7 +68,7 @@ def decoders() -> dict:
     positions = decode_indices(data, MAX_CONTEXT_TOKENS)
     bitmap_within_1s = time.perf_counter() - started < 1.0
     bomb = bytes.fromhex("28b52ffd") + bytes([0xE0]) + struct.pack("<Q", 1 << 40) + b"\x01\x00\x00"
-    before = rss_bytes()
+    before = reset_peak()
     try:
         ScoutPayload(document_hash("x"), "q", 0, (), (), bomb).document()
         refused = None
@@ -77,7 +76,7 @@ def decoders() -> dict:
         refused = str(exc)
     return {"bitmap_tokens": MAX_CONTEXT_TOKENS, "bitmap_bytes": len(data) - 1,
             "bitmap_positions": int(positions.numel()), "bitmap_decoded_within_1s": bitmap_within_1s,
-            "zstd_2_40_refused": refused, "zstd_2_40_rss_growth_mib": (rss_bytes() - before) / MIB,
+            "zstd_2_40_refused": refused, "zstd_2_40_rss_growth_mib": (peak_rss_bytes() - before) / MIB,
             "wire_default_max_bytes": wire.DEFAULT_MAX_BYTES}
 
 

@@ -30,3 +30,18 @@ def test_a_missing_tool_skips_on_a_dev_machine_and_fails_in_ci(missing, monkeypa
 
 def test_ci_sets_ci_true():
     assert 'CI="${CI:-true}"' in (TESTS.parent / ".ci" / "run").read_text()
+
+
+def test_ci_selects_every_marker_the_long_fuzz_included():
+    # The `long` tests (10,000 fuzzed inputs per decoder) and the root/ray ones (Ctrl-C, faults,
+    # 400 hostile connections) are CI's to run: neither `make test` nor pytest's options may
+    # deselect a marker or a name.
+    import tomllib
+
+    root = TESTS.parent
+    assert "make test" in (root / ".ci" / "run").read_text()
+    recipe = re.search(r"^test:.*\n((?:\t.*\n)+)", (root / "Makefile").read_text(), re.M).group(1)
+    arguments = recipe.split("pytest", 1)[1]  # what pytest is given (not python's own -m)
+    options = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["pytest"]["ini_options"]
+    for where in (arguments, str(options.get("addopts", ""))):
+        assert not re.search(r"(^|\s)(-m|-k|--deselect|--ignore)\b", where), where

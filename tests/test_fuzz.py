@@ -34,21 +34,15 @@ from ray_scout.core.llm.scout import (
 from ray_scout.core.modes import Mode
 from ray_scout.experiments.spec import REPO_ROOT, SpecError, parse_spec, parse_spec_text
 from ray_scout.transport import framing
+from resident import MIB, peak_rss_bytes, reset_peak
 
 FACTS = KVFacts("fuzz/model", num_layers=3, num_kv_heads=2, head_dim=16, num_attention_heads=4)
 BOUNDARY = [0, 1, 0x7F, 0x80, 0xFF, 0x7FFF, 0xFFFF, 2**31 - 1, 2**31, 2**32 - 1, 2**40,
             2**63 - 1, 2**63, 2**64 - 1]
-MIB = 1 << 20
 TIME_LIMIT_S = 1.0
-RSS_GROWTH_BOUND = 64 * MIB  # over a whole run; a leak of one allocation per input shows
-
-
-def rss_bytes() -> int:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmRSS")
+# Peak resident growth over a whole run (the kernel's high-water mark, so one input's
+# transient buffer counts as much as a leak of one allocation per input).
+RSS_GROWTH_BOUND = 64 * MIB
 
 
 def mutate(rng: random.Random, seeds: list[bytes]) -> bytes:
@@ -83,8 +77,7 @@ def fuzz(decode: Callable[[bytes], object], seeds: list[bytes], errors: tuple[ty
     """Feed ``count`` mutants of ``seeds`` to ``decode``; return the run's figures."""
     rng = random.Random(seed)
     slowest_s, rejected = 0.0, 0
-    rss_start = rss_bytes()
-    rss_peak = rss_start
+    rss_start = reset_peak()
     for i in range(count):
         data = mutate(rng, seeds)
         if reseal is not None and rng.random() < 0.5:
@@ -100,9 +93,7 @@ def fuzz(decode: Callable[[bytes], object], seeds: list[bytes], errors: tuple[ty
         elapsed = time.perf_counter() - started
         assert elapsed < TIME_LIMIT_S, f"input {i} took {elapsed:.2f} s: {data[:400].hex()}"
         slowest_s = max(slowest_s, elapsed)
-        if i % 500 == 0:
-            rss_peak = max(rss_peak, rss_bytes())
-    rss_peak = max(rss_peak, rss_bytes())
+    rss_peak = peak_rss_bytes()
     assert rss_peak - rss_start < RSS_GROWTH_BOUND, f"RSS grew by {(rss_peak - rss_start) / MIB:.0f} MiB"
     return {"inputs": count, "rejected": rejected, "slowest_s": slowest_s,
             "rss_growth_mib": (rss_peak - rss_start) / MIB}

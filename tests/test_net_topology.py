@@ -42,7 +42,7 @@ def test_per_agent_share_change_and_name_clash():
     with LabTopology([LAB] * 2, LAB, shares_bps=[35_000_000, 15_000_000], run_id=run) as topo:
         assert topo.set_share("e1", 20_000_000) < 0.05
         assert topo.shares["e1"].rate_bps == 20_000_000
-        with pytest.raises(NetError, match="exists already"):
+        with pytest.raises(NetError, match="belongs to a live process"):
             LabTopology([LAB], LAB, run_id=run).build()
         with pytest.raises(NetError, match="no edge"):
             topo.set_share("e9", 1_000_000)

@@ -50,7 +50,7 @@ def test_scout_run_of_an_emulated_spec_says_it_needs_root_in_one_line_and_create
 
 
 @pytest.mark.parametrize("argv", [["net", "probe"], ["net", "cleanup", "--prefix", "rs-nobody-"],
-                                  ["net", "up", "--edges", "1"]])
+                                  ["net", "cleanup", "--stale"], ["net", "up", "--edges", "1"]])
 def test_net_commands_that_need_root_say_so_naming_the_command(tmp_path, argv):
     result = as_nobody(tmp_path / "home", *argv)
     assert result.returncode == EXIT_NO_PRIVILEGE, result.stderr

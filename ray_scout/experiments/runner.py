@@ -666,6 +666,8 @@ def run_emulated(spec: Spec, out: Path, address: str | None = None,
             for node in where.agent_node.values():
                 per_node[node.address] = per_node.get(node.address, 0) + 1
             check_placement(per_node)
+        elif address is None:  # the lab-in-a-box on this machine, as root (``validate``)
+            _remove_stale_links(progress_file)
         testbed = Testbed(spec, where, texts, prefix, cloud_share)
         for index, (policy, allocator) in enumerate(spec.combinations()):
             previous = done.get(index)
@@ -717,6 +719,23 @@ def run_emulated(spec: Spec, out: Path, address: str | None = None,
         raise problems[0]
     _write_run_record(out, trials)
     return _collect(out, trials)
+
+
+def _remove_stale_links(report_to: TextIO | None) -> None:
+    """Namespaces of earlier runs on this machine whose process died (a SIGKILLed driver takes
+    its link manager with it, and nothing tears their links down): removed before this run
+    builds its own. Live runs' and other tools' are never touched (``net.owner``)."""
+    from ray_scout.net.cleanup import remove_stale
+
+    try:
+        removed = remove_stale()
+    except Exception as exc:  # noqa: BLE001 - another run's leftovers must not stop this one
+        print(f"scout run: could not remove what a dead run left ({type(exc).__name__}: {exc}); "
+              "`scout net cleanup --stale` tries again", file=report_to or sys.stderr)
+        return
+    for prefix, found in removed.items():
+        print(f"scout run: removed {len(found.namespaces)} namespaces that a dead run left "
+              f"({prefix}*)", file=report_to or sys.stderr)
 
 
 def _write_run_record(out: Path, trials: list[dict]) -> None:

@@ -4,9 +4,11 @@ What lives here: a side-effect-free capability probe (``probe``), link profiles 
 ``netem/*.yaml`` (``profiles``), HTB shaping with per-destination/per-agent classes, u32
 filters and live rate changes on one interface (``shaping``), the lab-in-a-box namespace
 topology (``topology``), capacity-trace replay onto a class (``replay``), removal of
-anything the project left behind (``cleanup``), the one way to enter and build namespaces
-(``namespaces``), and the impairment backends for kernels without netem with the choice among
-them (``backends``: the TUN emulator of ``emulator``, the eBPF loss of ``emulator_bpf``).
+anything the project left behind (``cleanup``), whether a run that made namespaces is
+alive (``owner``: a lock held by the process that built them), the one way to enter and
+build namespaces (``namespaces``), and the impairment backends for kernels without netem
+with the choice among them (``backends``: the TUN emulator of ``emulator``, the eBPF loss of
+``emulator_bpf``).
 
 What it knows: rate is always HTB's job; delay, jitter and loss are an *impairment backend*'s
 (netem where the kernel has it, otherwise a pluggable backend such as the userspace TUN

@@ -3,8 +3,11 @@
 Finds objects by their marks only: namespaces and root-namespace interfaces whose names start
 with the prefix (``rs-`` by default, ``rs-<run>-`` for one run) and, with the plain prefix,
 root HTB qdiscs of major 0x7273 on host interfaces (left by ``HtbShaper`` on a NIC) and the TUN
-emulator's policy rules outside ``rs-`` namespaces. Nothing else is touched. Tests pass their
-own run's prefix, never the bare one, so concurrent runs of other people stay intact.
+emulator's policy rules outside ``rs-`` namespaces. Nothing else is touched. A run whose owner
+process is alive (it holds its lock, ``owner``) is never touched: its namespaces and links are
+kept and reported. ``remove_stale`` takes only what runs whose owner died left (the next
+``scout run`` calls it), never objects of unknown origin. Tests pass their own run's prefix,
+never the bare one, so concurrent runs of other people stay intact.
 
 What the emulators can leave when their process dies without stopping them: TUN devices are
 not persistent (they vanish with the process's fds, and their routes with them) and the pump
@@ -18,6 +21,7 @@ qdisc are interface state: in an ``rs-`` namespace they also go with it.
 from __future__ import annotations
 
 import os
+import dataclasses
 from dataclasses import dataclass, field
 
 from pyroute2 import IPRoute, netns
@@ -26,6 +30,7 @@ from ray_scout.net import PREFIX
 from ray_scout.net.emulator import GUARD_PRIORITY, RULE_PRIORITY, TABLE_BASE, TABLE_SPAN, TUN_PREFIX
 from ray_scout.net.errors import NetError, require_root
 from ray_scout.net.namespaces import NETNS_DIR, netlink
+from ray_scout.net.owner import live_prefixes, stale_prefixes
 from ray_scout.net.shaping import HTB_MAJOR
 
 MAIN_TABLE = 254
@@ -111,10 +116,25 @@ def find_leftovers(prefix: str = PREFIX) -> Leftovers:
     return Leftovers(namespaces, links, qdiscs, tuple(rules))
 
 
+def of_live_runs(found: Leftovers) -> Leftovers:
+    """The namespaces and links in ``found`` that belong to a run whose owner is alive."""
+    live = tuple(live_prefixes())
+    return Leftovers(tuple(n for n in found.namespaces if n.startswith(live)),
+                     tuple(n for n in found.links if n.startswith(live)))
+
+
 def cleanup(prefix: str = PREFIX) -> Leftovers:
-    """Remove everything ``find_leftovers(prefix)`` lists; returns what was removed."""
+    """Remove everything ``find_leftovers(prefix)`` lists but a live run's (see
+    ``of_live_runs``); returns what was removed."""
     require_root()
     found = find_leftovers(prefix)
+    live = of_live_runs(found)
+    return _remove(dataclasses.replace(
+        found, namespaces=tuple(n for n in found.namespaces if n not in live.namespaces),
+        links=tuple(n for n in found.links if n not in live.links)))
+
+
+def _remove(found: Leftovers) -> Leftovers:
     for name in found.namespaces:
         netns.remove(name)
     with IPRoute() as ipr:
@@ -128,3 +148,15 @@ def cleanup(prefix: str = PREFIX) -> Leftovers:
         with netlink(None if place == HOST else place) as ipr:
             remove_emulator_rules(ipr, [rule for rule in found.rules if rule.netns == place])
     return found
+
+
+def remove_stale() -> dict[str, Leftovers]:
+    """Remove what runs whose owner process died (SIGKILL, a crash) left; returns what was
+    removed, by run prefix. Live runs and objects without an owner are not touched."""
+    require_root()
+    removed = {}
+    for prefix in stale_prefixes():  # its lock held here: ``cleanup`` would call it live
+        found = _remove(find_leftovers(prefix))
+        if not found.empty:
+            removed[prefix] = found
+    return removed

@@ -11,8 +11,9 @@ import signal
 import sys
 
 from ray_scout.net import PREFIX
-from ray_scout.net.cleanup import cleanup, find_leftovers
-from ray_scout.net.errors import CapabilityError, NetError
+from ray_scout.net.cleanup import cleanup, find_leftovers, of_live_runs, remove_stale
+from ray_scout.net.errors import CapabilityError, NetError, require_root
+from ray_scout.net.owner import live_prefixes, owner_of
 from ray_scout.net.probe import probe
 from ray_scout.net.profiles import LinkProfile, list_profiles, load_profile, parse_rate_bps
 from ray_scout.net.topology import LabTopology
@@ -25,6 +26,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     clean = sub.add_parser("cleanup", help="remove namespaces, links and qdiscs the project left (like mn -c)")
     clean.add_argument("--prefix", default=PREFIX, help=f"only objects starting with this (default {PREFIX})")
     clean.add_argument("--dry-run", action="store_true", help="list, remove nothing")
+    clean.add_argument("--stale", action="store_true",
+                       help="only what runs whose process died (SIGKILL, a crash) left; the next "
+                            "`scout run` does this by itself")
     lab = sub.add_parser("lab-kernel", help="boot the netem lab (a real kernel under QEMU) and run a command in it",
                          description="Run COMMAND in a QEMU guest with sch_netem, the host's root read-only, "
                                      "this directory as the working directory; exit with its exit code.")
@@ -118,17 +122,42 @@ def run(args: argparse.Namespace) -> int:
         return 2
 
 
+def _describe(found) -> str:
+    return (f"{len(found.namespaces)} namespaces {list(found.namespaces)}, "
+            f"{len(found.links)} links {list(found.links)}, {len(found.qdiscs)} qdiscs "
+            f"{list(found.qdiscs)}, {len(found.rules)} emulator rules "
+            f"{[str(rule) for rule in found.rules]}")
+
+
+def _owners(live) -> list[str]:
+    prefixes = sorted({p for p in live_prefixes()
+                       if any(n.startswith(p) for n in live.namespaces + live.links)})
+    return [f"{p}* {owner_of(p)}" for p in prefixes]
+
+
 def _run(args: argparse.Namespace) -> int:
     if args.net_command == "probe":
         print(probe().summary())
     elif args.net_command == "profiles":
         print(profiles_table([load_profile(name) for name in list_profiles()]))
     elif args.net_command == "cleanup":
-        found = find_leftovers(args.prefix) if args.dry_run else cleanup(args.prefix)
-        verb = "found" if args.dry_run else "removed"
-        print(f"{verb}: {len(found.namespaces)} namespaces {list(found.namespaces)}, "
-              f"{len(found.links)} links {list(found.links)}, {len(found.qdiscs)} qdiscs {list(found.qdiscs)}, "
-              f"{len(found.rules)} emulator rules {[str(rule) for rule in found.rules]}")
+        if args.stale:
+            if args.dry_run or args.prefix != PREFIX:
+                raise NetError("--stale takes every dead run's leftovers: give it alone")
+            runs = remove_stale()
+            print(f"removed the leftovers of {len(runs)} dead runs" + "".join(
+                f"\n  {prefix}*: {_describe(found)}" for prefix, found in runs.items()))
+            return 0
+        if not args.dry_run:
+            require_root()
+        found = find_leftovers(args.prefix)
+        live = of_live_runs(found)
+        if not args.dry_run:
+            found = cleanup(args.prefix)
+        print(f"{'found' if args.dry_run else 'removed'}: {_describe(found)}")
+        if live.namespaces or live.links:
+            print(f"kept {len(live.namespaces)} namespaces and {len(live.links)} links of runs "
+                  f"whose process is alive ({', '.join(_owners(live))}): stop those runs first")
     elif args.net_command == "up":
         return _up(args)
     elif args.net_command == "lab-kernel":

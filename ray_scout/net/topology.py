@@ -42,6 +42,7 @@ from ray_scout.net.backends import default_impairment_backend
 from ray_scout.net.errors import NetError, require_root
 from ray_scout.net.namespaces import add_veth, address_up, create_netns, in_netns, offloads_off, write_sysctl
 from ray_scout.net.profiles import MAX_RATE_BPS, Direction, LinkProfile, check_rate_bps
+from ray_scout.net.owner import Ownership
 from ray_scout.net.probe import probe
 from ray_scout.net.shaping import HtbShaper, ImpairmentBackend, LeafClass, LinkShaping, Match, Port
 
@@ -150,6 +151,7 @@ class LabTopology:
         self.bottleneck_down: LeafClass | None = None
         self.build_s = 0.0
         self.teardown_s = 0.0
+        self._ownership: Ownership | None = None
 
     @property
     def namespaces(self) -> list[str]:
@@ -170,11 +172,20 @@ class LabTopology:
 
     def build(self) -> LabTopology:
         require_root()
+        # Claimed first: while this process lives, no cleanup takes this run's namespaces;
+        # once it is gone (SIGKILL included), `scout net cleanup --stale` or the next
+        # `scout run` removes what it left (``owner``).
+        ownership = Ownership(self.prefix)
         existing = set(netns.listnetns())
         clash = [n for n in self.namespaces if n in existing]
         if clash:
+            # Leftovers of a dead owner keep their lock file (the next stale cleanup takes
+            # them); ones of unknown origin are left to the user.
+            ownership.release(forget=not ownership.inherited)
             raise NetError(f"namespace {clash[0]} exists already: pick another run_id, or remove "
-                           "leftovers with `python3 -m ray_scout.cli net cleanup`")
+                           "leftovers with `python3 -m ray_scout.cli net cleanup --prefix "
+                           f"{self.prefix}`")
+        self._ownership = ownership
         start = time.perf_counter()
         atexit.register(self.teardown)
         try:
@@ -421,8 +432,12 @@ class LabTopology:
                 except OSError as error:
                     errors.append(f"{name}: {error}")
         self.teardown_s = time.perf_counter() - start
+        if self._ownership is not None:
+            self._ownership.release(forget=not errors)
+            self._ownership = None
         if errors:
-            raise NetError(f"could not remove {errors}; run `python3 -m ray_scout.cli net cleanup`")
+            raise NetError(f"could not remove {errors}; run `python3 -m ray_scout.cli net cleanup "
+                           f"--stale`")
 
 
 def pid_run_id() -> str:

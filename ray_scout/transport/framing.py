@@ -255,7 +255,9 @@ def read_frame(
     and doubles as it fills (up to the declared length), so a header that declares a large
     body and is followed by nothing costs 64 KiB, not the declared length.
     `on_header` runs after the header is parsed and before the body is read (the server uses
-    it to apply backpressure); it may raise to abandon the frame.
+    it to apply backpressure); it may raise to abandon the frame. A stream that is no valid
+    frame raises a ``FrameError`` subclass (``FrameTooLarge``, ``TruncatedFrame``, checksum
+    and header errors).
     """
     head = bytearray(HEADER_SIZE)
     view = memoryview(head)

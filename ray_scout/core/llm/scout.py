@@ -244,7 +244,11 @@ class ScoutPayload:
         return len(self.to_bytes())
 
     def document(self) -> str:
-        """The carried document, decompressed and checked against ``doc_hash``."""
+        """The carried document, decompressed and checked against ``doc_hash``.
+
+        ``DocumentMissing`` when the payload carries none; ``ScoutFormatError`` when it is
+        no zstd frame, would decompress past ``MAX_DOCUMENT_BYTES``, is not UTF-8 or does
+        not match ``doc_hash``."""
         if self.document_zstd is None:
             raise DocumentMissing("this payload carries no document; look it up by doc_hash")
         raw = decompress_zstd(self.document_zstd, MAX_DOCUMENT_BYTES, "carried document",
@@ -281,6 +285,7 @@ class ScoutPayload:
 
     @classmethod
     def from_bytes(cls, data: bytes) -> "ScoutPayload":
+        """Parse a payload body; anything malformed raises ``ScoutFormatError``."""
         reader = ByteCursor(data, "scout payload", ScoutFormatError)
         flags = reader.take(1)[0]
         if flags & ~HAS_DOCUMENT:

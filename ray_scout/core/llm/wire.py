@@ -266,7 +266,8 @@ def decode_kv(data: bytes, *, facts: KVFacts, max_bytes: int = DEFAULT_MAX_BYTES
     """Parse and validate a KV payload for the model of ``facts``. With ``pin_memory`` (a
     receiver that decodes on a GPU), the encoded KV lands in pinned host memory: the copy
     the parse makes anyway goes there, and the decoder's host-to-device copy is then one
-    DMA, with no staging copy on the calling thread (issue 15)."""
+    DMA, with no staging copy on the calling thread (issue 15). Anything malformed, or over
+    ``max_bytes`` on the wire or decompressed, raises ``WireError`` naming the field."""
     payload = decode_payload(data, max_bytes=max_bytes, expected_model=facts)
     layout = payload.layout
     if layout is None:
