@@ -235,6 +235,25 @@ class _Endpoint:
         self.congestion_control = raw.split(b"\0", 1)[0].decode()
         return sock
 
+    def _connecting(self, deadline_unix_s: float) -> tuple[socket.socket, float]:
+        """A new socket to connect and the seconds the connect may take."""
+        self._connect_start = time.time()
+        sock = self._new_socket()
+        timeout = min(self.connect_timeout_s, deadline_unix_s - self._connect_start)
+        if timeout <= 0:
+            sock.close()
+            raise DeadlineExceeded(f"no time left to connect to {self.address}")
+        return sock, timeout
+
+    def _not_connected(self, exc: BaseException, deadline_unix_s: float, timeout_s: float) -> TransportError:
+        """What a failed connect raises: the request's deadline, a timeout, or a refusal."""
+        if isinstance(exc, (socket.timeout, _Deadline)):
+            if time.time() >= deadline_unix_s:
+                return DeadlineExceeded(f"deadline passed while connecting to {self.address}")
+            return ConnectionLost(f"connecting to {self.address} timed out after {timeout_s:.2f} s: "
+                                  "is the server up and the route right?")
+        return ConnectionLost(f"cannot connect to {self.address}: {exc}; is the server running?")
+
     def _lost(self, what: str, exc: BaseException | None = None) -> ConnectionLost:
         self.close()
         detail = f" ({exc})" if exc else ""
@@ -252,6 +271,63 @@ class _Endpoint:
         if code is ErrorCode.DEADLINE:
             return DeadlineExceeded(message, remote=True)
         return RemoteError(code, message)
+
+    def _begin(self, deadline_s: float) -> tuple[float, int, bool]:
+        """A request's deadline (unix s), id and whether it reuses the connection; checks
+        the budget. The caller connects first where no connection is open."""
+        if not math.isfinite(deadline_s) or deadline_s <= 0:
+            raise ValueError(f"deadline_s must be a positive number of seconds, got {deadline_s!r}")
+        return time.time() + deadline_s, next(self._ids), not self._fresh
+
+    def _time_left(self, deadline: float, deadline_s: float, request_id: int) -> float:
+        self._fresh = False
+        self.requests += 1
+        left = deadline - time.time()
+        if left <= 0:
+            raise DeadlineExceeded(f"deadline of {deadline_s:.3f} s passed before request {request_id} was sent")
+        return left
+
+    def _cut_off(self, sock: socket.socket, request_id: int, deadline_s: float, size: int,
+                 before: TcpInfo | None, tx_start: float | None) -> DeadlineExceeded:
+        """The deadline hit while sending (``tx_start`` None: before the first byte): part
+        of the frame may be in flight, so the stream cannot carry another frame."""
+        after = tcp_info(sock) if tx_start is not None else None
+        self.close()
+        acked = (after.bytes_acked - before.bytes_acked
+                 if after is not None and before is not None else None)
+        return DeadlineExceeded(
+            f"deadline of {deadline_s:.3f} s passed while sending request {request_id} "
+            f"({size} bytes, {acked if acked is not None else 'unknown'} acked); "
+            "connection closed",
+            acked_bytes=acked, sending_s=time.time() - tx_start if tx_start is not None else None,
+        )
+
+    def _reading_failed(self, exc: Exception, request_id: int, deadline_s: float, consumed: int,
+                        cancel: Callable[[bytes | bytearray | memoryview], None]) -> TransportError:
+        """What waiting for the answer raised (_Deadline, FrameError or OSError) as the caller's error."""
+        if isinstance(exc, _Deadline):
+            outcome = self._give_up(request_id, consumed, cancel)
+            return DeadlineExceeded(f"no answer to request {request_id} within {deadline_s:.3f} s; {outcome}")
+        if isinstance(exc, FrameError):
+            self.close()
+            return ProtocolError(f"bad frame from {self.address}: {exc}; connection dropped")
+        return self._lost(f"while waiting for the answer to request {request_id}", exc)
+
+    def _answer(self, received: ReceivedFrame | None, request_id: int) -> ReceivedFrame | None:
+        """The frame if it answers this request; None for a late answer to an earlier one
+        (discarded); raises for an error, a closed stream or a frame a server never sends."""
+        if received is None:
+            raise self._lost(f"while waiting for the answer to request {request_id} (server closed it)")
+        self.bytes_received += received.size_bytes
+        header = received.frame.header
+        if header.request_id not in (request_id, 0):
+            return None  # the late answer to a request given up on earlier
+        if header.msg_type is MessageType.RESPONSE:
+            return received
+        if header.msg_type is MessageType.ERROR:
+            raise self._remote_error(received.frame.body)
+        self.close()
+        raise ProtocolError(f"server sent a {header.msg_type.name} frame; connection dropped")
 
     def _give_up(self, request_id: int, consumed: int,
                  sendall: Callable[[bytes | bytearray | memoryview], None]) -> str:
@@ -305,25 +381,13 @@ class Connection(_Endpoint):
         self.close()
 
     def _connect(self, deadline_unix_s: float) -> None:
-        self._connect_start = time.time()
-        sock = self._new_socket()
-        timeout = min(self.connect_timeout_s, deadline_unix_s - self._connect_start)
-        if timeout <= 0:
-            sock.close()
-            raise DeadlineExceeded(f"no time left to connect to {self.address}")
+        sock, timeout = self._connecting(deadline_unix_s)
         sock.settimeout(timeout)
         try:
             sock.connect(self.address)
-        except socket.timeout:
+        except OSError as exc:  # socket.timeout included
             sock.close()
-            if time.time() >= deadline_unix_s:
-                raise DeadlineExceeded(f"deadline passed while connecting to {self.address}") from None
-            raise ConnectionLost(
-                f"connecting to {self.address} timed out after {timeout:.2f} s: is the server up and the route right?"
-            ) from None
-        except OSError as exc:
-            sock.close()
-            raise ConnectionLost(f"cannot connect to {self.address}: {exc}; is the server running?") from None
+            raise self._not_connected(exc, deadline_unix_s, timeout) from None
         if self.token is not None:
             try:  # a few dozen bytes into a fresh socket's buffer: no wait for the peer
                 self.bytes_sent += write_frame(sock.sendall, MessageType.HELLO, 0, self.token)
@@ -336,19 +400,12 @@ class Connection(_Endpoint):
 
     def request(self, body: bytes | bytearray | memoryview, *, deadline_s: float) -> Response:
         """Send `body`, wait for the answer; `deadline_s` is the budget in seconds from now."""
-        if not math.isfinite(deadline_s) or deadline_s <= 0:
-            raise ValueError(f"deadline_s must be a positive number of seconds, got {deadline_s!r}")
-        deadline = time.time() + deadline_s
+        deadline, request_id, reused = self._begin(deadline_s)
         if self._sock is None:
             self._connect(deadline)
+            reused = False
         sock = self._sock
-        reused = not self._fresh
-        self._fresh = False
-        request_id = next(self._ids)
-        self.requests += 1
-        left = deadline - time.time()
-        if left <= 0:
-            raise DeadlineExceeded(f"deadline of {deadline_s:.3f} s passed before request {request_id} was sent")
+        left = self._time_left(deadline, deadline_s, request_id)
         tx_starts: list[float] = []
         before = tcp_info(sock)
 
@@ -369,17 +426,8 @@ class Connection(_Endpoint):
                 deadline_ms=deadline_ms_from_budget(left), body_crc=self.body_checksum,
             )
         except socket.timeout:
-            # Part of the frame is in flight: the stream cannot carry another frame.
-            after = tcp_info(sock) if tx_starts else None
-            self.close()
-            acked = (after.bytes_acked - before.bytes_acked
-                     if after is not None and before is not None else None)
-            raise DeadlineExceeded(
-                f"deadline of {deadline_s:.3f} s passed while sending request {request_id} "
-                f"({len(body)} bytes, {acked if acked is not None else 'unknown'} acked); "
-                "connection closed",
-                acked_bytes=acked, sending_s=time.time() - tx_starts[0] if tx_starts else None,
-            ) from None
+            raise self._cut_off(sock, request_id, deadline_s, len(body), before,
+                                tx_starts[0] if tx_starts else None) from None
         except OSError as exc:
             raise self._rejected_or_lost(request_id, deadline, exc) from None
         tx_start, tx_end = tx_starts[0], time.time()
@@ -389,32 +437,15 @@ class Connection(_Endpoint):
             receiver = _Receiver(sock, deadline)
             try:
                 received = read_frame(receiver, max_body_bytes=self.max_body_bytes)
-            except _Deadline:
-                outcome = self._give_up(request_id, receiver.consumed, self._cancel_sendall)
-                raise DeadlineExceeded(
-                    f"no answer to request {request_id} within {deadline_s:.3f} s; {outcome}"
-                ) from None
-            except FrameError as exc:
-                self.close()
-                raise ProtocolError(f"bad frame from {self.address}: {exc}; connection dropped") from None
-            except OSError as exc:
-                raise self._lost(f"while waiting for the answer to request {request_id}", exc) from None
-            if received is None:
-                raise self._lost(f"while waiting for the answer to request {request_id} (server closed it)")
-            self.bytes_received += received.size_bytes
-            header = received.frame.header
-            if header.request_id not in (request_id, 0):
-                continue  # the late answer to a request given up on earlier
-            if header.msg_type is MessageType.RESPONSE:
+            except (_Deadline, FrameError, OSError) as exc:
+                raise self._reading_failed(exc, request_id, deadline_s, receiver.consumed,
+                                           self._cancel_sendall) from None
+            if self._answer(received, request_id) is not None:
                 timeline = Timeline(
                     self._connect_start, self._connect_end, reused, tx_start, tx_end, tx_acked,
                     received.first_byte_unix_s, received.last_byte_unix_s,
                 )
                 return Response(received.frame.body, request_id, timeline, sent, received.size_bytes, tcp_info(sock))
-            if header.msg_type is MessageType.ERROR:
-                raise self._remote_error(received.frame.body)
-            self.close()
-            raise ProtocolError(f"server sent a {header.msg_type.name} frame; connection dropped")
 
     def _rejected_or_lost(self, request_id: int, deadline: float, exc: OSError) -> TransportError:
         """A send failed: the server may have said why (TOO_LARGE) before closing."""
@@ -488,12 +519,7 @@ class AsyncConnection(_Endpoint):
         self._consumed = 0
 
     async def _connect(self, deadline_unix_s: float) -> None:
-        self._connect_start = time.time()
-        sock = self._new_socket()
-        timeout = min(self.connect_timeout_s, deadline_unix_s - self._connect_start)
-        if timeout <= 0:
-            sock.close()
-            raise DeadlineExceeded(f"no time left to connect to {self.address}")
+        sock, timeout = self._connecting(deadline_unix_s)
         sock.setblocking(False)
         self._sock = sock
         try:
@@ -503,16 +529,9 @@ class AsyncConnection(_Endpoint):
                 code = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
             if code:
                 raise OSError(code, os.strerror(code))
-        except _Deadline:
+        except (_Deadline, OSError) as exc:
             self.close()
-            if time.time() >= deadline_unix_s:
-                raise DeadlineExceeded(f"deadline passed while connecting to {self.address}") from None
-            raise ConnectionLost(
-                f"connecting to {self.address} timed out after {timeout:.2f} s: is the server up and the route right?"
-            ) from None
-        except OSError as exc:
-            self.close()
-            raise ConnectionLost(f"cannot connect to {self.address}: {exc}; is the server running?") from None
+            raise self._not_connected(exc, deadline_unix_s, timeout) from None
         try:  # valid only once connected (the offsets count from here)
             sock.setsockopt(socket.SOL_SOCKET, _SO_TIMESTAMPING, _ACK_STAMPS)
         except OSError:
@@ -529,19 +548,12 @@ class AsyncConnection(_Endpoint):
 
     async def request(self, body: bytes | bytearray | memoryview, *, deadline_s: float) -> Response:
         """Send `body`, wait for the answer; `deadline_s` is the budget in seconds from now."""
-        if not math.isfinite(deadline_s) or deadline_s <= 0:
-            raise ValueError(f"deadline_s must be a positive number of seconds, got {deadline_s!r}")
-        deadline = time.time() + deadline_s
+        deadline, request_id, reused = self._begin(deadline_s)
         if self._sock is None:
             await self._connect(deadline)
+            reused = False
         sock = self._sock
-        reused = not self._fresh
-        self._fresh = False
-        request_id = next(self._ids)
-        self.requests += 1
-        left = deadline - time.time()
-        if left <= 0:
-            raise DeadlineExceeded(f"deadline of {deadline_s:.3f} s passed before request {request_id} was sent")
+        left = self._time_left(deadline, deadline_s, request_id)
         before = tcp_info(sock)
         # The body checksum is computed here, so tx_start is the first byte's hand-off.
         buffers = frame_buffers(MessageType.REQUEST, request_id, body,
@@ -556,18 +568,9 @@ class AsyncConnection(_Endpoint):
             for buffer in buffers:
                 await self._send_all(buffer, deadline)
         except _Deadline:
-            # Part of the frame is in flight: the stream cannot carry another frame.
             started = self._stream_bytes > stream_before
-            after = tcp_info(sock) if started else None
-            self.close()
-            acked = (after.bytes_acked - before.bytes_acked
-                     if after is not None and before is not None else None)
-            raise DeadlineExceeded(
-                f"deadline of {deadline_s:.3f} s passed while sending request {request_id} "
-                f"({len(body)} bytes, {acked if acked is not None else 'unknown'} acked); "
-                "connection closed",
-                acked_bytes=acked, sending_s=time.time() - tx_start if started else None,
-            ) from None
+            raise self._cut_off(sock, request_id, deadline_s, len(body), before,
+                                tx_start if started else None) from None
         except OSError as exc:
             raise await self._rejected_or_lost(request_id, deadline, exc) from None
         tx_end = time.time()
@@ -578,23 +581,10 @@ class AsyncConnection(_Endpoint):
         while True:
             try:
                 received = await self._read_frame(deadline, self.max_body_bytes)
-            except _Deadline:
-                outcome = self._give_up(request_id, self._consumed, self._send_now)
-                raise DeadlineExceeded(
-                    f"no answer to request {request_id} within {deadline_s:.3f} s; {outcome}"
-                ) from None
-            except FrameError as exc:
-                self.close()
-                raise ProtocolError(f"bad frame from {self.address}: {exc}; connection dropped") from None
-            except OSError as exc:
-                raise self._lost(f"while waiting for the answer to request {request_id}", exc) from None
-            if received is None:
-                raise self._lost(f"while waiting for the answer to request {request_id} (server closed it)")
-            self.bytes_received += received.size_bytes
-            header = received.frame.header
-            if header.request_id not in (request_id, 0):
-                continue  # the late answer to a request given up on earlier
-            if header.msg_type is MessageType.RESPONSE:
+            except (_Deadline, FrameError, OSError) as exc:
+                raise self._reading_failed(exc, request_id, deadline_s, self._consumed,
+                                           self._send_now) from None
+            if self._answer(received, request_id) is not None:
                 self._drain_stamps()
                 # On loopback the ACK can come back inside the send call itself: the end of
                 # the transfer is never before its last byte left (tx_end), as a poll saw it.
@@ -604,10 +594,6 @@ class AsyncConnection(_Endpoint):
                     acked, received.first_byte_unix_s, received.last_byte_unix_s,
                 )
                 return Response(received.frame.body, request_id, timeline, sent, received.size_bytes, tcp_info(sock))
-            if header.msg_type is MessageType.ERROR:
-                raise self._remote_error(received.frame.body)
-            self.close()
-            raise ProtocolError(f"server sent a {header.msg_type.name} frame; connection dropped")
 
     async def _rejected_or_lost(self, request_id: int, deadline: float, exc: OSError) -> TransportError:
         """A send failed: the server may have said why (TOO_LARGE) before closing."""
