@@ -24,6 +24,7 @@ import dataclasses
 import functools
 import json
 import math
+import threading
 import time
 from typing import Any, Mapping, Sequence
 
@@ -449,7 +450,22 @@ class EdgeHost:
         if list(self.configs) != list(configs):
             self.prepare(configs)
         recorded = self._recorded() if restarted else None
-        return asyncio.run(self._run_agents(t0_unix_s, recorded))
+        # The loop gets a thread of its own: Ray may call this method from a thread whose
+        # event loop is already running (its concurrency groups), where asyncio.run refuses.
+        result: dict[str, Any] = {}
+
+        def drive() -> None:
+            try:
+                result["done"] = asyncio.run(self._run_agents(t0_unix_s, recorded))
+            except BaseException as exc:  # noqa: BLE001 -- raised again in the caller's thread
+                result["error"] = exc
+
+        loop_thread = threading.Thread(target=drive, name=f"{self.name}-agents", daemon=True)
+        loop_thread.start()
+        loop_thread.join()
+        if "error" in result:
+            raise result["error"]
+        return result["done"]
 
     async def _run_agents(self, t0_unix_s: float,
                           recorded: frozenset[int] | None) -> dict[str, int]:

@@ -1,16 +1,18 @@
 """The sending side: a persistent connection that sends one request at a time under a deadline.
 
 What lives here: `Connection` (connect, optionally from a network namespace and with a chosen
-TCP congestion control; `request`), the `Response` and `Timeline` values, `TcpInfo`, and the
-errors a caller handles: `DeadlineExceeded`, `ConnectionLost`, `RemoteError`.
-What it knows: deadlines (every blocking socket call gets the time that is left), cancellation
-(a CANCEL frame for a request given up on), and when the bytes left: `tx_end_unix_s` is when the
-last byte was handed to the kernel (sendall returned); `tx_acked_unix_s` is when the kernel's
-unacknowledged-byte count for the socket (ioctl SIOCOUTQ: bytes written but not yet acked by the
-peer) reached zero, i.e. the receiver's TCP had every byte. SIOCOUTQ rather than TCP_INFO's
-tcpi_unacked because the latter counts segments, not bytes. It is polled with a back-off from
-50 us to 2 ms, so it carries that much jitter on long transfers; it is None where the response
-started to arrive first.
+TCP congestion control; `request`, blocking its thread) and `AsyncConnection` (the same for an
+asyncio loop, so one thread drives hundreds of connections), the `Response` and `Timeline`
+values, `TcpInfo`, and the errors a caller handles: `DeadlineExceeded`, `ConnectionLost`,
+`RemoteError`.
+What it knows: deadlines (every wait gets the time that is left), cancellation (a CANCEL frame
+for a request given up on), and when the bytes left: `tx_end_unix_s` is when the last byte was
+handed to the kernel; `tx_acked_unix_s` is when the peer had acknowledged every byte, i.e. the
+receiver's TCP had them all. `Connection` sees it as the kernel's unacknowledged-byte count
+(ioctl SIOCOUTQ; TCP_INFO's tcpi_unacked counts segments, not bytes) reaching zero, polled with
+a back-off from 50 us to 2 ms, so it carries that much jitter on long transfers, and None where
+the response started to arrive first; `AsyncConnection` takes the kernel's timestamp of that
+ACK (SO_TIMESTAMPING), with no poll.
 What it leaves to others: the body (the core's wire format), retries and mode choice (the agent).
 """
 
