@@ -191,3 +191,14 @@ def test_a_host_needs_agents():
 
     with pytest.raises(ValueError, match="at least one agent"):
         EdgeHost("h", _Recorder()).prepare([])
+
+
+def test_the_host_has_no_coroutine_methods_so_ray_keeps_it_a_threaded_actor():
+    """Ray turns an actor with any ``async def`` method into an asyncio actor whose methods
+    share one loop: ``run`` would then hold off the allocator's ``demands``/``set_grants``."""
+    import inspect
+
+    from ray_scout.actors.edge import EdgeHost
+
+    assert not [name for name, member in inspect.getmembers(EdgeHost)
+                if inspect.iscoroutinefunction(member)]

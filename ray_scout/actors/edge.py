@@ -24,9 +24,8 @@ import dataclasses
 import functools
 import json
 import math
-import threading
 import time
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 from ray_scout.core.control.allocation import Demand, demand_for
 from ray_scout.core.control.estimators import GrantEstimator, make_estimator
@@ -450,35 +449,25 @@ class EdgeHost:
         if list(self.configs) != list(configs):
             self.prepare(configs)
         recorded = self._recorded() if restarted else None
-        # The loop gets a thread of its own: Ray may call this method from a thread whose
-        # event loop is already running (its concurrency groups), where asyncio.run refuses.
-        result: dict[str, Any] = {}
+        return asyncio.run(_run_agents(self.agents.values(), self.recorder, t0_unix_s, recorded))
 
-        def drive() -> None:
-            try:
-                result["done"] = asyncio.run(self._run_agents(t0_unix_s, recorded))
-            except BaseException as exc:  # noqa: BLE001 -- raised again in the caller's thread
-                result["error"] = exc
 
-        loop_thread = threading.Thread(target=drive, name=f"{self.name}-agents", daemon=True)
-        loop_thread.start()
-        loop_thread.join()
-        if "error" in result:
-            raise result["error"]
-        return result["done"]
+# A function, not an EdgeHost method: Ray makes an actor with any coroutine method an asyncio
+# actor, whose methods all share one event loop, so ``run`` (blocking until the trial ends)
+# would hold off the allocator's ``demands`` and ``set_grants`` and asyncio.run would refuse.
+async def _run_agents(agents: Iterable[EdgeAgent], recorder: Any, t0_unix_s: float,
+                      recorded: frozenset[int] | None) -> dict[str, int]:
+    """Every agent's loop at once on this thread's event loop; rows per agent."""
+    done: dict[str, int] = {}
 
-    async def _run_agents(self, t0_unix_s: float,
-                          recorded: frozenset[int] | None) -> dict[str, int]:
-        done: dict[str, int] = {}
+    async def loop(agent: EdgeAgent) -> None:
+        try:
+            done[agent.config.name] = await agent.run(t0_unix_s, recorded)
+        except Exception as exc:  # noqa: BLE001 -- one agent's failure is its own row
+            recorder.add.remote("events", {
+                "wall_time_s": time.time(), "source": agent.config.name,
+                "event": "agent_failed", "detail": f"{type(exc).__name__}: {exc}"[:500]})
+            done[agent.config.name] = 0
 
-        async def loop(agent: EdgeAgent) -> None:
-            try:
-                done[agent.config.name] = await agent.run(t0_unix_s, recorded)
-            except Exception as exc:  # noqa: BLE001 -- one agent's failure is its own row
-                self.recorder.add.remote("events", {
-                    "wall_time_s": time.time(), "source": agent.config.name,
-                    "event": "agent_failed", "detail": f"{type(exc).__name__}: {exc}"[:500]})
-                done[agent.config.name] = 0
-
-        await asyncio.gather(*(loop(agent) for agent in self.agents.values()))
-        return done
+    await asyncio.gather(*(loop(agent) for agent in agents))
+    return done
