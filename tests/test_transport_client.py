@@ -1,9 +1,7 @@
-"""The client on loopback: dead and silent servers, deadlines, timelines, counters, TCP options;
-every test holds for the blocking `Connection` and for `AsyncConnection` on an event loop."""
+"""The client on loopback: dead and silent servers, deadlines, timelines, counters, TCP options."""
 
 from __future__ import annotations
 
-import asyncio
 import socket
 import subprocess
 import sys
@@ -14,9 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from ray_scout.transport.client import (
-    AsyncConnection, Connection, ConnectionLost, DeadlineExceeded,
-)
+from ray_scout.transport.client import Connection, ConnectionLost, DeadlineExceeded
 from ray_scout.transport.framing import HEADER_SIZE
 from ray_scout.transport.server import Request, Server
 
@@ -32,44 +28,11 @@ SLOW_SERVER = textwrap.dedent(
 )
 
 
-
-class LoopConnection:
-    """An ``AsyncConnection`` on an event loop of its own, with ``Connection``'s blocking face."""
-
-    def __init__(self, address, **options):
-        self._loop = asyncio.new_event_loop()
-        try:
-            self._conn = self._loop.run_until_complete(AsyncConnection.open(address, **options))
-        except BaseException:
-            self._loop.close()
-            raise
-
-    def request(self, body, *, deadline_s):
-        return self._loop.run_until_complete(self._conn.request(body, deadline_s=deadline_s))
-
-    def close(self):
-        self._conn.close()
-
-    def __getattr__(self, name):
-        return getattr(self._conn, name)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc_info):
-        self.close()
-
-
-@pytest.fixture(params=["blocking", "event_loop"])
-def Conn(request):
-    return Connection if request.param == "blocking" else LoopConnection
-
-
-def test_server_killed_mid_request_raises_connection_lost_quickly(Conn):
+def test_server_killed_mid_request_raises_connection_lost_quickly():
     proc = subprocess.Popen([sys.executable, "-c", SLOW_SERVER], stdout=subprocess.PIPE, text=True, cwd=REPO)
     try:
         port = int(proc.stdout.readline())
-        with Conn(("127.0.0.1", port)) as conn:
+        with Connection(("127.0.0.1", port)) as conn:
             killer = threading.Timer(0.3, proc.kill)
             killer.start()
             started = time.monotonic()
@@ -85,18 +48,18 @@ def test_server_killed_mid_request_raises_connection_lost_quickly(Conn):
         proc.wait(5)
 
 
-def test_nothing_listening_is_connection_lost_not_a_hang(Conn):
+def test_nothing_listening_is_connection_lost_not_a_hang():
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     with pytest.raises(ConnectionLost, match="cannot connect"):
-        Conn(("127.0.0.1", port), connect_timeout_s=2)
+        Connection(("127.0.0.1", port), connect_timeout_s=2)
 
 
-def test_silent_server_gives_deadline_exceeded_at_the_deadline(Conn):
+def test_silent_server_gives_deadline_exceeded_at_the_deadline():
     """A peer that accepts and never answers (a link at rate 0 looks the same)."""
     with socket.create_server(("127.0.0.1", 0)) as listener:
-        conn = Conn(listener.getsockname())
+        conn = Connection(listener.getsockname())
         accepted, _ = listener.accept()
         started = time.monotonic()
         with pytest.raises(DeadlineExceeded, match="sent CANCEL"):
@@ -112,14 +75,14 @@ def test_silent_server_gives_deadline_exceeded_at_the_deadline(Conn):
         conn.close()
 
 
-def test_giving_up_with_body_bytes_unacknowledged_closes_instead_of_cancelling(Conn):
+def test_giving_up_with_body_bytes_unacknowledged_closes_instead_of_cancelling():
     """The body left the caller but not the kernel (a link whose rate fell): a CANCEL and the
     next request would queue behind it, so the connection is dropped, bytes and all."""
     with socket.socket() as listener:
         listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # the peer's window
         listener.bind(("127.0.0.1", 0))
         listener.listen()
-        conn = Conn(listener.getsockname())
+        conn = Connection(listener.getsockname())
         conn._sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 20)
         accepted, _ = listener.accept()  # never reads
         with pytest.raises(DeadlineExceeded, match="still unacknowledged"):
@@ -128,9 +91,9 @@ def test_giving_up_with_body_bytes_unacknowledged_closes_instead_of_cancelling(C
         accepted.close()
 
 
-def test_deadline_while_sending_closes_the_connection(Conn):
+def test_deadline_while_sending_closes_the_connection():
     with socket.create_server(("127.0.0.1", 0)) as listener:
-        conn = Conn(listener.getsockname())
+        conn = Connection(listener.getsockname())
         accepted, _ = listener.accept()  # never reads: the send buffer fills up
         body = b"k" * 50_000_000
         started = time.monotonic()
@@ -141,9 +104,9 @@ def test_deadline_while_sending_closes_the_connection(Conn):
         accepted.close()
 
 
-def test_a_send_cut_off_by_its_deadline_reports_what_the_peer_acknowledged(Conn):
+def test_a_send_cut_off_by_its_deadline_reports_what_the_peer_acknowledged():
     with socket.create_server(("127.0.0.1", 0)) as listener:
-        conn = Conn(listener.getsockname())
+        conn = Connection(listener.getsockname())
         accepted, _ = listener.accept()
         # The peer reads 1 MB and stops: its kernel then acknowledges only what fits its
         # receive buffer, so the acked count sits between the two.
@@ -158,9 +121,9 @@ def test_a_send_cut_off_by_its_deadline_reports_what_the_peer_acknowledged(Conn)
     assert str(caught.value.acked_bytes) in str(caught.value)
 
 
-def test_an_answer_that_comes_too_late_carries_no_transfer_sample(Conn):
+def test_an_answer_that_comes_too_late_carries_no_transfer_sample():
     with socket.create_server(("127.0.0.1", 0)) as listener:
-        conn = Conn(listener.getsockname())
+        conn = Connection(listener.getsockname())
         accepted, _ = listener.accept()
         threading.Thread(target=lambda: accepted.recv(1 << 16), daemon=True).start()
         with pytest.raises(DeadlineExceeded, match="no answer") as caught:
@@ -169,22 +132,22 @@ def test_an_answer_that_comes_too_late_carries_no_transfer_sample(Conn):
     assert caught.value.acked_bytes is None and caught.value.sending_s is None
 
 
-def test_late_answer_to_a_cancelled_request_is_discarded(Conn):
+def test_late_answer_to_a_cancelled_request_is_discarded():
     def handler(request: Request) -> bytes:
         if request.body == b"slow":
             time.sleep(0.3)
         return b"answer:" + bytes(request.body)
 
-    with Server(handler, workers=2) as server, Conn(server.address) as conn:
+    with Server(handler, workers=2) as server, Connection(server.address) as conn:
         with pytest.raises(DeadlineExceeded):
             conn.request(b"slow", deadline_s=0.1)  # already running: CANCEL cannot stop it
         response = conn.request(b"fast", deadline_s=5)
         assert bytes(response.body) == b"answer:fast" and response.request_id == 2
 
 
-def test_timeline_is_ordered_and_counters_add_up(Conn):
+def test_timeline_is_ordered_and_counters_add_up():
     with Server(lambda r: b"r" * 10) as server:
-        conn = Conn(server.address)
+        conn = Connection(server.address)
         first = conn.request(b"q" * 100, deadline_s=5)
         second = conn.request(b"q" * 100, deadline_s=5)
         t = first.timeline
@@ -199,89 +162,53 @@ def test_timeline_is_ordered_and_counters_add_up(Conn):
         conn.close()
 
 
-def test_large_body_is_acknowledged_before_the_answer(Conn):
+def test_large_body_is_acknowledged_before_the_answer():
     def slow_handler(request):
         # Longer than Linux's delayed-ACK timer (40-200 ms): an instant answer can carry the
         # last ACK itself, and then no moment of zero unacked bytes precedes it.
         time.sleep(0.3)
         return str(len(request.body)).encode()
 
-    with Server(slow_handler) as server, Conn(server.address) as conn:
+    with Server(slow_handler) as server, Connection(server.address) as conn:
         response = conn.request(b"\x01" * 20_000_000, deadline_s=30)
         assert response.body == b"20000000"
         assert response.timeline.tx_acked_unix_s is not None
 
 
 @pytest.mark.parametrize("algorithm", ["cubic", "reno"])
-def test_congestion_control_is_set_and_recorded(Conn, algorithm):
+def test_congestion_control_is_set_and_recorded(algorithm):
     available = open("/proc/sys/net/ipv4/tcp_available_congestion_control").read().split()
     if algorithm not in available:
         pytest.skip(f"{algorithm} not in tcp_available_congestion_control ({available})")
-    with Server(lambda r: b"") as server, Conn(server.address, congestion_control=algorithm) as conn:
+    with Server(lambda r: b"") as server, Connection(server.address, congestion_control=algorithm) as conn:
         assert conn.congestion_control == algorithm
         conn.request(b"", deadline_s=5)
 
 
-def test_default_congestion_control_is_recorded(Conn):
+def test_default_congestion_control_is_recorded():
     default = open("/proc/sys/net/ipv4/tcp_congestion_control").read().strip()
-    with Server(lambda r: b"") as server, Conn(server.address) as conn:
+    with Server(lambda r: b"") as server, Connection(server.address) as conn:
         assert conn.congestion_control == default
 
 
-def test_unknown_congestion_control_says_where_to_look(Conn):
+def test_unknown_congestion_control_says_where_to_look():
     with Server(lambda r: b"") as server:
         with pytest.raises(ValueError, match="tcp_available_congestion_control"):
-            Conn(server.address, congestion_control="no-such-cc")
+            Connection(server.address, congestion_control="no-such-cc")
 
 
 @pytest.mark.parametrize("deadline_s", [0, -1, float("nan")])
-def test_request_refuses_a_meaningless_deadline(Conn, deadline_s):
-    with Server(lambda r: b"") as server, Conn(server.address) as conn:
+def test_request_refuses_a_meaningless_deadline(deadline_s):
+    with Server(lambda r: b"") as server, Connection(server.address) as conn:
         with pytest.raises(ValueError, match="deadline_s"):
             conn.request(b"", deadline_s=deadline_s)
 
 
-def test_abort_on_close_sets_a_zero_linger(Conn):
+def test_abort_on_close_sets_a_zero_linger():
     import struct as _struct
 
     with socket.create_server(("127.0.0.1", 0)) as listener:
-        conn = Conn(listener.getsockname(), abort_on_close=True)
+        conn = Connection(listener.getsockname(), abort_on_close=True)
         linger = conn._sock.getsockopt(socket.SOL_SOCKET, socket.SO_LINGER, 8)
         assert _struct.unpack("ii", linger) == (1, 0)
         conn.close()
-
-
-def test_the_event_loop_client_takes_the_kernels_ack_time_not_a_poll():
-    """The ACK of the body's last byte, stamped by the kernel: after the last byte left and
-    before the (slow) answer, with no thread awake in between to poll for it."""
-    def slow_handler(request):
-        time.sleep(0.3)  # past the delayed-ACK timer: the ACK goes alone, before the answer
-        return b"ok"
-
-    with Server(slow_handler) as server, LoopConnection(server.address) as conn:
-        for size in (300, 5_000_000):  # one send, then many
-            t = conn.request(b"\x01" * size, deadline_s=10).timeline
-            assert t.tx_acked_unix_s is not None
-            assert t.tx_start_unix_s < t.tx_acked_unix_s < t.rx_first_byte_unix_s - 0.2
-            assert t.tx_acked_unix_s >= t.tx_end_unix_s
-
-
-def test_one_event_loop_drives_many_connections_at_once():
-    def handler(request):
-        time.sleep(0.2)
-        return bytes(request.body)
-
-    async def main(address):
-        conns = [await AsyncConnection.open(address) for _ in range(40)]
-        started = time.monotonic()
-        answers = await asyncio.gather(*(c.request(b"%d" % i, deadline_s=10)
-                                         for i, c in enumerate(conns)))
-        wall = time.monotonic() - started
-        for c in conns:
-            c.close()
-        return [bytes(a.body) for a in answers], wall
-
-    with Server(handler, workers=40) as server:
-        bodies, wall = asyncio.run(main(server.address))
-    assert bodies == [b"%d" % i for i in range(40)]
-    assert wall < 2.0  # one after another would take 8 s

@@ -2,9 +2,9 @@
 
 What lives here: the agent's loop over a seeded arrival schedule (requests wait in the
 agent's own FIFO: one edge model answers one request at a time), the policy decision on the
-time left, the send over an ``AsyncConnection`` from the agent's namespace with the deadline
-as the transport's budget, and one row per request streamed to the ``Recorder`` as soon as it
-is final; the agent is a coroutine, and its ``EdgeHost`` runs all of its agents on one loop. What it leaves to others: the edge compute and what an answer is worth (an ``Edge``
+time left, the send over a ``Connection`` from the agent's namespace with the deadline as the
+transport's budget, and one row per request streamed to the ``Recorder`` as soon as it is
+final. What it leaves to others: the edge compute and what an answer is worth (an ``Edge``
 stage of ``core.stages``, full or profiled: the agent does not ask which), splitting capacity
 (the allocator tells it its grant), the cloud, shaping.
 
@@ -18,7 +18,6 @@ testbed's own cost plus one propagation RTT.
 
 from __future__ import annotations
 
-import asyncio
 import collections
 import dataclasses
 import functools
@@ -26,7 +25,7 @@ import json
 import math
 import threading
 import time
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 from ray_scout.core.control.allocation import Demand, demand_for
 from ray_scout.core.control.estimators import GrantEstimator, make_estimator
@@ -37,7 +36,7 @@ from ray_scout.core.control.policy import (
 from ray_scout.core.modes import CLOUD_MODES, Mode
 from ray_scout.core.stages.request import Arrival, Edge, EdgeOutcome, RequestShape
 from ray_scout.transport.client import (
-    AsyncConnection, ConnectionLost, DeadlineExceeded, RemoteError, TransportError,
+    Connection, ConnectionLost, DeadlineExceeded, RemoteError, TransportError,
 )
 
 
@@ -145,7 +144,7 @@ class EdgeAgent:
         self.estimator = make_estimator(config.estimator, config.initial_bps)
         self.grant_bps = config.initial_bps
         self.metrics = AgentMetrics(config.name, config.policy, config.allocator)
-        self.connection: AsyncConnection | None = None
+        self.connection: Connection | None = None
         self.edge = make_edge(config)
         self.arrival_rate_hz = self.demand().arrival_rate_hz
         self.last_mode = "-"
@@ -172,8 +171,8 @@ class EdgeAgent:
             self.estimator.set_grant(rate_bps)
         self.metrics.grant(rate_bps)
 
-    # --- the loop (a coroutine: its host's event loop runs every agent's at once) --------
-    async def run(self, t0_unix_s: float, recorded: frozenset[int] | None = None) -> int:
+    # --- the loop ----------------------------------------------------------------------
+    def run(self, t0_unix_s: float, recorded: frozenset[int] | None = None) -> int:
         """Serve the arrivals in order (late ones wait, as in a queue); returns rows recorded.
 
         After a restart (Ray retries the host's task on a new process) ``recorded`` holds
@@ -199,21 +198,19 @@ class EdgeAgent:
                                                  "request finished")
                 self.recorder.add.remote("requests", self._finish(row, None))
         done = len(lost)
-        try:
-            if todo:
-                await self.connect()
-            for arrival in todo:
-                wait = t0_unix_s + arrival.t_s - time.time()
-                if wait > 0:
-                    await asyncio.sleep(wait)
-                row = await self.serve(arrival, t0_unix_s)
-                self.recorder.add.remote("requests", row)
-                done += 1
-        finally:
-            self.close()
+        if todo:
+            self.connect()
+        for arrival in todo:
+            wait = t0_unix_s + arrival.t_s - time.time()
+            if wait > 0:
+                time.sleep(wait)
+            row = self.serve(arrival, t0_unix_s)
+            self.recorder.add.remote("requests", row)
+            done += 1
+        self.close()
         return done
 
-    async def connect(self) -> None:
+    def connect(self) -> None:
         """Open the connection to the cloud before the first arrival, as a device keeps one
         open: a handshake inside a request would count as testbed overhead (and a thousand
         agents' first requests would all pay one). One that fails is retried by the first
@@ -221,26 +218,25 @@ class EdgeAgent:
         if self.connection is not None:
             return
         try:
-            self.connection = await self._connection(5.0)
+            self.connection = self._connection(5.0)
         except (TransportError, OSError):
             self.connection = None
 
-    async def _connection(self, connect_timeout_s: float) -> AsyncConnection:
+    def _connection(self, connect_timeout_s: float) -> Connection:
         c = self.config
         # No transport body CRC: a full-fidelity payload carries the wire format's own crc32,
         # and the body CRC costs ~1 ms/MB per side (docs/TRANSPORT.md), which would count as
         # testbed overhead; the frame header stays checked.
-        return await AsyncConnection.open(
-            c.cloud_address, source_netns=c.netns, source_address=c.source_address,
-            abort_on_close=True, connect_timeout_s=connect_timeout_s, body_checksum=False,
-            token=c.token)
+        return Connection(c.cloud_address, source_netns=c.netns, source_address=c.source_address,
+                          abort_on_close=True, connect_timeout_s=connect_timeout_s,
+                          body_checksum=False, token=c.token)
 
     def close(self) -> None:
         if self.connection is not None:
             self.connection.close()
             self.connection = None
 
-    async def serve(self, arrival: Arrival, t0_unix_s: float) -> dict:
+    def serve(self, arrival: Arrival, t0_unix_s: float) -> dict:
         """One request, top to bottom: edge stage (with the decision), send, score."""
         c = self.config
         arrived = t0_unix_s + arrival.t_s
@@ -265,14 +261,7 @@ class EdgeAgent:
                        expected_latency_s=decision.expected_latency_s.get(mode, math.nan))
             return decision if budget > 0 else None
 
-        plan = getattr(self.edge, "plan", None)
-        if plan is not None:  # profiled: the edge time is a wait, which the loop spends
-            outcome, edge_wait_s = plan(arrival, decide)
-            if edge_wait_s > 0:
-                await asyncio.sleep(edge_wait_s)
-        else:  # full: a real model computes, on a thread of its own while the loop goes on
-            outcome = await asyncio.get_running_loop().run_in_executor(
-                None, self.edge.handle, arrival, decide)
+        outcome = self.edge.handle(arrival, decide)
         row.update(prefill_s=outcome.prefill_s, select_s=outcome.select_s,
                    encode_s=outcome.encode_s)
         mode = Mode(row["mode"])
@@ -288,7 +277,7 @@ class EdgeAgent:
             row.update(answer=outcome.answer, latency_s=edge_done - arrived)
             row["overhead_s"] = row["latency_s"] - row["agent_queue_s"] - row["edge_s"]
             return self._score(row, mode, arrival)
-        return await self._send(row, mode, arrival, outcome, t0_unix_s)
+        return self._send(row, mode, arrival, outcome, t0_unix_s)
 
     def _blank_row(self, arrival: Arrival, arrived: float, start: float) -> dict:
         """The request's row before anything happened: a miss until shown otherwise."""
@@ -307,7 +296,7 @@ class EdgeAgent:
             tx_end_unix_s=math.nan, tx_acked_unix_s=math.nan, answer_unix_s=math.nan,
             cloud_model=c.cloud_model)
 
-    async def _send(self, row: dict, mode: Mode, arrival: Arrival, outcome: EdgeOutcome,
+    def _send(self, row: dict, mode: Mode, arrival: Arrival, outcome: EdgeOutcome,
               t0_unix_s: float) -> dict:
         """The payload over the agent's connection with the deadline's time left."""
         c = self.config
@@ -318,8 +307,8 @@ class EdgeAgent:
             if left <= 0:
                 raise DeadlineExceeded("deadline passed during edge compute")
             if self.connection is None:
-                self.connection = await self._connection(min(left, 5.0))
-            response = await self.connection.request(body, deadline_s=left)
+                self.connection = self._connection(min(left, 5.0))
+            response = self.connection.request(body, deadline_s=left)
         except DeadlineExceeded as exc:
             if exc.acked_bytes and exc.sending_s:
                 # A transfer cut off at its deadline still measured the path until then:
@@ -377,26 +366,13 @@ class EdgeAgent:
         return row
 
 
-# Event loops (threads) per edge host, each driving its share of the agents. One loop would
-# hold the fewest threads, but the kernel shares a busy box's CPU among runnable threads: a
-# host's lone loop thread then gets one thread's share for hundreds of agents, and its queue
-# of ready agents grows (measured: docs/TESTBED.md, "Testbed overhead per request").
-LOOPS_PER_HOST = 8
-
-
 class EdgeHost:
-    """Many edge agents in one worker process, all driven by one asyncio event loop.
+    """Many edge agents in one worker process, each on its own thread.
 
     A socket belongs to the namespace it was made in, so one process serves agents of many
     namespaces; the agents share nothing but the process (each its own arrivals, policy,
     estimator, grant and connection). Ray worker processes then grow with hosts, not with
     agents. The allocator asks and tells all of a host's agents in one call each.
-
-    One loop rather than a thread per agent: an agent wakes only when its next arrival is
-    due, its edge time is spent or its socket is ready (its answer's bytes arrived), and no
-    agent waits for the GIL behind hundreds of others; with threads, what the testbed adds
-    to a request grew from 0.6 to 2.1 ms (median) between 300 and 1,000 agents
-    (docs/TESTBED.md, "A cell of 1,000 agents").
     """
 
     def __init__(self, name: str, recorder: Any):
@@ -457,44 +433,21 @@ class EdgeHost:
         if list(self.configs) != list(configs):
             self.prepare(configs)
         recorded = self._recorded() if restarted else None
-        agents = list(self.agents.values())
-        groups = [agents[i::LOOPS_PER_HOST] for i in range(min(LOOPS_PER_HOST, len(agents)))]
         done: dict[str, int] = {}
-        failed: list[BaseException] = []
 
-        def drive(group: list[EdgeAgent]) -> None:
+        def loop(agent: EdgeAgent) -> None:
             try:
-                done.update(asyncio.run(_run_agents(group, self.recorder, t0_unix_s, recorded)))
-            except BaseException as exc:  # noqa: BLE001 -- raised again in the caller's thread
-                failed.append(exc)
+                done[agent.config.name] = agent.run(t0_unix_s, recorded)
+            except Exception as exc:  # noqa: BLE001 -- one agent's failure is its own row
+                self.recorder.add.remote("events", {
+                    "wall_time_s": time.time(), "source": agent.config.name,
+                    "event": "agent_failed", "detail": f"{type(exc).__name__}: {exc}"[:500]})
+                done[agent.config.name] = 0
 
-        loops = [threading.Thread(target=drive, args=(group,), name=f"{self.name}-loop{i}",
-                                  daemon=True) for i, group in enumerate(groups)]
-        for thread in loops:
+        threads = [threading.Thread(target=loop, args=(agent,), name=f"agent-{name}",
+                                    daemon=True) for name, agent in self.agents.items()]
+        for thread in threads:
             thread.start()
-        for thread in loops:
+        for thread in threads:
             thread.join()
-        if failed:
-            raise failed[0]
         return done
-
-
-# A function, not an EdgeHost method: Ray makes an actor with any coroutine method an asyncio
-# actor, whose methods all share one event loop, so ``run`` (blocking until the trial ends)
-# would hold off the allocator's ``demands`` and ``set_grants`` and asyncio.run would refuse.
-async def _run_agents(agents: Iterable[EdgeAgent], recorder: Any, t0_unix_s: float,
-                      recorded: frozenset[int] | None) -> dict[str, int]:
-    """Every agent's loop at once on this thread's event loop; rows per agent."""
-    done: dict[str, int] = {}
-
-    async def loop(agent: EdgeAgent) -> None:
-        try:
-            done[agent.config.name] = await agent.run(t0_unix_s, recorded)
-        except Exception as exc:  # noqa: BLE001 -- one agent's failure is its own row
-            recorder.add.remote("events", {
-                "wall_time_s": time.time(), "source": agent.config.name,
-                "event": "agent_failed", "detail": f"{type(exc).__name__}: {exc}"[:500]})
-            done[agent.config.name] = 0
-
-    await asyncio.gather(*(loop(agent) for agent in agents))
-    return done

@@ -5,8 +5,7 @@
 - ``server``: a threaded server that hands each request to a handler and answers it,
   honouring deadlines and cancellation with bounded memory per connection.
 - ``client``: a persistent connection that sends one request at a time under a deadline
-  and records when the bytes left, were acknowledged and came back; blocking, or on an
-  asyncio loop that drives many connections from one thread.
+  and records when the bytes left, were acknowledged and came back.
 - ``netns``: sockets created inside a named network namespace by a thread of our own.
 
 The body is the core's wire format; this package never parses it. Standard library only.

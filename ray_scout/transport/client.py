@@ -1,29 +1,25 @@
 """The sending side: a persistent connection that sends one request at a time under a deadline.
 
 What lives here: `Connection` (connect, optionally from a network namespace and with a chosen
-TCP congestion control; `request`, blocking its thread) and `AsyncConnection` (the same for an
-asyncio loop, so one thread drives hundreds of connections), the `Response` and `Timeline`
-values, `TcpInfo`, and the errors a caller handles: `DeadlineExceeded`, `ConnectionLost`,
-`RemoteError`.
-What it knows: deadlines (every wait gets the time that is left), cancellation (a CANCEL frame
-for a request given up on), and when the bytes left: `tx_end_unix_s` is when the last byte was
-handed to the kernel; `tx_acked_unix_s` is when the peer had acknowledged every byte, i.e. the
-receiver's TCP had them all. `Connection` sees it as the kernel's unacknowledged-byte count
-(ioctl SIOCOUTQ; TCP_INFO's tcpi_unacked counts segments, not bytes) reaching zero, polled with
-a back-off from 50 us to 2 ms, so it carries that much jitter on long transfers, and None where
-the response started to arrive first; `AsyncConnection` takes the kernel's timestamp of that
-ACK (SO_TIMESTAMPING), with no poll.
+TCP congestion control; `request`), the `Response` and `Timeline` values, `TcpInfo`, and the
+errors a caller handles: `DeadlineExceeded`, `ConnectionLost`, `RemoteError`.
+What it knows: deadlines (every blocking socket call gets the time that is left), cancellation
+(a CANCEL frame for a request given up on), and when the bytes left: `tx_end_unix_s` is when the
+last byte was handed to the kernel (sendall returned); `tx_acked_unix_s` is when the kernel's
+unacknowledged-byte count for the socket (ioctl SIOCOUTQ: bytes written but not yet acked by the
+peer) reached zero, i.e. the receiver's TCP had every byte. SIOCOUTQ rather than TCP_INFO's
+tcpi_unacked because the latter counts segments, not bytes. It is polled with a back-off from
+50 us to 2 ms, so it carries that much jitter on long transfers; it is None where the response
+started to arrive first.
 What it leaves to others: the body (the core's wire format), retries and mode choice (the agent).
 """
 
 from __future__ import annotations
 
-import asyncio
 import errno
 import fcntl
 import itertools
 import math
-import os
 import select
 import socket
 import struct
@@ -31,19 +27,14 @@ import sys
 import termios
 import time
 from dataclasses import dataclass
-from typing import Callable
 
 from ray_scout.transport.framing import (
     DEFAULT_MAX_BODY_BYTES,
     ErrorCode,
-    HEADER_SIZE,
     FrameError,
     MessageType,
-    ReceivedFrame,
     decode_error_body,
     deadline_ms_from_budget,
-    frame_buffers,
-    frame_steps,
     read_frame,
     write_frame,
 )
@@ -170,9 +161,19 @@ class _Receiver:
         return n
 
 
-class _Endpoint:
-    """What the blocking and the event-loop connection share: options, the socket they make,
-    and how they read the server's errors and give a request up. Connects nothing itself."""
+class Connection:
+    """A persistent framed-TCP connection to a `Server`, one request at a time.
+
+    `source_netns` creates the socket inside that network namespace (an agent's edge side);
+    `source_address` binds it to that address first (agents that share a namespace each
+    have their own, which their shaping classes match).
+    `congestion_control` sets TCP_CONGESTION ("cubic", "bbr", "reno"); None keeps the
+    kernel default. The algorithm in use is read back into `.congestion_control`.
+    `body_checksum=False` sends request bodies without a CRC (framing.NO_BODY_CRC: saves
+    about 1 ms per MB on each side; the header CRC stays). `token` is the experiment's
+    token: sent in a HELLO right after each connect (a server with a token drops a connection
+    that does not start with it).
+    """
 
     def __init__(
         self,
@@ -204,6 +205,13 @@ class _Endpoint:
         self._sock: socket.socket | None = None
         self._connect_start = self._connect_end = 0.0
         self._fresh = False
+        self._connect(time.time() + connect_timeout_s)
+
+    def __enter__(self) -> "Connection":
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
 
     @property
     def connected(self) -> bool:
@@ -237,159 +245,26 @@ class _Endpoint:
         self.congestion_control = raw.split(b"\0", 1)[0].decode()
         return sock
 
-    def _connecting(self, deadline_unix_s: float) -> tuple[socket.socket, float]:
-        """A new socket to connect and the seconds the connect may take."""
+    def _connect(self, deadline_unix_s: float) -> None:
         self._connect_start = time.time()
         sock = self._new_socket()
         timeout = min(self.connect_timeout_s, deadline_unix_s - self._connect_start)
         if timeout <= 0:
             sock.close()
             raise DeadlineExceeded(f"no time left to connect to {self.address}")
-        return sock, timeout
-
-    def _not_connected(self, exc: BaseException, deadline_unix_s: float, timeout_s: float) -> TransportError:
-        """What a failed connect raises: the request's deadline, a timeout, or a refusal."""
-        if isinstance(exc, (socket.timeout, _Deadline)):
-            if time.time() >= deadline_unix_s:
-                return DeadlineExceeded(f"deadline passed while connecting to {self.address}")
-            return ConnectionLost(f"connecting to {self.address} timed out after {timeout_s:.2f} s: "
-                                  "is the server up and the route right?")
-        return ConnectionLost(f"cannot connect to {self.address}: {exc}; is the server running?")
-
-    def _lost(self, what: str, exc: BaseException | None = None) -> ConnectionLost:
-        self.close()
-        detail = f" ({exc})" if exc else ""
-        return ConnectionLost(f"connection to {self.address} lost {what}{detail}; the next request reconnects")
-
-    def _remote_error(self, body: bytes | bytearray) -> TransportError:
-        try:
-            code, message = decode_error_body(bytes(body))
-        except FrameError as exc:
-            self.close()
-            return ProtocolError(f"unreadable ERROR frame from {self.address}: {exc}")
-        if code in (ErrorCode.TOO_LARGE, ErrorCode.BAD_FRAME, ErrorCode.SHUTDOWN, ErrorCode.BUSY,
-                    ErrorCode.UNAUTHORIZED, ErrorCode.TIMEOUT):
-            self.close()  # the server closes these connections
-        if code is ErrorCode.DEADLINE:
-            return DeadlineExceeded(message, remote=True)
-        return RemoteError(code, message)
-
-    def _begin(self, deadline_s: float) -> tuple[float, int, bool]:
-        """A request's deadline (unix s), id and whether it reuses the connection; checks
-        the budget. The caller connects first where no connection is open."""
-        if not math.isfinite(deadline_s) or deadline_s <= 0:
-            raise ValueError(f"deadline_s must be a positive number of seconds, got {deadline_s!r}")
-        return time.time() + deadline_s, next(self._ids), not self._fresh
-
-    def _time_left(self, deadline: float, deadline_s: float, request_id: int) -> float:
-        self._fresh = False
-        self.requests += 1
-        left = deadline - time.time()
-        if left <= 0:
-            raise DeadlineExceeded(f"deadline of {deadline_s:.3f} s passed before request {request_id} was sent")
-        return left
-
-    def _cut_off(self, sock: socket.socket, request_id: int, deadline_s: float, size: int,
-                 before: TcpInfo | None, tx_start: float | None) -> DeadlineExceeded:
-        """The deadline hit while sending (``tx_start`` None: before the first byte): part
-        of the frame may be in flight, so the stream cannot carry another frame."""
-        after = tcp_info(sock) if tx_start is not None else None
-        self.close()
-        acked = (after.bytes_acked - before.bytes_acked
-                 if after is not None and before is not None else None)
-        return DeadlineExceeded(
-            f"deadline of {deadline_s:.3f} s passed while sending request {request_id} "
-            f"({size} bytes, {acked if acked is not None else 'unknown'} acked); "
-            "connection closed",
-            acked_bytes=acked, sending_s=time.time() - tx_start if tx_start is not None else None,
-        )
-
-    def _reading_failed(self, exc: Exception, request_id: int, deadline_s: float, consumed: int,
-                        cancel: Callable[[bytes | bytearray | memoryview], None]) -> TransportError:
-        """What waiting for the answer raised (_Deadline, FrameError or OSError) as the caller's error."""
-        if isinstance(exc, _Deadline):
-            outcome = self._give_up(request_id, consumed, cancel)
-            return DeadlineExceeded(f"no answer to request {request_id} within {deadline_s:.3f} s; {outcome}")
-        if isinstance(exc, FrameError):
-            self.close()
-            return ProtocolError(f"bad frame from {self.address}: {exc}; connection dropped")
-        return self._lost(f"while waiting for the answer to request {request_id}", exc)
-
-    def _answer(self, received: ReceivedFrame | None, request_id: int) -> ReceivedFrame | None:
-        """The frame if it answers this request; None for a late answer to an earlier one
-        (discarded); raises for an error, a closed stream or a frame a server never sends."""
-        if received is None:
-            raise self._lost(f"while waiting for the answer to request {request_id} (server closed it)")
-        self.bytes_received += received.size_bytes
-        header = received.frame.header
-        if header.request_id not in (request_id, 0):
-            return None  # the late answer to a request given up on earlier
-        if header.msg_type is MessageType.RESPONSE:
-            return received
-        if header.msg_type is MessageType.ERROR:
-            raise self._remote_error(received.frame.body)
-        self.close()
-        raise ProtocolError(f"server sent a {header.msg_type.name} frame; connection dropped")
-
-    def _give_up(self, request_id: int, consumed: int,
-                 sendall: Callable[[bytes | bytearray | memoryview], None]) -> str:
-        """Tell the server to drop the request (the CANCEL through ``sendall``); returns what
-        was done, for the error message."""
-        if consumed:
-            self.close()
-            return "connection closed (an answer was half read, so the stream is out of step)"
-        try:
-            unacked = _unacked_bytes(self._sock)
-        except OSError:
-            unacked = None  # cannot say: the CANCEL goes, as before
-        if unacked:
-            # Part of the body still waits in the kernel: a CANCEL (and the next request)
-            # would queue behind it, and a link whose rate fell since would carry it for
-            # minutes. Closing with SO_LINGER 0 discards it, as a cancelled send does.
-            self.close()
-            return (f"connection closed ({unacked} bytes of the body were still unacknowledged; "
-                    "a CANCEL would have queued behind them)")
-        try:
-            self.bytes_sent += write_frame(sendall, MessageType.CANCEL, request_id)
-        except OSError:
-            self.close()
-            return "connection closed (the CANCEL could not be sent)"
-        return "sent CANCEL"
-
-
-class Connection(_Endpoint):
-    """A persistent framed-TCP connection to a `Server`, one request at a time; every call
-    blocks its thread (`AsyncConnection` is the same connection for an event loop).
-
-    `source_netns` creates the socket inside that network namespace (an agent's edge side);
-    `source_address` binds it to that address first (agents that share a namespace each
-    have their own, which their shaping classes match).
-    `congestion_control` sets TCP_CONGESTION ("cubic", "bbr", "reno"); None keeps the
-    kernel default. The algorithm in use is read back into `.congestion_control`.
-    `body_checksum=False` sends request bodies without a CRC (framing.NO_BODY_CRC: saves
-    about 1 ms per MB on each side; the header CRC stays). `token` is the experiment's
-    token: sent in a HELLO right after each connect (a server with a token drops a connection
-    that does not start with it).
-    """
-
-    def __init__(self, address: tuple[str, int], **options):
-        super().__init__(address, **options)
-        self._connect(time.time() + self.connect_timeout_s)
-
-    def __enter__(self) -> "Connection":
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
-
-    def _connect(self, deadline_unix_s: float) -> None:
-        sock, timeout = self._connecting(deadline_unix_s)
         sock.settimeout(timeout)
         try:
             sock.connect(self.address)
-        except OSError as exc:  # socket.timeout included
+        except socket.timeout:
             sock.close()
-            raise self._not_connected(exc, deadline_unix_s, timeout) from None
+            if time.time() >= deadline_unix_s:
+                raise DeadlineExceeded(f"deadline passed while connecting to {self.address}") from None
+            raise ConnectionLost(
+                f"connecting to {self.address} timed out after {timeout:.2f} s: is the server up and the route right?"
+            ) from None
+        except OSError as exc:
+            sock.close()
+            raise ConnectionLost(f"cannot connect to {self.address}: {exc}; is the server running?") from None
         if self.token is not None:
             try:  # a few dozen bytes into a fresh socket's buffer: no wait for the peer
                 self.bytes_sent += write_frame(sock.sendall, MessageType.HELLO, 0, self.token)
@@ -400,14 +275,26 @@ class Connection(_Endpoint):
         self._connect_end = time.time()
         self._fresh = True
 
+    def _lost(self, what: str, exc: BaseException | None = None) -> ConnectionLost:
+        self.close()
+        detail = f" ({exc})" if exc else ""
+        return ConnectionLost(f"connection to {self.address} lost {what}{detail}; the next request reconnects")
+
     def request(self, body: bytes | bytearray | memoryview, *, deadline_s: float) -> Response:
         """Send `body`, wait for the answer; `deadline_s` is the budget in seconds from now."""
-        deadline, request_id, reused = self._begin(deadline_s)
+        if not math.isfinite(deadline_s) or deadline_s <= 0:
+            raise ValueError(f"deadline_s must be a positive number of seconds, got {deadline_s!r}")
+        deadline = time.time() + deadline_s
         if self._sock is None:
             self._connect(deadline)
-            reused = False
         sock = self._sock
-        left = self._time_left(deadline, deadline_s, request_id)
+        reused = not self._fresh
+        self._fresh = False
+        request_id = next(self._ids)
+        self.requests += 1
+        left = deadline - time.time()
+        if left <= 0:
+            raise DeadlineExceeded(f"deadline of {deadline_s:.3f} s passed before request {request_id} was sent")
         tx_starts: list[float] = []
         before = tcp_info(sock)
 
@@ -428,8 +315,17 @@ class Connection(_Endpoint):
                 deadline_ms=deadline_ms_from_budget(left), body_crc=self.body_checksum,
             )
         except socket.timeout:
-            raise self._cut_off(sock, request_id, deadline_s, len(body), before,
-                                tx_starts[0] if tx_starts else None) from None
+            # Part of the frame is in flight: the stream cannot carry another frame.
+            after = tcp_info(sock) if tx_starts else None
+            self.close()
+            acked = (after.bytes_acked - before.bytes_acked
+                     if after is not None and before is not None else None)
+            raise DeadlineExceeded(
+                f"deadline of {deadline_s:.3f} s passed while sending request {request_id} "
+                f"({len(body)} bytes, {acked if acked is not None else 'unknown'} acked); "
+                "connection closed",
+                acked_bytes=acked, sending_s=time.time() - tx_starts[0] if tx_starts else None,
+            ) from None
         except OSError as exc:
             raise self._rejected_or_lost(request_id, deadline, exc) from None
         tx_start, tx_end = tx_starts[0], time.time()
@@ -439,15 +335,45 @@ class Connection(_Endpoint):
             receiver = _Receiver(sock, deadline)
             try:
                 received = read_frame(receiver, max_body_bytes=self.max_body_bytes)
-            except (_Deadline, FrameError, OSError) as exc:
-                raise self._reading_failed(exc, request_id, deadline_s, receiver.consumed,
-                                           self._cancel_sendall) from None
-            if self._answer(received, request_id) is not None:
+            except _Deadline:
+                outcome = self._give_up(request_id, receiver.consumed)
+                raise DeadlineExceeded(
+                    f"no answer to request {request_id} within {deadline_s:.3f} s; {outcome}"
+                ) from None
+            except FrameError as exc:
+                self.close()
+                raise ProtocolError(f"bad frame from {self.address}: {exc}; connection dropped") from None
+            except OSError as exc:
+                raise self._lost(f"while waiting for the answer to request {request_id}", exc) from None
+            if received is None:
+                raise self._lost(f"while waiting for the answer to request {request_id} (server closed it)")
+            self.bytes_received += received.size_bytes
+            header = received.frame.header
+            if header.request_id not in (request_id, 0):
+                continue  # the late answer to a request given up on earlier
+            if header.msg_type is MessageType.RESPONSE:
                 timeline = Timeline(
                     self._connect_start, self._connect_end, reused, tx_start, tx_end, tx_acked,
                     received.first_byte_unix_s, received.last_byte_unix_s,
                 )
                 return Response(received.frame.body, request_id, timeline, sent, received.size_bytes, tcp_info(sock))
+            if header.msg_type is MessageType.ERROR:
+                raise self._remote_error(received.frame.body)
+            self.close()
+            raise ProtocolError(f"server sent a {header.msg_type.name} frame; connection dropped")
+
+    def _remote_error(self, body: bytes | bytearray) -> TransportError:
+        try:
+            code, message = decode_error_body(bytes(body))
+        except FrameError as exc:
+            self.close()
+            return ProtocolError(f"unreadable ERROR frame from {self.address}: {exc}")
+        if code in (ErrorCode.TOO_LARGE, ErrorCode.BAD_FRAME, ErrorCode.SHUTDOWN, ErrorCode.BUSY,
+                    ErrorCode.UNAUTHORIZED, ErrorCode.TIMEOUT):
+            self.close()  # the server closes these connections
+        if code is ErrorCode.DEADLINE:
+            return DeadlineExceeded(message, remote=True)
+        return RemoteError(code, message)
 
     def _rejected_or_lost(self, request_id: int, deadline: float, exc: OSError) -> TransportError:
         """A send failed: the server may have said why (TOO_LARGE) before closing."""
@@ -460,9 +386,29 @@ class Connection(_Endpoint):
             return self._remote_error(received.frame.body)
         return self._lost(f"while sending request {request_id}", exc)
 
-    def _cancel_sendall(self, data: bytes | bytearray | memoryview) -> None:
-        self._sock.settimeout(0.1)
-        self._sock.sendall(data)
+    def _give_up(self, request_id: int, consumed: int) -> str:
+        """Tell the server to drop the request; returns what was done, for the error message."""
+        if consumed:
+            self.close()
+            return "connection closed (an answer was half read, so the stream is out of step)"
+        try:
+            unacked = _unacked_bytes(self._sock)
+        except OSError:
+            unacked = None  # cannot say: the CANCEL goes, as before
+        if unacked:
+            # Part of the body still waits in the kernel: a CANCEL (and the next request)
+            # would queue behind it, and a link whose rate fell since would carry it for
+            # minutes. Closing with SO_LINGER 0 discards it, as a cancelled send does.
+            self.close()
+            return (f"connection closed ({unacked} bytes of the body were still unacknowledged; "
+                    "a CANCEL would have queued behind them)")
+        try:
+            self._sock.settimeout(0.1)
+            self.bytes_sent += write_frame(self._sock.sendall, MessageType.CANCEL, request_id)
+        except OSError:
+            self.close()
+            return "connection closed (the CANCEL could not be sent)"
+        return "sent CANCEL"
 
     @staticmethod
     def _wait_acked(sock: socket.socket, deadline: float) -> float | None:
@@ -481,219 +427,6 @@ class Connection(_Endpoint):
                 return None
             interval = min(interval * 2, 2e-3)
 
-
-
-
-# Kernel timestamps of the moment the peer acknowledged each send's last byte (Linux
-# SO_TIMESTAMPING, software stamps, reported on the socket's error queue with the byte
-# offset of that last byte since the option was set): the end of a transfer on the wire,
-# exact, without anyone waking to poll SIOCOUTQ for it.
-_SO_TIMESTAMPING = getattr(socket, "SO_TIMESTAMPING", 37)
-_ACK_STAMPS = (1 << 9) | (1 << 4) | (1 << 7) | (1 << 11)  # TX_ACK, SOFTWARE, OPT_ID, TSONLY
-_SO_EE_ORIGIN_TIMESTAMPING = 4
-_RECVERR = {(socket.SOL_IP, 11), (getattr(socket, "SOL_IPV6", 41), 25)}  # IP(V6)_RECVERR
-
-
-class AsyncConnection(_Endpoint):
-    """`Connection` for an asyncio loop: the same frames, deadlines, CANCEL and close rules,
-    HELLO and errors, on a non-blocking socket that the loop watches, so one thread drives
-    the connections of hundreds of agents and a request wakes only when its socket is ready
-    (its answer's bytes arrived, or room to send).
-
-    Open one with ``await AsyncConnection.open(address, **options)`` (the options of
-    `Connection`), then ``await request(body, deadline_s=...)``.
-    `tx_acked_unix_s` is the kernel's timestamp of the ACK of the body's last byte
-    (SO_TIMESTAMPING), not a poll of SIOCOUTQ; None where the kernel gave none (then the
-    caller estimates it, as for a `Connection` whose answer came first).
-    """
-
-    @classmethod
-    async def open(cls, address: tuple[str, int], **options) -> "AsyncConnection":
-        connection = cls(address, **options)
-        await connection._connect(time.time() + connection.connect_timeout_s)
-        return connection
-
-    def __init__(self, address: tuple[str, int], **options):
-        super().__init__(address, **options)
-        self._stream_bytes = 0  # sent since the ack stamps were switched on (their offsets)
-        self._ack_key: int | None = None  # offset of the last byte of the body in flight
-        self._acked_unix_s: float | None = None
-        self._consumed = 0
-
-    async def _connect(self, deadline_unix_s: float) -> None:
-        sock, timeout = self._connecting(deadline_unix_s)
-        sock.setblocking(False)
-        self._sock = sock
-        try:
-            code = sock.connect_ex(self.address)
-            if code == errno.EINPROGRESS:
-                await self._ready(True, self._connect_start + timeout)
-                code = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-            if code:
-                raise OSError(code, os.strerror(code))
-        except (_Deadline, OSError) as exc:
-            self.close()
-            raise self._not_connected(exc, deadline_unix_s, timeout) from None
-        try:  # valid only once connected (the offsets count from here)
-            sock.setsockopt(socket.SOL_SOCKET, _SO_TIMESTAMPING, _ACK_STAMPS)
-        except OSError:
-            pass  # no stamps on this kernel: tx_acked_unix_s stays None
-        self._stream_bytes = 0
-        if self.token is not None:
-            try:  # a few dozen bytes into a fresh socket's buffer: no wait for the peer
-                self.bytes_sent += write_frame(self._send_now, MessageType.HELLO, 0, self.token)
-            except OSError as exc:
-                self.close()
-                raise ConnectionLost(f"cannot greet {self.address}: {exc}") from None
-        self._connect_end = time.time()
-        self._fresh = True
-
-    async def request(self, body: bytes | bytearray | memoryview, *, deadline_s: float) -> Response:
-        """Send `body`, wait for the answer; `deadline_s` is the budget in seconds from now."""
-        deadline, request_id, reused = self._begin(deadline_s)
-        if self._sock is None:
-            await self._connect(deadline)
-            reused = False
-        sock = self._sock
-        left = self._time_left(deadline, deadline_s, request_id)
-        before = tcp_info(sock)
-        # The body checksum is computed here, so tx_start is the first byte's hand-off.
-        buffers = frame_buffers(MessageType.REQUEST, request_id, body,
-                                deadline_ms=deadline_ms_from_budget(left), body_crc=self.body_checksum)
-        self._acked_unix_s = None
-        self._ack_key = None
-        stream_before = self._stream_bytes
-        tx_start = time.time()
-        try:
-            if tx_start >= deadline:
-                raise _Deadline
-            for buffer in buffers:
-                await self._send_all(buffer, deadline)
-        except _Deadline:
-            started = self._stream_bytes > stream_before
-            raise self._cut_off(sock, request_id, deadline_s, len(body), before,
-                                tx_start if started else None) from None
-        except OSError as exc:
-            raise await self._rejected_or_lost(request_id, deadline, exc) from None
-        tx_end = time.time()
-        sent = HEADER_SIZE + len(body)
-        self.bytes_sent += sent
-        self._ack_key = (self._stream_bytes - 1) % (1 << 32)
-        self._drain_stamps()
-        while True:
-            try:
-                received = await self._read_frame(deadline, self.max_body_bytes)
-            except (_Deadline, FrameError, OSError) as exc:
-                raise self._reading_failed(exc, request_id, deadline_s, self._consumed,
-                                           self._send_now) from None
-            if self._answer(received, request_id) is not None:
-                self._drain_stamps()
-                # On loopback the ACK can come back inside the send call itself: the end of
-                # the transfer is never before its last byte left (tx_end), as a poll saw it.
-                acked = None if self._acked_unix_s is None else max(self._acked_unix_s, tx_end)
-                timeline = Timeline(
-                    self._connect_start, self._connect_end, reused, tx_start, tx_end,
-                    acked, received.first_byte_unix_s, received.last_byte_unix_s,
-                )
-                return Response(received.frame.body, request_id, timeline, sent, received.size_bytes, tcp_info(sock))
-
-    async def _rejected_or_lost(self, request_id: int, deadline: float, exc: OSError) -> TransportError:
-        """A send failed: the server may have said why (TOO_LARGE) before closing."""
-        try:
-            received = await self._read_frame(min(deadline, time.time() + 0.5), 1 << 16)
-        except (_Deadline, FrameError, OSError):
-            received = None
-        if received is not None and received.frame.header.msg_type is MessageType.ERROR:
-            return self._remote_error(received.frame.body)
-        return self._lost(f"while sending request {request_id}", exc)
-
-    def _send_now(self, data: bytes | bytearray | memoryview) -> None:
-        """A small frame (HELLO, CANCEL) into the socket's buffer at once, or OSError."""
-        n = self._sock.send(data)
-        self._stream_bytes += n
-        if n < len(data):
-            raise OSError(errno.EAGAIN, f"only {n} of {len(data)} bytes fit the socket's buffer")
-
-    async def _send_all(self, data: bytes | bytearray | memoryview, deadline: float) -> None:
-        view = memoryview(data)
-        sent = 0
-        while sent < len(view):
-            try:
-                n = self._sock.send(view[sent:])
-            except BlockingIOError:
-                await self._ready(True, deadline)
-                continue
-            sent += n
-            self._stream_bytes += n
-
-    async def _read_frame(self, deadline: float, max_body_bytes: int) -> ReceivedFrame | None:
-        """One frame, waiting on the loop whenever the socket has no bytes yet; the bytes
-        taken so far are in ``_consumed`` (a deadline mid-frame leaves the stream out of step)."""
-        self._consumed = 0
-        steps = frame_steps(max_body_bytes=max_body_bytes)
-        try:
-            view = next(steps)
-            while True:
-                try:
-                    n = self._sock.recv_into(view)
-                except BlockingIOError:
-                    await self._ready(False, deadline)
-                    continue
-                self._consumed += n
-                view = steps.send(n)
-        except StopIteration as done:
-            return done.value
-
-    async def _ready(self, writable: bool, deadline: float) -> None:
-        """Until the socket is readable (or writable), or _Deadline at ``deadline``."""
-        left = deadline - time.time()
-        if left <= 0:
-            raise _Deadline
-        loop = asyncio.get_running_loop()
-        woken = loop.create_future()
-
-        def wake(ready: bool) -> None:
-            if not woken.done():
-                woken.set_result(ready)
-
-        fd = self._sock.fileno()
-        if writable:
-            loop.add_writer(fd, wake, True)
-        else:
-            loop.add_reader(fd, wake, True)
-        timer = loop.call_later(left, wake, False)
-        try:
-            ready = await woken
-        finally:
-            timer.cancel()
-            if writable:
-                loop.remove_writer(fd)
-            else:
-                loop.remove_reader(fd)
-        # An ack stamp in the error queue also wakes the loop (EPOLLERR, for as long as it
-        # waits there): take it, or the next wait would wake at once again.
-        self._drain_stamps()
-        if not ready:
-            raise _Deadline
-
-    def _drain_stamps(self) -> None:
-        """Read the ack stamps waiting in the error queue; keep the body's last byte's."""
-        if self._sock is None:
-            return
-        while True:
-            try:
-                _, ancillary, _, _ = self._sock.recvmsg(0, 512, socket.MSG_ERRQUEUE)
-            except OSError:  # BlockingIOError: the queue is empty
-                return
-            stamp = key = None
-            for level, kind, data in ancillary:
-                if level == socket.SOL_SOCKET and kind == _SO_TIMESTAMPING and len(data) >= 16:
-                    seconds, nanoseconds = struct.unpack_from("qq", data)
-                    stamp = seconds + nanoseconds * 1e-9
-                elif (level, kind) in _RECVERR and len(data) >= 16 and data[4] == _SO_EE_ORIGIN_TIMESTAMPING:
-                    (key,) = struct.unpack_from("I", data, 12)
-            if stamp is not None and key is not None and key == self._ack_key:
-                self._acked_unix_s = stamp
 
 def _unacked_bytes(sock: socket.socket) -> int | None:
     """Bytes written to ``sock`` that its peer has not acknowledged (SIOCOUTQ); None where

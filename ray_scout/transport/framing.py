@@ -50,7 +50,7 @@ import struct
 import time
 import zlib
 from dataclasses import dataclass
-from typing import Callable, Generator
+from typing import Callable
 
 MAGIC = b"RSCT"
 VERSION = 1
@@ -231,59 +231,14 @@ def decode_header(data: bytes | bytearray | memoryview, *, max_body_bytes: int) 
 
 RecvInto = Callable[[memoryview], int]
 
-# The steps of reading one frame, free of I/O: the generator yields the buffer to fill next
-# and is sent how many bytes went into it (0: the stream ended); it returns the frame. A
-# blocking reader (`read_frame`) and an event loop's (transport/client.py) drive the same
-# steps, so both check and time a frame alike.
-FrameSteps = Generator[memoryview, int, "ReceivedFrame | None"]
 
-
-def frame_steps(
-    *,
-    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
-    clock: Callable[[], float] = time.time,
-    on_header: Callable[[Header], None] | None = None,
-) -> FrameSteps:
-    """Read one frame as `read_frame` does, one buffer at a time (see `FrameSteps`)."""
-    head = bytearray(HEADER_SIZE)
-    view = memoryview(head)
-    n = yield view
-    if n == 0:
-        return None
-    first_byte = clock()
-    while n < HEADER_SIZE:
-        k = yield view[n:]
-        if k == 0:
-            raise TruncatedFrame(f"stream ended after {n} of {HEADER_SIZE} header bytes")
-        n += k
-    header = decode_header(head, max_body_bytes=max_body_bytes)
-    if on_header is not None:
-        on_header(header)
-    length = header.body_length
-    body = bytearray(min(length, _FIRST_BODY_BYTES))
-    check = not header.flags & NO_BODY_CRC
-    crc = 0
+def _fill(recv_into: RecvInto, view: memoryview, what: str) -> None:
     got = 0
-    while got < length:
-        if got == len(body):
-            # Doubling keeps the copies amortised to one per byte and the buffer within
-            # twice what was received.
-            body.extend(bytes(min(len(body), length - got)))
-        with memoryview(body) as body_view:
-            chunk = body_view[got : min(len(body), got + _RECV_SLICE_BYTES)]
-            k = yield chunk
-            if k == 0:
-                raise TruncatedFrame(f"stream ended after {got} of {length} body bytes")
-            if check:
-                crc = zlib.crc32(chunk[:k], crc)
-            chunk.release()  # the buffer may grow (extend) only with no view of it left
-        got += k
-    last_byte = clock() if header.body_length else first_byte
-    if check and crc != header.body_crc32:
-        raise BodyChecksumMismatch(
-            f"body checksum mismatch on request {header.request_id}: the body was corrupted in transit"
-        )
-    return ReceivedFrame(Frame(header, body), first_byte, last_byte)
+    while got < len(view):
+        n = recv_into(view[got:])
+        if n == 0:
+            raise TruncatedFrame(f"stream ended after {got} of {len(view)} {what} bytes")
+        got += n
 
 
 def read_frame(
@@ -302,32 +257,45 @@ def read_frame(
     `on_header` runs after the header is parsed and before the body is read (the server uses
     it to apply backpressure); it may raise to abandon the frame.
     """
-    steps = frame_steps(max_body_bytes=max_body_bytes, clock=clock, on_header=on_header)
-    try:
-        view = next(steps)
-        while True:
-            view = steps.send(recv_into(view))
-    except StopIteration as done:
-        return done.value
+    head = bytearray(HEADER_SIZE)
+    view = memoryview(head)
+    n = recv_into(view)
+    if n == 0:
+        return None
+    first_byte = clock()
+    _fill(recv_into, view[n:], "header")
+    header = decode_header(head, max_body_bytes=max_body_bytes)
+    if on_header is not None:
+        on_header(header)
+    length = header.body_length
+    body = bytearray(min(length, _FIRST_BODY_BYTES))
+    check = not header.flags & NO_BODY_CRC
+    crc = 0
+    got = 0
+    while got < length:
+        if got == len(body):
+            # Doubling keeps the copies amortised to one per byte and the buffer within
+            # twice what was received.
+            body.extend(bytes(min(len(body), length - got)))
+        with memoryview(body) as body_view:
+            chunk = body_view[got : min(len(body), got + _RECV_SLICE_BYTES)]
+            k = recv_into(chunk)
+            if k == 0:
+                raise TruncatedFrame(f"stream ended after {got} of {length} body bytes")
+            if check:
+                crc = zlib.crc32(chunk[:k], crc)
+            chunk.release()
+        got += k
+    last_byte = clock() if header.body_length else first_byte
+    if check and crc != header.body_crc32:
+        raise BodyChecksumMismatch(
+            f"body checksum mismatch on request {header.request_id}: the body was corrupted in transit"
+        )
+    return ReceivedFrame(Frame(header, body), first_byte, last_byte)
 
 
 # Below this size header and body go out in one send: one syscall, one segment.
 _COALESCE_BYTES = 64 * 1024
-
-
-def frame_buffers(
-    msg_type: MessageType,
-    request_id: int,
-    body: bytes | bytearray | memoryview = b"",
-    *,
-    deadline_ms: int = 0,
-    body_crc: bool = True,
-) -> list[bytes | bytearray | memoryview]:
-    """What one frame sends, in order: header and body in one buffer when small, else two."""
-    head = encode_header(msg_type, request_id, body, deadline_ms=deadline_ms, body_crc=body_crc)
-    if len(body) <= _COALESCE_BYTES:
-        return [head + bytes(body)]
-    return [head, body]
 
 
 def write_frame(
@@ -340,9 +308,12 @@ def write_frame(
     body_crc: bool = True,
 ) -> int:
     """Send one frame through `sendall` (a socket's); returns the bytes written."""
-    for buffer in frame_buffers(msg_type, request_id, body, deadline_ms=deadline_ms,
-                                body_crc=body_crc):
-        sendall(buffer)
+    head = encode_header(msg_type, request_id, body, deadline_ms=deadline_ms, body_crc=body_crc)
+    if len(body) <= _COALESCE_BYTES:
+        sendall(head + bytes(body))
+    else:
+        sendall(head)
+        sendall(body)
     return HEADER_SIZE + len(body)
 
 

@@ -293,27 +293,20 @@ class ProfiledEdge:
         self.quality = quality
 
     def handle(self, arrival: Arrival, decide: Decide) -> EdgeOutcome:
-        outcome, edge_s = self.plan(arrival, decide)
-        time.sleep(edge_s)
-        return outcome
-
-    def plan(self, arrival: Arrival, decide: Decide) -> tuple[EdgeOutcome, float]:
-        """``handle`` without its sleep: the outcome and the edge seconds still to spend before
-        it is ready, so an event loop serving many agents waits them out without a thread."""
         shape = self.shapes[arrival.context_tokens]
         decision = decide(shape.payload_bytes, shape.latency)
         if decision is None:
-            return EdgeOutcome(None), 0.0
+            return EdgeOutcome(None)
         mode = decision.mode
         if mode not in shape.edge_s:  # Paper B publishes no edge-only time
             return EdgeOutcome(decision, error=f"unanswered: no edge time for {mode.value} "
-                                               "in this fidelity"), 0.0
+                                               "in this fidelity")
+        time.sleep(shape.edge_s[mode])
         if mode == Mode.LOCAL:
-            return EdgeOutcome(decision, answer=""), shape.edge_s[mode]
+            return EdgeOutcome(decision, answer="")
         body = ProfiledRequest(mode, self.cloud_model, shape.context_tokens,
                                shape.selected_tokens, self.new_tokens)
-        return (EdgeOutcome(decision, body=_padded(body, shape.payload_bytes[mode])),
-                shape.edge_s[mode])
+        return EdgeOutcome(decision, body=_padded(body, shape.payload_bytes[mode]))
 
     def score(self, arrival: Arrival, mode: Mode, answer: str) -> Score:
         quality = self.quality.quality(mode)
