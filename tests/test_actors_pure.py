@@ -39,7 +39,7 @@ def test_epoch_ticks_include_every_capacity_change():
 
 
 def test_adaptive_offload_keeps_local_as_the_fallback_only():
-    from ray_scout.actors.edge import make_policy
+    from ray_scout.core.control.policy import make_policy
     from ray_scout.core.control.policy import ModeQuality, PolicyInput, QualityProfile
 
     profile = QualityProfile("same-model", "m", "m", "relative_f1",

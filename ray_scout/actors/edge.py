@@ -30,10 +30,9 @@ from typing import Any, Mapping, Sequence
 from ray_scout.core.control.allocation import Demand, demand_for
 from ray_scout.core.control.estimators import GrantEstimator, make_estimator
 from ray_scout.core.control.policy import (
-    AdaptivePolicy, Decision, LatencyModel, Policy, PolicyInput, QualityProfile,
-    QueueAwarePolicy, StaticPolicy,
+    Decision, LatencyModel, Policy, PolicyInput, QualityProfile, make_policy,
 )
-from ray_scout.core.modes import CLOUD_MODES, Mode
+from ray_scout.core.modes import Mode
 from ray_scout.core.stages.request import Arrival, Edge, EdgeOutcome, RequestShape
 from ray_scout.transport.client import (
     Connection, ConnectionLost, DeadlineExceeded, RemoteError, TransportError,
@@ -73,22 +72,6 @@ class AgentConfig:
     @property
     def fidelity(self) -> str:
         return "full" if self.samples else "profiled"
-
-
-def make_policy(name: str, profile: QualityProfile, safety_margin: float) -> Policy:
-    """``adaptive`` lets ``local`` compete on quality; ``adaptive:offload`` keeps it as the
-    fallback only (Paper B), for pairs whose edge model answers as well as the cloud's;
-    ``adaptive:queue`` also weighs the requests queued and arriving behind this one."""
-    if name == "adaptive":
-        return AdaptivePolicy(profile, safety_margin)
-    if name == "adaptive:offload":
-        return AdaptivePolicy(profile, safety_margin, modes=CLOUD_MODES)
-    if name == "adaptive:queue":
-        return QueueAwarePolicy(profile, safety_margin)
-    if name.startswith("static:"):
-        return StaticPolicy(Mode.parse(name.split(":", 1)[1]), profile)
-    raise ValueError(f"unknown policy {name!r}; use adaptive, adaptive:offload, adaptive:queue "
-                     "or static:<mode>")
 
 
 def typical_demand(name: str, shapes: Mapping[int, RequestShape], arrivals: Sequence[Arrival],

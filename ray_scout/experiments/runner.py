@@ -37,10 +37,11 @@ import pandas as pd
 
 from ray_scout import provenance
 from ray_scout.actors.by_name import ActorByName
-from ray_scout.actors.edge import AgentConfig, make_policy, typical_demand
+from ray_scout.actors.edge import AgentConfig, typical_demand
 from ray_scout.actors.link_manager import LinkChange
 from ray_scout.actors.recorder import read_table
 from ray_scout.core.control.allocation import allocate
+from ray_scout.core.control.policy import make_policy
 from ray_scout.core.stages.profiled import (
     ProfiledService, latency_model, load_timing, profiled_payload_bytes, selected_tokens,
 )

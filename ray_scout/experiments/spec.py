@@ -60,7 +60,9 @@ import yaml
 from ray_scout.core.control import capacity as cap
 from ray_scout.core.control.allocation import OBJECTIVES, AllocationError, allocate
 from ray_scout.core.modes import Mode
-from ray_scout.core.control.policy import ProfileError, QualityProfile, paper_b_profile
+from ray_scout.core.control.policy import (
+    ADAPTIVE_POLICIES, POLICY_NAMES_HINT, ProfileError, QualityProfile, paper_b_profile,
+)
 from ray_scout.net.errors import NetError
 from ray_scout.net.profiles import parse_rate_bps
 from ray_scout.net.topology import MAX_SITE_SIZE
@@ -283,7 +285,7 @@ def _agent_group(doc: dict, i: int) -> AgentGroup:
 
 
 def _policy(name: str, where: str) -> str:
-    if name in ("adaptive", "adaptive:offload", "adaptive:queue"):
+    if name in ADAPTIVE_POLICIES:
         return name
     if name.startswith("static:"):
         try:
@@ -291,8 +293,7 @@ def _policy(name: str, where: str) -> str:
         except ValueError as exc:
             raise SpecError(f"{where}: {exc}") from None
         return f"static:{mode.value}"
-    raise SpecError(f"{where}: {name!r} is not a policy; use adaptive, adaptive:offload, "
-                    "adaptive:queue or static:<mode>")
+    raise SpecError(f"{where}: {name!r} is not a policy; use {POLICY_NAMES_HINT}")
 
 
 def parse_spec(doc: Any, *, base: Path = REPO_ROOT, fidelity: str | None = None) -> Spec:

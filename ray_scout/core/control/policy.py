@@ -461,3 +461,23 @@ class StaticPolicy:
         quality = {m: (self.profile.quality(m) if self.profile else None) for m in latency}
         feasible = tuple(m for m in latency if latency[m] <= request.deadline_s)
         return Decision(self.mode, "static baseline", latency, quality, feasible, rate)
+
+
+ADAPTIVE_POLICIES = ("adaptive", "adaptive:offload", "adaptive:queue")
+POLICY_NAMES_HINT = "adaptive, adaptive:offload, adaptive:queue or static:<mode>"
+
+
+def make_policy(name: str, profile: QualityProfile, safety_margin: float) -> Policy:
+    """The policy a spec names. ``adaptive`` lets ``local`` compete on quality;
+    ``adaptive:offload`` keeps it as the fallback only (Paper B), for pairs whose edge model
+    answers as well as the cloud's; ``adaptive:queue`` also weighs the requests queued and
+    arriving behind this one; ``static:<mode>`` always sends that mode."""
+    if name == "adaptive":
+        return AdaptivePolicy(profile, safety_margin)
+    if name == "adaptive:offload":
+        return AdaptivePolicy(profile, safety_margin, modes=CLOUD_MODES)
+    if name == "adaptive:queue":
+        return QueueAwarePolicy(profile, safety_margin)
+    if name.startswith("static:"):
+        return StaticPolicy(Mode.parse(name.split(":", 1)[1]), profile)
+    raise ValueError(f"unknown policy {name!r}; use {POLICY_NAMES_HINT}")
