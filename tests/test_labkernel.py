@@ -29,10 +29,13 @@ def test_scout_net_lab_kernel_passes_the_guests_console_and_exit_code_back(missi
         kernel = check_lab()
     except LabUnavailable as error:
         missing(str(error))
+    # In the guest: `scout net probe` (what a user runs first), then an exit code of our own.
     run = subprocess.run([sys.executable, "-m", "ray_scout.cli", "net", "lab-kernel", "--", "sh", "-c",
-                          "echo rs-lab-says $(uname -r); exit 3"],
+                          f"{sys.executable} -m ray_scout.cli net probe; exit 3"],
                          capture_output=True, text=True, timeout=300, check=False,
                          cwd=Path(__file__).resolve().parents[1])
     assert run.returncode == 3, run.stderr
-    assert f"rs-lab-says {kernel.release}" in run.stdout, "the guest's own kernel answered, on this console"
+    lines = {line.split(":")[0].strip(): line for line in run.stdout.splitlines()}
+    assert f"kernel {kernel.release}" in run.stdout, "the guest's own kernel answered, on this console"
+    assert "netem" in lines["qdiscs"] and "netem" not in lines["missing"], run.stdout
     assert "exit 3; command started" in run.stderr
