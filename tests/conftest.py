@@ -3,10 +3,9 @@ integration tests (loaded once per session)."""
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
+from ci import in_ci
 
 # Tests marked `netem` run where sch_netem is: here, or in one boot of the netem lab.
 from netem_lab import (  # noqa: F401 - pytest finds hooks by name
@@ -16,10 +15,6 @@ from netem_lab import (  # noqa: F401 - pytest finds hooks by name
 )
 
 torch.set_num_threads(2)
-
-
-def in_ci() -> bool:
-    return os.environ.get("CI", "").lower() in ("true", "1", "yes")
 
 
 @pytest.fixture(scope="session")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -45,3 +46,41 @@ def test_ci_selects_every_marker_the_long_fuzz_included():
     options = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["pytest"]["ini_options"]
     for where in (arguments, str(options.get("addopts", ""))):
         assert not re.search(r"(^|\s)(-m|-k|--deselect|--ignore)\b", where), where
+
+
+def test_in_ci_a_netem_lab_that_cannot_start_fails_the_netem_tests_instead_of_skipping(monkeypatch):
+    import netem_lab
+
+    from ray_scout.net.labkernel import LabUnavailable
+
+    class Item:
+        nodeid = "tests/test_x.py::test_netem"
+
+        def __init__(self):
+            self.markers = []
+
+        def get_closest_marker(self, name):
+            return name == "netem" or None
+
+        def add_marker(self, marker):
+            self.markers.append(marker)
+
+    def no_lab():
+        raise LabUnavailable("qemu-system-x86_64 is not installed")
+
+    monkeypatch.setattr(netem_lab, "_host_has_netem", lambda: False)
+    monkeypatch.setattr(netem_lab, "check_lab", no_lab)
+    monkeypatch.setattr(netem_lab.os, "geteuid", lambda: 0)
+    for ci, skipped in (("true", False), ("", True)):
+        monkeypatch.setenv("CI", ci)
+        config, item = type("Config", (), {"stash": pytest.Stash()})(), Item()
+        netem_lab.pytest_collection_modifyitems(config, [item])
+        assert bool(item.markers) is skipped
+        assert (netem_lab._ITEMS in config.stash) is not skipped
+    monkeypatch.setattr(netem_lab, "run_in_lab", lambda *args, **kwargs: no_lab())
+    monkeypatch.setenv("CI", "true")
+    config.rootpath, config.stash[netem_lab._ITEMS] = TESTS.parent, [item]
+    results = netem_lab._run_lab(config)
+    shutil.rmtree(results["dir"])
+    facts = results["facts"]
+    assert facts["returncode"] is None and "qemu-system-x86_64" in facts["error"] and "CI=true" in facts["error"]

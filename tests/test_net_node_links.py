@@ -231,6 +231,13 @@ def test_netem_under_one_agents_class_delays_that_agent_alone_and_teardown_spare
 
     with in_netns(nodes.netns["cloud"]), IPRoute() as ipr:  # someone else's qdisc on the cloud node
         ipr.tc("add", "netem", index=2, handle=0x10000, params=NetemParams(1000, 0.001))
+    # And on the edge node itself: a clsact on the very interface NodeLinks shapes, and a netem
+    # at the root of another interface (as a node's own tc set-up would have them).
+    with in_netns(nodes.netns["edge"]), IPRoute() as ipr:
+        ipr.tc("add", "clsact", index=2)
+        ipr.link("add", ifname="rs-other", kind="veth", peer="rs-other-p")
+        other = ipr.link_lookup(ifname="rs-other")[0]
+        ipr.tc("add", "netem", index=other, handle=0x10000, params=NetemParams(1000, 0.001))
     flows = [AgentFlow("a0", 5201, 20 * MBIT, Impairment(delay_s=0.02, loss=0.001)),
              AgentFlow("a1", 5202, 20 * MBIT)]
     links = NodeLinks(CLOUD_IP, flows, queue_bytes=200_000, netns=nodes.netns["edge"]).build()
@@ -249,6 +256,10 @@ def test_netem_under_one_agents_class_delays_that_agent_alone_and_teardown_spare
     assert nodes.root_qdisc_handles() != [HTB_MAJOR << 16]
     with in_netns(nodes.netns["cloud"]), IPRoute() as ipr:
         assert [q.get_attr("TCA_KIND") for q in ipr.get_qdiscs(index=2) if q["parent"] == 0xFFFFFFFF] == ["netem"]
+    with in_netns(nodes.netns["edge"]), IPRoute() as ipr:
+        assert "clsact" in {q.get_attr("TCA_KIND") for q in ipr.get_qdiscs(index=2)}
+        assert [(q.get_attr("TCA_KIND"), q["handle"]) for q in ipr.get_qdiscs(index=other)
+                if q["parent"] == 0xFFFFFFFF] == [("netem", 0x10000)]
 
 
 class TwoNodes6(TwoNodes):

@@ -213,9 +213,13 @@ def _command_script(command: list[str], cwd: Path, env: dict[str, str]) -> str:
 def qemu_command(kernel: LabKernel, initramfs: Path, job_dir: Path,
                  shares: list[tuple[Path, bool]], *, memory_mib: int, cpus: int) -> list[str]:
     """The QEMU invocation: TCG, no network device, serial console on stdio, 9p shares
-    (``shares``: host directories mounted at the same path, each with whether it is writable)."""
+    (``shares``: host directories mounted at the same path, each with whether it is writable).
+
+    ``-cpu max``: every feature TCG emulates. numpy 2.x needs x86-64-v2 (SSE4.2, POPCNT);
+    under ``-cpu qemu64`` the guest's Python died of SIGILL importing it.
+    """
     share = "local,security_model=none,multidevs=remap"
-    command = [QEMU, "-accel", "tcg", "-cpu", "qemu64", "-m", str(memory_mib), "-smp", str(cpus),
+    command = [QEMU, "-accel", "tcg", "-cpu", "max", "-m", str(memory_mib), "-smp", str(cpus),
                "-nographic", "-no-reboot", "-nic", "none",
                "-kernel", str(kernel.vmlinuz), "-initrd", str(initramfs),
                *(["-bios", str(QBOOT)] if QBOOT.is_file() else []),
