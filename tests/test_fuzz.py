@@ -16,7 +16,6 @@ import random
 import struct
 import time
 import zlib
-from pathlib import Path
 from typing import Callable
 
 import pytest

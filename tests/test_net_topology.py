@@ -154,7 +154,6 @@ def _class_bytes(shaper) -> dict[int, int]:
 
 
 def test_agents_sharing_a_site_keep_their_own_access_and_bottleneck_classes():
-    import socket
     import threading
 
     from ray_scout.transport.netns import socket_in_netns
