@@ -28,9 +28,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 import pandas as pd
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from ray_scout.provenance import record  # noqa: E402
 
 STAGES = ("presend", "ack_to_cloud_kernel", "cloud_read", "batch_reply", "cloud_send",
           "edge_read")
@@ -75,8 +80,10 @@ def main() -> None:
     parser.add_argument("--json", type=Path, help="write the summaries here (JSON lines)")
     args = parser.parse_args()
     rows = []
+    where = record()  # this analysis's machine and commit; the run's are in its own rows
     for path in args.parquet:
-        row = {"source": str(path), **summary(breakdown(pd.read_parquet(path)))}
+        row = {"source": str(path), **summary(breakdown(pd.read_parquet(path))),
+               "provenance": where}
         rows.append(row)
         print(json.dumps(row))
     if args.json:
