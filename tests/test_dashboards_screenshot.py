@@ -64,18 +64,50 @@ def _scout(env: dict, *args: str) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=120)
 
 
-def _wait_for_jobs_api(dashboard: str, head: subprocess.Popen) -> None:
+class HeadExited(AssertionError):
+    """`ray start --head` ended before its Jobs API answered; the message ends with its output."""
+
+
+def _wait_for_jobs_api(dashboard: str, head: subprocess.Popen, log: Path) -> None:
     from ray.job_submission import JobSubmissionClient
 
     deadline = time.monotonic() + 120
     while True:
-        assert head.poll() is None, f"`ray start --head` exited with {head.returncode}"
+        if head.poll() is not None:
+            raise HeadExited(f"`ray start --head` exited with {head.returncode}:\n"
+                             + log.read_text(errors="replace")[-3000:])
         try:
             JobSubmissionClient(dashboard).list_jobs()
             return
         except Exception:  # noqa: BLE001 - not up yet
             assert time.monotonic() < deadline, f"no Jobs API at {dashboard} after 120 s"
             time.sleep(1)
+
+
+def _start_head(tmp: Path, env: dict, agents: int, attempt: int) -> tuple[subprocess.Popen, str]:
+    """A loopback-only head with a dashboard, its output in ``tmp/head<attempt>.log``; returns
+    it and the dashboard's address once the Jobs API answers."""
+    dashboard_port = _free_port()
+    dashboard = f"http://127.0.0.1:{dashboard_port}"
+    log = tmp / f"head{attempt}.log"
+    # The dashboard agent, which runs submitted jobs, listens on a fixed port (52365) by
+    # default: another Ray of this machine holding it leaves no agent to take the job.
+    with log.open("wb") as out:
+        head = subprocess.Popen(
+            [sys.executable, "-c", "from ray.scripts.scripts import main; main()", "start",
+             "--head", "--block", "--port", str(_free_port()),
+             "--num-cpus", "2", "--resources", json.dumps({"edge": agents, "cloud": 1}),
+             "--include-dashboard", "true", "--dashboard-host", "127.0.0.1",
+             "--dashboard-port", str(dashboard_port),
+             "--dashboard-agent-listen-port", str(_free_port()),
+             "--temp-dir", str(tmp / f"ray{attempt}"), "--disable-usage-stats"],
+            env=env, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        _wait_for_jobs_api(dashboard, head, log)
+    except BaseException:
+        _stop_head(head, tmp)
+        raise
+    return head, dashboard
 
 
 def _stop_head(head: subprocess.Popen, tmp: Path) -> None:
@@ -123,22 +155,16 @@ def test_dashboard_shows_the_job_and_its_actors_with_their_state(ray_temp_dir, m
     # in its own process: Ray reads RAY_AUTH_MODE once per process, so a Ray started here
     # would leave every later Ray of this test session disagreeing with its GCS.
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONPATH": str(REPO)}
-    dashboard_port = _free_port()
-    dashboard = f"http://127.0.0.1:{dashboard_port}"
-    # The dashboard agent, which runs submitted jobs, listens on a fixed port (52365) by
-    # default: another Ray of this machine holding it leaves no agent to take the job.
-    head = subprocess.Popen(
-        [sys.executable, "-c", "from ray.scripts.scripts import main; main()", "start", "--head",
-         "--block", "--port", str(_free_port()),
-         "--num-cpus", "2", "--resources", json.dumps({"edge": agents, "cloud": 1}),
-         "--include-dashboard", "true", "--dashboard-host", "127.0.0.1",
-         "--dashboard-port", str(dashboard_port),
-         "--dashboard-agent-listen-port", str(_free_port()), "--temp-dir", str(tmp / "ray"),
-         "--disable-usage-stats"],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    # Ray 2.60 gives a starting raylet a fixed 30 s to register ("The current node timed out
+    # during startup"), which a loaded 2-core box can miss: a second head then, never a third.
+    try:
+        head, dashboard = _start_head(tmp, env, agents, 1)
+    except HeadExited as first:
+        if "timed out during startup" not in str(first):
+            raise
+        head, dashboard = _start_head(tmp, env, agents, 2)
     job = None
     try:
-        _wait_for_jobs_api(dashboard, head)
         submitted = _scout(env, "submit", str(tmp / "dashboard_screenshot.yaml"), "--address",
                            dashboard, "--results", str(tmp / "results"))
         assert submitted.returncode == 0, submitted.stdout + submitted.stderr
