@@ -63,6 +63,20 @@ def test_interrupted_run_resumes_without_redoing_rows(tmp_path):
     assert len(harness.read_rows(results)) == len(again) == len(rows)
 
 
+def test_a_device_torch_cannot_use_is_refused_before_anything_is_written(tmp_path):
+    results = tmp_path / "rows.csv"
+    with pytest.raises(QualityError, match="--device cuda:99 is not usable here"):
+        harness.measure(tiny_grid(n=1), results, log=lambda _: None, device="cuda:99")
+    assert not results.exists()
+
+
+def test_the_dtype_asked_for_is_what_both_models_run_in(tmp_path):
+    grid = dataclasses.replace(tiny_grid(n=1), cells=(REFERENCE,))
+    lines = []
+    rows = harness.measure(grid, tmp_path / "rows.csv", log=lines.append, dtype="bfloat16")
+    assert len(rows) == 1 and "on cpu (torch.bfloat16)" in lines[0]
+
+
 def test_runs_are_deterministic(tiny_model):
     grid = dataclasses.replace(tiny_grid(n=1), cells=(Cell("random", 0.5, Mode.BF16),))
     first, second = (list(run_grid(grid, tiny_model, tiny_model)) for _ in range(2))

@@ -211,6 +211,9 @@ def _pairs(rows: Sequence[Mapping]) -> list[str]:
 
 # --------------------------------------------------------------------------- command
 
+DTYPES = ("float32", "bfloat16")
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--grid", default="demo",
                         help=f"a named grid ({', '.join(GRIDS)}) or a YAML grid file")
@@ -227,13 +230,35 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="measure nothing: summarize the rows on file")
     parser.add_argument("--threads", type=int, default=2,
                         help="torch CPU threads (1 is faster on a CPU shared with other jobs)")
+    parser.add_argument("--device", default="cpu",
+                        help="torch device the models run on (cpu, cuda, cuda:1); rows do not "
+                             "name it, so keep each device's rows in their own --results file")
+    parser.add_argument("--dtype", choices=DTYPES,
+                        help="the weights' dtype (default: float32 on the CPU, bfloat16 on a "
+                             "GPU; float32 on a GPU computes what the CPU does)")
 
 
-def _load(grid: Grid):
+def checked_device(device: str):
+    """``device`` as a torch device that can hold a tensor, or a QualityError saying why not."""
+    import torch
+
+    try:
+        torch.empty(0, device=device)
+    except (RuntimeError, AssertionError) as error:
+        raise QualityError(f"--device {device} is not usable here ({error}); run on the CPU "
+                           "(--device cpu) or on a machine whose torch sees that device") from None
+    return torch.device(device)
+
+
+def _load(grid: Grid, device: str = "cpu", dtype: str | None = None):
+    import torch
+
     from ray_scout.core.llm import bottleneck, models
 
-    edge = models.load_model(grid.edge_model)
-    cloud = edge if grid.cloud_model == grid.edge_model else models.load_model(grid.cloud_model)
+    where = {"device": checked_device(device), "dtype": getattr(torch, dtype) if dtype else None}
+    edge = models.load_model(grid.edge_model, **where)
+    cloud = (edge if grid.cloud_model == grid.edge_model
+             else models.load_model(grid.cloud_model, **where))
     protected = (bottleneck.protected_layers_for(edge, top_k=grid.protected_top_k,
                                                  group_size=grid.group_size)
                  if grid.needs_protected_layers else ())
@@ -260,14 +285,16 @@ def merge_results(results: Path, others: Sequence[Path]) -> int:
     return append_rows(results, fresh)
 
 
-def measure(grid: Grid, results: Path, *, log=print) -> list[dict]:
+def measure(grid: Grid, results: Path, *, log=print, device: str = "cpu",
+            dtype: str | None = None) -> list[dict]:
     """Run what ``results`` lacks of ``grid`` and return all of the grid's rows."""
     # The runner needs torch and the models: imported here, so --help and --no-run need neither.
     from ray_scout.core.evaluation.harness import run_grid
 
     done = {row_key(r) for r in read_rows(results)}
-    edge, cloud, protected = _load(grid)
-    log(f"{grid.name}: {grid.edge_model} -> {grid.cloud_model}, {len(grid.cells)} cells x "
+    edge, cloud, protected = _load(grid, device, dtype)
+    log(f"{grid.name}: {grid.edge_model} -> {grid.cloud_model} on {edge.device} "
+        f"({next(edge.model.parameters()).dtype}), {len(grid.cells)} cells x "
         f"{grid.n} samples; protected layers {protected or '-'}; {len(done)} rows on file")
     start = time.perf_counter()
     added = append_rows(results, run_grid(
@@ -287,7 +314,8 @@ def run(args: argparse.Namespace) -> int:
     results = args.results or default_results(grid)
     if args.merge:
         print(f"merged {merge_results(results, args.merge)} rows into {results}")
-    rows = grid_rows(read_rows(results), grid) if args.no_run else measure(grid, results)
+    rows = (grid_rows(read_rows(results), grid) if args.no_run
+            else measure(grid, results, device=args.device, dtype=args.dtype))
     write_parquet(read_rows(results), results.with_suffix(".parquet"))
     summary = args.summary or results.with_name(f"{_safe(grid.name)}.md")
     summary.write_text(summary_markdown(rows, grid))
