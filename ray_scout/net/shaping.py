@@ -221,6 +221,7 @@ class LinkShaping:
     congestion_control: str = ""
     congestion_control_scope: str = ""  # 'netns' (namespace default) or 'socket' (pinned per socket)
     offloads_off: bool = False
+    mtu: int = 1500  # bytes, of the link's veth (both ends)
 
     def as_row(self) -> dict:
         return {**self.__dict__, "mechanisms": "+".join(self.mechanisms)}
@@ -405,11 +406,11 @@ class HtbShaper:
         leaf.impairment, leaf.impaired_by, leaf.impaired_at, leaf.backend = Impairment(), None, None, None
 
     def record(self, leaf: LeafClass, link: str, congestion_control: str = "", cc_scope: str = "",
-               offloads_off: bool = False) -> LinkShaping:
+               offloads_off: bool = False, mtu: int = 1500) -> LinkShaping:
         mechanisms = ("htb",) + ((leaf.impaired_by,) if leaf.impaired_by else ())
         return LinkShaping(link, leaf.rate_bps, leaf.queue_bytes, mechanisms, leaf.impairment.delay_s,
                            leaf.impairment.jitter_s, leaf.impairment.mean_loss, congestion_control, cc_scope,
-                           offloads_off)
+                           offloads_off, mtu)
 
     @_in_own_netns
     def read_rates_bps(self) -> dict[int, int]:
