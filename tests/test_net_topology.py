@@ -60,6 +60,11 @@ def test_a_small_mtu_access_link_delivers_its_payload_share_of_the_grant():
     assert find_leftovers(f"rs-{run}-").empty
 
 
+def test_agents_sharing_a_site_must_share_its_mtu():
+    with pytest.raises(NetError, match=r"site 0 have access profiles of MTUs \[200, 1500\]"):
+        LabTopology([load_profile("lab_mtu200"), LAB], LAB, run_id=pid_run_id(), site_size=2)
+
+
 def test_per_agent_share_change_and_name_clash():
     run = pid_run_id()
     with LabTopology([LAB] * 2, LAB, shares_bps=[35_000_000, 15_000_000], run_id=run) as topo:

@@ -11,8 +11,9 @@ the grant changes during a run. The split moves when the capacity changes or, ev
 agent's link turns out to deliver a different share of its grant than planned with (closed
 loop: ``core.control.allocation.delivered_ratio`` over its latest transfers, and
 ``core.control.allocation.share_from_hits`` over its latest requests sent, hit or miss, both read
-from the recorder; the spec's ``closed_loop`` picks both, the first alone or neither); the links and agents are touched only when the split changes. What it leaves to
-others: the strategies (core), shaping (the link managers).
+from the recorder; the spec's ``closed_loop`` picks both, the first alone or neither); the
+links and agents are touched only when the split changes. What it leaves to others: the
+strategies (core), shaping (the link managers).
 """
 
 from __future__ import annotations

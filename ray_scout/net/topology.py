@@ -139,6 +139,11 @@ class LabTopology:
                       for k in range(-(-len(access) // site_size))]
         self.edges = [Edge(f"e{i}", i, self.sites[i // site_size], edge_address(i, site_size),
                            profile, i // site_size) for i, profile in enumerate(access)]
+        for k in range(len(self.sites)):
+            mtus = sorted({e.access.mtu for e in self.edges if e.site == k})
+            if len(mtus) > 1:
+                raise NetError(f"agents sharing site {k} have access profiles of MTUs {mtus}; "
+                               "a site is one veth: give them one MTU, or site_size 1")
         self._shares = shares
         self.cc_scope: dict[str, str] = {}
         self._iprs: dict[str, IPRoute] = {}
@@ -228,12 +233,7 @@ class LabTopology:
             for edge in members[1:]:  # the site's other agents: more addresses on its veth
                 self._iprs[site].addr("add", index=PEER_INDEX, address=edge.address,
                                       prefixlen=24)
-            mtus = {e.access.mtu for e in members}
-            if len(mtus) > 1:
-                raise NetError(f"agents sharing site {k} have access profiles of MTUs "
-                               f"{sorted(mtus)}; a site is one veth: give them one MTU, or "
-                               "site_size 1")
-            if mtus != {DEFAULT_MTU}:  # the link's frames: both ends of its veth
+            if members[0].access.mtu != DEFAULT_MTU:  # the link's frames: both ends of its veth
                 self._iprs[self.bs_netns].link("set", index=FIRST_ACCESS_INDEX + k,
                                                mtu=members[0].access.mtu)
                 self._iprs[site].link("set", index=PEER_INDEX, mtu=members[0].access.mtu)
