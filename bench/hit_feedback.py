@@ -56,7 +56,7 @@ def run(policy, allocator: str, seed: int, feedback: bool, duration_s: float) ->
                    for i in range(4))
     requests, _ = simulate(SimConfig(agents, CapacityTrace.constant(CAPACITY_BPS, duration_s),
                                      policy, allocator=allocator, seed=seed,
-                                     hit_feedback=feedback))
+                                     closed_loop="hits" if feedback else "delivered_rate"))
     slow = requests[requests.agent == "a0"]
     return {"requests": len(requests), "slow_requests": len(slow),
             "hits": requests.deadline_met.mean(), "quality": requests.quality.mean(),

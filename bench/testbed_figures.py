@@ -8,6 +8,8 @@ the per-group and per-estimator tables of a run's results.
     python3 bench/testbed_figures.py estimators --results experiments/results/estimators
     python3 bench/testbed_figures.py paired --results experiments/results/queue_pressure
     python3 bench/testbed_figures.py fidelity --results experiments/results/allocation_congestion
+    python3 bench/testbed_figures.py paired --results experiments/results/closed_loop_slow_link \
+        --arm closed_loop hits off [--agent slow0]
 
 ``transfer``: one edge, one cloud, the access link at each rate (bottleneck 1 Gbit/s), one
 persistent connection; each payload is sent 5 times; the wire time (first byte handed to the
@@ -26,15 +28,18 @@ time); ``--requests`` picks another table of the same run (the simulated one).
 with bootstrap 95% intervals, the median estimate / grant, and the median measured
 throughput / grant of payloads over 1 MB.
 ``paired``: per allocator, policy ``--a`` minus policy ``--b`` (default adaptive:queue minus
-adaptive), or with ``--allocators A B`` per policy allocator A minus allocator B, on the same
+adaptive), or with ``--allocators A B`` per policy allocator A minus allocator B, or with
+``--arm COLUMN A B`` per policy and allocator a swept column's value A minus value B
+(``--agent``: one agent's requests), on the same
 requests (same request ids, and replication in a replicated run: every combination replays
 one workload):
 mean difference of quality and of deadline hits with a paired bootstrap 95% interval and
 the sign-flip permutation p-value (``core.evaluation.metrics.paired_test``).
 ``fidelity``: per (policy, allocator), the emulated hit rate (Wilson 95%) and quality
 (bootstrap 95%) beside the simulated point estimates of the same spec
-(``requests_simulated.csv``), and whether each simulated figure lies inside the emulated
-interval.
+(``requests_simulated.csv``, or ``--simulated``, a simulated sweep's ``requests.parquet``;
+``--by``: per value of swept columns too; ``--agent``: one agent's requests), and whether each
+simulated figure lies inside the emulated interval.
 
 Every result file records ``machine`` (read from /proc: for ``overhead``, ``groups`` and
 ``estimators`` the machine that read the results, not the one that ran the experiment, which
@@ -193,46 +198,66 @@ def _requests(results: Path, requests: Path | None) -> pd.DataFrame:
 
 
 def paired(results: Path, requests: Path | None, a: str, b: str,
-           allocators: list[str] | None = None) -> list[dict]:
+           allocators: list[str] | None = None, arm: list[str] | None = None,
+           agent: str | None = None) -> list[dict]:
     from ray_scout.core.evaluation.metrics import paired_test
 
     r = _requests(results, requests)
+    if agent is not None:
+        r = r[r.agent == agent]
     # A replicated run (a sweep's requests) repeats request ids per replication.
     keys = [k for k in ("replication", "request_id") if k in r.columns]
-    # Policy a minus policy b per allocator, or allocator a minus allocator b per policy.
-    within, arm = ("policy", "allocator") if allocators else ("allocator", "policy")
-    a, b = allocators if allocators else (a, b)
+    # Policy a minus policy b per allocator, allocator a minus allocator b per policy, or
+    # value a minus value b of a swept column per policy and allocator.
+    if arm:
+        (column, a, b), within = arm, ["policy", "allocator"]
+        r = r.assign(**{column: r[column].astype(str)})
+    elif allocators:
+        (a, b), column, within = allocators, "allocator", ["policy"]
+    else:
+        column, within = "policy", ["allocator"]
     rows = []
     for name, g in r.groupby(within, sort=True):
-        left = g[g[arm] == a].set_index(keys)
-        right = g[g[arm] == b].set_index(keys)
+        left = g[g[column] == a].set_index(keys)
+        right = g[g[column] == b].set_index(keys)
         ids = left.index.intersection(right.index)
         if ids.empty:
             continue
-        row = {within: name, "a": a, "b": b, "n": int(len(ids))}
-        for column in ("quality", "deadline_met"):
-            x, y = (t.loc[ids, column].astype(float).to_numpy() for t in (left, right))
+        row = {**dict(zip(within, name)), "a": a, "b": b, "n": int(len(ids))}
+        if arm:
+            row["column"] = column
+        if agent is not None:
+            row["agent"] = agent
+        for metric in ("quality", "deadline_met"):
+            x, y = (t.loc[ids, metric].astype(float).to_numpy() for t in (left, right))
             test = paired_test(x, y)
-            row[column] = dict(a=float(x.mean()), b=float(y.mean()), diff=test.mean_diff,
+            row[metric] = dict(a=float(x.mean()), b=float(y.mean()), diff=test.mean_diff,
                                ci=[test.low, test.high], p_value=test.p_value)
         rows.append(row)
     return rows
 
 
-def fidelity(results: Path) -> list[dict]:
+def fidelity(results: Path, simulated: Path | None = None, by: list[str] | None = None,
+             agent: str | None = None) -> list[dict]:
     from ray_scout.core.evaluation.metrics import bootstrap_ci
     from ray_scout.experiments.report import wilson_ci
 
-    emulated = pd.read_csv(results / "requests.csv")
-    simulated = pd.read_csv(results / "requests_simulated.csv")
+    emulated = _requests(results, None)
+    simulated = _requests(results, simulated or results / "requests_simulated.csv")
+    if agent is not None:
+        emulated, simulated = (t[t.agent == agent] for t in (emulated, simulated))
+    columns = ["policy", "allocator", *(by or [])]
     rows = []
-    for (policy, allocator), g in emulated.groupby(["policy", "allocator"], sort=True):
-        s = simulated[(simulated.policy == policy) & (simulated.allocator == allocator)]
+    for name, g in emulated.groupby(columns, sort=True):
+        s = simulated
+        for column, value in zip(columns, name):
+            s = s[s[column].astype(str) == str(value)]
         hits = g.deadline_met.astype(bool)
         lo, hi = wilson_ci(int(hits.sum()), len(g))
         q, qlo, qhi = bootstrap_ci(g.quality.astype(float).to_numpy())
         sim_hits, sim_q = float(s.deadline_met.astype(bool).mean()), float(s.quality.mean())
-        rows.append(dict(policy=policy, allocator=allocator, n=int(len(g)), n_sim=int(len(s)),
+        rows.append(dict(**dict(zip(columns, name)), **({"agent": agent} if agent else {}),
+                         n=int(len(g)), n_sim=int(len(s)),
                          hits=float(hits.mean()), hits_ci=[lo, hi], quality=q,
                          quality_ci=[qlo, qhi], sim_hits=sim_hits, sim_quality=sim_q,
                          hits_inside=bool(lo <= sim_hits <= hi),
@@ -264,8 +289,17 @@ def main() -> int:
     pa.add_argument("--b", default="adaptive")
     pa.add_argument("--allocators", nargs=2, metavar=("A", "B"),
                     help="allocator A minus allocator B per policy, instead of --a minus --b")
+    pa.add_argument("--arm", nargs=3, metavar=("COLUMN", "A", "B"),
+                    help="a swept column's value A minus value B per policy and allocator "
+                         "(e.g. closed_loop hits off), instead of --a minus --b")
     fi = sub.add_parser("fidelity")
     fi.add_argument("--results", type=Path, required=True)
+    fi.add_argument("--simulated", type=Path,
+                    help="the simulated requests (default: <results>/requests_simulated.csv)")
+    fi.add_argument("--by", nargs="+", default=[],
+                    help="swept columns to compare per value as well (e.g. closed_loop)")
+    for p in (pa, fi):
+        p.add_argument("--agent", help="this agent's requests only")
     for p in (t, o, s, gr, e, pa, fi):
         p.add_argument("--out", type=Path)
     args = parser.parse_args()
@@ -282,9 +316,9 @@ def main() -> int:
         result = {"rows": estimators(args.results)}
     elif args.what == "paired":
         result = {"rows": paired(args.results, args.requests, args.a, args.b,
-                                 args.allocators)}
+                                 args.allocators, args.arm, args.agent)}
     elif args.what == "fidelity":
-        result = {"rows": fidelity(args.results)}
+        result = {"rows": fidelity(args.results, args.simulated, args.by, args.agent)}
     else:
         result = scale(args.agents, args.duration_s)
     result.update(provenance.record())  # the machine as measured, the commit, the load

@@ -32,6 +32,19 @@ def test_htb_split_refuses_more_agents_than_the_minimum_allows():
         split_for_htb(10_000, {"a": 0, "b": 0})
 
 
+def test_a_lab_node_refuses_an_access_profile_with_an_mtu_before_touching_a_link(monkeypatch):
+    # A lab node's access link is its NIC: an mtu in the profile could not be honoured there.
+    # Were the check gone, the manager would shape this host's real interface: refused here.
+    from ray_scout.actors.link_manager import NodeLinkManager
+    from ray_scout.net.node_links import NodeLinks
+
+    monkeypatch.setattr(NodeLinks, "build",
+                        lambda self: pytest.fail("shaped a real interface for an mtu profile"))
+    with pytest.raises(NetError, match=r"\['lab_mtu200'\] set an mtu"):
+        NodeLinkManager("10.0.0.1", {"a0": 5000}, {"a0": "lab_mtu200"}, "lab", 50e6,
+                        {"a0": 25e6})
+
+
 def test_epoch_ticks_include_every_capacity_change():
     trace = CapacityTrace(((0, 1e6), (0.25, 2e6), (1.5, 3e6)), 3.0)
     ticks = tick_times(trace, 0.5, 2.0)

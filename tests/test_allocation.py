@@ -8,8 +8,9 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from ray_scout.core.control.allocation import (
-    AllocationError, Demand, Outcome, _optimal_choice, _Problem, allocate, corrected_demands,
-    delivered_ratio, demand_for, hit_corrected_demands, service_budget_s, share_from_hits,
+    AllocationError, Demand, Outcome, _optimal_choice, _Problem, allocate, closed_loop_demands,
+    corrected_demands, delivered_ratio, demand_for, hit_corrected_demands, service_budget_s,
+    share_from_hits,
 )
 from ray_scout.core.modes import Mode
 from ray_scout.core.control.queueing import hit_probability
@@ -679,6 +680,23 @@ def test_misses_give_an_agent_more_rate_when_the_capacity_has_it():
     assert roomy[1].mode["slow"] == Mode.INT8
     assert (roomy[1].rate_bps["slow"] / roomy[1].rate_bps["fine"]
             > roomy[0].rate_bps["slow"] / roomy[0].rate_bps["fine"])
+
+
+def test_the_closed_loop_switch_picks_which_feedback_corrects_the_demands():
+    # The spec's closed_loop, as the simulator and the Allocator actor both apply it: a link
+    # measured at 90% of its grant, and eight misses at INT8 that 90% does not explain.
+    demands = [_kv_or_scout("slow"), _kv_or_scout("fine")]
+    transfers = {"slow": [(600_000, 0.8 / 0.9, 6 * MBIT)]}
+    missed = {"slow": [Outcome(Mode.INT8, 600_000, 6 * MBIT, False)] * 8}
+    off = closed_loop_demands(demands, transfers, missed, "off")
+    rate = closed_loop_demands(demands, transfers, missed, "delivered_rate")
+    hits = closed_loop_demands(demands, transfers, missed, "hits")
+    assert off == demands
+    assert rate[0].delivered_ratio == pytest.approx(0.9) and rate[0].share_from_hits == 1.0
+    assert hits[0].delivered_ratio == pytest.approx(0.9) and hits[0].share_from_hits < 1.0
+    assert closed_loop_demands(demands, transfers, missed) == hits  # the default
+    with pytest.raises(AllocationError, match="closed loop 'on'; use one of hits"):
+        closed_loop_demands(demands, transfers, missed, "on")
 
 
 def test_hits_as_planned_and_chance_misses_keep_the_share():

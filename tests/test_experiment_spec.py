@@ -48,6 +48,7 @@ def spec_with(**changes):
     (spec_with(agents=[{**BASE["agents"][0], "speed": 3}]), "unknown keys"),
     (spec_with(agents=[{**BASE["agents"][0], "cloud_model": "x"}],
                cloud={"models": {"y": {}}}), "not hosted"),
+    (spec_with(closed_loop="on"), "closed_loop: 'on' is not one of hits, delivered_rate, off"),
     (spec_with(cloud={"max_batch": 0}), "cloud.max_batch: must be > 0"),
     (spec_with(cloud={"batch_window_s": -0.1}), "cloud.batch_window_s: must be >= 0"),
     # Issue 17, defect 5: no upper bounds; count 1e9 took 7.3 GB in 60 s with no message.

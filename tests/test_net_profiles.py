@@ -82,3 +82,18 @@ def test_non_root_gets_told_to_run_as_root(monkeypatch):
     monkeypatch.setattr("os.geteuid", lambda: 1000)
     with pytest.raises(CapabilityError, match="root"):
         probe()
+
+
+@pytest.mark.parametrize("mtu, message", [(64, "must lie in 128..1500"),
+                                          (9000, "must lie in 128..1500"),
+                                          ("200B", "whole number of bytes"),
+                                          (True, "whole number of bytes")])
+def test_an_mtu_off_ethernet_or_not_a_number_is_refused(mtu, message):
+    with pytest.raises(NetError, match=message):
+        profile_from_dict({"name": "x", "rate": "10mbit", "mtu": mtu})
+
+
+def test_a_smaller_mtu_delivers_less_payload_per_shaped_bit():
+    assert profile_from_dict({"rate": "10mbit"}).payload_share == 1.0
+    share = profile_from_dict({"rate": "10mbit", "mtu": 576}).payload_share
+    assert share == pytest.approx((524 / 590) / (1448 / 1514))

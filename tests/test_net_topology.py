@@ -37,6 +37,34 @@ def test_tcp_goodput_matches_the_layer2_ideal_and_teardown_leaves_nothing():
     assert find_leftovers(f"rs-{run}-").empty
 
 
+def test_a_small_mtu_access_link_delivers_its_payload_share_of_the_grant():
+    # netem/lab_mtu200.yaml: frames of 214 B carry 148 B of TCP payload, and the agent's
+    # class on the bottleneck counts every one, so its grant delivers 0.72 of what it
+    # delivers to a 1500-byte link (the simulator's link_share for it). The topology sets
+    # the MTU on both ends of the access veth and records it.
+    run = pid_run_id()
+    small = load_profile("lab_mtu200")
+    assert small.payload_share == pytest.approx((148 / 214) / (1448 / 1514))
+    with LabTopology([small], LAB.with_rate(10_000_000), run_id=run) as topo:
+        mtus = {ns: topo._iprs[ns].get_links(index)[0].get_attr("IFLA_MTU")
+                for ns, index in ((f"rs-{run}-e0", 2), (f"rs-{run}-bs", 10))}
+        with BulkFlow(topo, "e0") as flow:
+            t0 = time.monotonic()
+            time.sleep(2.5)
+        ratio = flow.goodput_bps(t0 + 0.5, t0 + 2.5) / 10_000_000
+        records = {r.link: r for r in topo.shaping()}
+    assert mtus == {f"rs-{run}-e0": 200, f"rs-{run}-bs": 200}
+    assert ratio == pytest.approx(148 / 214, rel=0.03), ratio
+    assert records["e0.up"].mtu == records["e0.down"].mtu == 200
+    assert records["bottleneck.up[e0]"].mtu == 1500
+    assert find_leftovers(f"rs-{run}-").empty
+
+
+def test_agents_sharing_a_site_must_share_its_mtu():
+    with pytest.raises(NetError, match=r"site 0 have access profiles of MTUs \[200, 1500\]"):
+        LabTopology([load_profile("lab_mtu200"), LAB], LAB, run_id=pid_run_id(), site_size=2)
+
+
 def test_per_agent_share_change_and_name_clash():
     run = pid_run_id()
     with LabTopology([LAB] * 2, LAB, shares_bps=[35_000_000, 15_000_000], run_id=run) as topo:

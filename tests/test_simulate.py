@@ -344,7 +344,8 @@ def test_the_allocator_learns_from_misses_what_a_link_never_shows_in_its_transfe
                                       link_share=0.7 if i == 0 else 1.0) for i in range(4))
     runs = {fb: simulate(SimConfig(specs, CapacityTrace.constant(100 * MBIT, 30),
                                    StaticPolicy(Mode.INT4, PROFILE), "quality_max", seed=0,
-                                   hit_feedback=fb)) for fb in (False, True)}
+                                   closed_loop="hits" if fb else "delivered_rate"))
+            for fb in (False, True)}
     (off, off_epochs), (on, on_epochs) = runs[False], runs[True]
     assert (on.request_id == off.request_id).all()
     assert off[off.agent == "a0"].deadline_met.sum() == 0 and (off.agent == "a0").sum() > 8
@@ -357,3 +358,25 @@ def test_the_allocator_learns_from_misses_what_a_link_never_shows_in_its_transfe
     with pytest.raises(SimulationError, match="link_share"):
         simulate(SimConfig((dataclasses.replace(specs[0], link_share=0.0),),
                            CapacityTrace.constant(50 * MBIT, 5), StaticPolicy(Mode.INT4)))
+
+
+def test_the_spec_closed_loop_and_a_small_mtu_access_link_reach_the_simulator():
+    # experiments/closed_loop_slow_link.yaml: slow0's access link has a 200-byte MTU, so the
+    # simulator's link delivers 0.72 of its grant to it; with the spec's closed_loop off the
+    # allocator never learns it (ratios stay 1) and always-INT4 slow0 never hits, with it on
+    # slow0's grant grows and its requests start to hit, on the same arrivals.
+    from ray_scout.experiments.runner import simulated_agents, simulated_trial
+    from ray_scout.experiments.spec import load_spec
+
+    spec = dataclasses.replace(load_spec("closed_loop_slow_link", "simulated"), duration_s=60.0)
+    shares = {a.agent_id: a.link_share for a in simulated_agents(spec)}
+    assert shares["slow0"] == pytest.approx(0.723, abs=0.001) and shares["fast0"] == 1.0
+    runs = {loop: simulated_trial(dataclasses.replace(spec, closed_loop=loop), "static:int4",
+                                  "optimal") for loop in ("off", "hits")}
+    (off, off_epochs), (on, on_epochs) = runs["off"], runs["hits"]
+    assert (on.request_id == off.request_id).all()
+    assert (off_epochs.delivered_ratio == 1.0).all()
+    assert off[off.agent == "slow0"].deadline_met.sum() == 0
+    assert on[on.agent == "slow0"].deadline_met.sum() >= 3
+    grants = on_epochs[on_epochs.agent == "slow0"].rate_bps
+    assert grants.iloc[-1] > 1.1 * grants.iloc[0]

@@ -11,8 +11,9 @@ the grant changes during a run. The split moves when the capacity changes or, ev
 agent's link turns out to deliver a different share of its grant than planned with (closed
 loop: ``core.control.allocation.delivered_ratio`` over its latest transfers, and
 ``core.control.allocation.share_from_hits`` over its latest requests sent, hit or miss, both read
-from the recorder); the links and agents are touched only when the split changes. What it leaves to
-others: the strategies (core), shaping (the link managers).
+from the recorder; the spec's ``closed_loop`` picks both, the first alone or neither); the
+links and agents are touched only when the split changes. What it leaves to others: the
+strategies (core), shaping (the link managers).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import time
 from typing import Any
 
 from ray_scout.core.control.allocation import (
-    HIT_FEEDBACK_REQUESTS, Outcome, allocate, corrected_demands, hit_corrected_demands,
+    CLOSED_LOOPS, HIT_FEEDBACK_REQUESTS, Outcome, allocate, closed_loop_demands,
 )
 from ray_scout.core.control.capacity import CapacityTrace
 from ray_scout.core.modes import Mode
@@ -68,13 +69,17 @@ class Allocator:
 
     def __init__(self, strategy: str, trace: CapacityTrace, epoch_s: float, duration_s: float,
                  hosts: list[Any], link_managers: list[Any], recorder: Any,
-                 objective: str = "expected_hits"):
+                 objective: str = "expected_hits", closed_loop: str = "hits"):
         from ray.util import metrics
 
         if epoch_s <= 0:
             raise ValueError(f"epoch_s must be positive, not {epoch_s}")
+        if closed_loop not in CLOSED_LOOPS:
+            raise ValueError(f"closed_loop must be one of {', '.join(CLOSED_LOOPS)}, "
+                             f"not {closed_loop!r}")
         self.strategy = strategy
         self.objective = objective
+        self.closed_loop = closed_loop  # core.control.allocation.CLOSED_LOOPS
         self.trace = trace
         self.epoch_s = epoch_s
         self.duration_s = duration_s
@@ -134,8 +139,8 @@ class Allocator:
                     sent = sent_outcome(row) if row.get("agent") in outcomes else None
                     if sent is not None:
                         outcomes[row["agent"]].append(sent)
-                corrected = hit_corrected_demands(corrected_demands(demands, transfers),
-                                                  outcomes)
+                corrected = closed_loop_demands(demands, transfers, outcomes,
+                                                self.closed_loop)
                 changed |= corrected != demands  # a delivered_ratio moved
                 demands = corrected
             decide_start = time.perf_counter()

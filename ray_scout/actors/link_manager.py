@@ -22,7 +22,9 @@ from typing import Mapping
 
 from ray_scout.net.errors import NetError
 from ray_scout.net.node_links import AgentFlow, NodeLinks, path_impairment
-from ray_scout.net.profiles import MIN_RATE_BPS, Impairment, LinkProfile, load_profile
+from ray_scout.net.profiles import (
+    DEFAULT_MTU, MIN_RATE_BPS, Impairment, LinkProfile, load_profile,
+)
 from ray_scout.net.shaping import NetemBackend
 from ray_scout.net.topology import (
     AUTO, CLOUD_ADDRESS, EMULATOR_REALTIME_PRIORITY, LabTopology,
@@ -174,6 +176,10 @@ class NodeLinkManager(_ChangeLog):
                            "impairment netem, auto or none")
         neck = load_profile(bottleneck)
         profiles = {name: access_profile(access[name], access_rate_bps) for name in ports}
+        small = sorted({p.name for p in profiles.values() if p.mtu != DEFAULT_MTU})
+        if small:
+            raise NetError(f"access profiles {small} set an mtu: only the lab-in-a-box sets an "
+                           "access link's MTU (on a lab node it is the NIC's); drop mtu there")
         self.access_bps = {name: profiles[name].up.rate_bps for name in ports}
         split = self._split(capacity_bps, rates_bps)
         flows = [AgentFlow(name, port, split[name],

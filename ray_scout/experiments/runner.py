@@ -498,7 +498,8 @@ class Testbed:
             allocator, trace, spec.epoch_s, spec.duration_s,
             [ActorByName(n) for n in self.host_names],
             [ActorByName(n) for n in links.manager_names],
-            ActorByName(self.prefix + "recorder"), objective=spec.allocation_objective)
+            ActorByName(self.prefix + "recorder"), objective=spec.allocation_objective,
+            closed_loop=spec.closed_loop)
         ray.get(alloc.__ray_ready__.remote())  # its process is up before the clock starts
         errors = []
         try:
@@ -765,11 +766,14 @@ def simulated_agents(spec: Spec) -> tuple:
     for name, g in spec.groups_by_agent().items():
         table = {t: s.payload_bytes for t, s in shapes[g.name].items()}
         median = sorted(g.context_tokens)[len(g.context_tokens) // 2]
-        access = spec.access_rate_bps or load_profile(g.access).up.rate_bps
+        profile = load_profile(g.access)
         agents.append(AgentSpec(name, g.arrival_rate_hz, g.deadline_s, table.__getitem__,
                                 quality_profile(spec, g), shapes[g.name][median].latency,
-                                g.context_tokens, access_rate_bps=access,
-                                schedule=tuple((a.t_s, a.context_tokens) for a in work[name])))
+                                g.context_tokens,
+                                access_rate_bps=spec.access_rate_bps or profile.up.rate_bps,
+                                schedule=tuple((a.t_s, a.context_tokens) for a in work[name]),
+                                # A smaller MTU: every shaper counts more header per payload.
+                                link_share=profile.payload_share))
     return tuple(agents)
 
 
@@ -785,6 +789,7 @@ def simulated_trial(spec: Spec, policy: str, allocator: str,
                                  simulated_estimator(spec), epoch_s=spec.epoch_s,
                                  duration_s=spec.duration_s, seed=spec.seed,
                                  objective=spec.allocation_objective,
+                                 closed_loop=spec.closed_loop,
                                  # A spec's rates are the lab's: HTB rates of whole frames.
                                  delivered_ratio=TCP_PAYLOAD_PER_FRAME))
     return (req.assign(policy=policy, allocator=allocator),

@@ -39,8 +39,7 @@ import numpy as np
 import pandas as pd
 
 from ray_scout.core.control.allocation import (
-    HIT_FEEDBACK_REQUESTS, Outcome, allocate, corrected_demands, demand_for,
-    hit_corrected_demands,
+    CLOSED_LOOPS, HIT_FEEDBACK_REQUESTS, Outcome, allocate, closed_loop_demands, demand_for,
 )
 from ray_scout.core.control.capacity import CapacityTrace
 from ray_scout.core.control.estimators import GrantEstimator, make_estimator
@@ -96,9 +95,9 @@ class SimConfig:
     ``objective``: the allocation objective (``allocation.OBJECTIVES``).
     ``delivered_ratio``: payload bits a link delivers per bit of its rate (1: a fluid link;
     a shaped Ethernet link delivers TCP payload only, ``net.profiles.TCP_PAYLOAD_PER_FRAME``).
-    ``hit_feedback``: the allocator corrects each agent's demand from its latest hits
-    (``allocation.hit_corrected_demands``) as well as from its delivered rate; off, from the
-    delivered rate alone (the earlier closed loop, for comparison).
+    ``closed_loop``: what the allocator corrects each agent's demand from
+    (``allocation.closed_loop_demands``): ``hits``, its latest hits as well as its delivered
+    rate; ``delivered_rate``, the delivered rate alone (the earlier loop); ``off``, nothing.
     """
 
     agents: tuple[AgentSpec, ...]
@@ -112,7 +111,7 @@ class SimConfig:
     seed: int = 0
     objective: str = "expected_hits"
     delivered_ratio: float = 1.0
-    hit_feedback: bool = True
+    closed_loop: str = "hits"
 
 
 def linear_payloads(reference_bytes: Mapping[Mode, int], reference_tokens: int) -> PayloadFn:
@@ -190,6 +189,9 @@ class _Sim:
         if not 0 < cfg.delivered_ratio <= 1:
             raise SimulationError(f"delivered_ratio must lie in (0, 1], not "
                                   f"{cfg.delivered_ratio}")
+        if cfg.closed_loop not in CLOSED_LOOPS:
+            raise SimulationError(f"closed_loop must be one of {', '.join(CLOSED_LOOPS)}, "
+                                  f"not {cfg.closed_loop!r}")
         for a in cfg.agents:
             if not 0 < a.link_share <= 1:
                 raise SimulationError(f"agent {a.agent_id}: link_share must lie in (0, 1], "
@@ -296,9 +298,8 @@ class _Sim:
                                             planned_mode="", objective=math.nan,
                                             delivered_ratio=math.nan))
         else:
-            self.demands = corrected_demands(self.demands, self.transfers)
-            if self.cfg.hit_feedback:
-                self.demands = hit_corrected_demands(self.demands, self.outcomes)
+            self.demands = closed_loop_demands(self.demands, self.transfers, self.outcomes,
+                                               self.cfg.closed_loop)
             alloc = allocate(self.cfg.allocator, self.demands, capacity, self.cfg.objective)
             ratio = {d.agent_id: d.delivered_ratio for d in self.demands}
             for a in self.agents:

@@ -36,6 +36,8 @@ Schema (units in the values: ``50mbit``; times in seconds)::
                static:int4, static:scout]
     allocators: [equal, model_aware, greedy, quality_max, optimal]
     allocation_objective: expected_hits | mean_response   # docs/POLICY.md, Allocation
+    closed_loop: hits | delivered_rate | off   # what the allocator corrects its plan from
+                                  # between splits (docs/POLICY.md, Closed loop; default hits)
     safety_margin: 0.1
     baseline: static:int4         # optional: verdicts judge every policy against it too
     sweep:                        # optional (``plan``): dotted keys, one trial per point x
@@ -58,7 +60,9 @@ import numpy as np
 import yaml
 
 from ray_scout.core.control import capacity as cap
-from ray_scout.core.control.allocation import OBJECTIVES, AllocationError, allocate
+from ray_scout.core.control.allocation import (
+    CLOSED_LOOPS, OBJECTIVES, AllocationError, allocate,
+)
 from ray_scout.core.modes import Mode
 from ray_scout.core.control.policy import (
     ADAPTIVE_POLICIES, POLICY_NAMES_HINT, ProfileError, QualityProfile, paper_b_profile,
@@ -93,7 +97,7 @@ MAX_NEW_TOKENS = 32_768
 TOP_KEYS = frozenset({"name", "description", "fidelity", "duration_s", "seed", "epoch_s",
                       "network", "capacity", "cloud", "agents", "policies", "allocators",
                       "safety_margin", "baseline", "sweep", "replications", "companion",
-                      "allocation_objective"})
+                      "allocation_objective", "closed_loop"})
 NETWORK_KEYS = frozenset({"bottleneck", "impairment", "borrow", "access_rate", "site_size"})
 CAPACITY_KEYS = frozenset({"kind", "rate", "states", "step_s", "segments", "path", "window_s",
                            "seed"})
@@ -146,6 +150,7 @@ class Spec:
     cloud_batch_window_s: float = 0.0
     site_size: int = 1  # agents per edge namespace in the lab-in-a-box
     allocation_objective: str = "expected_hits"
+    closed_loop: str = "hits"  # core.control.allocation.CLOSED_LOOPS
     baseline: str | None = None  # the policy every other is judged against (besides the
     # best static arm); see ``verdict``
 
@@ -371,6 +376,7 @@ def _parse_spec(doc: Any, base: Path, fidelity: str | None) -> Spec:
                                 "network.site_size", True)),
         allocation_objective=_known(str(doc.get("allocation_objective", "expected_hits")),
                                     OBJECTIVES, "allocation_objective"),
+        closed_loop=_known(str(doc.get("closed_loop", "hits")), CLOSED_LOOPS, "closed_loop"),
         baseline=baseline)
     if spec.site_size > MAX_SITE_SIZE:
         raise SpecError(f"network.site_size: at most {MAX_SITE_SIZE} agents share a site, "

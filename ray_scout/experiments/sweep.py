@@ -112,8 +112,11 @@ def _run_emulated(plan: Plan, todo: list[Trial], ledger: Ledger, out: Path, bar,
 
     by_point: dict[tuple, list[Trial]] = {}
     for trial in todo:
-        by_point.setdefault((trial.point.index, trial.point.replication), []).append(trial)
-    points = list(by_point.values())
+        by_point.setdefault((trial.point.replication, trial.point.index), []).append(trial)
+    # Replication-major: the points of one workload run one after another, so a drift of
+    # the host's load over the sweep falls on every point of a paired comparison alike,
+    # not on all replications of one point.
+    points = [by_point[key] for key in sorted(by_point)]
     # One Ray for the sweep (run_emulated reuses a running one), sized for its largest point:
     # a local Ray's ``edge`` resources are one per agent.
     largest = max((t.point.spec for t in todo), key=lambda spec: len(spec.agent_names))

@@ -21,6 +21,7 @@ YAML shape (every key optional except ``rate``; ``up``/``down`` override per dir
     loss: 0.1%
     queue: 60ms
     congestion_control: cubic
+    mtu: 1500                     # bytes; smaller frames carry less payload per shaped bit
     # netem only (the emulator backends refuse them):
     delay_correlation: 25%
     loss_model: {p_good_to_bad: 1%, p_bad_to_good: 30%, loss_bad: 100%}  # instead of loss
@@ -47,6 +48,12 @@ FRAME_BYTES = 1514  # Ethernet frame of a 1500-byte MTU packet, as HTB counts it
 # TCP payload of such a frame (20 B IP, 20 B TCP, 12 B timestamp option): what an application
 # gets of a shaped rate, 1448/1514 = 0.956 (the lab measures 0.953-0.959, docs/TESTBED.md).
 TCP_PAYLOAD_PER_FRAME = 1448 / FRAME_BYTES
+ETHERNET_HEADER_BYTES = 14
+TCP_IP_HEADER_BYTES = 52  # IP 20, TCP 20, timestamp option 12
+DEFAULT_MTU = 1500
+# Below this a TCP segment would carry less payload than its headers (and Linux's
+# tcp_min_snd_mss of 48 is near); above it, not Ethernet.
+MIN_MTU = 128
 MIN_QUEUE_BYTES = 10 * FRAME_BYTES
 MIN_QUEUE_S = 0.020
 JITTER_DISTRIBUTIONS = ("uniform", "normal", "pareto", "paretonormal")
@@ -231,6 +238,21 @@ class LinkProfile:
     up: Direction
     down: Direction
     congestion_control: str = "cubic"
+    mtu: int = DEFAULT_MTU  # bytes of IP packet; set on both ends of the link's veth
+
+    def __post_init__(self) -> None:
+        if not MIN_MTU <= self.mtu <= DEFAULT_MTU:
+            raise NetError(f"profile {self.name}: mtu {self.mtu} must lie in "
+                           f"{MIN_MTU}..{DEFAULT_MTU} bytes")
+
+    @property
+    def payload_share(self) -> float:
+        """TCP payload this link's frames carry per shaped bit, relative to a 1500-byte MTU
+        link's (1): every shaper on the path counts the smaller frames' headers too, so a link
+        of MTU 200 delivers (148/214)/(1448/1514) = 0.72 of what its grant delivers on
+        another link (the simulator's ``AgentSpec.link_share``)."""
+        payload = (self.mtu - TCP_IP_HEADER_BYTES) / (self.mtu + ETHERNET_HEADER_BYTES)
+        return payload / TCP_PAYLOAD_PER_FRAME
 
     def with_rate(self, rate_bps: int) -> LinkProfile:
         """The same link at another rate in both directions (queues keep their byte size)."""
@@ -287,12 +309,16 @@ def profile_from_dict(spec: dict, name: str | None = None) -> LinkProfile:
         raise NetError(f"a link profile is a mapping with at least 'rate'; got {type(spec).__name__}")
     name = str(spec.get("name", name or "unnamed"))
     shared = {k: v for k, v in spec.items() if k in _KEYS}
-    extra = set(spec) - _KEYS - {"name", "description", "up", "down", "congestion_control"}
+    extra = set(spec) - _KEYS - {"name", "description", "up", "down", "congestion_control", "mtu"}
     if extra:
         raise NetError(f"profile {name}: unknown keys {sorted(extra)}")
     up = _direction({**shared, **(spec.get("up") or {})}, f"profile {name} (up)")
     down = _direction({**shared, **(spec.get("down") or {})}, f"profile {name} (down)")
-    return LinkProfile(name, up, down, str(spec.get("congestion_control", "cubic")))
+    mtu = spec.get("mtu", DEFAULT_MTU)
+    if isinstance(mtu, bool) or not isinstance(mtu, int):
+        raise NetError(f"profile {name}: mtu is a whole number of bytes, e.g. mtu: 1500, "
+                       f"not {mtu!r}")
+    return LinkProfile(name, up, down, str(spec.get("congestion_control", "cubic")), mtu)
 
 
 def load_profile(name_or_path: str | Path) -> LinkProfile:

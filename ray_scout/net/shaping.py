@@ -35,7 +35,7 @@ from pyroute2.netlink.rtnl.tcmsg import plugins as tc_plugins, sched_pfifo
 from ray_scout.net.errors import NETEM_MISSING, CapabilityError, NetError
 from ray_scout.net.namespaces import in_netns
 from ray_scout.net.netem import NetemParams
-from ray_scout.net.profiles import FRAME_BYTES, Impairment, check_rate_bps
+from ray_scout.net.profiles import DEFAULT_MTU, FRAME_BYTES, Impairment, check_rate_bps
 
 # pyroute2 0.9.7 has no bfifo plugin and silently sends unknown kinds to the root (replacing
 # HTB). bfifo's options are pfifo's struct (tc_fifo_qopt.limit), only counted in bytes.
@@ -221,6 +221,7 @@ class LinkShaping:
     congestion_control: str = ""
     congestion_control_scope: str = ""  # 'netns' (namespace default) or 'socket' (pinned per socket)
     offloads_off: bool = False
+    mtu: int = DEFAULT_MTU  # bytes, of the link's veth (both ends)
 
     def as_row(self) -> dict:
         return {**self.__dict__, "mechanisms": "+".join(self.mechanisms)}
@@ -405,11 +406,11 @@ class HtbShaper:
         leaf.impairment, leaf.impaired_by, leaf.impaired_at, leaf.backend = Impairment(), None, None, None
 
     def record(self, leaf: LeafClass, link: str, congestion_control: str = "", cc_scope: str = "",
-               offloads_off: bool = False) -> LinkShaping:
+               offloads_off: bool = False, mtu: int = DEFAULT_MTU) -> LinkShaping:
         mechanisms = ("htb",) + ((leaf.impaired_by,) if leaf.impaired_by else ())
         return LinkShaping(link, leaf.rate_bps, leaf.queue_bytes, mechanisms, leaf.impairment.delay_s,
                            leaf.impairment.jitter_s, leaf.impairment.mean_loss, congestion_control, cc_scope,
-                           offloads_off)
+                           offloads_off, mtu)
 
     @_in_own_netns
     def read_rates_bps(self) -> dict[int, int]:

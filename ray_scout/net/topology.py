@@ -41,7 +41,9 @@ from ray_scout.net import PREFIX
 from ray_scout.net.backends import default_impairment_backend
 from ray_scout.net.errors import NetError, require_root
 from ray_scout.net.namespaces import add_veth, address_up, create_netns, in_netns, offloads_off, write_sysctl
-from ray_scout.net.profiles import MAX_RATE_BPS, Direction, LinkProfile, check_rate_bps
+from ray_scout.net.profiles import (
+    DEFAULT_MTU, MAX_RATE_BPS, Direction, LinkProfile, check_rate_bps,
+)
 from ray_scout.net.owner import Ownership
 from ray_scout.net.probe import probe
 from ray_scout.net.shaping import HtbShaper, ImpairmentBackend, LeafClass, LinkShaping, Match, Port
@@ -137,6 +139,11 @@ class LabTopology:
                       for k in range(-(-len(access) // site_size))]
         self.edges = [Edge(f"e{i}", i, self.sites[i // site_size], edge_address(i, site_size),
                            profile, i // site_size) for i, profile in enumerate(access)]
+        for k in range(len(self.sites)):
+            mtus = sorted({e.access.mtu for e in self.edges if e.site == k})
+            if len(mtus) > 1:
+                raise NetError(f"agents sharing site {k} have access profiles of MTUs {mtus}; "
+                               "a site is one veth: give them one MTU, or site_size 1")
         self._shares = shares
         self.cc_scope: dict[str, str] = {}
         self._iprs: dict[str, IPRoute] = {}
@@ -226,6 +233,10 @@ class LabTopology:
             for edge in members[1:]:  # the site's other agents: more addresses on its veth
                 self._iprs[site].addr("add", index=PEER_INDEX, address=edge.address,
                                       prefixlen=24)
+            if members[0].access.mtu != DEFAULT_MTU:  # the link's frames: both ends of its veth
+                self._iprs[self.bs_netns].link("set", index=FIRST_ACCESS_INDEX + k,
+                                               mtu=members[0].access.mtu)
+                self._iprs[site].link("set", index=PEER_INDEX, mtu=members[0].access.mtu)
             self._iprs[site].route("add", dst="10.77.0.0/16", gateway=f"10.77.{k + 1}.1")
 
     def _cc(self, name: str) -> str:
@@ -317,8 +328,8 @@ class LabTopology:
             self._impair(down, edge.access.down, gateway, edge.address, f"10.77.{edge.index + 1}.0/24",
                          edge.netns, edge_end)
             self.uplinks[edge.name], self.downlinks[edge.name] = up.shaper, down.shaper
-            self._record(up, f"{edge.name}.up", edge.netns)
-            self._record(down, f"{edge.name}.down", edge.netns)
+            self._record(up, f"{edge.name}.up", edge.netns, edge.access.mtu)
+            self._record(down, f"{edge.name}.down", edge.netns, edge.access.mtu)
 
     def _shape_sites(self) -> None:
         """Agents share a site's veth: each its own HTB class on either end (its access link).
@@ -356,11 +367,12 @@ class LabTopology:
                         self._impaired.append((leaf, leaf.shaper.impair(
                             leaf, direction.impairment, self.impairment)))
                 self.uplinks[edge.name], self.downlinks[edge.name] = up, down
-                self._record(up_leaf, f"{edge.name}.up", site)
-                self._record(down_leaf, f"{edge.name}.down", site)
+                self._record(up_leaf, f"{edge.name}.up", site, a.mtu)
+                self._record(down_leaf, f"{edge.name}.down", site, a.mtu)
 
-    def _record(self, leaf: LeafClass, link: str, ns: str) -> None:
-        self._records.append(leaf.shaper.record(leaf, link, self._cc(ns), self.cc_scope[ns], self.disable_offloads))
+    def _record(self, leaf: LeafClass, link: str, ns: str, mtu: int = DEFAULT_MTU) -> None:
+        self._records.append(leaf.shaper.record(leaf, link, self._cc(ns), self.cc_scope[ns],
+                                                self.disable_offloads, mtu))
 
     def shaping(self) -> list[LinkShaping]:
         """One record per shaped direction, as built (rates as first set)."""

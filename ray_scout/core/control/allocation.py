@@ -341,6 +341,27 @@ def hit_corrected_demands(demands: Sequence[Demand],
     return out
 
 
+# What the allocator corrects each agent's demand from between splits
+# (``closed_loop_demands``): its delivered rate and its hits (the default), its delivered
+# rate alone (the earlier loop), or nothing (the plan stays as the agents reported it).
+CLOSED_LOOPS = ("hits", "delivered_rate", "off")
+
+
+def closed_loop_demands(demands: Sequence[Demand],
+                        transfers: Mapping[str, Sequence[tuple[int, float, float]]],
+                        outcomes: Mapping[str, Sequence[Outcome]],
+                        loop: str = "hits") -> list[Demand]:
+    """The demands as the closed loop ``loop`` (one of ``CLOSED_LOOPS``) corrects them from
+    each agent's latest transfers (``corrected_demands``) and requests sent
+    (``hit_corrected_demands``); the simulator and the Allocator actor both call this."""
+    if loop not in CLOSED_LOOPS:
+        raise AllocationError(f"unknown closed loop {loop!r}; use one of {', '.join(CLOSED_LOOPS)}")
+    if loop == "off":
+        return list(demands)
+    corrected = corrected_demands(demands, transfers)
+    return hit_corrected_demands(corrected, outcomes) if loop == "hits" else corrected
+
+
 def demand_for(agent_id: str, payload_bytes: Mapping[Mode, int], profile: QualityProfile,
                latency: LatencyModel, deadline_s: float, weight: float = 1.0,
                arrival_rate_hz: float = 0.0, safety_margin: float = 0.0,
