@@ -381,8 +381,8 @@ class RowBatcher:
     An edge host's agents take their answers in bursts: the members of a cloud batch arrive
     within a millisecond, and each agent's thread waits for the GIL behind the others'
     bookkeeping before it can read its answer (the more answers just before it, the later).
-    A Ray actor call costs its caller about 60 us of CPU whatever it carries (20 rows in one:
-    about 150 us), and one recorder call per row was the largest holder of an edge host's GIL
+    A Ray actor call costs its caller about 45 us of CPU whatever it carries (20 rows in one:
+    about 100 us), and one recorder call per row was the largest holder of an edge host's GIL
     (`bench/results/cell_overhead/`); a request's log line and metrics came next. So the
     agent's thread only queues them, and this thread sends every ``interval_s`` the rows
     finished since in one call, at times unrelated to the bursts. A host that dies loses at
