@@ -12,7 +12,8 @@ from ray_scout.experiments.placement import edge_hosts
 
 
 class _Recorder:
-    """Stands in for the Recorder actor: ``add.remote`` and ``request_ids.remote``."""
+    """Stands in for the Recorder actor: ``add.remote``, ``add_many.remote`` and
+    ``recorded_request_ids.remote``."""
 
     def __init__(self, recorded=()):
         self.rows: list[tuple[str, dict]] = []
@@ -22,11 +23,15 @@ class _Recorder:
             def remote(self, table, row):
                 recorder.rows.append((table, row))
 
+        class _AddMany:
+            def remote(self, table, rows):
+                recorder.rows.extend((table, row) for row in rows)
+
         class _Ids:
             def remote(self):
                 return set(recorded)
 
-        self.add, self.recorded_request_ids = _Add(), _Ids()
+        self.add, self.add_many, self.recorded_request_ids = _Add(), _AddMany(), _Ids()
 
     def table(self, name):
         return [row for table, row in self.rows if table == name]
@@ -150,3 +155,24 @@ def test_a_host_needs_agents():
 
     with pytest.raises(ValueError, match="at least one agent"):
         EdgeHost("h", _Recorder(), ["a0"]).prepare([])
+
+
+def test_a_host_hands_its_rows_over_in_batches_and_the_rest_at_the_end():
+    from ray_scout.actors.edge import RowBatcher
+
+    recorder = _Recorder()
+    calls = []
+    many = recorder.add_many.remote
+    recorder.add_many.remote = lambda table, rows: (calls.append(len(rows)), many(table, rows))
+    rows = RowBatcher(recorder, interval_s=0.05)
+    published = []
+    for i in range(5):
+        rows.add({"request_id": i})
+        rows.later(lambda i=i: published.append(i))
+    time.sleep(0.2)  # a few flushes: the five rows went in one call, their lines with it
+    assert calls == [5] and published == list(range(5))
+    rows.add({"request_id": 5})
+    rows.close()  # what is left goes as the host's run ends, not an interval later
+    assert calls == [5, 1] and [r["request_id"] for r in recorder.table("requests")] == list(range(6))
+    with pytest.raises(ValueError, match="interval_s"):
+        RowBatcher(recorder, interval_s=0)
