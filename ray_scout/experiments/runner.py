@@ -866,6 +866,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--out", type=Path, help="results directory (default results/<name>)")
     parser.add_argument("--no-progress", action="store_true",
                         help="no progress bars (for logs)")
+    parser.add_argument("--no-dashboard", action="store_true",
+                        help="start the local Ray without its dashboard (one process less to "
+                        "start: the netem lab's guest, which no browser reaches, runs this way)")
     parser.add_argument("-v", "--verbose", action="store_true",
                         help="Ray's and the actors' output on the terminal (by default "
                         "it goes to <out>/run.log)")
@@ -922,7 +925,7 @@ def run(args) -> int:
                       command="scout " + " ".join(sys.argv[1:]), reference=args.reference)
         else:
             run_experiment(spec, out, args.address, not args.no_progress,
-                           resume=args.resume is not None, progress_file=console.err)
+                           dashboard=not args.no_dashboard, resume=args.resume is not None, progress_file=console.err)
         if plan.companion is not None:  # its verdict heads the summary just written
             from ray_scout.experiments.sweep import run_companion
 
