@@ -22,7 +22,7 @@ from pyroute2 import IPRoute
 from ray_scout.net.backends import default_impairment_backend
 from ray_scout.net.labkernel import timer_error
 from ray_scout.net.namespaces import in_netns, offloads_off
-from ray_scout.net.netem import NetemParams, read_netem
+from ray_scout.net.netem import DIST_SCALE, NetemParams, distribution_table, read_netem
 from ray_scout.net.probe import probe
 from ray_scout.net.profiles import FRAME_BYTES, GilbertElliott, Impairment
 from ray_scout.net.shaping import HtbShaper, NetemBackend
@@ -133,6 +133,41 @@ def test_delay_and_normal_jitter_are_what_the_packets_get(link):
     # within 0.3 ms, an offset not yet explained (docs/LINKS.md, "netem, measured in the lab").
     assert _sigma_from_iqr(jittered) == pytest.approx(0.005, rel=0.25)
     assert statistics.median(jittered) == pytest.approx(0.020, abs=0.0025)
+
+
+def _table_quantile_s(distribution: str, delay_s: float, jitter_s: float, q: float) -> float:
+    """Where netem's table puts quantile ``q``: delay + jitter x entry / NETEM_DIST_SCALE, an
+    entry drawn uniformly (no correlation)."""
+    table = sorted(distribution_table(distribution))
+    return delay_s + jitter_s * table[min(len(table) - 1, int(q * len(table)))] / DIST_SCALE
+
+
+def test_pareto_jitter_has_the_tables_floor_and_a_heavier_tail_than_normal(link):
+    # 3000 datagrams per distribution at 20 ms +- 5 ms. TCG's late timers shift every delay
+    # later, alike for the three (the same run, one after another), so the test compares them
+    # with each other: Pareto's delays have a floor (netem's Pareto table is one-sided, alpha 3,
+    # centred on its mean: nothing below delay - 0.5 jitter), normal's reach ~2.3 sigma below,
+    # and Pareto's tail above the median is longer. paretonormal sits between.
+    nodes, shaper, leaf = link(100 * MBIT, Impairment())
+    base = min(udp_one_way_delays_s(nodes, "edge", count=40))
+    rows = {}
+    for n, distribution in enumerate(("normal", "pareto", "paretonormal")):
+        shaper.impair(leaf, Impairment(0.020, 0.005, distribution), NetemBackend())
+        got = sorted(d - base for d in udp_one_way_delays_s(nodes, "edge", port=5320 + n, count=3000, gap_s=0.002))
+        assert len(got) > 2900, f"{distribution}: {len(got)} of 3000 datagrams arrived"
+        rows[distribution] = {q: (got[int(q * len(got))], _table_quantile_s(distribution, 0.020, 0.005, q))
+                              for q in (0.01, 0.5, 0.99)}
+        print(f"{distribution}: " + ", ".join(f"p{round(q * 100)} {m * 1e3:.2f} ms (table {t * 1e3:.2f})"
+                                               for q, (m, t) in rows[distribution].items()))
+    print(_timer_note())
+    floor = {d: r[0.01][0] for d, r in rows.items()}
+    tail = {d: r[0.99][0] - r[0.5][0] for d, r in rows.items()}
+    # The tables put pareto's p1 8.4 ms above normal's (16.7 vs 8.3 ms) and its p99 - p50 at
+    # 21.6 ms against normal's 11.6 ms.
+    assert floor["pareto"] - floor["normal"] == pytest.approx(
+        rows["pareto"][0.01][1] - rows["normal"][0.01][1], abs=0.0025)
+    assert tail["pareto"] > tail["normal"] + 0.005
+    assert floor["normal"] < floor["paretonormal"] < floor["pareto"]
 
 
 def _udp(nodes: TwoNodes, count: int, gap_s: float = 0.0, port: int = 5400) -> list[int]:
