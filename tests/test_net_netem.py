@@ -146,7 +146,7 @@ def test_pareto_jitter_has_the_tables_floor_and_a_heavier_tail_than_normal(link)
     # 3000 datagrams per distribution at 20 ms +- 5 ms. TCG's late timers shift every delay
     # later, alike for the three (the same run, one after another), so the test compares them
     # with each other: Pareto's delays have a floor (netem's Pareto table is one-sided, alpha 3,
-    # centred on its mean: nothing below delay - 0.5 jitter), normal's reach ~2.3 sigma below,
+    # less its mean, times 4/3: nothing below delay - 2/3 jitter), normal's p1 is 2.3 sigma below,
     # and Pareto's tail above the median is longer. paretonormal sits between.
     nodes, shaper, leaf = link(100 * MBIT, Impairment())
     base = min(udp_one_way_delays_s(nodes, "edge", count=40))
