@@ -39,3 +39,12 @@ def test_scout_net_lab_kernel_passes_the_guests_console_and_exit_code_back(missi
     assert f"kernel {kernel.release}" in run.stdout, "the guest's own kernel answered, on this console"
     assert "netem" in lines["qdiscs"] and "netem" not in lines["missing"], run.stdout
     assert "exit 3; command started" in run.stderr
+
+
+def test_the_lab_only_ray_start_refuses_to_run_outside_the_guest(monkeypatch):
+    from ray_scout.net.errors import NetError
+    from ray_scout.net.labray import start_ray_for_tcg
+
+    monkeypatch.delenv("RAY_SCOUT_IN_LAB", raising=False)
+    with pytest.raises(NetError, match="guest only"):
+        start_ray_for_tcg()

@@ -267,15 +267,6 @@ class TrialLinks:
     agent_options: dict[str, dict]  # agent -> its Ray placement (one edge slot each)
 
 
-def lab_link_manager_args(spec: Spec, names: list[str], run_id: str) -> tuple[tuple, dict]:
-    """``LinkManager``'s arguments for one trial of ``spec`` on one machine: ``lab_links`` builds
-    it as a Ray actor; the netem lab's test builds it in-process (Ray does not start there)."""
-    groups = spec.groups_by_agent()
-    return (({n: groups[n].access for n in names}, spec.bottleneck, capacity_trace(spec).rate_at(0.0)),
-            {"run_id": run_id, "impairment": spec.impairment, "borrow": spec.borrow,
-             "access_rate_bps": spec.access_rate_bps, "site_size": spec.site_size})
-
-
 def lab_links(spec: Spec, names: list[str], run_id: str, prefix: str) -> TrialLinks:
     """One machine: a ``LinkManager`` builds the lab-in-a-box's namespaces and bottleneck.
     ``prefix`` starts its actor's name (``<prefix>links``)."""
@@ -283,9 +274,11 @@ def lab_links(spec: Spec, names: list[str], run_id: str, prefix: str) -> TrialLi
 
     from ray_scout.actors.link_manager import LinkManager
 
-    args, kwargs = lab_link_manager_args(spec, names, run_id)
-    manager = ray.remote(LinkManager).options(num_cpus=0, max_restarts=0,
-                                              name=f"{prefix}links").remote(*args, **kwargs)
+    groups = spec.groups_by_agent()
+    manager = ray.remote(LinkManager).options(num_cpus=0, max_restarts=0, name=f"{prefix}links").remote(
+        {n: groups[n].access for n in names}, spec.bottleneck, capacity_trace(spec).rate_at(0.0),
+        run_id=run_id, impairment=spec.impairment, borrow=spec.borrow, access_rate_bps=spec.access_rate_bps,
+        site_size=spec.site_size)
     addresses = ray.get(manager.addresses.remote())
     cloud = (CLOUD_ADDRESS, CLOUD_PORT)
     shared = spec.site_size > 1
@@ -871,6 +864,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--out", type=Path, help="results directory (default results/<name>)")
     parser.add_argument("--no-progress", action="store_true",
                         help="no progress bars (for logs)")
+    parser.add_argument("--no-dashboard", action="store_true",
+                        help="start the local Ray without its dashboard (one process less to "
+                        "start: the netem lab's guest, which no browser reaches, runs this way)")
     parser.add_argument("-v", "--verbose", action="store_true",
                         help="Ray's and the actors' output on the terminal (by default "
                         "it goes to <out>/run.log)")
@@ -927,7 +923,7 @@ def run(args) -> int:
                       command="scout " + " ".join(sys.argv[1:]), reference=args.reference)
         else:
             run_experiment(spec, out, args.address, not args.no_progress,
-                           resume=args.resume is not None, progress_file=console.err)
+                           dashboard=not args.no_dashboard, resume=args.resume is not None, progress_file=console.err)
         if plan.companion is not None:  # its verdict heads the summary just written
             from ray_scout.experiments.sweep import run_companion
 
