@@ -43,7 +43,7 @@ def test_scout_net_lab_kernel_passes_the_guests_console_and_exit_code_back(missi
 
 def test_the_lab_only_ray_start_refuses_to_run_outside_the_guest(monkeypatch):
     from ray_scout.net.errors import NetError
-    from ray_scout.net.labray import start_ray_for_tcg
+    from ray_scout.experiments.labray import start_ray_for_tcg
 
     monkeypatch.delenv("RAY_SCOUT_IN_LAB", raising=False)
     with pytest.raises(NetError, match="guest only"):

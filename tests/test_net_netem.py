@@ -299,7 +299,7 @@ def test_scout_run_in_the_lab_picks_netem_for_a_delayed_bottleneck_and_links_csv
     # A real `scout run` of the modes table (profiled, 100 Mbit/s) with its bottleneck given
     # 20 ms, end to end: Ray started in the guest, the actors, the shaped links, one request
     # stream, the tables. One policy and 10 s of arrivals keep it short. Started through
-    # ray_scout.net.labray: Ray 2.60's fixed start-up waits (15 s for the agents' port files,
+    # ray_scout.experiments.labray: Ray 2.60's fixed start-up waits (15 s for the agents' port files,
     # 30 s for the raylet) are shorter than TCG's process starts (its docstring says what it
     # changes). impairment is the spec's default, auto.
     import csv
@@ -317,7 +317,7 @@ def test_scout_run_in_the_lab_picks_netem_for_a_delayed_bottleneck_and_links_csv
     spec, out = tmp_path / "modes_table_20ms.yaml", tmp_path / "out"
     spec.write_text(yaml.safe_dump(doc, sort_keys=False))
     started = time.monotonic()
-    run = subprocess.run([sys.executable, "-m", "ray_scout.net.labray", "run", str(spec), "--out", str(out),
+    run = subprocess.run([sys.executable, "-m", "ray_scout.experiments.labray", "run", str(spec), "--out", str(out),
                           "--no-progress", "--no-dashboard"], capture_output=True, text=True, check=False,
                          timeout=SCOUT_RUN_TIMEOUT_S)
     took_s = time.monotonic() - started

@@ -18,7 +18,7 @@ value the agent itself writes there once it is up. The raylet then registers in 
 the agents come up behind it. Ray's own settable waits are raised (``LAB_RAY_ENV``). Ray's
 files are not touched (the host's root is read-only in the guest anyway). Then it runs
 ``scout run`` with the arguments given: ``scout net lab-kernel -- python3 -m
-ray_scout.net.labray run SPEC --out DIR``.
+ray_scout.experiments.labray run SPEC --out DIR``.
 """
 
 from __future__ import annotations
@@ -44,8 +44,9 @@ LAB_RAY_ENV = {"RAY_DASHBOARD_STARTUP_TIMEOUT_S": "600", "RAY_worker_register_ti
 def start_ray_for_tcg() -> None:
     """Apply the measures above to the Ray this process will start (before ``ray.init``)."""
     if not in_lab():
-        raise NetError("ray_scout.net.labray is for the netem lab's guest only (it works around Ray's "
-                       "fixed start-up waits under TCG); on this machine run `scout run` itself")
+        raise NetError("ray_scout.experiments.labray is for the netem lab's guest only (it works "
+                       "around Ray's fixed start-up waits under TCG); on this machine run "
+                       "`scout run` itself")
     os.environ.update(LAB_RAY_ENV)
     from ray._private.node import Node
     from ray._raylet import DASHBOARD_AGENT_LISTEN_PORT_NAME, persist_port
