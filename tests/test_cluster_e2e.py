@@ -652,8 +652,15 @@ def test_ray_up_places_cloud_on_head_and_edge_on_worker_and_cluster_down_leaves_
         stopped = lab.scout("stop", stopping, "--address", address, timeout=120)
         assert stopped.returncode == 0 and stopped.stdout.strip().endswith("STOPPED"), (
             stopped.stdout + stopped.stderr)
+        said = "stopped (SIGTERM); links and actors were torn down"
         stop_log = _job_log(address, stopping)
-        assert "stopped (SIGTERM); links and actors were torn down" in stop_log, stop_log[-4000:]
+        deadline = time.monotonic() + 20  # the job's log file may trail its status by a moment
+        while said not in stop_log and time.monotonic() < deadline:
+            time.sleep(1)
+            stop_log = _job_log(address, stopping)
+        run_log = rows.parents[2] / "run.log"
+        assert said in stop_log, (stop_log[-4000:] + "\n--- run.log ---\n"
+                                  + (run_log.read_text()[-4000:] if run_log.exists() else "none"))
         # Ray's own lines on SIGTERM (its logging.cc stack dump, task retries) went to run.log.
         assert not [s for s in ("core_worker", "logging.cc", "pid=", "retries remaining")
                     if s in stop_log], stop_log
