@@ -24,7 +24,7 @@ import time
 from typing import Any
 
 from ray_scout.core.control.allocation import (
-    CLOSED_LOOPS, HIT_FEEDBACK_REQUESTS, Outcome, allocate, closed_loop_demands,
+    HIT_FEEDBACK_REQUESTS, Outcome, allocate, check_closed_loop, closed_loop_demands,
 )
 from ray_scout.core.control.capacity import CapacityTrace
 from ray_scout.core.modes import Mode
@@ -74,9 +74,7 @@ class Allocator:
 
         if epoch_s <= 0:
             raise ValueError(f"epoch_s must be positive, not {epoch_s}")
-        if closed_loop not in CLOSED_LOOPS:
-            raise ValueError(f"closed_loop must be one of {', '.join(CLOSED_LOOPS)}, "
-                             f"not {closed_loop!r}")
+        check_closed_loop(closed_loop)
         self.strategy = strategy
         self.objective = objective
         self.closed_loop = closed_loop  # core.control.allocation.CLOSED_LOOPS

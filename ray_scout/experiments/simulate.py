@@ -39,7 +39,8 @@ import numpy as np
 import pandas as pd
 
 from ray_scout.core.control.allocation import (
-    CLOSED_LOOPS, HIT_FEEDBACK_REQUESTS, Outcome, allocate, closed_loop_demands, demand_for,
+    HIT_FEEDBACK_REQUESTS, Outcome, allocate, check_closed_loop, closed_loop_demands,
+    demand_for,
 )
 from ray_scout.core.control.capacity import CapacityTrace
 from ray_scout.core.control.estimators import GrantEstimator, make_estimator
@@ -189,9 +190,7 @@ class _Sim:
         if not 0 < cfg.delivered_ratio <= 1:
             raise SimulationError(f"delivered_ratio must lie in (0, 1], not "
                                   f"{cfg.delivered_ratio}")
-        if cfg.closed_loop not in CLOSED_LOOPS:
-            raise SimulationError(f"closed_loop must be one of {', '.join(CLOSED_LOOPS)}, "
-                                  f"not {cfg.closed_loop!r}")
+        check_closed_loop(cfg.closed_loop)
         for a in cfg.agents:
             if not 0 < a.link_share <= 1:
                 raise SimulationError(f"agent {a.agent_id}: link_share must lie in (0, 1], "

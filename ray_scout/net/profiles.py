@@ -44,13 +44,14 @@ from ray_scout.net.errors import NetError
 
 MIN_RATE_BPS = 8_000
 MAX_RATE_BPS = 10_000_000_000
-FRAME_BYTES = 1514  # Ethernet frame of a 1500-byte MTU packet, as HTB counts it on a veth
-# TCP payload of such a frame (20 B IP, 20 B TCP, 12 B timestamp option): what an application
-# gets of a shaped rate, 1448/1514 = 0.956 (the lab measures 0.953-0.959, docs/TESTBED.md).
-TCP_PAYLOAD_PER_FRAME = 1448 / FRAME_BYTES
+DEFAULT_MTU = 1500
 ETHERNET_HEADER_BYTES = 14
 TCP_IP_HEADER_BYTES = 52  # IP 20, TCP 20, timestamp option 12
-DEFAULT_MTU = 1500
+# A full packet's Ethernet frame (1514 B), as HTB counts it on a veth.
+FRAME_BYTES = DEFAULT_MTU + ETHERNET_HEADER_BYTES
+# TCP payload of such a frame (20 B IP, 20 B TCP, 12 B timestamp option): what an application
+# gets of a shaped rate, 1448/1514 = 0.956 (the lab measures 0.953-0.959, docs/TESTBED.md).
+TCP_PAYLOAD_PER_FRAME = (DEFAULT_MTU - TCP_IP_HEADER_BYTES) / FRAME_BYTES
 # Below this a TCP segment would carry less payload than its headers (and Linux's
 # tcp_min_snd_mss of 48 is near); above it, not Ethernet.
 MIN_MTU = 128

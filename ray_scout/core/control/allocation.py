@@ -347,6 +347,13 @@ def hit_corrected_demands(demands: Sequence[Demand],
 CLOSED_LOOPS = ("hits", "delivered_rate", "off")
 
 
+def check_closed_loop(loop: str) -> None:
+    """Refuse a closed loop that is not one of ``CLOSED_LOOPS`` (before a run, not at its
+    first split)."""
+    if loop not in CLOSED_LOOPS:
+        raise AllocationError(f"unknown closed loop {loop!r}; use one of {', '.join(CLOSED_LOOPS)}")
+
+
 def closed_loop_demands(demands: Sequence[Demand],
                         transfers: Mapping[str, Sequence[tuple[int, float, float]]],
                         outcomes: Mapping[str, Sequence[Outcome]],
@@ -354,8 +361,7 @@ def closed_loop_demands(demands: Sequence[Demand],
     """The demands as the closed loop ``loop`` (one of ``CLOSED_LOOPS``) corrects them from
     each agent's latest transfers (``corrected_demands``) and requests sent
     (``hit_corrected_demands``); the simulator and the Allocator actor both call this."""
-    if loop not in CLOSED_LOOPS:
-        raise AllocationError(f"unknown closed loop {loop!r}; use one of {', '.join(CLOSED_LOOPS)}")
+    check_closed_loop(loop)
     if loop == "off":
         return list(demands)
     corrected = corrected_demands(demands, transfers)
