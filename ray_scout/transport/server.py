@@ -77,7 +77,7 @@ Handler = Callable[[Request], "bytes | Future[bytes]"]
 class ServerStats:
     connections: int
     requests: int
-    responses: int
+    responses: int  # counted before the write, so a client holding its answer sees it counted
     deadline_errors: int
     handler_errors: int
     cancelled: int
@@ -477,8 +477,8 @@ class Server:
             self._reply_error(conn, request_id, ErrorCode.HANDLER,
                               f"TypeError: handler returned {type(body).__name__}, expected bytes")
             return
-        self._send(conn, MessageType.RESPONSE, request_id, body)
         self._count("responses")
+        self._send(conn, MessageType.RESPONSE, request_id, body)
 
     def _answer_later(self, conn: _Connection, pending: _Pending, future: Future) -> None:
         request_id = pending.request.request_id
