@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
+from ray_scout.core.control import allocation
 from ray_scout.core.control.allocation import (
     AllocationError, Demand, Outcome, _optimal_choice, _Problem, allocate, closed_loop_demands,
     corrected_demands, delivered_ratio, demand_for, hit_corrected_demands, service_budget_s,
@@ -598,7 +599,6 @@ def test_adaptive_values_along_the_ladders_are_interpolated_as_np_interp_would()
 def test_adaptive_values_are_computed_once_per_agent_shape(monkeypatch):
     # The closed loop rebuilds demands with a new delivered ratio, and a cell has many
     # agents of one shape: neither may pay the Volterra solve again.
-    import ray_scout.core.control.allocation as allocation
 
     calls = []
     solve = allocation.adaptive_quality
@@ -617,7 +617,6 @@ def test_adaptive_values_are_computed_once_per_agent_shape(monkeypatch):
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
 def test_a_re_split_of_the_same_demands_reuses_the_problem_and_plans_as_a_fresh_one(strategy):
-    import ray_scout.core.control.allocation as allocation
 
     demands = example_demands(margin=0.1)
     allocate(strategy, demands, 50 * MBIT)
@@ -633,7 +632,6 @@ def test_a_split_values_each_rate_vector_once(strategy, monkeypatch):
     # The fixed-rate plans' modes, every plan's score and the winner's result all ask for
     # the mode values at a rate vector: computing them once per vector was half of
     # quality_max's time at 1,000 agents. The answer is the one computed afresh.
-    import ray_scout.core.control.allocation as allocation
 
     demands = example_demands(margin=0.1, rate_hz=0.2)
     allocation._PROBLEMS.clear()
@@ -717,3 +715,27 @@ def test_hits_as_planned_and_chance_misses_keep_the_share():
 def test_share_from_hits_outside_zero_to_one_is_refused():
     with pytest.raises(AllocationError, match="share_from_hits"):
         _kv_or_scout("a", share_from_hits=1.2)
+
+
+def test_hit_shares_refit_an_agent_only_when_its_outcomes_or_demand_change(monkeypatch):
+    # The simulator and the Allocator actor keep one HitShares across splits: the same
+    # shares as a fresh fit, with the likelihood computed once per new outcome or demand.
+    demands = [_kv_or_scout("slow"), _kv_or_scout("fine")]
+    missed = {"slow": [Outcome(Mode.INT8, 600_000, 6 * MBIT, False)] * 8,
+              "fine": [Outcome(Mode.INT8, 600_000, 6 * MBIT, True)] * 8}
+    fits = []
+    fit = allocation.share_from_hits
+    monkeypatch.setattr(allocation, "share_from_hits",
+                        lambda d, o: fits.append(d.agent_id) or fit(d, o))
+    shares = allocation.HitShares()
+    first = hit_corrected_demands(demands, missed, shares)
+    assert first == [dataclasses.replace(d, share_from_hits=fit(d, missed[d.agent_id]))
+                     for d in demands]
+    assert fits == ["slow", "fine"]
+    assert hit_corrected_demands(demands, missed, shares) == first and len(fits) == 2
+    # The slow agent's corrected share is part of what it reads: refit once, then cached.
+    hit_corrected_demands(first, missed, shares)
+    assert fits[2:] == ["slow"]
+    missed["fine"] = missed["fine"][1:] + [Outcome(Mode.INT8, 600_000, 6 * MBIT, False)]
+    hit_corrected_demands(first, missed, shares)
+    assert fits[3:] == ["fine"]

@@ -24,7 +24,7 @@ import time
 from typing import Any
 
 from ray_scout.core.control.allocation import (
-    HIT_FEEDBACK_REQUESTS, Outcome, allocate, check_closed_loop, closed_loop_demands,
+    HIT_FEEDBACK_REQUESTS, HitShares, Outcome, allocate, check_closed_loop, closed_loop_demands,
 )
 from ray_scout.core.control.capacity import CapacityTrace
 from ray_scout.core.modes import Mode
@@ -109,6 +109,7 @@ class Allocator:
         names = [d.agent_id for d in demands]
         transfers = {name: collections.deque(maxlen=FEEDBACK_TRANSFERS) for name in names}
         outcomes = {name: collections.deque(maxlen=HIT_FEEDBACK_REQUESTS) for name in names}
+        hit_shares = HitShares()
         seen, next_feedback = 0, FEEDBACK_EVERY_S
         last: dict[str, float] | None = None
         last_capacity = None
@@ -138,7 +139,7 @@ class Allocator:
                     if sent is not None:
                         outcomes[row["agent"]].append(sent)
                 corrected = closed_loop_demands(demands, transfers, outcomes,
-                                                self.closed_loop)
+                                                self.closed_loop, hit_shares)
                 changed |= corrected != demands  # a delivered_ratio moved
                 demands = corrected
             decide_start = time.perf_counter()

@@ -39,7 +39,7 @@ import numpy as np
 import pandas as pd
 
 from ray_scout.core.control.allocation import (
-    HIT_FEEDBACK_REQUESTS, Outcome, allocate, check_closed_loop, closed_loop_demands,
+    HIT_FEEDBACK_REQUESTS, HitShares, Outcome, allocate, check_closed_loop, closed_loop_demands,
     demand_for,
 )
 from ray_scout.core.control.capacity import CapacityTrace
@@ -225,6 +225,7 @@ class _Sim:
         self.transfers = {a: collections.deque(maxlen=FEEDBACK_TRANSFERS) for a in self.agents}
         # ... and its latest finished requests that went on the wire, hit or miss.
         self.outcomes = {a: collections.deque(maxlen=HIT_FEEDBACK_REQUESTS) for a in self.agents}
+        self.hit_shares = HitShares()
         self.heap: list = []
         self.seq = 0
         # One request at a time per agent, the rest wait in its FIFO (as the EdgeAgent).
@@ -298,7 +299,7 @@ class _Sim:
                                             delivered_ratio=math.nan))
         else:
             self.demands = closed_loop_demands(self.demands, self.transfers, self.outcomes,
-                                               self.cfg.closed_loop)
+                                               self.cfg.closed_loop, self.hit_shares)
             alloc = allocate(self.cfg.allocator, self.demands, capacity, self.cfg.objective)
             ratio = {d.agent_id: d.delivered_ratio for d in self.demands}
             for a in self.agents:
