@@ -1,7 +1,7 @@
 import os
 
 import pytest
-from pyroute2 import IPRoute, netns
+from pyroute2 import netns
 
 from ray_scout.net.errors import CapabilityError, NetError
 from ray_scout.net.profiles import Impairment

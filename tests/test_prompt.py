@@ -1,7 +1,6 @@
 """Prompt layout: exact context/question spans and character offsets."""
 
 import pytest
-import torch
 
 from ray_scout.core.llm.prompt import PromptError, build_prompt
 
