@@ -65,6 +65,18 @@ def test_every_layer_keeps_the_whole_prompt_past_the_sliding_window(gemma):
     assert sample.answers[0] in full.text
 
 
+def test_a_pruned_cache_past_the_sliding_window_still_answers(gemma):
+    # Kept tokens keep their positions: Gemma's sliding layers must count the window in
+    # positions, not cache entries, or the answer at 1K tokens comes out empty.
+    sample = tasks.generate("multi_needle", 1, context_tokens=1024, seed=0,
+                            count_tokens=gemma.tokenizer)[0]
+    pre = generation.prefill(gemma, build_prompt(gemma.tokenizer, sample.context,
+                                                 sample.question))
+    kept = selection.select_positions(selection.q2c(pre), 0.75)
+    answer = generation.answer_pruned(gemma, pre, kept, max_new_tokens=8)
+    assert answer.text.isdigit() and len(answer.text) == len(sample.answers[0])
+
+
 def test_q2c_from_query_states_matches_eager_attention_on_gemma(gemma):
     layout = build_prompt(gemma.tokenizer, CONTEXT, QUESTION)
     pre = generation.prefill(gemma, layout)

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from ray_scout.core.llm.generation import (
-    GenerationError, answer_full, answer_pruned, attention_modules, greedy_answer,
-    kept_prompt_positions, prefill,
+    GenerationError, _attention_mask, answer_full, answer_pruned, attention_modules,
+    continue_after_batch, greedy_answer, kept_prompt_positions, prefill, pruned_snapshot,
 )
 from ray_scout.core.llm.prompt import build_prompt
 
@@ -99,3 +99,62 @@ def test_embedded_model_answers_extractively(embedded_model):
     answer = answer_full(embedded_model, layout)
     assert "Clara Mendes" in answer.text
     assert "\n" not in answer.text
+
+
+@pytest.fixture(scope="module")
+def sliding_model(tiny_model):
+    """A tiny random Gemma 3 whose every layer attends within 48 positions."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    from ray_scout.core.llm.models import KVFacts, LoadedModel
+
+    config = Gemma3TextConfig(
+        vocab_size=tiny_model.model.config.vocab_size, hidden_size=64, intermediate_size=128,
+        num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, head_dim=32,
+        sliding_window=48, layer_types=["sliding_attention"] * 2, query_pre_attn_scalar=32)
+    config._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    model = Gemma3ForCausalLM(config).eval()
+    return LoadedModel("random:tiny-sliding", model, tiny_model.tokenizer,
+                       KVFacts.from_config(config, "random:tiny-sliding"))
+
+
+def test_a_sliding_layer_sees_a_kept_token_only_within_its_window(sliding_model):
+    # Context tokens more than a window before the answer are invisible to every layer of
+    # this model, so keeping some of them must change nothing; the recent context is
+    # thinned so that cache entries and positions part (a window counted in entries, as
+    # transformers counts it, would reach back to the old tokens: Gemma's scout at 1K
+    # tokens answered nothing that way).
+    layout = build_prompt(sliding_model.tokenizer, " ".join([CONTEXT] * 4), QUESTION)
+    pre = prefill(sliding_model, layout, capture="none")
+    steps = 6
+    context_start = layout.context_span.start
+    reach = layout.num_tokens + steps - 48  # the window of the last decoded token
+    old = [p for p in range(layout.num_context) if context_start + p < reach][:5]
+    recent = [p for p in range(layout.num_context) if context_start + p >= reach][::2]
+    assert len(old) == 5 and len(recent) >= 2
+    answers = [answer_pruned(sliding_model, pre, torch.tensor(kept), max_new_tokens=steps)
+               for kept in (old + recent, recent)]
+    assert len(answers[0].token_ids) == steps
+    assert answers[0].token_ids == answers[1].token_ids
+    # A batch of the two prunings (left-padded to one width) decodes the same tokens.
+    snapshots = [pruned_snapshot(pre, torch.tensor(kept)) for kept in (old + recent, recent)]
+    tail = layout.input_ids[-1:].tolist()
+    batch, _ = continue_after_batch(sliding_model, snapshots, [tail, tail], max_new_tokens=steps)
+    assert [a.token_ids for a in batch] == [answers[0].token_ids] * 2
+
+
+def test_a_whole_cache_on_a_sliding_model_keeps_the_models_own_mask(sliding_model):
+    # Entries are positions: the usual padding mask, so full-context answers are those of
+    # transformers' own decoding.
+    layout = build_prompt(sliding_model.tokenizer, " ".join([CONTEXT] * 4), QUESTION)
+    pre = prefill(sliding_model, layout, capture="none")
+    keys = pre.snapshot.positions.unsqueeze(0)
+    mask = _attention_mask(sliding_model, keys, torch.ones_like(keys, dtype=torch.bool),
+                           keys[:, -1:])
+    assert mask.shape == keys.shape and bool(mask.all())
+    ids = layout.input_ids.unsqueeze(0)
+    ref = sliding_model.model.generate(ids, max_new_tokens=6, do_sample=False,
+                                       eos_token_id=None, pad_token_id=0)[0, ids.shape[1]:]
+    answer = greedy_answer(sliding_model, pre.snapshot, pre.logits, max_new_tokens=6)
+    assert answer.token_ids == tuple(ref.tolist()[:len(answer.token_ids)])

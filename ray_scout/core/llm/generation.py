@@ -178,6 +178,43 @@ def full_cache():
     return DynamicCache()
 
 
+def _attention_mask(lm: LoadedModel, key_positions: torch.Tensor, valid: torch.Tensor,
+                    query_positions: torch.Tensor):
+    """The mask of a decoding step over a (possibly pruned or padded) cache.
+
+    ``key_positions`` ``[batch, keys]``: the original position of every cache entry, this
+    step's tokens included; ``valid``: which entries are real (not padding);
+    ``query_positions`` ``[batch, queries]``. Where the model has no sliding-window layers,
+    or every row's entries are consecutive positions (a whole prompt), the usual
+    ``[batch, keys]`` padding mask. Otherwise (a pruned cache on Gemma 3) a 4D mask per
+    layer type built from original positions: transformers counts the window in cache
+    entries, so over a pruned cache a sliding layer would attend to kept tokens farther
+    back than its window, at rotary distances it never saw (Gemma's scout at 1K tokens
+    answered nothing). A sliding layer sees a kept token only where the unpruned prompt
+    would have shown it, within ``sliding_window`` positions.
+    """
+    config = lm.model.config
+    window = getattr(config, "sliding_window", None)
+    if not window or "sliding_attention" not in (getattr(config, "layer_types", None) or ()):
+        return valid.long()
+    back = torch.arange(key_positions.shape[1] - 1, -1, -1, device=key_positions.device)
+    if bool(((key_positions == key_positions[:, -1:] - back) | ~valid).all()):
+        return valid.long()  # entries are positions: the window counts the same
+    query = query_positions[:, None, :, None]
+    key = key_positions[:, None, None, :]
+    seen = valid[:, None, None, :] & (key <= query)
+    masks = {"full_attention": seen, "sliding_attention": seen & (query - key < window)}
+    implementation = config._attn_implementation
+    if implementation == "eager":  # additive
+        dtype = lm.model.dtype
+        return {kind: torch.zeros(m.shape, dtype=dtype, device=m.device)
+                .masked_fill(~m, torch.finfo(dtype).min) for kind, m in masks.items()}
+    if implementation != "sdpa":
+        raise GenerationError(f"a sliding-window model decodes here with sdpa or eager "
+                              f"attention, not {implementation!r}")
+    return masks
+
+
 def _is_stop(lm: LoadedModel, token: int, text: str) -> bool:
     eos = lm.model.generation_config.eos_token_id
     eos_ids = set(eos if isinstance(eos, (list, tuple)) else [eos]) | {lm.tokenizer.eos_token_id}
@@ -203,7 +240,7 @@ def greedy_answer(
     start = time.perf_counter()
     cache = snapshot.to_cache()
     position = snapshot.next_position
-    kv_length = snapshot.num_tokens
+    keys = snapshot.positions.to(lm.device).unsqueeze(0)
     token = int(first_logits.argmax())
     tokens: list[int] = []
     while True:
@@ -213,11 +250,13 @@ def greedy_answer(
         tokens.append(token)
         if len(tokens) >= max_new_tokens:
             break
-        kv_length += 1
+        query = torch.tensor([[position]], device=lm.device)
+        keys = torch.cat([keys, query], dim=1)
         out = lm.model(
             input_ids=torch.tensor([[token]], device=lm.device),
-            position_ids=torch.tensor([[position]], device=lm.device),
-            attention_mask=torch.ones(1, kv_length, dtype=torch.long, device=lm.device),
+            position_ids=query,
+            attention_mask=_attention_mask(lm, keys, torch.ones_like(keys, dtype=torch.bool),
+                                           query),
             cache=cache,
             use_cache=True,
         )
@@ -257,11 +296,12 @@ def continue_after(
         raise GenerationError("need at least one tail token to produce the first logits")
     start = time.perf_counter()
     tail_positions = torch.arange(snapshot.next_position, snapshot.next_position + len(tail_ids))
+    query = tail_positions.unsqueeze(0).to(lm.device)
+    keys = torch.cat([snapshot.positions.to(lm.device).unsqueeze(0), query], dim=1)
     out = lm.model(
         input_ids=torch.tensor([list(tail_ids)], device=lm.device),
-        position_ids=tail_positions.unsqueeze(0).to(lm.device),
-        attention_mask=torch.ones(1, snapshot.num_tokens + len(tail_ids), dtype=torch.long,
-                                  device=lm.device),
+        position_ids=query,
+        attention_mask=_attention_mask(lm, keys, torch.ones_like(keys, dtype=torch.bool), query),
         cache=snapshot.to_cache(),
         use_cache=True,
     )
@@ -341,13 +381,15 @@ def prefill_batch(lm: LoadedModel, layouts: Sequence[PromptLayout]
 
 
 def _padded_cache(lm: LoadedModel, snapshots: Sequence[KVSnapshot]):
-    """Left-padded ``DynamicCache`` of several snapshots and its ``[batch, width]`` mask."""
+    """Left-padded ``DynamicCache`` of several snapshots, its ``[batch, width]`` mask of
+    real entries and their original positions (0 under the padding)."""
     from transformers import DynamicCache
 
     width = max(s.num_tokens for s in snapshots)
     first = snapshots[0]
     shape = (len(snapshots), first.num_kv_heads, width, first.head_dim)
-    mask = torch.zeros(len(snapshots), width, dtype=torch.long, device=lm.device)
+    mask = torch.zeros(len(snapshots), width, dtype=torch.bool, device=lm.device)
+    positions = torch.zeros(len(snapshots), width, dtype=torch.long, device=lm.device)
     data = []
     for layer in range(first.num_layers):
         keys = first.keys[layer].new_zeros(shape)
@@ -357,8 +399,9 @@ def _padded_cache(lm: LoadedModel, snapshots: Sequence[KVSnapshot]):
             values[row, :, width - snap.num_tokens:] = snap.values[layer]
         data.append((keys, values))
     for row, snap in enumerate(snapshots):
-        mask[row, width - snap.num_tokens:] = 1
-    return DynamicCache(ddp_cache_data=data), mask  # full layers, as KVSnapshot.to_cache
+        mask[row, width - snap.num_tokens:] = True
+        positions[row, width - snap.num_tokens:] = snap.positions.to(lm.device)
+    return DynamicCache(ddp_cache_data=data), mask, positions  # full layers, as to_cache
 
 
 @torch.inference_mode()
@@ -390,12 +433,13 @@ def continue_after_batch(
         snap.check_matches(lm.facts)
     device = lm.device
     start = time.perf_counter()
-    cache, mask = _padded_cache(lm, snapshots)
+    cache, valid, keys = _padded_cache(lm, snapshots)
     next_positions = torch.tensor([s.next_position for s in snapshots], device=device)
-    step = torch.arange(tail_len, device=device)
-    mask = torch.cat([mask, mask.new_ones(len(snapshots), tail_len)], dim=1)
+    query = next_positions.unsqueeze(1) + torch.arange(tail_len, device=device)
+    valid = torch.cat([valid, valid.new_ones(len(snapshots), tail_len)], dim=1)
+    keys = torch.cat([keys, query], dim=1)
     out = lm.model(input_ids=torch.tensor([list(t) for t in tails], device=device),
-                   position_ids=next_positions.unsqueeze(1) + step, attention_mask=mask,
+                   position_ids=query, attention_mask=_attention_mask(lm, keys, valid, query),
                    cache=cache, use_cache=True)
     cache = out.cache
     logits = out.logits[:, -1]
@@ -416,13 +460,16 @@ def continue_after_batch(
         if len(keep) < len(rows):  # finished rows stop costing compute
             index = torch.tensor(keep, device=device)
             cache.batch_select_indices(index)
-            mask = mask.index_select(0, index)
+            valid = valid.index_select(0, index)
+            keys = keys.index_select(0, index)
             next_positions = next_positions.index_select(0, index)
             choices = [choices[r] for r in keep]
             rows = [rows[r] for r in keep]
-        mask = torch.cat([mask, mask.new_ones(len(rows), 1)], dim=1)
+        query = next_positions.unsqueeze(1)
+        valid = torch.cat([valid, valid.new_ones(len(rows), 1)], dim=1)
+        keys = torch.cat([keys, query], dim=1)
         out = lm.model(input_ids=torch.tensor(choices, device=device).unsqueeze(1),
-                       position_ids=next_positions.unsqueeze(1), attention_mask=mask,
+                       position_ids=query, attention_mask=_attention_mask(lm, keys, valid, query),
                        cache=cache, use_cache=True)
         cache = out.cache
         logits = out.logits[:, -1]
