@@ -172,7 +172,7 @@ def prefill(lm: LoadedModel, layout: PromptLayout, *, capture: str = "last",
 
 def full_cache():
     """An empty cache whose every layer keeps every token, sliding-window layers included
-    (``KVSnapshot.to_cache`` says why); the model's mask still applies the window."""
+    (``KVSnapshot.to_cache`` says why); the mask applies the window (``_attention_mask``)."""
     from transformers import DynamicCache
 
     return DynamicCache()

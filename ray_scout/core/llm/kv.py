@@ -117,8 +117,8 @@ class KVSnapshot:
         Every layer is a full ``DynamicLayer``, also where the model has sliding-window
         layers (Gemma 3): a sliding layer's cache would drop all but its window, and the
         snapshot taken after decoding would no longer have one length for every layer. The
-        model's mask still applies the window, counted in cache entries (kept tokens).
-        """
+        window is applied by the mask (``generation`` builds it from original positions
+        where the cache is pruned)."""
         from transformers import DynamicCache
 
         return DynamicCache(
