@@ -329,16 +329,15 @@ def share_from_hits(demand: Demand, outcomes: Sequence[Outcome]) -> float:
 
 
 class HitShares:
-    """``share_from_hits`` per agent, refit only when what it reads changed: the agent's
-    latest requests sent or its demand's deadline, rate, fixed times or shares. A split
-    refits the agents with new outcomes, not every agent (at 1,000 agents a few dozen)."""
+    """``share_from_hits`` per agent, refit only when its latest requests sent or its demand
+    changed. A split refits the agents with new outcomes, not every agent (at 1,000 agents a
+    few dozen)."""
 
     def __init__(self) -> None:
         self._fits: dict[str, tuple[tuple, float]] = {}
 
     def __call__(self, demand: Demand, outcomes: Sequence[Outcome]) -> float:
-        key = (tuple(outcomes), demand.share_from_hits, demand.delivered_ratio,
-               demand.deadline_s, demand.arrival_rate_hz, tuple(demand.fixed_s.items()))
+        key = (tuple(outcomes), demand)
         fit = self._fits.get(demand.agent_id)
         if fit is None or fit[0] != key:
             fit = self._fits[demand.agent_id] = (key, share_from_hits(demand, outcomes))
